@@ -1,0 +1,1 @@
+"""Framework-neutral core: cost graph, budgets, plans, simulator, solvers. Imports neither jax nor torch."""

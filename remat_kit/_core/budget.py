@@ -1,0 +1,91 @@
+"""Budget parsing: a fraction of no-remat activation memory, or absolute bytes per device."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_ALLOWED = (
+    "a float in (0, 1] (fraction of no-remat activation memory), a percentage string like '70%', "
+    "an int of bytes, or a size string like '12GiB' / '512MB'"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A parsed budget. `fraction` limits activation memory; `bytes` limits the whole step's peak."""
+
+    kind: str  # "fraction" | "bytes"
+    value: float
+
+    def limit_activation_bytes(self, baseline_activation_bytes: int, constant_bytes: int) -> int:
+        """The activation-memory limit in bytes this budget sets on a graph."""
+        if self.kind == "fraction":
+            return math.floor(self.value * baseline_activation_bytes)
+        return int(self.value) - constant_bytes
+
+    def __str__(self) -> str:
+        return f"{self.value:g}" if self.kind == "fraction" else format_bytes(int(self.value))
+
+
+def parse_budget(budget: object, *, argument: str = "budget") -> Budget:
+    """Parse a user's budget; raise ValueError naming the argument and what is allowed."""
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, bool) or budget is None:
+        raise ValueError(f"{argument}={budget!r} is not a budget; pass {_ALLOWED}.")
+    if isinstance(budget, numbers.Integral):
+        if budget <= 0:
+            raise ValueError(f"{argument}={budget!r} bytes must be positive; pass {_ALLOWED}.")
+        if budget == 1:
+            return Budget("fraction", 1.0)  # `budget=1` means "no remat", not one byte
+        return Budget("bytes", float(budget))
+    if isinstance(budget, numbers.Real):
+        value = float(budget)
+        if math.isnan(value) or not 0 < value <= 1:
+            raise ValueError(
+                f"{argument}={budget!r} is not in (0, 1]; a float is a fraction of no-remat activation "
+                f"memory (1.0 = no remat). For bytes pass an int or a string like '12GiB'. Allowed: {_ALLOWED}."
+            )
+        return Budget("fraction", value)
+    if isinstance(budget, str):
+        text = budget.strip()
+        if text.endswith("%"):
+            try:
+                pct = float(text[:-1])
+            except ValueError:
+                pct = math.nan
+            if math.isnan(pct) or not 0 < pct <= 100:
+                raise ValueError(f"{argument}={budget!r}: a percentage must be in (0%, 100%]; pass {_ALLOWED}.")
+            return Budget("fraction", pct / 100)
+        match = _BYTES_RE.match(text)
+        unit = match.group(2).lower() if match else ""
+        if not match or unit not in _UNITS:
+            raise ValueError(
+                f"{argument}={budget!r} is not a size; use a number with a unit from "
+                f"{sorted(set(_UNITS) - {'k', 'm', 'g', 't'})} (e.g. '12GiB', '512MB'), or pass {_ALLOWED}."
+            )
+        num_bytes = float(match.group(1)) * _UNITS[unit]
+        if not num_bytes >= 1:
+            raise ValueError(f"{argument}={budget!r} is less than one byte; pass {_ALLOWED}.")
+        return Budget("bytes", float(math.floor(num_bytes)))
+    raise ValueError(f"{argument}={budget!r} has type {type(budget).__name__}; pass {_ALLOWED}.")
+
+
+def format_bytes(num_bytes: float) -> str:
+    sign = "-" if num_bytes < 0 else ""
+    num_bytes = abs(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if num_bytes < 1024 or unit == "TiB":
+            return f"{sign}{num_bytes:.0f}{unit}" if unit == "B" else f"{sign}{num_bytes:.2f}{unit}"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,229 @@
+"""Exact peak-memory simulator for a (graph, plan) over one forward and one backward pass.
+
+The memory model (what the solvers optimise against; later checked against measured memory):
+
+* Forward, in graph order: computing value t allocates it; a value is freed after its last
+  forward consumer unless it is *kept*. Kept = needed by the backward and planned SAVE, or forced
+  (a block boundary: the carry of a scanned layer; a graph output).
+* Needed by the backward: residuals (read by the backward op of a value that receives a gradient),
+  plus the inputs of every value that is recomputed (transitively, inside its block).
+* Backward, block by block from the last: (1) reload the block's OFFLOADed values; (2) recompute
+  its needed RECOMPUTE values in forward order, each freed after its last use; (3) run the block's
+  backward ops in reverse order. The backward op of t allocates the gradient buffers of t's
+  inputs that are not allocated yet, then frees t's gradient and every value whose last use it
+  was. This is how `jax.checkpoint` per block and non-reentrant `torch.utils.checkpoint` behave.
+* Parameters, their gradients and inputs are a constant (`graph.constant_bytes`).
+
+A moment's memory is measured after its allocations and before its frees. Deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from remat_kit._core.graph import CostGraph, DeviceSpec
+from remat_kit._core.plan import Decision, Plan
+
+_SAVE, _RECOMPUTE, _OFFLOAD = 0, 1, 2
+_CODES = {Decision.SAVE: _SAVE, Decision.RECOMPUTE: _RECOMPUTE, Decision.OFFLOAD: _OFFLOAD}
+
+
+@dataclasses.dataclass(frozen=True)
+class SimResult:
+    peak_bytes: int  # whole step: activation peak + parameters, their gradients, inputs
+    activation_bytes: int  # peak of activations and activation gradients
+    baseline_activation_bytes: int  # the same for no remat
+    recompute_flops: int
+    recompute_seconds: float  # roofline time of the recompute plus offload transfers
+    num_recomputed_ops: int
+    offload_bytes: int
+    kept_bytes_by_block: tuple[int, ...]  # bytes each block keeps from its forward to its backward
+    peak_moment: str  # where the peak happens, e.g. "backward of block3: recompute attn.softmax"
+    recomputed: tuple[str, ...]
+    timeline: tuple[tuple[str, int, int], ...] = ()  # (moment, block, activation bytes) if asked
+
+    @property
+    def activation_fraction(self) -> float:
+        return self.activation_bytes / self.baseline_activation_bytes if self.baseline_activation_bytes else 1.0
+
+
+def decision_codes(graph: CostGraph, plan: Plan | Mapping[str, Decision | str] | None) -> list[int]:
+    """Per-value decision codes (SAVE for non-activations and unlisted values)."""
+    codes = [_SAVE] * len(graph)
+    if plan is None:
+        return codes
+    if isinstance(plan, Plan):
+        plan.check_graph(graph)
+        items = plan.decisions
+    else:
+        items = tuple(plan.items())
+    for name, d in items:
+        i = graph.index(name)
+        code = _CODES[Decision(d)]
+        if code != _SAVE and not graph.values[i].is_activation:
+            raise ValueError(f"plan: {name!r} is a {graph.values[i].role.value}, only activations can be {Decision(d).value}d.")
+        if code != _SAVE and graph.is_forced[i]:
+            what = "a block boundary" if graph.is_boundary[i] else "a graph output"
+            raise ValueError(
+                f"plan: {name!r} is {what}, which is always kept; plans may decide only graph.free_values."
+            )
+        codes[i] = code
+    return codes
+
+
+def _needed_and_recomputed(graph: CostGraph, codes: list[int]) -> tuple[list[bool], list[bool]]:
+    n = len(graph)
+    needed = [graph.is_residual[i] or graph.is_forced[i] for i in range(n)]
+    recomputed = [False] * n
+    vals = graph.values
+    for i in reversed(graph.activations):  # deps come earlier, so one reverse pass closes the set
+        if needed[i] and codes[i] == _RECOMPUTE:
+            recomputed[i] = True
+            for d in vals[i].deps:
+                j = graph.index(d)
+                if vals[j].is_activation:
+                    needed[j] = True
+    return needed, recomputed
+
+
+def simulate(
+    graph: CostGraph,
+    plan: Plan | Mapping[str, Decision | str] | None = None,
+    *,
+    device: DeviceSpec | None = None,
+    timeline: bool = False,
+) -> SimResult:
+    """Simulate one training step under `plan` (None = no remat) and return its peak memory and cost."""
+    device = device or DeviceSpec()
+    codes = decision_codes(graph, plan)
+    peak, moment, kept_by_block, trace = _run(graph, codes, timeline)
+    needed, recomputed = _needed_and_recomputed(graph, codes)
+    rec = [i for i in graph.activations if recomputed[i]]
+    off = [i for i in graph.activations if needed[i] and codes[i] == _OFFLOAD]
+    vals = graph.values
+    flops = sum(vals[i].flops for i in rec)
+    seconds = sum(device.seconds(vals[i].flops, vals[i].bytes_moved) for i in rec)
+    offload_bytes = sum(vals[i].num_bytes for i in off)
+    seconds += 2 * offload_bytes / device.host_bandwidth
+    if plan is None or not any(codes):
+        baseline = peak
+    else:
+        baseline = baseline_activation_bytes(graph)
+    return SimResult(
+        peak_bytes=peak + graph.constant_bytes,
+        activation_bytes=peak,
+        baseline_activation_bytes=baseline,
+        recompute_flops=flops,
+        recompute_seconds=seconds,
+        num_recomputed_ops=len(rec),
+        offload_bytes=offload_bytes,
+        kept_bytes_by_block=tuple(kept_by_block),
+        peak_moment=moment,
+        recomputed=tuple(vals[i].name for i in rec),
+        timeline=tuple(trace),
+    )
+
+
+def baseline_activation_bytes(graph: CostGraph) -> int:
+    """Activation peak of no remat (cached on the graph)."""
+    key = "baseline_activation_bytes"
+    if key not in graph._cache:
+        graph._cache[key] = _run(graph, [_SAVE] * len(graph), False)[0]
+    return graph._cache[key]
+
+
+def _run(graph: CostGraph, codes: list[int], want_trace: bool):
+    """The event loop. Returns (activation peak, peak moment label, kept bytes per block, trace)."""
+    vals = graph.values
+    n = len(vals)
+    size = [v.num_bytes for v in vals]
+    needed, recomputed = _needed_and_recomputed(graph, codes)
+    kept = [vals[i].is_activation and needed[i] and codes[i] == _SAVE for i in range(n)]
+    offloaded = [vals[i].is_activation and needed[i] and codes[i] == _OFFLOAD for i in range(n)]
+
+    live = 0
+    peak, peak_label = 0, "nothing"
+    trace: list[tuple[str, int, int]] = []
+
+    def record(label: str, block: int) -> None:
+        nonlocal peak, peak_label
+        if want_trace:
+            trace.append((label, block, live))
+        if live > peak:
+            peak, peak_label = live, label
+
+    # -- forward -----------------------------------------------------------------------------
+    free_after: list[list[int]] = [[] for _ in range(n)]
+    for i in graph.activations:
+        if not kept[i]:
+            free_after[graph.last_fwd_use[i]].append(i)
+    kept_by_block = [0] * graph.num_blocks
+    for t in graph.activations:
+        live += size[t]
+        record(f"forward {vals[t].name}", vals[t].block)
+        for u in free_after[t]:
+            live -= size[u]
+        if kept[t]:
+            kept_by_block[vals[t].block] += size[t]
+
+    # -- backward timeline: moments in order, then last uses ---------------------------------
+    moments: list[tuple[str, int, int]] = []  # (what, value index or block, block)
+    first_moment_of_block: dict[int, int] = {}
+    for b in reversed(range(graph.num_blocks)):
+        members = graph.block_members[b]
+        first_moment_of_block[b] = len(moments)
+        moments.append(("reload", b, b))
+        moments.extend(("recompute", t, b) for t in members if recomputed[t])
+        moments.extend(("backward", t, b) for t in reversed(members) if graph.gets_grad[t])
+    last_use = [-1] * n
+    for m, (what, t, b) in enumerate(moments):
+        if what == "recompute":
+            uses = vals[t].deps
+        elif what == "backward":
+            uses = vals[t].bwd_reads
+        else:
+            continue
+        for d in uses:
+            j = graph.index(d)
+            last_use[j] = m  # moments are increasing, so the last write wins
+    for i in graph.activations:
+        if graph.is_forced[i]:
+            # Kept for later blocks: alive at least until the backward of the last of them to run
+            # (the earliest in forward order) begins; an output until its own block's backward.
+            own = vals[i].block
+            later = [vals[c].block for c in (*graph.consumers[i], *graph.bwd_readers[i]) if vals[c].block > own]
+            last_use[i] = max(last_use[i], first_moment_of_block[min(later, default=own)])
+
+    frees_at: list[list[int]] = [[] for _ in range(len(moments) + 1)]
+    for i in graph.activations:
+        if kept[i] or offloaded[i] or recomputed[i]:
+            frees_at[max(last_use[i], 0)].append(i)
+
+    grad_live = [False] * n
+    # Cotangent seeds of the outputs that receive gradients, alive from the start of the backward.
+    for i in graph.activations:
+        if graph.is_output[i] and graph.gets_grad[i]:
+            grad_live[i] = True
+            live += size[i]
+    for m, (what, t, b) in enumerate(moments):
+        if what == "reload":
+            for i in graph.block_members[t]:
+                if offloaded[i]:
+                    live += size[i]
+            record(f"backward of {graph.block_names[b]}: reload", b)
+        elif what == "recompute":
+            live += size[t]
+            record(f"backward of {graph.block_names[b]}: recompute {vals[t].name}", b)
+        else:
+            for d in vals[t].deps:
+                j = graph.index(d)
+                if graph.gets_grad[j] and not grad_live[j]:
+                    grad_live[j] = True
+                    live += size[j]
+            record(f"backward of {graph.block_names[b]}: grad of {vals[t].name}", b)
+            grad_live[t] = False
+            live -= size[t]
+        for i in frees_at[m]:
+            live -= size[i]
+    return peak, peak_label, kept_by_block, trace
