@@ -1,0 +1,334 @@
+"""Op-level 0-1 program over the simulator's memory model, solved with scipy's HiGHS.
+
+Variables per free activation u: s_u (keep), r_u (recompute), o_u (offload, when allowed).
+The simulator's memory at every moment is linear in them once the moments are enumerated (the
+forward moments, and per block: reload, one recompute moment per value, the backward moments).
+What depends on the plan beyond s/r/o is only how long a value stays alive for recomputing its
+consumers; an auxiliary a_{u,m} >= r_w (consumer w recomputed at or after moment m) models it.
+Every auxiliary only appears on the left of <= memory constraints, so at the optimum it takes the
+simulator's exact value: the program's optimum is the simulator's optimum (tested against brute
+force). Costs are integers (picoseconds of roofline time), with a tie-break for fewer ops.
+
+Checkmate (Jain et al., MLSys 2020) solves the same problem with a schedule-level MILP; this
+formulation is smaller because the schedule is fixed (block-granular recompute, as jax.checkpoint
+and non-reentrant torch checkpoint run it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
+
+from remat_kit._core.graph import CostGraph
+
+MAX_VARIABLES = 60_000  # beyond this HiGHS takes minutes; the chain DP is the tool for big graphs
+
+
+@dataclasses.dataclass(frozen=True)
+class MilpResult:
+    keep: frozenset[int]
+    recompute: frozenset[int]
+    offload: frozenset[int]
+    objective: float
+
+
+class _Builder:
+    def __init__(self, graph: CostGraph, blocks: Sequence[int], allow_offload: bool):
+        self.graph = graph
+        self.blocks = tuple(blocks)
+        self.allow_offload = allow_offload
+        self.num_vars = 0
+        self.var: dict[tuple[str, int], int] = {}
+        self.integral: list[int] = []
+        self.upper: list[float] = []
+        self.rows: list[tuple[dict[int, float], float, float]] = []  # (coefs, lo, hi)
+
+    def new_var(self, key: tuple[str, int], integral: bool, upper: float = 1.0) -> int:
+        j = self.num_vars
+        self.var[key] = j
+        self.num_vars += 1
+        self.integral.append(1 if integral else 0)
+        self.upper.append(upper)
+        return j
+
+    def add(self, coefs: dict[int, float], lo: float = -np.inf, hi: float = np.inf) -> None:
+        self.rows.append((coefs, lo, hi))
+
+
+def _add(expr: dict[int, float], j: int, c: float) -> None:
+    if c:
+        expr[j] = expr.get(j, 0.0) + c
+
+
+def solve_milp(
+    graph: CostGraph,
+    *,
+    limit: int | None,
+    rec_cost: Sequence[int],
+    off_cost: Sequence[int] | None = None,
+    blocks: Sequence[int] | None = None,
+    kept_cap: int | None = None,
+    time_limit: float = 60.0,
+) -> MilpResult | None:
+    """Least-cost decisions for the values of `blocks` (default all) keeping memory <= `limit`.
+
+    With all blocks, `limit` bounds the simulator's activation peak. With a subset (one block,
+    as the chain DP asks), memory is counted relative to the bytes the earlier blocks keep,
+    and `kept_cap` bounds the bytes the block itself keeps. Returns None when infeasible.
+    """
+    blocks = tuple(range(graph.num_blocks)) if blocks is None else tuple(blocks)
+    whole = len(blocks) == graph.num_blocks
+    b = _Builder(graph, blocks, off_cost is not None)
+    vals, size = graph.values, [v.num_bytes for v in graph.values]
+    members = [i for blk in blocks for i in graph.block_members[blk]]
+    free = [i for i in members if not graph.is_forced[i]]
+    for i in free:
+        b.new_var(("s", i), True)
+        b.new_var(("r", i), True)
+        if b.allow_offload:
+            b.new_var(("o", i), True)
+    cost = np.zeros(b.num_vars)
+    for i in free:
+        cost[b.var[("r", i)]] = rec_cost[i]
+        if b.allow_offload:
+            cost[b.var[("o", i)]] = off_cost[i]
+    # Tie-break: fewer recomputed ops, worth less than one cost unit in total.
+    tiny = 1.0 / (len(free) + 2)
+    for i in free:
+        cost[b.var[("r", i)]] += tiny
+
+    # Coverage: a needed value is kept, recomputed or offloaded. Residuals are always needed;
+    # other values are needed when a consumer is recomputed.
+    for i in free:
+        cover = {b.var[("s", i)]: 1.0, b.var[("r", i)]: 1.0}
+        if b.allow_offload:
+            cover[b.var[("o", i)]] = 1.0
+        if graph.is_residual[i]:
+            b.add(cover, lo=1.0)
+        else:
+            for w in _free_consumers(graph, i):
+                row = dict(cover)
+                _add(row, b.var[("r", w)], -1.0)
+                b.add(row, lo=0.0)
+
+    prefix_vars = _prefix_vars(b, whole)
+    for blk in blocks:
+        _forward_rows(b, blk, size, prefix_vars.get(blk), limit)
+        _backward_rows(b, blk, size, prefix_vars.get(blk), limit)
+    if kept_cap is not None:
+        for blk in blocks:
+            expr = {b.var[("s", i)]: float(size[i]) for i in graph.block_members[blk] if not graph.is_forced[i]}
+            const = sum(size[i] for i in graph.block_members[blk] if graph.is_forced[i])
+            b.add(expr, hi=kept_cap - const)
+
+    cost = np.concatenate([cost, np.zeros(b.num_vars - len(cost))])
+    if b.num_vars > MAX_VARIABLES:
+        raise ValueError(
+            f"solver='milp': the program has {b.num_vars} variables (max {MAX_VARIABLES}); use solver='dp' "
+            "(per-block programs chained by dynamic programming) for a graph this size."
+        )
+    rows, cols, data, lo, hi = [], [], [], [], []
+    for r, (coefs, rlo, rhi) in enumerate(b.rows):
+        for j, c in coefs.items():
+            rows.append(r)
+            cols.append(j)
+            data.append(c)
+        lo.append(rlo)
+        hi.append(rhi)
+    constraints = []
+    if b.rows:
+        a = coo_matrix((data, (rows, cols)), shape=(len(b.rows), b.num_vars)).tocsr()
+        constraints.append(LinearConstraint(a, np.array(lo), np.array(hi)))
+    res = milp(
+        cost,
+        constraints=constraints,
+        integrality=np.array(b.integral),
+        bounds=Bounds(np.zeros(b.num_vars), np.array(b.upper)),
+        options={"mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True},
+    )
+    if res.x is None:
+        return None
+    x = np.round(res.x).astype(int)
+    keep = frozenset(i for i in free if x[b.var[("s", i)]])
+    off = frozenset(i for i in free if b.allow_offload and x[b.var[("o", i)]] and i not in keep)
+    rec = frozenset(i for i in free if x[b.var[("r", i)]] and i not in keep and i not in off)
+    return MilpResult(keep, rec, off, float(res.fun))
+
+
+def _free_consumers(graph: CostGraph, i: int) -> list[int]:
+    """Consumers of i that a plan may recompute inside i's own block."""
+    return _rc_consumers(graph, i, graph.values[i].block)
+
+
+def _kept_expr(b: _Builder, blk: int, size: list[int]) -> tuple[dict[int, float], float]:
+    g = b.graph
+    expr: dict[int, float] = {}
+    const = 0.0
+    for i in g.block_members[blk]:
+        if g.is_forced[i]:
+            const += size[i]
+        else:
+            _add(expr, b.var[("s", i)], size[i])
+    return expr, const
+
+
+def _prefix_vars(b: _Builder, whole: bool) -> dict[int, int]:
+    """Continuous variables P_blk = bytes kept by blocks before blk (whole-graph programs only)."""
+    if not whole:
+        return {}
+    g = b.graph
+    upper = float(sum(v.num_bytes for v in g.values)) + 1.0
+    out: dict[int, int] = {}
+    prev = None
+    for blk in range(g.num_blocks):
+        p = b.new_var(("P", blk), False, upper)
+        out[blk] = p
+        row = {p: 1.0}
+        if prev is not None:
+            expr, const = _kept_expr(b, blk - 1, size=[v.num_bytes for v in g.values])
+            _add(row, out[prev], -1.0)
+            for j, c in expr.items():
+                _add(row, j, -c)
+            b.add(row, lo=const, hi=const)
+        else:
+            b.add(row, lo=0.0, hi=0.0)
+        prev = blk
+    return out
+
+
+def _limit_row(b: _Builder, expr: dict[int, float], const: float, prefix: int | None, limit: int | None) -> None:
+    if limit is None:
+        return
+    if prefix is not None:
+        _add(expr, prefix, 1.0)
+    b.add(expr, hi=limit - const)
+
+
+def _forward_rows(b: _Builder, blk: int, size: list[int], prefix: int | None, limit: int | None) -> None:
+    g = b.graph
+    members = g.block_members[blk]
+    for t in members:
+        # Earlier blocks' values still read here are kept boundaries: they are in the prefix.
+        expr: dict[int, float] = {}
+        const = 0.0
+        for u in members:
+            if u > t:
+                break
+            if g.last_fwd_use[u] >= t or g.is_forced[u]:
+                const += size[u]
+            elif g.is_residual[u] or _rc_consumers(g, u, blk):
+                _add(expr, b.var[("s", u)], size[u])
+        _limit_row(b, expr, const, prefix, limit)
+
+
+def _rc_consumers(g: CostGraph, u: int, blk: int) -> list[int]:
+    return [w for w in g.consumers[u] if g.values[w].block == blk and not g.is_forced[w]]
+
+
+def _pseudo_block(g: CostGraph, u: int) -> int:
+    """The block whose backward start a kept value must survive to (see simulate)."""
+    own = g.values[u].block
+    later = [g.values[c].block for c in (*g.consumers[u], *g.bwd_readers[u]) if g.values[c].block > own]
+    return min(later, default=own)
+
+
+def _backward_rows(b: _Builder, blk: int, size: list[int], prefix: int | None, limit: int | None) -> None:
+    """Rows for the reload, recompute and backward moments of one block, relative to its prefix."""
+    g = b.graph
+    vals = g.values
+    members = g.block_members[blk]
+    pos = {t: k for k, t in enumerate(members)}
+    n = len(members)
+    # Moments inside the block: 0 = reload, 1 + k = recompute of members[k],
+    # 1 + n + k = backward of members[n - 1 - k]. Moments the simulator skips (nothing to
+    # recompute, no gradient) are dominated by the moment before them, so they are harmless.
+    bw_moment = {t: 1 + n + k for k, t in enumerate(reversed(members))}
+    num_moments = 1 + 2 * n
+    after_block = num_moments
+
+    def static_last(u: int) -> int:
+        last = -1
+        for r in g.bwd_readers[u]:
+            if vals[r].block == blk:
+                last = max(last, bw_moment[r])
+            elif vals[r].block < blk:
+                return after_block
+        if g.is_forced[u]:
+            pseudo = _pseudo_block(g, u)
+            if pseudo == blk:
+                last = max(last, 0)
+            elif pseudo < blk:
+                return after_block
+        return last
+
+    inputs = [i for i in g.activations if vals[i].block < blk and g.is_forced[i] and _pseudo_block(g, i) == blk]
+    grads = _static_grads(g, blk, num_moments, bw_moment)
+    info = []
+    for u in (*members, *inputs):
+        info.append((u, static_last(u), _rc_consumers(g, u, blk), vals[u].block < blk, not g.is_forced[u]))
+
+    for m in range(num_moments):
+        t_rc = members[m - 1] if 1 <= m <= n else None
+        expr: dict[int, float] = {}
+        const = float(grads[m])
+        for u, last, consumers, is_input, free_u in info:
+            # Inputs are counted in the prefix; here only their release (alive - 1) shows.
+            if is_input:
+                const -= size[u]
+            before_own = free_u and (m == 0 or (t_rc is not None and pos[t_rc] < pos[u]))
+            if m <= last:
+                if before_own:  # a recomputed copy does not exist yet
+                    _add(expr, b.var[("s", u)], size[u])
+                    if b.allow_offload:
+                        _add(expr, b.var[("o", u)], size[u])
+                else:
+                    const += size[u]
+                continue
+            own_rc = free_u and t_rc == u
+            later = [w for w in consumers if m == 0 or (t_rc is not None and m <= n and pos[w] >= pos[t_rc])]
+            if not later and not own_rc:
+                continue
+            a = b.new_var(("a", b.num_vars), False)
+            _add(expr, a, size[u])
+            if own_rc:
+                b.add({a: 1.0, b.var[("r", u)]: -1.0}, lo=0.0)
+            for w in later:
+                rw = b.var[("r", w)]
+                if before_own:  # alive before its own recompute only if kept or offloaded
+                    b.add({a: 1.0, rw: -1.0, b.var[("s", u)]: -1.0}, lo=-1.0)
+                    if b.allow_offload:
+                        b.add({a: 1.0, rw: -1.0, b.var[("o", u)]: -1.0}, lo=-1.0)
+                else:
+                    b.add({a: 1.0, rw: -1.0}, lo=0.0)
+        _limit_row(b, expr, const, prefix, limit)
+
+
+def _static_grads(g: CostGraph, blk: int, num_moments: int, bw_moment: dict[int, int]) -> list[int]:
+    """Gradient-buffer bytes alive at each moment of this block (independent of the plan)."""
+    vals = g.values
+    size = [v.num_bytes for v in vals]
+    # grad(u) lives from the backward of u's last consumer (first in backward order) to u's own backward.
+    alloc_block_moment: dict[int, tuple[int, int]] = {}
+    for u in g.activations:
+        if not g.gets_grad[u]:
+            continue
+        if g.is_output[u]:
+            alloc_block_moment[u] = (g.num_blocks, 0)  # seeded before the backward starts
+            continue
+        cons = [c for c in g.consumers[u] if g.gets_grad[c]]
+        c = max(cons)
+        alloc_block_moment[u] = (vals[c].block, c)
+    out = [0] * num_moments
+    for u, (cb, c) in alloc_block_moment.items():
+        ub = vals[u].block
+        if ub > blk or cb < blk:
+            continue  # freed before this block, or allocated after it
+        start = 0 if cb > blk else bw_moment[c]
+        end = bw_moment[u] if ub == blk else num_moments - 1
+        for m in range(start, end + 1):
+            out[m] += size[u]
+    return out

@@ -1,0 +1,287 @@
+"""Budget solvers: the least-recompute plan whose simulated activation peak fits the budget.
+
+* ``"dp"`` (default): per-block menus from the op-level 0-1 program at several caps, chained by
+  the exact dynamic program (chain_dp.py). Identical blocks share one menu.
+* ``"milp"``: one op-level 0-1 program over the whole graph (exact under the memory model; for
+  graphs up to a few thousand values).
+* ``"greedy"``: recompute the values with the most bytes per unit of recompute time first;
+  a fast baseline.
+
+Every solver returns a Plan whose prediction the simulator produced; a plan over the limit is
+never returned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from remat_kit._core import chain_dp
+from remat_kit._core.budget import Budget, format_bytes, parse_budget
+from remat_kit._core.graph import CostGraph, DeviceSpec
+from remat_kit._core.milp import solve_milp
+from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.simulate import (
+    _OFFLOAD,
+    _RECOMPUTE,
+    _SAVE,
+    _needed_and_recomputed,
+    _run,
+    baseline_activation_bytes,
+)
+
+SOLVERS = ("dp", "milp", "greedy")
+_NAMES = {_SAVE: Decision.SAVE, _RECOMPUTE: Decision.RECOMPUTE, _OFFLOAD: Decision.OFFLOAD}
+NUM_CAPS = 8  # kept-bytes levels per block menu
+
+
+class InfeasibleBudgetError(ValueError):
+    """The budget is below the smallest activation memory any plan reaches."""
+
+    def __init__(self, message: str, *, smallest_fraction: float, smallest_bytes: int):
+        super().__init__(message)
+        self.smallest_fraction = smallest_fraction
+        self.smallest_bytes = smallest_bytes
+
+
+class Costs:
+    """Integer recompute / offload costs per value (picoseconds of roofline time)."""
+
+    def __init__(self, graph: CostGraph, device: DeviceSpec):
+        self.graph = graph
+        vals = graph.values
+        self.recompute = [round(device.seconds(v.flops, v.bytes_moved) * 1e12) for v in vals]
+        self.offload = [round(2 * v.num_bytes / device.host_bandwidth * 1e12) for v in vals]
+
+    def of(self, codes: Sequence[int]) -> tuple[int, int]:
+        """(cost, number of recomputed ops) of a full decision vector, as the simulator runs it."""
+        needed, recomputed = _needed_and_recomputed(self.graph, list(codes))
+        cost, ops = 0, 0
+        for i in self.graph.activations:
+            if recomputed[i]:
+                cost += self.recompute[i]
+                ops += 1
+            elif needed[i] and codes[i] == _OFFLOAD:
+                cost += self.offload[i]
+        return cost, ops
+
+
+def solve(
+    graph: CostGraph,
+    budget: object,
+    *,
+    solver: str | None = None,
+    offload: bool = False,
+    device: DeviceSpec | None = None,
+) -> Plan:
+    """The plan with the least recompute time whose activation memory fits `budget`.
+
+    Args:
+      graph: the cost graph of one training step.
+      budget: a float in (0, 1] (fraction of no-remat activation memory), or bytes for the whole
+        step's peak (an int or a string such as ``"12GiB"``).
+      solver: ``"dp"`` (default), ``"milp"`` or ``"greedy"``.
+      offload: allow OFFLOAD decisions (host memory) besides SAVE and RECOMPUTE.
+      device: roofline constants pricing recompute time; ``DeviceSpec()`` by default.
+
+    Raises:
+      ValueError: a malformed budget or solver name.
+      InfeasibleBudgetError: the budget is below what full recompute (and offload, if allowed)
+        reaches; the message names the smallest feasible budget.
+    """
+    parsed = parse_budget(budget)
+    solver = _check_solver(solver)
+    if not isinstance(offload, bool):
+        raise ValueError(f"offload={offload!r} must be True or False.")
+    device = device or DeviceSpec()
+    costs = Costs(graph, device)
+    baseline = baseline_activation_bytes(graph)
+    limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
+    codes: list[int] | None
+    if parsed.kind == "fraction" and parsed.value == 1.0:
+        codes = [_SAVE] * len(graph)  # no remat fits its own memory by definition
+    elif solver == "dp":
+        codes = _solve_dp(graph, limit, costs, offload)
+    elif solver == "milp":
+        res = solve_milp(graph, limit=limit, rec_cost=costs.recompute, off_cost=costs.offload if offload else None)
+        codes = None if res is None else _codes_from_milp(graph, res)
+    else:
+        codes = _solve_greedy(graph, limit, costs)
+    if codes is None:
+        raise _infeasible(graph, parsed, budget, costs, offload, baseline)
+    decisions = {graph.values[i].name: _NAMES[codes[i]] for i in graph.free_values}
+    plan = Plan.from_decisions(graph, decisions, budget=str(parsed), solver=solver)
+    if plan.predicted_activation_bytes > limit:  # the solvers' contract; never hand out an over-budget plan
+        raise RuntimeError(
+            f"solver {solver!r} returned a plan of {plan.predicted_activation_bytes} activation bytes over the "
+            f"limit {limit}; this is a remat_kit bug, please report it with the graph."
+        )
+    return plan
+
+
+def _check_solver(solver: str | None) -> str:
+    if solver is None:
+        return "dp"
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not a solver; pass one of {list(SOLVERS)} or None (= 'dp').")
+    return solver
+
+
+def _codes_from_milp(graph: CostGraph, res) -> list[int]:
+    codes = [_SAVE] * len(graph)
+    for i in res.recompute:
+        codes[i] = _RECOMPUTE
+    for i in res.offload:
+        codes[i] = _OFFLOAD
+    return codes
+
+
+# -- chain DP ---------------------------------------------------------------------------------
+def block_menus(graph: CostGraph, costs: Costs, offload: bool) -> list[list[chain_dp.BlockOption]]:
+    """Per-block option menus; blocks with the same signature share one (shifted) menu."""
+    key = ("menus", offload, tuple(costs.recompute))
+    if key in graph._cache:
+        return graph._cache[key]
+    menus: list[list[chain_dp.BlockOption]] = []
+    by_signature: dict[tuple, tuple[int, list[chain_dp.BlockOption]]] = {}
+    for blk in range(graph.num_blocks):
+        sig = chain_dp.block_signature(graph, blk)
+        if sig in by_signature:
+            rep, menu = by_signature[sig]
+            shift = graph.block_members[blk][0] - graph.block_members[rep][0]
+            menus.append([_shift(o, shift) for o in menu])
+            continue
+        menu = _menu_for_block(graph, blk, costs, offload)
+        by_signature[sig] = (blk, menu)
+        menus.append(menu)
+    graph._cache[key] = menus
+    return menus
+
+
+def _shift(option: chain_dp.BlockOption, shift: int) -> chain_dp.BlockOption:
+    import dataclasses
+
+    return dataclasses.replace(option, codes=tuple((i + shift, c) for i, c in option.codes))
+
+
+def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool) -> list[chain_dp.BlockOption]:
+    free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
+    candidates: dict[tuple, str] = {}
+
+    def add(codes: dict[int, int], label: str) -> None:
+        key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
+        candidates.setdefault(key, label)
+
+    add({}, "keep all")
+    add({i: _RECOMPUTE for i in free}, "full recompute")
+    if offload:
+        add({i: _OFFLOAD for i in free if graph.is_residual[i]}, "offload all")
+    measured = [_measure(graph, blk, dict(k), costs, label) for k, label in candidates.items()]
+    lo = min(o.kept_bytes for o in measured)
+    hi = max(o.kept_bytes for o in measured)
+    min_local = min(o.local_peak for o in measured)
+    if free and hi > lo:
+        for step in range(1, NUM_CAPS):
+            cap = lo + (hi - lo) * step // NUM_CAPS
+            for local_limit in (None, min_local):
+                res = solve_milp(
+                    graph, limit=local_limit, rec_cost=costs.recompute,
+                    off_cost=costs.offload if offload else None, blocks=[blk], kept_cap=cap,
+                )
+                if res is not None:
+                    codes = {i: c for i, c in enumerate(_codes_from_milp(graph, res)) if i in set(free)}
+                    key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
+                    if key not in candidates:
+                        candidates[key] = f"selective (kept <= {format_bytes(cap)})"
+                        measured.append(_measure(graph, blk, codes, costs, candidates[key]))
+    return _pareto(measured)
+
+
+def _measure(graph: CostGraph, blk: int, codes: dict[int, int], costs: Costs, label: str) -> chain_dp.BlockOption:
+    return chain_dp.measure_option(graph, blk, codes, costs.of, label)
+
+
+def _pareto(options: list[chain_dp.BlockOption]) -> list[chain_dp.BlockOption]:
+    """Drop options no better than another in kept bytes, local peak and (cost, ops) at once."""
+    out = []
+    for o in options:
+        dominated = any(
+            p is not o and p.kept_bytes <= o.kept_bytes and p.local_peak <= o.local_peak
+            and (p.cost, p.num_ops) <= (o.cost, o.num_ops)
+            and (p.kept_bytes, p.local_peak, p.cost, p.num_ops) != (o.kept_bytes, o.local_peak, o.cost, o.num_ops)
+            for p in options
+        )
+        if not dominated and all(
+            (p.kept_bytes, p.local_peak, p.cost, p.num_ops) != (o.kept_bytes, o.local_peak, o.cost, o.num_ops)
+            for p in out
+        ):
+            out.append(o)
+    return out
+
+
+def _solve_dp(graph: CostGraph, limit: int, costs: Costs, offload: bool) -> list[int] | None:
+    menus = block_menus(graph, costs, offload)
+    found = chain_dp.solve_chain(menus, limit)
+    if found is None:
+        return None
+    codes = [_SAVE] * len(graph)
+    for menu, k in zip(menus, found[0]):
+        for i, c in menu[k].codes:
+            codes[i] = c
+    return codes
+
+
+# -- greedy -----------------------------------------------------------------------------------
+def _solve_greedy(graph: CostGraph, limit: int, costs: Costs) -> list[int] | None:
+    """Recompute the top-k residuals by bytes per cost; the least k that fits (binary search)."""
+    order = sorted(
+        (i for i in graph.free_values if graph.is_residual[i]),
+        key=lambda i: (-graph.values[i].num_bytes / (costs.recompute[i] + 1), i),
+    )
+
+    def codes_for(k: int) -> list[int]:
+        codes = [_SAVE] * len(graph)
+        for i in order[:k]:
+            codes[i] = _RECOMPUTE
+        return codes
+
+    def fits(k: int) -> bool:
+        return _run(graph, codes_for(k), False)[0] <= limit
+
+    if not fits(len(order)):
+        # The peak is not monotone in k (recompute transients); try every k before giving up.
+        k = next((k for k in range(len(order)) if fits(k)), None)
+        return None if k is None else codes_for(k)
+    lo, hi = 0, len(order)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return codes_for(lo)
+
+
+# -- infeasible budgets -----------------------------------------------------------------------
+def smallest_activation_bytes(graph: CostGraph, *, offload: bool = False, device: DeviceSpec | None = None) -> int:
+    """The least activation peak remat_kit's plans reach (keep-all, full recompute, selective, offload)."""
+    costs = Costs(graph, device or DeviceSpec())
+    return chain_dp.min_peak(block_menus(graph, costs, offload))
+
+
+def _infeasible(graph: CostGraph, parsed: Budget, raw: object, costs: Costs, offload: bool, baseline: int) -> InfeasibleBudgetError:
+    smallest = chain_dp.min_peak(block_menus(graph, costs, offload))
+    fraction = smallest / baseline if baseline else 1.0
+    smallest_total = smallest + graph.constant_bytes
+    if parsed.kind == "fraction":
+        need = f"{math.ceil(fraction * 1000) / 1000:g}"
+    else:
+        need = f"{format_bytes(smallest_total)} ({smallest_total} bytes)"
+    hint = "raise it" + ("" if offload else " or pass offload=True")
+    return InfeasibleBudgetError(
+        f"budget={raw!r} is below the smallest feasible budget {need} "
+        f"({format_bytes(smallest)} of activations, {fraction:.1%} of no remat, "
+        f"{format_bytes(graph.constant_bytes)} of parameters, gradients and inputs); {hint}.",
+        smallest_fraction=fraction,
+        smallest_bytes=smallest_total,
+    )
