@@ -4,6 +4,12 @@ The core (cost graph, exact memory simulator, solvers, plans) needs only numpy a
 framework adapters load lazily, so `import remat_kit` works with jax, torch, both or neither.
 """
 
+from remat_kit import presets as presets
+from remat_kit._auto import auto as auto
+from remat_kit._auto import explain as explain
+from remat_kit._auto import unwrap as unwrap
+from remat_kit._core.analytic import megatron_bytes_per_layer as megatron_bytes_per_layer
+from remat_kit._core.analytic import transformer_graph as transformer_graph
 from remat_kit._core.budget import Budget as Budget
 from remat_kit._core.budget import parse_budget as parse_budget
 from remat_kit._core.graph import CostGraph as CostGraph
@@ -15,12 +21,32 @@ from remat_kit._core.graph import value as value
 from remat_kit._core.plan import Decision as Decision
 from remat_kit._core.plan import Plan as Plan
 from remat_kit._core.simulate import SimResult as SimResult
+from remat_kit._core.scoring import LayerScore as LayerScore
+from remat_kit._core.scoring import format_scores as format_scores
+from remat_kit._core.scoring import score_layers as score_layers
 from remat_kit._core.simulate import simulate as simulate
+from remat_kit._core.solve import SOLVERS as SOLVERS
+from remat_kit._core.solve import InfeasibleBudgetError as InfeasibleBudgetError
+from remat_kit._core.solve import smallest_activation_bytes as smallest_activation_bytes
+from remat_kit._core.solve import solve as solve
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SOLVERS",
     "Budget",
+    "InfeasibleBudgetError",
+    "LayerScore",
+    "auto",
+    "explain",
+    "format_scores",
+    "megatron_bytes_per_layer",
+    "presets",
+    "score_layers",
+    "smallest_activation_bytes",
+    "solve",
+    "transformer_graph",
+    "unwrap",
     "CostGraph",
     "Decision",
     "DeviceSpec",

@@ -43,8 +43,10 @@ class Plan:
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def from_decisions(cls, graph: CostGraph, decisions: Mapping[str, Decision | str], **fields: Any) -> Plan:
-        """A plan for `graph` with predictions filled in by the simulator."""
+    def from_decisions(
+        cls, graph: CostGraph, decisions: Mapping[str, Decision | str], *, device: Any = None, **fields: Any
+    ) -> Plan:
+        """A plan for `graph` with predictions filled in by the simulator (recompute priced on `device`)."""
         from remat_kit._core.simulate import simulate
 
         clean: dict[str, Decision] = {}
@@ -53,7 +55,7 @@ class Plan:
             clean[name] = Decision(d)
         ordered = tuple((graph.values[i].name, clean.get(graph.values[i].name, Decision.SAVE)) for i in graph.activations)
         bare = cls(decisions=ordered, block_names=graph.block_names, graph_fingerprint=graph.fingerprint(), **fields)
-        return bare.with_predictions(simulate(graph, bare))
+        return bare.with_predictions(simulate(graph, bare, device=device))
 
     def with_predictions(self, result: Any) -> Plan:
         return dataclasses.replace(

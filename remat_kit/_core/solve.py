@@ -110,7 +110,7 @@ def solve(
     if codes is None:
         raise _infeasible(graph, parsed, budget, costs, offload, baseline)
     decisions = {graph.values[i].name: _NAMES[codes[i]] for i in graph.free_values}
-    plan = Plan.from_decisions(graph, decisions, budget=str(parsed), solver=solver)
+    plan = Plan.from_decisions(graph, decisions, device=device, budget=str(parsed), solver=solver)
     if plan.predicted_activation_bytes > limit:  # the solvers' contract; never hand out an over-budget plan
         raise RuntimeError(
             f"solver {solver!r} returned a plan of {plan.predicted_activation_bytes} activation bytes over the "
@@ -277,7 +277,11 @@ def _infeasible(graph: CostGraph, parsed: Budget, raw: object, costs: Costs, off
         need = f"{math.ceil(fraction * 1000) / 1000:g}"
     else:
         need = f"{format_bytes(smallest_total)} ({smallest_total} bytes)"
-    hint = "raise it" + ("" if offload else " or pass offload=True")
+    hint = "raise it"
+    if not offload and chain_dp.min_peak(block_menus(graph, costs, True)) < smallest:
+        hint += " or pass offload=True"
+    else:
+        hint += ", or make the blocks smaller (their boundaries and one block's backward are the floor)"
     return InfeasibleBudgetError(
         f"budget={raw!r} is below the smallest feasible budget {need} "
         f"({format_bytes(smallest)} of activations, {fraction:.1%} of no remat, "

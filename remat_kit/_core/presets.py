@@ -1,0 +1,70 @@
+"""Stock remat strategies as functions from a cost graph to a Plan.
+
+They are what users pick by hand today, expressed as plans so that `none`, `full`,
+`megatron_selective` and `solve(...)` are compared on equal terms by the same simulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from remat_kit._core.graph import CostGraph, OpKind
+from remat_kit._core.plan import Decision, Plan
+
+
+def none(graph: CostGraph) -> Plan:
+    """No remat: keep every residual."""
+    return Plan.from_decisions(graph, {}, solver="none")
+
+
+def full(graph: CostGraph) -> Plan:
+    """Checkpoint every block: keep only block boundaries, recompute everything else."""
+    return Plan.from_decisions(
+        graph, {graph.values[i].name: Decision.RECOMPUTE for i in graph.free_values}, solver="full"
+    )
+
+
+def every_k(graph: CostGraph, k: int) -> Plan:
+    """Checkpoint (fully recompute) every k-th block, keep the others (torch's `checkpoint every k`)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"every_k(k={k!r}): k must be a positive int (1 = every block).")
+    return Plan.from_decisions(
+        graph,
+        {graph.values[i].name: Decision.RECOMPUTE for i in graph.free_values if graph.values[i].block % k == 0},
+        solver=f"every_{k}",
+    )
+
+
+def recompute_kinds(graph: CostGraph, kinds: Iterable[OpKind | str], *, label: str = "") -> Plan:
+    """Recompute every free value of the given op kinds, keep the rest."""
+    kinds = {OpKind(k) for k in kinds}
+    return Plan.from_decisions(
+        graph,
+        {graph.values[i].name: Decision.RECOMPUTE for i in graph.free_values if graph.values[i].kind in kinds},
+        solver=label or "recompute:" + ",".join(sorted(k.value for k in kinds)),
+    )
+
+
+def save_only_kinds(graph: CostGraph, kinds: Iterable[OpKind | str], *, label: str = "") -> Plan:
+    """Keep only values of the given kinds, recompute the rest (JAX's `dots_saveable` is MATMUL + ATTENTION
+    matmuls; `dots_with_no_batch_dims_saveable` is MATMUL alone)."""
+    kinds = {OpKind(k) for k in kinds}
+    return Plan.from_decisions(
+        graph,
+        {graph.values[i].name: Decision.RECOMPUTE for i in graph.free_values if graph.values[i].kind not in kinds},
+        solver=label or "save:" + ",".join(sorted(k.value for k in kinds)),
+    )
+
+
+def megatron_selective(graph: CostGraph) -> Plan:
+    """Korthikanti et al. (2022) selective recompute: the attention core (scores, softmax, its
+    dropout) is recomputed; its output and everything else is kept."""
+    vals = graph.values
+    core = {OpKind.ATTENTION, OpKind.RNG}
+    decisions = {}
+    for i in graph.free_values:
+        v = vals[i]
+        consumers = [vals[c] for c in graph.consumers[i]]
+        if v.kind in core and consumers and all(c.kind is OpKind.ATTENTION for c in consumers):
+            decisions[v.name] = Decision.RECOMPUTE
+    return Plan.from_decisions(graph, decisions, solver="megatron_selective")

@@ -1,0 +1,36 @@
+"""Exceptions and warnings of remat_kit.resume, and the exit code a preempted job returns."""
+
+from __future__ import annotations
+
+# A job that saved because of SIGTERM/SIGINT/SIGUSR1 exits with this code, so its job script can
+# tell "preempted, resubmit me" from success (0) and from a crash (anything else). 75 is
+# EX_TEMPFAIL in sysexits.h: "temporary failure, the user is invited to retry".
+EXIT_PREEMPTED = 75
+
+
+class ResumeError(Exception):
+    """Base class of the errors raised by remat_kit.resume."""
+
+
+class CorruptCheckpointError(ResumeError):
+    """A checkpoint on disk is torn, truncated or altered; names the step and what is wrong."""
+
+    def __init__(self, step: int | None, reason: str) -> None:
+        self.step = step
+        self.reason = reason
+        super().__init__(
+            f"checkpoint step {step} is corrupt: {reason}. restore_latest() skips such steps; "
+            "`python -m remat_kit.resume ls DIR` shows the status of every step."
+        )
+
+
+class TemplateMismatchError(ResumeError, ValueError):
+    """The restore template's structure, shapes or dtypes differ from what was saved."""
+
+
+class AsyncSaveError(ResumeError):
+    """A background (async) save failed; raised at the next call so the failure is never lost."""
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """restore_latest() skipped a corrupt or incomplete checkpoint and fell back to an older one."""

@@ -1,0 +1,165 @@
+"""Every solver against brute force on small random graphs; budgets never exceeded."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import remat_kit as rk
+from remat_kit._core import chain_dp
+from remat_kit._core.milp import solve_milp
+from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run, baseline_activation_bytes
+from remat_kit._core.solve import Costs
+from tests.graphs import all_codes, brute_force, brute_min_peak, random_chain
+
+FRACTIONS = (0.2, 0.35, 0.5, 0.7, 0.9, 1.0)
+seeds = st.integers(0, 10**6)
+
+
+def _codes(graph, res):
+    codes = [_SAVE] * len(graph)
+    for i in res.recompute:
+        codes[i] = _RECOMPUTE
+    for i in res.offload:
+        codes[i] = _OFFLOAD
+    return codes
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, offload=st.booleans())
+def test_milp_matches_brute_force(seed, offload):
+    graph = random_chain(seed, num_blocks=2 if offload else None)
+    costs = Costs(graph, rk.DeviceSpec())
+    base = baseline_activation_bytes(graph)
+    for frac in FRACTIONS:
+        limit = math.floor(frac * base)
+        best = brute_force(graph, limit, costs, offload=offload)
+        res = solve_milp(graph, limit=limit, rec_cost=costs.recompute, off_cost=costs.offload if offload else None)
+        if best is None:
+            assert res is None
+            continue
+        assert res is not None, f"MILP infeasible where brute force found {best[0]} at limit {limit}"
+        codes = _codes(graph, res)
+        assert _run(graph, codes, False)[0] <= limit
+        assert costs.of(codes) == best[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds)
+def test_chain_dp_is_exact_over_its_menus(seed):
+    """With every per-block plan on the menu, the DP finds the brute-force optimum."""
+    graph = random_chain(seed)
+    costs = Costs(graph, rk.DeviceSpec())
+    menus = []
+    for blk in range(graph.num_blocks):
+        free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
+        menu = []
+        for combo in __import__("itertools").product([_SAVE, _RECOMPUTE], repeat=len(free)):
+            menu.append(chain_dp.measure_option(graph, blk, dict(zip(free, combo)), costs.of, "enum"))
+        menus.append(menu)
+    base = baseline_activation_bytes(graph)
+    for frac in FRACTIONS:
+        limit = math.floor(frac * base)
+        best = brute_force(graph, limit, costs)
+        found = chain_dp.solve_chain(menus, limit)
+        assert (found is None) == (best is None)
+        if found is None:
+            continue
+        choice, cost, ops, peak = found
+        codes = [_SAVE] * len(graph)
+        for menu, k in zip(menus, choice):
+            for i, c in menu[k].codes:
+                codes[i] = c
+        assert _run(graph, codes, False)[0] == peak <= limit  # the DP's peak is the simulator's
+        assert (cost, ops) == best[0] == costs.of(codes)
+    assert chain_dp.min_peak(menus) == brute_min_peak(graph)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, data=st.data())
+def test_memory_decomposes_over_blocks(seed, data):
+    """The DP's premise: peak = max_b (kept bytes of earlier blocks + the block's local peak)."""
+    graph = random_chain(seed)
+    codes = data.draw(st.sampled_from(list(all_codes(graph))))
+    costs = Costs(graph, rk.DeviceSpec())
+    options = []
+    for blk in range(graph.num_blocks):
+        own = {i: codes[i] for i in graph.block_members[blk] if not graph.is_forced[i]}
+        options.append(chain_dp.measure_option(graph, blk, own, costs.of, "x"))
+    prefix, predicted = 0, 0
+    for o in options:
+        predicted = max(predicted, prefix + o.local_peak)
+        prefix += o.kept_bytes
+    assert predicted == _run(graph, codes, False)[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, solver=st.sampled_from(rk.SOLVERS), frac=st.sampled_from(FRACTIONS))
+def test_solvers_never_exceed_the_budget(seed, solver, frac):
+    graph = random_chain(seed)
+    costs = Costs(graph, rk.DeviceSpec())
+    base = baseline_activation_bytes(graph)
+    limit = math.floor(frac * base)
+    best = brute_force(graph, limit, costs)
+    try:
+        plan = rk.solve(graph, frac, solver=solver)
+    except rk.InfeasibleBudgetError as e:
+        assert solver != "milp" or best is None  # the exact solver is never wrong about feasibility
+        assert e.smallest_fraction > frac or best is None or solver != "dp"
+        return
+    result = rk.simulate(graph, plan)
+    assert result.activation_bytes == plan.predicted_activation_bytes <= limit
+    assert best is not None
+    got = costs.of(_codes_of(graph, plan))
+    assert got >= best[0]
+    if solver == "milp":
+        assert got == best[0]
+
+
+def _codes_of(graph, plan):
+    code = {rk.Decision.SAVE: _SAVE, rk.Decision.RECOMPUTE: _RECOMPUTE, rk.Decision.OFFLOAD: _OFFLOAD}
+    codes = [_SAVE] * len(graph)
+    for name, d in plan.decisions:
+        codes[graph.index(name)] = code[d]
+    return codes
+
+
+def test_infeasible_budget_names_the_smallest_feasible_one():
+    graph = rk.transformer_graph(num_layers=3, seq_len=256, batch=1, hidden=64, num_heads=2)
+    with pytest.raises(rk.InfeasibleBudgetError) as info:
+        rk.solve(graph, 0.05)
+    err = info.value
+    assert "smallest feasible budget" in str(err) and "budget=0.05" in str(err) and "raise it" in str(err)
+    plan = rk.solve(graph, math.ceil(err.smallest_fraction * 1000) / 1000)  # the number it names works
+    assert plan.predicted_activation_bytes <= math.floor(math.ceil(err.smallest_fraction * 1000) / 1000 * plan.baseline_activation_bytes)
+    with pytest.raises(rk.InfeasibleBudgetError, match="smallest feasible budget"):
+        rk.solve(graph, err.smallest_bytes - 1)
+    rk.solve(graph, err.smallest_bytes)  # bytes: exactly the smallest is feasible
+
+
+def test_offload_is_chosen_where_it_is_cheaper_than_recompute():
+    graph = rk.transformer_graph(num_layers=4, seq_len=256, batch=1, hidden=64, num_heads=2)
+    assert rk.smallest_activation_bytes(graph, offload=True) <= rk.smallest_activation_bytes(graph)
+    # A slow matmul unit and a fast host link make moving activations cheaper than recomputing them.
+    device = rk.DeviceSpec("slow-flops", peak_flops=1e9, memory_bandwidth=1e11, host_bandwidth=1e11)
+    plain = rk.solve(graph, 0.4, device=device)
+    moved = rk.solve(graph, 0.4, offload=True, device=device)
+    assert moved.names(rk.Decision.OFFLOAD)
+    assert moved.predicted_recompute_seconds < plain.predicted_recompute_seconds
+    assert moved.predicted_activation_bytes <= math.floor(0.4 * moved.baseline_activation_bytes)
+
+
+@pytest.mark.parametrize("bad", ["fast", "", 3, "DP"])
+def test_bad_solver_name(bad):
+    graph = random_chain(1)
+    with pytest.raises(ValueError, match=r"solver=.* is not a solver; pass one of"):
+        rk.solve(graph, 0.5, solver=bad)
+
+
+def test_budget_one_is_no_remat():
+    graph = rk.transformer_graph(num_layers=2, seq_len=128, batch=1, hidden=64, num_heads=2)
+    plan = rk.solve(graph, 1.0)
+    assert plan.num_recomputed_ops == 0 and plan.activation_fraction == 1.0
