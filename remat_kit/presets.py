@@ -6,5 +6,6 @@ from remat_kit._core.presets import megatron_selective as megatron_selective
 from remat_kit._core.presets import none as none
 from remat_kit._core.presets import recompute_kinds as recompute_kinds
 from remat_kit._core.presets import save_only_kinds as save_only_kinds
+from remat_kit._core.presets import sqrt_n as sqrt_n
 
-__all__ = ["every_k", "full", "megatron_selective", "none", "recompute_kinds", "save_only_kinds"]
+__all__ = ["every_k", "full", "megatron_selective", "none", "recompute_kinds", "save_only_kinds", "sqrt_n"]

@@ -89,6 +89,7 @@ def test_memory_decomposes_over_blocks(seed, data):
     for blk in range(graph.num_blocks):
         own = {i: codes[i] for i in graph.block_members[blk] if not graph.is_forced[i]}
         options.append(chain_dp.measure_option(graph, blk, own, costs.of, "x"))
+        assert options[-1] == chain_dp.measure_option(graph, blk, own, costs.of, "x", windowed=False)
     prefix, predicted = 0, 0
     for o in options:
         predicted = max(predicted, prefix + o.local_peak)

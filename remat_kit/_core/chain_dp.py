@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from remat_kit._core.graph import CostGraph
+import numpy as np
+
+from remat_kit._core.graph import CostGraph, Role, Value
 from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run
 
 MAX_STATES = 20_000  # states per block before kept sizes are rounded up (then no longer exact)
@@ -34,22 +36,95 @@ class BlockOption:
     num_ops: int
 
 
-def measure_option(graph: CostGraph, block: int, codes: dict[int, int], unit_cost: Callable[[list[int]], tuple[int, int]], label: str) -> BlockOption:
-    """K and L of one block option, read off the simulator with every other block kept."""
+def measure_option(
+    graph: CostGraph,
+    block: int,
+    codes: dict[int, int],
+    unit_cost: Callable[[list[int]], tuple[int, int]],
+    label: str,
+    *,
+    windowed: bool = True,
+) -> BlockOption:
+    """K and L of one block option, read off the simulator with every other block kept.
+
+    By the decomposition, only the block and its neighbours matter; `windowed` simulates just
+    them (the same numbers, tested, at a fraction of the cost on long chains).
+    """
     full = [_SAVE] * len(graph)
     for i, c in codes.items():
         full[i] = c
-    peak_of_block, kept_by_block = _block_peaks(graph, full, block)
-    prefix = sum(kept_by_block[:block])
     cost, num_ops = unit_cost(full)
+    if windowed:
+        sub, offset, index_map = window(graph, block)
+        sub_codes = [_SAVE] * len(sub)
+        for i, c in codes.items():
+            sub_codes[index_map[i]] = c
+        peak_of_block, kept_by_block = _block_peaks(sub, sub_codes, block - offset)
+        local = block - offset
+    else:
+        peak_of_block, kept_by_block = _block_peaks(graph, full, block)
+        local = block
     return BlockOption(
         label=label,
         codes=tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE)),
-        kept_bytes=kept_by_block[block],
-        local_peak=peak_of_block - prefix,
+        kept_bytes=kept_by_block[local],
+        local_peak=peak_of_block - sum(kept_by_block[:local]),
         cost=cost,
         num_ops=num_ops,
     )
+
+
+def window(graph: CostGraph, block: int) -> tuple[CostGraph, int, dict[int, int]]:
+    """The blocks that touch `block` (what it reads, what reads it), as a graph of their own.
+
+    Activations of earlier blocks that the window reads become inputs (constants), later blocks
+    are dropped. Returns (graph, index of its first block in the original, original -> new index).
+    """
+    key = ("window", block)
+    if key in graph._cache:
+        return graph._cache[key]
+    vals = graph.values
+    touched = {block}
+    for i in graph.block_members[block]:
+        for d in (*vals[i].deps, *vals[i].bwd_reads):
+            j = graph.index(d)
+            if vals[j].is_activation:
+                touched.add(vals[j].block)
+                touched.update(vals[r].block for r in graph.bwd_readers[j])
+    # Earlier values whose gradient (or seed) is alive during this block: skip connections over
+    # it and outputs that receive a gradient.
+    for u in graph.activations:
+        if vals[u].block >= block:
+            break
+        readers = (*graph.consumers[u], *graph.bwd_readers[u])
+        if any(vals[c].block >= block for c in readers) or (graph.is_output[u] and graph.gets_grad[u]):
+            touched.add(vals[u].block)
+    lo = min(touched)
+    hi = block
+    for u in graph.activations:
+        if lo <= vals[u].block <= block:
+            hi = max([hi, *(vals[c].block for c in (*graph.consumers[u], *graph.bwd_readers[u]))])
+    keep, index_map, to_sink = [], {}, []
+    for i, v in enumerate(vals):
+        if v.is_activation and v.block > hi:
+            continue
+        if v.is_activation and v.block < lo:
+            v = dataclasses.replace(v, role=Role.INPUT, deps=(), bwd_reads=(), block=0)
+        elif v.is_activation:
+            # Gradients flow as in the whole graph: what gets none there gets none here, and what
+            # gets one from beyond the window gets it from a zero-byte sink in a block of its own.
+            v = dataclasses.replace(v, block=v.block - lo, requires_grad=graph.gets_grad[i])
+            if graph.gets_grad[i] and any(vals[c].block > hi and graph.gets_grad[c] for c in graph.consumers[i]):
+                to_sink.append(v.name)
+        index_map[i] = len(keep)
+        keep.append(v)
+    names = list(graph.block_names[lo:hi + 1])
+    if to_sink:
+        keep.append(Value("__window_sink__", 0, deps=tuple(to_sink), block=hi - lo + 1))
+        names.append("__window_sink__")
+    sub = CostGraph(keep, block_names=names)
+    graph._cache[key] = (sub, lo, index_map)
+    return graph._cache[key]
 
 
 def _block_peaks(graph: CostGraph, codes: list[int], block: int) -> tuple[int, list[int]]:
@@ -62,71 +137,68 @@ def solve_chain(options: Sequence[Sequence[BlockOption]], limit: int) -> tuple[l
     """Least (cost, num_ops) choice of one option per block with max_b (P_b + L_b) <= limit.
 
     Returns (option index per block, cost, num_ops, predicted peak) or None when nothing fits.
+    States are kept bytes P with their best (cost, ops); a state with more kept bytes and no
+    better (cost, ops) than another can never win and is pruned. Vectorized with numpy.
     """
-    # state: P -> (cost, num_ops, peak so far); back[b][P] = (previous P, option index)
-    states: dict[int, tuple[int, int, int]] = {0: (0, 0, 0)}
-    back: list[dict[int, tuple[int, int]]] = []
+    num_ops_bound = sum(max(o.num_ops for o in menu) for menu in options) + 1
+    max_cost = sum(max(o.cost for o in menu) for menu in options)
+    if max_cost * num_ops_bound >= 2**62:
+        raise OverflowError("chain DP: recompute costs too large for int64 keys; coarsen DeviceSpec units.")
+    p = np.zeros(1, dtype=np.int64)
+    key = np.zeros(1, dtype=np.int64)  # cost * num_ops_bound + ops: lexicographic (cost, ops)
+    peak = np.zeros(1, dtype=np.int64)
+    back: list[tuple[np.ndarray, np.ndarray]] = []
     for menu in options:
-        nxt: dict[int, tuple[int, int, int]] = {}
-        ptr: dict[int, tuple[int, int]] = {}
-        for p, (cost, ops, peak) in states.items():
-            for k, o in enumerate(menu):
-                here = p + o.local_peak
-                if here > limit:
-                    continue
-                q = p + o.kept_bytes
-                cand = (cost + o.cost, ops + o.num_ops, max(peak, here))
-                if q not in nxt or cand < nxt[q]:
-                    nxt[q] = cand
-                    ptr[q] = (p, k)
-        nxt, ptr = _prune(nxt, ptr)
-        if not nxt:
+        cand_p, cand_key, cand_peak, cand_parent, cand_k = [], [], [], [], []
+        for k, o in enumerate(menu):
+            ok = np.nonzero(p + o.local_peak <= limit)[0]
+            if ok.size == 0:
+                continue
+            cand_p.append(p[ok] + o.kept_bytes)
+            cand_key.append(key[ok] + (o.cost * num_ops_bound + o.num_ops))
+            cand_peak.append(np.maximum(peak[ok], p[ok] + o.local_peak))
+            cand_parent.append(ok)
+            cand_k.append(np.full(ok.size, k))
+        if not cand_p:
             return None
-        states = nxt
-        back.append(ptr)
-    best_p = min(states, key=lambda p: states[p])
-    cost, ops, peak = states[best_p]
+        p, key, peak = np.concatenate(cand_p), np.concatenate(cand_key), np.concatenate(cand_peak)
+        parent, ks = np.concatenate(cand_parent), np.concatenate(cand_k)
+        order = np.lexsort((peak, key, p))
+        p, key, peak, parent, ks = p[order], key[order], peak[order], parent[order], ks[order]
+        running = np.minimum.accumulate(key)
+        keep = np.ones(p.size, dtype=bool)
+        keep[1:] = key[1:] < running[:-1]
+        p, key, peak, parent, ks = p[keep], key[keep], peak[keep], parent[keep], ks[keep]
+        if p.size > MAX_STATES:
+            raise RuntimeError(
+                f"chain DP: {p.size} states in one block (max {MAX_STATES}); the blocks are too "
+                "heterogeneous for the exact DP. Use solver='greedy', or coarser blocks."
+            )
+        back.append((parent, ks))
+    best = int(np.argmin(key))
     choice = []
-    p = best_p
-    for ptr in reversed(back):
-        p, k = ptr[p]
-        choice.append(k)
-    return choice[::-1], cost, ops, peak
-
-
-def _prune(states: dict[int, tuple[int, int, int]], ptr: dict[int, tuple[int, int]]):
-    """Drop states with more kept bytes and no better (cost, ops) than a smaller one."""
-    kept: dict[int, tuple[int, int, int]] = {}
-    best = None
-    for p in sorted(states):
-        key = states[p][:2]
-        if best is None or key < best:
-            kept[p] = states[p]
-            best = key
-    if len(kept) > MAX_STATES:
-        raise RuntimeError(
-            f"chain DP: {len(kept)} states in one block (max {MAX_STATES}); the blocks are too "
-            "heterogeneous for the exact DP. Use solver='greedy', or coarser blocks."
-        )
-    return kept, {p: ptr[p] for p in kept}
+    idx = best
+    for parent, ks in reversed(back):
+        choice.append(int(ks[idx]))
+        idx = int(parent[idx])
+    total = int(key[best])
+    return choice[::-1], total // num_ops_bound, total % num_ops_bound, int(peak[best])
 
 
 def min_peak(options: Sequence[Sequence[BlockOption]]) -> int:
     """The smallest peak any choice of options reaches (min over choices of max_b P_b + L_b)."""
-    states: dict[int, int] = {0: 0}  # P -> least peak so far
+    p = np.zeros(1, dtype=np.int64)
+    peak = np.zeros(1, dtype=np.int64)
     for menu in options:
-        nxt: dict[int, int] = {}
-        for p, peak in states.items():
-            for o in menu:
-                q, cand = p + o.kept_bytes, max(peak, p + o.local_peak)
-                if cand < nxt.get(q, cand + 1):
-                    nxt[q] = cand
-        pruned, best = {}, None
-        for q in sorted(nxt):
-            if best is None or nxt[q] < best:
-                pruned[q] = best = nxt[q]
-        states = pruned
-    return min(states.values())
+        new_p = np.concatenate([p + o.kept_bytes for o in menu])
+        new_peak = np.concatenate([np.maximum(peak, p + o.local_peak) for o in menu])
+        order = np.lexsort((new_peak, new_p))
+        new_p, new_peak = new_p[order], new_peak[order]
+        running = np.minimum.accumulate(new_peak)
+        keep = np.ones(new_p.size, dtype=bool)
+        keep[1:] = new_peak[1:] < running[:-1]
+        p, peak = new_p[keep], new_peak[keep]
+    return int(peak.min())
 
 
 def block_signature(graph: CostGraph, block: int) -> tuple:

@@ -144,7 +144,13 @@ class CostGraph:
     block recomputes only from its own values and its boundary inputs.
     """
 
-    def __init__(self, values: Iterable[Value], *, block_names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        values: Iterable[Value],
+        *,
+        block_names: Sequence[str] | None = None,
+        segments: Sequence[Sequence[str]] | None = None,
+    ):
         self.values: tuple[Value, ...] = tuple(values)
         self._index = {v.name: i for i, v in enumerate(self.values)}
         self._validate()
@@ -158,7 +164,28 @@ class CostGraph:
                 f"CostGraph(block_names=...) has {len(self.block_names)} names for "
                 f"{self.num_blocks} blocks; give one name per block."
             )
+        # Which of the model's blocks each of this graph's blocks spans (see `regroup`).
+        self.segments = tuple(tuple(s) for s in segments) if segments else tuple((n,) for n in self.block_names)
         self._derive()
+
+    def regroup(self, segments: Sequence[Sequence[str]]) -> CostGraph:
+        """The same values with consecutive blocks merged into segments (e.g. Chen et al.'s √n).
+
+        A merged segment is checkpointed as one unit: the boundaries inside it become ordinary
+        values a plan may recompute.
+        """
+        names = [n for seg in segments for n in seg]
+        if names != list(self.block_names) or any(not seg for seg in segments):
+            raise ValueError(
+                f"regroup(segments={[list(s) for s in segments]!r}): segments must be non-empty runs of "
+                f"consecutive blocks covering {list(self.block_names)} in order."
+            )
+        new_block = {}
+        for k, seg in enumerate(segments):
+            for n in seg:
+                new_block[self.block_names.index(n)] = k
+        values = [dataclasses.replace(v, block=new_block[v.block]) if v.is_activation else v for v in self.values]
+        return CostGraph(values, block_names=["+".join(seg) for seg in segments], segments=segments)
 
     # -- construction checks -------------------------------------------------------------
     def _validate(self) -> None:
@@ -221,9 +248,10 @@ class CostGraph:
         # Forced values are always kept: boundaries (a layer's carry) and outputs.
         self.is_forced = tuple(b or o for b, o in zip(self.is_boundary, self.is_output))
         self.last_fwd_use = tuple(max((i, *consumers[i])) for i in range(n))
-        self.block_members = tuple(
-            tuple(i for i in self.activations if vals[i].block == b) for b in range(self.num_blocks)
-        )
+        members: list[list[int]] = [[] for _ in range(self.num_blocks)]
+        for i in self.activations:
+            members[vals[i].block].append(i)
+        self.block_members = tuple(tuple(m) for m in members)
         self.free_values = tuple(i for i in self.activations if not self.is_forced[i])
         self.constant_bytes = sum(v.num_bytes for v in vals if v.role is Role.INPUT) + 2 * sum(
             v.num_bytes for v in vals if v.role is Role.PARAM
@@ -260,10 +288,10 @@ class CostGraph:
         return tuple(i for i in self.activations if self.is_residual[i])
 
     def fingerprint(self) -> str:
-        """Hash of names, sizes and structure: a plan made for one graph refuses another."""
+        """Hash of names, sizes and structure (not the block grouping, which a plan carries)."""
         h = hashlib.sha256()
         for v in self.values:
-            h.update(f"{v.name}|{v.num_bytes}|{v.role.value}|{v.block}|{','.join(v.deps)}\n".encode())
+            h.update(f"{v.name}|{v.num_bytes}|{v.role.value}|{','.join(v.deps)}\n".encode())
         return h.hexdigest()[:16]
 
     def __repr__(self) -> str:

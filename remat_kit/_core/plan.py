@@ -30,6 +30,7 @@ class Plan:
 
     decisions: tuple[tuple[str, Decision], ...]
     block_names: tuple[str, ...] = ()
+    segments: tuple[tuple[str, ...], ...] = ()  # model blocks per checkpointed unit; () = one per block
     graph_fingerprint: str = ""
     predicted_peak_bytes: int = 0
     predicted_activation_bytes: int = 0
@@ -54,7 +55,14 @@ class Plan:
             graph.index(name)  # raises KeyError naming the value
             clean[name] = Decision(d)
         ordered = tuple((graph.values[i].name, clean.get(graph.values[i].name, Decision.SAVE)) for i in graph.activations)
-        bare = cls(decisions=ordered, block_names=graph.block_names, graph_fingerprint=graph.fingerprint(), **fields)
+        merged = any(len(seg) > 1 for seg in graph.segments)
+        bare = cls(
+            decisions=ordered,
+            block_names=graph.block_names,
+            segments=graph.segments if merged else (),
+            graph_fingerprint=graph.fingerprint(),
+            **fields,
+        )
         return bare.with_predictions(simulate(graph, bare, device=device))
 
     def with_predictions(self, result: Any) -> Plan:
@@ -87,6 +95,15 @@ class Plan:
             return 1.0
         return self.predicted_activation_bytes / self.baseline_activation_bytes
 
+    def graph_for(self, graph: CostGraph) -> CostGraph:
+        """`graph` regrouped into this plan's segments (the graph itself when they already agree)."""
+        if not self.segments or graph.segments == self.segments:
+            return graph
+        key = ("segments", self.segments)
+        if key not in graph._cache:
+            graph._cache[key] = graph.regroup(self.segments)
+        return graph._cache[key]
+
     def check_graph(self, graph: CostGraph) -> None:
         """Raise ValueError if this plan was made for a different graph."""
         if self.graph_fingerprint and self.graph_fingerprint != graph.fingerprint():
@@ -104,7 +121,8 @@ class Plan:
         data = dataclasses.asdict(self)
         data["decisions"] = {n: d.value for n, d in self.decisions}
         data["block_names"] = list(self.block_names)
-        return json.dumps(data, indent=1, sort_keys=True)
+        data["segments"] = [list(seg) for seg in self.segments]
+        return json.dumps(data, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -129,6 +147,7 @@ class Plan:
         except ValueError as e:
             raise ValueError(f"Plan.from_json: {e}; decisions must be one of {[d.value for d in Decision]}.") from None
         data["block_names"] = tuple(data.get("block_names", ()))
+        data["segments"] = tuple(tuple(seg) for seg in data.get("segments", ()))
         return cls(decisions=decisions, **data)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -6,6 +6,7 @@ They are what users pick by hand today, expressed as plans so that `none`, `full
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from remat_kit._core.graph import CostGraph, OpKind
@@ -32,6 +33,22 @@ def every_k(graph: CostGraph, k: int) -> Plan:
         graph,
         {graph.values[i].name: Decision.RECOMPUTE for i in graph.free_values if graph.values[i].block % k == 0},
         solver=f"every_{k}",
+    )
+
+
+def sqrt_n(graph: CostGraph, num_segments: int | None = None) -> Plan:
+    """Chen et al. (2016), "Training deep nets with sublinear memory cost": split the chain into
+    about √n segments (torch's `checkpoint_sequential`) and keep only the segment boundaries."""
+    n = graph.num_blocks
+    if num_segments is None:
+        num_segments = max(1, round(math.sqrt(n)))
+    if not isinstance(num_segments, int) or isinstance(num_segments, bool) or not 1 <= num_segments <= n:
+        raise ValueError(f"sqrt_n(num_segments={num_segments!r}): must be an int in [1, {n}] (the number of blocks).")
+    bounds = [round(k * n / num_segments) for k in range(num_segments + 1)]
+    segments = [graph.block_names[bounds[k]:bounds[k + 1]] for k in range(num_segments)]
+    merged = graph.regroup(segments)
+    return Plan.from_decisions(
+        merged, {merged.values[i].name: Decision.RECOMPUTE for i in merged.free_values}, solver=f"sqrt_n({num_segments})"
     )
 
 

@@ -96,6 +96,8 @@ def simulate(
 ) -> SimResult:
     """Simulate one training step under `plan` (None = no remat) and return its peak memory and cost."""
     device = device or DeviceSpec()
+    if isinstance(plan, Plan):
+        graph = plan.graph_for(graph)
     codes = decision_codes(graph, plan)
     peak, moment, kept_by_block, trace = _run(graph, codes, timeline)
     needed, recomputed = _needed_and_recomputed(graph, codes)

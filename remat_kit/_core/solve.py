@@ -181,19 +181,32 @@ def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool) -> 
     hi = max(o.kept_bytes for o in measured)
     min_local = min(o.local_peak for o in measured)
     if free and hi > lo:
+        # The block's program runs on its window (the block and its neighbours), which has the
+        # same local memory as the whole graph (see chain_dp.window) and is much smaller.
+        sub, offset, index_map = chain_dp.window(graph, blk)
+        back = {j: i for i, j in index_map.items()}
+        sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
+        sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
+        free_set = set(free)
         for step in range(1, NUM_CAPS):
             cap = lo + (hi - lo) * step // NUM_CAPS
+            # The cheapest plan under the cap; and if its local peak is above the least any
+            # option reaches, also the cheapest under both caps (it matters for the peak block).
             for local_limit in (None, min_local):
                 res = solve_milp(
-                    graph, limit=local_limit, rec_cost=costs.recompute,
-                    off_cost=costs.offload if offload else None, blocks=[blk], kept_cap=cap,
+                    sub, limit=local_limit, rec_cost=sub_rec, off_cost=sub_off if offload else None,
+                    blocks=[blk - offset], kept_cap=cap,
                 )
-                if res is not None:
-                    codes = {i: c for i, c in enumerate(_codes_from_milp(graph, res)) if i in set(free)}
-                    key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
-                    if key not in candidates:
-                        candidates[key] = f"selective (kept <= {format_bytes(cap)})"
-                        measured.append(_measure(graph, blk, codes, costs, candidates[key]))
+                if res is None:
+                    continue
+                codes = {back[j]: c for j, c in enumerate(_codes_from_milp(sub, res)) if back.get(j) in free_set}
+                key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
+                if key not in candidates:
+                    candidates[key] = f"selective (kept <= {format_bytes(cap)})"
+                    measured.append(_measure(graph, blk, codes, costs, candidates[key]))
+                option = next(o for o in measured if o.codes == key)
+                if option.local_peak <= min_local:
+                    break
     return _pareto(measured)
 
 
