@@ -164,3 +164,52 @@ def test_budget_one_is_no_remat():
     graph = rk.transformer_graph(num_layers=2, seq_len=128, batch=1, hidden=64, num_heads=2)
     plan = rk.solve(graph, 1.0)
     assert plan.num_recomputed_ops == 0 and plan.activation_fraction == 1.0
+
+
+@pytest.mark.parametrize("solver", ["dp", "milp"])
+def test_smaller_budget_never_gives_less_recompute(solver):
+    graph = rk.transformer_graph(num_layers=3, seq_len=256, batch=1, hidden=64, num_heads=4)
+    floor = rk.smallest_activation_bytes(graph) / rk.simulate(graph).activation_bytes
+    fractions = [f for f in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0) if f >= floor]
+    costs = [rk.solve(graph, f, solver=solver).predicted_recompute_seconds for f in fractions]
+    assert costs == sorted(costs, reverse=True)
+    assert costs[-1] == 0.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds)
+def test_monotone_on_random_graphs(seed):
+    graph = random_chain(seed)
+    previous = None
+    for frac in sorted(FRACTIONS, reverse=True):
+        try:
+            plan = rk.solve(graph, frac, solver="milp")
+        except rk.InfeasibleBudgetError:
+            break
+        key = (plan.predicted_recompute_seconds, plan.num_recomputed_ops)
+        assert previous is None or key >= previous
+        previous = key
+
+
+def test_auto_beats_megatron_at_megatron_memory():
+    """Paper check: a GPT layer with 5as/h = 80 (h=256, a=4, s=1024). At the memory Megatron's
+    selective recompute reaches, the solver's extra FLOPs are at most Megatron's."""
+    graph = rk.transformer_graph(num_layers=4, seq_len=1024, batch=1, hidden=256, num_heads=4)
+    assert 5 * 4 * 1024 // 256 == 80
+    megatron = rk.presets.megatron_selective(graph)
+    plan = rk.solve(graph, megatron.predicted_peak_bytes)
+    assert plan.predicted_peak_bytes <= megatron.predicted_peak_bytes
+    assert plan.predicted_recompute_flops <= megatron.predicted_recompute_flops
+    assert plan.predicted_recompute_seconds <= megatron.predicted_recompute_seconds
+
+
+@pytest.mark.parametrize("preset", ["full", "megatron_selective", "every_2", "dots", "sqrt_n"])
+def test_solver_no_worse_than_any_preset_that_fits(preset):
+    graph = rk.transformer_graph(num_layers=6, seq_len=512, batch=1, hidden=128, num_heads=4)
+    p = {
+        "full": rk.presets.full, "megatron_selective": rk.presets.megatron_selective,
+        "every_2": lambda g: rk.presets.every_k(g, 2), "sqrt_n": rk.presets.sqrt_n,
+        "dots": lambda g: rk.presets.save_only_kinds(g, ["matmul", "attention"]),
+    }[preset](graph)
+    plan = rk.solve(graph, p.predicted_peak_bytes)
+    assert plan.predicted_recompute_seconds <= p.predicted_recompute_seconds
