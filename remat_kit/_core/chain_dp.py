@@ -55,12 +55,12 @@ def measure_option(
         full[i] = c
     cost, num_ops = unit_cost(full)
     if windowed:
-        sub, offset, index_map = window(graph, block)
-        sub_codes = [_SAVE] * len(sub)
+        win = window(graph, block)
+        sub_codes = [_SAVE] * len(win.graph)
         for i, c in codes.items():
-            sub_codes[index_map[i]] = c
-        peak_of_block, kept_by_block = _block_peaks(sub, sub_codes, block - offset)
-        local = block - offset
+            sub_codes[win.index_map[i]] = c
+        peak_of_block, kept_by_block = _block_peaks(win.graph, sub_codes, block - win.offset, win.backward_bytes)
+        local = block - win.offset
     else:
         peak_of_block, kept_by_block = _block_peaks(graph, full, block)
         local = block
@@ -74,40 +74,43 @@ def measure_option(
     )
 
 
-def window(graph: CostGraph, block: int) -> tuple[CostGraph, int, dict[int, int]]:
-    """The blocks that touch `block` (what it reads, what reads it), as a graph of their own.
+@dataclasses.dataclass(frozen=True)
+class Window:
+    graph: CostGraph  # the blocks that touch one block, as a graph of their own
+    offset: int  # index of its first block in the whole graph
+    index_map: dict[int, int]  # whole-graph value index -> window index
+    backward_bytes: int  # gradient seeds of earlier outputs, alive in every backward moment
 
-    Activations of earlier blocks that the window reads become inputs (constants), later blocks
-    are dropped. Returns (graph, index of its first block in the original, original -> new index).
+
+def window(graph: CostGraph, block: int) -> Window:
+    """The blocks that touch `block` (what it reads, what reads it, what skips over it).
+
+    Activations of earlier blocks that the window reads become inputs (constants); later blocks
+    are dropped. The block's local memory is the same in its window as in the whole graph,
+    once the seeds of earlier outputs (`backward_bytes`) are added to its backward moments.
     """
     key = ("window", block)
     if key in graph._cache:
         return graph._cache[key]
     vals = graph.values
-    touched = {block}
+    lo_of, seeds_before = _window_index(graph)
+    touched = {block, lo_of[block]}
     for i in graph.block_members[block]:
         for d in (*vals[i].deps, *vals[i].bwd_reads):
             j = graph.index(d)
             if vals[j].is_activation:
                 touched.add(vals[j].block)
                 touched.update(vals[r].block for r in graph.bwd_readers[j])
-    # Earlier values whose gradient (or seed) is alive during this block: skip connections over
-    # it and outputs that receive a gradient.
-    for u in graph.activations:
-        if vals[u].block >= block:
-            break
-        readers = (*graph.consumers[u], *graph.bwd_readers[u])
-        if any(vals[c].block >= block for c in readers) or (graph.is_output[u] and graph.gets_grad[u]):
-            touched.add(vals[u].block)
-    lo = min(touched)
-    hi = block
-    for u in graph.activations:
-        if lo <= vals[u].block <= block:
+    lo, hi = min(touched), block
+    for b in range(lo, block + 1):
+        for u in graph.block_members[b]:
             hi = max([hi, *(vals[c].block for c in (*graph.consumers[u], *graph.bwd_readers[u]))])
+    inside = [i for b in range(lo, hi + 1) for i in graph.block_members[b]]
+    referenced = {graph.index(d) for i in inside for d in (*vals[i].deps, *vals[i].bwd_reads)}
+    chosen = sorted(set(inside) | referenced)
     keep, index_map, to_sink = [], {}, []
-    for i, v in enumerate(vals):
-        if v.is_activation and v.block > hi:
-            continue
+    for i in chosen:
+        v = vals[i]
         if v.is_activation and v.block < lo:
             v = dataclasses.replace(v, role=Role.INPUT, deps=(), bwd_reads=(), block=0)
         elif v.is_activation:
@@ -122,14 +125,37 @@ def window(graph: CostGraph, block: int) -> tuple[CostGraph, int, dict[int, int]
     if to_sink:
         keep.append(Value("__window_sink__", 0, deps=tuple(to_sink), block=hi - lo + 1))
         names.append("__window_sink__")
-    sub = CostGraph(keep, block_names=names)
-    graph._cache[key] = (sub, lo, index_map)
+    graph._cache[key] = Window(CostGraph(keep, block_names=names), lo, index_map, seeds_before[lo])
     return graph._cache[key]
 
 
-def _block_peaks(graph: CostGraph, codes: list[int], block: int) -> tuple[int, list[int]]:
+def _window_index(graph: CostGraph) -> tuple[list[int], list[int]]:
+    """Per block: the first block with a value that skips over it into a later block; and the
+    bytes of gradient seeds of outputs in the blocks before it."""
+    key = "window_index"
+    if key not in graph._cache:
+        vals = graph.values
+        lo_of = list(range(graph.num_blocks))
+        seeds = [0] * (graph.num_blocks + 1)
+        for u in graph.activations:
+            b = vals[u].block
+            last = max([b, *(vals[c].block for c in (*graph.consumers[u], *graph.bwd_readers[u]))])
+            for k in range(b + 2, last + 1):  # b + 1 reads it directly: already in its window
+                lo_of[k] = min(lo_of[k], b)
+            if graph.is_output[u] and graph.gets_grad[u]:
+                seeds[b + 1] += vals[u].num_bytes
+        for b in range(graph.num_blocks):
+            seeds[b + 1] += seeds[b]
+        graph._cache[key] = (lo_of, seeds)
+    return graph._cache[key]
+
+
+def _block_peaks(graph: CostGraph, codes: list[int], block: int, backward_bytes: int = 0) -> tuple[int, list[int]]:
     _, _, kept, trace = _run(graph, codes, True)
-    peak = max((mem for _, b, mem in trace if b == block), default=0)
+    peak = max(
+        (mem + (backward_bytes if label.startswith("backward") else 0) for label, b, mem in trace if b == block),
+        default=0,
+    )
     return peak, kept
 
 

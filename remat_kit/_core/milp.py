@@ -72,13 +72,15 @@ def solve_milp(
     off_cost: Sequence[int] | None = None,
     blocks: Sequence[int] | None = None,
     kept_cap: int | None = None,
+    backward_bytes: int = 0,
     time_limit: float = 60.0,
 ) -> MilpResult | None:
     """Least-cost decisions for the values of `blocks` (default all) keeping memory <= `limit`.
 
     With all blocks, `limit` bounds the simulator's activation peak. With a subset (one block,
     as the chain DP asks), memory is counted relative to the bytes the earlier blocks keep,
-    and `kept_cap` bounds the bytes the block itself keeps. Returns None when infeasible.
+    and `kept_cap` bounds the bytes the block itself keeps; `backward_bytes` is a constant alive in
+    every backward moment (gradient seeds of outputs outside a window). Returns None when infeasible.
     """
     blocks = tuple(range(graph.num_blocks)) if blocks is None else tuple(blocks)
     whole = len(blocks) == graph.num_blocks
@@ -118,7 +120,7 @@ def solve_milp(
     prefix_vars = _prefix_vars(b, whole)
     for blk in blocks:
         _forward_rows(b, blk, size, prefix_vars.get(blk), limit)
-        _backward_rows(b, blk, size, prefix_vars.get(blk), limit)
+        _backward_rows(b, blk, size, prefix_vars.get(blk), limit, backward_bytes)
     if kept_cap is not None:
         for blk in blocks:
             expr = {b.var[("s", i)]: float(size[i]) for i in graph.block_members[blk] if not graph.is_forced[i]}
@@ -236,7 +238,9 @@ def _pseudo_block(g: CostGraph, u: int) -> int:
     return min(later, default=own)
 
 
-def _backward_rows(b: _Builder, blk: int, size: list[int], prefix: int | None, limit: int | None) -> None:
+def _backward_rows(
+    b: _Builder, blk: int, size: list[int], prefix: int | None, limit: int | None, backward_bytes: int = 0
+) -> None:
     """Rows for the reload, recompute and backward moments of one block, relative to its prefix."""
     g = b.graph
     vals = g.values
@@ -274,7 +278,7 @@ def _backward_rows(b: _Builder, blk: int, size: list[int], prefix: int | None, l
     for m in range(num_moments):
         t_rc = members[m - 1] if 1 <= m <= n else None
         expr: dict[int, float] = {}
-        const = float(grads[m])
+        const = float(grads[m] + backward_bytes)
         for u, last, consumers, is_input, free_u in info:
             # Inputs are counted in the prefix; here only their release (alive - 1) shows.
             if is_input:

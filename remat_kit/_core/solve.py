@@ -183,8 +183,9 @@ def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool) -> 
     if free and hi > lo:
         # The block's program runs on its window (the block and its neighbours), which has the
         # same local memory as the whole graph (see chain_dp.window) and is much smaller.
-        sub, offset, index_map = chain_dp.window(graph, blk)
-        back = {j: i for i, j in index_map.items()}
+        win = chain_dp.window(graph, blk)
+        sub, offset = win.graph, win.offset
+        back = {j: i for i, j in win.index_map.items()}
         sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
         sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
         free_set = set(free)
@@ -195,7 +196,7 @@ def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool) -> 
             for local_limit in (None, min_local):
                 res = solve_milp(
                     sub, limit=local_limit, rec_cost=sub_rec, off_cost=sub_off if offload else None,
-                    blocks=[blk - offset], kept_cap=cap,
+                    blocks=[blk - offset], kept_cap=cap, backward_bytes=win.backward_bytes,
                 )
                 if res is None:
                     continue
