@@ -32,6 +32,16 @@ from remat_kit._core.solve import solve as solve
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `remat_kit.resume` needs orbax (and so jax): load it on first use, so that `import remat_kit`
+    # keeps working without them. It is left out of __all__ for the same reason.
+    if name == "resume":
+        import importlib
+
+        return importlib.import_module("remat_kit.resume")
+    raise AttributeError(f"module 'remat_kit' has no attribute {name!r}")
+
 __all__ = [
     "SOLVERS",
     "Budget",

@@ -12,7 +12,6 @@ training loop mutating tensors in place (torch optimizers do) while Orbax writes
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import zlib
@@ -67,6 +66,9 @@ class Encoder:
         self.arrays: dict[str, np.ndarray] = {}
 
     def encode(self, obj: Any, path: str = "state") -> dict[str, Any]:
+        if isinstance(obj, np.generic) and not isinstance(obj, (np.str_, np.bytes_)):
+            # before the float check: np.float64 subclasses float, and must come back as np.float64
+            return self._array(np.array(obj, copy=True), path, {"kind": "numpy_scalar"})
         if obj is None or isinstance(obj, (bool, int, str)):
             return {"t": "json", "v": obj}
         if isinstance(obj, float):
@@ -103,9 +105,8 @@ class Encoder:
             }
         if _jax() is not None and (_is_jax_array(obj) or isinstance(obj, _jax().ShapeDtypeStruct)):
             return self._jax_leaf(obj, path)
-        if isinstance(obj, (np.ndarray, np.generic)):
-            kind = "numpy" if isinstance(obj, np.ndarray) else "numpy_scalar"
-            return self._array(np.array(obj, copy=True), path, {"kind": kind})
+        if isinstance(obj, np.ndarray):
+            return self._array(np.array(obj, copy=True), path, {"kind": "numpy"})
         if _torch_arrays.is_tensor(obj):
             host, extra = _torch_arrays.to_numpy(obj, path)
             return self._array(host, path, extra)
@@ -139,6 +140,11 @@ class Encoder:
         return self._array(np.asarray(obj).copy(), path, {"kind": "jax"})
 
     def _array(self, host: np.ndarray, path: str, extra: dict[str, Any]) -> dict[str, Any]:
+        if host.dtype.kind in "OUSMm":
+            raise TypeError(
+                f"{path} is an array of dtype {host.dtype}; only numeric and bool arrays can be saved "
+                "(strings, objects and datetimes cannot). Store strings as a list of str."
+            )
         node = {"t": "array", "dtype": host.dtype.name, "shape": list(host.shape), **extra}
         if host.size == 0:
             node["key"] = None

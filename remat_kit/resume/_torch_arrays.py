@@ -94,7 +94,8 @@ def from_numpy(array: np.ndarray, node: dict[str, Any], template: Any = None) ->
 
     name = node["torch_dtype"]
     if name in _VIEW_DTYPES:
-        host = torch.from_numpy(np.ascontiguousarray(array).view(_VIEW_DTYPES[name]).copy())
+        # not np.ascontiguousarray: it turns 0-d arrays into 1-d ones
+        host = torch.from_numpy(np.array(array, copy=True, order="C").view(_VIEW_DTYPES[name]))
         host = host.view(getattr(torch, name))
     else:
         host = torch.from_numpy(np.array(array, copy=True))

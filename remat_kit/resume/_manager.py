@@ -1,0 +1,405 @@
+"""`Resumable`: save and resume a training state with Orbax doing storage, commit and async I/O.
+
+Safety contract (Orbax's, kept): one process writes a directory; not thread-safe. A save is
+visible only once committed (Orbax writes a temporary directory and renames it). On top:
+
+* the newest *sealed* step (committed, its files recorded, verified when `verify=True`) is
+  never deleted by retention, so a new save cannot remove the last good checkpoint first;
+* `restore_latest` checks each step (manifest, then a full read with CRC32 per array) and falls
+  back to the newest good one, moving corrupt steps to `DIR/.corrupt/` with a warning;
+* an async save that failed raises `AsyncSaveError` at the next call (save, restore, wait,
+  close), never only in a log.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import operator
+import os
+import platform
+import warnings
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from remat_kit.resume import _codec, _decode, _inspect
+from remat_kit.resume._errors import AsyncSaveError, CorruptCheckpointError, CorruptCheckpointWarning, ResumeError
+from remat_kit.resume._retention import StepRecord, preservation_policy
+
+log = logging.getLogger("remat_kit.resume")
+
+
+def _check_directory(directory: Any) -> Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory={directory!r} must be a str or os.PathLike path to a directory.")
+    path = Path(directory).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"directory={str(directory)!r} is a file, not a directory; checkpoints are step "
+            "subdirectories. Pass a directory path (it is created if missing)."
+        )
+    return path
+
+
+def _positive_int(name: str, value: Any, *, allow_none: bool) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "None or an int >= 1" if allow_none else "an int >= 1"
+        raise ValueError(f"{name}={value!r} is not allowed; pass {allowed}.")
+    return value
+
+
+def _check_keep_best(keep_best: Any) -> tuple[str, str] | None:
+    if keep_best is None:
+        return None
+    if (not isinstance(keep_best, (tuple, list)) or len(keep_best) != 2 or not isinstance(keep_best[0], str)
+            or keep_best[1] not in ("min", "max")):
+        raise ValueError(
+            f"keep_best={keep_best!r} is not allowed; pass (metric_name, 'min' | 'max'), "
+            "e.g. keep_best=('val_loss', 'min'), or None."
+        )
+    return keep_best[0], keep_best[1]
+
+
+def _check_metrics(metrics: Any) -> dict[str, float | int] | None:
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics={metrics!r} must be a dict of metric name -> number, or None.")
+    clean = {}
+    for name, value in metrics.items():
+        if hasattr(value, "item") and not isinstance(value, (int, float)):
+            try:
+                value = value.item()  # one-element numpy / jax / torch values
+            except (ValueError, RuntimeError):
+                pass  # more than one element: rejected below
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"metrics[{name!r}]={value!r}: metric names must be str, values numbers.")
+        clean[name] = value
+    return clean
+
+
+def _versions() -> dict[str, str]:
+    import sys
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for module, dist in (("jax", "jax"), ("torch", "torch"), ("numpy", "numpy"), ("orbax", "orbax-checkpoint"),
+                         ("flax", "flax"), ("remat_kit", "remat_kit")):
+        if module in sys.modules or module in ("numpy", "orbax"):
+            try:
+                versions[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass
+    return versions
+
+
+def read_step(step_dir: Path, step: int, template: Any = _decode._NO_TEMPLATE) -> Any:
+    """Reads one committed step directory; raises CorruptCheckpointError naming what is wrong."""
+    foreign = _inspect.foreign_reason(step_dir)
+    if foreign:
+        raise ResumeError(f"step {step} in {step_dir.parent} is {foreign}; it is left untouched. Use a new "
+                          "directory for remat_kit.resume, or read it with orbax.checkpoint directly.")
+    reason = _inspect.quick_check(step_dir)
+    if reason:
+        raise CorruptCheckpointError(step, reason)
+    meta = _inspect.read_meta(step_dir)
+    arrays: Mapping[str, Any] = {}
+    if meta["num_arrays"]:
+        keys = [f"{_codec._ARRAY_PREFIX}{i}" for i in range(meta["num_arrays"])]
+        restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in keys}
+        try:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                arrays = checkpointer.restore(step_dir / _inspect.ARRAYS_ITEM,
+                                              args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        except Exception as error:  # tensorstore/Orbax errors on truncated or missing data
+            first_line = (str(error).splitlines() or [""])[0][:300]
+            raise CorruptCheckpointError(step, f"Orbax could not read the arrays ({type(error).__name__}: "
+                                               f"{first_line})") from error
+    try:
+        return _decode.decode(meta["spec"], arrays, template, step=step)
+    except (KeyError, IndexError, TypeError, AttributeError) as error:  # valid JSON, wrong content
+        raise CorruptCheckpointError(step, f"{_inspect.META_ITEM}/metadata holds a malformed spec ({error!r})") from error
+
+
+class Resumable:
+    """Saves numbered steps of a training state under `directory` and resumes from the newest good one.
+
+    Args:
+      directory: where step subdirectories go; created if missing.
+      keep: how many of the newest steps to keep (older ones are deleted after a newer save commits).
+      keep_best: `(metric, "min" | "max")`: also never delete the step with the best value of
+        `metrics[metric]` passed to `save`.
+      save_every: `save(step, ...)` writes only when `step % save_every == 0` (or `force=True`).
+      async_save: write in a background thread; `save` returns once arrays are copied to host.
+      verify: after each save, wait for it, read it back and compare every array's CRC32.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3, keep_best: tuple[str, str] | None = None,
+                 save_every: int | None = None, async_save: bool = True, verify: bool = False) -> None:
+        self.directory = _check_directory(directory)
+        self.keep = _positive_int("keep", keep, allow_none=False)
+        self.keep_best = _check_keep_best(keep_best)
+        self.save_every = _positive_int("save_every", save_every, allow_none=True)
+        self.async_save = bool(async_save)
+        self.verify = bool(verify)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _, torn = _inspect.step_dirs(self.directory)
+        for step, paths in sorted(torn.items()):
+            log.warning("found an incomplete save of step %d (interrupted before commit); removing %s",
+                        step, ", ".join(p.name for p in paths))
+        _inspect.empty_trash(self.directory)
+        self._policy = preservation_policy(self.directory, self.keep, self.keep_best)
+        self._manager = self._new_manager()
+        self._unsealed: list[int] = []
+        self._closed = False
+        # Interpreter exit would otherwise drop a save still in flight.
+        self._atexit = weakref.finalize(self, Resumable._wait_at_exit, weakref.ref(self))
+
+    def _new_manager(self) -> ocp.CheckpointManager:
+        metric = self.keep_best[0] if self.keep_best else None
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=self.async_save,
+            cleanup_tmp_directories=True,
+            # Deleting = one rename into the trash, then rmtree: a kill mid-delete never leaves a
+            # half-deleted step that looks like a checkpoint.
+            todelete_subdir=_inspect.TRASH_DIR,
+            # best_fn makes Orbax store metrics with each step; retention is ours (see _retention).
+            best_fn=(lambda m: m[metric]) if metric else None,
+            best_mode=self.keep_best[1] if self.keep_best else "max",
+            preservation_policy=self._policy,
+        )
+        return ocp.CheckpointManager(self.directory, options=options,
+                                     item_names=(_inspect.ARRAYS_ITEM, _inspect.META_ITEM))
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, oldest first (a step being written asynchronously is included)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None. `restore_latest` may fall back from a corrupt one."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The step with the best `keep_best` metric among committed steps, or None."""
+        self.wait()
+        infos = [i for i in _inspect.scan(self.directory) if i.status == "complete"]
+        return _inspect.best_step(infos, self.keep_best)
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        """What was saved with `step` besides the state: metrics, metadata, versions, time."""
+        self._require_step(step)
+        self.wait()
+        meta = _inspect.read_meta(self.directory / str(step))
+        return {k: v for k, v in meta.items() if k != "spec"}
+
+    # -- save ------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, *, metrics: Mapping[str, float] | None = None,
+             metadata: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+        """Saves `state` as `step`; returns False when skipped by `save_every` or already saved.
+
+        `state` may hold JAX pytrees, numpy arrays, torch tensors, objects with `state_dict()`
+        (modules, optimizers, schedulers) or `get_state()` (iterators, `GlobalRNG`), and JSON
+        scalars. `metadata` must be JSON-serializable (config, notes).
+        """
+        self._check_open()
+        step = self._check_step(step)
+        metrics = _check_metrics(metrics)
+        if metadata is not None:
+            try:
+                json.dumps(dict(metadata))
+            except (TypeError, ValueError) as error:
+                raise TypeError(f"metadata={metadata!r} must be a JSON-serializable dict (str keys; dict, list, "
+                                f"str, number, bool, None values): {error}") from error
+        if not force and self.save_every is not None and step % self.save_every:
+            return False
+        latest = self.latest_step()  # includes a step still being written
+        if latest is not None and step <= latest:
+            if step == latest:
+                return False  # e.g. a preemption save right after the periodic save of the same step
+            raise ValueError(
+                f"step={step} is older than the latest saved step {latest} in {self.directory}; steps must "
+                f"increase. To continue from step {step}, delete newer steps with delete(step) or use a new directory."
+            )
+        arrays, spec = _codec.encode(state)  # host copies: overlaps the previous async write
+        self._finish_pending()
+        meta = {"format": _inspect.FORMAT, "step": step, "spec": spec, "num_arrays": len(arrays),
+                "metrics": metrics, "metadata": dict(metadata) if metadata is not None else None,
+                "keep_best": list(self.keep_best) if self.keep_best else None, "versions": _versions(),
+                "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        orbax_metrics = metrics if self.keep_best and metrics and self.keep_best[0] in metrics else None
+        if orbax_metrics is not None and not math.isfinite(orbax_metrics[self.keep_best[0]]):
+            orbax_metrics = None  # a NaN loss must not rank as best
+        items = {_inspect.META_ITEM: ocp.args.JsonSave(meta)}
+        if arrays:  # Orbax rejects an empty PyTree item ("Found empty item")
+            items[_inspect.ARRAYS_ITEM] = ocp.args.PyTreeSave(arrays)
+        args = ocp.args.Composite(**items)
+        self._manager.save(step, args=args, metrics=orbax_metrics, force=True)
+        self._unsealed.append(step)
+        if not self.async_save or self.verify:
+            self._finish_pending()
+        return True
+
+    def wait(self) -> None:
+        """Blocks until an async save is committed; raises AsyncSaveError if it failed."""
+        if not self._closed:
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as error:
+            failed = list(self._unsealed)
+            self._unsealed.clear()
+            # Orbax re-raises a failed finalize at every later call; a fresh manager reports the
+            # failure once and lets the caller decide (retry, or stop), with earlier steps intact.
+            try:
+                self._manager.close()
+            except Exception:
+                pass
+            self._manager = self._new_manager()
+            raise AsyncSaveError(f"saving step(s) {failed} to {self.directory} failed: {error!r}") from error
+        _inspect.empty_trash(self.directory)
+        while self._unsealed:
+            step = self._unsealed.pop(0)
+            step_dir = self.directory / str(step)
+            if not step_dir.is_dir():
+                continue
+            if self.verify:
+                self._verify(step)
+            _inspect.seal(step_dir)
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        # Orbax applies the policy when a save starts, before the new step is sealed, so the
+        # previous good step survives that round (as it must); drop it once the new one is sealed.
+        steps = self.all_steps()
+        infos = [StepRecord(
+            step=s, time=datetime.datetime.now(datetime.timezone.utc),
+            metrics=self._manager.metrics(s) if self.keep_best else None) for s in steps]
+        preserve = self._policy.should_preserve(infos, context=checkpoint_managers.PreservationContext())
+        for step, keep in zip(steps, preserve):
+            if not keep:
+                self._manager.delete(step)
+        _inspect.empty_trash(self.directory)
+
+    def _verify(self, step: int) -> None:
+        try:
+            self._read(step, _decode._NO_TEMPLATE)
+        except CorruptCheckpointError as error:
+            raise ResumeError(f"verify=True: step {step} did not read back identical: {error.reason}") from error
+
+    # -- restore ---------------------------------------------------------------------------
+
+    def restore(self, step: int, template: Any = None) -> Any:
+        """The state saved at `step`, shaped like `template` (objects in it are loaded in place)."""
+        self._check_open()
+        step = self._check_step(step)
+        self._finish_pending()
+        self._require_step(step)
+        return self._read(step, _decode._NO_TEMPLATE if template is None else template)
+
+    def restore_latest(self, template: Any = None) -> tuple[int, Any] | None:
+        """`(step, state)` of the newest good checkpoint, or None when there is nothing to resume.
+
+        Corrupt steps (torn, truncated, deleted files, CRC32 mismatch) are skipped with a
+        CorruptCheckpointWarning and moved to DIR/.corrupt/, so saving can continue past them.
+        """
+        self._check_open()
+        self._finish_pending()
+        for step in reversed(self.all_steps()):
+            try:
+                return step, self._read(step, _decode._NO_TEMPLATE if template is None else template)
+            except CorruptCheckpointError as error:
+                # Moved aside, not left in place: Orbax would refuse new saves at steps <= it.
+                moved = _inspect.quarantine(self.directory / str(step))
+                self._manager.reload()
+                where = f"Moved it to {moved}" if moved else "It is gone from disk"
+                warnings.warn(f"{error} {where}; falling back to an older step.", CorruptCheckpointWarning,
+                              stacklevel=2)
+        return None
+
+    def _read(self, step: int, template: Any) -> Any:
+        return read_step(self.directory / str(step), step, template)
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def delete(self, step: int) -> None:
+        """Deletes a saved step."""
+        self._check_open()
+        step = self._check_step(step)
+        self._finish_pending()
+        self._require_step(step)
+        self._manager.delete(step)
+
+    def close(self) -> None:
+        """Waits for a pending save (raising its error) and releases Orbax's threads."""
+        if self._closed:
+            return
+        try:
+            self._finish_pending()
+        finally:
+            self._closed = True
+            self._atexit.detach()
+            self._manager.close()
+
+    def __enter__(self) -> Resumable:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the body already failed: still commit what is in flight, report without masking
+            self.close()
+        except Exception:
+            log.exception("while closing %s after an error", self.directory)
+
+    def __repr__(self) -> str:
+        return (f"Resumable({str(self.directory)!r}, keep={self.keep}, keep_best={self.keep_best}, "
+                f"save_every={self.save_every}, async_save={self.async_save}, verify={self.verify})")
+
+    @staticmethod
+    def _wait_at_exit(ref: weakref.ref) -> None:
+        self = ref()
+        if self is not None and not self._closed:
+            try:
+                self.close()
+            except Exception:
+                log.exception("the last async save to %s failed at interpreter exit", self.directory)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ResumeError(f"{self!r} is closed; create a new Resumable to save or restore.")
+
+    @staticmethod
+    def _check_step(step: Any) -> int:
+        try:
+            value = operator.index(step)
+        except TypeError:
+            value = None
+        if value is None or isinstance(step, bool) or value < 0:
+            raise ValueError(f"step={step!r} is not allowed; pass an int >= 0 (e.g. the training step).")
+        return value
+
+    def _require_step(self, step: int) -> None:
+        steps = self.all_steps()
+        if step not in steps:
+            raise ValueError(
+                f"step={step} does not exist in {self.directory}; saved steps: {steps or 'none'}. "
+                "Use latest_step() or all_steps() to pick one."
+            )
