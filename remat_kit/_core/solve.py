@@ -189,24 +189,34 @@ def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool) -> 
         sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
         sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
         free_set = set(free)
-        for step in range(1, NUM_CAPS):
+
+        def solve_block(cap: int, local_limit: int | None) -> chain_dp.BlockOption | None:
+            res = solve_milp(
+                sub, limit=local_limit, rec_cost=sub_rec, off_cost=sub_off if offload else None,
+                blocks=[blk - offset], kept_cap=cap, backward_bytes=win.backward_bytes,
+            )
+            if res is None:
+                return None
+            codes = {back[j]: c for j, c in enumerate(_codes_from_milp(sub, res)) if back.get(j) in free_set}
+            key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
+            if key not in candidates:
+                candidates[key] = f"selective (kept <= {format_bytes(cap)})"
+                measured.append(_measure(graph, blk, codes, costs, candidates[key]))
+            return next(o for o in measured if o.codes == key)
+
+        # Caps from loose to tight. The optimum under a looser cap that also fits a tighter one is
+        # the optimum there too, so it is reused instead of solved again. Under each cap: the
+        # cheapest plan, and if its local peak is above the least any option reaches, also the
+        # cheapest under both caps (that matters for the block where the peak is).
+        last: dict[int | None, chain_dp.BlockOption | None] = {}
+        for step in reversed(range(1, NUM_CAPS)):
             cap = lo + (hi - lo) * step // NUM_CAPS
-            # The cheapest plan under the cap; and if its local peak is above the least any
-            # option reaches, also the cheapest under both caps (it matters for the peak block).
             for local_limit in (None, min_local):
-                res = solve_milp(
-                    sub, limit=local_limit, rec_cost=sub_rec, off_cost=sub_off if offload else None,
-                    blocks=[blk - offset], kept_cap=cap, backward_bytes=win.backward_bytes,
-                )
-                if res is None:
-                    continue
-                codes = {back[j]: c for j, c in enumerate(_codes_from_milp(sub, res)) if back.get(j) in free_set}
-                key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
-                if key not in candidates:
-                    candidates[key] = f"selective (kept <= {format_bytes(cap)})"
-                    measured.append(_measure(graph, blk, codes, costs, candidates[key]))
-                option = next(o for o in measured if o.codes == key)
-                if option.local_peak <= min_local:
+                if local_limit in last and (last[local_limit] is None or last[local_limit].kept_bytes <= cap):
+                    option = last[local_limit]  # infeasible stays infeasible; a fitting optimum stays optimal
+                else:
+                    option = last[local_limit] = solve_block(cap, local_limit)
+                if option is not None and option.local_peak <= min_local:
                     break
     return _pareto(measured)
 
