@@ -17,6 +17,7 @@ and non-reentrant torch checkpoint run it).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -123,8 +124,7 @@ def solve_milp(
         _backward_rows(b, blk, size, prefix_vars.get(blk), limit, backward_bytes)
     if kept_cap is not None:
         for blk in blocks:
-            expr = {b.var[("s", i)]: float(size[i]) for i in graph.block_members[blk] if not graph.is_forced[i]}
-            const = sum(size[i] for i in graph.block_members[blk] if graph.is_forced[i])
+            expr, const = _kept_expr(b, blk, size)
             b.add(expr, hi=kept_cap - const)
 
     cost = np.concatenate([cost, np.zeros(b.num_vars - len(cost))])
@@ -154,6 +154,13 @@ def solve_milp(
     )
     if res.x is None:
         return None
+    if res.status != 0:  # stopped by the time limit with an incumbent: feasible, maybe not optimal
+        warnings.warn(
+            f"solve_milp: HiGHS stopped after {time_limit} s ({res.message}); the plan fits the limit but "
+            "may not be the least-recompute one. Use solver='dp' for large graphs.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     x = np.round(res.x).astype(int)
     keep = frozenset(i for i in free if x[b.var[("s", i)]])
     off = frozenset(i for i in free if b.allow_offload and x[b.var[("o", i)]] and i not in keep)
@@ -191,7 +198,7 @@ def _prefix_vars(b: _Builder, whole: bool) -> dict[int, int]:
         out[blk] = p
         row = {p: 1.0}
         if prev is not None:
-            expr, const = _kept_expr(b, blk - 1, size=[v.num_bytes for v in g.values])
+            expr, const = _kept_expr(b, blk - 1, [v.num_bytes for v in g.values])
             _add(row, out[prev], -1.0)
             for j, c in expr.items():
                 _add(row, j, -c)

@@ -10,6 +10,7 @@ primitive (`while`, `cond`, `shard_map`), which is opaque to the planner.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -119,8 +120,12 @@ def op_names(fn: FlatFn) -> list[str]:
 def bind(op: Op, invals: Sequence[Any]) -> list[Any]:
     """Run one op's original equation on new operands (as `jax.core.eval_jaxpr` does)."""
     eqn = op.eqn
-    subfuns, params = eqn.primitive.get_bind_params(eqn.params)
-    out = eqn.primitive.bind(*subfuns, *invals, **params)
+    bound = eqn.primitive.get_bind_params(eqn.params)
+    # jax < 0.7 returned (subfuns, params); newer releases return the params alone.
+    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+    ctx = getattr(eqn, "ctx", None)
+    with ctx.manager if ctx is not None else contextlib.nullcontext():
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
