@@ -34,6 +34,7 @@ class BlockOption:
     local_peak: int  # L: its peak above the bytes earlier blocks keep
     cost: int  # integer cost units (picoseconds of roofline time)
     num_ops: int
+    span: int = 1  # blocks it covers: > 1 is a segment of blocks checkpointed as one (rotor, √n)
 
 
 def measure_option(
@@ -43,26 +44,33 @@ def measure_option(
     unit_cost: Callable[[list[int]], tuple[int, int]],
     label: str,
     *,
+    last: int | None = None,
     windowed: bool = True,
 ) -> BlockOption:
-    """K and L of one block option, read off the simulator with every other block kept.
+    """K and L of one block option (or of blocks block..last merged into one segment), read off
+    the simulator with every other block kept.
 
     By the decomposition, only the block and its neighbours matter; `windowed` simulates just
     them (the same numbers, tested, at a fraction of the cost on long chains).
     """
+    last = block if last is None else last
     full = [_SAVE] * len(graph)
     for i, c in codes.items():
         full[i] = c
     cost, num_ops = unit_cost(full)
     if windowed:
-        win = window(graph, block)
+        win = window(graph, block, last)
         sub_codes = [_SAVE] * len(win.graph)
         for i, c in codes.items():
             sub_codes[win.index_map[i]] = c
-        peak_of_block, kept_by_block = _block_peaks(win.graph, sub_codes, block - win.offset, win.backward_bytes)
         local = block - win.offset
+        peak_of_block, kept_by_block = _block_peaks(win.graph, sub_codes, local, win.backward_bytes)
     else:
-        peak_of_block, kept_by_block = _block_peaks(graph, full, block)
+        merged = graph if last == block else graph.regroup(
+            [[n] for n in graph.block_names[:block]] + [list(graph.block_names[block:last + 1])]
+            + [[n] for n in graph.block_names[last + 1:]]
+        )
+        peak_of_block, kept_by_block = _block_peaks(merged, full, block)
         local = block
     return BlockOption(
         label=label,
@@ -71,6 +79,7 @@ def measure_option(
         local_peak=peak_of_block - sum(kept_by_block[:local]),
         cost=cost,
         num_ops=num_ops,
+        span=last - block + 1,
     )
 
 
@@ -82,27 +91,29 @@ class Window:
     backward_bytes: int  # gradient seeds of earlier outputs, alive in every backward moment
 
 
-def window(graph: CostGraph, block: int) -> Window:
-    """The blocks that touch `block` (what it reads, what reads it, what skips over it).
+def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
+    """The blocks that touch `block` (what it reads, what reads it, what skips over it); with
+    `last`, blocks block..last merged into one segment and the blocks that touch any of them.
 
     Activations of earlier blocks that the window reads become inputs (constants); later blocks
     are dropped. The block's local memory is the same in its window as in the whole graph,
     once the seeds of earlier outputs (`backward_bytes`) are added to its backward moments.
     """
-    key = ("window", block)
+    last = block if last is None else last
+    key = ("window", block, last)
     if key in graph._cache:
         return graph._cache[key]
     vals = graph.values
     lo_of, seeds_before = _window_index(graph)
-    touched = {block, lo_of[block]}
-    for i in graph.block_members[block]:
+    touched = {block, last, *(lo_of[b] for b in range(block, last + 1))}
+    for i in (i for b in range(block, last + 1) for i in graph.block_members[b]):
         for d in (*vals[i].deps, *vals[i].bwd_reads):
             j = graph.index(d)
             if vals[j].is_activation:
                 touched.add(vals[j].block)
                 touched.update(vals[r].block for r in graph.bwd_readers[j])
-    lo, hi = min(touched), block
-    for b in range(lo, block + 1):
+    lo, hi = min(touched), last
+    for b in range(lo, last + 1):
         for u in graph.block_members[b]:
             hi = max([hi, *(vals[c].block for c in (*graph.consumers[u], *graph.bwd_readers[u]))])
     inside = [i for b in range(lo, hi + 1) for i in graph.block_members[b]]
@@ -116,14 +127,15 @@ def window(graph: CostGraph, block: int) -> Window:
         elif v.is_activation:
             # Gradients flow as in the whole graph: what gets none there gets none here, and what
             # gets one from beyond the window gets it from a zero-byte sink in a block of its own.
-            v = dataclasses.replace(v, block=v.block - lo, requires_grad=graph.gets_grad[i])
+            merged = min(v.block, block) if v.block <= last else v.block - (last - block)
+            v = dataclasses.replace(v, block=merged - lo, requires_grad=graph.gets_grad[i])
             if graph.gets_grad[i] and any(vals[c].block > hi and graph.gets_grad[c] for c in graph.consumers[i]):
                 to_sink.append(v.name)
         index_map[i] = len(keep)
         keep.append(v)
-    names = list(graph.block_names[lo:hi + 1])
+    names = [*graph.block_names[lo:block], "+".join(graph.block_names[block:last + 1]), *graph.block_names[last + 1:hi + 1]]
     if to_sink:
-        keep.append(Value("__window_sink__", 0, deps=tuple(to_sink), block=hi - lo + 1))
+        keep.append(Value("__window_sink__", 0, deps=tuple(to_sink), block=len(names)))
         names.append("__window_sink__")
     graph._cache[key] = Window(CostGraph(keep, block_names=names), lo, index_map, seeds_before[lo])
     return graph._cache[key]
@@ -159,72 +171,93 @@ def _block_peaks(graph: CostGraph, codes: list[int], block: int, backward_bytes:
     return peak, kept
 
 
-def solve_chain(options: Sequence[Sequence[BlockOption]], limit: int) -> tuple[list[int], int, int, int] | None:
-    """Least (cost, num_ops) choice of one option per block with max_b (P_b + L_b) <= limit.
+def solve_chain(options: Sequence[Sequence[BlockOption]], limit: int) -> tuple[list[tuple[int, int]], int, int, int] | None:
+    """Least (cost, num_ops) path of options over the chain with max_b (P_b + L_b) <= limit.
 
-    Returns (option index per block, cost, num_ops, predicted peak) or None when nothing fits.
-    States are kept bytes P with their best (cost, ops); a state with more kept bytes and no
-    better (cost, ops) than another can never win and is pruned. Vectorized with numpy.
+    `options[b]` are the options starting at block b (a segment option covers `span` blocks).
+    Returns ([(start block, option index), ...], cost, num_ops, predicted peak) or None when
+    nothing fits. States at each block boundary are kept bytes P with their best (cost, ops); a
+    state with more kept bytes and no better (cost, ops) than another can never win and is
+    pruned. Vectorized with numpy.
     """
-    num_ops_bound = sum(max(o.num_ops for o in menu) for menu in options) + 1
-    max_cost = sum(max(o.cost for o in menu) for menu in options)
-    if max_cost * num_ops_bound >= 2**62:
-        raise OverflowError("chain DP: recompute costs too large for int64 keys; coarsen DeviceSpec units.")
-    p = np.zeros(1, dtype=np.int64)
-    key = np.zeros(1, dtype=np.int64)  # cost * num_ops_bound + ops: lexicographic (cost, ops)
-    peak = np.zeros(1, dtype=np.int64)
-    back: list[tuple[np.ndarray, np.ndarray]] = []
-    for menu in options:
-        cand_p, cand_key, cand_peak, cand_parent, cand_k = [], [], [], [], []
-        for k, o in enumerate(menu):
-            ok = np.nonzero(p + o.local_peak <= limit)[0]
-            if ok.size == 0:
-                continue
-            cand_p.append(p[ok] + o.kept_bytes)
-            cand_key.append(key[ok] + (o.cost * num_ops_bound + o.num_ops))
-            cand_peak.append(np.maximum(peak[ok], p[ok] + o.local_peak))
-            cand_parent.append(ok)
-            cand_k.append(np.full(ok.size, k))
-        if not cand_p:
-            return None
-        p, key, peak = np.concatenate(cand_p), np.concatenate(cand_key), np.concatenate(cand_peak)
-        parent, ks = np.concatenate(cand_parent), np.concatenate(cand_k)
-        order = np.lexsort((peak, key, p))
-        p, key, peak, parent, ks = p[order], key[order], peak[order], parent[order], ks[order]
-        running = np.minimum.accumulate(key)
+    num_blocks = len(options)
+    zero = np.zeros(1, dtype=np.int64)
+    # Columns: kept bytes, cost, ops, peak so far, parent block, parent state, option index.
+    pending: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(num_blocks + 1)]
+    pending[0].append((zero, zero, zero, zero, zero - 1, zero - 1, zero - 1))
+    back: list[tuple[np.ndarray, ...] | None] = [None] * (num_blocks + 1)
+    for pos in range(num_blocks + 1):
+        if not pending[pos]:
+            continue
+        cols = [np.concatenate(col) for col in zip(*pending[pos])]
+        pending[pos] = []
+        p, cost, ops, peak = cols[:4]
+        cols = [c[np.lexsort((peak, ops, cost, p))] for c in cols]
+        p, cost, ops, peak = cols[:4]
+        # Dense lexicographic rank of (cost, ops), so the running minimum needs no combined key.
+        rank = _dense_rank(cost, ops)
+        running = np.minimum.accumulate(rank)
         keep = np.ones(p.size, dtype=bool)
-        keep[1:] = key[1:] < running[:-1]
-        p, key, peak, parent, ks = p[keep], key[keep], peak[keep], parent[keep], ks[keep]
+        keep[1:] = rank[1:] < running[:-1]
+        cols = [c[keep] for c in cols]
+        p, cost, ops, peak = cols[:4]
         if p.size > MAX_STATES:
             raise RuntimeError(
-                f"chain DP: {p.size} states in one block (max {MAX_STATES}); the blocks are too "
+                f"chain DP: {p.size} states at block {pos} (max {MAX_STATES}); the blocks are too "
                 "heterogeneous for the exact DP. Use solver='greedy', or coarser blocks."
             )
-        back.append((parent, ks))
-    best = int(np.argmin(key))
-    choice = []
-    idx = best
-    for parent, ks in reversed(back):
-        choice.append(int(ks[idx]))
-        idx = int(parent[idx])
-    total = int(key[best])
-    return choice[::-1], total // num_ops_bound, total % num_ops_bound, int(peak[best])
+        back[pos] = tuple(cols[4:])
+        if pos == num_blocks:
+            break
+        for k, o in enumerate(options[pos]):
+            ok = np.nonzero(p + o.local_peak <= limit)[0]
+            if ok.size and pos + o.span <= num_blocks:
+                pending[pos + o.span].append((
+                    p[ok] + o.kept_bytes, cost[ok] + o.cost, ops[ok] + o.num_ops,
+                    np.maximum(peak[ok], p[ok] + o.local_peak), np.full(ok.size, pos), ok, np.full(ok.size, k),
+                ))
+    if back[num_blocks] is None:
+        return None
+    best = int(np.lexsort((ops, cost))[0])
+    result = (int(cost[best]), int(ops[best]), int(peak[best]))
+    path, pos, idx = [], num_blocks, best
+    while pos > 0:
+        parent_pos, parent, ks = back[pos]
+        path.append((int(parent_pos[idx]), int(ks[idx])))
+        pos, idx = int(parent_pos[idx]), int(parent[idx])
+    return (path[::-1], *result)
+
+
+def _dense_rank(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
+    """Rank of each (major, minor) pair in lexicographic order; equal pairs share a rank."""
+    order = np.lexsort((minor, major))
+    a, b = major[order], minor[order]
+    new = np.ones(a.size, dtype=np.int64)
+    new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    rank = np.empty(a.size, dtype=np.int64)
+    rank[order] = np.cumsum(new)
+    return rank
 
 
 def min_peak(options: Sequence[Sequence[BlockOption]]) -> int:
-    """The smallest peak any choice of options reaches (min over choices of max_b P_b + L_b)."""
-    p = np.zeros(1, dtype=np.int64)
-    peak = np.zeros(1, dtype=np.int64)
-    for menu in options:
-        new_p = np.concatenate([p + o.kept_bytes for o in menu])
-        new_peak = np.concatenate([np.maximum(peak, p + o.local_peak) for o in menu])
-        order = np.lexsort((new_peak, new_p))
-        new_p, new_peak = new_p[order], new_peak[order]
-        running = np.minimum.accumulate(new_peak)
-        keep = np.ones(new_p.size, dtype=bool)
-        keep[1:] = new_peak[1:] < running[:-1]
-        p, peak = new_p[keep], new_peak[keep]
-    return int(peak.min())
+    """The smallest peak any path of options reaches (min over paths of max_b P_b + L_b)."""
+    num_blocks = len(options)
+    pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(num_blocks + 1)]
+    pending[0].append((np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)))
+    for pos in range(num_blocks + 1):
+        p, peak = (np.concatenate(col) for col in zip(*pending[pos]))
+        order = np.lexsort((peak, p))
+        p, peak = p[order], peak[order]
+        running = np.minimum.accumulate(peak)
+        keep = np.ones(p.size, dtype=bool)
+        keep[1:] = peak[1:] < running[:-1]
+        p, peak = p[keep], peak[keep]
+        if pos == num_blocks:
+            return int(peak.min())
+        for o in options[pos]:
+            if pos + o.span <= num_blocks:
+                pending[pos + o.span].append((p + o.kept_bytes, np.maximum(peak, p + o.local_peak)))
+    raise AssertionError("unreachable: every block has a one-block option")
 
 
 def block_signature(graph: CostGraph, block: int) -> tuple:

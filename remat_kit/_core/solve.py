@@ -73,6 +73,7 @@ def solve(
     solver: str | None = None,
     offload: bool = False,
     device: DeviceSpec | None = None,
+    max_segment_blocks: int = 1,
 ) -> Plan:
     """The plan with the least recompute time whose activation memory fits `budget`.
 
@@ -83,6 +84,9 @@ def solve(
       solver: ``"dp"`` (default), ``"milp"`` or ``"greedy"``.
       offload: allow OFFLOAD decisions (host memory) besides SAVE and RECOMPUTE.
       device: roofline constants pricing recompute time; ``DeviceSpec()`` by default.
+      max_segment_blocks: with ``solver="dp"``, also consider checkpointing up to this many
+        consecutive blocks as one segment (dropping the boundaries inside it, as √n and rotor
+        do). The plan's `segments` then says which blocks go together; 1 = one block each.
 
     Raises:
       ValueError: a malformed budget or solver name.
@@ -93,24 +97,31 @@ def solve(
     solver = _check_solver(solver)
     if not isinstance(offload, bool):
         raise ValueError(f"offload={offload!r} must be True or False.")
+    if not isinstance(max_segment_blocks, int) or isinstance(max_segment_blocks, bool) or max_segment_blocks < 1:
+        raise ValueError(f"max_segment_blocks={max_segment_blocks!r} must be an int >= 1 (1 = one block per segment).")
+    if max_segment_blocks > 1 and solver != "dp":
+        raise ValueError(f"max_segment_blocks={max_segment_blocks} needs solver='dp', not solver={solver!r}.")
     device = device or DeviceSpec()
     costs = Costs(graph, device)
     baseline = baseline_activation_bytes(graph)
+    segments = None
     limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
     codes: list[int] | None
     if parsed.kind == "fraction" and parsed.value == 1.0:
         codes = [_SAVE] * len(graph)  # no remat fits its own memory by definition
     elif solver == "dp":
-        codes = _solve_dp(graph, limit, costs, offload)
+        found = _solve_dp(graph, limit, costs, offload, max_segment_blocks)
+        codes, segments = found if found is not None else (None, None)
     elif solver == "milp":
         res = solve_milp(graph, limit=limit, rec_cost=costs.recompute, off_cost=costs.offload if offload else None)
         codes = None if res is None else _codes_from_milp(graph, res)
     else:
         codes = _solve_greedy(graph, limit, costs)
     if codes is None:
-        raise _infeasible(graph, parsed, budget, costs, offload, baseline)
-    decisions = {graph.values[i].name: _NAMES[codes[i]] for i in graph.free_values}
-    plan = Plan.from_decisions(graph, decisions, device=device, budget=str(parsed), solver=solver)
+        raise _infeasible(graph, parsed, budget, costs, offload, baseline, max_segment_blocks)
+    target = graph if segments is None else graph.regroup(segments)
+    decisions = {target.values[i].name: _NAMES[codes[i]] for i in target.free_values}
+    plan = Plan.from_decisions(target, decisions, device=device, budget=str(parsed), solver=solver)
     if plan.predicted_activation_bytes > limit:  # the solvers' contract; never hand out an over-budget plan
         raise RuntimeError(
             f"solver {solver!r} returned a plan of {plan.predicted_activation_bytes} activation bytes over the "
@@ -243,16 +254,63 @@ def _pareto(options: list[chain_dp.BlockOption]) -> list[chain_dp.BlockOption]:
     return out
 
 
-def _solve_dp(graph: CostGraph, limit: int, costs: Costs, offload: bool) -> list[int] | None:
-    menus = block_menus(graph, costs, offload)
-    found = chain_dp.solve_chain(menus, limit)
+def segment_options(graph: CostGraph, costs: Costs, max_span: int) -> list[list[chain_dp.BlockOption]]:
+    """Per start block: full recompute of 2..max_span consecutive blocks merged into one segment.
+
+    The boundaries inside a segment are dropped and recomputed from the segment's input, as in
+    Chen et al.'s √n checkpointing and rotor's DP: less kept memory, a bigger backward transient.
+    """
+    out: list[list[chain_dp.BlockOption]] = [[] for _ in range(graph.num_blocks)]
+    seen: dict[tuple, tuple[int, chain_dp.BlockOption]] = {}
+    sigs = [chain_dp.block_signature(graph, b) for b in range(graph.num_blocks)]
+    for first in range(graph.num_blocks):
+        for last in range(first + 1, min(first + max_span, graph.num_blocks)):
+            members = [i for b in range(first, last + 1) for i in graph.block_members[b]]
+            key = tuple(sigs[first:last + 1])
+            if key in seen:  # the same blocks again (a transformer's layers): shift the codes
+                base, option = seen[key]
+                out[first].append(_shift(option, members[0] - base))
+                continue
+            inside = set(members)
+            codes = {
+                i: _RECOMPUTE for i in members
+                if not graph.is_output[i]
+                and all(c in inside for c in (*graph.consumers[i], *graph.bwd_readers[i]))
+            }
+            option = chain_dp.measure_option(
+                graph, first, codes, costs.of, f"segment of {last - first + 1} blocks", last=last,
+            )
+            seen[key] = (members[0], option)
+            out[first].append(option)
+    return out
+
+
+def _solve_dp(graph: CostGraph, limit: int, costs: Costs, offload: bool, max_span: int):
+    """(codes, segments or None) of the least-cost path, or None when nothing fits."""
+    options = _dp_options(graph, costs, offload, max_span)
+    found = chain_dp.solve_chain(options, limit)
     if found is None:
         return None
+    path = found[0]
     codes = [_SAVE] * len(graph)
-    for menu, k in zip(menus, found[0]):
-        for i, c in menu[k].codes:
+    segments = []
+    for start, k in path:
+        option = options[start][k]
+        for i, c in option.codes:
             codes[i] = c
-    return codes
+        segments.append(list(graph.block_names[start:start + option.span]))
+    merged = any(len(seg) > 1 for seg in segments)
+    return codes, (segments if merged else None)
+
+
+def _dp_options(graph: CostGraph, costs: Costs, offload: bool, max_span: int) -> list[list[chain_dp.BlockOption]]:
+    menus = block_menus(graph, costs, offload)
+    if max_span <= 1:
+        return menus
+    key = ("segments", max_span, tuple(costs.recompute))
+    if key not in graph._cache:
+        graph._cache[key] = segment_options(graph, costs, max_span)
+    return [menu + extra for menu, extra in zip(menus, graph._cache[key])]
 
 
 # -- greedy -----------------------------------------------------------------------------------
@@ -287,14 +345,19 @@ def _solve_greedy(graph: CostGraph, limit: int, costs: Costs) -> list[int] | Non
 
 
 # -- infeasible budgets -----------------------------------------------------------------------
-def smallest_activation_bytes(graph: CostGraph, *, offload: bool = False, device: DeviceSpec | None = None) -> int:
-    """The least activation peak remat_kit's plans reach (keep-all, full recompute, selective, offload)."""
+def smallest_activation_bytes(
+    graph: CostGraph, *, offload: bool = False, device: DeviceSpec | None = None, max_segment_blocks: int = 1
+) -> int:
+    """The least activation peak remat_kit's plans reach (keep-all, full recompute, selective,
+    offload, segments of up to `max_segment_blocks` blocks)."""
     costs = Costs(graph, device or DeviceSpec())
-    return chain_dp.min_peak(block_menus(graph, costs, offload))
+    return chain_dp.min_peak(_dp_options(graph, costs, offload, max_segment_blocks))
 
 
-def _infeasible(graph: CostGraph, parsed: Budget, raw: object, costs: Costs, offload: bool, baseline: int) -> InfeasibleBudgetError:
-    smallest = chain_dp.min_peak(block_menus(graph, costs, offload))
+def _infeasible(
+    graph: CostGraph, parsed: Budget, raw: object, costs: Costs, offload: bool, baseline: int, max_span: int
+) -> InfeasibleBudgetError:
+    smallest = chain_dp.min_peak(_dp_options(graph, costs, offload, max_span))
     fraction = smallest / baseline if baseline else 1.0
     smallest_total = smallest + graph.constant_bytes
     if parsed.kind == "fraction":
@@ -302,8 +365,10 @@ def _infeasible(graph: CostGraph, parsed: Budget, raw: object, costs: Costs, off
     else:
         need = f"{format_bytes(smallest_total)} ({smallest_total} bytes)"
     hint = "raise it"
-    if not offload and chain_dp.min_peak(block_menus(graph, costs, True)) < smallest:
+    if not offload and chain_dp.min_peak(_dp_options(graph, costs, True, max_span)) < smallest:
         hint += " or pass offload=True"
+    elif max_span == 1 and chain_dp.min_peak(_dp_options(graph, costs, offload, 4)) < smallest:
+        hint += " or let segments span blocks (max_segment_blocks=4)"
     else:
         hint += ", or make the blocks smaller (their boundaries and one block's backward are the floor)"
     return InfeasibleBudgetError(
