@@ -68,10 +68,11 @@ def test_chain_dp_is_exact_over_its_menus(seed):
         assert (found is None) == (best is None)
         if found is None:
             continue
-        choice, cost, ops, peak = found
+        path, cost, ops, peak = found
+        assert [start for start, _ in path] == list(range(graph.num_blocks))
         codes = [_SAVE] * len(graph)
-        for menu, k in zip(menus, choice):
-            for i, c in menu[k].codes:
+        for start, k in path:
+            for i, c in menus[start][k].codes:
                 codes[i] = c
         assert _run(graph, codes, False)[0] == peak <= limit  # the DP's peak is the simulator's
         assert (cost, ops) == best[0] == costs.of(codes)
@@ -213,3 +214,81 @@ def test_solver_no_worse_than_any_preset_that_fits(preset):
     }[preset](graph)
     plan = rk.solve(graph, p.predicted_peak_bytes)
     assert plan.predicted_recompute_seconds <= p.predicted_recompute_seconds
+
+
+def _segmentations(n):
+    """Every way to cut n blocks into runs of consecutive blocks."""
+    if n == 0:
+        yield []
+        return
+    for first in range(1, n + 1):
+        for rest in _segmentations(n - first):
+            yield [first, *rest]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds)
+def test_chain_dp_with_segments_is_exact(seed):
+    """Menus holding every plan of every single block and every merged segment: the DP equals
+    brute force over all segmentations and all plans of each."""
+    import itertools
+
+    graph = random_chain(seed, num_blocks=3, per_block=2)
+    costs = Costs(graph, rk.DeviceSpec())
+    names = graph.block_names
+    options = [[] for _ in range(graph.num_blocks)]
+    for first in range(graph.num_blocks):
+        for last in range(first, graph.num_blocks):
+            merged = graph.regroup([[n] for n in names[:first]] + [list(names[first:last + 1])]
+                                   + [[n] for n in names[last + 1:]])
+            free = [i for i in merged.block_members[first] if not merged.is_forced[i]]
+            for combo in itertools.product([_SAVE, _RECOMPUTE], repeat=len(free)):
+                codes = dict(zip(free, combo))
+                o = chain_dp.measure_option(graph, first, codes, costs.of, "enum", last=last)
+                assert o == chain_dp.measure_option(graph, first, codes, costs.of, "enum", last=last, windowed=False)
+                options[first].append(o)
+    base = baseline_activation_bytes(graph)
+    for frac in (0.2, 0.35, 0.5, 0.7):
+        limit = math.floor(frac * base)
+        best = None
+        for cut in _segmentations(graph.num_blocks):
+            bounds = [0, *itertools.accumulate(cut)]
+            merged = graph.regroup([list(names[a:b]) for a, b in zip(bounds, bounds[1:])])
+            found = brute_force(merged, limit, Costs(merged, rk.DeviceSpec()))
+            if found is not None and (best is None or found[0] < best):
+                best = found[0]
+        found = chain_dp.solve_chain(options, limit)
+        assert (found is None) == (best is None)
+        if found is not None:
+            assert (found[1], found[2]) == best
+
+
+def test_segments_reach_below_per_block_recompute_where_boundaries_dominate():
+    """A deep chain of tiny blocks (an MLP): √n-style segments keep fewer boundaries."""
+    vals = [rk.value("x", 1000, role="input"), rk.value("w", 10, role="param")]
+    prev = "x"
+    for b in range(16):
+        h = rk.value(f"l{b}.h", 1000, kind="matmul", flops=10**6, deps=[prev, "w"], bwd_reads=[prev], block=b)
+        a = rk.value(f"l{b}.a", 1000, kind="elementwise", flops=10**3, deps=[h.name], bwd_reads=[h.name], block=b)
+        vals += [h, a]
+        prev = a.name
+    vals.append(rk.value("loss", 4, kind="reduction", deps=[prev], bwd_reads=[prev], block=15))
+    graph = rk.CostGraph(vals)
+    per_block = rk.smallest_activation_bytes(graph)
+    with_segments = rk.smallest_activation_bytes(graph, max_segment_blocks=4)
+    assert with_segments < per_block
+    base = rk.simulate(graph).activation_bytes
+    frac = (with_segments + per_block) / 2 / base
+    with pytest.raises(rk.InfeasibleBudgetError, match="max_segment_blocks=4"):
+        rk.solve(graph, frac)
+    plan = rk.solve(graph, frac, max_segment_blocks=4)
+    assert any(len(seg) > 1 for seg in plan.segments)
+    assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes <= math.floor(frac * base)
+    assert rk.Plan.from_json(plan.to_json()) == plan
+    sqrt = rk.presets.sqrt_n(graph)
+    if sqrt.predicted_activation_bytes <= plan.predicted_activation_bytes:
+        assert plan.predicted_recompute_seconds <= sqrt.predicted_recompute_seconds
+    with pytest.raises(ValueError, match="max_segment_blocks=0"):
+        rk.solve(graph, 0.5, max_segment_blocks=0)
+    with pytest.raises(ValueError, match="needs solver='dp'"):
+        rk.solve(graph, 0.5, solver="milp", max_segment_blocks=2)
