@@ -292,3 +292,27 @@ def test_segments_reach_below_per_block_recompute_where_boundaries_dominate():
         rk.solve(graph, 0.5, max_segment_blocks=0)
     with pytest.raises(ValueError, match="needs solver='dp'"):
         rk.solve(graph, 0.5, solver="milp", max_segment_blocks=2)
+
+
+def test_identical_blocks_with_dead_end_outputs():
+    """Outputs nobody reads but that require grad (torch autocast leaves weight casts like that)
+    are seeded; their seeds are alive in every later block's backward, so identical blocks have
+    different local peaks. Regression: the shared menu used the first block's peak."""
+    vals = [rk.value("x", 100, role="input"), rk.value("w", 10, role="param")]
+    prev = "x"
+    for b in range(5):
+        h = rk.value(f"l{b}.h", 400, kind="matmul", flops=10**5, deps=[prev, "w"], bwd_reads=[prev], block=b)
+        cast = rk.value(f"l{b}.cast", 300, kind="other", flops=10, deps=["w"], bwd_reads=[], block=b)
+        a = rk.value(f"l{b}.a", 100, kind="elementwise", flops=10**3, deps=[h.name], bwd_reads=[h.name], block=b)
+        vals += [h, cast, a]
+        prev = a.name
+    vals.append(rk.value("loss", 4, kind="reduction", deps=[prev], bwd_reads=[prev], block=4))
+    graph = rk.CostGraph(vals)
+    floor = rk.smallest_activation_bytes(graph) / rk.simulate(graph).activation_bytes
+    for frac in (0.5, 0.6, 0.7, 0.8, 0.9):
+        if frac < floor:
+            continue
+        plan = rk.solve(graph, frac)  # raised "over the limit" before the fix
+        exact = rk.solve(graph, frac, solver="milp")
+        assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes
+        assert plan.predicted_recompute_seconds == pytest.approx(exact.predicted_recompute_seconds)

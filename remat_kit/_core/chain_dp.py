@@ -31,10 +31,23 @@ class BlockOption:
     label: str
     codes: tuple[tuple[int, int], ...]  # (value index, decision code) for the block's free values
     kept_bytes: int  # K: what the block holds from its forward to its backward
-    local_peak: int  # L: its peak above the bytes earlier blocks keep
+    local_peak: int  # L: its peak above the bytes earlier blocks keep, at its position
     cost: int  # integer cost units (picoseconds of roofline time)
     num_ops: int
     span: int = 1  # blocks it covers: > 1 is a segment of blocks checkpointed as one (rotor, √n)
+    # L's two parts, without the gradient seeds of earlier blocks' outputs (which depend on the
+    # position, not the option): L = max(forward_peak, backward_peak + those seeds).
+    forward_peak: int = 0
+    backward_peak: int = 0
+
+    def at(self, graph: CostGraph, block: int, shift: int = 0) -> BlockOption:
+        """The same option for an identical block at `block`, value indices moved by `shift`."""
+        seeds = _window_index(graph)[1][block]
+        return dataclasses.replace(
+            self,
+            codes=tuple((i + shift, c) for i, c in self.codes),
+            local_peak=max(self.forward_peak, self.backward_peak + seeds),
+        )
 
 
 def measure_option(
@@ -64,23 +77,29 @@ def measure_option(
         for i, c in codes.items():
             sub_codes[win.index_map[i]] = c
         local = block - win.offset
-        peak_of_block, kept_by_block = _block_peaks(win.graph, sub_codes, local, win.backward_bytes)
+        forward, backward, kept_by_block = _block_peaks(win.graph, sub_codes, local)
+        seeds_in_trace = 0
     else:
         merged = graph if last == block else graph.regroup(
             [[n] for n in graph.block_names[:block]] + [list(graph.block_names[block:last + 1])]
             + [[n] for n in graph.block_names[last + 1:]]
         )
-        peak_of_block, kept_by_block = _block_peaks(merged, full, block)
+        forward, backward, kept_by_block = _block_peaks(merged, full, block)
         local = block
-    return BlockOption(
+        seeds_in_trace = _window_index(graph)[1][block]
+    prefix = sum(kept_by_block[:local])
+    option = BlockOption(
         label=label,
         codes=tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE)),
         kept_bytes=kept_by_block[local],
-        local_peak=peak_of_block - sum(kept_by_block[:local]),
+        local_peak=0,
         cost=cost,
         num_ops=num_ops,
         span=last - block + 1,
+        forward_peak=forward - prefix,
+        backward_peak=backward - prefix - seeds_in_trace,
     )
+    return option.at(graph, block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +107,7 @@ class Window:
     graph: CostGraph  # the blocks that touch one block, as a graph of their own
     offset: int  # index of its first block in the whole graph
     index_map: dict[int, int]  # whole-graph value index -> window index
-    backward_bytes: int  # gradient seeds of earlier outputs, alive in every backward moment
+    earlier_seed_bytes: int  # gradient seeds of earlier blocks' outputs, left out of the window
 
 
 def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
@@ -97,7 +116,8 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
 
     Activations of earlier blocks that the window reads become inputs (constants); later blocks
     are dropped. The block's local memory is the same in its window as in the whole graph,
-    once the seeds of earlier outputs (`backward_bytes`) are added to its backward moments.
+    once the gradient seeds of earlier blocks' outputs (`earlier_seed_bytes`, which the window
+    leaves out because they depend on the position, not the block) are added to its backward.
     """
     last = block if last is None else last
     key = ("window", block, last)
@@ -128,7 +148,8 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
             # Gradients flow as in the whole graph: what gets none there gets none here, and what
             # gets one from beyond the window gets it from a zero-byte sink in a block of its own.
             merged = min(v.block, block) if v.block <= last else v.block - (last - block)
-            v = dataclasses.replace(v, block=merged - lo, requires_grad=graph.gets_grad[i])
+            seeded_earlier = graph.is_output[i] and v.block < block  # counted in earlier_seed_bytes
+            v = dataclasses.replace(v, block=merged - lo, requires_grad=graph.gets_grad[i] and not seeded_earlier)
             if graph.gets_grad[i] and any(vals[c].block > hi and graph.gets_grad[c] for c in graph.consumers[i]):
                 to_sink.append(v.name)
         index_map[i] = len(keep)
@@ -137,7 +158,7 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
     if to_sink:
         keep.append(Value("__window_sink__", 0, deps=tuple(to_sink), block=len(names)))
         names.append("__window_sink__")
-    graph._cache[key] = Window(CostGraph(keep, block_names=names), lo, index_map, seeds_before[lo])
+    graph._cache[key] = Window(CostGraph(keep, block_names=names), lo, index_map, seeds_before[block])
     return graph._cache[key]
 
 
@@ -162,13 +183,12 @@ def _window_index(graph: CostGraph) -> tuple[list[int], list[int]]:
     return graph._cache[key]
 
 
-def _block_peaks(graph: CostGraph, codes: list[int], block: int, backward_bytes: int = 0) -> tuple[int, list[int]]:
+def _block_peaks(graph: CostGraph, codes: list[int], block: int) -> tuple[int, int, list[int]]:
+    """(forward peak, backward peak) over the moments of `block`, and bytes kept per block."""
     _, _, kept, trace = _run(graph, codes, True)
-    peak = max(
-        (mem + (backward_bytes if label.startswith("backward") else 0) for label, b, mem in trace if b == block),
-        default=0,
-    )
-    return peak, kept
+    forward = max((mem for label, b, mem in trace if b == block and label.startswith("forward")), default=0)
+    backward = max((mem for label, b, mem in trace if b == block and not label.startswith("forward")), default=0)
+    return forward, backward, kept
 
 
 def solve_chain(options: Sequence[Sequence[BlockOption]], limit: int) -> tuple[list[tuple[int, int]], int, int, int] | None:

@@ -160,19 +160,13 @@ def block_menus(graph: CostGraph, costs: Costs, offload: bool) -> list[list[chai
         if sig in by_signature:
             rep, menu = by_signature[sig]
             shift = graph.block_members[blk][0] - graph.block_members[rep][0]
-            menus.append([_shift(o, shift) for o in menu])
+            menus.append([o.at(graph, blk, shift) for o in menu])
             continue
         menu = _menu_for_block(graph, blk, costs, offload)
         by_signature[sig] = (blk, menu)
         menus.append(menu)
     graph._cache[key] = menus
     return menus
-
-
-def _shift(option: chain_dp.BlockOption, shift: int) -> chain_dp.BlockOption:
-    import dataclasses
-
-    return dataclasses.replace(option, codes=tuple((i + shift, c) for i, c in option.codes))
 
 
 def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool) -> list[chain_dp.BlockOption]:
@@ -204,7 +198,7 @@ def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool) -> 
         def solve_block(cap: int, local_limit: int | None) -> chain_dp.BlockOption | None:
             res = solve_milp(
                 sub, limit=local_limit, rec_cost=sub_rec, off_cost=sub_off if offload else None,
-                blocks=[blk - offset], kept_cap=cap, backward_bytes=win.backward_bytes,
+                blocks=[blk - offset], kept_cap=cap, backward_bytes=win.earlier_seed_bytes,
             )
             if res is None:
                 return None
@@ -237,19 +231,20 @@ def _measure(graph: CostGraph, blk: int, codes: dict[int, int], costs: Costs, la
 
 
 def _pareto(options: list[chain_dp.BlockOption]) -> list[chain_dp.BlockOption]:
-    """Drop options no better than another in kept bytes, local peak and (cost, ops) at once."""
+    """Drop options no better than another in kept bytes, both local peaks and (cost, ops) at once
+    (both peaks, not L: L depends on the position, and a menu serves every identical block)."""
+
+    def key(o: chain_dp.BlockOption) -> tuple[int, int, int, int, int]:
+        return (o.kept_bytes, o.forward_peak, o.backward_peak, o.cost, o.num_ops)
+
     out = []
     for o in options:
+        ko = key(o)
         dominated = any(
-            p is not o and p.kept_bytes <= o.kept_bytes and p.local_peak <= o.local_peak
-            and (p.cost, p.num_ops) <= (o.cost, o.num_ops)
-            and (p.kept_bytes, p.local_peak, p.cost, p.num_ops) != (o.kept_bytes, o.local_peak, o.cost, o.num_ops)
+            key(p) != ko and all(a <= b for a, b in zip(key(p)[:3], ko[:3])) and key(p)[3:] <= ko[3:]
             for p in options
         )
-        if not dominated and all(
-            (p.kept_bytes, p.local_peak, p.cost, p.num_ops) != (o.kept_bytes, o.local_peak, o.cost, o.num_ops)
-            for p in out
-        ):
+        if not dominated and all(key(p) != ko for p in out):
             out.append(o)
     return out
 
@@ -269,7 +264,7 @@ def segment_options(graph: CostGraph, costs: Costs, max_span: int) -> list[list[
             key = tuple(sigs[first:last + 1])
             if key in seen:  # the same blocks again (a transformer's layers): shift the codes
                 base, option = seen[key]
-                out[first].append(_shift(option, members[0] - base))
+                out[first].append(option.at(graph, first, members[0] - base))
                 continue
             inside = set(members)
             codes = {
