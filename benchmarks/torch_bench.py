@@ -1,0 +1,331 @@
+"""PyTorch benchmark: remat_kit.auto against the peers, measured in one process run.
+
+Model: a GPT-2-like decoder (nanoGPT layout; default 6 layers, d 512, 8 heads, seq 512, dropout
+0.1, vocab 8192 so the head does not dominate), batch 1, fp32, on CPU (or the GPU if there is one).
+For each strategy one training step is measured: activation memory by the live-storage tracker
+(remat_kit._torch._measure; on a GPU also torch.cuda.max_memory_allocated), FLOPs by
+FlopCounterMode (recompute included), gradients against no remat (same seed, same dropout masks),
+and the median step time over a few steps as a ratio to no remat.
+
+Strategies: none; full (torch.utils.checkpoint on every layer); Hugging Face-style (the same
+model as a transformers GPT2LMHeadModel with gradient_checkpointing_enable(), measured against its
+own no-remat run); torchtitan-style selective op save list (mm / sdpa saved, every layer);
+torch.compile with activation_memory_budget (aot_eager, FLOPs and gradients only: its memory is
+the compiled graph's); remat_kit.auto at budgets 0.3 / 0.5 / 0.7. Also the planning time of a
+48-layer config (profile + solve, from shapes under FakeTensorMode).
+
+    python -m benchmarks.torch_bench            # default run, a few minutes on 2 CPU cores
+    python -m benchmarks.torch_bench --layers 2 --seq 128   # smoke run
+
+Writes reports/torch/bench.json and reports/torch/bench.md (with the command that produced them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import remat_kit._torch as rt
+from remat_kit._core.budget import format_bytes
+from remat_kit._torch._apply import compile_plan, state_of
+from remat_kit._torch._measure import measure_step
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, p: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.drop, self.heads, self.p = nn.Dropout(p), heads, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.attn(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, c)))
+        return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
+
+
+class GPT(nn.Module):
+    def __init__(self, layers: int, d: int, heads: int, seq: int, vocab: int, p: float = 0.1):
+        super().__init__()
+        self.wte, self.wpe, self.drop = nn.Embedding(vocab, d), nn.Embedding(seq, d), nn.Dropout(p)
+        self.h = nn.ModuleList(Block(d, heads, p) for _ in range(layers))
+        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            x = block(x)
+        return F.cross_entropy(self.lm_head(self.ln_f(x)).flatten(0, 1), targets.flatten())
+
+
+# -- peers ------------------------------------------------------------------------------------
+class _Checkpointed(nn.Module):
+    def __init__(self, inner: nn.Module, context_fn=None):
+        super().__init__()
+        self.inner, self.context_fn = inner, context_fn
+
+    def forward(self, x):
+        kw = {"context_fn": self.context_fn} if self.context_fn is not None else {}
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False, **kw)
+
+
+def full_checkpoint(model: GPT) -> GPT:
+    m = copy.deepcopy(model)
+    m.h = nn.ModuleList(_Checkpointed(b) for b in m.h)
+    return m
+
+
+def torchtitan_selective(model: GPT) -> GPT:
+    """torchtitan's op-level SAC: save matmul and attention outputs, recompute the rest
+    (torchtitan/distributed/activation_checkpoint.py `_save_list`; its every-other-mm rule left out)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    save = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+            torch.ops.aten._scaled_dot_product_efficient_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default]
+    m = copy.deepcopy(model)
+    m.h = nn.ModuleList(_Checkpointed(b, functools.partial(create_selective_checkpoint_contexts, save)) for b in m.h)
+    return m
+
+
+def rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, want))
+
+
+def step_grads(model: nn.Module, args: tuple) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    model.zero_grad(set_to_none=True)
+    model(*args).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def step_seconds(model: nn.Module, args: tuple, repeats: int) -> float:
+    """Median step time; callers have already run (and warmed up) the model."""
+    times = []
+    for _ in range(repeats):
+        model.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(*args).backward()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, model: nn.Module, args: tuple, reference: list[torch.Tensor], repeats: int,
+            extra: dict | None = None) -> dict:
+    # One step measures memory and leaves the gradients (seed 1: the reference's dropout masks);
+    # a second counts FLOPs; a third is timed.
+    torch.manual_seed(1)
+    mem = measure_step(model, args, loss_fn=lambda loss: loss, count_flops=False)
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    model.zero_grad(set_to_none=True)
+    with counter:
+        model(*args).backward()
+    m = dataclasses.replace(mem, flops=counter.get_total_flops())
+    row = dict(strategy=name, activation_bytes=m.activation_bytes, flops=m.flops, cuda_peak_bytes=m.cuda_peak_bytes,
+               grad_rel_err=rel_err(grads, reference), seconds=step_seconds(model, args, repeats))
+    row.update(extra or {})
+    print(f"  {name:28s} act {format_bytes(m.activation_bytes):>10s}  GFLOP {m.flops / 1e9:8.2f}  "
+          f"grad err {row['grad_rel_err']:.1e}", flush=True)
+    return row
+
+
+def compile_budget_row(model: GPT, args: tuple, reference: list[torch.Tensor], budget: float) -> dict:
+    """torch.compile's activation_memory_budget (aot_eager so it is quick on CPU): FLOPs and grads."""
+    import torch._functorch.config as fconfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = copy.deepcopy(model)
+    with fconfig.patch(activation_memory_budget=budget):
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend="aot_eager")
+        grads = step_grads(compiled, args)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            torch.manual_seed(1)
+            compiled(*args).backward()
+    return dict(strategy=f"torch.compile budget {budget}", activation_bytes=None, flops=counter.get_total_flops(),
+                cuda_peak_bytes=None, grad_rel_err=rel_err(grads, reference), seconds=None)
+
+
+def hf_rows(layers: int, d: int, heads: int, seq: int, vocab: int, repeats: int) -> list[dict]:
+    try:
+        import transformers
+    except ImportError:
+        return []
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=d, n_head=heads, n_positions=seq, vocab_size=vocab,
+                                  use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    idx = torch.randint(0, vocab, (1, seq))
+
+    class Loss(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(input_ids=ids, labels=ids).loss
+
+    plain = Loss(model)
+    reference = step_grads(plain, (idx,))
+    none = measure("HF GPT-2: none", plain, (idx,), reference, repeats)
+    ck = copy.deepcopy(model)
+    ck.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf = measure("HF GPT-2: gradient_checkpointing", Loss(ck), (idx,), reference, repeats)
+    rows = [none, hf]
+    for budget in (0.5, 0.7):
+        auto = Loss(rt.auto(copy.deepcopy(model), budget))
+        try:
+            step_grads(auto, (idx,))  # plans on this first call (kept out of the measured step)
+            rows.append(measure(f"HF GPT-2: remat_kit {budget}", auto, (idx,), reference, repeats))
+            break
+        except ValueError as e:
+            rows.append(dict(strategy=f"HF GPT-2: remat_kit {budget}", error=str(e)[:300]))
+    for r in rows:
+        if "error" in r:
+            continue
+        r["fraction_of_none"] = r["activation_bytes"] / none["activation_bytes"]
+        r["extra_flops"] = r["flops"] - none["flops"]
+        r["time_ratio"] = r["seconds"] / none["seconds"]
+    return rows
+
+
+def planning_time(layers: int, d: int, heads: int, seq: int, vocab: int) -> dict:
+    with torch.device("meta"):
+        model = GPT(layers, d, heads, seq, vocab).train()
+    idx = torch.zeros(1, seq, dtype=torch.long, device="meta")
+    start = time.perf_counter()
+    compiled = compile_plan(model, (idx, idx), {}, 0.5)
+    total = time.perf_counter() - start
+    return dict(layers=layers, seconds=total, num_ops=len(compiled.profile.ops),
+                num_values=len(compiled.tg.graph), predicted_fraction=compiled.plan.activation_fraction)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    ap.add_argument("--compile-budgets", type=float, nargs="*", default=[0.5])
+    ap.add_argument("--plan-layers", type=int, default=48)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", default="reports/torch")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = GPT(args.layers, args.d, args.heads, args.seq, args.vocab).to(device).train()
+    g = torch.Generator().manual_seed(0)
+    inputs = tuple(torch.randint(0, args.vocab, (1, args.seq), generator=g).to(device) for _ in range(2))
+    print(f"GPT-2-like: {args.layers} layers, d {args.d}, seq {args.seq}, vocab {args.vocab}, on {device}", flush=True)
+    reference = step_grads(model, inputs)
+    rows = [measure("none", model, inputs, reference, args.repeats)]
+    rows.append(measure("full (every layer)", full_checkpoint(model), inputs, reference, args.repeats))
+    rows.append(measure("torchtitan op save list", torchtitan_selective(model), inputs, reference, args.repeats))
+    for b in args.budgets:
+        m = rt.auto(copy.deepcopy(model), b)
+        start = time.perf_counter()
+        try:
+            step_grads(m, inputs)  # plans on this first call
+        except ValueError as e:  # an infeasible budget for this config: say so in the report
+            rows.append(dict(strategy=f"remat_kit auto {b}", error=str(e)[:300]))
+            continue
+        plan_seconds = time.perf_counter() - start
+        (compiled,) = state_of(m).plans.values()
+        rows.append(measure(f"remat_kit auto {b}", m, inputs, reference, args.repeats, dict(
+            budget=b, predicted_activation_bytes=compiled.plan.predicted_activation_bytes,
+            predicted_recompute_flops=compiled.plan.predicted_recompute_flops, first_step_seconds=plan_seconds)))
+    for b in args.compile_budgets:
+        try:
+            rows.append(compile_budget_row(model, inputs, reference, b))
+        except Exception as e:  # report, do not hide, a peer that fails
+            rows.append(dict(strategy=f"torch.compile budget {b}", error=f"{type(e).__name__}: {e}"[:300]))
+    none = rows[0]
+    for r in rows:
+        if r.get("flops") is not None:
+            r["extra_flops"] = r["flops"] - none["flops"]
+        if r.get("activation_bytes") is not None:
+            r["fraction_of_none"] = r["activation_bytes"] / none["activation_bytes"]
+        if r.get("seconds"):
+            r["time_ratio"] = r["seconds"] / none["seconds"]
+    hf = [] if args.skip_hf else hf_rows(args.layers, args.d, args.heads, args.seq, args.vocab, args.repeats)
+    plan = planning_time(args.plan_layers, args.d, args.heads, args.seq, args.vocab)
+    print(f"  planning a {plan['layers']}-layer config: {plan['seconds']:.2f} s ({plan['num_ops']} ops)", flush=True)
+    result = dict(command="python -m benchmarks.torch_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  device=device, torch=torch.__version__, config=vars(args), rows=rows, hf_rows=hf, planning=plan)
+    write(result, args.out)
+    return result
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if kind == "bytes":
+        return format_bytes(v)
+    if kind == "frac":
+        return f"{v:.3f}"
+    if kind == "gflop":
+        return f"{v / 1e9:.3f}"
+    if kind == "err":
+        return f"{v:.1e}"
+    return str(v)
+
+
+def write(result: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    cols = [("strategy", "str"), ("activation_bytes", "bytes"), ("fraction_of_none", "frac"),
+            ("predicted_activation_bytes", "bytes"), ("extra_flops", "gflop"), ("predicted_recompute_flops", "gflop"),
+            ("grad_rel_err", "err"), ("time_ratio", "frac")]
+    lines = [f"# remat_kit PyTorch benchmark ({result['device']}, torch {result['torch']})", "",
+             f"Command: `{result['command']}`", "", f"Config: {result['config']}", "",
+             "Activation memory: live-storage tracker peak (CPU). Extra FLOPs: FlopCounterMode, forward+backward "
+             "minus no remat. Gradients: max relative error against no remat, same seed (same dropout masks). "
+             "time_ratio: one step against no remat's; on a shared CPU it is noise, not a claim (GPU figures: "
+             "run this on a GPU).", "",
+             "| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["rows"] + result["hf_rows"]:
+        if "error" in r:
+            lines.append(f"| {r['strategy']} | error: {r['error']} |" + " |" * (len(cols) - 2))
+            continue
+        lines.append("| " + " | ".join(_fmt(r.get(c), k) for c, k in cols) + " |")
+    p = result["planning"]
+    lines += ["", f"Planning a {p['layers']}-layer config (profile under FakeTensorMode + solve): "
+              f"{p['seconds']:.2f} s for {p['num_ops']} ops / {p['num_values']} values."]
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""`auto` and `unwrap` for torch nn.Module: plan per input signature, apply per repeated layer.
+
+`auto(model, budget)` replaces `model.forward` (an instance attribute, so `state_dict` keys and
+parameter identity do not change) with a wrapper that, on a training call (grad enabled,
+`model.training`), profiles the forward once per input signature, solves for the budget and
+runs each planned layer as a non-reentrant checkpoint driven by the plan's op table
+(_replay.py). Under `torch.no_grad()` or `model.eval()` the original forward runs untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from remat_kit._core.budget import Budget, format_bytes, parse_budget
+from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.simulate import simulate
+from remat_kit._core.graph import DeviceSpec
+from remat_kit._core.solve import Costs, InfeasibleBudgetError, block_menus, solve
+from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
+from remat_kit._torch._profile import Profile, profile
+from remat_kit._torch._replay import OpSequenceError, Region, decisions_for_torch, regions, run_region
+
+_STATE = "_remat_kit_state"
+_CLASS = "_remat_kit_class"
+
+
+@dataclasses.dataclass
+class Compiled:
+    """Everything planned for one input signature."""
+
+    plan: Plan
+    tg: TorchGraph
+    profile: Profile
+    regions: dict[str, Region]
+    signature: tuple
+
+
+@dataclasses.dataclass
+class _State:
+    budget: object
+    offload: bool
+    solver: str | None
+    original_forward: Any  # the instance attribute `forward` had before (None: the class's)
+    plans: dict[tuple, Compiled] = dataclasses.field(default_factory=dict)
+    active: Compiled | None = None
+    profiling: bool = False
+    restore_use_cache: bool = False
+    wrapped_blocks: dict[str, tuple[torch.nn.Module, Any]] = dataclasses.field(default_factory=dict)
+
+
+# -- planning ---------------------------------------------------------------------------------
+def signature(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What a plan depends on besides the module: input shapes, dtypes, flags, autocast."""
+    leaves, spec = tree_flatten((args, kwargs))
+    sig: list[Any] = [str(spec), module.training]
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            sig.append(("T", tuple(x.shape), x.dtype, x.device, x.requires_grad))
+        elif x is None or isinstance(x, (bool, int, float, str)):
+            sig.append(x)
+        else:
+            sig.append(type(x).__name__)
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            sig.append(("autocast", device_type, torch.get_autocast_dtype(device_type)))
+    return tuple(sig)
+
+
+def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = None, real: bool = False) -> Profile:
+    layers = candidate_layers(module)
+    if real or _uses_fsdp(module):
+        # FSDP2's unshard/reshard hooks keep state across calls; a fake run leaves fake
+        # unsharded parameters behind. Profile with real tensors (one forward's memory, once).
+        return profile(module, args, kwargs, fake=False, call=call, layers=layers)
+    try:
+        return profile(module, args, kwargs, fake=True, call=call, layers=layers)
+    except Exception as e:  # an op without a fake kernel: profile with real tensors instead
+        warnings.warn(
+            f"remat_kit: profiling {type(module).__name__} under FakeTensorMode failed ({type(e).__name__}: "
+            f"{str(e)[:200]}); profiling with real tensors once instead (uses the memory of one forward).",
+            stacklevel=3,
+        )
+        return profile(module, args, kwargs, fake=False, call=call, layers=layers)
+
+
+def _uses_fsdp(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def _floor(tg: TorchGraph) -> Plan:
+    """Every checkpointable value recomputed; pinned values kept. Feasible by construction."""
+    g = tg.graph
+    names = [g.values[i].name for i in g.free_values if g.values[i].name not in tg.pinned]
+    return Plan.from_decisions(g, dict.fromkeys(names, Decision.RECOMPUTE), solver="full")
+
+
+def _infeasible(module: torch.nn.Module, budget: object, tg: TorchGraph, offload: bool) -> ValueError:
+    floor = _floor(tg)
+    pinned = sum(tg.graph[n].num_bytes for n in tg.pinned if tg.graph.is_residual[tg.graph.index(n)])
+    need = math.ceil(floor.activation_fraction * 1000) / 1000
+    return InfeasibleBudgetError(
+        f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__} at this "
+        f"input: {format_bytes(floor.predicted_activation_bytes)} of activations ({floor.activation_fraction:.1%} "
+        f"of no remat) with every layer recomputed, of which {format_bytes(pinned)} are saved outside the "
+        f"repeated layers (embeddings, head, loss) and cannot be recomputed. Raise the budget to at least "
+        f"{need:g}{'' if offload else ' or pass offload=True'}, or use a smaller batch.",
+        smallest_fraction=floor.activation_fraction,
+        smallest_bytes=floor.predicted_peak_bytes,
+    )
+
+
+# The simulator leaves out a little of what torch allocates in a step (placeholders during a
+# replay, saved RNG states, kernel workspaces): measured activation memory ran up to ~7% of no
+# remat above the prediction on CPU. Plans aim this far under the budget when they can.
+SAFETY_MARGIN = 0.08
+
+
+def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: object, *, offload: bool,
+                solver: str | None) -> Plan:
+    """The least-recompute plan that fits `budget` and that the replay modes run exactly."""
+    parsed = parse_budget(budget)
+    graph = tg.graph
+    if parsed.kind == "fraction" and parsed.value >= 1.0:
+        return Plan.from_decisions(graph, {}, budget=str(parsed), solver="none")
+    if len(tg.segments) == 1 and tg.segments[0].module is not None:
+        return _solve_one_region(module, tg, prof, parsed, budget, offload)
+    baseline = simulate(graph).activation_bytes
+    limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
+    # Aim under the budget by the margin, but never under full recompute (which is feasible).
+    aim = min(limit, max(limit - int(SAFETY_MARGIN * baseline), _floor(tg).predicted_activation_bytes))
+    for _ in range(6):
+        try:
+            raw = solve(tg.solver_graph, Budget("bytes", float(graph.constant_bytes + aim)), solver=solver,
+                        offload=offload)
+        except InfeasibleBudgetError:
+            if aim < limit:  # the margin is a wish, the budget is the contract
+                aim = limit
+                continue
+            raise _infeasible(module, budget, tg, offload) from None
+        fixed = Plan.from_decisions(graph, decisions_for_torch(tg, raw, prof), budget=str(parsed),
+                                    solver=raw.solver)
+        if set(simulate(graph, fixed).recomputed) & tg.pinned:
+            if aim < limit:
+                aim = limit
+                continue
+            raise _infeasible(module, budget, tg, offload)
+        if fixed.predicted_activation_bytes <= limit:
+            return fixed
+        # The adjustments for torch pushed the plan over: ask the solver for a little less.
+        aim -= fixed.predicted_activation_bytes - limit + max(1, limit // 50)
+    raise _infeasible(module, budget, tg, offload)
+
+
+def _solve_one_region(module: torch.nn.Module, tg: TorchGraph, prof: Profile, parsed: Budget, budget: object,
+                      offload: bool) -> Plan:
+    """A module without repeated layers is one checkpoint region, planned op by op.
+
+    Its recompute runs at the start of its own backward, so no plan lowers the peak of this
+    module alone much below its no-remat peak; what remat changes is what the module *keeps*
+    from its forward to its backward, and that is what adds up when such modules are stacked
+    (a decorated layer class). So here the budget bounds the kept bytes: a fraction of what no
+    remat keeps, or bytes per call.
+    """
+    graph = tg.graph
+    menu = block_menus(graph, Costs(graph, DeviceSpec()), offload)[0]
+    keep_all = max(o.kept_bytes for o in menu)
+    limit = math.floor(parsed.value * keep_all) if parsed.kind == "fraction" else int(parsed.value)
+    names = {0: Decision.SAVE, 1: Decision.RECOMPUTE, 2: Decision.OFFLOAD}
+    for option in sorted(menu, key=lambda o: (o.cost, o.num_ops)):
+        if option.kept_bytes > limit:
+            continue
+        raw = Plan.from_decisions(graph, {graph.values[i].name: names[c] for i, c in option.codes})
+        plan = Plan.from_decisions(graph, decisions_for_torch(tg, raw, prof), budget=str(parsed),
+                                   solver=f"one region: {option.label}")
+        if simulate(graph, plan).kept_bytes_by_block[0] <= limit:
+            return plan
+    smallest = min(o.kept_bytes for o in menu)
+    need = math.ceil(smallest / keep_all * 1000) / 1000 if keep_all else 1.0
+    raise InfeasibleBudgetError(
+        f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__}: it has no "
+        f"repeated layers, so it is one region and the budget bounds what it keeps for its backward "
+        f"({format_bytes(keep_all)} with no remat, at least {format_bytes(smallest)} with full recompute). "
+        f"Raise the budget to at least {need:g}.",
+        smallest_fraction=smallest / keep_all if keep_all else 1.0, smallest_bytes=smallest,
+    )
+
+
+def compile_plan(module: torch.nn.Module, args: tuple, kwargs: dict, budget: object, *, offload: bool = False,
+                 solver: str | None = None, call: Any = None, real: bool = False) -> Compiled:
+    """Profile `module` on these inputs (through `call`, default the module itself) and plan it."""
+    prof = _profile(module, args, kwargs, call, real)
+    tg = build_graph(prof, segment(module, prof))
+    plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver)
+    return Compiled(plan, tg, prof, regions(tg, plan, prof), signature(module, args, kwargs))
+
+
+# -- applying ---------------------------------------------------------------------------------
+def _needs_remat(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    if not (torch.is_grad_enabled() and module.training):
+        return False
+    if any(p.requires_grad for p in module.parameters()):
+        return True
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in tree_flatten((args, kwargs))[0])
+
+
+class _BlockForward:
+    """A layer's forward: a planned region while its root's forward runs, else the original.
+
+    A class, not a closure, so `copy.deepcopy(model)` rebinds it to the copied module.
+    """
+
+    def __init__(self, state: _State, path: str, original: Any):
+        self.state, self.path, self.original = state, path, original
+        self.__wrapped__ = original  # inspect.signature (Hugging Face reads it) sees the original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        compiled = self.state.active
+        region = compiled.regions.get(self.path) if compiled is not None else None
+        if region is None:
+            return self.original(*args, **kwargs)
+        return run_region(region, self.original, args, kwargs)
+
+
+def install_blocks(module: torch.nn.Module, state: _State, compiled: Compiled) -> None:
+    for path in compiled.regions:
+        if path == "" or path in state.wrapped_blocks:
+            continue
+        block = module.get_submodule(path)
+        previous = block.__dict__.get("forward")
+        block.forward = _BlockForward(state, path, block.forward)
+        state.wrapped_blocks[path] = (block, previous)
+
+
+@torch._dynamo.disable  # planning is Python bookkeeping and a solver: never traced by torch.compile
+def _plan_for(module: torch.nn.Module, state: _State, original: Any, args: tuple, kwargs: dict,
+              real: bool = False) -> tuple[Compiled, tuple]:
+    key = signature(module, args, kwargs)
+    compiled = state.plans.get(key)
+    if compiled is None:
+        state.profiling = True  # the profile calls the module (its hooks run); our forward passes through
+        try:
+            compiled = compile_plan(module, args, kwargs, state.budget, offload=state.offload, solver=state.solver,
+                                    real=real)
+        finally:
+            state.profiling = False
+        state.plans[key] = compiled
+        install_blocks(module, state, compiled)
+    return compiled, key
+
+
+class _RootForward:
+    """The rematted module's forward (a class so that deepcopy rebinds it; see _BlockForward)."""
+
+    def __init__(self, module: torch.nn.Module, state: _State, original: Any):
+        self.module, self.state, self.original = module, state, original
+        self.__wrapped__ = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module, state, original = self.module, self.state, self.original
+        if state.active is not None or state.profiling or not _needs_remat(module, args, kwargs):
+            return original(*args, **kwargs)  # eval / no_grad: no remat cost at all
+        compiled, key = _plan_for(module, state, original, args, kwargs)
+        rng = _rng_states(module)
+        try:
+            return self._run(compiled, args, kwargs)
+        except OpSequenceError:
+            state.plans.pop(key, None)  # re-profile on the next call
+            if not compiled.profile.fake:
+                raise
+        # A fake-tensor profile can take another path than real tensors (e.g. an SDPA backend
+        # chosen from real strides): plan again from a real profile and run this call again,
+        # from the same RNG state so that dropout draws what it would have drawn.
+        warnings.warn(f"remat_kit: {type(module).__name__}'s op sequence under FakeTensorMode differs from the real "
+                      "one; re-planning from a real profile (uses one forward's memory once).", stacklevel=2)
+        compiled, key = _plan_for(module, state, original, args, kwargs, real=True)
+        _restore_rng(rng)
+        try:
+            return self._run(compiled, args, kwargs)
+        except OpSequenceError:
+            state.plans.pop(key, None)
+            raise
+
+    def _run(self, compiled: Compiled, args: tuple, kwargs: dict) -> Any:
+        state, original = self.state, self.original
+        if not compiled.regions:
+            return original(*args, **kwargs)
+        state.active = compiled
+        try:
+            root = compiled.regions.get("")
+            return run_region(root, original, args, kwargs) if root is not None else original(*args, **kwargs)
+        finally:
+            state.active = None
+
+
+def _rng_states(module: torch.nn.Module) -> list[tuple[Any, torch.Tensor]]:
+    states: list[tuple[Any, torch.Tensor]] = [("cpu", torch.get_rng_state())]
+    for device in {p.device for p in module.parameters() if p.device.type not in ("cpu", "meta")}:
+        states.append((device, torch.get_device_module(device.type).get_rng_state(device)))
+    return states
+
+
+def _restore_rng(states: list[tuple[Any, torch.Tensor]]) -> None:
+    for device, st in states:
+        if device == "cpu":
+            torch.set_rng_state(st)
+        else:
+            torch.get_device_module(device.type).set_rng_state(st, device)
+
+
+def auto(target: Any, budget: object, *, offload: bool = False, solver: str | None = None) -> Any:
+    """Remat a module instance in place (returned), or every instance of a module class (decorator)."""
+    parse_budget(budget)
+    if isinstance(target, type) and issubclass(target, torch.nn.Module):
+        return _decorate_class(target, budget, offload, solver)
+    if not isinstance(target, torch.nn.Module):
+        raise ValueError(
+            f"remat_kit.auto(target={target!r:.80}): expected a torch.nn.Module instance or subclass, got "
+            f"{type(target).__name__}."
+        )
+    if hasattr(target, _STATE):
+        unwrap(target)  # re-applying replaces the old budget
+    original = target.__dict__.get("forward")
+    state = _State(budget, offload, solver, original)
+    config = getattr(target, "config", None)
+    if getattr(config, "use_cache", False) is True:
+        # A Hugging Face KV cache is updated by each layer's forward, so a replay would see a
+        # different cache than the forward did (as with any activation checkpointing; HF turns
+        # it off under gradient_checkpointing_enable too). unwrap restores it.
+        warnings.warn(f"remat_kit.auto: setting {type(target).__name__}.config.use_cache=False (a KV cache "
+                      "cannot be replayed); pass use_cache=True explicitly for generation.", stacklevel=3)
+        config.use_cache = False
+        state.restore_use_cache = True
+    object.__setattr__(target, _STATE, state)
+    target.forward = _RootForward(target, state, target.forward)
+    return target
+
+
+def _decorate_class(cls: type, budget: object, offload: bool, solver: str | None) -> type:
+    if _CLASS in cls.__dict__:
+        cls.__init__ = cls.__dict__[_CLASS]
+    original_init = cls.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        if type(self) is cls or not hasattr(self, _STATE):
+            auto(self, budget, offload=offload, solver=solver)
+
+    cls.__init__ = __init__
+    setattr(cls, _CLASS, original_init)
+    return cls
+
+
+def unwrap(target: Any) -> Any:
+    """Undo `auto`: restore the original forward of the module (and its layers), or of a class."""
+    if isinstance(target, type):
+        if _CLASS not in target.__dict__:
+            raise ValueError(f"remat_kit.unwrap({target.__name__}): this class was not decorated with remat_kit.auto.")
+        target.__init__ = target.__dict__[_CLASS]
+        delattr(target, _CLASS)
+        return target
+    state = getattr(target, _STATE, None) if isinstance(target, torch.nn.Module) else None
+    if state is None:
+        raise ValueError(
+            f"remat_kit.unwrap(target={target!r:.80}): not a module rematted by remat_kit.auto; pass the module "
+            "instance (or class) that auto returned."
+        )
+    for block, previous in state.wrapped_blocks.values():
+        _restore_forward(block, previous)
+    _restore_forward(target, state.original_forward)
+    if state.restore_use_cache:
+        target.config.use_cache = True
+    object.__delattr__(target, _STATE)
+    return target
+
+
+def _restore_forward(module: torch.nn.Module, previous: Any) -> None:
+    if previous is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = previous
+
+
+def state_of(module: torch.nn.Module) -> _State | None:
+    return getattr(module, _STATE, None)

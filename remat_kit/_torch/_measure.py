@@ -1,0 +1,125 @@
+"""Measure a training step on any device: live activation storage and FLOPs (recompute included).
+
+`LiveStorageTracker` is a TorchDispatchMode that sees every storage an op allocates during the
+step and the moment it dies (a weakref on the storage). Activation memory is its peak, leaving out
+parameters, inputs (allocated before the step) and the parameter gradients the step leaves
+behind, which is the budget's definition (DESIGN.md). It works on CPU, where
+`torch.cuda.max_memory_allocated` does not exist; on a GPU both are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Timeline of storages allocated under the mode: (alloc id, +bytes) and (alloc id, -bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[int, int]] = []
+        self.current: dict[int, int] = {}  # storage key -> alloc id of the storage alive now
+        self.refs: dict[int, Any] = {}
+
+    def _free(self, alloc_id: int, nbytes: int, key: int, _ref: Any) -> None:
+        self.events.append((alloc_id, -nbytes))
+        if self.current.get(key) == alloc_id:
+            del self.current[key]
+        self.refs.pop(alloc_id, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # views and in-place ops allocate nothing (and may alias a parameter)
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+            if st.device.type == "meta":  # a fake tensor (planning under FakeTensorMode)
+                continue
+            key = st._cdata
+            if key in self.current:
+                continue
+            alloc_id, nbytes = len(self.events), st.nbytes()
+            self.events.append((alloc_id, nbytes))
+            self.current[key] = alloc_id
+            self.refs[alloc_id] = weakref.ref(st, functools.partial(self._free, alloc_id, nbytes, key))
+        return out
+
+    def peak_bytes(self, exclude: Any = ()) -> int:
+        """Peak live bytes, leaving out the storages of the tensors in `exclude` (alive now)."""
+        skip = {self.current[t.untyped_storage()._cdata] for t in exclude
+                if t is not None and t.untyped_storage()._cdata in self.current}
+        live = peak = 0
+        for alloc_id, delta in self.events:
+            if alloc_id in skip:
+                continue
+            live += delta
+            peak = max(peak, live)
+        return peak
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMeasurement:
+    activation_bytes: int  # peak live activation storage (tracker)
+    flops: int  # forward + backward, recompute included (FlopCounterMode)
+    cuda_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated over the step, on a GPU
+
+
+def default_loss(out: Any) -> torch.Tensor:
+    """A scalar from whatever the forward returned: `.loss` / `["loss"]` if present, else a sum."""
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is not None:
+        return loss
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        raise ValueError("the forward returned no floating-point tensor to take a loss of; pass loss_fn=...")
+    return sum(t.float().sum() for t in tensors)
+
+
+def measure_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+                 loss_fn: Callable[[Any], torch.Tensor] | None = None, *, count_flops: bool = True) -> StepMeasurement:
+    """Run forward + backward once and measure it. Parameter gradients are zeroed first."""
+    kwargs = kwargs or {}
+    loss_fn = loss_fn or default_loss
+    model.zero_grad(set_to_none=True)
+    cuda = any(p.is_cuda for p in model.parameters())
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    # Memory and FLOPs in separate runs: FlopCounterMode's module hooks hold tensors alive.
+    tracker = LiveStorageTracker()
+    with tracker:
+        loss = loss_fn(model(*args, **kwargs))
+        loss.backward()
+        del loss
+    grads = [p.grad for p in model.parameters()]
+    cuda_peak = None
+    if cuda:
+        torch.cuda.synchronize()
+        grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
+        cuda_peak = torch.cuda.max_memory_allocated() - base - grad_bytes
+    activation_bytes = tracker.peak_bytes(exclude=grads)
+    flops = 0
+    if count_flops:
+        model.zero_grad(set_to_none=True)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss_fn(model(*args, **kwargs)).backward()
+        flops = counter.get_total_flops()
+        model.zero_grad(set_to_none=True)
+    return StepMeasurement(activation_bytes, flops, cuda_peak)

@@ -1,0 +1,387 @@
+"""Profile one forward of an nn.Module under a TorchDispatchMode and build its CostGraph.
+
+Each aten op the autograd layer dispatches (the same sequence a checkpoint region replays) is
+recorded with its outputs' bytes, its FLOPs (torch.utils.flop_counter's formulas, so the count
+matches FlopCounterMode exactly), RNG / view / in-place flags and the owning module. What the
+op's backward reads (`bwd_reads`) is read back from the autograd nodes' saved tensors after the
+forward, so the graph holds what torch really keeps for backward.
+
+By default the forward runs under FakeTensorMode: shapes only, no compute and no activation
+memory, so a model too large for this machine can still be planned (parameters may be real or on
+the meta device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+try:
+    from torch.utils.checkpoint import SAC_IGNORED_OPS
+except ImportError:  # older torch: the two ops a checkpoint region may dispatch a varying number of times
+    SAC_IGNORED_OPS = {torch.ops.aten.detach.default, torch.ops.prim.device.default}
+from torch.utils.flop_counter import flop_registry
+
+from remat_kit._core.graph import OpKind, Role, Value, value
+
+# Ops whose tensor inputs are read for their metadata only: recomputing them needs no real input.
+_SHAPE_ONLY_PREFIXES = ("aten.empty_like", "aten.zeros_like", "aten.ones_like", "aten.full_like",
+                        "aten.rand_like", "aten.randn_like", "aten.randint_like", "aten.new_")
+_SCALAR_READS = ("aten._local_scalar_dense", "aten.equal", "aten.is_nonzero", "aten.item")
+_KINDS = (
+    (("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.matmul", "aten.convolution",
+      "aten._convolution", "aten.linear", "aten.addbmm"), OpKind.MATMUL),
+    (("aten._scaled_dot_product", "aten.scaled_dot_product", "aten._flash_attention",
+      "aten._efficient_attention", "aten._softmax", "aten.softmax", "aten._safe_softmax",
+      "aten._log_softmax"), OpKind.ATTENTION),
+    (("aten.native_layer_norm", "aten.native_group_norm", "aten.native_batch_norm",
+      "aten._fused_rms_norm", "aten.rsqrt", "aten._native_batch_norm"), OpKind.NORM),
+    (("aten.embedding",), OpKind.EMBEDDING),
+    (("aten.sum", "aten.mean", "aten.amax", "aten.max", "aten.min", "aten.var", "aten.std",
+      "aten.nll_loss", "aten.norm", "aten.linalg_vector_norm"), OpKind.REDUCTION),
+)
+
+
+def ignored(func: Any, args: tuple = ()) -> bool:
+    """Ops a region may dispatch a different number of times between profile, forward and replay.
+
+    SAC_IGNORED_OPS (detach, prim.device), and autocast's casts of parameters: autocast caches
+    them inside one autocast region, so whether a forward or a replay casts depends on what ran
+    before it, not on the plan. Their outputs count as constants (like the parameters).
+    """
+    if func in SAC_IGNORED_OPS:
+        return True
+    if func is torch.ops.aten._to_copy.default and args:
+        x = args[0]
+        return isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad
+    return False
+
+
+def op_kind(name: str, is_rng: bool) -> OpKind:
+    if is_rng:
+        return OpKind.RNG
+    for prefixes, kind in _KINDS:
+        if name.startswith(prefixes):
+            return kind
+    return OpKind.ELEMENTWISE
+
+
+def storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+@dataclasses.dataclass
+class OpRecord:
+    """One dispatched op, in forward order."""
+
+    index: int
+    func: str  # "aten.mm.default"
+    module: str  # innermost module path ("" = the root's own code)
+    stack: tuple[str, ...]  # every enclosing module path, outermost first
+    regions: tuple[str, ...]  # candidate layers whose `forward` (not hooks around it) is running
+    outputs: tuple[str | None, ...]  # value name per tensor output; None = an alias (view) of an input
+    inplace: bool
+    is_rng: bool
+    reads_scalar: bool
+    out_spec: Any  # pytree spec of the op's result (to rebuild placeholders at replay)
+    out_leaves: tuple[Any, ...]  # per leaf: ("t", shape, stride, dtype, device) or the python value
+    creator: int | None = None  # in-place ops: index of the op that allocated the storage they write
+    inputs: tuple[str, ...] = ()  # values the op reads (their version at the time of the op)
+
+
+@dataclasses.dataclass
+class Profile:
+    ops: list[OpRecord]
+    values: list[Value]
+    value_op: dict[str, int]  # value name -> index of the op that produced it
+    mutated_later: set[str]  # values whose storage an in-place op rewrites later
+    module_calls: dict[str, int]  # module path -> number of forward calls
+    fake: bool = True  # profiled under FakeTensorMode (False: with real tensors)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records ops; the module stack comes from forward hooks installed by `profile`."""
+
+    def __init__(self, fake_mode: Any | None):
+        super().__init__()
+        self.fake_mode = fake_mode
+        self.stack: list[str] = []
+        self.regions: list[str] = []
+        self.ops: list[OpRecord] = []
+        self.values: list[dict[str, Any]] = []
+        self.owner: dict[int, str] = {}  # storage key -> current value name (latest version)
+        self.roles: dict[str, Role] = {}
+        self.counts: dict[tuple[str, str], int] = defaultdict(int)
+        self.keepalive: list[Any] = []
+        self.pending_nodes: list[tuple[int, list[torch.Tensor]]] = []
+        self.op_nodes: dict[int, int] = {}  # op index -> id of its autograd node
+        self.nodes: dict[int, Any] = {}
+        self.op_io: dict[int, dict[int, str]] = {}  # op index -> storage key -> value name at op time
+        self.mutated_later: set[str] = set()
+        self.value_op: dict[str, int] = {}
+        self.creator: dict[int, int] = {}  # storage key -> index of the op that allocated it
+
+    # -- external tensors: parameters, buffers, inputs -----------------------------------
+    def register(self, t: torch.Tensor, name: str, role: Role) -> None:
+        key = storage_key(t)
+        if key in self.owner:
+            return
+        self.owner[key] = name
+        self.roles[name] = role
+        self.keepalive.append(t)
+        self.values.append(dict(name=name, num_bytes=t.untyped_storage().nbytes(), role=role,
+                                requires_grad=bool(t.requires_grad), deps=(), kind=OpKind.OTHER,
+                                flops=0, bytes_moved=0, module="", stack=()))
+
+    def _value_of(self, t: torch.Tensor) -> str:
+        key = storage_key(t)
+        if key not in self.owner:  # a constant created outside the recorded region
+            self.register(t, f"const{len(self.roles)}", Role.INPUT)
+        return self.owner[key]
+
+    def _capture_nodes(self) -> None:
+        # Autograd attaches grad_fn after the op returns from dispatch: collect it at the next op.
+        for index, outs in self.pending_nodes:
+            for t in outs:
+                node = t.grad_fn
+                if node is not None:
+                    self.op_nodes[index] = id(node)
+                    self.nodes[id(node)] = node
+                    break
+        self.pending_nodes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if ignored(func, args):
+            return func(*args, **kwargs)
+        self._capture_nodes()
+        name = str(func)
+        flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        in_values = [self._value_of(t) for t in flat_in]
+        io = {storage_key(t): v for t, v in zip(flat_in, in_values)}
+        out = func(*args, **kwargs)
+        leaves, spec = tree_flatten(out)
+        index = len(self.ops)
+        module = self.stack[-1] if self.stack else ""
+        packet = name.rsplit(".", 1)[0] if name.count(".") >= 2 else name
+        is_rng = torch.Tag.nondeterministic_seeded in func.tags
+        schema = func._schema
+        inplace = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        flop_fn = flop_registry.get(func._overloadpacket)
+        flops = int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else 0
+        shape_only = name.startswith(_SHAPE_ONLY_PREFIXES)
+        deps = () if shape_only else tuple(dict.fromkeys(in_values))
+        in_bytes = sum(t.numel() * t.element_size() for t in flat_in)
+        outputs: list[str | None] = []
+        out_leaves: list[Any] = []
+        out_tensors: list[torch.Tensor] = []
+        primary: str | None = None
+        occurrence = 0
+        is_view = not inplace and any(r.alias_info is not None for r in schema.returns)
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor):
+                out_leaves.append(leaf)
+                continue
+            out_leaves.append(("t", tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype, leaf.device))
+            out_tensors.append(leaf)
+            key = storage_key(leaf)
+            known = key in self.owner and key in io
+            if (known or is_view) and not inplace:
+                # A view aliases its input's storage and owns no bytes. Under FakeTensorMode a
+                # view of a real parameter lands on the parameter's fake storage: map it back.
+                if not known and flat_in:
+                    self.owner[key] = in_values[0]
+                    self.keepalive.append(leaf)
+                outputs.append(None)
+                continue
+            if known:  # in-place: a new version of the storage
+                self.mutated_later.add(self.owner[key])
+            else:
+                self.creator[key] = index
+            if primary is None:
+                occurrence = self.counts[(module, packet)]
+                self.counts[(module, packet)] += 1
+            vname = f"{module or 'model'}/{packet}.{occurrence}"
+            if sum(isinstance(x, torch.Tensor) for x in leaves) > 1:
+                vname += f":{len(out_tensors) - 1}"
+            self.values.append(dict(
+                name=vname, num_bytes=leaf.untyped_storage().nbytes(), role=Role.ACTIVATION,
+                tensor=leaf, deps=deps,
+                # The op's FLOPs go to its first output; the replay runs an op when any of its
+                # outputs is recomputed, and decisions_for_torch recomputes all of them then.
+                kind=op_kind(name, is_rng), flops=flops if primary is None else 0,
+                bytes_moved=in_bytes + sum(t.numel() * t.element_size() for t in out_tensors),
+                module=module, stack=tuple(self.stack)))
+            primary = primary or vname
+            self.owner[key] = vname
+            self.value_op[vname] = index
+            io[key] = vname
+            outputs.append(vname)
+        self.keepalive.append(out)
+        self.op_io[index] = io
+        self.pending_nodes.append((index, out_tensors))
+        self.ops.append(OpRecord(
+            index=index, func=name, module=module, stack=tuple(self.stack), regions=tuple(self.regions),
+            outputs=tuple(outputs),
+            inplace=inplace, is_rng=is_rng, reads_scalar=name.startswith(_SCALAR_READS),
+            out_spec=spec, out_leaves=tuple(out_leaves),
+            creator=self.creator.get(storage_key(out_tensors[0])) if inplace and out_tensors else None,
+            inputs=tuple(dict.fromkeys(in_values))))
+        return out
+
+
+def _saved_tensors(node: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    names = [a for a in dir(node) if a.startswith("_saved_")]
+    for attr in names:
+        try:
+            item = getattr(node, attr)
+        except RuntimeError:  # freed or not saved for this call
+            continue
+        for leaf in tree_flatten(item)[0]:
+            if isinstance(leaf, torch.Tensor):
+                found.append(leaf)
+    if not names and hasattr(node, "saved_tensors"):  # custom autograd.Function
+        with contextlib.suppress(RuntimeError):
+            found.extend(t for t in node.saved_tensors if isinstance(t, torch.Tensor))
+    return found
+
+
+@contextlib.contextmanager
+def _module_hooks(root: torch.nn.Module, rec: _Recorder, calls: dict[str, int], layers: list[str]):
+    handles = []
+    for path, mod in root.named_modules():
+        def pre(_m, _a, path=path):
+            rec.stack.append(path)
+            calls[path] = calls.get(path, 0) + 1
+
+        def post(_m, _a, _o, path=path):
+            if rec.stack and rec.stack[-1] == path:
+                rec.stack.pop()
+
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post, always_call=True))
+    # A checkpoint region is a layer's `forward`; hooks around it (FSDP's unshard / reshard) run
+    # outside it, so region membership is recorded by wrapping the candidate layers' forward.
+    wrapped = []
+    for path in layers:
+        mod = root.get_submodule(path)
+        previous = mod.__dict__.get("forward")
+        inner = mod.forward
+
+        def forward(*args, __inner=inner, __path=path, **kwargs):
+            rec.regions.append(__path)
+            try:
+                return __inner(*args, **kwargs)
+            finally:
+                rec.regions.pop()
+
+        mod.forward = forward
+        wrapped.append((mod, previous))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, previous in wrapped:
+            if previous is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = previous
+
+
+def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = True, call: Any = None,
+            layers: list[str] | None = None) -> Profile:
+    """Run `root(*args, **kwargs)` once under the recorder and return its ops and values.
+
+    Needs grad mode on (what `auto` plans is a training step). With `fake=True` the run is under
+    FakeTensorMode: real parameters are read for their shapes only.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    rec = _Recorder(fake_mode)
+    for name, p in root.named_parameters():
+        rec.register(p, f"param:{name}", Role.PARAM if p.requires_grad else Role.INPUT)
+    for name, b in root.named_buffers():
+        rec.register(b, f"buffer:{name}", Role.INPUT)
+    calls: dict[str, int] = {}
+
+    def convert(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and fake_mode is not None:
+            t = fake_mode.from_tensor(x)
+            if x.requires_grad and not t.requires_grad:
+                t.requires_grad_(True)
+            return t
+        return x
+
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            flat, spec = tree_flatten((args, kwargs))
+            flat = [convert(x) for x in flat]
+            for i, x in enumerate(flat):
+                if isinstance(x, torch.Tensor):
+                    rec.register(x, f"input{i}", Role.INPUT)
+            from torch.utils._pytree import tree_unflatten
+
+            fargs, fkwargs = tree_unflatten(flat, spec)
+            with _module_hooks(root, rec, calls, layers or []), rec:
+                out = (call or root)(*fargs, **fkwargs)
+            rec._capture_nodes()
+            values = _finish(rec)
+            del out
+    # Autocast caches parameter casts per region; the ones made here are fake tensors.
+    torch.clear_autocast_cache()
+    return Profile(ops=rec.ops, values=values, value_op=rec.value_op,
+                   mutated_later=rec.mutated_later, module_calls=calls, fake=fake)
+
+
+def _finish(rec: _Recorder) -> list[Value]:
+    """Attach bwd_reads from the autograd nodes' saved tensors, then freeze the values."""
+    reads: dict[str, list[str]] = defaultdict(list)
+    names = {v["name"] for v in rec.values}
+    for index, node_id in rec.op_nodes.items():
+        op = rec.ops[index]
+        own = [o for o in op.outputs if o is not None]
+        if not own:
+            continue  # views: their backward reads sizes, not tensors
+        io = rec.op_io[index]
+        for t in _saved_tensors(rec.nodes[node_id]):
+            key = storage_key(t)
+            name = io.get(key) or rec.owner.get(key)
+            if name is None or name not in names:
+                continue
+            for o in own:
+                if name not in reads[o]:
+                    reads[o].append(name)
+    # An op's backward runs when one of its differentiable outputs gets a gradient, and it may
+    # read every output (layer norm reads its mean and rstd): order each op's outputs so the
+    # differentiable ones come last and can list their siblings as reads.
+    ordered: list[dict[str, Any]] = []
+    for v in rec.values:
+        ordered.append(v)
+        op = rec.value_op.get(v["name"])
+        k = len(ordered) - 1
+        while k > 0 and op is not None and rec.value_op.get(ordered[k - 1]["name"]) == op and (
+            ordered[k - 1]["tensor"].requires_grad and not ordered[k]["tensor"].requires_grad
+        ):
+            ordered[k - 1], ordered[k] = ordered[k], ordered[k - 1]
+            k -= 1
+    rec.values = ordered
+    position = {v["name"]: i for i, v in enumerate(rec.values)}
+    out = []
+    for v in rec.values:
+        own_pos = position[v["name"]]
+        bwd = tuple(r for r in reads.get(v["name"], ()) if position[r] <= own_pos)
+        out.append(value(
+            v["name"], v["num_bytes"], kind=v["kind"], flops=v["flops"], deps=v["deps"], bwd_reads=bwd,
+            bytes_moved=v["bytes_moved"], module=v["module"], role=v["role"],
+            # Autograd marks outputs after dispatch returns: read the flag now, after the forward.
+            requires_grad=bool(v["tensor"].requires_grad) if v["role"] is Role.ACTIVATION else None,
+        ))
+    return out

@@ -1,0 +1,281 @@
+"""Run a plan: per-region op tables and the two dispatch modes a non-reentrant checkpoint enters.
+
+Why not `create_selective_checkpoint_contexts` alone: torch's SAC replays *every* op of the
+region up to its last saved tensor, including ops whose outputs no backward needs (the input of
+a dropout whose mask is kept, say), and a cached RNG op does not advance the generator, so a
+later recomputed dropout would draw a different mask. The memory model (remat_kit._core.simulate)
+recomputes only what the backward needs. These modes do exactly that, by op index, like SAC:
+
+* RUN: the op is recomputed (its output is needed and planned RECOMPUTE), or it is a view.
+* CACHE: its needed outputs were kept (or offloaded) in the forward and are handed back.
+* SKIP: nothing downstream needs it; an uninitialised placeholder of the right shape flows on.
+
+An RNG op that is not RUN restores the generator state it left in the forward, so every
+recomputed RNG op draws exactly the numbers it drew the first time (same masks, same gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.simulate import _needed_and_recomputed, decision_codes
+from remat_kit._torch._graph import TorchGraph
+from remat_kit._torch._profile import Profile, ignored
+
+RUN, CACHE, SKIP = "run", "cache", "skip"
+_OFFLOAD_CODE = 2
+
+
+class OpSequenceError(RuntimeError):
+    """The forward dispatched different ops than the profile the plan was made from."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    func: str
+    action: str
+    cache: tuple[int, ...]  # tensor-leaf indices kept in the forward
+    offload: tuple[int, ...]  # of those, the ones moved to host memory
+    restore_rng: bool
+    inplace: bool
+    out_spec: Any
+    out_leaves: tuple[Any, ...]
+    alias_of: int | None = None  # SKIP op allocating a storage whose final in-place version is kept
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    name: str  # block name
+    module: str  # module path whose forward is checkpointed ("" = the root)
+    steps: tuple[Step, ...]
+
+
+def regions(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Region]:
+    """The checkpoint regions a plan needs, keyed by module path; regions that keep all are left out."""
+    graph = tg.graph
+    codes = decision_codes(graph, plan)
+    needed, recomputed = _needed_and_recomputed(graph, codes)
+    rec_consumer = [any(recomputed[c] for c in graph.consumers[i]) for i in range(len(graph))]
+    out: dict[str, Region] = {}
+    for seg in tg.segments:
+        if seg.module is None:
+            continue
+        # Values a scalar read (`if x.sum() > 0`) sees decide control flow: they are recomputed
+        # for real at replay, with everything they are computed from (placeholders would flip
+        # the branch).
+        real: set[str] = set()
+        for op in reversed(profile.ops[seg.start:seg.stop]):
+            if op.reads_scalar or any(o in real for o in op.outputs if o is not None):
+                real.update(n for n in op.inputs if graph[n].is_activation)
+        steps, active = [], False
+        for op in profile.ops[seg.start:seg.stop]:
+            idx = [graph.index(o) if o is not None else None for o in op.outputs]
+            owned = [(j, i) for j, i in enumerate(idx) if i is not None]
+            cache, offload = [], []
+            if not owned or any(recomputed[i] for _, i in owned) or op.reads_scalar or (
+                    real and any(graph.values[i].name in real for _, i in owned)):
+                action = RUN
+            else:
+                for j, i in owned:
+                    if needed[i] and (graph.is_residual[i] or rec_consumer[i]):
+                        cache.append(j)
+                        if codes[i] == _OFFLOAD_CODE:
+                            offload.append(j)
+                action = CACHE if cache else SKIP
+            active |= any(recomputed[i] or (needed[i] and codes[i] == _OFFLOAD_CODE) for _, i in owned)
+            steps.append(Step(op.func, action, tuple(cache), tuple(offload), op.is_rng and action != RUN,
+                              op.inplace, op.out_spec, op.out_leaves))
+        # A kept value written in place (dropout's mask: empty_like, bernoulli_, div_) is handed
+        # back where its storage is first allocated, so the replay holds one copy, not two.
+        for k, op in enumerate(profile.ops[seg.start:seg.stop]):
+            if steps[k].action == CACHE and op.inplace and op.creator is not None:
+                first = op.creator - seg.start
+                if 0 <= first < k and steps[first].action == SKIP and len(steps[first].out_leaves) == 1:
+                    steps[first] = dataclasses.replace(steps[first], alias_of=k)
+        if active:
+            out[seg.module] = Region(seg.name, seg.module, tuple(steps))
+    return out
+
+
+def _rng_device(step: Step) -> torch.device:
+    for leaf in step.out_leaves:
+        if isinstance(leaf, tuple) and leaf and leaf[0] == "t":
+            return leaf[4]
+    return torch.device("cpu")
+
+
+def _get_rng(device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+def _set_rng(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device.type).set_rng_state(state, device)
+
+
+def _mutated_arg(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+    for k, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            return args[k] if k < len(args) else kwargs[a.name]
+    raise OpSequenceError(f"{func} is marked in-place but mutates no argument")
+
+
+class _State:
+    def __init__(self, region: Region):
+        self.region = region
+        self.cache: dict[int, list[torch.Tensor]] = {}
+        self.rng: dict[int, torch.Tensor] = {}
+
+    def step(self, k: int, func: Any, phase: str) -> Step:
+        steps = self.region.steps
+        if k >= len(steps) or steps[k].func != str(func):
+            planned = steps[k].func if k < len(steps) else f"the end of the region ({len(steps)} ops)"
+            raise OpSequenceError(
+                f"remat_kit: during {phase} of `{self.region.module or 'the model'}` op #{k} is {func}, but the "
+                f"plan was made for {planned}. The forward's op sequence changed (data-dependent control flow, "
+                "or the module or its inputs changed without changing shapes); a plan indexed by op cannot be "
+                "applied. remat_kit drops this plan and re-profiles on the next call; if the sequence changes "
+                "on every call, use remat_kit.unwrap(model) and torch.utils.checkpoint for this module."
+            )
+        return steps[k]
+
+
+class _ForwardMode(TorchDispatchMode):
+    def __init__(self, state: _State):
+        super().__init__()
+        self.state, self.k = state, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if ignored(func, args):
+            return func(*args, **kwargs)
+        step = self.state.step(self.k, func, "the forward")
+        out = func(*args, **kwargs)
+        if step.cache:
+            tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            kept = []
+            for j in step.cache:
+                t = tensors[j].detach()
+                if j in step.offload and t.device.type != "cpu":
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+                    t = host.copy_(t, non_blocking=True)
+                kept.append(t)
+            self.state.cache[self.k] = kept
+        if step.restore_rng:
+            self.state.rng[self.k] = _get_rng(_rng_device(step))
+        self.k += 1
+        return out
+
+    def __exit__(self, *exc):
+        done = self.k
+        result = super().__exit__(*exc)
+        if exc[0] is None and done != len(self.state.region.steps):
+            raise OpSequenceError(
+                f"remat_kit: the forward of `{self.state.region.module or 'the model'}` ran {done} ops, but the plan "
+                f"was made for {len(self.state.region.steps)}. The op sequence changed (data-dependent control "
+                "flow); remat_kit drops this plan and re-profiles on the next call."
+            )
+        return result
+
+
+class _ReplayMode(TorchDispatchMode):
+    def __init__(self, state: _State):
+        super().__init__()
+        self.state, self.k = state, 0
+
+    def __enter__(self):
+        self.k = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if ignored(func, args):
+            return func(*args, **kwargs)
+        k = self.k
+        self.k += 1
+        step = self.state.step(k, func, "the recompute")
+        if step.action == RUN:
+            return func(*args, **kwargs)
+        if step.restore_rng:
+            _set_rng(_rng_device(step), self.state.rng.pop(k))
+        if step.alias_of is not None and self.state.cache.get(step.alias_of):
+            return tree_unflatten([self.state.cache[step.alias_of][0]], step.out_spec)
+        cached = dict(zip(step.cache, self.state.cache.pop(k, [])))
+        if step.inplace:  # autograd returns the mutated argument; give it the kept contents
+            target = _mutated_arg(func, args, kwargs)
+            kept = next(iter(cached.values()), None)
+            if kept is not None and kept.untyped_storage()._cdata != target.untyped_storage()._cdata:
+                target.copy_(kept)
+            return target if len(step.out_leaves) == 1 else tree_unflatten([target], step.out_spec)
+        leaves, j = [], 0
+        for leaf in step.out_leaves:
+            if isinstance(leaf, tuple) and leaf and leaf[0] == "t":
+                _, shape, stride, dtype, device = leaf
+                if j in cached:
+                    t = cached[j]
+                    leaves.append(t.to(device, non_blocking=True) if t.device != device else t)
+                else:
+                    leaves.append(torch.empty_strided(shape, stride, dtype=dtype, device=device))
+                j += 1
+            else:
+                leaves.append(leaf)
+        return tree_unflatten(leaves, step.out_spec)
+
+
+# torch.compile traces checkpoint only with torch's own SAC contexts (dynamo raises "checkpoint not
+# implemented for ... context_fn" otherwise), and under compile SAC's op indices are those of the
+# traced graph, not of the profile. A planned layer therefore runs eagerly, as a graph break: its
+# plan is applied exactly, and everything else in the model still compiles.
+@torch._dynamo.disable
+def run_region(region: Region, fn: Any, args: tuple, kwargs: dict) -> Any:
+    """`fn(*args, **kwargs)` as a non-reentrant checkpoint that keeps and recomputes per `region`."""
+    state = _State(region)
+
+    def context_fn():
+        return _ForwardMode(state), _ReplayMode(state)
+
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False, context_fn=context_fn, preserve_rng_state=True, **kwargs
+    )
+
+
+def decisions_for_torch(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Decision]:
+    """Adjust a solver's plan to what these modes can run exactly.
+
+    * All outputs of one op share its fate: if one is recomputed the op runs, so its other needed
+      outputs are recomputed too (the simulator then counts the op's FLOPs once, as torch does).
+    * A value an in-place op rewrites later cannot be kept as it was: recompute it.
+    * Pinned values (outside any checkpoint region) are kept.
+    """
+    graph = tg.graph
+    dec = {n: d for n, d in plan.decisions}
+    for name in tg.pinned:
+        if dec.get(name) is not None and dec[name] is not Decision.SAVE:
+            dec[name] = Decision.SAVE
+    for name in profile.mutated_later:
+        if name in dec and name not in tg.pinned and dec[name] is not Decision.RECOMPUTE:
+            dec[name] = Decision.RECOMPUTE
+    free = {graph.values[i].name for i in graph.free_values}
+    for _ in range(3):  # coupling can cascade through shared deps; a few rounds settle it
+        codes = decision_codes(graph, {n: d for n, d in dec.items() if n in free})
+        _, recomputed = _needed_and_recomputed(graph, codes)
+        changed = False
+        for op in profile.ops:
+            owned = [o for o in op.outputs if o is not None]
+            if len(owned) > 1 and any(recomputed[graph.index(o)] for o in owned):
+                for o in owned:
+                    if o in free and o not in tg.pinned and dec.get(o) is not Decision.RECOMPUTE:
+                        dec[o], changed = Decision.RECOMPUTE, True
+        if not changed:
+            break
+    return {n: d for n, d in dec.items() if n in free}
