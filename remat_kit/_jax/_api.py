@@ -1,0 +1,241 @@
+"""`auto` for JAX functions and Flax nnx / linen modules: trace, plan (cached per input
+signature), and run the planned function."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from remat_kit._core.budget import parse_budget
+from remat_kit._core.graph import DeviceSpec, Role
+from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.solve import _check_solver
+from remat_kit._jax._apply import run_planned
+from remat_kit._jax._graph import Traced, build
+from remat_kit._jax._ir import trace
+from remat_kit._jax._planner import choose
+from remat_kit._jax._rules import Tracer
+from remat_kit._jax._verify import can_verify, verified
+
+_ATTR = "__remat_kit_auto__"
+
+
+@dataclasses.dataclass
+class Entry:
+    traced: Traced
+    plan: Plan
+    decisions: dict[str, Decision]
+
+
+class Planner:
+    """Budget, options and the per-signature plan cache shared by every call of one `auto` target."""
+
+    def __init__(self, budget: object, *, offload: bool, solver: str | None, verify: bool = True, device: DeviceSpec | None = None):
+        parse_budget(budget)  # raises ValueError naming `budget`
+        _check_solver(solver)
+        for name, flag in (("offload", offload), ("verify", verify)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r} must be True or False.")
+        self.budget, self.offload, self.solver, self.verify, self.device = budget, offload, solver, verify, device
+        self.cache: dict[Any, Plan] = {}
+
+    def prepare(self, f: Callable, args: tuple, kwargs: dict, num_param_args: int = 1):
+        """Trace `f(*args, **kwargs)`, plan it (cached), and return (entry, flat dynamic args, rebuild)."""
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        dyn = [i for i, x in enumerate(leaves) if _is_array(x)]
+        static = tuple((i, _static_key(leaves[i])) for i in range(len(leaves)) if i not in set(dyn))
+        num_param_leaves = len(jax.tree_util.tree_leaves(args[:num_param_args]))
+        roles = [Role.PARAM if i < num_param_leaves else Role.INPUT for i in dyn]
+
+        def flat_f(*dyn_vals):
+            full = list(leaves)
+            for i, v in zip(dyn, dyn_vals):
+                full[i] = v
+            a, kw = jax.tree_util.tree_unflatten(treedef, full)
+            return f(*a, **kw)
+
+        dyn_vals = [leaves[i] for i in dyn]
+        fn, out_tree = trace(flat_f, *dyn_vals)
+        divisors = {vid: d for vid, x in zip(fn.invars, dyn_vals) if (d := _divisor(x)) > 1}
+        key = (treedef, static, tuple(_signature(x) for x in dyn_vals), tuple(roles))
+        traced = build(fn, out_tree, roles, divisors)
+        plan = self.cache.get(key)
+        if plan is None:
+            plan = choose(traced, self.budget, solver=self.solver, offload=self.offload, device=self.device)
+            if self.verify and plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD) and can_verify(traced):
+                plan = verified(traced, plan, self.budget, self._replan(traced), dyn_vals, layer=not _is_stack(traced))
+            self.cache[key] = plan
+        return Entry(traced=traced, plan=plan, decisions=plan.as_dict()), dyn_vals
+
+    def _replan(self, traced: Traced) -> Callable[[float], Plan]:
+        return lambda fraction: choose(traced, fraction, solver=self.solver, offload=self.offload, device=self.device)
+
+    def call(self, f: Callable, args: tuple, kwargs: dict, num_param_args: int = 1) -> Any:
+        entry, dyn_vals = self.prepare(f, args, kwargs, num_param_args)
+        outs = run_planned(entry.traced, entry.decisions, dyn_vals)
+        return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
+
+
+def _is_stack(traced: Traced) -> bool:
+    """Whole models (several blocks, or a scan over layers) are checked by compiling one call; a
+    single layer's budget is per call in a deep stack, checked on a short chain of it."""
+    return traced.graph.num_blocks >= 2
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, Tracer)
+
+
+def _static_key(x: Any) -> Any:
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return ("id", id(x))
+
+
+def _signature(x: Any) -> tuple:
+    aval = jax.typeof(x)
+    sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) and not isinstance(x, Tracer) else None
+    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)), sharding)
+
+
+def _divisor(x: Any) -> int:
+    """How many devices share an input: from a concrete array's sharding, or an explicit-mode aval's."""
+    try:
+        sharding = x.sharding if not isinstance(x, Tracer) else jax.typeof(x).sharding
+        shape = tuple(x.shape)
+        shard = sharding.shard_shape(shape)
+        total, part = int(np.prod(shape)), int(np.prod(shard))
+        return max(1, total // max(part, 1))
+    except Exception:  # no sharding information (a tracer under automatic sharding): count it whole
+        return 1
+
+
+# -- targets -------------------------------------------------------------------------------------
+def auto(target: Any, budget: object, *, offload: bool = False, solver: str | None = None, verify: bool = True) -> Any:
+    """Wrap a JAX function, an nnx Module class or instance, or a linen Module class.
+
+    `verify=True` (default) compiles the first call of each input signature with and without the
+    plan and tightens the plan until the compiled temp memory fits (see `_verify.py`); pass
+    False to skip those compiles and trust the cost model alone.
+    """
+    planner = Planner(budget, offload=offload, solver=solver, verify=verify)
+    kind = _target_kind(target)
+    if kind == "nnx_class":
+        return _nnx_class(target, planner)
+    if kind == "nnx_instance":
+        target.__class__ = _nnx_class(type(target), planner)
+        return target
+    if kind == "linen_class":
+        return _linen_class(target, planner)
+    if kind == "linen_instance":
+        raise ValueError(
+            f"remat_kit.auto({type(target).__name__}(...)): a linen Module instance cannot be re-planned in place; "
+            f"wrap the class instead: `{type(target).__name__} = remat_kit.auto({type(target).__name__}, budget=...)` "
+            "or decorate its definition with `@remat_kit.auto(budget=...)`."
+        )
+    if not callable(target):
+        raise ValueError(
+            f"remat_kit.auto(target={target!r:.80}): expected a JAX function, a Flax nnx Module class or instance, "
+            "a linen Module class, or a torch.nn.Module."
+        )
+    return _function(target, planner)
+
+
+def _target_kind(target: Any) -> str:
+    try:
+        from flax import nnx
+        import flax.linen as nn
+    except ImportError:  # flax not installed: only plain functions
+        return "function"
+    if isinstance(target, type):
+        if issubclass(target, nnx.Module):
+            return "nnx_class"
+        if issubclass(target, nn.Module):
+            return "linen_class"
+        return "function"
+    if isinstance(target, nnx.Module):
+        return "nnx_instance"
+    if isinstance(target, nn.Module):
+        return "linen_instance"
+    return "function"
+
+
+def _function(f: Callable, planner: Planner) -> Callable:
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        return planner.call(f, args, kwargs)
+
+    setattr(wrapped, _ATTR, (planner, f))
+    return wrapped
+
+
+def _nnx_class(cls: type, planner: Planner) -> type:
+    from flax import nnx
+
+    original = getattr(cls, _ATTR, (None, cls))[1]
+    call = original.__call__
+
+    def __call__(self, *args, **kwargs):
+        graphdef, state = nnx.split(self)
+
+        def pure(state, *args, **kwargs):
+            module = nnx.merge(graphdef, state)
+            out = call(module, *args, **kwargs)
+            return out, nnx.state(module)
+
+        out, new_state = planner.call(pure, (state, *args), kwargs)
+        nnx.update(self, new_state)
+        return out
+
+    sub = type(original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__, "__qualname__": original.__qualname__})
+    setattr(sub, _ATTR, (planner, original))
+    return sub
+
+
+def _linen_class(cls: type, planner: Planner) -> type:
+    import flax.linen as nn
+    from flax.core import lift
+
+    def transform(fn, variables=True, rngs=True):
+        def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args, **kwargs):
+            def pure(variable_groups, rng_groups, *args, **kwargs):
+                scope = scope_fn(variable_groups, rng_groups)
+                y = fn(scope, *args, **kwargs)
+                return y, repack_fn(scope)
+
+            return planner.call(pure, (variable_groups, rng_groups, *args), kwargs)
+
+        return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat_kit_auto", enable_kwargs=True)
+
+    sub = nn.transforms.lift_transform(transform, cls)
+    # Linen names submodules after their class: keep the original name so parameter paths (and
+    # checkpoints) are the same with and without auto.
+    sub.__name__, sub.__qualname__ = cls.__name__, cls.__qualname__
+    setattr(sub, _ATTR, (planner, cls))
+    return sub
+
+
+def unwrap(target: Any) -> Any:
+    """Undo `auto`: the original function or class; an nnx instance gets its class back."""
+    found = getattr(target, _ATTR, None) if not _is_module_instance(target) else getattr(type(target), _ATTR, None)
+    if found is None:
+        raise ValueError(f"remat_kit.unwrap({target!r:.80}): not made by remat_kit.auto; nothing to undo.")
+    if _is_module_instance(target):
+        target.__class__ = found[1]
+        return target
+    return found[1]
+
+
+def _is_module_instance(target: Any) -> bool:
+    return _target_kind(target) in ("nnx_instance", "linen_instance")
+
+
+def planner_of(target: Any) -> tuple[Planner, Any] | None:
+    obj = type(target) if _is_module_instance(target) else target
+    return getattr(obj, _ATTR, None)

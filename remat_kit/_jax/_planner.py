@@ -1,0 +1,185 @@
+"""From a traced cost graph and a budget to per-value decisions.
+
+Three cases, by the structure `_graph.build` found:
+
+* a top-level `scan` over layers: one scan body runs every layer, so its plan must be the same
+  in every iteration. Each option of the body's block menu (the core's op-level 0-1 programs at
+  several caps) is tried in every iteration at once, the blocks outside the scan are left to
+  the core's chain DP, and the least-cost combination that fits wins;
+* several blocks without a scan (unrolled layers): the core's `solve` as is;
+* one block (the target is one layer, e.g. a scan body or a decorated layer class): the layer
+  repeats, so a fractional budget bounds what each call keeps for its backward, as a fraction
+  of what no remat keeps (the activation memory of a deep stack of it, up to one layer's
+  recompute transient). A byte budget bounds the single call's whole peak.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from remat_kit._core import chain_dp
+from remat_kit._core.budget import format_bytes, parse_budget
+from remat_kit._core.graph import DeviceSpec
+from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.simulate import baseline_activation_bytes
+from remat_kit._core.milp import solve_milp
+from remat_kit._core.solve import Costs, InfeasibleBudgetError, _codes_from_milp, block_menus, solve
+from remat_kit._jax._graph import Traced
+
+_NAMES = {0: Decision.SAVE, 1: Decision.RECOMPUTE, 2: Decision.OFFLOAD}
+MAX_SCAN_COMBOS = 64
+NUM_REFINE = 8  # bisection steps on the per-layer kept-bytes cap of a scan body
+
+
+def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool, device: DeviceSpec | None = None) -> Plan:
+    graph = traced.graph
+    parsed = parse_budget(budget)
+    device = device or DeviceSpec()
+    scans = [s for s in traced.scans.values() if len(s.blocks) > 1 and min(s.blocks) >= 0]
+    if parsed.kind == "fraction" and parsed.value == 1.0:
+        return Plan.from_decisions(graph, {}, budget=str(parsed), solver="none")
+    if scans:
+        return _uniform_scans(traced, scans, parsed, budget, offload, device)
+    if graph.num_blocks >= 2 or parsed.kind == "bytes":
+        return solve(graph, budget, solver=solver, offload=offload, device=device)
+    return _one_layer(traced, parsed, budget, offload, device)
+
+
+def _plan_from_codes(traced: Traced, codes: dict[int, int], parsed, label: str) -> Plan:
+    graph = traced.graph
+    decisions = {graph.values[i].name: _NAMES[c] for i, c in codes.items() if c and i in set(graph.free_values)}
+    return Plan.from_decisions(graph, decisions, budget=str(parsed), solver=label)
+
+
+def _one_layer(traced: Traced, parsed, raw, offload: bool, device: DeviceSpec) -> Plan:
+    graph = traced.graph
+    costs = Costs(graph, device)
+    menu = block_menus(graph, costs, offload)[0] if graph.num_blocks else []
+    keep_all = max((o.kept_bytes for o in menu), default=0)
+    if keep_all == 0:
+        return Plan.from_decisions(graph, {}, budget=str(parsed), solver="none")
+    limit = math.floor(parsed.value * keep_all)
+    fits = [o for o in menu if o.kept_bytes <= limit]
+    if not fits:
+        smallest = min(o.kept_bytes for o in menu)
+        need = math.ceil(smallest / keep_all * 1000) / 1000
+        raise InfeasibleBudgetError(
+            f"budget={raw!r} is below the smallest feasible budget {need:g} for this layer: even full "
+            f"recompute keeps {format_bytes(smallest)} of the {format_bytes(keep_all)} no remat keeps per call "
+            f"(its inputs and outputs); raise it" + ("" if offload else " or pass offload=True") + ".",
+            smallest_fraction=smallest / keep_all, smallest_bytes=smallest,
+        )
+    best = min(fits, key=lambda o: (o.cost, o.num_ops, o.kept_bytes))
+    return _plan_from_codes(traced, dict(best.codes), parsed, f"auto:layer:{best.label}")
+
+
+def _uniform_scans(traced: Traced, scans, parsed, raw, offload: bool, device: DeviceSpec) -> Plan:
+    graph = traced.graph
+    costs = Costs(graph, device)
+    menus = block_menus(graph, costs, offload)
+    baseline = baseline_activation_bytes(graph)
+    limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
+    per_scan = []  # per scan: candidate body options, each as {iteration block: that block's option}
+    for s in scans:
+        b0 = s.blocks[0]
+        same = all(chain_dp.block_signature(graph, b) == chain_dp.block_signature(graph, b0) for b in s.blocks[1:])
+
+        def uniform(opt, s=s, b0=b0, same=same):
+            if not same:
+                return _translate(traced, s, opt, costs)
+            return {b: opt.at(graph, b, graph.block_members[b][0] - graph.block_members[b0][0]) for b in s.blocks}
+
+        options = [uniform(o) for o in menus[b0]]
+        if len(scans) == 1:
+            options += _refined(graph, menus, s, b0, costs, offload, limit, uniform)
+        per_scan.append(options)
+    best, smallest = None, None
+    combos = itertools.islice(itertools.product(*per_scan), MAX_SCAN_COMBOS)
+    for combo in combos:
+        fixed = {}
+        for chosen in combo:
+            fixed.update(chosen)
+        trial = [[fixed[b]] if b in fixed else menus[b] for b in range(graph.num_blocks)]
+        peak = chain_dp.min_peak(trial)
+        smallest = peak if smallest is None else min(smallest, peak)
+        found = chain_dp.solve_chain(trial, limit)
+        if found is None:
+            continue
+        choice = found[0]  # [(start block, option index)]; every option here spans one block
+        cost = sum(trial[b][c].cost for b, c in choice)
+        ops = sum(trial[b][c].num_ops for b, c in choice)
+        if best is None or (cost, ops) < best[0]:
+            best = ((cost, ops), trial, choice)
+    if best is None:
+        fraction = (smallest or 0) / baseline if baseline else 1.0
+        need = f"{math.ceil(fraction * 1000) / 1000:g}" if parsed.kind == "fraction" else format_bytes((smallest or 0) + graph.constant_bytes)
+        raise InfeasibleBudgetError(
+            f"budget={raw!r} is below the smallest feasible budget {need} ({format_bytes(smallest or 0)} of activations, "
+            f"{fraction:.1%} of no remat, with one plan for every layer of the scan); raise it"
+            + ("" if offload else " or pass offload=True") + ".",
+            smallest_fraction=fraction, smallest_bytes=(smallest or 0) + graph.constant_bytes,
+        )
+    _, trial, choice = best
+    codes: dict[int, int] = {}
+    for b, c in choice:
+        codes.update(dict(trial[b][c].codes))
+    return _plan_from_codes(traced, codes, parsed, "auto:scan")
+
+
+def _translate(traced: Traced, scan, option, costs: Costs) -> dict:
+    """One body option applied to every iteration by name (iterations whose blocks differ)."""
+    graph = traced.graph
+    by_key = {graph.index(n): key for key, n in scan.iter_names[0].items()}
+    first = {by_key[i]: c for i, c in option.codes if i in by_key}
+    out = {}
+    for b, names in zip(scan.blocks, scan.iter_names):
+        codes = {graph.index(names[key]): c for key, c in first.items() if key in names}
+        codes = {i: c for i, c in codes.items() if not graph.is_forced[i]}
+        out[b] = chain_dp.measure_option(graph, b, codes, costs.of, option.label)
+    return out
+
+
+def _refined(graph, menus, scan, b0: int, costs: Costs, offload: bool, limit: int, uniform) -> list[dict]:
+    """Body options at the kept-bytes cap that just fits, found by bisection.
+
+    The block menus hold options at a few caps; a plan shared by L layers multiplies any slack
+    by L, so the cap is searched directly: the cheapest body under cap c (the core's op-level
+    program on the block's window), used in every layer, with the DP over the other blocks.
+    """
+    free = {i for i in graph.block_members[b0] if not graph.is_forced[i]}
+    if not free:
+        return []
+    win = chain_dp.window(graph, b0)
+    sub, offset = win.graph, win.offset
+    back = {j: i for i, j in win.index_map.items()}
+    sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
+    sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
+
+    def option_at(cap: int):
+        res = solve_milp(sub, limit=None, rec_cost=sub_rec, off_cost=sub_off if offload else None,
+                         blocks=[b0 - offset], kept_cap=cap, backward_bytes=win.earlier_seed_bytes)
+        if res is None:
+            return None
+        codes = {back[j]: c for j, c in enumerate(_codes_from_milp(sub, res)) if back.get(j) in free}
+        return chain_dp.measure_option(graph, b0, codes, costs.of, f"selective (kept <= {cap} bytes)")
+
+    def fits(opt) -> bool:
+        fixed = uniform(opt)
+        trial = [[fixed[b]] if b in fixed else menus[b] for b in range(graph.num_blocks)]
+        return chain_dp.min_peak(trial) <= limit
+
+    kept = [o.kept_bytes for o in menus[b0]]
+    lo, hi = min(kept), max(kept)
+    found = []
+    for _ in range(NUM_REFINE):
+        if hi - lo <= max(1, (max(kept) - min(kept)) // 256):
+            break
+        mid = (lo + hi) // 2
+        opt = option_at(mid)
+        if opt is not None and fits(opt):
+            found.append(uniform(opt))
+            lo = mid
+        else:
+            hi = mid
+    return found

@@ -1,0 +1,72 @@
+"""Sharding: under a Mesh with NamedSharding the cost graph counts per-device bytes and a byte
+budget is per device. Runs in a subprocess with 8 host devices, since the device count is fixed
+when jax initialises and the other test files share this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("jax")
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import remat_kit._jax as rj
+    from remat_kit._jax._api import Planner, planner_of
+
+    assert len(jax.devices()) == 8, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch = NamedSharding(mesh, P("data"))
+    L, B, D = 6, 2048, 32
+
+    def model(ws, x):
+        for i in range(L):
+            x = jax.lax.with_sharding_constraint(x, batch)
+            h = jnp.tanh(x @ ws[i][0])
+            x = x + jnp.sin(h @ ws[i][1])
+        return jnp.mean(x ** 2)
+
+    keys = jax.random.split(jax.random.key(0), 2 * L)
+    ws = [(jax.random.normal(keys[2 * i], (D, 4 * D)) / 6, jax.random.normal(keys[2 * i + 1], (4 * D, D)) / 11) for i in range(L)]
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (B, D)), batch)
+
+    entry, _ = Planner(1.0, offload=False, solver=None).prepare(model, (ws, x), {})
+    graph = entry.traced.graph
+    act = [v for v in graph.values if v.is_activation and v.kind.value == "elementwise" and v.num_bytes]
+    out = {"elementwise_bytes": sorted({v.num_bytes for v in act}), "whole_bytes": [B * D * 4, B * 4 * D * 4]}
+
+    budget_bytes = int(graph.constant_bytes + 0.6 * entry.plan.baseline_activation_bytes)
+    planned = rj.auto(model, budget_bytes)
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.grad(planned))(ws, x)
+        want = jax.jit(jax.grad(model))(ws, x)
+    num = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    den = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(want))
+    plan = next(iter(planner_of(planned)[0].cache.values()))
+    out.update(rel_err=num / den, budget_bytes=budget_bytes, predicted_peak=plan.predicted_peak_bytes,
+               recomputed=len(plan.names("recompute")))
+    print("RESULT", json.dumps(out))
+    """
+)
+
+
+def test_per_device_bytes_and_byte_budget():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    out = json.loads(line[len("RESULT "):])
+    # activations split 8 ways over the batch: each elementwise value is 1/8 of its global size
+    assert out["elementwise_bytes"] == [b // 8 for b in out["whole_bytes"]]
+    assert out["rel_err"] <= 1e-6
+    assert out["recomputed"] > 0
+    assert out["predicted_peak"] <= out["budget_bytes"]
