@@ -12,20 +12,11 @@ import remat_kit as rk
 from remat_kit._core import chain_dp
 from remat_kit._core.milp import solve_milp
 from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run, baseline_activation_bytes
-from remat_kit._core.solve import Costs
+from remat_kit._core.solve import Costs, _codes_from_milp
 from tests.graphs import all_codes, brute_force, brute_min_peak, random_chain
 
 FRACTIONS = (0.2, 0.35, 0.5, 0.7, 0.9, 1.0)
 seeds = st.integers(0, 10**6)
-
-
-def _codes(graph, res):
-    codes = [_SAVE] * len(graph)
-    for i in res.recompute:
-        codes[i] = _RECOMPUTE
-    for i in res.offload:
-        codes[i] = _OFFLOAD
-    return codes
 
 
 @settings(max_examples=40, deadline=None)
@@ -42,7 +33,7 @@ def test_milp_matches_brute_force(seed, offload):
             assert res is None
             continue
         assert res is not None, f"MILP infeasible where brute force found {best[0]} at limit {limit}"
-        codes = _codes(graph, res)
+        codes = _codes_from_milp(graph, res)
         assert _run(graph, codes, False)[0] <= limit
         assert costs.of(codes) == best[0]
 
@@ -316,3 +307,37 @@ def test_identical_blocks_with_dead_end_outputs():
         exact = rk.solve(graph, frac, solver="milp")
         assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes
         assert plan.predicted_recompute_seconds == pytest.approx(exact.predicted_recompute_seconds)
+
+
+def test_shared_menus_match_each_position_with_values_read_by_every_block():
+    """A mask and a position table from the prologue are read by every layer (as in HF Llama):
+    the mask is released only in the first layer's backward, the table's gradient is allocated in
+    the last layer's. Identical layers then differ by position; each shared menu entry must still
+    equal what the whole-graph simulator says at that position."""
+    vals = [rk.value("x", 64, role="input"), rk.value("w", 10, role="param")]
+    vals += [rk.value("pre.mask", 32, kind="other", deps=["x"], bwd_reads=[], requires_grad=False, block=0),
+             rk.value("pre.pos", 64, kind="embedding", deps=["w"], bwd_reads=[], block=0),
+             rk.value("pre.h", 64, kind="elementwise", deps=["x", "pre.pos"], bwd_reads=[], block=0)]
+    prev = "pre.h"
+    for b in range(1, 6):
+        q = rk.value(f"l{b}.q", 128, kind="matmul", flops=10**5, deps=[prev, "w"], bwd_reads=[prev], block=b)
+        s = rk.value(f"l{b}.s", 256, kind="attention", flops=10**5, deps=[q.name, "pre.mask", "pre.pos"],
+                     bwd_reads=[q.name, "pre.mask"], block=b)
+        o = rk.value(f"l{b}.o", 64, kind="matmul", flops=10**5, deps=[s.name, prev], bwd_reads=[s.name], block=b)
+        vals += [q, s, o]
+        prev = o.name
+    vals.append(rk.value("loss", 4, kind="reduction", deps=[prev], bwd_reads=[prev], block=5))
+    graph = rk.CostGraph(vals)
+    from remat_kit._core.solve import block_menus
+
+    costs = Costs(graph, rk.DeviceSpec())
+    for blk, menu in enumerate(block_menus(graph, costs, False)):
+        for o in menu:
+            whole = chain_dp.measure_option(graph, blk, dict(o.codes), costs.of, o.label, windowed=False)
+            assert (o.kept_bytes, o.local_peak) == (whole.kept_bytes, whole.local_peak), (blk, o.label)
+    for frac in (0.5, 0.6, 0.8):
+        try:
+            plan = rk.solve(graph, frac)
+        except rk.InfeasibleBudgetError:
+            continue
+        assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes

@@ -290,7 +290,20 @@ def block_signature(graph: CostGraph, block: int) -> tuple:
 
     def rel(name: str) -> object:
         j = graph.index(name)
-        return ("in", vals[j].num_bytes, vals[j].role.value) if j < base or not vals[j].is_activation else j - base
+        if j >= base and vals[j].is_activation:
+            return j - base
+        if not vals[j].is_activation:
+            return ("in", vals[j].num_bytes, vals[j].role.value)
+        # An earlier block's value read here. Where its life and its gradient's life end depends
+        # on the position (a mask or rotary table read by every layer is released only in the
+        # first layer's backward; a shared input's gradient is allocated in the last layer's).
+        producer = vals[j].block
+        readers = [vals[c].block for c in (*graph.consumers[j], *graph.bwd_readers[j]) if vals[c].block > producer]
+        alive_after = min(readers, default=block) < block or any(vals[r].block < block for r in graph.bwd_readers[j])
+        grad_from = [vals[c].block for c in graph.consumers[j] if graph.gets_grad[c]]
+        grad = "none" if not graph.gets_grad[j] else (
+            "here" if max(grad_from, default=-1) == block else ("alive" if max(grad_from, default=-1) > block else "later"))
+        return ("in", vals[j].num_bytes, vals[j].role.value, alive_after, grad)
 
     rows = []
     for i in members:
