@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from remat_kit._core.graph import CostGraph, Role, Value
-from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run
+from remat_kit._core.simulate import _SAVE, _run
 
 MAX_STATES = 20_000  # states per block before kept sizes are rounded up (then no longer exact)
 
@@ -315,5 +315,3 @@ def block_signature(graph: CostGraph, block: int) -> tuple:
         ))
     return tuple(rows)
 
-
-__all__ = ["BlockOption", "measure_option", "solve_chain", "min_peak", "block_signature", "_RECOMPUTE", "_OFFLOAD"]

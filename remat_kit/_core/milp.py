@@ -86,7 +86,7 @@ def solve_milp(
     blocks = tuple(range(graph.num_blocks)) if blocks is None else tuple(blocks)
     whole = len(blocks) == graph.num_blocks
     b = _Builder(graph, blocks, off_cost is not None)
-    vals, size = graph.values, [v.num_bytes for v in graph.values]
+    size = [v.num_bytes for v in graph.values]
     members = [i for blk in blocks for i in graph.block_members[blk]]
     free = [i for i in members if not graph.is_forced[i]]
     for i in free:
@@ -113,12 +113,12 @@ def solve_milp(
         if graph.is_residual[i]:
             b.add(cover, lo=1.0)
         else:
-            for w in _free_consumers(graph, i):
+            for w in _rc_consumers(graph, i, graph.values[i].block):
                 row = dict(cover)
                 _add(row, b.var[("r", w)], -1.0)
                 b.add(row, lo=0.0)
 
-    prefix_vars = _prefix_vars(b, whole)
+    prefix_vars = _prefix_vars(b, whole, size)
     for blk in blocks:
         _forward_rows(b, blk, size, prefix_vars.get(blk), limit)
         _backward_rows(b, blk, size, prefix_vars.get(blk), limit, backward_bytes)
@@ -168,11 +168,6 @@ def solve_milp(
     return MilpResult(keep, rec, off, float(res.fun))
 
 
-def _free_consumers(graph: CostGraph, i: int) -> list[int]:
-    """Consumers of i that a plan may recompute inside i's own block."""
-    return _rc_consumers(graph, i, graph.values[i].block)
-
-
 def _kept_expr(b: _Builder, blk: int, size: list[int]) -> tuple[dict[int, float], float]:
     g = b.graph
     expr: dict[int, float] = {}
@@ -185,12 +180,12 @@ def _kept_expr(b: _Builder, blk: int, size: list[int]) -> tuple[dict[int, float]
     return expr, const
 
 
-def _prefix_vars(b: _Builder, whole: bool) -> dict[int, int]:
+def _prefix_vars(b: _Builder, whole: bool, size: list[int]) -> dict[int, int]:
     """Continuous variables P_blk = bytes kept by blocks before blk (whole-graph programs only)."""
     if not whole:
         return {}
     g = b.graph
-    upper = float(sum(v.num_bytes for v in g.values)) + 1.0
+    upper = float(sum(size)) + 1.0
     out: dict[int, int] = {}
     prev = None
     for blk in range(g.num_blocks):
@@ -198,7 +193,7 @@ def _prefix_vars(b: _Builder, whole: bool) -> dict[int, int]:
         out[blk] = p
         row = {p: 1.0}
         if prev is not None:
-            expr, const = _kept_expr(b, blk - 1, [v.num_bytes for v in g.values])
+            expr, const = _kept_expr(b, blk - 1, size)
             _add(row, out[prev], -1.0)
             for j, c in expr.items():
                 _add(row, j, -c)
@@ -235,6 +230,7 @@ def _forward_rows(b: _Builder, blk: int, size: list[int], prefix: int | None, li
 
 
 def _rc_consumers(g: CostGraph, u: int, blk: int) -> list[int]:
+    """Consumers of u in block `blk` that a plan may recompute."""
     return [w for w in g.consumers[u] if g.values[w].block == blk and not g.is_forced[w]]
 
 
