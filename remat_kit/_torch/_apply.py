@@ -25,6 +25,7 @@ from remat_kit._core.graph import DeviceSpec
 from remat_kit._core.solve import Costs, InfeasibleBudgetError, block_menus, solve
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
 from remat_kit._torch._profile import Profile, profile
+from remat_kit._torch._replicate import profile_replicated
 from remat_kit._torch._replay import OpSequenceError, Region, decisions_for_torch, regions, run_region
 
 _STATE = "_remat_kit_state"
@@ -73,13 +74,19 @@ def signature(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
     return tuple(sig)
 
 
-def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = None, real: bool = False) -> Profile:
+def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = None, mode: str = "replicate") -> Profile:
+    """Profile under FakeTensorMode; `mode` "replicate" (from four layers of a long identical
+    stack when it can, see _replicate.py), "fake" (every op) or "real" (real tensors)."""
     layers = candidate_layers(module)
-    if real or _uses_fsdp(module):
+    if mode == "real" or _uses_fsdp(module):
         # FSDP2's unshard/reshard hooks keep state across calls; a fake run leaves fake
         # unsharded parameters behind. Profile with real tensors (one forward's memory, once).
         return profile(module, args, kwargs, fake=False, call=call, layers=layers)
     try:
+        if mode == "replicate":
+            found = profile_replicated(module, args, kwargs, call=call)
+            if found is not None:
+                return found
         return profile(module, args, kwargs, fake=True, call=call, layers=layers)
     except Exception as e:  # an op without a fake kernel: profile with real tensors instead
         warnings.warn(
@@ -197,9 +204,9 @@ def _solve_one_region(module: torch.nn.Module, tg: TorchGraph, prof: Profile, pa
 
 
 def compile_plan(module: torch.nn.Module, args: tuple, kwargs: dict, budget: object, *, offload: bool = False,
-                 solver: str | None = None, call: Any = None, real: bool = False) -> Compiled:
+                 solver: str | None = None, call: Any = None, mode: str = "replicate") -> Compiled:
     """Profile `module` on these inputs (through `call`, default the module itself) and plan it."""
-    prof = _profile(module, args, kwargs, call, real)
+    prof = _profile(module, args, kwargs, call, mode)
     tg = build_graph(prof, segment(module, prof))
     plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver)
     return Compiled(plan, tg, prof, regions(tg, plan, prof), signature(module, args, kwargs))
@@ -244,14 +251,14 @@ def install_blocks(module: torch.nn.Module, state: _State, compiled: Compiled) -
 
 @torch._dynamo.disable  # planning is Python bookkeeping and a solver: never traced by torch.compile
 def _plan_for(module: torch.nn.Module, state: _State, original: Any, args: tuple, kwargs: dict,
-              real: bool = False) -> tuple[Compiled, tuple]:
+              mode: str = "replicate") -> tuple[Compiled, tuple]:
     key = signature(module, args, kwargs)
     compiled = state.plans.get(key)
     if compiled is None:
         state.profiling = True  # the profile calls the module (its hooks run); our forward passes through
         try:
             compiled = compile_plan(module, args, kwargs, state.budget, offload=state.offload, solver=state.solver,
-                                    real=real)
+                                    mode=mode)
         finally:
             state.profiling = False
         state.plans[key] = compiled
@@ -272,24 +279,25 @@ class _RootForward:
             return original(*args, **kwargs)  # eval / no_grad: no remat cost at all
         compiled, key = _plan_for(module, state, original, args, kwargs)
         rng = _rng_states(module)
-        try:
-            return self._run(compiled, args, kwargs)
-        except OpSequenceError:
-            state.plans.pop(key, None)  # re-profile on the next call
-            if not compiled.profile.fake:
-                raise
-        # A fake-tensor profile can take another path than real tensors (e.g. an SDPA backend
-        # chosen from real strides): plan again from a real profile and run this call again,
-        # from the same RNG state so that dropout draws what it would have drawn.
-        warnings.warn(f"remat_kit: {type(module).__name__}'s op sequence under FakeTensorMode differs from the real "
-                      "one; re-planning from a real profile (uses one forward's memory once).", stacklevel=2)
-        compiled, key = _plan_for(module, state, original, args, kwargs, real=True)
-        _restore_rng(rng)
-        try:
-            return self._run(compiled, args, kwargs)
-        except OpSequenceError:
-            state.plans.pop(key, None)
-            raise
+        # A profile written out from four layers can miss a layer that differs only deep in the
+        # stack, and a fake-tensor profile can take another path than real tensors (e.g. an SDPA
+        # backend chosen from real strides). The replay refuses a different op sequence before
+        # any wrong op index is applied; plan again from a fuller profile and run this call
+        # again, from the same RNG state so that dropout draws what it would have drawn.
+        while True:
+            try:
+                return self._run(compiled, args, kwargs)
+            except OpSequenceError:
+                state.plans.pop(key, None)
+                prof = compiled.profile
+                if not prof.fake:
+                    raise
+                mode, what = ("fake", "the whole forward under FakeTensorMode") if prof.replicated_from else (
+                    "real", "a real profile (uses one forward's memory once)")
+            warnings.warn(f"remat_kit: {type(module).__name__}'s op sequence differs from its profile; re-planning "
+                          f"from {what}.", stacklevel=2)
+            compiled, key = _plan_for(module, state, original, args, kwargs, mode=mode)
+            _restore_rng(rng)
 
     def _run(self, compiled: Compiled, args: tuple, kwargs: dict) -> Any:
         state, original = self.state, self.original

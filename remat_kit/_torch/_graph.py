@@ -115,7 +115,12 @@ def build_graph(profile: Profile, segments: list[Segment]) -> TorchGraph:
     last = max((v.block for v in values if v.is_activation), default=-1)
     names = [s.name for s in segments[: last + 1]]
     graph = CostGraph(values, block_names=names)
-    # Recomputing one pinned value must cost more than recomputing everything else together.
-    big = 1000 * (sum(v.flops for v in values) + sum(v.bytes_moved for v in values)) + 10**9
-    priced = [dataclasses.replace(v, flops=big, bytes_moved=big) if v.name in pinned else v for v in values]
+    # Recomputing one pinned value must cost more than recomputing everything else together. An
+    # op's roofline cost max(f/P, b/B) is at most f/P + b/B, so all of them together cost at most
+    # 2 max(sum f / P, sum b / B): twice the sums is enough, and keeps the DP's int64 sums of costs
+    # far from overflowing on large models (a 7B-parameter stack at seq 4096 overflowed at 1000x).
+    big_flops = 2 * sum(v.flops for v in values) + 1
+    big_bytes = 2 * sum(v.bytes_moved for v in values) + 1
+    priced = [dataclasses.replace(v, flops=big_flops, bytes_moved=big_bytes) if v.name in pinned else v
+              for v in values]
     return TorchGraph(graph, CostGraph(priced, block_names=names), tuple(segments), frozenset(pinned))

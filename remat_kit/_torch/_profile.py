@@ -102,6 +102,7 @@ class Profile:
     mutated_later: set[str]  # values whose storage an in-place op rewrites later
     module_calls: dict[str, int]  # module path -> number of forward calls
     fake: bool = True  # profiled under FakeTensorMode (False: with real tensors)
+    replicated_from: int = 0  # >0: built from a profile of this many layers (see _replicate.py)
 
 
 class _Recorder(TorchDispatchMode):
@@ -125,6 +126,7 @@ class _Recorder(TorchDispatchMode):
         self.mutated_later: set[str] = set()
         self.value_op: dict[str, int] = {}
         self.creator: dict[int, int] = {}  # storage key -> index of the op that allocated it
+        self.num_consts = 0
 
     # -- external tensors: parameters, buffers, inputs -----------------------------------
     def register(self, t: torch.Tensor, name: str, role: Role) -> None:
@@ -141,7 +143,8 @@ class _Recorder(TorchDispatchMode):
     def _value_of(self, t: torch.Tensor) -> str:
         key = storage_key(t)
         if key not in self.owner:  # a constant created outside the recorded region
-            self.register(t, f"const{len(self.roles)}", Role.INPUT)
+            self.num_consts += 1
+            self.register(t, f"const{self.num_consts - 1}", Role.INPUT)
         return self.owner[key]
 
     def _capture_nodes(self) -> None:
@@ -295,6 +298,22 @@ def _module_hooks(root: torch.nn.Module, rec: _Recorder, calls: dict[str, int], 
                 mod.forward = previous
 
 
+def register_state(rec: _Recorder, root: torch.nn.Module) -> None:
+    """Parameters and buffers are the first values of every profile (tied ones once)."""
+    for name, p in root.named_parameters():
+        rec.register(p, f"param:{name}", Role.PARAM if p.requires_grad else Role.INPUT)
+    for name, b in root.named_buffers():
+        rec.register(b, f"buffer:{name}", Role.INPUT)
+
+
+def state_values(root: torch.nn.Module) -> list[Value]:
+    """The values `profile` registers for `root`'s parameters and buffers, in its order."""
+    rec = _Recorder(None)
+    register_state(rec, root)
+    return [value(v["name"], v["num_bytes"], kind=v["kind"], flops=0, deps=(), bwd_reads=(), bytes_moved=0,
+                  role=v["role"], requires_grad=None) for v in rec.values]
+
+
 def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = True, call: Any = None,
             layers: list[str] | None = None) -> Profile:
     """Run `root(*args, **kwargs)` once under the recorder and return its ops and values.
@@ -306,10 +325,7 @@ def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = Tr
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     rec = _Recorder(fake_mode)
-    for name, p in root.named_parameters():
-        rec.register(p, f"param:{name}", Role.PARAM if p.requires_grad else Role.INPUT)
-    for name, b in root.named_buffers():
-        rec.register(b, f"buffer:{name}", Role.INPUT)
+    register_state(rec, root)
     calls: dict[str, int] = {}
 
     def convert(x: Any) -> Any:
