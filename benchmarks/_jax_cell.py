@@ -89,10 +89,9 @@ def _predicted(wrapped: Any) -> int | None:
     """auto's predicted activation bytes, from the plan it cached for this input signature."""
     if wrapped is None:
         return None
-    from remat_kit._jax._api import planner_of  # no public accessor yet (asked the lead for one)
+    import remat_kit as rk
 
-    found = planner_of(wrapped)
-    plans = list(found[0].cache.values()) if found else []
+    plans = rk.plan_of(wrapped)
     return int(plans[-1].predicted_activation_bytes) if plans else None
 
 

@@ -104,10 +104,9 @@ def apply(model: ZooModel, cell: Cell, solver: str | None = None) -> Any:
 def _predicted(model: ZooModel, cell: Cell) -> int | None:
     if cell.strategy != "auto":
         return None
-    from remat_kit._torch._apply import state_of  # no public accessor yet (asked the lead for one)
+    import remat_kit as rk
 
-    state = state_of(model)
-    plans = [c.plan for c in state.plans.values()] if state is not None else []
+    plans = rk.plan_of(model)
     return int(plans[-1].predicted_activation_bytes) if plans else None
 
 

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+import remat_kit
 from remat_kit._core.analytic import megatron_bytes_per_layer
 from remat_kit._core.presets import megatron_selective
 from remat_kit._core.simulate import simulate
-from remat_kit._jax._api import Planner, auto, planner_of
+from remat_kit._jax._api import Planner, auto
 from remat_kit._jax._apply import run_planned
 from remat_kit._jax._explain import compiled_flops
 from remat_kit._jax._planner import choose
@@ -182,7 +183,7 @@ def run_main(cfg: Config, budgets: list[float], steps: int) -> dict:
         t0 = time.perf_counter()
         jax.jit(jax.grad(wrapped)).lower(*args)  # the first trace: plan, then verify by compiling
         first_trace_s = time.perf_counter() - t0
-        plan = next(iter(planner_of(wrapped)[0].cache.values()))
+        plan = remat_kit.plan_of(wrapped)[0]
         row = measure(wrapped, plan_loss(entry, plan.as_dict(), unroll=2), args, steps=steps, num_layers=cfg.layers)
         row.update(predicted_fraction=plan.activation_fraction, predicted_recompute_flops=plan.predicted_recompute_flops,
                    first_trace_with_verify_s=first_trace_s, plan=plan.summary())
@@ -229,7 +230,7 @@ def paper_check(steps: int) -> dict:
     same_memory = measured["megatron_selective"]["temp_bytes"] / measured["none"]["temp_bytes"]
     wrapped = auto(make_loss(cfg), same_memory)
     jax.jit(jax.grad(wrapped)).lower(*args)
-    plan = next(iter(planner_of(wrapped)[0].cache.values()))
+    plan = remat_kit.plan_of(wrapped)[0]
     measured["auto"] = measure(wrapped, plan_loss(entry, plan.as_dict(), unroll=2), args, steps=steps, num_layers=L)
     # and on the model alone: auto at Megatron's predicted memory
     model_plan = choose(entry.traced, max(mega.activation_fraction, 1e-6), solver=None, offload=False)

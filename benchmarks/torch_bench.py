@@ -1,7 +1,8 @@
 """PyTorch benchmark: remat_kit.auto against the peers, measured in one process run.
 
-Model: a GPT-2-like decoder (nanoGPT layout; default 6 layers, d 512, 8 heads, seq 512, dropout
-0.1, vocab 8192 so the head does not dominate), batch 1, fp32, on CPU (or the GPU if there is one).
+Model: the GPT-2-like decoder of benchmarks/models/torch_gpt.py (nanoGPT layout; default 6 layers,
+d 512, 8 heads, seq 512, dropout 0.1, vocab 8192 so the head does not dominate), batch 1, fp32, on
+CPU (or the GPU if there is one).
 For each strategy one training step is measured: activation memory by the live-storage tracker
 (remat_kit._torch._measure; on a GPU also torch.cuda.max_memory_allocated), FLOPs by
 FlopCounterMode (recompute included), gradients against no remat (same seed, same dropout masks),
@@ -35,44 +36,13 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from benchmarks.models.torch_gpt import GPT
+import remat_kit
 import remat_kit._torch as rt
 from remat_kit._core.budget import format_bytes
-from remat_kit._torch._apply import compile_plan, state_of
+from remat_kit._torch._apply import compile_plan
 from remat_kit._torch._measure import measure_step
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int, p: float):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.drop, self.heads, self.p = nn.Dropout(p), heads, p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.attn(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, c)))
-        return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
-
-
-class GPT(nn.Module):
-    def __init__(self, layers: int, d: int, heads: int, seq: int, vocab: int, p: float = 0.1):
-        super().__init__()
-        self.wte, self.wpe, self.drop = nn.Embedding(vocab, d), nn.Embedding(seq, d), nn.Dropout(p)
-        self.h = nn.ModuleList(Block(d, heads, p) for _ in range(layers))
-        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for block in self.h:
-            x = block(x)
-        return F.cross_entropy(self.lm_head(self.ln_f(x)).flatten(0, 1), targets.flatten())
 
 
 # -- peers ------------------------------------------------------------------------------------
@@ -218,7 +188,7 @@ def hf_rows(layers: int, d: int, heads: int, seq: int, vocab: int, repeats: int)
 
 def planning_time(layers: int, d: int, heads: int, seq: int, vocab: int) -> dict:
     with torch.device("meta"):
-        model = GPT(layers, d, heads, seq, vocab).train()
+        model = GPT(layers, d, heads, vocab, seq=seq).train()
     idx = torch.zeros(1, seq, dtype=torch.long, device="meta")
     start = time.perf_counter()
     compiled = compile_plan(model, (idx, idx), {}, 0.5)
@@ -244,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = GPT(args.layers, args.d, args.heads, args.seq, args.vocab).to(device).train()
+    model = GPT(args.layers, args.d, args.heads, args.vocab, seq=args.seq).to(device).train()
     g = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randint(0, args.vocab, (1, args.seq), generator=g).to(device) for _ in range(2))
     print(f"GPT-2-like: {args.layers} layers, d {args.d}, seq {args.seq}, vocab {args.vocab}, on {device}", flush=True)
@@ -261,10 +231,10 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(dict(strategy=f"remat_kit auto {b}", error=str(e)[:300]))
             continue
         plan_seconds = time.perf_counter() - start
-        (compiled,) = state_of(m).plans.values()
+        (plan,) = remat_kit.plan_of(m)
         rows.append(measure(f"remat_kit auto {b}", m, inputs, reference, args.repeats, dict(
-            budget=b, predicted_activation_bytes=compiled.plan.predicted_activation_bytes,
-            predicted_recompute_flops=compiled.plan.predicted_recompute_flops, first_step_seconds=plan_seconds)))
+            budget=b, predicted_activation_bytes=plan.predicted_activation_bytes,
+            predicted_recompute_flops=plan.predicted_recompute_flops, first_step_seconds=plan_seconds)))
     for b in args.compile_budgets:
         try:
             rows.append(compile_budget_row(model, inputs, reference, b))

@@ -7,6 +7,7 @@ framework adapters load lazily, so `import remat_kit` works with jax, torch, bot
 from remat_kit import presets as presets
 from remat_kit._auto import auto as auto
 from remat_kit._auto import explain as explain
+from remat_kit._auto import plan_of as plan_of
 from remat_kit._auto import unwrap as unwrap
 from remat_kit._core.analytic import megatron_bytes_per_layer as megatron_bytes_per_layer
 from remat_kit._core.analytic import transformer_graph as transformer_graph
@@ -51,6 +52,7 @@ __all__ = [
     "explain",
     "format_scores",
     "megatron_bytes_per_layer",
+    "plan_of",
     "presets",
     "score_layers",
     "smallest_activation_bytes",

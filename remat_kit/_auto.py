@@ -1,4 +1,4 @@
-"""`auto`, `explain`, `unwrap`: one front door that hands the target to its framework's adapter.
+"""`auto`, `explain`, `plan_of`, `unwrap`: one front door that hands the target to its framework's adapter.
 
 Adapters import lazily, so `import remat_kit` works with jax, torch, both or neither.
 """
@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from remat_kit._core.budget import parse_budget
+from remat_kit._core.plan import Plan
 from remat_kit._core.solve import _check_solver
 
 
@@ -71,3 +72,36 @@ def explain(target: Any, *example_args: Any, measure: bool = False, **kwargs: An
 def unwrap(target: Any):
     """Undo `auto` on a module instance: restore its original forward (PyTorch)."""
     return _adapter(target).unwrap(target)
+
+
+def plan_of(target: Any) -> list[Plan]:
+    """The plans `auto` has made for `target` so far: a new list of `remat_kit.Plan`, one per input
+    signature (shapes, dtypes, flags), in the order they were made, so the newest is last.
+
+    `target` is what `auto` returned: a torch module instance (plans are per instance; a class
+    decorated with `auto` plans each of its instances), a wrapped JAX function, or a wrapped Flax
+    nnx / linen Module class or nnx instance (whose plans live on the class, shared by its instances).
+    Planning happens on the first training call per input signature, so the list is empty before
+    that (and stays empty under eval / no_grad in torch). Raises ValueError when `target` was not
+    made by `auto`.
+
+        model = remat_kit.auto(model, budget=0.5)
+        model(tokens, targets).backward()
+        plan = remat_kit.plan_of(model)[-1]     # the plan of the latest new input signature
+    """
+    if _is_torch_module(target):
+        from remat_kit import _torch as adapter
+    else:
+        try:
+            from remat_kit import _jax as adapter
+        except ImportError:  # without jax, auto could not have wrapped it
+            adapter = None
+    plans = adapter.plan_of(target) if adapter is not None else None
+    if plans is None:
+        echo = " ".join(repr(target).split())  # a torch module's repr spans many lines
+        raise ValueError(
+            f"remat_kit.plan_of(target={echo:.80}): not made by remat_kit.auto, so it has no plans. Pass what "
+            "auto returned: the rematted torch module (remat_kit.auto(model, budget=...)) or the wrapped JAX "
+            "function / Flax module (f = remat_kit.auto(f, budget=...))."
+        )
+    return plans

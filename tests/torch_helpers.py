@@ -6,40 +6,18 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from benchmarks.models.torch_gpt import GPT, Block
+
+__all__ = ["Block", "GPT", "TinyGPT", "fresh", "grads", "loss_of", "max_rel_err", "tokens"]
 
 
-class Block(nn.Module):
-    """A GPT-2 style pre-norm block: causal attention (SDPA, dropout) and a GELU MLP (dropout)."""
+class TinyGPT(GPT):
+    """The shared GPT with no position embedding, no embedding dropout and a biased head: token
+    embedding, `layers` Blocks (attention and residual dropout `p`), final LayerNorm, head."""
 
-    def __init__(self, d: int = 16, heads: int = 4, p: float = 0.1):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.drop, self.heads, self.p = nn.Dropout(p), heads, p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, c)))
-        return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
-
-
-class TinyGPT(nn.Module):
     def __init__(self, layers: int = 4, d: int = 16, heads: int = 4, vocab: int = 32, p: float = 0.1):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.h = nn.ModuleList(Block(d, heads, p) for _ in range(layers))
-        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x = self.emb(idx)
-        for block in self.h:
-            x = block(x)
-        return F.cross_entropy(self.head(self.ln(x)).flatten(0, 1), targets.flatten())
+        super().__init__(layers, d, heads, vocab, seq=None, p=p, embedding_dropout=False, head_bias=True)
 
 
 def tokens(batch: int = 2, seq: int = 64, vocab: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -239,3 +239,11 @@ def _is_module_instance(target: Any) -> bool:
 def planner_of(target: Any) -> tuple[Planner, Any] | None:
     obj = type(target) if _is_module_instance(target) else target
     return getattr(obj, _ATTR, None)
+
+
+def plan_of(target: Any) -> list[Plan] | None:
+    """The plans cached for `target`, one per input signature in the order they were made; None when
+    `auto` did not make it (the front door says so). An nnx / linen class's plans are shared by
+    all its instances: they live on the class, as its planner does."""
+    found = planner_of(target)
+    return None if found is None else list(found[0].cache.values())

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from remat_kit._core.budget import format_bytes
+from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import _needed_and_recomputed, decision_codes, simulate
 from remat_kit._torch._apply import Compiled, auto, compile_plan, install_blocks, signature, state_of, unwrap
 from remat_kit._torch._measure import StepMeasurement, measure_step
@@ -74,6 +75,19 @@ def _rows(compiled: Compiled) -> tuple[list[dict[str, Any]], list[dict[str, Any]
                 decision = "-"  # nobody's backward reads it: freed after its last forward use
             ops.append(dict(value=v.name, kind=v.kind.value, bytes=v.num_bytes, flops=v.flops, decision=decision))
     return blocks, ops
+
+
+def plan_of(target: Any) -> list[Plan] | None:
+    """The plans `auto` made for a module instance, one per input signature in the order they were
+    made (a re-plan moves to the end); None when `target` is not rematted (the front door says so)."""
+    if isinstance(target, type):
+        raise ValueError(
+            f"remat_kit.plan_of(target={target.__name__}): a torch module class has no plans; each instance is "
+            f"planned on its own first training calls. Pass the instance, e.g. remat_kit.plan_of(model) for "
+            f"model = {target.__name__}(...)."
+        )
+    state = state_of(target) if isinstance(target, torch.nn.Module) else None
+    return None if state is None else [compiled.plan for compiled in state.plans.values()]
 
 
 def explain(model: torch.nn.Module, *example_inputs: Any, measure: bool = False, budget: object = None,
