@@ -26,7 +26,7 @@ from remat_kit._torch._measure import StepMeasurement, measure_step
 class Explanation:
     """What `explain` printed, as data."""
 
-    compiled: Compiled
+    compiled: Compiled = dataclasses.field(repr=False)  # the whole op table: too long to print
     planning_seconds: float
     block_rows: tuple[dict[str, Any], ...]
     op_rows: tuple[dict[str, Any], ...]
