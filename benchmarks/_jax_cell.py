@@ -74,7 +74,8 @@ def _auto_flops_unrolled(wrapped: Any, params: Any, batch: Any) -> float:
         raise RuntimeError("auto's traced inputs do not line up with (params, batch); cannot count its FLOPs")
 
     def loss(param_leaves: list, batch_leaves: list) -> jax.Array:
-        return run_planned(entry.traced, entry.decisions, [*param_leaves, *batch_leaves], unroll_scans=True)[0]
+        return run_planned(entry.traced, entry.decisions, [*param_leaves, *batch_leaves], segments=entry.segments,
+                           unroll_scans=True)[0]
 
     return _flops(jax.jit(jax.value_and_grad(loss)).lower(dyn_vals[:num_params], dyn_vals[num_params:]))
 

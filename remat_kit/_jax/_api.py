@@ -29,6 +29,7 @@ class Entry:
     traced: Traced
     plan: Plan
     decisions: dict[str, Decision]
+    segments: tuple[tuple[str, ...], ...] = ()  # the plan's multi-block checkpoint units (Plan.segments)
 
 
 class Planner:
@@ -69,14 +70,18 @@ class Planner:
             if self.verify and plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD) and can_verify(traced):
                 plan = verified(traced, plan, self.budget, self._replan(traced), dyn_vals, layer=not _is_stack(traced))
             self.cache[key] = plan
-        return Entry(traced=traced, plan=plan, decisions=plan.as_dict()), dyn_vals
+        return Entry(traced=traced, plan=plan, decisions=plan.as_dict(), segments=plan.segments), dyn_vals
 
-    def _replan(self, traced: Traced) -> Callable[[float], Plan]:
-        return lambda fraction: choose(traced, fraction, solver=self.solver, offload=self.offload, device=self.device)
+    def _replan(self, traced: Traced) -> Callable[..., Plan]:
+        def replan(fraction: float, max_segment_blocks: int | None = None) -> Plan:
+            return choose(traced, fraction, solver=self.solver, offload=self.offload, device=self.device,
+                          max_segment_blocks=max_segment_blocks)
+
+        return replan
 
     def call(self, f: Callable, args: tuple, kwargs: dict, num_param_args: int = 1) -> Any:
         entry, dyn_vals = self.prepare(f, args, kwargs, num_param_args)
-        outs = run_planned(entry.traced, entry.decisions, dyn_vals)
+        outs = run_planned(entry.traced, entry.decisions, dyn_vals, segments=entry.segments)
         return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
 
 

@@ -1,5 +1,9 @@
 """Run a traced function under a plan: `checkpoint_name` tags on what the plan saves, one
-`jax.checkpoint` with `save_only_these_names` (or `save_and_offload_only_these_names`) per block.
+`jax.checkpoint` with `save_only_these_names` (or `save_and_offload_only_these_names`) per
+checkpointed unit: a block, or a plan segment of consecutive blocks (`Plan.segments`, Chen et
+al.'s √n / rotor's multi-block segments). A segment is one checkpoint region over all its ops,
+so the boundaries inside it are not tagged and are recomputed from the segment's input in its
+backward, exactly as the core's regrouped graph simulates it.
 
 Why blocks outside a scan get a custom VJP: on XLA:CPU, `jax.checkpoint` of unrolled layers
 shows no memory drop, because the recompute has no data dependence on the backward pass and
@@ -14,6 +18,7 @@ orders it, and the body gets a plain `jax.checkpoint`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,16 +57,19 @@ def _tagger(names_by_out: dict[tuple[int, int], str], decisions: dict[str, Decis
     return after
 
 
-def run_planned(traced: Traced, decisions: dict[str, Decision], flat_args: Sequence[Any], *, unroll_scans: bool | int = False) -> list[Any]:
+def run_planned(traced: Traced, decisions: dict[str, Decision], flat_args: Sequence[Any], *,
+                segments: Sequence[Sequence[str]] = (), unroll_scans: bool | int = False) -> list[Any]:
     """Evaluate the traced function on `flat_args` with `decisions` applied.
 
-    `unroll_scans` is for counting FLOPs (XLA's cost analysis counts a loop body once): True
-    unrolls the planned scans fully, an int k runs k layers per loop step."""
+    `segments` is the plan's grouping of blocks into checkpointed units (`Plan.segments`, block
+    names; () = one unit per block). `unroll_scans` is for counting FLOPs (XLA's cost analysis
+    counts a loop body once): True unrolls the planned scans fully, an int k runs k layers per
+    loop step."""
     fn = traced.fn
     env: dict[int, Any] = dict(fn.consts)
     env.update(zip(fn.invars, flat_args))
     uses_after = _last_uses(fn)
-    for seg_block, ops in _segments(traced):
+    for seg_block, ops in _units(traced, segments):
         if seg_block is None:  # an expanded scan
             run(fn, (), ops=ops, env=env, run_scan=lambda k, op, invals: _run_scan(traced, k, op, invals, decisions, unroll_scans))
             continue
@@ -73,16 +81,44 @@ def run_planned(traced: Traced, decisions: dict[str, Decision], flat_args: Seque
     return read_outs(fn, env)
 
 
-def _segments(traced: Traced) -> list[tuple[int | None, list[int]]]:
-    segs: list[tuple[int | None, list[int]]] = []
-    for k, blk in enumerate(traced.op_block):
-        if k in traced.scans:
-            segs.append((None, [k]))
-        elif segs and segs[-1][0] == blk:
-            segs[-1][1].append(k)
+def _units(traced: Traced, segments: Sequence[Sequence[str]] = ()) -> list[tuple[int | None, list[int]]]:
+    """Top-level ops in runs, one per checkpointed unit: (first block of the unit, op indices);
+    (None, [k]) for an expanded scan. Ops of no block (-1: constants only) between two ops of one
+    merged segment run inside it, so a segment stays one region."""
+    unit_of = _unit_of_block(traced, segments)
+    units = [None if k in traced.scans else unit_of.get(b, b) for k, b in enumerate(traced.op_block)]
+    known = [k for k, u in enumerate(units) if u is not None and u >= 0]
+    for a, b in itertools.pairwise(known):
+        if b > a + 1 and units[a] == units[b] and all(units[k] == -1 for k in range(a + 1, b)):
+            units[a + 1:b] = [units[a]] * (b - a - 1)
+    runs: list[tuple[int | None, list[int]]] = []
+    for k, u in enumerate(units):
+        if u is None:
+            runs.append((None, [k]))
+        elif runs and runs[-1][0] == u:
+            runs[-1][1].append(k)
         else:
-            segs.append((blk, [k]))
-    return segs
+            runs.append((u, [k]))
+    return runs
+
+
+def _unit_of_block(traced: Traced, segments: Sequence[Sequence[str]]) -> dict[int, int]:
+    """Block index -> the first block of its plan segment (only blocks in merged segments)."""
+    if not segments:
+        return {}
+    index = {n: b for b, n in enumerate(traced.graph.block_names)}
+    flat = [n for seg in segments for n in seg]
+    if flat != list(traced.graph.block_names):
+        raise ValueError(
+            f"plan segments {[list(s) for s in segments]!r} do not cover this function's blocks "
+            f"{list(traced.graph.block_names)} in order; re-plan for this function and input signature."
+        )
+    out: dict[int, int] = {}
+    for seg in segments:
+        if len(seg) > 1:
+            first = index[seg[0]]
+            out.update((index[n], first) for n in seg)
+    return out
 
 
 def _last_uses(fn: FlatFn) -> dict[int, int]:

@@ -73,7 +73,7 @@ def explain(target: Any, *example_args: Any, measure: bool = False, budget: obje
     result = Explanation(plan=plan, rows=_rows(traced, plan), predicted_activation_bytes=plan.predicted_activation_bytes,
                          baseline_activation_bytes=plan.baseline_activation_bytes)
     if measure:
-        result.measured = measure_plan(traced, entry.decisions, dyn_vals)
+        result.measured = measure_plan(traced, entry.decisions, dyn_vals, segments=entry.segments)
         if result.measured["temp_fraction"] > max(result.predicted_fraction, _budget_fraction(plan)) + TOLERANCE:
             warnings.warn(
                 f"remat_kit: the compiled step does not follow the plan: predicted {result.predicted_fraction:.1%} of no-remat "
@@ -135,13 +135,13 @@ def _rows(traced: Traced, plan: Plan) -> list[dict]:
     return list(groups.values())
 
 
-def measure_plan(traced: Traced, decisions: dict, dyn_vals: list) -> dict[str, float]:
+def measure_plan(traced: Traced, decisions: dict, dyn_vals: list, segments: tuple = ()) -> dict[str, float]:
     """Compiled temp memory and FLOPs of one forward+backward, no remat against the plan."""
     out: dict[str, float] = {}
     for label, dec in (("none", {}), ("plan", decisions)):
-        step = _vjp_step(traced, dec, unroll=False)
+        step = _vjp_step(traced, dec, unroll=False, segments=segments if dec else ())
         out[f"{label}_temp_bytes"] = jax.jit(step).lower(*dyn_vals).compile().memory_analysis().temp_size_in_bytes
-        flop_step = _vjp_step(traced, dec, unroll=True) if traced.scans else step
+        flop_step = _vjp_step(traced, dec, unroll=True, segments=segments if dec else ()) if traced.scans else step
         out[f"{label}_flops"] = compiled_flops(jax.jit(flop_step).lower(*dyn_vals).compile())
     out["temp_fraction"] = out["plan_temp_bytes"] / out["none_temp_bytes"] if out["none_temp_bytes"] else 1.0
     out["extra_flops_fraction"] = out["plan_flops"] / out["none_flops"] - 1 if out["none_flops"] else 0.0
@@ -155,8 +155,8 @@ def compiled_flops(compiled: Any) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def _vjp_step(traced: Traced, decisions: dict, *, unroll: bool):
-    return vjp_step(traced, decisions, unroll=unroll)
+def _vjp_step(traced: Traced, decisions: dict, *, unroll: bool, segments: tuple = ()):
+    return vjp_step(traced, decisions, segments=segments, unroll=unroll)
 
 
 def _print(result: Explanation) -> None:

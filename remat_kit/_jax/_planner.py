@@ -6,7 +6,12 @@ Three cases, by the structure `_graph.build` found:
   in every iteration. Each option of the body's block menu (the core's op-level 0-1 programs at
   several caps) is tried in every iteration at once, the blocks outside the scan are left to
   the core's chain DP, and the least-cost combination that fits wins;
-* several blocks without a scan (unrolled layers): the core's `solve` as is;
+* several blocks without a scan (unrolled layers): the core's `solve`, whose chain DP may also
+  checkpoint up to `segment_cap(n)` consecutive blocks as one segment (their inner boundaries
+  recomputed, as √n checkpointing and rotor do; `_apply` runs a segment as one region). On a
+  chain of small blocks the kept boundaries are the floor of one checkpoint per block, and only
+  segments go below it. Scanned layers keep one plan per layer: a segment there would have to
+  regroup the scan's iterations (layers per loop step), which the scan plan does not express;
 * one block (the target is one layer, e.g. a scan body or a decorated layer class): the layer
   repeats, so a fractional budget bounds what each call keeps for its backward, as a fraction
   of what no remat keeps (the activation memory of a deep stack of it, up to one layer's
@@ -32,7 +37,24 @@ MAX_SCAN_COMBOS = 64
 NUM_REFINE = 8  # bisection steps on the per-layer kept-bytes cap of a scan body
 
 
-def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool, device: DeviceSpec | None = None) -> Plan:
+def segment_cap(num_blocks: int) -> int:
+    """Most consecutive blocks one segment may span on an unrolled chain of `num_blocks`.
+
+    For n equal blocks the memory-optimal uniform segment is about √n long (n/k kept boundaries
+    against k blocks' recompute transient; Chen et al. 2016), so budgets near the floor need
+    segments of that length; twice that leaves the DP room for uneven chains (a heavy head, a
+    few big layers) and for the rotor-style mix of short and long segments, while the segment
+    options stay O(n·2√n) (identical runs of blocks share them) instead of O(n²).
+    """
+    if num_blocks < 3:
+        return 1
+    return min(num_blocks, max(2, math.ceil(2 * math.sqrt(num_blocks))))
+
+
+def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool, device: DeviceSpec | None = None,
+           max_segment_blocks: int | None = None) -> Plan:
+    """The plan for `traced` under `budget` (see the module doc). `max_segment_blocks` overrides
+    `segment_cap` on unrolled chains (the verifier asks for coarser segments with it)."""
     graph = traced.graph
     parsed = parse_budget(budget)
     device = device or DeviceSpec()
@@ -42,7 +64,10 @@ def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool,
     if scans:
         return _uniform_scans(traced, scans, parsed, budget, offload, device)
     if graph.num_blocks >= 2 or parsed.kind == "bytes":
-        return solve(graph, budget, solver=solver, offload=offload, device=device)
+        span = 1
+        if solver in (None, "dp") and not traced.scans:
+            span = segment_cap(graph.num_blocks) if max_segment_blocks is None else max(1, min(max_segment_blocks, graph.num_blocks))
+        return solve(graph, budget, solver=solver, offload=offload, device=device, max_segment_blocks=span)
     return _one_layer(traced, parsed, budget, offload, device)
 
 

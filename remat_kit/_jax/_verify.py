@@ -7,13 +7,17 @@ nothing (measured: a plan predicted at 50% of no remat compiled to 72% on an unr
 The budget contract is on real memory, so on the first call for each input signature `auto`
 compiles the forward+backward with no remat and with the plan (`memory_analysis()
 .temp_size_in_bytes`), and while the measured fraction is over the budget re-plans against a
-proportionally smaller model target (a few rounds). If no plan fits, it keeps the smallest and
-warns with predicted and measured figures instead of failing silently.
+proportionally smaller model target (a few rounds). On an unrolled chain, if no plan fits after
+those rounds, it tries coarser segmentations (the model's least-memory plan with segments up to
+the whole chain, then √n-style uniform segments) and keeps the cheapest that fits. If still no
+plan fits, it keeps the smallest measured and warns with predicted and measured figures (a
+RuntimeWarning, never silently).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from remat_kit._core import presets
 from remat_kit._core.budget import format_bytes, parse_budget
 from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import simulate
@@ -45,11 +50,11 @@ class Measured:
         return self.plan_temp_bytes / self.none_temp_bytes if self.none_temp_bytes else 1.0
 
 
-def vjp_step(traced: Traced, decisions: dict, *, unroll: bool = False) -> Callable:
+def vjp_step(traced: Traced, decisions: dict, *, segments: Sequence[Sequence[str]] = (), unroll: bool = False) -> Callable:
     """One forward+backward of the traced function under `decisions` (ones as output cotangents)."""
 
     def fwd(*vals):
-        return run_planned(traced, decisions, vals, unroll_scans=unroll)
+        return run_planned(traced, decisions, vals, segments=segments, unroll_scans=unroll)
 
     def step(*vals):
         out, vjp = jax.vjp(fwd, *vals)
@@ -67,8 +72,8 @@ def specs_of(vals: Sequence[Any]) -> list[Any]:
     return out
 
 
-def temp_bytes(traced: Traced, decisions: dict, specs: Sequence[Any]) -> int:
-    compiled = jax.jit(vjp_step(traced, decisions)).lower(*specs).compile()
+def temp_bytes(traced: Traced, decisions: dict, specs: Sequence[Any], *, segments: Sequence[Sequence[str]] = ()) -> int:
+    compiled = jax.jit(vjp_step(traced, decisions, segments=segments)).lower(*specs).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
@@ -77,13 +82,14 @@ def can_verify(traced: Traced) -> bool:
     return not any(isinstance(c, Tracer) for c in traced.fn.consts.values())
 
 
-def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[[float], Plan], dyn_vals: Sequence[Any],
+def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., Plan], dyn_vals: Sequence[Any],
              *, layer: bool = False) -> Plan:
     """`plan`, or a tighter one, whose compiled memory fits the budget (see the module doc).
 
     For a whole model the measure is the step's temp memory. For one layer (`layer=True`) it is
     what one more call adds: temp of the layer chained three times minus twice, the steady
-    state of a deep stack that a layer budget speaks of.
+    state of a deep stack that a layer budget speaks of. `replan(fraction, max_segment_blocks=None)`
+    re-solves against a model target.
     """
     parsed = parse_budget(budget)
     specs = specs_of(dyn_vals)
@@ -92,27 +98,36 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[[float
         if carry is None or parsed.kind != "fraction":
             return plan  # not a residual-stream layer (or a per-call byte budget): the model alone decides
 
-        def measure(decisions: dict) -> int:
+        def measure(p: Plan) -> int:
+            decisions = p.as_dict()
             return chained_temp_bytes(traced, decisions, specs, carry, 3) - chained_temp_bytes(traced, decisions, specs, carry, 2)
 
         model_fraction = _kept_fraction(traced)
     else:
-        def measure(decisions: dict) -> int:
-            return temp_bytes(traced, decisions, specs)
+        def measure(p: Plan) -> int:
+            return temp_bytes(traced, p.as_dict(), specs, segments=p.segments)
 
         def model_fraction(p: Plan) -> float:
             return p.activation_fraction
     key = (layer, traced.graph.fingerprint(), tuple((s.shape, str(s.dtype), s.sharding) for s in specs))
     if key not in _NONE_CACHE:  # several budgets on one model compile no remat once
-        _NONE_CACHE[key] = measure({})
+        _NONE_CACHE[key] = measure(Plan.from_decisions(traced.graph, {}))
     none = _NONE_CACHE[key]
     goal = parsed.value * none if parsed.kind == "fraction" else parsed.value - traced.graph.constant_bytes
+    tried: dict[tuple, int] = {}  # (decisions, segments) -> measured temp bytes
+
+    def measured_of(p: Plan) -> int:
+        k = (p.decisions, p.segments)
+        if k not in tried:
+            tried[k] = measure(p)
+        return tried[k]
+
     best: tuple[int, Plan] | None = None  # smallest measured
     fitting: Plan | None = None  # least recompute among plans that fit
     lo, hi = 0.0, model_fraction(plan)  # model targets known to fit / known to miss
     current, tried_floor = plan, False
     for _ in range(MAX_ROUNDS):
-        measured = measure(current.as_dict())
+        measured = measured_of(current)
         if best is None or measured < best[0]:
             best = (measured, current)
         if measured <= goal:
@@ -133,9 +148,16 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[[float
                 break
             tried_floor = True
             nxt = replan(min(1.0, e.smallest_fraction * 1.0005))
-        if nxt.decisions == current.decisions:
+        if (nxt.decisions, nxt.segments) == (current.decisions, current.segments):
             break
         current = nxt
+    if fitting is None and not layer and _segmentable(traced):
+        for candidate in _coarser(traced, replan):
+            measured = measured_of(candidate)
+            if best is None or measured < best[0]:
+                best = (measured, candidate)
+            if measured <= goal and (fitting is None or candidate.predicted_recompute_seconds < fitting.predicted_recompute_seconds):
+                fitting = candidate
     if fitting is not None:
         return dataclasses.replace(fitting, budget=str(parsed))
     measured, kept = best
@@ -147,6 +169,32 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[[float
         RuntimeWarning, stacklevel=4,
     )
     return kept
+
+
+def _segmentable(traced: Traced) -> bool:
+    """Unrolled chains of 3+ blocks: where `choose` plans multi-block segments."""
+    return not traced.scans and traced.graph.num_blocks >= 3
+
+
+def _coarser(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
+    """Coarser segmentations to try when the rounds found nothing that fits, least memory first
+    in the model: the DP's floor with segments up to the whole chain (it keeps the fewest
+    boundaries the model knows of), then uniform √n-style segments around √n (what XLA
+    compiles most faithfully: one full-recompute region per segment). At most four compiles."""
+    n = traced.graph.num_blocks
+    out: list[Plan] = []
+    try:
+        replan(1e-9, max_segment_blocks=n)
+    except InfeasibleBudgetError as e:
+        try:
+            out.append(replan(min(1.0, e.smallest_fraction * 1.0005), max_segment_blocks=n))
+        except InfeasibleBudgetError:
+            pass
+    root = max(1, round(math.sqrt(n)))
+    for k in dict.fromkeys((root, root - 1, root + 1)):
+        if 2 <= k < n:
+            out.append(presets.sqrt_n(traced.graph, k))
+    return out
 
 
 def _carry_position(traced: Traced) -> int | None:
