@@ -56,9 +56,11 @@ def _check_budget(setup, budget):
     torch.manual_seed(1)
     measured = measure_step(rematted, inputs, loss_fn=lambda loss: loss)
     assert measured.activation_bytes <= budget * none.activation_bytes
-    # The simulator's prediction is within 6% of no remat of the measured peak (the replay's
-    # placeholders are not in the model; solve_torch aims 5% under the budget for them).
-    assert abs(measured.activation_bytes - plan.predicted_activation_bytes) <= 0.06 * none.activation_bytes
+    # The measured peak is never above the simulator's prediction by more than a rounding error,
+    # and below it by at most 2% of no remat (the simulator counts layer-norm statistics the
+    # replay recomputes, and one gradient buffer per residual-add input).
+    assert measured.activation_bytes - plan.predicted_activation_bytes <= 0.002 * none.activation_bytes
+    assert plan.predicted_activation_bytes - measured.activation_bytes <= 0.02 * none.activation_bytes
     # FlopCounterMode counts the replayed ops: extra FLOPs are exactly the predicted recompute.
     assert measured.flops - none.flops == plan.predicted_recompute_flops
     if budget < 1.0:

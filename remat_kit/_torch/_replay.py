@@ -9,6 +9,12 @@ recomputes only what the backward needs. These modes do exactly that, by op inde
 * RUN: the op is recomputed (its output is needed and planned RECOMPUTE), or it is a view.
 * CACHE: its needed outputs were kept (or offloaded) in the forward and are handed back.
 * SKIP: nothing downstream needs it; an uninitialised placeholder of the right shape flows on.
+  Placeholders share one buffer per device, so a replay does not hold every skipped output the
+  region's code still refers to (the simulator counts none of them). The buffer is the storage
+  of the largest value the region kept, which is alive through the replay anyway, or, if none
+  is large enough, one allocation of the region's largest placeholder. Nothing writes into
+  placeholders (nothing reads them but views): one that a later in-place op writes gets
+  storage of its own.
 
 An RNG op that is not RUN restores the generator state it left in the forward, so every
 recomputed RNG op draws exactly the numbers it drew the first time (same masks, same gradients).
@@ -17,6 +23,7 @@ recomputed RNG op draws exactly the numbers it drew the first time (same masks, 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import torch
@@ -47,6 +54,7 @@ class Step:
     out_spec: Any
     out_leaves: tuple[Any, ...]
     alias_of: int | None = None  # SKIP op allocating a storage whose final in-place version is kept
+    written: bool = False  # a later in-place op writes its output: its placeholder is not shared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +69,17 @@ def regions(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Region]:
     graph = tg.graph
     codes = decision_codes(graph, plan)
     needed, recomputed = _needed_and_recomputed(graph, codes)
-    rec_consumer = [any(recomputed[c] for c in graph.consumers[i]) for i in range(len(graph))]
+    vals = graph.values
     out: dict[str, Region] = {}
-    for seg in tg.segments:
+    for block, seg in enumerate(tg.segments):
         if seg.module is None:
             continue
+        # Only what this region's own backward ops or recomputed ops read is handed back: a layer's
+        # output read by the next layer (or the head) is held there. Kept in the cache, it would
+        # live on until this region's backward ends, past the backward that last reads it.
+        local = [any(vals[r].block == block for r in graph.bwd_readers[i])
+                 or any(recomputed[c] and vals[c].block == block for c in graph.consumers[i])
+                 for i in range(len(graph))]
         # Values a scalar read (`if x.sum() > 0`) sees decide control flow: they are recomputed
         # for real at replay, with everything they are computed from (placeholders would flip
         # the branch).
@@ -83,7 +97,7 @@ def regions(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Region]:
                 action = RUN
             else:
                 for j, i in owned:
-                    if needed[i] and (graph.is_residual[i] or rec_consumer[i]):
+                    if needed[i] and local[i]:
                         cache.append(j)
                         if codes[i] == _OFFLOAD_CODE:
                             offload.append(j)
@@ -94,10 +108,12 @@ def regions(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Region]:
         # A kept value written in place (dropout's mask: empty_like, bernoulli_, div_) is handed
         # back where its storage is first allocated, so the replay holds one copy, not two.
         for k, op in enumerate(profile.ops[seg.start:seg.stop]):
-            if steps[k].action == CACHE and op.inplace and op.creator is not None:
-                first = op.creator - seg.start
-                if 0 <= first < k and steps[first].action == SKIP and len(steps[first].out_leaves) == 1:
-                    steps[first] = dataclasses.replace(steps[first], alias_of=k)
+            first = op.creator - seg.start if op.inplace and op.creator is not None else -1
+            if not 0 <= first < k:
+                continue
+            steps[first] = dataclasses.replace(steps[first], written=True)
+            if steps[k].action == CACHE and steps[first].action == SKIP and len(steps[first].out_leaves) == 1:
+                steps[first] = dataclasses.replace(steps[first], alias_of=k)
         if active:
             out[seg.module] = Region(seg.name, seg.module, tuple(steps))
     return out
@@ -130,11 +146,55 @@ def _mutated_arg(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
     raise OpSequenceError(f"{func} is marked in-place but mutates no argument")
 
 
+def _extent_bytes(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> int:
+    if any(n == 0 for n in shape):
+        return 0
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    return itemsize * (1 + sum((n - 1) * s for n, s in zip(shape, stride)))
+
+
 class _State:
     def __init__(self, region: Region):
         self.region = region
         self.cache: dict[int, list[torch.Tensor]] = {}
         self.rng: dict[int, torch.Tensor] = {}
+        self._scratch_bytes: dict[torch.device, int] | None = None
+        self._scratch: dict[torch.device, weakref.ref] = {}
+        self._kept: dict[torch.device, weakref.ref] = {}  # largest kept storage per device
+
+    def begin_replay(self) -> None:
+        self._scratch = {}
+        self._kept = {}
+        for tensors in self.cache.values():
+            for t in tensors:
+                st, best = t.untyped_storage(), self._kept.get(t.device)
+                if best is None or best() is None or st.nbytes() > best().nbytes():
+                    self._kept[t.device] = weakref.ref(st)
+
+    def placeholder(self, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype,
+                    device: torch.device, shared: bool) -> torch.Tensor:
+        """An uninitialised tensor of this layout; `shared` ones are views of the scratch buffer."""
+        if not shared or _extent_bytes(shape, stride, dtype) == 0:
+            return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        if self._scratch_bytes is None:
+            self._scratch_bytes = {}
+            for step in self.region.steps:
+                if step.action == RUN or step.written:
+                    continue
+                for leaf in step.out_leaves:
+                    if isinstance(leaf, tuple) and leaf and leaf[0] == "t":
+                        _, shp, strd, dt, dev = leaf
+                        self._scratch_bytes[dev] = max(self._scratch_bytes.get(dev, 0), _extent_bytes(shp, strd, dt))
+        ref = self._scratch.get(device)
+        storage = ref() if ref is not None else None
+        if storage is None:
+            size = max(self._scratch_bytes.get(device, 0), _extent_bytes(shape, stride, dtype))
+            kept = self._kept.get(device)
+            storage = kept() if kept is not None else None
+            if storage is None or storage.nbytes() < size:
+                storage = torch.empty(size, dtype=torch.uint8, device=device).untyped_storage()
+            self._scratch[device] = weakref.ref(storage)
+        return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape, stride)
 
     def step(self, k: int, func: Any, phase: str) -> Step:
         steps = self.region.steps
@@ -195,6 +255,7 @@ class _ReplayMode(TorchDispatchMode):
 
     def __enter__(self):
         self.k = 0
+        self.state.begin_replay()
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -225,7 +286,7 @@ class _ReplayMode(TorchDispatchMode):
                     t = cached[j]
                     leaves.append(t.to(device, non_blocking=True) if t.device != device else t)
                 else:
-                    leaves.append(torch.empty_strided(shape, stride, dtype=dtype, device=device))
+                    leaves.append(self.state.placeholder(shape, stride, dtype, device, not step.written))
                 j += 1
             else:
                 leaves.append(leaf)
