@@ -14,7 +14,7 @@ never returned.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from remat_kit._core import chain_dp
 from remat_kit._core.budget import Budget, format_bytes, parse_budget
@@ -74,6 +74,7 @@ def solve(
     offload: bool = False,
     device: DeviceSpec | None = None,
     max_segment_blocks: int = 1,
+    fixed_blocks: Collection[str] = (),
 ) -> Plan:
     """The plan with the least recompute time whose activation memory fits `budget`.
 
@@ -87,6 +88,8 @@ def solve(
       max_segment_blocks: with ``solver="dp"``, also consider checkpointing up to this many
         consecutive blocks as one segment (dropping the boundaries inside it, as √n and rotor
         do). The plan's `segments` then says which blocks go together; 1 = one block each.
+      fixed_blocks: names of blocks that never join a multi-block segment (code a framework runs
+        outside any checkpoint region: embeddings, head, loss).
 
     Raises:
       ValueError: a malformed budget or solver name.
@@ -101,6 +104,11 @@ def solve(
         raise ValueError(f"max_segment_blocks={max_segment_blocks!r} must be an int >= 1 (1 = one block per segment).")
     if max_segment_blocks > 1 and solver != "dp":
         raise ValueError(f"max_segment_blocks={max_segment_blocks} needs solver='dp', not solver={solver!r}.")
+    unknown = set(fixed_blocks) - set(graph.block_names)
+    if unknown:
+        raise ValueError(f"fixed_blocks={sorted(fixed_blocks)!r} names blocks the graph does not have: {sorted(unknown)!r} "
+                         f"(blocks: {list(graph.block_names)!r}).")
+    spans = (max_segment_blocks, frozenset(fixed_blocks))
     device = device or DeviceSpec()
     costs = Costs(graph, device)
     baseline = baseline_activation_bytes(graph)
@@ -110,7 +118,7 @@ def solve(
     if parsed.kind == "fraction" and parsed.value == 1.0:
         codes = [_SAVE] * len(graph)  # no remat fits its own memory by definition
     elif solver == "dp":
-        found = _solve_dp(graph, limit, costs, offload, max_segment_blocks)
+        found = _solve_dp(graph, limit, costs, offload, spans)
         codes, segments = found if found is not None else (None, None)
     elif solver == "milp":
         res = solve_milp(graph, limit=limit, rec_cost=costs.recompute, off_cost=costs.offload if offload else None)
@@ -118,7 +126,7 @@ def solve(
     else:
         codes = _solve_greedy(graph, limit, costs)
     if codes is None:
-        raise _infeasible(graph, parsed, budget, costs, offload, baseline, max_segment_blocks)
+        raise _infeasible(graph, parsed, budget, costs, offload, baseline, spans)
     target = graph if segments is None else graph.regroup(segments)
     decisions = {target.values[i].name: _NAMES[codes[i]] for i in target.free_values}
     plan = Plan.from_decisions(target, decisions, device=device, budget=str(parsed), solver=solver)
@@ -249,8 +257,23 @@ def _pareto(options: list[chain_dp.BlockOption]) -> list[chain_dp.BlockOption]:
     return out
 
 
-def segment_options(graph: CostGraph, costs: Costs, max_span: int) -> list[list[chain_dp.BlockOption]]:
-    """Per start block: full recompute of 2..max_span consecutive blocks merged into one segment.
+def segment_cap(num_blocks: int) -> int:
+    """A default `max_segment_blocks` for a chain of `num_blocks` (adapters use it).
+
+    For n equal blocks the memory-optimal uniform segment is about √n long (n/k kept boundaries
+    against k blocks' recompute transient; Chen et al. 2016); twice that leaves the DP room for
+    uneven chains and for the rotor-style mix of short and long segments, while the segment
+    options stay O(n·2√n) (identical runs of blocks share them) instead of O(n²).
+    """
+    if num_blocks < 3:
+        return 1
+    return min(num_blocks, max(2, math.ceil(2 * math.sqrt(num_blocks))))
+
+
+def segment_options(graph: CostGraph, costs: Costs, max_span: int,
+                    fixed: frozenset[str] = frozenset()) -> list[list[chain_dp.BlockOption]]:
+    """Per start block: full recompute of 2..max_span consecutive blocks merged into one segment
+    (blocks named in `fixed` join none).
 
     The boundaries inside a segment are dropped and recomputed from the segment's input, as in
     Chen et al.'s √n checkpointing and rotor's DP: less kept memory, a bigger backward transient.
@@ -259,7 +282,11 @@ def segment_options(graph: CostGraph, costs: Costs, max_span: int) -> list[list[
     seen: dict[tuple, tuple[int, chain_dp.BlockOption]] = {}
     sigs = [chain_dp.block_signature(graph, b) for b in range(graph.num_blocks)]
     for first in range(graph.num_blocks):
+        if graph.block_names[first] in fixed:
+            continue
         for last in range(first + 1, min(first + max_span, graph.num_blocks)):
+            if graph.block_names[last] in fixed:
+                break
             members = [i for b in range(first, last + 1) for i in graph.block_members[b]]
             key = tuple(sigs[first:last + 1])
             if key in seen:  # the same blocks again (a transformer's layers): shift the codes
@@ -280,9 +307,9 @@ def segment_options(graph: CostGraph, costs: Costs, max_span: int) -> list[list[
     return out
 
 
-def _solve_dp(graph: CostGraph, limit: int, costs: Costs, offload: bool, max_span: int):
+def _solve_dp(graph: CostGraph, limit: int, costs: Costs, offload: bool, spans: tuple[int, frozenset[str]]):
     """(codes, segments or None) of the least-cost path, or None when nothing fits."""
-    options = _dp_options(graph, costs, offload, max_span)
+    options = _dp_options(graph, costs, offload, spans)
     found = chain_dp.solve_chain(options, limit)
     if found is None:
         return None
@@ -298,13 +325,16 @@ def _solve_dp(graph: CostGraph, limit: int, costs: Costs, offload: bool, max_spa
     return codes, (segments if merged else None)
 
 
-def _dp_options(graph: CostGraph, costs: Costs, offload: bool, max_span: int) -> list[list[chain_dp.BlockOption]]:
+def _dp_options(graph: CostGraph, costs: Costs, offload: bool,
+                spans: tuple[int, frozenset[str]]) -> list[list[chain_dp.BlockOption]]:
+    """Block menus, plus segment options when `spans` = (max blocks per segment, fixed blocks) allows."""
+    max_span, fixed = spans
     menus = block_menus(graph, costs, offload)
     if max_span <= 1:
         return menus
-    key = ("segments", max_span, tuple(costs.recompute))
+    key = ("segments", max_span, fixed, tuple(costs.recompute))
     if key not in graph._cache:
-        graph._cache[key] = segment_options(graph, costs, max_span)
+        graph._cache[key] = segment_options(graph, costs, max_span, fixed)
     return [menu + extra for menu, extra in zip(menus, graph._cache[key])]
 
 
@@ -341,18 +371,21 @@ def _solve_greedy(graph: CostGraph, limit: int, costs: Costs) -> list[int] | Non
 
 # -- infeasible budgets -----------------------------------------------------------------------
 def smallest_activation_bytes(
-    graph: CostGraph, *, offload: bool = False, device: DeviceSpec | None = None, max_segment_blocks: int = 1
+    graph: CostGraph, *, offload: bool = False, device: DeviceSpec | None = None, max_segment_blocks: int = 1,
+    fixed_blocks: Collection[str] = (),
 ) -> int:
     """The least activation peak remat_kit's plans reach (keep-all, full recompute, selective,
     offload, segments of up to `max_segment_blocks` blocks)."""
     costs = Costs(graph, device or DeviceSpec())
-    return chain_dp.min_peak(_dp_options(graph, costs, offload, max_segment_blocks))
+    return chain_dp.min_peak(_dp_options(graph, costs, offload, (max_segment_blocks, frozenset(fixed_blocks))))
 
 
 def _infeasible(
-    graph: CostGraph, parsed: Budget, raw: object, costs: Costs, offload: bool, baseline: int, max_span: int
+    graph: CostGraph, parsed: Budget, raw: object, costs: Costs, offload: bool, baseline: int,
+    spans: tuple[int, frozenset[str]],
 ) -> InfeasibleBudgetError:
-    smallest = chain_dp.min_peak(_dp_options(graph, costs, offload, max_span))
+    max_span, fixed = spans
+    smallest = chain_dp.min_peak(_dp_options(graph, costs, offload, spans))
     fraction = smallest / baseline if baseline else 1.0
     smallest_total = smallest + graph.constant_bytes
     if parsed.kind == "fraction":
@@ -360,9 +393,9 @@ def _infeasible(
     else:
         need = f"{format_bytes(smallest_total)} ({smallest_total} bytes)"
     hint = "raise it"
-    if not offload and chain_dp.min_peak(_dp_options(graph, costs, True, max_span)) < smallest:
+    if not offload and chain_dp.min_peak(_dp_options(graph, costs, True, spans)) < smallest:
         hint += " or pass offload=True"
-    elif max_span == 1 and chain_dp.min_peak(_dp_options(graph, costs, offload, 4)) < smallest:
+    elif max_span == 1 and chain_dp.min_peak(_dp_options(graph, costs, offload, (4, fixed))) < smallest:
         hint += " or let segments span blocks (max_segment_blocks=4)"
     else:
         hint += ", or make the blocks smaller (their boundaries and one block's backward are the floor)"

@@ -22,11 +22,12 @@ from remat_kit._core.budget import Budget, format_bytes, parse_budget
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import simulate
 from remat_kit._core.graph import DeviceSpec
-from remat_kit._core.solve import Costs, InfeasibleBudgetError, block_menus, solve
+from remat_kit._core.solve import (Costs, InfeasibleBudgetError, block_menus, segment_cap, smallest_activation_bytes,
+                                   solve)
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
 from remat_kit._torch._profile import Profile, profile
 from remat_kit._torch._replicate import profile_replicated
-from remat_kit._torch._replay import OpSequenceError, Region, decisions_for_torch, regions, run_region
+from remat_kit._torch._replay import OpSequenceError, Region, SegmentRun, decisions_for_torch, regions, run_region
 
 _STATE = "_remat_kit_state"
 _CLASS = "_remat_kit_class"
@@ -54,6 +55,7 @@ class _State:
     profiling: bool = False
     restore_use_cache: bool = False
     wrapped_blocks: dict[str, tuple[torch.nn.Module, Any]] = dataclasses.field(default_factory=dict)
+    segment: SegmentRun | None = None  # the multi-layer checkpoint region the forward is inside
 
 
 # -- planning ---------------------------------------------------------------------------------
@@ -112,19 +114,40 @@ def _floor(tg: TorchGraph) -> Plan:
     return Plan.from_decisions(g, dict.fromkeys(names, Decision.RECOMPUTE), solver="full")
 
 
-def _infeasible(module: torch.nn.Module, budget: object, tg: TorchGraph, offload: bool) -> ValueError:
+def _infeasible(module: torch.nn.Module, budget: object, tg: TorchGraph, offload: bool,
+                smallest: int | None = None) -> ValueError:
+    """The error for a budget below the least this module reaches (`smallest` activation bytes,
+    default: every layer recomputed)."""
     floor = _floor(tg)
+    baseline = floor.baseline_activation_bytes
+    least = floor.predicted_activation_bytes if smallest is None else min(smallest, floor.predicted_activation_bytes)
+    fraction = least / baseline if baseline else 1.0
     pinned = sum(tg.graph[n].num_bytes for n in tg.pinned if tg.graph.is_residual[tg.graph.index(n)])
-    need = math.ceil(floor.activation_fraction * 1000) / 1000
+    need = math.ceil(fraction * 1000) / 1000
     return InfeasibleBudgetError(
         f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__} at this "
-        f"input: {format_bytes(floor.predicted_activation_bytes)} of activations ({floor.activation_fraction:.1%} "
-        f"of no remat) with every layer recomputed, of which {format_bytes(pinned)} are saved outside the "
-        f"repeated layers (embeddings, head, loss) and cannot be recomputed. Raise the budget to at least "
-        f"{need:g}{'' if offload else ' or pass offload=True'}, or use a smaller batch.",
-        smallest_fraction=floor.activation_fraction,
-        smallest_bytes=floor.predicted_peak_bytes,
+        f"input: {format_bytes(least)} of activations ({fraction:.1%} of no remat) with every layer recomputed"
+        f"{' (consecutive layers checkpointed together where that is smaller)' if smallest is not None else ''}, "
+        f"of which {format_bytes(pinned)} are saved outside the repeated layers (embeddings, head, loss) and "
+        f"cannot be recomputed. Raise the budget to at least {need:g}{'' if offload else ' or pass offload=True'}, "
+        "or use a smaller batch.",
+        smallest_fraction=fraction,
+        smallest_bytes=least + tg.graph.constant_bytes,
     )
+
+
+def _segment_spans(module: torch.nn.Module, tg: TorchGraph, solver: str | None) -> tuple[int, frozenset[str]]:
+    """(max layers per checkpoint region, blocks that join none) for the chain DP.
+
+    Consecutive layers can share one checkpoint region (their boundaries recomputed) when nothing
+    runs between them: no root code and no module hooks (FSDP's unshard) between layers.
+    """
+    layers = [s for s in tg.segments if s.module is not None]
+    if (solver not in (None, "dp") or len(layers) < 3 or _uses_fsdp(module)
+            or any(s.module is None and s.name.startswith("between") for s in tg.segments)):
+        return 1, frozenset()
+    names = [s.name for s in tg.segments[: len(tg.graph.block_names)]]
+    return segment_cap(len(layers)), frozenset(s.name for s in tg.segments if s.module is None and s.name in names)
 
 
 # Measured against the simulator on 7 models x 7 budgets (tests/test_torch_memory_gap.py), the
@@ -146,29 +169,34 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
         return _solve_one_region(module, tg, prof, parsed, budget, offload)
     baseline = simulate(graph).activation_bytes
     limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
-    # Aim under the budget by the margin, but never under full recompute (which is feasible).
-    aim = min(limit, max(limit - int(SAFETY_MARGIN * baseline), _floor(tg).predicted_activation_bytes))
+    span, fixed_blocks = _segment_spans(module, tg, solver)
+    floor = _floor(tg).predicted_activation_bytes
+    if span > 1:
+        floor = min(floor, smallest_activation_bytes(tg.solver_graph, offload=offload, max_segment_blocks=span,
+                                                     fixed_blocks=fixed_blocks))
+    # Aim under the budget by the margin, but never under the least reachable (which is feasible).
+    aim = min(limit, max(limit - int(SAFETY_MARGIN * baseline), floor))
     for _ in range(6):
         try:
             raw = solve(tg.solver_graph, Budget("bytes", float(graph.constant_bytes + aim)), solver=solver,
-                        offload=offload)
+                        offload=offload, max_segment_blocks=span, fixed_blocks=fixed_blocks)
         except InfeasibleBudgetError:
             if aim < limit:  # the margin is a wish, the budget is the contract
                 aim = limit
                 continue
-            raise _infeasible(module, budget, tg, offload) from None
-        fixed = Plan.from_decisions(graph, decisions_for_torch(tg, raw, prof), budget=str(parsed),
+            raise _infeasible(module, budget, tg, offload, floor if span > 1 else None) from None
+        fixed = Plan.from_decisions(raw.graph_for(graph), decisions_for_torch(tg, raw, prof), budget=str(parsed),
                                     solver=raw.solver)
         if set(simulate(graph, fixed).recomputed) & tg.pinned:
             if aim < limit:
                 aim = limit
                 continue
-            raise _infeasible(module, budget, tg, offload)
+            raise _infeasible(module, budget, tg, offload, floor if span > 1 else None)
         if fixed.predicted_activation_bytes <= limit:
             return fixed
         # The adjustments for torch pushed the plan over: ask the solver for a little less.
         aim -= fixed.predicted_activation_bytes - limit + max(1, limit // 50)
-    raise _infeasible(module, budget, tg, offload)
+    raise _infeasible(module, budget, tg, offload, floor if span > 1 else None)
 
 
 def _solve_one_region(module: torch.nn.Module, tg: TorchGraph, prof: Profile, parsed: Budget, budget: object,
@@ -234,15 +262,27 @@ class _BlockForward:
         self.__wrapped__ = original  # inspect.signature (Hugging Face reads it) sees the original
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        compiled = self.state.active
+        state, compiled = self.state, self.state.active
+        if state.segment is not None and state.segment.open:
+            if not state.segment.expects(self.path):
+                state.segment.close()
+                raise OpSequenceError(
+                    f"remat_kit: `{self.path}` was called inside the checkpoint region of layers "
+                    f"{list(state.segment.region.members)}, out of the order the plan was made for. The forward "
+                    "changed; remat_kit drops this plan and re-profiles."
+                )
+            return state.segment.layer(self.original, args, kwargs)
         region = compiled.regions.get(self.path) if compiled is not None else None
         if region is None:
             return self.original(*args, **kwargs)
+        if region.members:
+            state.segment = SegmentRun(region)
+            return state.segment.start(self.original, args, kwargs)
         return run_region(region, self.original, args, kwargs)
 
 
 def install_blocks(module: torch.nn.Module, state: _State, compiled: Compiled) -> None:
-    for path in compiled.regions:
+    for path in {p for key, region in compiled.regions.items() for p in (region.members or (key,))}:
         if path == "" or path in state.wrapped_blocks:
             continue
         block = module.get_submodule(path)
@@ -308,8 +348,18 @@ class _RootForward:
         state.active = compiled
         try:
             root = compiled.regions.get("")
-            return run_region(root, original, args, kwargs) if root is not None else original(*args, **kwargs)
+            out = run_region(root, original, args, kwargs) if root is not None else original(*args, **kwargs)
+            if state.segment is not None and state.segment.open:
+                raise OpSequenceError(
+                    f"remat_kit: the forward ended inside the checkpoint region of layers "
+                    f"{list(state.segment.region.members)}; the plan was made for a forward that runs all of them. "
+                    "remat_kit drops this plan and re-profiles."
+                )
+            return out
         finally:
+            if state.segment is not None:
+                state.segment.close()
+                state.segment = None
             state.active = None
 
 

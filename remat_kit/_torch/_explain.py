@@ -20,6 +20,7 @@ from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import _needed_and_recomputed, decision_codes, simulate
 from remat_kit._torch._apply import Compiled, auto, compile_plan, install_blocks, signature, state_of, unwrap
 from remat_kit._torch._measure import StepMeasurement, measure_step
+from remat_kit._torch._replay import _units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,18 +40,22 @@ class Explanation:
 
 
 def _rows(compiled: Compiled) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    graph, plan = compiled.tg.graph, compiled.plan
+    plan = compiled.plan
+    graph = plan.graph_for(compiled.tg.graph)  # one block per checkpoint region (several layers in a segment)
     codes = decision_codes(graph, plan)
     needed, recomputed = _needed_and_recomputed(graph, codes)
     sim = simulate(graph, plan)
     base = simulate(graph)
     blocks = []
-    for b, seg in enumerate(compiled.tg.segments[: graph.num_blocks]):
+    for b, segs in _units(compiled.tg, plan):
+        seg = dataclasses.replace(segs[0], name="+".join(s.name for s in segs), stop=segs[-1].stop)
         members = graph.block_members[b]
         rec = [i for i in members if recomputed[i]]
         kept = sim.kept_bytes_by_block[b]
         if seg.module is None:
             what = "pinned (outside layers)"
+        elif len(segs) > 1:
+            what = f"one region over {len(segs)} layers, recomputed"
         elif not rec and not any(needed[i] and codes[i] == 2 for i in members):
             what = "keep all"
         elif all(recomputed[i] or not needed[i] or graph.is_forced[i] for i in members):

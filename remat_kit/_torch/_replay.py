@@ -23,6 +23,7 @@ recomputed RNG op draws exactly the numbers it drew the first time (same masks, 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import weakref
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import _needed_and_recomputed, decision_codes
-from remat_kit._torch._graph import TorchGraph
+from remat_kit._torch._graph import Segment, TorchGraph
 from remat_kit._torch._profile import Profile, ignored
 
 RUN, CACHE, SKIP = "run", "cache", "skip"
@@ -60,20 +61,31 @@ class Step:
 @dataclasses.dataclass(frozen=True)
 class Region:
     name: str  # block name
-    module: str  # module path whose forward is checkpointed ("" = the root)
+    module: str  # module path whose forward is checkpointed ("" = the root); the first of `members`
     steps: tuple[Step, ...]
+    members: tuple[str, ...] = ()  # consecutive layers checkpointed as one region (a plan segment)
+
+
+def _units(tg: TorchGraph, plan: Plan) -> list[tuple[int, list[Segment]]]:
+    """(block of the plan's graph, the profile segments it covers): one per layer, or one per
+    plan segment of consecutive layers."""
+    by_name = {s.name: s for s in tg.segments}
+    groups = plan.segments or tuple((n,) for n in tg.graph.block_names)
+    return [(k, [by_name[n] for n in names]) for k, names in enumerate(groups)]
 
 
 def regions(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Region]:
-    """The checkpoint regions a plan needs, keyed by module path; regions that keep all are left out."""
-    graph = tg.graph
+    """The checkpoint regions a plan needs, keyed by (first) module path; regions that keep all are
+    left out."""
+    graph = plan.graph_for(tg.graph)
     codes = decision_codes(graph, plan)
     needed, recomputed = _needed_and_recomputed(graph, codes)
     vals = graph.values
     out: dict[str, Region] = {}
-    for block, seg in enumerate(tg.segments):
-        if seg.module is None:
+    for block, segs in _units(tg, plan):
+        if any(s.module is None for s in segs):
             continue
+        seg = dataclasses.replace(segs[0], name="+".join(s.name for s in segs), stop=segs[-1].stop)
         # Only what this region's own backward ops or recomputed ops read is handed back: a layer's
         # output read by the next layer (or the head) is held there. Kept in the cache, it would
         # live on until this region's backward ends, past the backward that last reads it.
@@ -115,7 +127,8 @@ def regions(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Region]:
             if steps[k].action == CACHE and steps[first].action == SKIP and len(steps[first].out_leaves) == 1:
                 steps[first] = dataclasses.replace(steps[first], alias_of=k)
         if active:
-            out[seg.module] = Region(seg.name, seg.module, tuple(steps))
+            members = tuple(s.module for s in segs) if len(segs) > 1 else ()
+            out[seg.module] = Region(seg.name, seg.module, tuple(steps), members)
     return out
 
 
@@ -310,6 +323,102 @@ def run_region(region: Region, fn: Any, args: tuple, kwargs: dict) -> Any:
     )
 
 
+_checkpoint_generator = torch.utils.checkpoint._checkpoint_without_reentrant_generator
+_HAS_EARLY_STOP = "early_stop" in inspect.signature(_checkpoint_generator).parameters
+
+
+class SegmentRun:
+    """One checkpoint region over consecutive layers (a plan segment), entered at the first layer's
+    call and left after the last layer's: the parent's loop calls the layers one by one, so the
+    region is torch's non-reentrant checkpoint generator held open across those calls.
+
+    The recompute runs the layers again in order; a layer's arguments that were outputs of an
+    earlier layer of the segment (matched by identity in the forward, held by weak reference so
+    no boundary is kept alive) are replaced by the recomputed ones, the others (masks, position
+    embeddings: made before the segment) are reused.
+    """
+
+    def __init__(self, region: Region):
+        self.region = region
+        self.state = _State(region)
+        self.forwards: list[Any] = []
+        self.calls: list[tuple[Any, list[Any], dict[int, tuple[int, int]]]] = []
+        self._outputs: list[list[weakref.ref | None]] = []
+        self._gen: Any = None
+
+    @property
+    def open(self) -> bool:
+        return self._gen is not None
+
+    def expects(self, path: str) -> bool:
+        return self.open and len(self.forwards) < len(self.region.members) and self.region.members[len(self.forwards)] == path
+
+    @torch._dynamo.disable
+    def start(self, fn: Any, args: tuple, kwargs: dict) -> Any:
+        def context_fn():
+            return _ForwardMode(self.state), _ReplayMode(self.state)
+
+        # fn, preserve_rng_state, context_fn, determinism_check, debug[, early_stop], *args
+        head = [self._recompute, True, context_fn, "default", False] + ([True] if _HAS_EARLY_STOP else [])
+        self._gen = _checkpoint_generator(*head, *args, **kwargs)
+        next(self._gen)
+        return self._run(fn, args, kwargs)
+
+    @torch._dynamo.disable
+    def layer(self, fn: Any, args: tuple, kwargs: dict) -> Any:
+        leaves, spec = tree_flatten((args, kwargs))
+        kept: list[Any] = []
+        inner: dict[int, tuple[int, int]] = {}
+        for li, leaf in enumerate(leaves):
+            hit = None
+            if isinstance(leaf, torch.Tensor):
+                hit = next(((k, j) for k, outs in enumerate(self._outputs) for j, ref in enumerate(outs)
+                            if ref is not None and ref() is leaf), None)
+            if hit is None:
+                kept.append(leaf)
+            else:
+                inner[li] = hit
+                kept.append(None)
+        self.calls.append((spec, kept, inner))
+        return self._run(fn, args, kwargs)
+
+    def _run(self, fn: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            out = fn(*args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
+        self.forwards.append(fn)
+        self._outputs.append([weakref.ref(t) if isinstance(t, torch.Tensor) else None
+                              for t in tree_flatten(out)[0]])
+        if len(self.forwards) == len(self.region.members):
+            self._outputs = []
+            gen, self._gen = self._gen, None
+            try:
+                next(gen)
+            except StopIteration:
+                pass
+        return out
+
+    def _recompute(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.forwards[0](*args, **kwargs)
+        outs = [tree_flatten(out)[0]]
+        for k, (spec, kept, inner) in enumerate(self.calls, start=1):
+            leaves = list(kept)
+            for li, (layer, j) in inner.items():
+                leaves[li] = outs[layer][j]
+            a, kw = tree_unflatten(leaves, spec)
+            out = self.forwards[k](*a, **kw)
+            outs.append(tree_flatten(out)[0])
+        return out
+
+    def close(self) -> None:
+        """Leave the region without finishing it (an error, or a forward that stopped early)."""
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            gen.close()
+
+
 def decisions_for_torch(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Decision]:
     """Adjust a solver's plan to what these modes can run exactly.
 
@@ -318,7 +427,7 @@ def decisions_for_torch(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[st
     * A value an in-place op rewrites later cannot be kept as it was: recompute it.
     * Pinned values (outside any checkpoint region) are kept.
     """
-    graph = tg.graph
+    graph = plan.graph_for(tg.graph)
     dec = {n: d for n, d in plan.decisions}
     for name in tg.pinned:
         if dec.get(name) is not None and dec[name] is not Decision.SAVE:
