@@ -162,3 +162,36 @@ def test_a_7b_shaped_llama_stack_is_planned_from_shapes():
     per_layer = [sum(g[v.name].num_bytes for v in g.values if v.block == k and v.is_activation)
                  for k in range(1, 33)]
     assert len(set(per_layer[1:-1])) == 1 and per_layer[1] >= 4 * 4096 * 4096 * 4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_auto_on_a_long_hugging_face_stack_plans_from_four_layers_with_exact_gradients(name):
+    # The code before the layers runs on real tensors while profiling, so Hugging Face's mask
+    # logic (which builds a mask when it sees a fake tensor, and skips it for an all-ones padding
+    # mask on real ones) takes the real step's path: the fake profile is the one applied, with no
+    # re-planning from a real forward.
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (2, 16))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = _hf(name, MIN_LAYERS).train()
+        if hasattr(model.config, "attention_probs_dropout_prob"):
+            model.config.attention_probs_dropout_prob = 0.0
+        torch.manual_seed(1)
+        want = [p.grad for p in _step(model, ids)]
+        rematted = remat_kit.auto(_hf(name, MIN_LAYERS).train(), budget=0.4)
+        rematted.load_state_dict(model.state_dict())
+        torch.manual_seed(1)
+        got = [p.grad for p in _step(rematted, ids)]
+    assert max_rel_err(got, want) <= 1e-6
+    (plan,) = remat_kit.plan_of(rematted)
+    (compiled,) = remat_kit._torch._apply.state_of(rematted).plans.values()
+    assert compiled.profile.replicated_from == 4 and plan.num_recomputed_ops > 0
+    assert compiled.profile.fake and compiled.profile.real_prologue
+    assert not [w for w in seen if "re-planning" in str(w.message)]
+
+
+def _step(model: nn.Module, ids: torch.Tensor) -> list[nn.Parameter]:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return [p for p in model.parameters() if p.grad is not None]

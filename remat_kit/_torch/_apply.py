@@ -78,25 +78,35 @@ def signature(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
 
 def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = None, mode: str = "replicate") -> Profile:
     """Profile under FakeTensorMode; `mode` "replicate" (from four layers of a long identical
-    stack when it can, see _replicate.py), "fake" (every op) or "real" (real tensors)."""
+    stack when it can, see _replicate.py), "fake" (every op) or "real" (real tensors).
+
+    Fake profiles first run the code before the layers on real tensors (`real_prologue`: masks
+    and checks on values take the real step's path) and, if that code cannot run so (parameters
+    on the meta device), all of it on fake tensors.
+    """
     layers = candidate_layers(module)
     if mode == "real" or _uses_fsdp(module):
         # FSDP2's unshard/reshard hooks keep state across calls; a fake run leaves fake
         # unsharded parameters behind. Profile with real tensors (one forward's memory, once).
         return profile(module, args, kwargs, fake=False, call=call, layers=layers)
-    try:
-        if mode == "replicate":
-            found = profile_replicated(module, args, kwargs, call=call)
+    prologue = (True, False) if layers else (False,)
+    if mode == "replicate":
+        for real_prologue in prologue:
+            found = profile_replicated(module, args, kwargs, call=call, real_prologue=real_prologue)
             if found is not None:
                 return found
-        return profile(module, args, kwargs, fake=True, call=call, layers=layers)
-    except Exception as e:  # an op without a fake kernel: profile with real tensors instead
-        warnings.warn(
-            f"remat_kit: profiling {type(module).__name__} under FakeTensorMode failed ({type(e).__name__}: "
-            f"{str(e)[:200]}); profiling with real tensors once instead (uses the memory of one forward).",
-            stacklevel=3,
-        )
-        return profile(module, args, kwargs, fake=False, call=call, layers=layers)
+    error: Exception | None = None
+    for real_prologue in prologue:
+        try:
+            return profile(module, args, kwargs, fake=True, call=call, layers=layers, real_prologue=real_prologue)
+        except Exception as e:  # noqa: PERF203 - an op without a fake kernel, or a prologue that needs one
+            error = e
+    warnings.warn(
+        f"remat_kit: profiling {type(module).__name__} under FakeTensorMode failed ({type(error).__name__}: "
+        f"{str(error)[:200]}); profiling with real tensors once instead (uses the memory of one forward).",
+        stacklevel=3,
+    )
+    return profile(module, args, kwargs, fake=False, call=call, layers=layers)
 
 
 def _uses_fsdp(module: torch.nn.Module) -> bool:

@@ -103,6 +103,7 @@ class Profile:
     module_calls: dict[str, int]  # module path -> number of forward calls
     fake: bool = True  # profiled under FakeTensorMode (False: with real tensors)
     replicated_from: int = 0  # >0: built from a profile of this many layers (see _replicate.py)
+    real_prologue: bool = False  # the code before the layers ran on real tensors (_FakeFromFirstLayer)
 
 
 class _Recorder(TorchDispatchMode):
@@ -256,7 +257,8 @@ def _saved_tensors(node: Any) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _module_hooks(root: torch.nn.Module, rec: _Recorder, calls: dict[str, int], layers: list[str]):
+def _module_hooks(root: torch.nn.Module, rec: _Recorder, calls: dict[str, int], layers: list[str],
+                  on_layer: Any = None):
     handles = []
     for path, mod in root.named_modules():
         def pre(_m, _a, path=path):
@@ -278,6 +280,8 @@ def _module_hooks(root: torch.nn.Module, rec: _Recorder, calls: dict[str, int], 
         inner = mod.forward
 
         def forward(*args, __inner=inner, __path=path, **kwargs):
+            if on_layer is not None:
+                on_layer()
             rec.regions.append(__path)
             try:
                 return __inner(*args, **kwargs)
@@ -314,12 +318,40 @@ def state_values(root: torch.nn.Module) -> list[Value]:
                   role=v["role"], requires_grad=None) for v in rec.values]
 
 
+class _FakeFromFirstLayer:
+    """Enters FakeTensorMode below the recorder when the first layer's forward starts.
+
+    The code before the layers (embeddings, attention masks, position tables) then runs on real
+    tensors, so the checks it makes on values (Hugging Face skips the causal mask when the
+    padding mask is all ones, and builds one when it sees a fake tensor) take the path the real
+    step takes; the layers and what follows them run on fake tensors, so their activations cost
+    nothing. The prologue's activations are real memory: small next to the layers'.
+    """
+
+    def __init__(self, rec: _Recorder, fake_mode: Any):
+        self.rec, self.fake_mode, self.active, self.switched = rec, fake_mode, False, False
+
+    def __call__(self) -> None:
+        if self.switched:
+            return
+        self.active = self.switched = True
+        self.rec.__exit__(None, None, None)  # the recorder stays on top: it sees each op first
+        self.fake_mode.__enter__()
+        self.rec.__enter__()
+
+    def close(self) -> None:
+        if self.active:
+            self.fake_mode.__exit__(None, None, None)
+            self.active = False
+
+
 def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = True, call: Any = None,
-            layers: list[str] | None = None) -> Profile:
+            layers: list[str] | None = None, real_prologue: bool = False) -> Profile:
     """Run `root(*args, **kwargs)` once under the recorder and return its ops and values.
 
     Needs grad mode on (what `auto` plans is a training step). With `fake=True` the run is under
-    FakeTensorMode: real parameters are read for their shapes only.
+    FakeTensorMode: real parameters are read for their shapes only; with `real_prologue` too,
+    the code before the first of `layers` runs on real tensors (see _FakeFromFirstLayer).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -327,17 +359,22 @@ def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = Tr
     rec = _Recorder(fake_mode)
     register_state(rec, root)
     calls: dict[str, int] = {}
+    late = _FakeFromFirstLayer(rec, fake_mode) if fake_mode is not None and real_prologue and layers else None
+    early = fake_mode if late is None else None
+    # The RNG ops that run for real (a real prologue's dropout, say) must not move the generators
+    # the training step draws from.
+    cuda = sorted({p.device.index or 0 for p in root.parameters() if p.device.type == "cuda"})
 
     def convert(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and fake_mode is not None:
+        if isinstance(x, torch.Tensor) and early is not None:
             t = fake_mode.from_tensor(x)
             if x.requires_grad and not t.requires_grad:
                 t.requires_grad_(True)
             return t
         return x
 
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+    with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+        with early if early is not None else contextlib.nullcontext():
             flat, spec = tree_flatten((args, kwargs))
             flat = [convert(x) for x in flat]
             for i, x in enumerate(flat):
@@ -346,15 +383,21 @@ def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = Tr
             from torch.utils._pytree import tree_unflatten
 
             fargs, fkwargs = tree_unflatten(flat, spec)
-            with _module_hooks(root, rec, calls, layers or []), rec:
-                out = (call or root)(*fargs, **fkwargs)
+            try:
+                with _module_hooks(root, rec, calls, layers or [], on_layer=late), rec:
+                    out = (call or root)(*fargs, **fkwargs)
+            finally:
+                if late is not None:
+                    late.close()
             rec._capture_nodes()
             values = _finish(rec)
             del out
     # Autocast caches parameter casts per region; the ones made here are fake tensors.
     torch.clear_autocast_cache()
     return Profile(ops=rec.ops, values=values, value_op=rec.value_op,
-                   mutated_later=rec.mutated_later, module_calls=calls, fake=fake)
+                   mutated_later=rec.mutated_later, module_calls=calls,
+                   fake=fake and (late is None or late.switched),  # never switched: it all ran for real
+                   real_prologue=late is not None and late.switched)
 
 
 def _finish(rec: _Recorder) -> list[Value]:

@@ -36,7 +36,8 @@ MIN_LAYERS = 8  # below this the saving is small next to the solve
 _PROFILED = 4
 
 
-def profile_replicated(root: torch.nn.Module, args: tuple, kwargs: dict, *, call: Any = None) -> Profile | None:
+def profile_replicated(root: torch.nn.Module, args: tuple, kwargs: dict, *, call: Any = None,
+                       real_prologue: bool = False) -> Profile | None:
     """A fake-tensor profile of `root` built from four of its repeated layers, or None."""
     found = _identical_container(root)
     if found is None:
@@ -48,7 +49,8 @@ def profile_replicated(root: torch.nn.Module, args: tuple, kwargs: dict, *, call
     saved = container._modules
     container._modules = OrderedDict((str(k), children[i][1]) for k, i in enumerate(keep))
     try:
-        small = profile(root, args, kwargs, fake=True, call=call, layers=_layer_paths(root))
+        small = profile(root, args, kwargs, fake=True, call=call, layers=_layer_paths(root),
+                        real_prologue=real_prologue)
     except Exception:  # the forward needs all its layers (indexes them by a config count, say)
         return None
     finally:
@@ -259,7 +261,7 @@ def _expand(small: Profile, root: torch.nn.Module, prefix: str, names: list[str]
             calls[_renamer(prefix, names, last).path(path)] = count  # type: ignore[attr-defined]
     value_op = {o: op.index for op in ops for o in op.outputs if o is not None}
     return Profile(ops=ops, values=state_values(root) + head + values, value_op=value_op, mutated_later=mutated,
-                   module_calls=calls, fake=True, replicated_from=_PROFILED)
+                   module_calls=calls, fake=small.fake, replicated_from=_PROFILED, real_prologue=small.real_prologue)
 
 
 def _layer_index(name: str, prefix: str) -> int | None:
