@@ -341,3 +341,15 @@ def test_shared_menus_match_each_position_with_values_read_by_every_block():
         except rk.InfeasibleBudgetError:
             continue
         assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes
+
+
+def test_min_peak_skips_blocks_only_a_segment_covers():
+    # Block 1 starts no option: only the two-block segment from block 0 reaches block 2 (a scan
+    # regrouped g layers per step gives such menus). min_peak must equal solve_chain's bisection.
+    def opt(kept, peak, span=1):
+        return chain_dp.BlockOption(label="o", codes=(), kept_bytes=kept, local_peak=peak, cost=0, num_ops=0,
+                                    span=span, forward_peak=peak, backward_peak=peak)
+
+    options = [[opt(5, 9, span=2)], [], [opt(3, 4), opt(1, 7)]]
+    assert chain_dp.min_peak(options) == 9
+    assert chain_dp.solve_chain(options, 9) is not None and chain_dp.solve_chain(options, 8) is None

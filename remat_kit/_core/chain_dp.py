@@ -265,6 +265,8 @@ def min_peak(options: Sequence[Sequence[BlockOption]]) -> int:
     pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(num_blocks + 1)]
     pending[0].append((np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)))
     for pos in range(num_blocks + 1):
+        if not pending[pos]:
+            continue  # no path stops here (a block inside every segment that covers it)
         p, peak = (np.concatenate(col) for col in zip(*pending[pos]))
         order = np.lexsort((peak, p))
         p, peak = p[order], peak[order]
@@ -277,7 +279,7 @@ def min_peak(options: Sequence[Sequence[BlockOption]]) -> int:
         for o in options[pos]:
             if pos + o.span <= num_blocks:
                 pending[pos + o.span].append((p + o.kept_bytes, np.maximum(peak, p + o.local_peak)))
-    raise AssertionError("unreachable: every block has a one-block option")
+    raise AssertionError("unreachable: no path of options covers the chain")
 
 
 def block_signature(graph: CostGraph, block: int) -> tuple:

@@ -73,9 +73,9 @@ class Planner:
         return Entry(traced=traced, plan=plan, decisions=plan.as_dict(), segments=plan.segments), dyn_vals
 
     def _replan(self, traced: Traced) -> Callable[..., Plan]:
-        def replan(fraction: float, max_segment_blocks: int | None = None) -> Plan:
+        def replan(fraction: float, max_segment_blocks: int | None = None, scan_group: int | None = None) -> Plan:
             return choose(traced, fraction, solver=self.solver, offload=self.offload, device=self.device,
-                          max_segment_blocks=max_segment_blocks)
+                          max_segment_blocks=max_segment_blocks, scan_group=scan_group)
 
         return replan
 

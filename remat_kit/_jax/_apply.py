@@ -3,7 +3,10 @@
 checkpointed unit: a block, or a plan segment of consecutive blocks (`Plan.segments`, Chen et
 al.'s √n / rotor's multi-block segments). A segment is one checkpoint region over all its ops,
 so the boundaries inside it are not tagged and are recomputed from the segment's input in its
-backward, exactly as the core's regrouped graph simulates it.
+backward, exactly as the core's regrouped graph simulates it. On a scan, segments of g
+iterations (`scan_group`) regroup the loop: the scanned inputs are reshaped to (L/g, g, ...),
+each loop step runs g layers under one checkpoint, and the stacked outputs are reshaped back
+(their gradients come back in the (L, ...) layout by the reshape's transpose).
 
 Why blocks outside a scan get a custom VJP: on XLA:CPU, `jax.checkpoint` of unrolled layers
 shows no memory drop, because the recompute has no data dependence on the backward pass and
@@ -71,7 +74,8 @@ def run_planned(traced: Traced, decisions: dict[str, Decision], flat_args: Seque
     uses_after = _last_uses(fn)
     for seg_block, ops in _units(traced, segments):
         if seg_block is None:  # an expanded scan
-            run(fn, (), ops=ops, env=env, run_scan=lambda k, op, invals: _run_scan(traced, k, op, invals, decisions, unroll_scans))
+            run(fn, (), ops=ops, env=env, run_scan=lambda k, op, invals: _run_scan(
+                traced, k, op, invals, decisions, unroll_scans, group=scan_group(traced, k, segments)))
             continue
         names = [traced.out_names.get((k, j)) for k in ops for j in range(len(fn.ops[k].outs))]
         if all(n is None or decisions.get(n, Decision.SAVE) is Decision.SAVE for n in names):
@@ -100,6 +104,25 @@ def _units(traced: Traced, segments: Sequence[Sequence[str]] = ()) -> list[tuple
         else:
             runs.append((u, [k]))
     return runs
+
+
+def scan_group(traced: Traced, k: int, segments: Sequence[Sequence[str]]) -> int:
+    """Layers per loop step of the scan at top-level op `k` under the plan's `segments`: 1 when the
+    plan checkpoints its iterations one by one, g when every segment over them spans g consecutive
+    iterations of that scan alone (g dividing the scan's length)."""
+    if not segments:
+        return 1
+    names = [traced.graph.block_names[b] for b in traced.scans[k].blocks]
+    mine = set(names)
+    spans = [seg for seg in segments if mine.intersection(seg)]
+    sizes = {len(seg) for seg in spans}
+    if [n for seg in spans for n in seg] != names or len(sizes) != 1 or len(names) % next(iter(sizes)):
+        raise ValueError(
+            f"plan segments {[list(s) for s in spans]!r} do not split the scan's iterations {names} into equal "
+            "runs of consecutive iterations (g layers per loop step, g dividing its length); re-plan for this "
+            "function and input signature."
+        )
+    return sizes.pop()
 
 
 def _unit_of_block(traced: Traced, segments: Sequence[Sequence[str]]) -> dict[int, int]:
@@ -188,39 +211,69 @@ def ordered_remat(f: Any, policy: Any, exempt: Sequence[bool]) -> Any:
     return g
 
 
-def _run_scan(traced: Traced, k: int, op: Any, invals: list[Any], decisions: dict[str, Decision], unroll: bool | int = False) -> list[Any]:
-    """Re-run a top-level scan with its body under one uniform per-layer plan."""
+def _run_scan(traced: Traced, k: int, op: Any, invals: list[Any], decisions: dict[str, Decision], unroll: bool | int = False,
+              group: int = 1) -> list[Any]:
+    """Re-run a top-level scan with its body under one uniform per-layer plan; with `group` g > 1,
+    g layers per loop step under one checkpoint (the plan's segments of g iterations): the scanned
+    inputs are reshaped to (L/g, g, ...), the step runs its g layers in a Python loop, and its
+    outputs are reshaped back, so gradients w.r.t. stacked inputs come back as (L, ...)."""
     from remat_kit._jax._ir import bind
 
     info = traced.scans[k]
     p = op.eqn.params
-    first = info.iter_names[0]
+    first = info.iter_names[0]  # in a group, the first iteration's carry out is an inner boundary
+    graph = traced.graph
     body_decisions = {info.body_names[m] + (f"#{j}" if j else ""): decisions.get(name, Decision.SAVE) for (m, j), name in first.items()}
-    if all(d is Decision.SAVE for d in body_decisions.values()) and not unroll:
+    rematted = group > 1 or any(d is not Decision.SAVE for d in body_decisions.values())
+    # Slices and casts of the scanned parameters are not activations (the graph holds them as
+    # inputs): a checkpointed body re-slices them in its backward rather than saving them, which
+    # would stack a copy of every layer's parameters as residuals (measured on 8 scanned MLP
+    # layers: 1 MiB of 2.4 MiB temp under full recompute).
+    body_decisions.update({info.body_names[m] + (f"#{j}" if j else ""): Decision.RECOMPUTE
+                           for (m, j), name in first.items() if rematted and not graph[name].is_activation})
+    if not rematted and not unroll:
         return bind(op, invals)
     body = op.body
     local_names = {(m, j): info.body_names[m] + (f"#{j}" if j else "") for (m, j) in first}
     saved = [n for n in local_names.values() if body_decisions[n] is Decision.SAVE]
     offloaded = [n for n in local_names.values() if body_decisions[n] is Decision.OFFLOAD]
     tag = _tagger(local_names, body_decisions)
-    nc, ncarry = p["num_consts"], p["num_carry"]
+    nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
     consts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
 
-    def step(carry, x):
+    def layer(carry, x):
         env = run(body, list(consts) + list(carry) + list(x), after=tag)
         outs = read_outs(body, env)
         return outs[:ncarry], outs[ncarry:]
 
-    if any(d is not Decision.SAVE for d in body_decisions.values()):
+    step = layer if group == 1 else _grouped_step(layer, group, p["reverse"], [jnp.shape(a)[1:] for a in xs])
+    if group > 1:  # size-1 axes dropped: XLA:CPU gives (L/g, g, 1, ...) a layout that copies the stacked gradients
+        xs = [jnp.reshape(a, (length // group, group, *(d for d in jnp.shape(a)[1:] if d != 1))) for a in xs]
+    if rematted:
         policy = policy_for(saved, offloaded)
         if unroll is True:  # fully unrolled (for counting FLOPs): XLA would merge the recompute into the forward
             step = _flat_ordered(step, policy, ncarry)
         else:  # inside a scan the loop orders the recompute; no CSE prevention needed
-            step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+            step = jax.checkpoint(step, policy=policy, prevent_cse=group > 1)
     # `unroll` True: fully; an int k > 1: k layers per loop step (FLOPs by difference, see benchmarks)
-    carry, ys = jax.lax.scan(step, list(init), list(xs), length=p["length"], reverse=p["reverse"],
-                             unroll=unroll if unroll else p.get("unroll", 1))
+    steps = p.get("unroll", 1) if not unroll else (unroll if unroll is True else max(1, unroll // group))
+    carry, ys = jax.lax.scan(step, list(init), list(xs), length=length // group, reverse=p["reverse"], unroll=steps)
+    if group > 1:
+        ys = [jnp.reshape(y, (length, *jnp.shape(y)[2:])) for y in ys]
     return list(carry) + list(ys)
+
+
+def _grouped_step(layer: Any, group: int, reverse: bool, shapes: Sequence[tuple]) -> Any:
+    """One loop step of `group` layers: iteration j of the step gets slice j of each scanned input,
+    in its per-layer `shapes` (in reverse order for a reverse scan, as the scan itself runs them)."""
+
+    def step(carry, xg):
+        ys: list[Any] = [None] * group
+        for j in (reversed(range(group)) if reverse else range(group)):
+            carry, ys[j] = layer(carry, [jnp.reshape(a[j], shape) for a, shape in zip(xg, shapes)])
+        return carry, [jnp.stack([y[i] for y in ys]) for i in range(len(ys[0]))]
+
+    return step
 
 
 def _flat_ordered(step: Any, policy: Any, ncarry: int) -> Any:

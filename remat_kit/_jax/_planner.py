@@ -5,13 +5,16 @@ Three cases, by the structure `_graph.build` found:
 * a top-level `scan` over layers: one scan body runs every layer, so its plan must be the same
   in every iteration. Each option of the body's block menu (the core's op-level 0-1 programs at
   several caps) is tried in every iteration at once, the blocks outside the scan are left to
-  the core's chain DP, and the least-cost combination that fits wins;
+  the core's chain DP, and the least-cost combination that fits wins. Scanned layers also get
+  grouped options: g layers per loop step (g dividing L, up to `segment_cap(L)`), each group one
+  segment recomputed from its input carry (the core's `segment_options` of span g at starts
+  b0, b0 + g, ...), which drops the L - L/g kept carries a per-layer plan cannot go below;
+  `_apply` runs them by regrouping the scan (as the √n layout of scanned layers does);
 * several blocks without a scan (unrolled layers): the core's `solve`, whose chain DP may also
   checkpoint up to `segment_cap(n)` consecutive blocks as one segment (their inner boundaries
   recomputed, as √n checkpointing and rotor do; `_apply` runs a segment as one region). On a
   chain of small blocks the kept boundaries are the floor of one checkpoint per block, and only
-  segments go below it. Scanned layers keep one plan per layer: a segment there would have to
-  regroup the scan's iterations (layers per loop step), which the scan plan does not express;
+  segments go below it;
 * one block (the target is one layer, e.g. a scan body or a decorated layer class): the layer
   repeats, so a fractional budget bounds what each call keeps for its backward, as a fraction
   of what no remat keeps (the activation memory of a deep stack of it, up to one layer's
@@ -29,7 +32,8 @@ from remat_kit._core.graph import DeviceSpec
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import baseline_activation_bytes
 from remat_kit._core.milp import solve_milp
-from remat_kit._core.solve import Costs, InfeasibleBudgetError, _codes_from_milp, block_menus, solve
+from remat_kit._core.solve import (Costs, InfeasibleBudgetError, _codes_from_milp, block_menus, segment_cap,
+                                   segment_options, solve)
 from remat_kit._jax._graph import Traced
 
 _NAMES = {0: Decision.SAVE, 1: Decision.RECOMPUTE, 2: Decision.OFFLOAD}
@@ -37,24 +41,17 @@ MAX_SCAN_COMBOS = 64
 NUM_REFINE = 8  # bisection steps on the per-layer kept-bytes cap of a scan body
 
 
-def segment_cap(num_blocks: int) -> int:
-    """Most consecutive blocks one segment may span on an unrolled chain of `num_blocks`.
-
-    For n equal blocks the memory-optimal uniform segment is about √n long (n/k kept boundaries
-    against k blocks' recompute transient; Chen et al. 2016), so budgets near the floor need
-    segments of that length; twice that leaves the DP room for uneven chains (a heavy head, a
-    few big layers) and for the rotor-style mix of short and long segments, while the segment
-    options stay O(n·2√n) (identical runs of blocks share them) instead of O(n²).
-    """
-    if num_blocks < 3:
-        return 1
-    return min(num_blocks, max(2, math.ceil(2 * math.sqrt(num_blocks))))
+def scan_groups(num_layers: int) -> list[int]:
+    """Layers per loop step a grouped plan may use on a scan of `num_layers`: the divisors g > 1
+    of the length, up to `segment_cap` (the same reach as segments on an unrolled chain)."""
+    return [g for g in range(2, segment_cap(num_layers) + 1) if num_layers % g == 0]
 
 
 def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool, device: DeviceSpec | None = None,
-           max_segment_blocks: int | None = None) -> Plan:
+           max_segment_blocks: int | None = None, scan_group: int | None = None) -> Plan:
     """The plan for `traced` under `budget` (see the module doc). `max_segment_blocks` overrides
-    `segment_cap` on unrolled chains (the verifier asks for coarser segments with it)."""
+    `segment_cap` on unrolled chains (the verifier asks for coarser segments with it);
+    `scan_group` g restricts scans to g layers per loop step (1: per-layer plans only)."""
     graph = traced.graph
     parsed = parse_budget(budget)
     device = device or DeviceSpec()
@@ -62,7 +59,7 @@ def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool,
     if parsed.kind == "fraction" and parsed.value == 1.0:
         return Plan.from_decisions(graph, {}, budget=str(parsed), solver="none")
     if scans:
-        return _uniform_scans(traced, scans, parsed, budget, offload, device)
+        return _uniform_scans(traced, scans, parsed, budget, offload, device, scan_group)
     if graph.num_blocks >= 2 or parsed.kind == "bytes":
         span = 1
         if solver in (None, "dp") and not traced.scans:
@@ -71,10 +68,13 @@ def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool,
     return _one_layer(traced, parsed, budget, offload, device)
 
 
-def _plan_from_codes(traced: Traced, codes: dict[int, int], parsed, label: str) -> Plan:
+def _plan_from_codes(traced: Traced, codes: dict[int, int], parsed, label: str,
+                     segments: list[list[str]] | None = None) -> Plan:
     graph = traced.graph
-    decisions = {graph.values[i].name: _NAMES[c] for i, c in codes.items() if c and i in set(graph.free_values)}
-    return Plan.from_decisions(graph, decisions, budget=str(parsed), solver=label)
+    target = graph.regroup(segments) if segments and any(len(seg) > 1 for seg in segments) else graph
+    free = set(target.free_values)
+    decisions = {graph.values[i].name: _NAMES[c] for i, c in codes.items() if c and i in free}
+    return Plan.from_decisions(target, decisions, budget=str(parsed), solver=label)
 
 
 def _one_layer(traced: Traced, parsed, raw, offload: bool, device: DeviceSpec) -> Plan:
@@ -99,13 +99,13 @@ def _one_layer(traced: Traced, parsed, raw, offload: bool, device: DeviceSpec) -
     return _plan_from_codes(traced, dict(best.codes), parsed, f"auto:layer:{best.label}")
 
 
-def _uniform_scans(traced: Traced, scans, parsed, raw, offload: bool, device: DeviceSpec) -> Plan:
+def _uniform_scans(traced: Traced, scans, parsed, raw, offload: bool, device: DeviceSpec, scan_group: int | None = None) -> Plan:
     graph = traced.graph
     costs = Costs(graph, device)
     menus = block_menus(graph, costs, offload)
     baseline = baseline_activation_bytes(graph)
     limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
-    per_scan = []  # per scan: candidate body options, each as {iteration block: that block's option}
+    per_scan = []  # per scan: candidate options, each as {iteration block: option, or None inside a group}
     for s in scans:
         b0 = s.blocks[0]
         same = all(chain_dp.block_signature(graph, b) == chain_dp.block_signature(graph, b0) for b in s.blocks[1:])
@@ -115,9 +115,13 @@ def _uniform_scans(traced: Traced, scans, parsed, raw, offload: bool, device: De
                 return _translate(traced, s, opt, costs)
             return {b: opt.at(graph, b, graph.block_members[b][0] - graph.block_members[b0][0]) for b in s.blocks}
 
-        options = [uniform(o) for o in menus[b0]]
-        if len(scans) == 1:
-            options += _refined(graph, menus, s, b0, costs, offload, limit, uniform)
+        groups = scan_groups(len(s.blocks)) if scan_group is None else (
+            [scan_group] if scan_group > 1 and len(s.blocks) % scan_group == 0 else [])
+        options = _grouped(graph, costs, s, groups)
+        if scan_group in (None, 1) or not options:  # per-layer plans (also where a group size does not fit the scan)
+            options = [uniform(o) for o in menus[b0]] + options
+            if len(scans) == 1:
+                options += _refined(graph, menus, s, b0, costs, offload, limit, uniform)
         per_scan.append(options)
     best, smallest = None, None
     combos = itertools.islice(itertools.product(*per_scan), MAX_SCAN_COMBOS)
@@ -125,13 +129,13 @@ def _uniform_scans(traced: Traced, scans, parsed, raw, offload: bool, device: De
         fixed = {}
         for chosen in combo:
             fixed.update(chosen)
-        trial = [[fixed[b]] if b in fixed else menus[b] for b in range(graph.num_blocks)]
+        trial = [([] if fixed[b] is None else [fixed[b]]) if b in fixed else menus[b] for b in range(graph.num_blocks)]
         peak = chain_dp.min_peak(trial)
         smallest = peak if smallest is None else min(smallest, peak)
         found = chain_dp.solve_chain(trial, limit)
         if found is None:
             continue
-        choice = found[0]  # [(start block, option index)]; every option here spans one block
+        choice = found[0]  # [(start block, option index)]; a grouped option spans its g blocks
         cost = sum(trial[b][c].cost for b, c in choice)
         ops = sum(trial[b][c].num_ops for b, c in choice)
         if best is None or (cost, ops) < best[0]:
@@ -141,15 +145,42 @@ def _uniform_scans(traced: Traced, scans, parsed, raw, offload: bool, device: De
         need = f"{math.ceil(fraction * 1000) / 1000:g}" if parsed.kind == "fraction" else format_bytes((smallest or 0) + graph.constant_bytes)
         raise InfeasibleBudgetError(
             f"budget={raw!r} is below the smallest feasible budget {need} ({format_bytes(smallest or 0)} of activations, "
-            f"{fraction:.1%} of no remat, with one plan for every layer of the scan); raise it"
+            f"{fraction:.1%} of no remat, with one plan for every layer, or group of layers, of the scan); raise it"
             + ("" if offload else " or pass offload=True") + ".",
             smallest_fraction=fraction, smallest_bytes=(smallest or 0) + graph.constant_bytes,
         )
     _, trial, choice = best
     codes: dict[int, int] = {}
+    segments = []
     for b, c in choice:
         codes.update(dict(trial[b][c].codes))
-    return _plan_from_codes(traced, codes, parsed, "auto:scan")
+        segments.append(list(graph.block_names[b:b + trial[b][c].span]))
+    grouped = any(len(seg) > 1 for seg in segments)
+    return _plan_from_codes(traced, codes, parsed, "auto:scan:grouped" if grouped else "auto:scan", segments)
+
+
+def _grouped(graph, costs: Costs, scan, groups: list[int]) -> list[dict]:
+    """Per group size g: every g consecutive iterations one segment, fully recomputed from its
+    input carry (the core's segment options of span g at b0, b0 + g, ...)."""
+    if not groups:
+        return []
+    key = ("segments", max(groups), tuple(costs.recompute))  # the key the core's DP caches them under
+    if key not in graph._cache:
+        graph._cache[key] = segment_options(graph, costs, max(groups))
+    seg = graph._cache[key]
+    out = []
+    for g in groups:
+        chosen: dict = {}
+        for start in range(0, len(scan.blocks), g):
+            b = scan.blocks[start]
+            found = [o for o in seg[b] if o.span == g]
+            if not found:
+                break
+            chosen[b] = found[0]
+            chosen.update((scan.blocks[start + j], None) for j in range(1, g))
+        else:
+            out.append(chosen)
+    return out
 
 
 def _translate(traced: Traced, scan, option, costs: Costs) -> dict:

@@ -9,7 +9,8 @@ compiles the forward+backward with no remat and with the plan (`memory_analysis(
 .temp_size_in_bytes`), and while the measured fraction is over the budget re-plans against a
 proportionally smaller model target (a few rounds). On an unrolled chain, if no plan fits after
 those rounds, it tries coarser segmentations (the model's least-memory plan with segments up to
-the whole chain, then √n-style uniform segments) and keeps the cheapest that fits. If still no
+the whole chain, then √n-style uniform segments) and keeps the cheapest that fits; on scanned
+layers, the least-memory plan for each number of layers per loop step (`_regrouped`). If still no
 plan fits, it keeps the smallest measured and warns with predicted and measured figures (a
 RuntimeWarning, never silently).
 """
@@ -33,6 +34,7 @@ from remat_kit._core.solve import InfeasibleBudgetError
 from remat_kit._jax._apply import run_planned
 from remat_kit._jax._graph import Traced
 from remat_kit._jax._ir import Lit
+from remat_kit._jax._planner import scan_groups
 from remat_kit._jax._rules import Tracer, is_float
 
 MAX_ROUNDS = 3
@@ -88,8 +90,8 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
 
     For a whole model the measure is the step's temp memory. For one layer (`layer=True`) it is
     what one more call adds: temp of the layer chained three times minus twice, the steady
-    state of a deep stack that a layer budget speaks of. `replan(fraction, max_segment_blocks=None)`
-    re-solves against a model target.
+    state of a deep stack that a layer budget speaks of. `replan(fraction, max_segment_blocks=None,
+    scan_group=None)` re-solves against a model target.
     """
     parsed = parse_budget(budget)
     specs = specs_of(dyn_vals)
@@ -151,8 +153,8 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
         if (nxt.decisions, nxt.segments) == (current.decisions, current.segments):
             break
         current = nxt
-    if fitting is None and not layer and _segmentable(traced):
-        for candidate in _coarser(traced, replan):
+    if fitting is None and not layer and (_segmentable(traced) or _groupable(traced)):
+        for candidate in (_coarser(traced, replan) if _segmentable(traced) else _regrouped(traced, replan)):
             measured = measured_of(candidate)
             if best is None or measured < best[0]:
                 best = (measured, candidate)
@@ -174,6 +176,30 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
 def _segmentable(traced: Traced) -> bool:
     """Unrolled chains of 3+ blocks: where `choose` plans multi-block segments."""
     return not traced.scans and traced.graph.num_blocks >= 3
+
+
+def _groupable(traced: Traced) -> bool:
+    """A top-level scan whose length `choose` can split into groups of layers per loop step."""
+    return any(scan_groups(len(info.blocks)) for info in traced.scans.values())
+
+
+def _regrouped(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
+    """Scans' counterpart of `_coarser`: the model's least-memory plan with g layers per loop step,
+    for every group size g the scans take, then with one plan per layer. The cost model prices a
+    group's recompute transient above the carries it drops, but XLA's scan keeps per-iteration
+    buffers the model does not see (measured, 8 scanned MLP layers: 2 layers per step under one
+    checkpoint 0.12 of no remat, one checkpoint per layer 0.26), so these are measured, not ranked."""
+    sizes = sorted({g for info in traced.scans.values() for g in scan_groups(len(info.blocks))})
+    out: list[Plan] = []
+    for g in [*sizes, 1]:
+        try:
+            replan(1e-9, scan_group=g)
+        except InfeasibleBudgetError as e:
+            try:
+                out.append(replan(min(1.0, e.smallest_fraction * 1.0005), scan_group=g))
+            except InfeasibleBudgetError:
+                pass
+    return out
 
 
 def _coarser(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
