@@ -190,16 +190,19 @@ def _regrouped(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
     buffers the model does not see (measured, 8 scanned MLP layers: 2 layers per step under one
     checkpoint 0.12 of no remat, one checkpoint per layer 0.26), so these are measured, not ranked."""
     sizes = sorted({g for info in traced.scans.values() for g in scan_groups(len(info.blocks))})
-    out: list[Plan] = []
-    for g in [*sizes, 1]:
+    return [p for p in (_least_memory(replan, scan_group=g) for g in [*sizes, 1]) if p is not None]
+
+
+def _least_memory(replan: Callable[..., Plan], **knobs: int) -> Plan | None:
+    """The model's least-memory plan under `knobs` (the budget its infeasibility error names)."""
+    try:
+        replan(1e-9, **knobs)
+    except InfeasibleBudgetError as e:
         try:
-            replan(1e-9, scan_group=g)
-        except InfeasibleBudgetError as e:
-            try:
-                out.append(replan(min(1.0, e.smallest_fraction * 1.0005), scan_group=g))
-            except InfeasibleBudgetError:
-                pass
-    return out
+            return replan(min(1.0, e.smallest_fraction * 1.0005), **knobs)
+        except InfeasibleBudgetError:
+            return None
+    return None
 
 
 def _coarser(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
@@ -208,14 +211,8 @@ def _coarser(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
     boundaries the model knows of), then uniform √n-style segments around √n (what XLA
     compiles most faithfully: one full-recompute region per segment). At most four compiles."""
     n = traced.graph.num_blocks
-    out: list[Plan] = []
-    try:
-        replan(1e-9, max_segment_blocks=n)
-    except InfeasibleBudgetError as e:
-        try:
-            out.append(replan(min(1.0, e.smallest_fraction * 1.0005), max_segment_blocks=n))
-        except InfeasibleBudgetError:
-            pass
+    floor = _least_memory(replan, max_segment_blocks=n)
+    out: list[Plan] = [] if floor is None else [floor]
     root = max(1, round(math.sqrt(n)))
     for k in dict.fromkeys((root, root - 1, root + 1)):
         if 2 <= k < n:

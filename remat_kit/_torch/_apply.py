@@ -89,7 +89,8 @@ def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = Non
         # FSDP2's unshard/reshard hooks keep state across calls; a fake run leaves fake
         # unsharded parameters behind. Profile with real tensors (one forward's memory, once).
         return profile(module, args, kwargs, fake=False, call=call, layers=layers)
-    prologue = (True, False) if layers else (False,)
+    # A prologue on meta parameters cannot read values; it would fail and be profiled again.
+    prologue = (True, False) if layers and not any(p.is_meta for p in module.parameters()) else (False,)
     if mode == "replicate":
         for real_prologue in prologue:
             found = profile_replicated(module, args, kwargs, call=call, real_prologue=real_prologue)
@@ -179,11 +180,16 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
         return _solve_one_region(module, tg, prof, parsed, budget, offload)
     baseline = simulate(graph).activation_bytes
     limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
-    span, fixed_blocks = _segment_spans(module, tg, solver)
     floor = _floor(tg).predicted_activation_bytes
-    if span > 1:
-        floor = min(floor, smallest_activation_bytes(tg.solver_graph, offload=offload, max_segment_blocks=span,
-                                                     fixed_blocks=fixed_blocks))
+    span, fixed_blocks = 1, frozenset()
+    if limit < floor:
+        # Below what one checkpoint per layer reaches only regions over several layers can fit.
+        # (Above it they are left out: their options cost seconds to measure on deep stacks and
+        # rarely beat per-layer plans there.)
+        span, fixed_blocks = _segment_spans(module, tg, solver)
+        if span > 1:
+            floor = min(floor, smallest_activation_bytes(tg.solver_graph, offload=offload, max_segment_blocks=span,
+                                                         fixed_blocks=fixed_blocks))
     # Aim under the budget by the margin, but never under the least reachable (which is feasible).
     aim = min(limit, max(limit - int(SAFETY_MARGIN * baseline), floor))
     for _ in range(6):

@@ -81,17 +81,16 @@ def regions(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Region]:
     codes = decision_codes(graph, plan)
     needed, recomputed = _needed_and_recomputed(graph, codes)
     vals = graph.values
+    # Only what a region's own backward ops or recomputed ops read is handed back: a layer's
+    # output read by the next layer (or the head) is held there. Kept in the cache, it would
+    # live on until this region's backward ends, past the backward that last reads it.
+    readers = [{vals[r].block for r in graph.bwd_readers[i]}
+               | {vals[c].block for c in graph.consumers[i] if recomputed[c]} for i in range(len(graph))]
     out: dict[str, Region] = {}
     for block, segs in _units(tg, plan):
         if any(s.module is None for s in segs):
             continue
         seg = dataclasses.replace(segs[0], name="+".join(s.name for s in segs), stop=segs[-1].stop)
-        # Only what this region's own backward ops or recomputed ops read is handed back: a layer's
-        # output read by the next layer (or the head) is held there. Kept in the cache, it would
-        # live on until this region's backward ends, past the backward that last reads it.
-        local = [any(vals[r].block == block for r in graph.bwd_readers[i])
-                 or any(recomputed[c] and vals[c].block == block for c in graph.consumers[i])
-                 for i in range(len(graph))]
         # Values a scalar read (`if x.sum() > 0`) sees decide control flow: they are recomputed
         # for real at replay, with everything they are computed from (placeholders would flip
         # the branch).
@@ -109,7 +108,7 @@ def regions(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Region]:
                 action = RUN
             else:
                 for j, i in owned:
-                    if needed[i] and local[i]:
+                    if needed[i] and block in readers[i]:
                         cache.append(j)
                         if codes[i] == _OFFLOAD_CODE:
                             offload.append(j)
