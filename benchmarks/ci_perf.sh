@@ -31,6 +31,16 @@ fi
 "$PY" -m benchmarks.sweep --out "$OUT" --fresh "${ARGS[@]}" || exit $?
 "$PY" -m benchmarks.compare reports/baseline "$OUT" --md "$OUT/compare.md" --time-tol "$TIME_TOL"
 status=$?
+if [ "$status" = "1" ]; then
+  # Memory, FLOPs and gradients are exact and a rerun cannot change them; a step time can be
+  # 2-3x off in one run on a shared CPU. Run the sweep once more: a time/none regression counts
+  # only if the rerun shows it too.
+  echo "Regression in the first run: rerunning the sweep to confirm time/none regressions."
+  "$PY" -m benchmarks.sweep --out "$OUT-rerun" --fresh "${ARGS[@]}" || exit $?
+  "$PY" -m benchmarks.compare reports/baseline "$OUT" --confirm "$OUT-rerun" --md "$OUT/compare.md" \
+    --time-tol "$TIME_TOL"
+  status=$?
+fi
 if [ "${CI_PERF_BENCH:-0}" = "1" ]; then
   "$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" || exit $?
   "$PY" -m benchmarks.compare reports/baseline/bench.json "$OUT/bench.json" --md "$OUT/bench_compare.md" \

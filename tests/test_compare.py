@@ -122,3 +122,29 @@ def test_pytest_benchmark_json(tmp_path):
     assert compare(base, noisy).returncode == 0
     result = compare(base, slow)
     assert result.returncode == 1 and "`test_step_time[jax-gpt-all]` | 1.30 | 3.00 | ❌ regression" in result.stdout
+
+
+def test_a_slowdown_counts_only_if_the_rerun_confirms_it(baseline, tmp_path):
+    def slower_all(data):
+        for row in data["rows"]:
+            row["step_time_min_s"] *= 3.0 if row["strategy"] == "all" else 1.0
+
+    slow = edited(baseline, tmp_path / "slow", slower_all)
+    # The rerun is as fast as the baseline: one noisy run, not a regression.
+    passed = compare(baseline, slow, "--confirm", str(baseline))
+    assert passed.returncode == 0, passed.stdout
+    assert "not confirmed by the rerun" in passed.stdout
+    # The rerun is slow too: a regression.
+    failed = compare(baseline, slow, "--confirm", str(slow))
+    assert failed.returncode == 1 and "`jax/mlp/tiny/all`: time/none" in failed.stdout and "on the rerun" in failed.stdout
+
+    def more_memory(data):
+        for row in data["rows"]:
+            if row["strategy"] == "all":
+                row["activation_bytes"] *= 2
+                row["step_time_min_s"] *= 3.0
+
+    worse = edited(baseline, tmp_path / "worse", more_memory)
+    # Memory is exact: a rerun never excuses it.
+    both = compare(baseline, worse, "--confirm", str(baseline))
+    assert both.returncode == 1 and "activation +100.0%" in both.stdout
