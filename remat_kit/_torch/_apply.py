@@ -77,37 +77,28 @@ def signature(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
 
 
 def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = None, mode: str = "replicate") -> Profile:
-    """Profile under FakeTensorMode; `mode` "replicate" (from four layers of a long identical
-    stack when it can, see _replicate.py), "fake" (every op) or "real" (real tensors).
-
-    Fake profiles first run the code before the layers on real tensors (`real_prologue`: masks
-    and checks on values take the real step's path) and, if that code cannot run so (parameters
-    on the meta device), all of it on fake tensors.
-    """
+    """Profile under FakeTensorMode, the code before the layers on real tensors where it can (so
+    masks and checks on values take the real step's path); `mode` "replicate" (from four layers
+    of a long identical stack when it can, see _replicate.py), "fake" (every op) or "real" (real
+    tensors)."""
     layers = candidate_layers(module)
     if mode == "real" or _uses_fsdp(module):
         # FSDP2's unshard/reshard hooks keep state across calls; a fake run leaves fake
         # unsharded parameters behind. Profile with real tensors (one forward's memory, once).
         return profile(module, args, kwargs, fake=False, call=call, layers=layers)
-    # A prologue on meta parameters cannot read values; it would fail and be profiled again.
-    prologue = (True, False) if layers and not any(p.is_meta for p in module.parameters()) else (False,)
     if mode == "replicate":
-        for real_prologue in prologue:
-            found = profile_replicated(module, args, kwargs, call=call, real_prologue=real_prologue)
-            if found is not None:
-                return found
-    error: Exception | None = None
-    for real_prologue in prologue:
-        try:
-            return profile(module, args, kwargs, fake=True, call=call, layers=layers, real_prologue=real_prologue)
-        except Exception as e:  # noqa: PERF203 - an op without a fake kernel, or a prologue that needs one
-            error = e
-    warnings.warn(
-        f"remat_kit: profiling {type(module).__name__} under FakeTensorMode failed ({type(error).__name__}: "
-        f"{str(error)[:200]}); profiling with real tensors once instead (uses the memory of one forward).",
-        stacklevel=3,
-    )
-    return profile(module, args, kwargs, fake=False, call=call, layers=layers)
+        found = profile_replicated(module, args, kwargs, call=call, real_prologue=True)
+        if found is not None:
+            return found
+    try:
+        return profile(module, args, kwargs, fake=True, call=call, layers=layers, real_prologue=True)
+    except Exception as e:  # an op without a fake kernel: profile with real tensors instead
+        warnings.warn(
+            f"remat_kit: profiling {type(module).__name__} under FakeTensorMode failed ({type(e).__name__}: "
+            f"{str(e)[:200]}); profiling with real tensors once instead (uses the memory of one forward).",
+            stacklevel=3,
+        )
+        return profile(module, args, kwargs, fake=False, call=call, layers=layers)
 
 
 def _uses_fsdp(module: torch.nn.Module) -> bool:
@@ -163,9 +154,10 @@ def _segment_spans(module: torch.nn.Module, tg: TorchGraph, solver: str | None) 
 
 # Measured against the simulator on 7 models x 7 budgets (tests/test_torch_memory_gap.py), the
 # live-storage peak of a step is at most a few bytes above the prediction, now that replay
-# placeholders share one buffer and regions hand back only what their own backward reads; the simulator errs on the high side elsewhere (layer-norm
-# statistics, one gradient buffer per residual-add input). Plans still aim a little under the
-# budget for what a CPU tracker cannot see on a GPU: allocator rounding, kernel workspaces.
+# placeholders share one buffer and regions hand back only what their own backward reads; the
+# simulator errs on the high side elsewhere (layer-norm statistics, one gradient buffer per
+# residual-add input). Plans still aim a little under the budget for what a CPU tracker cannot
+# see on a GPU: allocator rounding, kernel workspaces.
 SAFETY_MARGIN = 0.02
 
 
@@ -192,6 +184,10 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
                                                          fixed_blocks=fixed_blocks))
     # Aim under the budget by the margin, but never under the least reachable (which is feasible).
     aim = min(limit, max(limit - int(SAFETY_MARGIN * baseline), floor))
+
+    def infeasible() -> ValueError:
+        return _infeasible(module, budget, tg, offload, floor if span > 1 else None)
+
     for _ in range(6):
         try:
             raw = solve(tg.solver_graph, Budget("bytes", float(graph.constant_bytes + aim)), solver=solver,
@@ -200,19 +196,19 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
             if aim < limit:  # the margin is a wish, the budget is the contract
                 aim = limit
                 continue
-            raise _infeasible(module, budget, tg, offload, floor if span > 1 else None) from None
+            raise infeasible() from None
         fixed = Plan.from_decisions(raw.graph_for(graph), decisions_for_torch(tg, raw, prof), budget=str(parsed),
                                     solver=raw.solver)
         if set(simulate(graph, fixed).recomputed) & tg.pinned:
             if aim < limit:
                 aim = limit
                 continue
-            raise _infeasible(module, budget, tg, offload, floor if span > 1 else None)
+            raise infeasible()
         if fixed.predicted_activation_bytes <= limit:
             return fixed
         # The adjustments for torch pushed the plan over: ask the solver for a little less.
         aim -= fixed.predicted_activation_bytes - limit + max(1, limit // 50)
-    raise _infeasible(module, budget, tg, offload, floor if span > 1 else None)
+    raise infeasible()
 
 
 def _solve_one_region(module: torch.nn.Module, tg: TorchGraph, prof: Profile, parsed: Budget, budget: object,

@@ -47,8 +47,7 @@ def _rows(compiled: Compiled) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     sim = simulate(graph, plan)
     base = simulate(graph)
     blocks = []
-    for b, segs in _units(compiled.tg, plan):
-        seg = dataclasses.replace(segs[0], name="+".join(s.name for s in segs), stop=segs[-1].stop)
+    for b, seg, segs in _units(compiled.tg, plan):
         members = graph.block_members[b]
         rec = [i for i in members if recomputed[i]]
         kept = sim.kept_bytes_by_block[b]

@@ -329,20 +329,20 @@ class _FakeFromFirstLayer:
     """
 
     def __init__(self, rec: _Recorder, fake_mode: Any):
-        self.rec, self.fake_mode, self.active, self.switched = rec, fake_mode, False, False
+        self.rec, self.fake_mode, self.switched = rec, fake_mode, False
 
     def __call__(self) -> None:
         if self.switched:
             return
-        self.active = self.switched = True
+        self.switched = True
         self.rec.__exit__(None, None, None)  # the recorder stays on top: it sees each op first
         self.fake_mode.__enter__()
         self.rec.__enter__()
 
     def close(self) -> None:
-        if self.active:
+        """Leave FakeTensorMode (once, after the recorder has left) if the first layer entered it."""
+        if self.switched:
             self.fake_mode.__exit__(None, None, None)
-            self.active = False
 
 
 def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = True, call: Any = None,
@@ -351,15 +351,26 @@ def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = Tr
 
     Needs grad mode on (what `auto` plans is a training step). With `fake=True` the run is under
     FakeTensorMode: real parameters are read for their shapes only; with `real_prologue` too,
-    the code before the first of `layers` runs on real tensors (see _FakeFromFirstLayer).
+    the code before the first of `layers` runs on real tensors (see _FakeFromFirstLayer), and
+    where it cannot (parameters on the meta device, say) the whole forward runs fake.
     """
+    if fake and real_prologue and layers and not any(p.is_meta for p in root.parameters()):
+        try:
+            return _profile_once(root, args, kwargs, fake=True, call=call, layers=layers, real_prologue=True)
+        except Exception:  # noqa: BLE001 - a prologue that reads values it cannot have: run it all fake
+            pass
+    return _profile_once(root, args, kwargs, fake=fake, call=call, layers=layers, real_prologue=False)
+
+
+def _profile_once(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool, call: Any,
+                  layers: list[str] | None, real_prologue: bool) -> Profile:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     rec = _Recorder(fake_mode)
     register_state(rec, root)
     calls: dict[str, int] = {}
-    late = _FakeFromFirstLayer(rec, fake_mode) if fake_mode is not None and real_prologue and layers else None
+    late = _FakeFromFirstLayer(rec, fake_mode) if real_prologue else None
     early = fake_mode if late is None else None
     # The RNG ops that run for real (a real prologue's dropout, say) must not move the generators
     # the training step draws from.

@@ -66,12 +66,16 @@ class Region:
     members: tuple[str, ...] = ()  # consecutive layers checkpointed as one region (a plan segment)
 
 
-def _units(tg: TorchGraph, plan: Plan) -> list[tuple[int, list[Segment]]]:
-    """(block of the plan's graph, the profile segments it covers): one per layer, or one per
-    plan segment of consecutive layers."""
+def _units(tg: TorchGraph, plan: Plan) -> list[tuple[int, Segment, list[Segment]]]:
+    """(block of the plan's graph, the profile segment it spans, the segments it covers): one per
+    layer, or one per plan segment of consecutive layers (spanning their ops, named "a+b")."""
     by_name = {s.name: s for s in tg.segments}
     groups = plan.segments or tuple((n,) for n in tg.graph.block_names)
-    return [(k, [by_name[n] for n in names]) for k, names in enumerate(groups)]
+    out = []
+    for k, names in enumerate(groups):
+        segs = [by_name[n] for n in names]
+        out.append((k, dataclasses.replace(segs[0], name="+".join(names), stop=segs[-1].stop), segs))
+    return out
 
 
 def regions(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Region]:
@@ -87,10 +91,9 @@ def regions(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Region]:
     readers = [{vals[r].block for r in graph.bwd_readers[i]}
                | {vals[c].block for c in graph.consumers[i] if recomputed[c]} for i in range(len(graph))]
     out: dict[str, Region] = {}
-    for block, segs in _units(tg, plan):
+    for block, seg, segs in _units(tg, plan):
         if any(s.module is None for s in segs):
             continue
-        seg = dataclasses.replace(segs[0], name="+".join(s.name for s in segs), stop=segs[-1].stop)
         # Values a scalar read (`if x.sum() > 0`) sees decide control flow: they are recomputed
         # for real at replay, with everything they are computed from (placeholders would flip
         # the branch).
@@ -161,8 +164,7 @@ def _mutated_arg(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
 def _extent_bytes(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> int:
     if any(n == 0 for n in shape):
         return 0
-    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-    return itemsize * (1 + sum((n - 1) * s for n, s in zip(shape, stride)))
+    return dtype.itemsize * (1 + sum((n - 1) * s for n, s in zip(shape, stride)))
 
 
 class _State:

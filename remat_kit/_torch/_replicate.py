@@ -114,21 +114,35 @@ def _describe(layer: torch.nn.Module) -> list[tuple[tuple, Any]]:
 
 
 # -- writing out the full profile -------------------------------------------------------------
+def _split(path: str, prefix: str) -> tuple[int, str] | None:
+    """(child index, rest of the path) for a module path inside the container at `prefix`."""
+    if not path.startswith(prefix):
+        return None
+    head, _, rest = path[len(prefix):].partition(".")
+    return (int(head), rest) if head.isdigit() else None
+
+
+def _module_part(name: str) -> tuple[str, str, str]:
+    """A value name as (tag, module path, rest): "param:" + path, or path + "/aten.mm.0"."""
+    for tag in ("param:", "buffer:"):
+        if name.startswith(tag):
+            return tag, name[len(tag):], ""
+    module, slash, rest = name.partition("/")
+    return ("", module, slash + rest) if slash else ("", "", name)
+
+
+def _layer_index(name: str, prefix: str) -> int | None:
+    """The child of the container that a value name (or module path) belongs to."""
+    _, path, _ = _module_part(name)
+    hit = _split(path or name, prefix)
+    return None if hit is None else hit[0]
+
+
 def _renamer(prefix: str, names: list[str], mapping: dict[int, int]) -> Callable[[str], str]:
     """Renames module paths (and names built from them) of profiled layer k to full layer mapping[k]."""
-    if prefix:
-        def split(path: str) -> tuple[int, str] | None:
-            if not path.startswith(prefix):
-                return None
-            head, _, rest = path[len(prefix):].partition(".")
-            return (int(head), rest) if head.isdigit() else None
-    else:
-        def split(path: str) -> tuple[int, str] | None:
-            head, _, rest = path.partition(".")
-            return (int(head), rest) if head.isdigit() else None
 
     def path_(path: str) -> str:
-        hit = split(path)
+        hit = _split(path, prefix)
         if hit is None or hit[0] not in mapping:
             return path
         k, rest = hit
@@ -136,11 +150,8 @@ def _renamer(prefix: str, names: list[str], mapping: dict[int, int]) -> Callable
         return f"{new}.{rest}" if rest else new
 
     def name_(name: str) -> str:
-        for tag in ("param:", "buffer:"):
-            if name.startswith(tag):
-                return tag + path_(name[len(tag):])
-        module, slash, rest = name.partition("/")
-        return path_(module) + slash + rest if slash else name
+        tag, path, rest = _module_part(name)
+        return tag + path_(path) + rest if path else name
 
     name_.path = path_  # type: ignore[attr-defined]
     return name_
@@ -225,54 +236,44 @@ def _expand(small: Profile, root: torch.nn.Module, prefix: str, names: list[str]
     if {ren_check(m) for m in _mutated(small, prefix, 1)} != _mutated(small, prefix, 2):
         return None
 
+    # How each stretch of the full profile is renamed: the prologue and layer 0 as profiled, the
+    # middle layers from profiled layer 1, the last layer and the epilogue from profiled layer 3.
+    def stretch(mapping: dict[int, int]) -> tuple[dict[int, int], Callable[[str], str]]:
+        return mapping, _renamer(prefix, names, mapping)
+
+    middle = [stretch({1: j, 0: j - 1}) for j in range(1, n - 1)]
+    last = stretch({3: n - 1, 2: n - 2, 1: n - 3})
     ops: list[OpRecord] = []
     values: list[Value] = []
 
-    def emit(src: list[OpRecord], mapping: dict[int, int]) -> None:
-        ren = _renamer(prefix, names, mapping)
+    def emit(src: list[OpRecord], how: tuple[dict[int, int], Callable[[str], str]]) -> None:
+        mapping, ren = how
         new_ops, new_values = _render(src, intro, ren, index_map(mapping, full_start, end_layers), len(ops))
         ops.extend(new_ops)
         values.extend(new_values)
 
-    last = {3: n - 1, 2: n - 2, 1: n - 3}
     if pre:
-        emit(small.ops[pre[0].start:pre[0].stop], {})
-    emit(layer_ops(0), {0: 0})
-    for j in range(1, n - 1):
-        emit(layer_ops(1), {1: j, 0: j - 1})
+        emit(small.ops[pre[0].start:pre[0].stop], stretch({}))
+    emit(layer_ops(0), stretch({0: 0}))
+    for how in middle:
+        emit(layer_ops(1), how)
     emit(layer_ops(3), last)
     if post:
         emit(small.ops[post[0].start:post[0].stop], last)
 
-    mutated: set[str] = set()
-    for name in small.mutated_later:
+    # Names and module paths of profiled layer 1 stand for every middle layer; layer 2 was the check.
+    def spread(name: str) -> list[Callable[[str], str]]:
         k = _layer_index(name, prefix)
         if k == 1:
-            mutated.update(_renamer(prefix, names, {1: j})(name) for j in range(1, n - 1))
-        elif k != 2:
-            mutated.add(_renamer(prefix, names, last)(name))
-    calls: dict[str, int] = {}
-    for path, count in small.module_calls.items():
-        k = _layer_index(path, prefix)
-        if k == 1:
-            for j in range(1, n - 1):
-                calls[_renamer(prefix, names, {1: j}).path(path)] = count  # type: ignore[attr-defined]
-        elif k != 2:
-            calls[_renamer(prefix, names, last).path(path)] = count  # type: ignore[attr-defined]
+            return [ren for _, ren in middle]
+        return [] if k == 2 else [last[1]]
+
+    mutated = {ren(name) for name in small.mutated_later for ren in spread(name)}
+    calls = {ren.path(path): count for path, count in small.module_calls.items()  # type: ignore[attr-defined]
+             for ren in spread(path)}
     value_op = {o: op.index for op in ops for o in op.outputs if o is not None}
     return Profile(ops=ops, values=state_values(root) + head + values, value_op=value_op, mutated_later=mutated,
                    module_calls=calls, fake=small.fake, replicated_from=_PROFILED, real_prologue=small.real_prologue)
-
-
-def _layer_index(name: str, prefix: str) -> int | None:
-    for tag in ("param:", "buffer:"):
-        if name.startswith(tag):
-            name = name[len(tag):]
-    path = name.partition("/")[0]
-    if not path.startswith(prefix):
-        return None
-    head = path[len(prefix):].partition(".")[0]
-    return int(head) if head.isdigit() else None
 
 
 def _mutated(small: Profile, prefix: str, k: int) -> set[str]:
