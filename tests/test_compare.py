@@ -14,6 +14,10 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Real reruns on this shared 2-core machine move time/none by up to ~3x on millisecond steps, so the
+# comparisons of real runs below judge memory, FLOPs and status only (a time tolerance no noise
+# reaches); how time is judged is tested on edited copies of one run, where it is deterministic.
+TIME_NOT_JUDGED = ("--time-tol", "1000")
 SWEEP = ["--frameworks", "jax", "--models", "mlp", "--strategies", "none", "all", "sqrt_n", "--steps", "5", "--warmup", "2"]
 
 
@@ -47,7 +51,7 @@ def test_worse_plan_fails_and_names_the_cell(baseline, tmp_path):
     # The sqrt_n cell measured with no remat at all: what a broken preset or solver would do.
     worse = run_sweep(tmp_path / "worse", fault="sqrt_n=as:none")
     md = tmp_path / "report.md"
-    result = compare(baseline, worse, "--md", str(md))
+    result = compare(baseline, worse, "--md", str(md), *TIME_NOT_JUDGED)
     assert result.returncode == 1, result.stdout
     regressions = result.stdout.split("### Regressions")[1].split("###")[0]
     assert "`jax/mlp/tiny/sqrt_n`: activation +" in regressions
@@ -57,9 +61,8 @@ def test_worse_plan_fails_and_names_the_cell(baseline, tmp_path):
 
 def test_rerun_with_only_timing_noise_passes(baseline, tmp_path):
     again = run_sweep(tmp_path / "again")
-    # Memory and FLOPs are exact, so equal; the real rerun's time ratios move with machine load
-    # (other processes share these 2 cores), hence a wide time tolerance for the real rerun.
-    real = compare(baseline, again, "--time-tol", "2.0")
+    # Memory and FLOPs are exact, so equal; the real rerun's time ratios move with machine load.
+    real = compare(baseline, again, *TIME_NOT_JUDGED)
     assert real.returncode == 0, real.stdout
     assert "| `jax/mlp/tiny/sqrt_n` | ok | = | = | = |" in real.stdout
 
