@@ -142,3 +142,33 @@ def test_planner_offers_grouped_options_priced_by_the_core():
     assert [len(s) for s in plan.segments] == [2, 2, 2, 2, 1]
     # the prediction is the simulator's, on the graph regrouped into those segments
     assert plan.predicted_activation_bytes == rk.simulate(entry.traced.graph.regroup(plan.segments), plan).activation_bytes
+
+
+def test_a_budget_below_the_models_floor_is_measured_before_it_is_refused():
+    """The cost model's floor on the zoo's tiny MLP is above what XLA compiles for groups of
+    layers: a budget between the two is met (compiled memory within it, exact gradients), not
+    refused; a budget below every compiled plan is refused with the measured floor."""
+    from benchmarks.models.jax_zoo import build
+    from remat_kit._core.solve import InfeasibleBudgetError
+    from remat_kit._jax._planner import choose
+
+    model = build("mlp", "tiny")
+    loss, params, batch = model.loss(), model.params, model.batch
+
+    def temp(f):
+        return int(jax.jit(jax.value_and_grad(f)).lower(params, batch).compile().memory_analysis().temp_size_in_bytes)
+
+    planner, f = planner_of(rk.auto(loss, budget=1.0))
+    traced = planner.prepare(f, (params, batch), {})[0].traced
+    with pytest.raises(InfeasibleBudgetError) as model_floor:
+        choose(traced, 1e-9, solver=None, offload=False)
+    budget = round(model_floor.value.smallest_fraction - 0.05, 3)
+    wrapped = _api.auto(loss, budget=budget)
+    none = temp(loss)
+    assert temp(wrapped) <= budget * none
+    got = jax.jit(jax.grad(wrapped))(params, batch)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.grad(loss)(params, batch))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+    with pytest.raises(InfeasibleBudgetError, match=r"budget=0\.01 is below the smallest feasible budget 0\.\d+ as compiled"):
+        jax.jit(jax.grad(_api.auto(loss, budget=0.01)))(params, batch)

@@ -13,7 +13,7 @@ import numpy as np
 from remat_kit._core.budget import parse_budget
 from remat_kit._core.graph import DeviceSpec, Role
 from remat_kit._core.plan import Decision, Plan
-from remat_kit._core.solve import _check_solver
+from remat_kit._core.solve import InfeasibleBudgetError, _check_solver
 from remat_kit._jax._apply import run_planned
 from remat_kit._jax._graph import Traced, build
 from remat_kit._jax._ir import trace
@@ -66,9 +66,21 @@ class Planner:
         traced = build(fn, out_tree, roles, divisors)
         plan = self.cache.get(key)
         if plan is None:
-            plan = choose(traced, self.budget, solver=self.solver, offload=self.offload, device=self.device)
-            if self.verify and plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD) and can_verify(traced):
-                plan = verified(traced, plan, self.budget, self._replan(traced), dyn_vals, layer=not _is_stack(traced))
+            measurable = self.verify and can_verify(traced)
+            try:
+                plan = choose(traced, self.budget, solver=self.solver, offload=self.offload, device=self.device)
+            except InfeasibleBudgetError as below:
+                if not (measurable and _is_stack(traced)):
+                    raise
+                # Below the model's floor: what XLA compiles may still fit (see _verify's doc).
+                try:
+                    floor = self._replan(traced)(min(1.0, below.smallest_fraction * 1.0005))
+                except InfeasibleBudgetError:
+                    raise below from None
+                plan = verified(traced, floor, self.budget, self._replan(traced), dyn_vals, below_floor=below)
+            else:
+                if measurable and plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD):
+                    plan = verified(traced, plan, self.budget, self._replan(traced), dyn_vals, layer=not _is_stack(traced))
             self.cache[key] = plan
         return Entry(traced=traced, plan=plan, decisions=plan.as_dict(), segments=plan.segments), dyn_vals
 

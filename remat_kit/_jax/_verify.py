@@ -12,7 +12,9 @@ those rounds, it tries coarser segmentations (the model's least-memory plan with
 the whole chain, then √n-style uniform segments) and keeps the cheapest that fits; on scanned
 layers, the least-memory plan for each number of layers per loop step (`_regrouped`). If still no
 plan fits, it keeps the smallest measured and warns with predicted and measured figures (a
-RuntimeWarning, never silently).
+RuntimeWarning, never silently). A budget below the model's floor is not refused on the model's
+word alone: the floor plan and the coarser ones are compiled, and the cheapest that fits is kept
+(the tiny zoo MLP: the model's floor is 0.205 of no remat, groups of layers compile to 0.126).
 """
 
 from __future__ import annotations
@@ -85,8 +87,13 @@ def can_verify(traced: Traced) -> bool:
 
 
 def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., Plan], dyn_vals: Sequence[Any],
-             *, layer: bool = False) -> Plan:
+             *, layer: bool = False, below_floor: InfeasibleBudgetError | None = None) -> Plan:
     """`plan`, or a tighter one, whose compiled memory fits the budget (see the module doc).
+
+    `below_floor`: the budget is below the cost model's floor (this error) and `plan` is the
+    model's least-memory plan. XLA often compiles less than the model predicts, so the floor and
+    the coarser plans are measured; if none fits, `below_floor` is raised with the measured
+    figures (not a warning: nothing was asked for that fits).
 
     For a whole model the measure is the step's temp memory. For one layer (`layer=True`) it is
     what one more call adds: temp of the layer chained three times minus twice, the steady
@@ -163,6 +170,16 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
     if fitting is not None:
         return dataclasses.replace(fitting, budget=str(parsed))
     measured, kept = best
+    if below_floor is not None:
+        fraction = measured / max(none, 1)
+        need = (f"{math.ceil(fraction * 1000) / 1000:g}" if parsed.kind == "fraction"
+                else format_bytes(measured + traced.graph.constant_bytes))
+        raise InfeasibleBudgetError(
+            f"budget={budget!r} is below the smallest feasible budget {need} as compiled: the smallest of "
+            f"{len(tried)} plans tried measures {fraction:.1%} of no remat ({format_bytes(measured)} of "
+            f"{format_bytes(none)} temp, goal {format_bytes(max(goal, 0))}). The cost model alone said: {below_floor}",
+            smallest_fraction=fraction, smallest_bytes=measured + traced.graph.constant_bytes,
+        )
     warnings.warn(
         f"remat_kit.auto(budget={budget!r}): no plan found whose compiled step fits: predicted "
         f"{model_fraction(kept):.1%} of no-remat activation memory, measured {measured / max(none, 1):.1%} "
