@@ -23,8 +23,9 @@ from remat_kit._torch._measure import measure_step  # noqa: E402
 def _check(model, budget, *args, tol=1e-6, **kwargs):
     """Gradients equal no remat; measured activation memory within the budget."""
     model.train()
-    if getattr(getattr(model, "config", None), "use_cache", None):
-        model.config.use_cache = False  # the reference runs as the rematted model will
+    for m in model.modules():  # the reference runs as the rematted model will (T5's decoder has its own config)
+        if getattr(getattr(m, "config", None), "use_cache", None):
+            m.config.use_cache = False
     want = grads(model, *args, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Hugging Face: "setting config.use_cache=False"
@@ -89,6 +90,27 @@ def test_hf_bert_from_config():
     model = tf.BertForMaskedLM(config)
     idx = tokens(seq=64, vocab=64)[0]
     _check(model, 0.6, input_ids=idx, labels=idx)
+
+
+def test_hf_t5_encoder_decoder_from_config():
+    """T5's decoder stack holds a copy of the config; with its use_cache left on, the decoder built a
+    cache that cross-attention filled in the forward and read back in the recompute (a different op
+    sequence, raised in the backward). auto turns use_cache off in every config, unwrap restores them."""
+    tf = _hf()
+    config = tf.T5Config(num_layers=3, num_decoder_layers=3, d_model=32, num_heads=4, d_ff=64, d_kv=8,
+                         vocab_size=64, dropout_rate=0.1)
+    torch.manual_seed(0)
+    model = tf.T5ForConditionalGeneration(config)
+    assert model.decoder.config is not model.config and model.decoder.config.use_cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rematted = rt.auto(fresh(model), 0.6)
+    assert not rematted.config.use_cache and not rematted.decoder.config.use_cache
+    rt.unwrap(rematted)
+    assert rematted.config.use_cache and rematted.decoder.config.use_cache
+    idx = tokens(seq=32, vocab=64)[0]
+    compiled = _check(model, 0.6, input_ids=idx, labels=idx, decoder_input_ids=idx)
+    assert any(s.module.startswith("decoder.block.") for s in compiled.tg.segments if s.module)
 
 
 def test_torch_compile_of_the_rematted_model():

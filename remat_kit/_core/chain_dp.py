@@ -78,7 +78,7 @@ def measure_option(
             sub_codes[win.index_map[i]] = c
         local = block - win.offset
         forward, backward, kept_by_block = _block_peaks(win.graph, sub_codes, local)
-        seeds_in_trace = 0
+        seeds_in_trace = _window_index(graph)[1][block] - win.earlier_seed_bytes  # the window's earlier blocks'
     else:
         merged = graph if last == block else graph.regroup(
             [[n] for n in graph.block_names[:block]] + [list(graph.block_names[block:last + 1])]
@@ -107,7 +107,7 @@ class Window:
     graph: CostGraph  # the blocks that touch one block, as a graph of their own
     offset: int  # index of its first block in the whole graph
     index_map: dict[int, int]  # whole-graph value index -> window index
-    earlier_seed_bytes: int  # gradient seeds of earlier blocks' outputs, left out of the window
+    earlier_seed_bytes: int  # gradient seeds of outputs in blocks before the window (left out of it)
 
 
 def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
@@ -116,7 +116,7 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
 
     Activations of earlier blocks that the window reads become inputs (constants); later blocks
     are dropped. The block's local memory is the same in its window as in the whole graph,
-    once the gradient seeds of earlier blocks' outputs (`earlier_seed_bytes`, which the window
+    once the gradient seeds of outputs before the window (`earlier_seed_bytes`, which the window
     leaves out because they depend on the position, not the block) are added to its backward.
     """
     last = block if last is None else last
@@ -147,9 +147,11 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
         elif v.is_activation:
             # Gradients flow as in the whole graph: what gets none there gets none here, and what
             # gets one from beyond the window gets it from a zero-byte sink in a block of its own.
+            # Outputs of the window's earlier blocks stay seeded here: un-seeding one would take the
+            # gradient from the values it is computed from, and with it the backward ops whose reads
+            # keep them alive (a shared value read by its own backward was freed early).
             merged = min(v.block, block) if v.block <= last else v.block - (last - block)
-            seeded_earlier = graph.is_output[i] and v.block < block  # counted in earlier_seed_bytes
-            v = dataclasses.replace(v, block=merged - lo, requires_grad=graph.gets_grad[i] and not seeded_earlier)
+            v = dataclasses.replace(v, block=merged - lo, requires_grad=graph.gets_grad[i])
             if graph.gets_grad[i] and any(vals[c].block > hi and graph.gets_grad[c] for c in graph.consumers[i]):
                 to_sink.append(v.name)
         index_map[i] = len(keep)
@@ -158,7 +160,7 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
     if to_sink:
         keep.append(Value("__window_sink__", 0, deps=tuple(to_sink), block=len(names)))
         names.append("__window_sink__")
-    graph._cache[key] = Window(CostGraph(keep, block_names=names), lo, index_map, seeds_before[block])
+    graph._cache[key] = Window(CostGraph(keep, block_names=names), lo, index_map, seeds_before[lo])
     return graph._cache[key]
 
 
@@ -185,7 +187,7 @@ def _window_index(graph: CostGraph) -> tuple[list[int], list[int]]:
 
 def _block_peaks(graph: CostGraph, codes: list[int], block: int) -> tuple[int, int, list[int]]:
     """(forward peak, backward peak) over the moments of `block`, and bytes kept per block."""
-    _, _, kept, trace = _run(graph, codes, True)
+    _, _, kept, trace = _run(graph, codes, True, hold_shared=True)
     forward = max((mem for label, b, mem in trace if b == block and label.startswith("forward")), default=0)
     backward = max((mem for label, b, mem in trace if b == block and not label.startswith("forward")), default=0)
     return forward, backward, kept

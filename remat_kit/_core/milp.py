@@ -25,6 +25,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from remat_kit._core.graph import CostGraph
+from remat_kit._core.simulate import shared_with_own_block
 
 MAX_VARIABLES = 60_000  # beyond this HiGHS takes minutes; the chain DP is the tool for big graphs
 
@@ -258,6 +259,8 @@ def _backward_rows(
     after_block = num_moments
 
     def static_last(u: int) -> int:
+        if vals[u].block < blk and shared[u]:
+            return after_block  # its own block may still need it: counted alive (see simulate.shared_with_own_block)
         last = -1
         for r in g.bwd_readers[u]:
             if vals[r].block == blk:
@@ -272,6 +275,7 @@ def _backward_rows(
                 return after_block
         return last
 
+    shared = shared_with_own_block(g)
     inputs = [i for i in g.activations if vals[i].block < blk and g.is_forced[i] and _pseudo_block(g, i) == blk]
     grads = _static_grads(g, blk, num_moments, bw_moment)
     info = []

@@ -135,8 +135,30 @@ def baseline_activation_bytes(graph: CostGraph) -> int:
     return graph._cache[key]
 
 
-def _run(graph: CostGraph, codes: list[int], want_trace: bool):
-    """The event loop. Returns (activation peak, peak moment label, kept bytes per block, trace)."""
+def shared_with_own_block(graph: CostGraph) -> list[bool]:
+    """Per value: kept for later blocks *and* read by ops of its own block that a plan may
+    recompute (T5's position bias: made in the first layer, used there and by every later layer).
+
+    Such a value's life depends on its own block's plan: if the block recomputes a reader, the
+    value lives until that block's backward; if not, it dies after the last later block reads it.
+    The chain DP prices a block with the blocks before it fixed, so it cannot see the difference;
+    it (and the op-level program) count such a value alive until its own block's backward, an
+    upper bound (`_run(..., hold_shared=True)`). Cached on the graph."""
+    key = "shared_with_own_block"
+    if key not in graph._cache:
+        vals = graph.values
+        graph._cache[key] = [
+            graph.is_forced[i] and vals[i].is_activation
+            and any(vals[c].block == vals[i].block and not graph.is_forced[c] for c in graph.consumers[i])
+            for i in range(len(vals))
+        ]
+    return graph._cache[key]
+
+
+def _run(graph: CostGraph, codes: list[int], want_trace: bool, hold_shared: bool = False):
+    """The event loop. Returns (activation peak, peak moment label, kept bytes per block, trace).
+    `hold_shared`: values `shared_with_own_block` live at least until their own block's backward
+    (the solvers' upper bound; the simulator's own answer is without it)."""
     vals = graph.values
     n = len(vals)
     size = [v.num_bytes for v in vals]
@@ -189,6 +211,7 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool):
         for d in uses:
             j = graph.index(d)
             last_use[j] = m  # moments are increasing, so the last write wins
+    shared = shared_with_own_block(graph) if hold_shared else None
     for i in graph.activations:
         if graph.is_forced[i]:
             # Kept for later blocks: alive at least until the backward of the last of them to run
@@ -196,6 +219,8 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool):
             own = vals[i].block
             later = [vals[c].block for c in (*graph.consumers[i], *graph.bwd_readers[i]) if vals[c].block > own]
             last_use[i] = max(last_use[i], first_moment_of_block[min(later, default=own)])
+            if hold_shared and shared[i]:  # through the last moment before its own block's backward
+                last_use[i] = max(last_use[i], first_moment_of_block[own] - 1)
 
     frees_at: list[list[int]] = [[] for _ in range(len(moments) + 1)]
     for i in graph.activations:

@@ -53,7 +53,7 @@ class _State:
     plans: dict[tuple, Compiled] = dataclasses.field(default_factory=dict)
     active: Compiled | None = None
     profiling: bool = False
-    restore_use_cache: bool = False
+    restore_use_cache: list[Any] = dataclasses.field(default_factory=list)  # configs whose use_cache auto turned off
     wrapped_blocks: dict[str, tuple[torch.nn.Module, Any]] = dataclasses.field(default_factory=dict)
     segment: SegmentRun | None = None  # the multi-layer checkpoint region the forward is inside
 
@@ -404,15 +404,18 @@ def auto(target: Any, budget: object, *, offload: bool = False, solver: str | No
         unwrap(target)  # re-applying replaces the old budget
     original = target.__dict__.get("forward")
     state = _State(budget, offload, solver, original)
-    config = getattr(target, "config", None)
-    if getattr(config, "use_cache", False) is True:
-        # A Hugging Face KV cache is updated by each layer's forward, so a replay would see a
-        # different cache than the forward did (as with any activation checkpointing; HF turns
-        # it off under gradient_checkpointing_enable too). unwrap restores it.
+    # A Hugging Face KV cache is updated by each layer's forward, so a replay would see a
+    # different cache than the forward did (as with any activation checkpointing; HF turns it off
+    # under gradient_checkpointing_enable too). Submodules may hold configs of their own (T5's
+    # decoder stack has a copy, whose use_cache=True made the decoder build a cache that its
+    # cross-attention fills in the forward and reads back in the recompute). unwrap restores them.
+    configs = {id(c): c for m in target.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
+    if configs:
         warnings.warn(f"remat_kit.auto: setting {type(target).__name__}.config.use_cache=False (a KV cache "
                       "cannot be replayed); pass use_cache=True explicitly for generation.", stacklevel=3)
-        config.use_cache = False
-        state.restore_use_cache = True
+        for c in configs.values():
+            c.use_cache = False
+        state.restore_use_cache = list(configs.values())
     object.__setattr__(target, _STATE, state)
     target.forward = _RootForward(target, state, target.forward)
     return target
@@ -451,8 +454,8 @@ def unwrap(target: Any) -> Any:
     for block, previous in state.wrapped_blocks.values():
         _restore_forward(block, previous)
     _restore_forward(target, state.original_forward)
-    if state.restore_use_cache:
-        target.config.use_cache = True
+    for config in state.restore_use_cache:
+        config.use_cache = True
     object.__delattr__(target, _STATE)
     return target
 
