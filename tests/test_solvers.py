@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -44,13 +45,7 @@ def test_chain_dp_is_exact_over_its_menus(seed):
     """With every per-block plan on the menu, the DP finds the brute-force optimum."""
     graph = random_chain(seed)
     costs = Costs(graph, rk.DeviceSpec())
-    menus = []
-    for blk in range(graph.num_blocks):
-        free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
-        menu = []
-        for combo in __import__("itertools").product([_SAVE, _RECOMPUTE], repeat=len(free)):
-            menu.append(chain_dp.measure_option(graph, blk, dict(zip(free, combo)), costs.of, "enum"))
-        menus.append(menu)
+    menus = _every_block_plan(graph, costs)
     base = baseline_activation_bytes(graph)
     for frac in FRACTIONS:
         limit = math.floor(frac * base)
@@ -61,10 +56,7 @@ def test_chain_dp_is_exact_over_its_menus(seed):
             continue
         path, cost, ops, peak = found
         assert [start for start, _ in path] == list(range(graph.num_blocks))
-        codes = [_SAVE] * len(graph)
-        for start, k in path:
-            for i, c in menus[start][k].codes:
-                codes[i] = c
+        codes = _path_codes(graph, menus, path)
         assert _run(graph, codes, False)[0] == peak <= limit  # the DP's peak is the simulator's
         assert (cost, ops) == best[0] == costs.of(codes)
     assert chain_dp.min_peak(menus) == brute_min_peak(graph)
@@ -383,11 +375,7 @@ def test_solvers_never_exceed_the_budget_where_values_are_shared_with_later_bloc
     graph = random_chain(seed, shared=True)
     shared_bytes = sum(v.num_bytes for v, s in zip(graph.values, shared_with_own_block(graph)) if s)
     costs = Costs(graph, rk.DeviceSpec())
-    menus = []
-    for blk in range(graph.num_blocks):
-        free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
-        menus.append([chain_dp.measure_option(graph, blk, dict(zip(free, combo)), costs.of, "enum")
-                      for combo in __import__("itertools").product([_SAVE, _RECOMPUTE], repeat=len(free))])
+    menus = _every_block_plan(graph, costs)
     for frac in FRACTIONS:
         limit = math.floor(frac * baseline_activation_bytes(graph))
         found = chain_dp.solve_chain(menus, limit)
@@ -404,6 +392,16 @@ def test_solvers_never_exceed_the_budget_where_values_are_shared_with_later_bloc
             except rk.InfeasibleBudgetError:
                 continue
             assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes <= limit
+
+
+def _every_block_plan(graph, costs):
+    """Per block, a menu holding every plan of its free values (save or recompute each)."""
+    menus = []
+    for blk in range(graph.num_blocks):
+        free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
+        menus.append([chain_dp.measure_option(graph, blk, dict(zip(free, combo)), costs.of, "enum")
+                      for combo in itertools.product([_SAVE, _RECOMPUTE], repeat=len(free))])
+    return menus
 
 
 def _path_codes(graph, menus, path):
