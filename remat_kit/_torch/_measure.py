@@ -22,13 +22,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 class LiveStorageTracker(TorchDispatchMode):
-    """Timeline of storages allocated under the mode: (alloc id, +bytes) and (alloc id, -bytes)."""
+    """Timeline of storages allocated under the mode: (alloc id, +bytes) and (alloc id, -bytes).
+
+    It also records which storages an `add` summed into another of the same size (`summed`): a
+    weight used twice (a tied embedding and head) gets its gradient as partial gradients that
+    autograd adds up before it stores `.grad`. Those partials are parameter gradients too, so
+    `peak_bytes` leaves them out with the `.grad` they were summed into (as the GPU figure,
+    peak minus gradient bytes, does)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.events: list[tuple[int, int]] = []
         self.current: dict[int, int] = {}  # storage key -> alloc id of the storage alive now
         self.refs: dict[int, Any] = {}
+        self.summed: dict[int, list[int]] = {}  # alloc id -> alloc ids an add summed into it
 
     def _free(self, alloc_id: int, nbytes: int, key: int, _ref: Any) -> None:
         self.events.append((alloc_id, -nbytes))
@@ -36,8 +43,24 @@ class LiveStorageTracker(TorchDispatchMode):
             del self.current[key]
         self.refs.pop(alloc_id, None)
 
+    def _ids_of_same_size(self, tensors: list[Any], nbytes: int) -> list[int]:
+        out = []
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                alloc = self.current.get(t.untyped_storage()._cdata)
+                if alloc is not None and t.untyped_storage().nbytes() == nbytes:
+                    out.append(alloc)
+        return out
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func in _ADDS and isinstance(out, torch.Tensor) and out.device.type != "meta":
+            # An in-place add sums into its first argument's storage; an add makes a new one
+            # (recorded below once it is tracked).
+            target = out.untyped_storage()
+            if func is torch.ops.aten.add_.Tensor and target._cdata in self.current:
+                self.summed.setdefault(self.current[target._cdata], []).extend(
+                    self._ids_of_same_size(list(args[1:2]), target.nbytes()))
         if any(r.alias_info is not None for r in func._schema.returns):
             return out  # views and in-place ops allocate nothing (and may alias a parameter)
         for t in tree_flatten(out)[0]:
@@ -50,15 +73,24 @@ class LiveStorageTracker(TorchDispatchMode):
             if key in self.current:
                 continue
             alloc_id, nbytes = len(self.events), st.nbytes()
+            if func is torch.ops.aten.add.Tensor:
+                self.summed[alloc_id] = self._ids_of_same_size(list(args[:2]), nbytes)
             self.events.append((alloc_id, nbytes))
             self.current[key] = alloc_id
             self.refs[alloc_id] = weakref.ref(st, functools.partial(self._free, alloc_id, nbytes, key))
         return out
 
     def peak_bytes(self, exclude: Any = ()) -> int:
-        """Peak live bytes, leaving out the storages of the tensors in `exclude` (alive now)."""
+        """Peak live bytes, leaving out the storages of the tensors in `exclude` (alive now) and the
+        partial sums added into them (see the class doc)."""
         skip = {self.current[t.untyped_storage()._cdata] for t in exclude
                 if t is not None and t.untyped_storage()._cdata in self.current}
+        todo = list(skip)
+        while todo:
+            for part in self.summed.get(todo.pop(), ()):
+                if part not in skip:
+                    skip.add(part)
+                    todo.append(part)
         live = peak = 0
         for alloc_id, delta in self.events:
             if alloc_id in skip:
@@ -66,6 +98,9 @@ class LiveStorageTracker(TorchDispatchMode):
             live += delta
             peak = max(peak, live)
         return peak
+
+
+_ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 
 
 @dataclasses.dataclass(frozen=True)
