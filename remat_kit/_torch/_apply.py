@@ -21,11 +21,11 @@ from torch.utils._pytree import tree_flatten
 from remat_kit._core.budget import Budget, format_bytes, parse_budget
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import simulate
-from remat_kit._core.graph import DeviceSpec
+from remat_kit._core.graph import CostGraph, DeviceSpec
 from remat_kit._core.solve import (Costs, InfeasibleBudgetError, block_menus, segment_cap, smallest_activation_bytes,
                                    solve)
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
-from remat_kit._torch._profile import Profile, profile
+from remat_kit._torch._profile import AUTOCAST_TAG, Profile, profile
 from remat_kit._torch._replicate import profile_replicated
 from remat_kit._torch._replay import OpSequenceError, Region, SegmentRun, decisions_for_torch, regions, run_region
 
@@ -121,8 +121,9 @@ def _infeasible(module: torch.nn.Module, budget: object, tg: TorchGraph, offload
     """The error for a budget below the least this module reaches (`smallest` activation bytes,
     default: every layer recomputed)."""
     floor = _floor(tg)
-    baseline = floor.baseline_activation_bytes
-    least = floor.predicted_activation_bytes if smallest is None else min(smallest, floor.predicted_activation_bytes)
+    held = autocast_cast_bytes(tg.graph)  # in both figures, as in solve_torch's limit
+    baseline = floor.baseline_activation_bytes + held
+    least = (floor.predicted_activation_bytes if smallest is None else min(smallest, floor.predicted_activation_bytes)) + held
     fraction = least / baseline if baseline else 1.0
     pinned = sum(tg.graph[n].num_bytes for n in tg.pinned if tg.graph.is_residual[tg.graph.index(n)])
     need = math.ceil(fraction * 1000) / 1000
@@ -131,11 +132,20 @@ def _infeasible(module: torch.nn.Module, budget: object, tg: TorchGraph, offload
         f"input: {format_bytes(least)} of activations ({fraction:.1%} of no remat) with every layer recomputed"
         f"{' (consecutive layers checkpointed together where that is smaller)' if smallest is not None else ''}, "
         f"of which {format_bytes(pinned)} are saved outside the repeated layers (embeddings, head, loss) and "
-        f"cannot be recomputed. Raise the budget to at least {need:g}{'' if offload else ' or pass offload=True'}, "
+        f"cannot be recomputed"
+        f"{f', and {format_bytes(held)} are autocast casts of the parameters (alive until the forward ends)' if held else ''}"
+        f". Raise the budget to at least {need:g}{'' if offload else ' or pass offload=True'}, "
         "or use a smaller batch.",
         smallest_fraction=fraction,
         smallest_bytes=least + tg.graph.constant_bytes,
     )
+
+
+def autocast_cast_bytes(graph: CostGraph) -> int:
+    """Bytes of autocast's casts of parameters in a profile made under autocast. The plan treats
+    them as constants (the autocast cache decides when they are cast, not the plan), but they are
+    memory of the step: every one is alive when the forward ends, with or without remat."""
+    return sum(v.num_bytes for v in graph.values if v.name.startswith(AUTOCAST_TAG))
 
 
 def _segment_spans(module: torch.nn.Module, tg: TorchGraph, solver: str | None) -> tuple[int, frozenset[str]]:
@@ -172,6 +182,12 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
         return _solve_one_region(module, tg, prof, parsed, budget, offload)
     baseline = simulate(graph).activation_bytes
     limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
+    held = autocast_cast_bytes(graph)
+    if parsed.kind == "fraction" and held:
+        # The measured step holds autocast's parameter casts too, whatever the plan: the budget
+        # is a fraction of no remat *with* them, so the plan's own share shrinks by their bytes.
+        limit = math.floor(parsed.value * (baseline + held)) - held
+        baseline += held  # (for the margin below)
     floor = _floor(tg).predicted_activation_bytes
     span, fixed_blocks = 1, frozenset()
     if limit < floor:

@@ -47,6 +47,9 @@ _KINDS = (
 )
 
 
+AUTOCAST_TAG = "autocast:"  # value names of autocast's casts of parameters: "autocast:param:<path>"
+
+
 def ignored(func: Any, args: tuple = ()) -> bool:
     """Ops a region may dispatch a different number of times between profile, forward and replay.
 
@@ -162,7 +165,15 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if ignored(func, args):
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor):
+                # Autocast's cast of a parameter: a constant to the plan, but memory all the same
+                # (the autocast cache holds every cast until the forward ends); named after the
+                # parameter so the solver can count it (AUTOCAST_TAG) and replication can rename it.
+                src = self.owner.get(storage_key(args[0]))
+                if src is not None:
+                    self.register(out, f"{AUTOCAST_TAG}{src}", Role.INPUT)
+            return out
         self._capture_nodes()
         name = str(func)
         flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]

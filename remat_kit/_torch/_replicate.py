@@ -30,7 +30,7 @@ import torch
 
 from remat_kit._core.graph import Value
 from remat_kit._torch._graph import _candidates, _owner_segments
-from remat_kit._torch._profile import OpRecord, Profile, profile, state_values
+from remat_kit._torch._profile import AUTOCAST_TAG, OpRecord, Profile, profile, state_values
 
 MIN_LAYERS = 8  # below this the saving is small next to the solve
 _PROFILED = 4
@@ -124,7 +124,7 @@ def _split(path: str, prefix: str) -> tuple[int, str] | None:
 
 def _module_part(name: str) -> tuple[str, str, str]:
     """A value name as (tag, module path, rest): "param:" + path, or path + "/aten.mm.0"."""
-    for tag in ("param:", "buffer:"):
+    for tag in (f"{AUTOCAST_TAG}param:", f"{AUTOCAST_TAG}buffer:", "param:", "buffer:"):
         if name.startswith(tag):
             return tag, name[len(tag):], ""
     module, slash, rest = name.partition("/")
