@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens  # noqa: E402
 
 import remat_kit._torch as rt  # noqa: E402
-from remat_kit._torch._apply import state_of  # noqa: E402
+from remat_kit._torch._apply import autocast_cast_bytes, state_of  # noqa: E402
 from remat_kit._torch._measure import measure_step  # noqa: E402
 
 
@@ -194,3 +194,8 @@ def test_autocast_budget_holds_as_measured_with_the_weight_casts():
         torch.manual_seed(1)
         measured = measure_step(rematted, (idx, tgt), loss_fn=lambda loss: loss, count_flops=False)
         assert measured.activation_bytes <= budget * none.activation_bytes, (budget, measured, none)
+        # The plan's prediction counts every cast as alive at its peak: an upper bound, by at most
+        # the casts (a layer the plan recomputes drops its casts once the forward has ended).
+        casts = autocast_cast_bytes(compiled.tg.graph)
+        assert casts > 0
+        assert 0 <= compiled.plan.predicted_activation_bytes - measured.activation_bytes <= casts
