@@ -30,7 +30,9 @@ from typing import Any, Callable
 import torch
 
 import remat_kit as rk
+from benchmarks.torch_bench import rel_err
 from remat_kit._core.budget import format_bytes
+from remat_kit._torch._apply import kv_cache_configs
 from remat_kit._torch._measure import measure_step
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, BATCH, SEQ = 8, 64, 4, 128, 128, 2, 32
@@ -67,23 +69,15 @@ def _grads(model: torch.nn.Module, kwargs: dict) -> list[torch.Tensor]:
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
-def _rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    worst = 0.0
-    for a, b in zip(got, want, strict=True):
-        scale = b.abs().max().item() or 1.0
-        worst = max(worst, (a - b).abs().max().item() / scale)
-    return worst
-
-
 def _activation(model: torch.nn.Module, kwargs: dict) -> int:
     torch.manual_seed(1)
     return measure_step(model, (), kwargs, loss_fn=lambda out: out.loss, count_flops=False).activation_bytes
 
 
 def _cache_off(model: torch.nn.Module) -> torch.nn.Module:
-    for m in model.modules():
-        if getattr(getattr(m, "config", None), "use_cache", None):
-            m.config.use_cache = False
+    """The model as `auto` runs it: use_cache off in every config it holds."""
+    for config in kv_cache_configs(model):
+        config.use_cache = False
     return model
 
 
@@ -104,7 +98,7 @@ def run_model(name: str, build: Callable, config: Any, enc_dec: bool, budgets: l
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                row["grad_rel_err"] = _rel_err(_grads(rematted, kwargs), reference)
+                row["grad_rel_err"] = rel_err(_grads(rematted, kwargs), reference)
                 row["activation_bytes"] = _activation(rematted, kwargs)
             plan = rk.plan_of(rematted)[-1]
             row.update(predicted_activation_bytes=plan.predicted_activation_bytes,

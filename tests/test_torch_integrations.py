@@ -16,16 +16,15 @@ torch = pytest.importorskip("torch")
 from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens  # noqa: E402
 
 import remat_kit._torch as rt  # noqa: E402
-from remat_kit._torch._apply import autocast_cast_bytes, state_of  # noqa: E402
+from remat_kit._torch._apply import autocast_cast_bytes, kv_cache_configs, state_of  # noqa: E402
 from remat_kit._torch._measure import measure_step  # noqa: E402
 
 
 def _check(model, budget, *args, tol=1e-6, **kwargs):
     """Gradients equal no remat; measured activation memory within the budget."""
     model.train()
-    for m in model.modules():  # the reference runs as the rematted model will (T5's decoder has its own config)
-        if getattr(getattr(m, "config", None), "use_cache", None):
-            m.config.use_cache = False
+    for config in kv_cache_configs(model):  # the reference runs as the rematted model will
+        config.use_cache = False
     want = grads(model, *args, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Hugging Face: "setting config.use_cache=False"

@@ -258,6 +258,8 @@ def _backward_rows(
     num_moments = 1 + 2 * n
     after_block = num_moments
 
+    shared = shared_with_own_block(g)
+
     def static_last(u: int) -> int:
         if vals[u].block < blk and shared[u]:
             return after_block  # its own block may still need it: counted alive (see simulate.shared_with_own_block)
@@ -275,7 +277,6 @@ def _backward_rows(
                 return after_block
         return last
 
-    shared = shared_with_own_block(g)
     inputs = [i for i in g.activations if vals[i].block < blk and g.is_forced[i] and _pseudo_block(g, i) == blk]
     grads = _static_grads(g, blk, num_moments, bw_moment)
     info = []

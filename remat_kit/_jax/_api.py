@@ -19,7 +19,7 @@ from remat_kit._jax._graph import Traced, build
 from remat_kit._jax._ir import trace
 from remat_kit._jax._planner import choose
 from remat_kit._jax._rules import Tracer
-from remat_kit._jax._verify import can_verify, verified
+from remat_kit._jax._verify import at_floor, can_verify, verified
 
 _ATTR = "__remat_kit_auto__"
 
@@ -73,11 +73,12 @@ class Planner:
                 if not (measurable and _is_stack(traced)):
                     raise
                 # Below the model's floor: what XLA compiles may still fit (see _verify's doc).
+                replan = self._replan(traced)
                 try:
-                    floor = self._replan(traced)(min(1.0, below.smallest_fraction * 1.0005))
+                    floor = at_floor(replan, below)
                 except InfeasibleBudgetError:
                     raise below from None
-                plan = verified(traced, floor, self.budget, self._replan(traced), dyn_vals, below_floor=below)
+                plan = verified(traced, floor, self.budget, replan, dyn_vals, below_floor=below)
             else:
                 if measurable and plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD):
                     plan = verified(traced, plan, self.budget, self._replan(traced), dyn_vals, layer=not _is_stack(traced))

@@ -14,7 +14,7 @@ layers, the least-memory plan for each number of layers per loop step (`_regroup
 plan fits, it keeps the smallest measured and warns with predicted and measured figures (a
 RuntimeWarning, never silently). A budget below the model's floor is not refused on the model's
 word alone: the floor plan and the coarser ones are compiled, and the cheapest that fits is kept
-(the tiny zoo MLP: the model's floor is 0.205 of no remat, groups of layers compile to 0.126).
+(the tiny zoo MLP: the model's floor is 0.205 of no remat, groups of layers compile to 0.127).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
             if tried_floor:
                 break
             tried_floor = True
-            nxt = replan(min(1.0, e.smallest_fraction * 1.0005))
+            nxt = at_floor(replan, e)
         if (nxt.decisions, nxt.segments) == (current.decisions, current.segments):
             break
         current = nxt
@@ -210,13 +210,19 @@ def _regrouped(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
     return [p for p in (_least_memory(replan, scan_group=g) for g in [*sizes, 1]) if p is not None]
 
 
+def at_floor(replan: Callable[..., Plan], below: InfeasibleBudgetError, **knobs: int) -> Plan:
+    """The model's least-memory plan under `knobs`: at the smallest budget `below` names (a hair
+    above it, for the rounding of that figure)."""
+    return replan(min(1.0, below.smallest_fraction * 1.0005), **knobs)
+
+
 def _least_memory(replan: Callable[..., Plan], **knobs: int) -> Plan | None:
-    """The model's least-memory plan under `knobs` (the budget its infeasibility error names)."""
+    """The model's least-memory plan under `knobs`, or None where even that does not solve."""
     try:
         replan(1e-9, **knobs)
     except InfeasibleBudgetError as e:
         try:
-            return replan(min(1.0, e.smallest_fraction * 1.0005), **knobs)
+            return at_floor(replan, e, **knobs)
         except InfeasibleBudgetError:
             return None
     return None

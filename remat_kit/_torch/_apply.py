@@ -429,16 +429,22 @@ def auto(target: Any, budget: object, *, offload: bool = False, solver: str | No
     # under gradient_checkpointing_enable too). Submodules may hold configs of their own (T5's
     # decoder stack has a copy, whose use_cache=True made the decoder build a cache that its
     # cross-attention fills in the forward and reads back in the recompute). unwrap restores them.
-    configs = {id(c): c for m in target.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
+    configs = kv_cache_configs(target)
     if configs:
         warnings.warn(f"remat_kit.auto: setting {type(target).__name__}.config.use_cache=False (a KV cache "
                       "cannot be replayed); pass use_cache=True explicitly for generation.", stacklevel=3)
-        for c in configs.values():
+        for c in configs:
             c.use_cache = False
-        state.restore_use_cache = list(configs.values())
+        state.restore_use_cache = configs
     object.__setattr__(target, _STATE, state)
     target.forward = _RootForward(target, state, target.forward)
     return target
+
+
+def kv_cache_configs(module: torch.nn.Module) -> list[Any]:
+    """The Hugging Face configs of `module` and its submodules (each once) with use_cache on."""
+    configs = {id(c): c for m in module.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
+    return list(configs.values())
 
 
 def _decorate_class(cls: type, budget: object, offload: bool, solver: str | None) -> type:

@@ -54,11 +54,11 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _ADDS and isinstance(out, torch.Tensor) and out.device.type != "meta":
-            # An in-place add sums into its first argument's storage; an add makes a new one
-            # (recorded below once it is tracked).
+        if func is torch.ops.aten.add_.Tensor and out.device.type != "meta":
+            # An in-place add sums into its first argument's storage (an add makes a new one:
+            # recorded below once it is tracked).
             target = out.untyped_storage()
-            if func is torch.ops.aten.add_.Tensor and target._cdata in self.current:
+            if target._cdata in self.current:
                 self.summed.setdefault(self.current[target._cdata], []).extend(
                     self._ids_of_same_size(list(args[1:2]), target.nbytes()))
         if any(r.alias_info is not None for r in func._schema.returns):
@@ -98,9 +98,6 @@ class LiveStorageTracker(TorchDispatchMode):
             live += delta
             peak = max(peak, live)
         return peak
-
-
-_ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 
 
 @dataclasses.dataclass(frozen=True)

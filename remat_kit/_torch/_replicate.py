@@ -124,7 +124,7 @@ def _split(path: str, prefix: str) -> tuple[int, str] | None:
 
 def _module_part(name: str) -> tuple[str, str, str]:
     """A value name as (tag, module path, rest): "param:" + path, or path + "/aten.mm.0"."""
-    for tag in (f"{AUTOCAST_TAG}param:", f"{AUTOCAST_TAG}buffer:", "param:", "buffer:"):
+    for tag in (f"{AUTOCAST_TAG}param:", "param:", "buffer:"):
         if name.startswith(tag):
             return tag, name[len(tag):], ""
     module, slash, rest = name.partition("/")
