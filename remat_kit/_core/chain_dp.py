@@ -16,14 +16,14 @@ against brute force). Menus come from the op-level program (milp.py) at several 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from remat_kit._core.graph import CostGraph, Role, Value
 from remat_kit._core.simulate import _SAVE, _run
 
-MAX_STATES = 20_000  # states per block before kept sizes are rounded up (then no longer exact)
+MAX_STATES = 20_000  # states per block boundary before the cheapest per range of kept bytes are kept (_thin)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ def measure_option(
     graph: CostGraph,
     block: int,
     codes: dict[int, int],
-    unit_cost: Callable[[list[int]], tuple[int, int]],
+    unit_cost: Callable[[Mapping[int, int]], tuple[int, int]],
     label: str,
     *,
     last: int | None = None,
@@ -67,10 +67,7 @@ def measure_option(
     them (the same numbers, tested, at a fraction of the cost on long chains).
     """
     last = block if last is None else last
-    full = [_SAVE] * len(graph)
-    for i, c in codes.items():
-        full[i] = c
-    cost, num_ops = unit_cost(full)
+    cost, num_ops = unit_cost(codes)
     if windowed:
         win = window(graph, block, last)
         sub_codes = [_SAVE] * len(win.graph)
@@ -80,6 +77,9 @@ def measure_option(
         forward, backward, kept_by_block = _block_peaks(win.graph, sub_codes, local)
         seeds_in_trace = _window_index(graph)[1][block] - win.earlier_seed_bytes  # the window's earlier blocks'
     else:
+        full = [_SAVE] * len(graph)
+        for i, c in codes.items():
+            full[i] = c
         merged = graph if last == block else graph.regroup(
             [[n] for n in graph.block_names[:block]] + [list(graph.block_names[block:last + 1])]
             + [[n] for n in graph.block_names[last + 1:]]
@@ -143,7 +143,7 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
     for i in chosen:
         v = vals[i]
         if v.is_activation and v.block < lo:
-            v = dataclasses.replace(v, role=Role.INPUT, deps=(), bwd_reads=(), block=0)
+            v = _replace(v, role=Role.INPUT, deps=(), bwd_reads=(), block=0)
         elif v.is_activation:
             # Gradients flow as in the whole graph: what gets none there gets none here, and what
             # gets one from beyond the window gets it from a zero-byte sink in a block of its own.
@@ -151,7 +151,7 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
             # gradient from the values it is computed from, and with it the backward ops whose reads
             # keep them alive (a shared value read by its own backward was freed early).
             merged = min(v.block, block) if v.block <= last else v.block - (last - block)
-            v = dataclasses.replace(v, block=merged - lo, requires_grad=graph.gets_grad[i])
+            v = _replace(v, block=merged - lo, requires_grad=graph.gets_grad[i])
             if graph.gets_grad[i] and any(vals[c].block > hi and graph.gets_grad[c] for c in graph.consumers[i]):
                 to_sink.append(v.name)
         index_map[i] = len(keep)
@@ -162,6 +162,14 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
         names.append("__window_sink__")
     graph._cache[key] = Window(CostGraph(keep, block_names=names), lo, index_map, seeds_before[lo])
     return graph._cache[key]
+
+
+def _replace(v: Value, **changes) -> Value:
+    """`dataclasses.replace` without its per-call field introspection (windows copy thousands of
+    values); Value is a plain frozen dataclass, so its state is its __dict__."""
+    new = object.__new__(Value)
+    new.__dict__.update(v.__dict__, **changes)
+    return new
 
 
 def _window_index(graph: CostGraph) -> tuple[list[int], list[int]]:
@@ -187,9 +195,9 @@ def _window_index(graph: CostGraph) -> tuple[list[int], list[int]]:
 
 def _block_peaks(graph: CostGraph, codes: list[int], block: int) -> tuple[int, int, list[int]]:
     """(forward peak, backward peak) over the moments of `block`, and bytes kept per block."""
-    _, _, kept, trace = _run(graph, codes, True, hold_shared=True)
-    forward = max((mem for label, b, mem in trace if b == block and label.startswith("forward")), default=0)
-    backward = max((mem for label, b, mem in trace if b == block and not label.startswith("forward")), default=0)
+    _, _, kept, trace = _run(graph, codes, "raw", hold_shared=True)
+    forward = max((mem for what, b, mem in trace if b == block and what == "forward"), default=0)
+    backward = max((mem for what, b, mem in trace if b == block and what != "forward"), default=0)
     return forward, backward, kept
 
 
@@ -214,20 +222,19 @@ def solve_chain(options: Sequence[Sequence[BlockOption]], limit: int) -> tuple[l
         cols = [np.concatenate(col) for col in zip(*pending[pos])]
         pending[pos] = []
         p, cost, ops, peak = cols[:4]
-        cols = [c[np.lexsort((peak, ops, cost, p))] for c in cols]
+        rank = _combined_rank(cost, ops)  # one integer ordered as (cost, ops)
+        order = np.lexsort((peak, rank, p))
+        cols = [c[order] for c in cols]
         p, cost, ops, peak = cols[:4]
-        # Dense lexicographic rank of (cost, ops), so the running minimum needs no combined key.
-        rank = _dense_rank(cost, ops)
+        rank = rank[order]
         running = np.minimum.accumulate(rank)
         keep = np.ones(p.size, dtype=bool)
         keep[1:] = rank[1:] < running[:-1]
         cols = [c[keep] for c in cols]
         p, cost, ops, peak = cols[:4]
         if p.size > MAX_STATES:
-            raise RuntimeError(
-                f"chain DP: {p.size} states at block {pos} (max {MAX_STATES}); the blocks are too "
-                "heterogeneous for the exact DP. Use solver='greedy', or coarser blocks."
-            )
+            cols = _thin(cols)
+            p, cost, ops, peak = cols[:4]
         back[pos] = tuple(cols[4:])
         if pos == num_blocks:
             break
@@ -248,6 +255,30 @@ def solve_chain(options: Sequence[Sequence[BlockOption]], limit: int) -> tuple[l
         path.append((int(parent_pos[idx]), int(ks[idx])))
         pos, idx = int(parent_pos[idx]), int(parent[idx])
     return (path[::-1], *result)
+
+
+def _thin(cols: list[np.ndarray]) -> list[np.ndarray]:
+    """At most MAX_STATES states (sorted by kept bytes, cheapest first among equals): the
+    cheapest state in each of MAX_STATES equal ranges of kept bytes. The states kept keep their
+    exact kept bytes, so every peak check stays exact and a path found still fits; only paths
+    through a dropped state are lost (the DP is then no longer exact over its menus)."""
+    p, cost, ops = cols[:3]
+    lo, hi = int(p[0]), int(p[-1])
+    bucket = (p - lo) * (MAX_STATES - 1) // max(hi - lo, 1)
+    best = np.lexsort((ops, cost, bucket))  # by bucket, then cheapest
+    first = np.ones(best.size, dtype=bool)
+    first[1:] = bucket[best][1:] != bucket[best][:-1]
+    keep = np.sort(best[first])  # back in kept-bytes order
+    return [c[keep] for c in cols]
+
+
+def _combined_rank(cost: np.ndarray, ops: np.ndarray) -> np.ndarray:
+    """cost * (max ops + 1) + ops where that fits in int64 (it orders like (cost, ops)), else the
+    dense lexicographic rank (a sort more)."""
+    span = int(ops.max()) + 1 if ops.size else 1
+    if not cost.size or int(cost.max()) < (2**62) // span:
+        return cost * span + ops
+    return _dense_rank(cost, ops)
 
 
 def _dense_rank(major: np.ndarray, minor: np.ndarray) -> np.ndarray:

@@ -73,18 +73,51 @@ def decision_codes(graph: CostGraph, plan: Plan | Mapping[str, Decision | str] |
 
 
 def _needed_and_recomputed(graph: CostGraph, codes: list[int]) -> tuple[list[bool], list[bool]]:
-    n = len(graph)
-    needed = [graph.is_residual[i] or graph.is_forced[i] for i in range(n)]
-    recomputed = [False] * n
-    vals = graph.values
+    st = _static(graph)
+    needed = list(st.needed0)
+    recomputed = [False] * len(needed)
+    deps, is_act = st.deps, st.is_act
     for i in reversed(graph.activations):  # deps come earlier, so one reverse pass closes the set
         if needed[i] and codes[i] == _RECOMPUTE:
             recomputed[i] = True
-            for d in vals[i].deps:
-                j = graph.index(d)
-                if vals[j].is_activation:
+            for j in deps[i]:
+                if is_act[j]:
                     needed[j] = True
     return needed, recomputed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Per-graph index arrays the event loop reads (cached: the solvers run it thousands of times
+    on the same graphs and windows)."""
+
+    size: list[int]
+    deps: list[tuple[int, ...]]
+    bwd_reads: list[tuple[int, ...]]
+    is_act: list[bool]
+    block: list[int]
+    needed0: list[bool]  # residuals and forced values: needed whatever the plan
+    later_block: list[int]  # forced values: the earliest later block that reads them (own block if none)
+
+
+def _static(graph: CostGraph) -> _Static:
+    key = "simulate_static"
+    if key not in graph._cache:
+        vals = graph.values
+        block = [v.block for v in vals]
+        graph._cache[key] = _Static(
+            size=[v.num_bytes for v in vals],
+            deps=[tuple(graph.index(d) for d in v.deps) for v in vals],
+            bwd_reads=[tuple(graph.index(d) for d in v.bwd_reads) for v in vals],
+            is_act=[v.is_activation for v in vals],
+            block=block,
+            needed0=[graph.is_residual[i] or graph.is_forced[i] for i in range(len(vals))],
+            later_block=[
+                min((block[c] for c in (*graph.consumers[i], *graph.bwd_readers[i]) if block[c] > block[i]), default=block[i])
+                for i in range(len(vals))
+            ],
+        )
+    return graph._cache[key]
 
 
 def simulate(
@@ -155,27 +188,34 @@ def shared_with_own_block(graph: CostGraph) -> list[bool]:
     return graph._cache[key]
 
 
-def _run(graph: CostGraph, codes: list[int], want_trace: bool, hold_shared: bool = False):
+def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared: bool = False):
     """The event loop. Returns (activation peak, peak moment label, kept bytes per block, trace).
+    `want_trace="raw"`: the trace names only the kind of each moment ("forward", "reload",
+    "recompute", "grad"), for callers that aggregate it (the chain DP's block peaks).
     `hold_shared`: values `shared_with_own_block` live at least until their own block's backward
     (the solvers' upper bound; the simulator's own answer is without it)."""
     vals = graph.values
     n = len(vals)
-    size = [v.num_bytes for v in vals]
+    st = _static(graph)
+    size, block_of, deps, bwd_reads = st.size, st.block, st.deps, st.bwd_reads
     needed, recomputed = _needed_and_recomputed(graph, codes)
-    kept = [vals[i].is_activation and needed[i] and codes[i] == _SAVE for i in range(n)]
-    offloaded = [vals[i].is_activation and needed[i] and codes[i] == _OFFLOAD for i in range(n)]
+    kept = [st.is_act[i] and needed[i] and codes[i] == _SAVE for i in range(n)]
+    offloaded = [st.is_act[i] and needed[i] and codes[i] == _OFFLOAD for i in range(n)]
 
     live = 0
-    peak, peak_label = 0, "nothing"
+    peak, peak_at = 0, None
     trace: list[tuple[str, int, int]] = []
+    raw = want_trace == "raw"
+    label = _labeller(graph)
 
-    def record(label: str, block: int) -> None:
-        nonlocal peak, peak_label
+    # Labels are built only where they are read (a new peak, or a full trace): the solvers run
+    # this loop thousands of times, and formatting a label per moment was most of its time.
+    def record(what: str, i: int, block: int) -> None:
+        nonlocal peak, peak_at
         if want_trace:
-            trace.append((label, block, live))
+            trace.append((what if raw else label(what, i, block), block, live))
         if live > peak:
-            peak, peak_label = live, label
+            peak, peak_at = live, (what, i, block)
 
     # -- forward -----------------------------------------------------------------------------
     free_after: list[list[int]] = [[] for _ in range(n)]
@@ -185,11 +225,11 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool, hold_shared: bool
     kept_by_block = [0] * graph.num_blocks
     for t in graph.activations:
         live += size[t]
-        record(f"forward {vals[t].name}", vals[t].block)
+        record("forward", t, block_of[t])
         for u in free_after[t]:
             live -= size[u]
         if kept[t]:
-            kept_by_block[vals[t].block] += size[t]
+            kept_by_block[block_of[t]] += size[t]
 
     # -- backward timeline: moments in order, then last uses ---------------------------------
     moments: list[tuple[str, int, int]] = []  # (what, value index or block, block)
@@ -202,25 +242,18 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool, hold_shared: bool
         moments.extend(("backward", t, b) for t in reversed(members) if graph.gets_grad[t])
     last_use = [-1] * n
     for m, (what, t, b) in enumerate(moments):
-        if what == "recompute":
-            uses = vals[t].deps
-        elif what == "backward":
-            uses = vals[t].bwd_reads
-        else:
+        if what == "reload":
             continue
-        for d in uses:
-            j = graph.index(d)
+        for j in (deps[t] if what == "recompute" else bwd_reads[t]):
             last_use[j] = m  # moments are increasing, so the last write wins
     shared = shared_with_own_block(graph) if hold_shared else None
     for i in graph.activations:
         if graph.is_forced[i]:
             # Kept for later blocks: alive at least until the backward of the last of them to run
             # (the earliest in forward order) begins; an output until its own block's backward.
-            own = vals[i].block
-            later = [vals[c].block for c in (*graph.consumers[i], *graph.bwd_readers[i]) if vals[c].block > own]
-            last_use[i] = max(last_use[i], first_moment_of_block[min(later, default=own)])
+            last_use[i] = max(last_use[i], first_moment_of_block[st.later_block[i]])
             if hold_shared and shared[i]:  # through the last moment before its own block's backward
-                last_use[i] = max(last_use[i], first_moment_of_block[own] - 1)
+                last_use[i] = max(last_use[i], first_moment_of_block[block_of[i]] - 1)
 
     frees_at: list[list[int]] = [[] for _ in range(len(moments) + 1)]
     for i in graph.activations:
@@ -228,9 +261,10 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool, hold_shared: bool
             frees_at[max(last_use[i], 0)].append(i)
 
     grad_live = [False] * n
+    gets_grad = graph.gets_grad
     # Cotangent seeds of the outputs that receive gradients, alive from the start of the backward.
     for i in graph.activations:
-        if graph.is_output[i] and graph.gets_grad[i]:
+        if graph.is_output[i] and gets_grad[i]:
             grad_live[i] = True
             live += size[i]
     for m, (what, t, b) in enumerate(moments):
@@ -238,19 +272,30 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool, hold_shared: bool
             for i in graph.block_members[t]:
                 if offloaded[i]:
                     live += size[i]
-            record(f"backward of {graph.block_names[b]}: reload", b)
+            record("reload", -1, b)
         elif what == "recompute":
             live += size[t]
-            record(f"backward of {graph.block_names[b]}: recompute {vals[t].name}", b)
+            record("recompute", t, b)
         else:
-            for d in vals[t].deps:
-                j = graph.index(d)
-                if graph.gets_grad[j] and not grad_live[j]:
+            for j in deps[t]:
+                if gets_grad[j] and not grad_live[j]:
                     grad_live[j] = True
                     live += size[j]
-            record(f"backward of {graph.block_names[b]}: grad of {vals[t].name}", b)
+            record("grad", t, b)
             grad_live[t] = False
             live -= size[t]
         for i in frees_at[m]:
             live -= size[i]
-    return peak, peak_label, kept_by_block, trace
+    return peak, ("nothing" if peak_at is None else label(*peak_at)), kept_by_block, trace
+
+
+def _labeller(graph: CostGraph):
+    def label(what: str, i: int, block: int) -> str:
+        if what == "forward":
+            return f"forward {graph.values[i].name}"
+        prefix = f"backward of {graph.block_names[block]}: "
+        if what == "reload":
+            return prefix + "reload"
+        return prefix + (f"recompute {graph.values[i].name}" if what == "recompute" else f"grad of {graph.values[i].name}")
+
+    return label

@@ -14,9 +14,10 @@ never returned.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 
-from remat_kit._core import chain_dp
+from remat_kit._core import chain_dp, ladder
 from remat_kit._core.budget import Budget, format_bytes, parse_budget
 from remat_kit._core.graph import CostGraph, DeviceSpec
 from remat_kit._core.milp import solve_milp
@@ -33,6 +34,7 @@ from remat_kit._core.simulate import (
 SOLVERS = ("dp", "milp", "greedy")
 _NAMES = {_SAVE: Decision.SAVE, _RECOMPUTE: Decision.RECOMPUTE, _OFFLOAD: Decision.OFFLOAD}
 NUM_CAPS = 8  # kept-bytes levels per block menu
+MILP_MENU_WORK = 1_000  # (free values)² of the blocks given op-level menus (op_level_blocks): ~0.3 s of programs
 
 
 class InfeasibleBudgetError(ValueError):
@@ -53,8 +55,12 @@ class Costs:
         self.recompute = [round(device.seconds(v.flops, v.bytes_moved) * 1e12) for v in vals]
         self.offload = [round(2 * v.num_bytes / device.host_bandwidth * 1e12) for v in vals]
 
-    def of(self, codes: Sequence[int]) -> tuple[int, int]:
-        """(cost, number of recomputed ops) of a full decision vector, as the simulator runs it."""
+    def of(self, codes: Sequence[int] | Mapping[int, int]) -> tuple[int, int]:
+        """(cost, number of recomputed ops) of a decision vector, as the simulator runs it: a full
+        one, or a mapping {value index: code} of the values not saved (O(its size): block menus
+        price thousands of options on graphs of thousands of values)."""
+        if isinstance(codes, Mapping):
+            return self._of_sparse(codes)
         needed, recomputed = _needed_and_recomputed(self.graph, list(codes))
         cost, ops = 0, 0
         for i in self.graph.activations:
@@ -62,6 +68,21 @@ class Costs:
                 cost += self.recompute[i]
                 ops += 1
             elif needed[i] and codes[i] == _OFFLOAD:
+                cost += self.offload[i]
+        return cost, ops
+
+    def _of_sparse(self, codes: Mapping[int, int]) -> tuple[int, int]:
+        graph, vals = self.graph, self.graph.values
+        wanted: set[int] = set()  # read by a recomputed value (the simulator's `needed`)
+        cost, ops = 0, 0
+        for i in sorted((i for i, c in codes.items() if c != _SAVE), reverse=True):  # deps come earlier
+            if not vals[i].is_activation or not (graph.is_residual[i] or graph.is_forced[i] or i in wanted):
+                continue
+            if codes[i] == _RECOMPUTE:
+                cost += self.recompute[i]
+                ops += 1
+                wanted.update(graph.index(d) for d in vals[i].deps)
+            elif codes[i] == _OFFLOAD:
                 cost += self.offload[i]
         return cost, ops
 
@@ -163,21 +184,51 @@ def block_menus(graph: CostGraph, costs: Costs, offload: bool) -> list[list[chai
         return graph._cache[key]
     menus: list[list[chain_dp.BlockOption]] = []
     by_signature: dict[tuple, tuple[int, list[chain_dp.BlockOption]]] = {}
-    for blk in range(graph.num_blocks):
-        sig = chain_dp.block_signature(graph, blk)
+    sigs = [chain_dp.block_signature(graph, blk) for blk in range(graph.num_blocks)]
+    exact = op_level_blocks(graph, sigs)
+    for blk, sig in enumerate(sigs):
         if sig in by_signature:
             rep, menu = by_signature[sig]
             shift = graph.block_members[blk][0] - graph.block_members[rep][0]
             menus.append([o.at(graph, blk, shift) for o in menu])
             continue
-        menu = _menu_for_block(graph, blk, costs, offload)
+        menu = _menu_for_block(graph, blk, costs, offload, blk in exact)
         by_signature[sig] = (blk, menu)
         menus.append(menu)
     graph._cache[key] = menus
     return menus
 
 
-def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool) -> list[chain_dp.BlockOption]:
+def op_level_work(graph: CostGraph, blk: int) -> int:
+    """What the op-level programs of one block menu cost, in (free values)²: the program has a
+    variable per value and moment of the block's backward."""
+    return sum(not graph.is_forced[i] for i in graph.block_members[blk]) ** 2
+
+
+def op_level_blocks(graph: CostGraph, sigs: Sequence[tuple] | None = None) -> set[int]:
+    """The blocks whose menus come from the op-level program (the others get ladder menus only).
+
+    Programs are spent where they serve most: blocks whose signature repeats first (one menu
+    serves every identical layer), then the smaller ones, while the total stays within
+    `MILP_MENU_WORK`. So a transformer's layer gets exact menus, and neither a chain of hundreds
+    of distinct blocks nor one block of thousands of values builds a program it cannot afford
+    (the program would have more variables than `milp.MAX_VARIABLES`).
+    """
+    sigs = sigs if sigs is not None else [chain_dp.block_signature(graph, b) for b in range(graph.num_blocks)]
+    count = Counter(sigs)
+    first = {}
+    for blk, sig in enumerate(sigs):
+        first.setdefault(sig, blk)
+    spent, chosen = 0, set()
+    for blk in sorted(first.values(), key=lambda b: (-count[sigs[b]], op_level_work(graph, b), b)):
+        work = op_level_work(graph, blk)
+        if spent + work <= MILP_MENU_WORK:
+            chosen.add(blk)
+            spent += work
+    return chosen
+
+
+def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool, exact: bool = True) -> list[chain_dp.BlockOption]:
     free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
     candidates: dict[tuple, str] = {}
 
@@ -193,7 +244,13 @@ def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool) -> 
     lo = min(o.kept_bytes for o in measured)
     hi = max(o.kept_bytes for o in measured)
     min_local = min(o.local_peak for o in measured)
-    if free and hi > lo:
+    free_set = set(free)
+    for codes, label in ladder.ladder(graph, range(blk, blk + 1), costs.recompute, free_set.__contains__):
+        k = tuple(sorted(codes.items()))
+        if k not in candidates:
+            candidates[k] = label
+            measured.append(_measure(graph, blk, codes, costs, label))
+    if free and hi > lo and exact:
         # The block's program runs on its window (the block and its neighbours), which has the
         # same local memory as the whole graph (see chain_dp.window) and is much smaller.
         win = chain_dp.window(graph, blk)
@@ -201,7 +258,6 @@ def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool) -> 
         back = {j: i for i, j in win.index_map.items()}
         sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
         sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
-        free_set = set(free)
 
         def solve_block(cap: int, local_limit: int | None) -> chain_dp.BlockOption | None:
             res = solve_milp(
@@ -380,6 +436,11 @@ def smallest_activation_bytes(
     return chain_dp.min_peak(_dp_options(graph, costs, offload, (max_segment_blocks, frozenset(fixed_blocks))))
 
 
+def _offload_all(graph: CostGraph, costs: Costs, blk: int) -> list[chain_dp.BlockOption]:
+    residuals = {i: _OFFLOAD for i in graph.block_members[blk] if graph.is_residual[i] and not graph.is_forced[i]}
+    return [_measure(graph, blk, residuals, costs, "offload all")] if residuals else []
+
+
 def _infeasible(
     graph: CostGraph, parsed: Budget, raw: object, costs: Costs, offload: bool, baseline: int,
     spans: tuple[int, frozenset[str]],
@@ -393,8 +454,14 @@ def _infeasible(
     else:
         need = f"{format_bytes(smallest_total)} ({smallest_total} bytes)"
     hint = "raise it"
-    if not offload and chain_dp.min_peak(_dp_options(graph, costs, True, spans)) < smallest:
+    options = _dp_options(graph, costs, offload, spans)
+    # The hints are checked on cheap options only (every block offloaded; segments where the
+    # chain repeats, so their options are shared): on hundreds of distinct blocks a full check
+    # would cost more than the plan itself. What is not checked is said as a possibility.
+    if not offload and chain_dp.min_peak([m + _offload_all(graph, costs, b) for b, m in enumerate(options)]) < smallest:
         hint += " or pass offload=True"
+    elif max_span == 1 and len(set(chain_dp.block_signature(graph, b) for b in range(graph.num_blocks))) > 16:
+        hint += ", let segments span blocks (max_segment_blocks=4 or more), which may go lower"
     elif max_span == 1 and chain_dp.min_peak(_dp_options(graph, costs, offload, (4, fixed))) < smallest:
         hint += " or let segments span blocks (max_segment_blocks=4)"
     else:
