@@ -81,6 +81,24 @@ def parse_budget(budget: object, *, argument: str = "budget") -> Budget:
     raise ValueError(f"{argument}={budget!r} has type {type(budget).__name__}; pass {_ALLOWED}.")
 
 
+def smallest_budget_text(budget: object, *, fraction: float, num_bytes: int) -> str:
+    """The smallest feasible budget in the unit `budget` was given in, rounded up so that passing
+    it back is feasible: a fraction (`0.731`), a percentage (`'73.1%'`), an int of bytes, or a
+    size string in the user's unit (`'33.32MiB'`), with the exact byte count beside a size."""
+    parsed = parse_budget(budget)
+    if parsed.kind == "fraction":
+        if isinstance(budget, str):
+            return f"'{math.ceil(fraction * 1000) / 10:g}%'"
+        return f"{math.ceil(fraction * 1000) / 1000:g}"
+    num_bytes = int(math.ceil(num_bytes))
+    if isinstance(budget, str):
+        unit = _BYTES_RE.match(budget.strip()).group(2)
+        amount = num_bytes / _UNITS[unit.lower()]
+        digits = max(2, 3 - math.floor(math.log10(amount))) if amount > 0 else 2  # four significant digits
+        return f"'{math.ceil(amount * 10**digits) / 10**digits:g}{unit}' ({num_bytes} bytes)"
+    return f"{num_bytes} ({format_bytes(num_bytes)})"
+
+
 def format_bytes(num_bytes: float) -> str:
     sign = "-" if num_bytes < 0 else ""
     num_bytes = abs(num_bytes)

@@ -19,6 +19,7 @@ from remat_kit._jax._graph import Traced, build
 from remat_kit._jax._ir import trace
 from remat_kit._jax._planner import choose
 from remat_kit._jax._rules import Tracer
+from remat_kit._jax._sharding import divisor, input_shardings
 from remat_kit._jax._verify import at_floor, can_verify, verified
 
 _ATTR = "__remat_kit_auto__"
@@ -60,9 +61,10 @@ class Planner:
             return f(*a, **kw)
 
         dyn_vals = [leaves[i] for i in dyn]
+        shardings = input_shardings(dyn_vals)  # per device: the plan, a byte budget and the measure
         fn, out_tree = trace(flat_f, *dyn_vals)
-        divisors = {vid: d for vid, x in zip(fn.invars, dyn_vals) if (d := _divisor(x)) > 1}
-        key = (treedef, static, tuple(_signature(x) for x in dyn_vals), tuple(roles))
+        divisors = {vid: d for vid, x, s in zip(fn.invars, dyn_vals, shardings) if (d := divisor(s, jax.typeof(x).shape)) > 1}
+        key = (treedef, static, tuple(_signature(x, s) for x, s in zip(dyn_vals, shardings)), tuple(roles))
         traced = build(fn, out_tree, roles, divisors)
         plan = self.cache.get(key)
         if plan is None:
@@ -78,10 +80,14 @@ class Planner:
                     floor = at_floor(replan, below)
                 except InfeasibleBudgetError:
                     raise below from None
-                plan = verified(traced, floor, self.budget, replan, dyn_vals, below_floor=below)
+                plan = verified(traced, floor, self.budget, replan, dyn_vals, below_floor=below, shardings=shardings)
             else:
-                if measurable and plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD):
-                    plan = verified(traced, plan, self.budget, self._replan(traced), dyn_vals, layer=not _is_stack(traced))
+                # A byte budget is checked even on a plan that keeps everything: the model's
+                # no-remat figure is not the compiled step's (XLA adds buffers of its own).
+                saves = plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD)
+                if measurable and (saves or parse_budget(self.budget).kind == "bytes"):
+                    plan = verified(traced, plan, self.budget, self._replan(traced), dyn_vals, layer=not _is_stack(traced),
+                                    shardings=shardings)
             self.cache[key] = plan
         return Entry(traced=traced, plan=plan, decisions=plan.as_dict(), segments=plan.segments), dyn_vals
 
@@ -116,22 +122,10 @@ def _static_key(x: Any) -> Any:
         return ("id", id(x))
 
 
-def _signature(x: Any) -> tuple:
+def _signature(x: Any, sharding: Any) -> tuple:
+    """Shape, dtype and per-device layout: one plan per sharding, since bytes are per device."""
     aval = jax.typeof(x)
-    sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) and not isinstance(x, Tracer) else None
     return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)), sharding)
-
-
-def _divisor(x: Any) -> int:
-    """How many devices share an input: from a concrete array's sharding, or an explicit-mode aval's."""
-    try:
-        sharding = x.sharding if not isinstance(x, Tracer) else jax.typeof(x).sharding
-        shape = tuple(x.shape)
-        shard = sharding.shard_shape(shape)
-        total, part = int(np.prod(shape)), int(np.prod(shard))
-        return max(1, total // max(part, 1))
-    except Exception:  # no sharding information (a tracer under automatic sharding): count it whole
-        return 1
 
 
 # -- targets -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 from remat_kit._core.graph import CostGraph, OpKind, Role, value
 from remat_kit._jax._ir import FlatFn, Lit, op_names
 from remat_kit._jax._rules import backward_reads, eqn_flops, is_float, nbytes, op_kind
+from remat_kit._jax._sharding import divisors as stated_divisors
 
 
 @dataclasses.dataclass
@@ -101,8 +102,7 @@ class _Emitter:
 
 def build(fn: FlatFn, out_tree: Any, roles: list[Role], divisors: dict[int, int] | None = None) -> Traced:
     """The cost graph of `fn`; `roles[i]` says whether invar i is a parameter or an input."""
-    divisors = dict(divisors or {})
-    _propagate_constraints(fn, divisors)
+    divisors = {**(divisors or {}), **stated_divisors(fn)}
     em = _Emitter(divisors)
     env: dict[int, str | None] = {vid: None for vid in fn.consts}
     for i, (vid, role) in enumerate(zip(fn.invars, roles)):
@@ -165,7 +165,12 @@ def _emit_scan(em: _Emitter, op: Any, base: str, env: dict, block_names: list[st
     ys: list[list[str | None]] = [[] for _ in range(len(op.outs) - ncarry)]
     info = ScanInfo(body_names=body_names, blocks=[], iter_names=[])
     order = range(length - 1, -1, -1) if p.get("reverse") else range(length)
+    # The body numbers its variables on its own: its split factors live in a dict of their own,
+    # seeded from the operands' (a carry's from the previous iteration's output).
+    outer_div, body_div = em.div, stated_divisors(body)
+    in_div = [1 if isinstance(a, Lit) else outer_div.get(a, 1) for a in op.ins]
     for it in order:
+        em.div = {**dict(zip(body.invars, in_div)), **body_div}
         blk = len(block_names)
         block_names.append(f"{base}[{it}]")
         benv: dict[int, str | None] = {vid: None for vid in body.consts}
@@ -179,11 +184,16 @@ def _emit_scan(em: _Emitter, op: Any, base: str, env: dict, block_names: list[st
                 if n is not None:
                     names[(m, j)] = n
         res = [None if isinstance(a, Lit) else benv[a] for a in body.outvars]
+        out_div = [1 if isinstance(a, Lit) else em.div.get(a, 1) for a in body.outvars]
+        in_div[nc:nc + ncarry] = out_div[:ncarry]
         carry = res[:ncarry]
         for j, n in enumerate(res[ncarry:]):
             ys[j].append(n)
         info.blocks.append(blk)
         info.iter_names.append(names)
+    em.div = outer_div
+    for vid, d in zip(op.outs, out_div):
+        em.div.setdefault(vid, d)
     for vid, n in zip(op.outs[:ncarry], carry):
         env[vid] = n
     for j, vid in enumerate(op.outs[ncarry:]):
@@ -266,24 +276,3 @@ def _mark_attention(rows: list[dict]) -> None:
         for r in members:
             if r.get("act_act") or (r["name"] in after and r["name"] in before and r["kind"] is not OpKind.VIEW):
                 r["kind"] = OpKind.ATTENTION if r["kind"] is not OpKind.RNG else OpKind.RNG
-
-
-def _propagate_constraints(fn: FlatFn, divisors: dict[int, int]) -> None:
-    """Per-device split factors from `with_sharding_constraint` ops (their sharding is concrete)."""
-    for op in fn.ops:
-        if op.prim == "sharding_constraint":
-            sharding = op.eqn.params.get("sharding")
-            aval = fn.avals[op.outs[0]]
-            try:
-                shard = sharding.shard_shape(tuple(aval.shape))
-                total, part = max(1, int(_prod(aval.shape))), max(1, int(_prod(shard)))
-                divisors[op.outs[0]] = max(1, total // part)
-            except Exception:  # an abstract or unspecified sharding: leave the value whole
-                pass
-
-
-def _prod(shape: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

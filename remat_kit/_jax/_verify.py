@@ -6,22 +6,22 @@ is smaller than the model's, and a plan that recomputes only cheap elementwise v
 nothing (measured: a plan predicted at 50% of no remat compiled to 72% on an unrolled MLP).
 The budget contract is on real memory, so on the first call for each input signature `auto`
 compiles the forward+backward with no remat and with the plan (`memory_analysis()
-.temp_size_in_bytes`), and while the measured fraction is over the budget re-plans against a
-proportionally smaller model target (a few rounds). On an unrolled chain, if no plan fits after
-those rounds, it tries coarser segmentations (the model's least-memory plan with segments up to
-the whole chain, then √n-style uniform segments) and keeps the cheapest that fits; on scanned
-layers, the least-memory plan for each number of layers per loop step (`_regrouped`). If still no
-plan fits, it keeps the smallest measured and warns with predicted and measured figures (a
-RuntimeWarning, never silently). A budget below the model's floor is not refused on the model's
-word alone: the floor plan and the coarser ones are compiled, and the cheapest that fits is kept
-(the tiny zoo MLP: the model's floor is 0.205 of no remat, groups of layers compile to 0.127).
+.temp_size_in_bytes`; SPMD-partitioned with the arguments' shardings, so one device's temp),
+and while the measured fraction is over the budget re-plans against a proportionally smaller
+model target (a few rounds). If none of those fits, it measures the model's least-memory plans:
+the floor, on an unrolled chain coarser segmentations (segments up to the whole chain, then
+√n-style uniform segments), on scanned layers the floor for each number of layers per loop step
+(`_regrouped`), and keeps the cheapest that fits. If still none fits, `InfeasibleBudgetError`
+names the smallest of those measured, in the user's unit: never a step over the budget. A budget
+below the model's floor is not refused on the model's word alone: the floor plan and the coarser
+ones are compiled, and the cheapest that fits is kept (the tiny zoo MLP: the model's floor is
+0.205 of no remat, groups of layers compile to 0.127).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from remat_kit._core import presets
-from remat_kit._core.budget import format_bytes, parse_budget
+from remat_kit._core.budget import format_bytes, parse_budget, smallest_budget_text
+from remat_kit._core.graph import Role
 from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import simulate
 from remat_kit._core.solve import InfeasibleBudgetError
@@ -37,11 +38,12 @@ from remat_kit._jax._apply import run_planned
 from remat_kit._jax._graph import Traced
 from remat_kit._jax._ir import Lit
 from remat_kit._jax._planner import scan_groups
-from remat_kit._jax._rules import Tracer, is_float
+from remat_kit._jax._rules import Tracer, is_float, nbytes
+from remat_kit._jax._sharding import divisor, input_shardings, spec
 
 MAX_ROUNDS = 3
 SHRINK = 0.97
-_NONE_CACHE: dict = {}  # (graph fingerprint, input specs) -> compiled no-remat temp bytes  # aim a little under the measured ratio: XLA's savings are not exactly proportional
+_NONE_CACHE: dict = {}  # (layer, graph fingerprint, input specs) -> (no-remat temp bytes, constant bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,30 +57,56 @@ class Measured:
 
 
 def vjp_step(traced: Traced, decisions: dict, *, segments: Sequence[Sequence[str]] = (), unroll: bool = False) -> Callable:
-    """One forward+backward of the traced function under `decisions` (ones as output cotangents)."""
+    """One forward+backward of the traced function under `decisions` (ones as output cotangents),
+    differentiated, as a training step is, with respect to the parameters alone where it has
+    any: an input's cotangent is one more buffer the user's `jax.grad(loss)` never makes (one
+    batch-sized temp buffer more or less, 2.5% of no remat on a data-parallel MLP)."""
+    wrt = [i for i, n in enumerate(traced.fn.invars) if traced.graph.values[traced.graph.index(f"arg{i}")].role is Role.PARAM]
 
     def fwd(*vals):
         return run_planned(traced, decisions, vals, segments=segments, unroll_scans=unroll)
 
     def step(*vals):
-        out, vjp = jax.vjp(fwd, *vals)
+        if not wrt:
+            out, vjp = jax.vjp(fwd, *vals)
+        else:
+            def of_params(*params):
+                full = list(vals)
+                for i, v in zip(wrt, params):
+                    full[i] = v
+                return fwd(*full)
+
+            out, vjp = jax.vjp(of_params, *[vals[i] for i in wrt])
         cts = [jnp.ones_like(o) if is_float(o) else np.zeros(o.shape, jax.dtypes.float0) for o in out]
         return vjp(cts)
 
     return step
 
 
-def specs_of(vals: Sequence[Any]) -> list[Any]:
-    out = []
-    for x in vals:
-        sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) and not isinstance(x, Tracer) else None
-        out.append(jax.ShapeDtypeStruct(jnp.shape(x), jax.typeof(x).dtype, sharding=sharding))
-    return out
+def specs_of(vals: Sequence[Any], shardings: Sequence[Any] | None = None) -> list[Any]:
+    """Abstract arguments for a measured compile; with `shardings` (`_sharding.input_shardings`)
+    the compiled step is SPMD-partitioned and its temp is one device's."""
+    shardings = input_shardings(vals) if shardings is None else shardings
+    return [spec(x, s) for x, s in zip(vals, shardings)]
 
 
 def temp_bytes(traced: Traced, decisions: dict, specs: Sequence[Any], *, segments: Sequence[Sequence[str]] = ()) -> int:
     compiled = jax.jit(vjp_step(traced, decisions, segments=segments)).lower(*specs).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def step_figures(traced: Traced, specs: Sequence[Any]) -> tuple[int, int]:
+    """No remat's compiled temp, and the bytes one device holds of the parameters, their gradients
+    and the inputs, as the SPMD-partitioned step lays them out: a gradient's layout is the
+    partitioner's choice (FSDP parameters' gradients may come out whole), not its parameter's."""
+    compiled = jax.jit(vjp_step(traced, {})).lower(*specs).compile()
+    graph = traced.graph
+    params = [i for i in range(len(specs)) if graph.values[graph.index(f"arg{i}")].role is Role.PARAM]
+    held = sum(nbytes(s) // divisor(s.sharding, s.shape) for s in specs)
+    for i, out in zip(params, jax.tree_util.tree_leaves(compiled.output_shardings)):
+        if is_float(specs[i]):
+            held += nbytes(specs[i]) // divisor(out, specs[i].shape)
+    return int(compiled.memory_analysis().temp_size_in_bytes), held
 
 
 def can_verify(traced: Traced) -> bool:
@@ -87,13 +115,14 @@ def can_verify(traced: Traced) -> bool:
 
 
 def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., Plan], dyn_vals: Sequence[Any],
-             *, layer: bool = False, below_floor: InfeasibleBudgetError | None = None) -> Plan:
+             *, layer: bool = False, below_floor: InfeasibleBudgetError | None = None,
+             shardings: Sequence[Any] | None = None) -> Plan:
     """`plan`, or a tighter one, whose compiled memory fits the budget (see the module doc).
 
     `below_floor`: the budget is below the cost model's floor (this error) and `plan` is the
     model's least-memory plan. XLA often compiles less than the model predicts, so the floor and
-    the coarser plans are measured; if none fits, `below_floor` is raised with the measured
-    figures (not a warning: nothing was asked for that fits).
+    the coarser plans are measured; if none fits, the error names the measured figures and quotes
+    `below_floor`. `shardings`: the arguments' (`_sharding.input_shardings`), for a per-device measure.
 
     For a whole model the measure is the step's temp memory. For one layer (`layer=True`) it is
     what one more call adds: temp of the layer chained three times minus twice, the steady
@@ -101,7 +130,7 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
     scan_group=None)` re-solves against a model target.
     """
     parsed = parse_budget(budget)
-    specs = specs_of(dyn_vals)
+    specs = specs_of(dyn_vals, shardings)
     if layer:
         carry = _carry_position(traced)
         if carry is None or parsed.kind != "fraction":
@@ -120,9 +149,11 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
             return p.activation_fraction
     key = (layer, traced.graph.fingerprint(), tuple((s.shape, str(s.dtype), s.sharding) for s in specs))
     if key not in _NONE_CACHE:  # several budgets on one model compile no remat once
-        _NONE_CACHE[key] = measure(Plan.from_decisions(traced.graph, {}))
-    none = _NONE_CACHE[key]
-    goal = parsed.value * none if parsed.kind == "fraction" else parsed.value - traced.graph.constant_bytes
+        none_plan = Plan.from_decisions(traced.graph, {})
+        sharded = not layer and any(s is not None for s in (shardings or ()))
+        _NONE_CACHE[key] = step_figures(traced, specs) if sharded else (measure(none_plan), traced.graph.constant_bytes)
+    none, constant_bytes = _NONE_CACHE[key]
+    goal = parsed.value * none if parsed.kind == "fraction" else parsed.value - constant_bytes
     tried: dict[tuple, int] = {}  # (decisions, segments) -> measured temp bytes
 
     def measured_of(p: Plan) -> int:
@@ -131,14 +162,11 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
             tried[k] = measure(p)
         return tried[k]
 
-    best: tuple[int, Plan] | None = None  # smallest measured
     fitting: Plan | None = None  # least recompute among plans that fit
     lo, hi = 0.0, model_fraction(plan)  # model targets known to fit / known to miss
     current, tried_floor = plan, False
     for _ in range(MAX_ROUNDS):
         measured = measured_of(current)
-        if best is None or measured < best[0]:
-            best = (measured, current)
         if measured <= goal:
             if fitting is None or current.predicted_recompute_seconds < fitting.predicted_recompute_seconds:
                 fitting = current
@@ -150,6 +178,8 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
             hi = min(hi, model_fraction(current))
             proportional = model_fraction(current) * goal / max(measured, 1) * SHRINK
             target = proportional if lo == 0.0 else (lo + hi) / 2
+            if target <= 0:  # a byte budget below the parameters and inputs alone: nothing fits
+                break
         try:
             nxt = replan(target)
         except InfeasibleBudgetError as e:  # below the model's floor: try the floor itself once
@@ -160,34 +190,46 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
         if (nxt.decisions, nxt.segments) == (current.decisions, current.segments):
             break
         current = nxt
-    if fitting is None and not layer and (_segmentable(traced) or _groupable(traced)):
-        for candidate in (_coarser(traced, replan) if _segmentable(traced) else _regrouped(traced, replan)):
+    floors: list[int] = []  # measured least-memory plans: a budget at their smallest finds one again
+    if fitting is None and not layer:
+        for candidate in _floor_plans(traced, replan):
             measured = measured_of(candidate)
-            if best is None or measured < best[0]:
-                best = (measured, candidate)
+            floors.append(measured)
             if measured <= goal and (fitting is None or candidate.predicted_recompute_seconds < fitting.predicted_recompute_seconds):
                 fitting = candidate
     if fitting is not None:
         return dataclasses.replace(fitting, budget=str(parsed))
-    measured, kept = best
-    if below_floor is not None:
-        fraction = measured / max(none, 1)
-        need = (f"{math.ceil(fraction * 1000) / 1000:g}" if parsed.kind == "fraction"
-                else format_bytes(measured + traced.graph.constant_bytes))
-        raise InfeasibleBudgetError(
-            f"budget={budget!r} is below the smallest feasible budget {need} as compiled: the smallest of "
-            f"{len(tried)} plans tried measures {fraction:.1%} of no remat ({format_bytes(measured)} of "
-            f"{format_bytes(none)} temp, goal {format_bytes(max(goal, 0))}). The cost model alone said: {below_floor}",
-            smallest_fraction=fraction, smallest_bytes=measured + traced.graph.constant_bytes,
-        )
-    warnings.warn(
-        f"remat_kit.auto(budget={budget!r}): no plan found whose compiled step fits: predicted "
-        f"{model_fraction(kept):.1%} of no-remat activation memory, measured {measured / max(none, 1):.1%} "
-        f"({format_bytes(measured)} of {format_bytes(none)} temp, goal {format_bytes(max(goal, 0))}). "
-        "Keeping the smallest; raise the budget or pass offload=True.",
-        RuntimeWarning, stacklevel=4,
+    raise _infeasible(budget, min(floors or tried.values()), none, constant_bytes, len(tried), below_floor)
+
+
+def _infeasible(budget: object, smallest: int, none: int, constant_bytes: int, num_tried: int,
+                below_floor: InfeasibleBudgetError | None) -> InfeasibleBudgetError:
+    """No plan's compiled step fits: the error names the least measured plan's figure in the
+    user's unit (a byte budget is the whole step on one device: temp plus parameters, their
+    gradients and the inputs)."""
+    fraction = smallest / max(none, 1)
+    smallest_bytes = smallest + constant_bytes
+    need = smallest_budget_text(budget, fraction=fraction, num_bytes=smallest_bytes)
+    model = f" The cost model alone said: {below_floor}" if below_floor is not None else ""
+    return InfeasibleBudgetError(
+        f"budget={budget!r} is below the smallest feasible budget {need} as compiled (per device): the "
+        f"least-memory plan of {num_tried} tried measures {fraction:.1%} of no remat's temp "
+        f"({format_bytes(smallest)} of {format_bytes(none)}; parameters, their gradients and the inputs take "
+        f"{format_bytes(constant_bytes)} more); raise it or pass offload=True.{model}",
+        smallest_fraction=fraction, smallest_bytes=smallest_bytes,
     )
-    return kept
+
+
+def _floor_plans(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
+    """The model's least-memory plan, then the coarser ones XLA may compile smaller (see the
+    module doc); measured when no plan the rounds tried fits."""
+    floor = _least_memory(replan)
+    out = [] if floor is None else [floor]
+    if _segmentable(traced):
+        out += _coarser(traced, replan)
+    elif _groupable(traced):
+        out += _regrouped(traced, replan)
+    return out
 
 
 def _segmentable(traced: Traced) -> bool:
