@@ -56,6 +56,7 @@ class _State:
     restore_use_cache: list[Any] = dataclasses.field(default_factory=list)  # configs whose use_cache auto turned off
     wrapped_blocks: dict[str, tuple[torch.nn.Module, Any]] = dataclasses.field(default_factory=dict)
     segment: SegmentRun | None = None  # the multi-layer checkpoint region the forward is inside
+    per_call: bool = False  # an instance of a decorated layer class: see _solve_one_region
 
 
 # -- planning ---------------------------------------------------------------------------------
@@ -122,11 +123,21 @@ def _infeasible(module: torch.nn.Module, budget: object, tg: TorchGraph, offload
     default: every layer recomputed)."""
     floor = _floor(tg)
     held = autocast_cast_bytes(tg.graph)  # in both figures, as in solve_torch's limit
-    baseline = floor.baseline_activation_bytes + held
+    baseline = tg.baseline_bytes + held
     least = (floor.predicted_activation_bytes if smallest is None else min(smallest, floor.predicted_activation_bytes)) + held
     fraction = least / baseline if baseline else 1.0
     pinned = sum(tg.graph[n].num_bytes for n in tg.pinned if tg.graph.is_residual[tg.graph.index(n)])
     need = math.ceil(fraction * 1000) / 1000
+    if len(tg.segments) == 1 and tg.segments[0].module is not None:
+        return InfeasibleBudgetError(
+            f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__} at this "
+            f"input: {format_bytes(least)} of activations ({fraction:.1%} of no remat). remat_kit found no layers to "
+            "checkpoint apart (no ModuleList / Sequential of layers, no submodules called once each in order), so "
+            "the whole forward is one region, and its recompute runs at the start of its own backward, next to "
+            f"what that backward needs. Raise the budget to at least {need:g}, or hold the layers in an "
+            "nn.ModuleList (or decorate the layer class: then the budget bounds what each call keeps).",
+            smallest_fraction=fraction, smallest_bytes=least + tg.graph.constant_bytes,
+        )
     return InfeasibleBudgetError(
         f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__} at this "
         f"input: {format_bytes(least)} of activations ({fraction:.1%} of no remat) with every layer recomputed"
@@ -172,15 +183,19 @@ SAFETY_MARGIN = 0.02
 
 
 def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: object, *, offload: bool,
-                solver: str | None) -> Plan:
-    """The least-recompute plan that fits `budget` and that the replay modes run exactly."""
+                solver: str | None, per_call: bool = False) -> Plan:
+    """The least-recompute plan that fits `budget` and that the replay modes run exactly.
+
+    The budget bounds the step's activation peak, whatever layers were found; only for one
+    decorated layer class (`per_call`) planned as one region does it bound the kept bytes."""
     parsed = parse_budget(budget)
     graph = tg.graph
     if parsed.kind == "fraction" and parsed.value >= 1.0:
         return Plan.from_decisions(graph, {}, budget=str(parsed), solver="none")
-    if len(tg.segments) == 1 and tg.segments[0].module is not None:
+    one_region = len(tg.segments) == 1 and tg.segments[0].module is not None
+    if one_region and per_call:
         return _solve_one_region(module, tg, prof, parsed, budget, offload)
-    baseline = simulate(graph).activation_bytes
+    baseline = tg.baseline_bytes
     limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
     held = autocast_cast_bytes(graph)
     if parsed.kind == "fraction" and held:
@@ -198,11 +213,15 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
         if span > 1:
             floor = min(floor, smallest_activation_bytes(tg.solver_graph, offload=offload, max_segment_blocks=span,
                                                          fixed_blocks=fixed_blocks))
+    if one_region:
+        # Its recompute runs at the start of its own backward: the floor is the least peak of
+        # any plan, not that of recomputing everything (about no remat's own peak).
+        floor = min(floor, smallest_activation_bytes(tg.solver_graph, offload=offload))
     # Aim under the budget by the margin, but never under the least reachable (which is feasible).
     aim = min(limit, max(limit - int(SAFETY_MARGIN * baseline), floor))
 
     def infeasible() -> ValueError:
-        return _infeasible(module, budget, tg, offload, floor if span > 1 else None)
+        return _infeasible(module, budget, tg, offload, floor if span > 1 or one_region else None)
 
     for _ in range(6):
         try:
@@ -221,11 +240,10 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
                 continue
             raise infeasible()
         if fixed.predicted_activation_bytes <= limit:
-            if not held:
-                return fixed
-            # Its predictions then speak of what is measured: the casts in both figures.
+            # Its predictions then speak of what is measured: the casts in both figures; no
+            # remat's figure is the one the budget was taken of (see TorchGraph.baseline_bytes).
             return dataclasses.replace(fixed, predicted_activation_bytes=fixed.predicted_activation_bytes + held,
-                                       baseline_activation_bytes=fixed.baseline_activation_bytes + held)
+                                       baseline_activation_bytes=tg.baseline_bytes + held)
         # The adjustments for torch pushed the plan over: ask the solver for a little less.
         aim -= fixed.predicted_activation_bytes - limit + max(1, limit // 50)
     raise infeasible()
@@ -266,11 +284,12 @@ def _solve_one_region(module: torch.nn.Module, tg: TorchGraph, prof: Profile, pa
 
 
 def compile_plan(module: torch.nn.Module, args: tuple, kwargs: dict, budget: object, *, offload: bool = False,
-                 solver: str | None = None, call: Any = None, mode: str = "replicate") -> Compiled:
+                 solver: str | None = None, call: Any = None, mode: str = "replicate",
+                 per_call: bool = False) -> Compiled:
     """Profile `module` on these inputs (through `call`, default the module itself) and plan it."""
     prof = _profile(module, args, kwargs, call, mode)
-    tg = build_graph(prof, segment(module, prof))
-    plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver)
+    tg = build_graph(prof, segment(module, prof, whole_model=not per_call))
+    plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver, per_call=per_call)
     return Compiled(plan, tg, prof, regions(tg, plan, prof), signature(module, args, kwargs))
 
 
@@ -332,7 +351,7 @@ def _plan_for(module: torch.nn.Module, state: _State, original: Any, args: tuple
         state.profiling = True  # the profile calls the module (its hooks run); our forward passes through
         try:
             compiled = compile_plan(module, args, kwargs, state.budget, offload=state.offload, solver=state.solver,
-                                    mode=mode)
+                                    mode=mode, per_call=state.per_call)
         finally:
             state.profiling = False
         state.plans[key] = compiled
@@ -457,6 +476,7 @@ def _decorate_class(cls: type, budget: object, offload: bool, solver: str | None
         original_init(self, *args, **kwargs)
         if type(self) is cls or not hasattr(self, _STATE):
             auto(self, budget, offload=offload, solver=solver)
+            getattr(self, _STATE).per_call = True  # one layer of a caller's stack: see _solve_one_region
 
     cls.__init__ = __init__
     setattr(cls, _CLASS, original_init)

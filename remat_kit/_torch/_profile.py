@@ -107,6 +107,10 @@ class Profile:
     fake: bool = True  # profiled under FakeTensorMode (False: with real tensors)
     replicated_from: int = 0  # >0: built from a profile of this many layers (see _replicate.py)
     real_prologue: bool = False  # the code before the layers ran on real tensors (_FakeFromFirstLayer)
+    # module path -> activations its forward returned, found through pytrees and object attributes
+    # (x-transformers' attention returns an Intermediates dataclass holding k, v and the attention
+    # maps); the caller may hold them past their last op (see _graph.build_graph)
+    returned: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 class _Recorder(TorchDispatchMode):
@@ -131,6 +135,7 @@ class _Recorder(TorchDispatchMode):
         self.value_op: dict[str, int] = {}
         self.creator: dict[int, int] = {}  # storage key -> index of the op that allocated it
         self.num_consts = 0
+        self.returned: dict[str, tuple[str, ...]] = {}
 
     # -- external tensors: parameters, buffers, inputs -----------------------------------
     def register(self, t: torch.Tensor, name: str, role: Role) -> None:
@@ -279,6 +284,8 @@ def _module_hooks(root: torch.nn.Module, rec: _Recorder, calls: dict[str, int], 
         def post(_m, _a, _o, path=path):
             if rec.stack and rec.stack[-1] == path:
                 rec.stack.pop()
+            names = (rec.owner.get(storage_key(t)) for t in reachable_tensors(_o))
+            rec.returned[path] = tuple(dict.fromkeys(n for n in names if n in rec.value_op))
 
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post, always_call=True))
@@ -311,6 +318,17 @@ def _module_hooks(root: torch.nn.Module, rec: _Recorder, calls: dict[str, int], 
                 mod.__dict__.pop("forward", None)
             else:
                 mod.forward = previous
+
+
+def reachable_tensors(obj: Any, depth: int = 3) -> list[torch.Tensor]:
+    """Tensors in `obj`: its pytree leaves, and the attributes of plain objects among them."""
+    found = []
+    for leaf in tree_flatten(obj)[0]:
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif depth and hasattr(leaf, "__dict__") and not isinstance(leaf, (torch.nn.Module, type)):
+            found.extend(reachable_tensors(list(vars(leaf).values()), depth - 1))
+    return found
 
 
 def register_state(rec: _Recorder, root: torch.nn.Module) -> None:
@@ -417,7 +435,7 @@ def _profile_once(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: boo
     # Autocast caches parameter casts per region; the ones made here are fake tensors.
     torch.clear_autocast_cache()
     return Profile(ops=rec.ops, values=values, value_op=rec.value_op,
-                   mutated_later=rec.mutated_later, module_calls=calls,
+                   mutated_later=rec.mutated_later, module_calls=calls, returned=rec.returned,
                    fake=fake and (late is None or late.switched),  # never switched: it all ran for real
                    real_prologue=late is not None and late.switched)
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from remat_kit._core.graph import Value
-from remat_kit._torch._graph import _candidates, _owner_segments
+from remat_kit._torch._graph import _candidates, _owner_segments, candidate_layers
 from remat_kit._torch._profile import AUTOCAST_TAG, OpRecord, Profile, profile, state_values
 
 MIN_LAYERS = 8  # below this the saving is small next to the solve
@@ -60,7 +60,7 @@ def profile_replicated(root: torch.nn.Module, args: tuple, kwargs: dict, *, call
 
 
 def _layer_paths(root: torch.nn.Module) -> list[str]:
-    return [c for _, children in _candidates(root) for c in children]
+    return candidate_layers(root)
 
 
 def _identical_container(root: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
@@ -69,6 +69,10 @@ def _identical_container(root: torch.nn.Module) -> tuple[str, torch.nn.Module] |
     for path, _ in _candidates(root):
         container = root.get_submodule(path) if path else root
         if len(container) < MIN_LAYERS or (best is not None and len(container) <= len(best[1])):
+            continue
+        # The cut container holds four of its entries in place: every entry must be a layer
+        # (x-transformers' lists hold None entries; a None would be cut in as a layer).
+        if any(m is None for m in container._modules.values()):
             continue
         if _alike([_describe(m) for m in container]):
             best = (path, container)
@@ -271,9 +275,11 @@ def _expand(small: Profile, root: torch.nn.Module, prefix: str, names: list[str]
     mutated = {ren(name) for name in small.mutated_later for ren in spread(name)}
     calls = {ren.path(path): count for path, count in small.module_calls.items()  # type: ignore[attr-defined]
              for ren in spread(path)}
+    returned = {ren.path(path): tuple(ren(n) for n in names)  # type: ignore[attr-defined]
+                for path, names in small.returned.items() for ren in spread(path)}
     value_op = {o: op.index for op in ops for o in op.outputs if o is not None}
     return Profile(ops=ops, values=state_values(root) + head + values, value_op=value_op, mutated_later=mutated,
-                   module_calls=calls, fake=small.fake, replicated_from=_PROFILED, real_prologue=small.real_prologue)
+                   module_calls=calls, returned=returned, fake=small.fake, replicated_from=_PROFILED, real_prologue=small.real_prologue)
 
 
 def _mutated(small: Profile, prefix: str, k: int) -> set[str]:
