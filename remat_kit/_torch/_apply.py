@@ -25,7 +25,7 @@ from remat_kit._core.graph import CostGraph, DeviceSpec
 from remat_kit._core.solve import (Costs, InfeasibleBudgetError, block_menus, segment_cap, smallest_activation_bytes,
                                    solve)
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
-from remat_kit._torch._profile import AUTOCAST_TAG, Profile, profile
+from remat_kit._torch._profile import AUTOCAST_TAG, Profile, profile, user_tools_paused
 from remat_kit._torch._replicate import profile_replicated
 from remat_kit._torch._replay import OpSequenceError, Region, SegmentRun, decisions_for_torch, regions, run_region
 
@@ -348,10 +348,15 @@ def _plan_for(module: torch.nn.Module, state: _State, original: Any, args: tuple
     key = signature(module, args, kwargs)
     compiled = state.plans.get(key)
     if compiled is None:
-        state.profiling = True  # the profile calls the module (its hooks run); our forward passes through
+        state.profiling = True
         try:
-            compiled = compile_plan(module, args, kwargs, state.budget, offload=state.offload, solver=state.solver,
-                                    mode=mode, per_call=state.per_call)
+            # The original forward, not the module: this call's hooks have run already (a second
+            # run of them would be a second step to the user's tools, or apply a pre-hook twice).
+            # Labelled, so that a torch.profiler trace of a first step shows where planning went
+            # (the label is an op too: the user's dispatch modes must not see it either).
+            with user_tools_paused(), torch.profiler.record_function("remat_kit.plan"):
+                compiled = compile_plan(module, args, kwargs, state.budget, offload=state.offload,
+                                        solver=state.solver, call=original, mode=mode, per_call=state.per_call)
         finally:
             state.profiling = False
         state.plans[key] = compiled

@@ -136,6 +136,9 @@ class _Recorder(TorchDispatchMode):
         self.creator: dict[int, int] = {}  # storage key -> index of the op that allocated it
         self.num_consts = 0
         self.returned: dict[str, tuple[str, ...]] = {}
+        # Explicit generators (torch.bernoulli(p, generator=g)) as they were before their first draw:
+        # ops that run for real (a real prologue) must not move them; fork_rng covers the default ones.
+        self.generators: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
 
     # -- external tensors: parameters, buffers, inputs -----------------------------------
     def register(self, t: torch.Tensor, name: str, role: Role) -> None:
@@ -180,6 +183,9 @@ class _Recorder(TorchDispatchMode):
                     self.register(out, f"{AUTOCAST_TAG}{src}", Role.INPUT)
             return out
         self._capture_nodes()
+        for g in (*args, *kwargs.values()):
+            if isinstance(g, torch.Generator) and id(g) not in self.generators:
+                self.generators[id(g)] = (g, g.get_state())
         name = str(func)
         flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         in_values = [self._value_of(t) for t in flat_in]
@@ -374,6 +380,44 @@ class _FakeFromFirstLayer:
             self.fake_mode.__exit__(None, None, None)
 
 
+# Module-level hooks that every module's call runs: torch's own tools (ModTracker under MemTracker,
+# ModuleTracker under FlopCounterMode) install theirs here.
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_always_called",
+                 "_global_forward_hooks_with_kwargs", "_global_backward_pre_hooks", "_global_backward_hooks")
+
+
+@contextlib.contextmanager
+def user_tools_paused():
+    """Hide the user's TorchDispatchModes and global module hooks while a profile runs.
+
+    A profile is planning, not a step of the user's: MemTracker raises on a second call of the
+    root module ("does not support memory tracking for multiple iterative calls"), FlopCounterMode
+    and a user's own modes would count the profile's real ops as part of their step. Infra modes
+    (FakeTensorMode, proxy, functional: a user planning on fake tensors) stay; module hooks
+    registered on the modules themselves (FSDP's unshard) stay, they are part of the model.
+    """
+    from torch.nn.modules import module as nn_module
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode, _push_mode
+
+    stack = _get_current_dispatch_mode_stack()
+    # User modes sit above infra modes and pop first (torch/csrc/utils/torch_dispatch_mode.h).
+    popped = [_pop_mode() for m in stack if not getattr(m, "is_infra_mode", lambda: False)()]
+    hooks = [h for h in (getattr(nn_module, n, None) for n in _GLOBAL_HOOKS) if isinstance(h, dict)]
+    saved = [dict(h) for h in hooks]
+    for h in hooks:
+        h.clear()
+    try:
+        yield
+    finally:
+        for h, old in zip(hooks, saved):
+            added = dict(h)
+            h.clear()
+            h.update(old)
+            h.update(added)
+        for m in reversed(popped):
+            _push_mode(m)
+
+
 def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = True, call: Any = None,
             layers: list[str] | None = None, real_prologue: bool = False) -> Profile:
     """Run `root(*args, **kwargs)` once under the recorder and return its ops and values.
@@ -381,14 +425,16 @@ def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = Tr
     Needs grad mode on (what `auto` plans is a training step). With `fake=True` the run is under
     FakeTensorMode: real parameters are read for their shapes only; with `real_prologue` too,
     the code before the first of `layers` runs on real tensors (see _FakeFromFirstLayer), and
-    where it cannot (parameters on the meta device, say) the whole forward runs fake.
+    where it cannot (parameters on the meta device, say) the whole forward runs fake. The user's
+    dispatch modes and global module hooks do not see it (`user_tools_paused`).
     """
-    if fake and real_prologue and layers and not any(p.is_meta for p in root.parameters()):
-        try:
-            return _profile_once(root, args, kwargs, fake=True, call=call, layers=layers, real_prologue=True)
-        except Exception:  # noqa: BLE001 - a prologue that reads values it cannot have: run it all fake
-            pass
-    return _profile_once(root, args, kwargs, fake=fake, call=call, layers=layers, real_prologue=False)
+    with user_tools_paused():
+        if fake and real_prologue and layers and not any(p.is_meta for p in root.parameters()):
+            try:
+                return _profile_once(root, args, kwargs, fake=True, call=call, layers=layers, real_prologue=True)
+            except Exception:  # noqa: BLE001 - a prologue that reads values it cannot have: run it all fake
+                pass
+        return _profile_once(root, args, kwargs, fake=fake, call=call, layers=layers, real_prologue=False)
 
 
 def _profile_once(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool, call: Any,
@@ -429,6 +475,8 @@ def _profile_once(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: boo
             finally:
                 if late is not None:
                     late.close()
+                for g, st in rec.generators.values():
+                    g.set_state(st)
             rec._capture_nodes()
             values = _finish(rec)
             del out

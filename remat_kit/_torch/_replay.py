@@ -172,6 +172,9 @@ class _State:
         self.region = region
         self.cache: dict[int, list[torch.Tensor]] = {}
         self.rng: dict[int, torch.Tensor] = {}
+        # Explicit `torch.Generator`s a recomputed RNG op draws from (torch.bernoulli(p, generator=g)):
+        # checkpoint's preserve_rng_state restores the default generators only.
+        self.generators: dict[int, list[torch.Tensor]] = {}
         self._scratch_bytes: dict[torch.device, int] | None = None
         self._scratch: dict[torch.device, weakref.ref] = {}
         self._kept: dict[torch.device, weakref.ref] = {}  # largest kept storage per device
@@ -210,6 +213,17 @@ class _State:
             self._scratch[device] = weakref.ref(storage)
         return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape, stride)
 
+    def unplanned_view(self, k: int, func: Any) -> bool:
+        """A view the plan does not list at this position: hook code of the user's tools dispatches
+        them inside a region (ModTracker, under MemTracker and FlopCounterMode, takes `t.view_as(t)`
+        of a leaf input to hook its gradient). A view allocates nothing and always runs, so it is
+        run without taking an op index."""
+        steps = self.region.steps
+        if k < len(steps) and steps[k].func == str(func):
+            return False
+        return not any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments) and any(
+            r.alias_info is not None for r in func._schema.returns)
+
     def step(self, k: int, func: Any, phase: str) -> Step:
         steps = self.region.steps
         if k >= len(steps) or steps[k].func != str(func):
@@ -224,6 +238,24 @@ class _State:
         return steps[k]
 
 
+def _generators(args: tuple, kwargs: dict) -> list[torch.Generator]:
+    return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Generator)]
+
+
+def _with_generator_states(gens: list[torch.Generator], drawn: list[torch.Tensor], func: Any, args: tuple,
+                           kwargs: dict) -> Any:
+    """Run `func` from the generator states it drew from in the forward, then put back the states
+    the generators have now (the user may have drawn from them since)."""
+    now = [g.get_state() for g in gens]
+    try:
+        for g, st in zip(gens, drawn):
+            g.set_state(st)
+        return func(*args, **kwargs)
+    finally:
+        for g, st in zip(gens, now):
+            g.set_state(st)
+
+
 class _ForwardMode(TorchDispatchMode):
     def __init__(self, state: _State):
         super().__init__()
@@ -233,7 +265,11 @@ class _ForwardMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if ignored(func, args):
             return func(*args, **kwargs)
+        if self.state.unplanned_view(self.k, func):
+            return func(*args, **kwargs)
         step = self.state.step(self.k, func, "the forward")
+        if step.action == RUN and (gens := _generators(args, kwargs)):
+            self.state.generators[self.k] = [g.get_state() for g in gens]
         out = func(*args, **kwargs)
         if step.cache:
             tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -276,11 +312,16 @@ class _ReplayMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if ignored(func, args):
             return func(*args, **kwargs)
+        if self.state.unplanned_view(self.k, func):
+            return func(*args, **kwargs)
         k = self.k
         self.k += 1
         step = self.state.step(k, func, "the recompute")
         if step.action == RUN:
-            return func(*args, **kwargs)
+            drawn = self.state.generators.pop(k, None)
+            if drawn is None:
+                return func(*args, **kwargs)
+            return _with_generator_states(_generators(args, kwargs), drawn, func, args, kwargs)
         if step.restore_rng:
             _set_rng(_rng_device(step), self.state.rng.pop(k))
         if step.alias_of is not None and self.state.cache.get(step.alias_of):
