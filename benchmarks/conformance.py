@@ -1,0 +1,389 @@
+"""Conformance: `remat_kit.auto` on models written outside this project, held to its contract.
+
+For every model in benchmarks/models/outside_torch.py and outside_jax.py (Hugging Face decoder,
+encoder, encoder-decoder, ViT, MoE and Gemma-style models, x-transformers, mambapy; penzai,
+equinox and haiku models; small configs, random weights, dropout on where the model has it) and
+every budget, one training step with `auto` is checked against no remat in the same process:
+
+- gradients equal to no remat's, same RNG (dropout masks replayed), relative error <= 1e-5 per tensor;
+- measured activation memory <= budget + 1% of no remat, or an `InfeasibleBudgetError` whose
+  smallest feasible budget is above the one asked for and, when passed back, is met as measured;
+- parameter and state names (torch: named_parameters, state_dict; JAX: the gradient and aux
+  trees) unchanged; no other exception.
+
+Memory is remat_kit's own measurement: torch, the live-storage tracker (`measure_step`); JAX, XLA's
+`temp_size_in_bytes` of the compiled `jit(grad(loss))`. Extra FLOPs: torch FlopCounterMode
+(recompute included; elementwise ops count nothing), JAX `cost_analysis()` of the compiled step
+(a scan body is counted once: marked on scanned models). Planning time: the first `auto` step's
+time less a second step's (torch), or tracing with `auto` less tracing without (JAX); wall clock
+on a shared machine, for orientation only.
+
+    python -m benchmarks.conformance                         # every model, budgets 0.3 0.5 0.7
+    python -m benchmarks.conformance --models hf-llama haiku-mlp --budgets 0.5
+
+Writes reports/conformance.json and reports/conformance.md. tests/conformance/ runs the same cells
+and fails on any violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+import traceback
+import warnings
+from typing import Any
+
+BUDGETS = (0.3, 0.5, 0.7)
+SLACK = 0.01  # measured may exceed budget x none by this fraction of none (the contract's +1%)
+GRAD_TOL = 1e-5  # per tensor: max |auto - none| / max |none|, fp32
+
+
+def violations(row: dict) -> list[str]:
+    """What in one cell breaks the contract (empty: the cell conforms)."""
+    if "error" in row:
+        return [f"exception: {row['error']}"]
+    out = []
+    if row.get("infeasible"):
+        floor = row["infeasible"]
+        if not floor["smallest_fraction"] > row["budget"]:
+            out.append(f"InfeasibleBudgetError names smallest feasible {floor['smallest_fraction']:.4f}, "
+                       f"not above the budget {row['budget']}")
+        if "error" in floor:
+            out.append(f"at the named floor {floor['retry_budget']}: exception: {floor['error']}")
+        elif floor.get("fraction") is not None and floor["fraction"] > floor["retry_budget"] + SLACK:
+            out.append(f"at the named floor {floor['retry_budget']}: measured {floor['fraction']:.4f} of none")
+        return out
+    if row["fraction"] > row["budget"] + SLACK:
+        out.append(f"over budget: measured {row['fraction']:.4f} of none ({row['activation_bytes']} of "
+                   f"{row['none_bytes']} bytes) at budget {row['budget']}")
+    if not row["grad_rel_err"] <= GRAD_TOL:
+        out.append(f"gradients differ from no remat: max relative error {row['grad_rel_err']:.3e}")
+    if not row["names_unchanged"]:
+        out.append(f"names changed: {row['names_diff']}")
+    return out
+
+
+def _error(e: BaseException) -> str:
+    tail = "".join(traceback.format_exception(e)[-6:])
+    return f"{type(e).__name__}: {str(e)[:400]}\n{tail[-1500:]}"
+
+
+def _structure(plan: Any) -> str:
+    """The blocks the plan was made over, as patterns: digits folded, counted."""
+    names = [n for n in plan.block_names if n not in ("pre", "post")]
+    counts: dict[str, int] = {}
+    for n in names:
+        key = re.sub(r"\d+", "#", n)
+        counts[key] = counts.get(key, 0) + 1
+    parts = [f"{k} x{c}" if c > 1 else k for k, c in counts.items()]
+    text = f"{len(names)} blocks: " + ", ".join(parts)
+    if plan.segments:
+        text += f"; {len(plan.segments)} segments"
+    return text
+
+
+def _floor_budget(e: Any) -> float:
+    """The smallest feasible budget as a user reads it off the message (3 decimals, rounded up)."""
+    return math.ceil(e.smallest_fraction * 1000 - 1e-9) / 1000
+
+
+# -- PyTorch -------------------------------------------------------------------------------------
+def _torch_names(model: Any) -> tuple:
+    return tuple(n for n, _ in model.named_parameters()), tuple(model.state_dict().keys())
+
+
+def _torch_step(model: Any, case: Any, kwargs: dict, seed: int = 1) -> list:
+    import torch
+
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    case.loss(model(**kwargs)).backward()
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def _torch_measure(model: Any, case: Any, kwargs: dict) -> Any:
+    import torch
+
+    from remat_kit._torch._measure import measure_step
+
+    torch.manual_seed(1)
+    return measure_step(model, (), kwargs, loss_fn=case.loss, count_flops=True)
+
+
+def torch_cells(case: Any, budgets: list[float]) -> list[dict]:
+    import torch
+
+    import remat_kit as rk
+    from benchmarks.torch_bench import rel_err
+    from remat_kit._torch._apply import kv_cache_configs
+
+    torch.manual_seed(0)
+    model = case.build().train()
+    for config in kv_cache_configs(model):  # as auto runs the model (hf_zoo: the budget's baseline)
+        config.use_cache = False
+    kwargs = case.kwargs()
+    names = _torch_names(model)
+    reference = _torch_step(model, case, kwargs)
+    dropout_live = rel_err(_torch_step(model, case, kwargs, seed=2), reference) > 1e-3
+    none = _torch_measure(model, case, kwargs)
+    floors: dict[float, dict] = {}  # retry budget -> its check: budgets below one floor share it
+    rows = []
+    for budget in budgets:
+        row: dict[str, Any] = dict(model=case.name, framework="torch", source=case.source, kind=case.kind,
+                                   budget=budget, none_bytes=none.activation_bytes, dropout=case.dropout,
+                                   dropout_live=dropout_live)
+        try:
+            rematted = rk.auto(copy.deepcopy(model), budget)
+            t0 = time.perf_counter()
+            try:
+                first = _torch_step(rematted, case, kwargs)
+            except rk.InfeasibleBudgetError as e:
+                retry = _floor_budget(e)
+                if retry not in floors:
+                    floors[retry] = _torch_floor(model, case, kwargs, e, none.activation_bytes)
+                row["infeasible"] = {**floors[retry], "smallest_fraction": e.smallest_fraction,
+                                     "message": str(e)[:300]}
+                rows.append(row)
+                continue
+            t1 = time.perf_counter()
+            again = _torch_step(rematted, case, kwargs)
+            t2 = time.perf_counter()
+            measured = _torch_measure(rematted, case, kwargs)
+            plan = rk.plan_of(rematted)[-1]
+            after = _torch_names(rematted)
+            row.update(activation_bytes=measured.activation_bytes,
+                       fraction=measured.activation_bytes / none.activation_bytes,
+                       predicted_bytes=plan.predicted_activation_bytes,
+                       predicted_fraction=plan.activation_fraction,
+                       extra_flops=measured.flops / none.flops - 1 if none.flops else 0.0,
+                       grad_rel_err=max(rel_err(first, reference), rel_err(again, reference)),
+                       names_unchanged=after == names,
+                       names_diff=_diff(names, after), planning_s=max(0.0, (t1 - t0) - (t2 - t1)),
+                       structure=_structure(plan))
+        except Exception as e:  # recorded per cell: one failing budget does not hide the others
+            row["error"] = _error(e)
+        rows.append(row)
+    return rows
+
+
+def _torch_floor(model: Any, case: Any, kwargs: dict, e: Any, none_bytes: int) -> dict:
+    """Pass the budget the error names back to auto: it must be met."""
+    import remat_kit as rk
+
+    out: dict[str, Any] = dict(smallest_fraction=e.smallest_fraction, retry_budget=_floor_budget(e),
+                               message=str(e)[:300])
+    try:
+        rematted = rk.auto(copy.deepcopy(model), out["retry_budget"])
+        _torch_step(rematted, case, kwargs)
+        out["fraction"] = _torch_measure(rematted, case, kwargs).activation_bytes / none_bytes
+    except Exception as err:
+        out["error"] = _error(err)
+    return out
+
+
+def _diff(before: tuple, after: tuple) -> str:
+    if before == after:
+        return ""
+    return "; ".join(f"only before: {sorted(set(b) - set(a))[:4]}, only after: {sorted(set(a) - set(b))[:4]}"
+                     for b, a in zip(before, after))
+
+
+# -- JAX -----------------------------------------------------------------------------------------
+def _jax_compile(loss: Any, model: Any) -> tuple[Any, float]:
+    import jax
+
+    t0 = time.perf_counter()
+    lowered = jax.jit(jax.grad(loss, has_aux=model.has_aux)).lower(model.params, model.batch)
+    traced_s = time.perf_counter() - t0
+    return lowered.compile(), traced_s
+
+
+def _jax_flops(compiled: Any) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def _jax_rel_err(got: Any, want: Any) -> float:
+    import jax
+    import numpy as np
+
+    worst = 0.0
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.size:
+            worst = max(worst, float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30)))
+    return worst
+
+
+def jax_cells(case: Any, budgets: list[float]) -> list[dict]:
+    import jax
+
+    import remat_kit as rk
+
+    model = case.build()
+    compiled, none_traced_s = _jax_compile(model.loss, model)
+    none_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+    none_flops = _jax_flops(compiled)
+    reference = compiled(model.params, model.batch)
+    dropout_live = None if model.reseeded is None else _jax_rel_err(compiled(model.params, model.reseeded),
+                                                                    reference) > 1e-3
+    floors: dict[float, dict] = {}
+    rows = []
+    for budget in budgets:
+        row: dict[str, Any] = dict(model=case.name, framework="jax", source=case.source, kind=case.kind,
+                                   budget=budget, none_bytes=none_bytes, dropout=case.dropout,
+                                   dropout_live=dropout_live)
+        try:
+            wrapped = rk.auto(model.loss, budget)
+            try:
+                planned, traced_s = _jax_compile(wrapped, model)
+            except rk.InfeasibleBudgetError as e:
+                retry = _floor_budget(e)
+                if retry not in floors:
+                    floors[retry] = _jax_floor(model, e, none_bytes)
+                row["infeasible"] = {**floors[retry], "smallest_fraction": e.smallest_fraction,
+                                     "message": str(e)[:300]}
+                rows.append(row)
+                continue
+            got = planned(model.params, model.batch)
+            plan = rk.plan_of(wrapped)[-1]
+            measured = int(planned.memory_analysis().temp_size_in_bytes)
+            row.update(activation_bytes=measured, fraction=measured / none_bytes,
+                       predicted_bytes=plan.predicted_activation_bytes, predicted_fraction=plan.activation_fraction,
+                       extra_flops=_jax_flops(planned) / none_flops - 1 if none_flops else 0.0,
+                       flops_note="scan body counted once" if case.scanned else "",
+                       grad_rel_err=_jax_rel_err(got, reference),
+                       names_unchanged=jax.tree.structure(got) == jax.tree.structure(reference),
+                       names_diff=f"{jax.tree.structure(got)} vs {jax.tree.structure(reference)}"[:300],
+                       planning_s=max(0.0, traced_s - none_traced_s), structure=_structure(plan))
+        except Exception as e:
+            row["error"] = _error(e)
+        rows.append(row)
+    return rows
+
+
+def _jax_floor(model: Any, e: Any, none_bytes: int) -> dict:
+    import remat_kit as rk
+
+    out: dict[str, Any] = dict(smallest_fraction=e.smallest_fraction, retry_budget=_floor_budget(e),
+                               message=str(e)[:300])
+    try:
+        planned, _ = _jax_compile(rk.auto(model.loss, out["retry_budget"]), model)
+        out["fraction"] = int(planned.memory_analysis().temp_size_in_bytes) / none_bytes
+    except Exception as err:
+        out["error"] = _error(err)
+    return out
+
+
+# -- the run and its report ----------------------------------------------------------------------
+def all_cases() -> dict[str, tuple[str, Any]]:
+    """name -> (framework, case), every outside model."""
+    from benchmarks.models import outside_jax, outside_torch
+
+    return {**{n: ("torch", c) for n, c in outside_torch.cases().items()},
+            **{n: ("jax", c) for n, c in outside_jax.cases().items()}}
+
+
+def run_case(name: str, budgets: list[float] | tuple[float, ...] = BUDGETS) -> list[dict]:
+    framework, case = all_cases()[name]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="remat_kit.auto: setting")
+        rows = (torch_cells if framework == "torch" else jax_cells)(case, list(budgets))
+    for row in rows:
+        row["violations"] = violations(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    names = list(all_cases())
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=names, choices=names)
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    ap.add_argument("--out", default="reports")
+    args = ap.parse_args(argv)
+    import jax
+    import torch
+    import transformers
+
+    rows = []
+    for name in args.models:
+        t0 = time.perf_counter()
+        rows += run_case(name, args.budgets)
+        bad = sum(bool(r["violations"]) for r in rows if r["model"] == name)
+        print(f"{name:22s} {time.perf_counter() - t0:6.1f}s  {bad} failing cells", flush=True)
+    result = dict(command="python -m benchmarks.conformance " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  versions=dict(torch=torch.__version__, jax=jax.__version__, transformers=transformers.__version__),
+                  slack=SLACK, grad_tol=GRAD_TOL, rows=rows)
+    write(result, args.out)
+    return result
+
+
+def _status(row: dict) -> str:
+    if row["violations"]:
+        return "FAIL: " + "; ".join(v.split("\n")[0][:160] for v in row["violations"])
+    floor = row.get("infeasible")
+    if floor:
+        return (f"infeasible: floor {floor['smallest_fraction']:.3f}; at {floor['retry_budget']} measured "
+                f"{floor['fraction']:.3f}")
+    return "ok"
+
+
+def write(result: dict, out: str) -> None:
+    from remat_kit._core.budget import format_bytes
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "conformance.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    rows = result["rows"]
+    num_bad = sum(bool(r["violations"]) for r in rows)
+    v = result["versions"]
+    lines = [f"# Conformance: remat_kit.auto on outside models (CPU; torch {v['torch']}, jax {v['jax']}, "
+             f"transformers {v['transformers']})", "", f"Command: `{result['command'].strip()}`", "",
+             "Each model is the outside library's own class, small config, random weights, dropout on where it has "
+             "it. A cell conforms when gradients equal no remat's (same RNG; relative error <= "
+             f"{result['grad_tol']:g} per tensor), measured activation memory <= budget + {result['slack']:.0%} of "
+             "no remat, or an InfeasibleBudgetError names a floor above the budget that is met when passed back, "
+             "and parameter/state names are unchanged. Measured: live-storage tracker (torch), compiled "
+             "temp_size_in_bytes (JAX), as a fraction of no remat. Predicted: the plan's own fraction. Planning "
+             "time: wall clock on a shared 2-core machine.", "",
+             f"**{len(rows) - num_bad} of {len(rows)} cells conform.**", "",
+             "| model | framework | structure found | budget | measured | predicted | extra FLOPs | grad err | "
+             "planning | status |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "fraction" in r:
+            note = f" ({r['flops_note']})" if r.get("flops_note") else ""
+            figures = (f"{r['fraction']:.3f} ({format_bytes(r['activation_bytes'])})", f"{r['predicted_fraction']:.3f}",
+                       f"{r['extra_flops']:+.1%}{note}", f"{r['grad_rel_err']:.1e}", f"{r['planning_s']:.1f}s")
+        else:
+            figures = ("", "", "", "", "")
+        lines.append(f"| {r['model']} | {r['framework']} | {r.get('structure', '')} | {r['budget']} | "
+                     + " | ".join(figures) + f" | {_status(r)} |")
+    lines += ["", "Models:", ""]
+    seen = set()
+    for r in rows:
+        if r["model"] not in seen:
+            seen.add(r["model"])
+            live = {True: "dropout on (another seed changes the gradients)", False: "dropout configured but no "
+                    "effect seen", None: "dropout on" if r["dropout"] else "no random ops"}[
+                r["dropout_live"] if r["dropout"] else None]
+            lines.append(f"- **{r['model']}**: `{r['source']}`, {r['kind']}; no remat {format_bytes(r['none_bytes'])}; "
+                         f"{live}")
+    failing = [r for r in rows if r["violations"]]
+    if failing:
+        lines += ["", "## Failing cells", ""]
+        for r in failing:
+            lines += [f"### {r['model']} at {r['budget']}", "", "```", *"\n".join(r["violations"]).splitlines(),
+                      "```", ""]
+    with open(os.path.join(out, "conformance.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Conformance: `remat_kit.auto` at 0.3 / 0.5 / 0.7 on models written outside this project.
+
+Every cell of `python -m benchmarks.conformance` (which writes reports/conformance.md) is a test
+here: gradients equal to no remat with dropout on, measured activation memory within budget + 1%
+of no remat or an InfeasibleBudgetError whose floor is met when passed back, names unchanged, no
+other exception. A model whose cells fail is reported failing, never skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from benchmarks.conformance import BUDGETS, GRAD_TOL, SLACK, all_cases, run_case, violations
+
+CASES = all_cases()
+
+
+@functools.cache
+def _rows(name: str) -> dict[float, dict]:
+    return {row["budget"]: row for row in run_case(name)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_auto_keeps_the_contract(name: str, budget: float) -> None:
+    row = _rows(name)[budget]
+    assert not row["violations"], f"{name} at budget {budget}:\n" + "\n".join(row["violations"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, (_, case) in CASES.items() if case.dropout])
+def test_dropout_is_live(name: str) -> None:
+    # Equal gradients prove the masks were replayed only if another seed gives other gradients.
+    assert _rows(name)[BUDGETS[0]]["dropout_live"], f"{name}: dropout has no effect on the gradients"
+
+
+def test_suite_covers_the_outside_models_issue_11_names() -> None:
+    torch_sources = " ".join(case.source for fw, case in CASES.values() if fw == "torch")
+    jax_packages = {case.source.split()[0] for fw, case in CASES.values() if fw == "jax"}
+    assert len(CASES) >= 12
+    for needed in ("ForCausalLM", "BertFor", "ConditionalGeneration", "ViT", "Mixtral", "Gemma3", "x_transformers",
+                   "mambapy"):
+        assert needed in torch_sources, needed
+    assert len(jax_packages) >= 3, jax_packages
+
+
+def _cell(**fields) -> dict:
+    row = dict(budget=0.5, fraction=0.5, activation_bytes=500, none_bytes=1000, grad_rel_err=0.0,
+               names_unchanged=True, names_diff="")
+    row.update(fields)
+    return row
+
+
+def test_violations_flags_each_breach() -> None:
+    assert violations(_cell()) == []
+    assert violations(_cell(fraction=0.5 + SLACK)) == []
+    assert "over budget" in violations(_cell(fraction=0.5 + 2 * SLACK))[0]
+    assert "gradients differ" in violations(_cell(grad_rel_err=10 * GRAD_TOL))[0]
+    assert "gradients differ" in violations(_cell(grad_rel_err=float("nan")))[0]
+    assert "names changed" in violations(_cell(names_unchanged=False))[0]
+    assert "exception" in violations(dict(budget=0.5, error="ValueError: boom"))[0]
+
+
+def test_violations_checks_the_named_floor() -> None:
+    floor = dict(smallest_fraction=0.61, retry_budget=0.61, fraction=0.60)
+    assert violations(dict(budget=0.5, infeasible=floor)) == []
+    assert "not above" in violations(dict(budget=0.7, infeasible=floor))[0]
+    assert "at the named floor" in violations(dict(budget=0.5, infeasible={**floor, "fraction": 0.7}))[0]
+    assert "exception" in violations(dict(budget=0.5, infeasible={**floor, "error": "RuntimeError: x"}))[0]
