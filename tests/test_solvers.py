@@ -410,3 +410,73 @@ def _path_codes(graph, menus, path):
         for i, c in menus[start][k].codes:
             codes[i] = c
     return codes
+
+
+# -- planning without repetition (issue 11, deliverable 3) -------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, offload=st.booleans())
+def test_sparse_costs_equal_the_full_vector(seed, offload):
+    """Block menus price options from {index: code}; it must be what the full vector costs."""
+    graph = random_chain(seed)
+    costs = Costs(graph, rk.DeviceSpec())
+    for codes in itertools.islice(all_codes(graph, offload=offload), 64):
+        assert costs.of({i: c for i, c in enumerate(codes) if c != _SAVE}) == costs.of(codes)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, frac=st.sampled_from(FRACTIONS))
+def test_ladder_menus_never_exceed_the_budget(seed, frac):
+    """With no op-level program at all (every block past the work limit), every plan still fits
+    and is no cheaper than the brute-force optimum; infeasibility is never claimed wrongly below
+    what the menus reach."""
+    from remat_kit._core import solve as solve_mod
+
+    graph = random_chain(seed)
+    costs = Costs(graph, rk.DeviceSpec())
+    limit = math.floor(frac * baseline_activation_bytes(graph))
+    best = brute_force(graph, limit, costs)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(solve_mod, "MILP_MENU_WORK", 0)
+            mp.setattr(solve_mod, "MILP_LAYER_WORK", 0)
+            plan = rk.solve(graph, frac)
+    except rk.InfeasibleBudgetError as e:
+        assert e.smallest_bytes - graph.constant_bytes > limit  # what it names does not fit either
+        return
+    assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes <= limit
+    assert best is not None and costs.of(_codes_of(graph, plan)) >= best[0]
+
+
+def test_a_block_too_big_for_the_op_level_program_gets_a_menu():
+    """One block of 600 values: one program over it would pass milp.MAX_VARIABLES (the lm1b
+    failure: "the program has 121719 variables"); the default solver plans it from the ladder."""
+    graph = random_chain(3, num_blocks=1, per_block=600)
+    from remat_kit._core.solve import op_level_blocks
+
+    assert not op_level_blocks(graph)
+    floor = rk.smallest_activation_bytes(graph) / baseline_activation_bytes(graph)
+    for frac in (0.7, 0.9):
+        if frac < floor:
+            with pytest.raises(rk.InfeasibleBudgetError):
+                rk.solve(graph, frac)
+            continue
+        plan = rk.solve(graph, frac)
+        assert rk.simulate(graph, plan).activation_fraction <= frac
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds)
+def test_thinned_dp_states_still_give_plans_that_fit(seed):
+    """Past MAX_STATES the DP keeps the cheapest state per range of kept bytes: no longer exact,
+    but every path it returns fits, with the simulator's peak."""
+    graph = random_chain(seed, num_blocks=4)
+    costs = Costs(graph, rk.DeviceSpec())
+    menus = _every_block_plan(graph, costs)
+    for frac in FRACTIONS:
+        limit = math.floor(frac * baseline_activation_bytes(graph))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(chain_dp, "MAX_STATES", 2)
+            found = chain_dp.solve_chain(menus, limit)
+        if found is not None:
+            codes = _path_codes(graph, menus, found[0])
+            assert _run(graph, codes, False)[0] == found[3] <= limit

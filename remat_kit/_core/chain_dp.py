@@ -195,9 +195,8 @@ def _window_index(graph: CostGraph) -> tuple[list[int], list[int]]:
 
 def _block_peaks(graph: CostGraph, codes: list[int], block: int) -> tuple[int, int, list[int]]:
     """(forward peak, backward peak) over the moments of `block`, and bytes kept per block."""
-    _, _, kept, trace = _run(graph, codes, "raw", hold_shared=True)
-    forward = max((mem for what, b, mem in trace if b == block and what == "forward"), default=0)
-    backward = max((mem for what, b, mem in trace if b == block and what != "forward"), default=0)
+    _, _, kept, peaks = _run(graph, codes, "raw", hold_shared=True)
+    forward, backward = peaks[block]
     return forward, backward, kept
 
 

@@ -190,8 +190,8 @@ def shared_with_own_block(graph: CostGraph) -> list[bool]:
 
 def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared: bool = False):
     """The event loop. Returns (activation peak, peak moment label, kept bytes per block, trace).
-    `want_trace="raw"`: the trace names only the kind of each moment ("forward", "reload",
-    "recompute", "grad"), for callers that aggregate it (the chain DP's block peaks).
+    `want_trace="raw"`: instead of a trace, per block [its forward peak, its backward peak] (what
+    the chain DP's option measurements read).
     `hold_shared`: values `shared_with_own_block` live at least until their own block's backward
     (the solvers' upper bound; the simulator's own answer is without it)."""
     vals = graph.values
@@ -204,16 +204,23 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared
 
     live = 0
     peak, peak_at = 0, None
-    trace: list[tuple[str, int, int]] = []
+    trace: list = []
     raw = want_trace == "raw"
+    if raw:  # per block: [forward peak, backward peak]
+        trace = [[0, 0] for _ in range(graph.num_blocks)]
     label = _labeller(graph)
 
     # Labels are built only where they are read (a new peak, or a full trace): the solvers run
     # this loop thousands of times, and formatting a label per moment was most of its time.
     def record(what: str, i: int, block: int) -> None:
         nonlocal peak, peak_at
-        if want_trace:
-            trace.append((what if raw else label(what, i, block), block, live))
+        if raw:
+            side = trace[block]
+            k = what != "forward"
+            if live > side[k]:
+                side[k] = live
+        elif want_trace:
+            trace.append((label(what, i, block), block, live))
         if live > peak:
             peak, peak_at = live, (what, i, block)
 

@@ -34,7 +34,8 @@ from remat_kit._core.simulate import (
 SOLVERS = ("dp", "milp", "greedy")
 _NAMES = {_SAVE: Decision.SAVE, _RECOMPUTE: Decision.RECOMPUTE, _OFFLOAD: Decision.OFFLOAD}
 NUM_CAPS = 8  # kept-bytes levels per block menu
-MILP_MENU_WORK = 1_000  # (free values)² of the blocks given op-level menus (op_level_blocks): ~0.3 s of programs
+MILP_MENU_WORK = 1_000  # (free values)² of the unrepeated blocks given op-level menus (op_level_blocks): ~0.3 s
+MILP_LAYER_WORK = 20_000  # (free values)² up to which a repeated block (a layer) gets op-level menus
 
 
 class InfeasibleBudgetError(ValueError):
@@ -208,11 +209,11 @@ def op_level_work(graph: CostGraph, blk: int) -> int:
 def op_level_blocks(graph: CostGraph, sigs: Sequence[tuple] | None = None) -> set[int]:
     """The blocks whose menus come from the op-level program (the others get ladder menus only).
 
-    Programs are spent where they serve most: blocks whose signature repeats first (one menu
-    serves every identical layer), then the smaller ones, while the total stays within
-    `MILP_MENU_WORK`. So a transformer's layer gets exact menus, and neither a chain of hundreds
-    of distinct blocks nor one block of thousands of values builds a program it cannot afford
-    (the program would have more variables than `milp.MAX_VARIABLES`).
+    Programs are spent where they serve most: a block whose signature repeats (a layer: one menu
+    serves every copy) up to `MILP_LAYER_WORK` each; the other blocks, smallest first, while
+    their total stays within `MILP_MENU_WORK`. So a transformer's layer gets exact menus, and
+    neither a chain of hundreds of distinct blocks nor one block of thousands of values builds
+    programs it cannot afford (nor one past `milp.MAX_VARIABLES`).
     """
     sigs = sigs if sigs is not None else [chain_dp.block_signature(graph, b) for b in range(graph.num_blocks)]
     count = Counter(sigs)
@@ -222,7 +223,9 @@ def op_level_blocks(graph: CostGraph, sigs: Sequence[tuple] | None = None) -> se
     spent, chosen = 0, set()
     for blk in sorted(first.values(), key=lambda b: (-count[sigs[b]], op_level_work(graph, b), b)):
         work = op_level_work(graph, blk)
-        if spent + work <= MILP_MENU_WORK:
+        if count[sigs[blk]] > 1 and work <= MILP_LAYER_WORK:
+            chosen.add(blk)  # a layer's menu: its programs are paid once for every copy
+        elif spent + work <= MILP_MENU_WORK:
             chosen.add(blk)
             spent += work
     return chosen

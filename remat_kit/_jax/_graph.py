@@ -5,19 +5,26 @@ Blocks (the unit the chain solver plans and recomputes): every iteration of a to
 (the scanned-layers pattern) is one block; outside scans, the ops are cut where a single
 differentiable activation crosses (the residual stream between layers) and a new block starts at
 every repetition of the most frequent segment that holds a matmul, i.e. at every layer of an
-unrolled stack. A function with no repetition (one layer) is one block.
+unrolled stack. Only values a gradient flows through count at a cut: a mask or position table
+made from integer tokens is read by every layer and would hide every cut. A function with no
+repetition is a chain of pieces of about √n ops cut at those points (`_pieces`); one of fewer
+than 2 * MIN_PIECE_OPS ops (a layer) is one block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from typing import Any
 
 from remat_kit._core.graph import CostGraph, OpKind, Role, value
 from remat_kit._jax._ir import FlatFn, Lit, op_names
 from remat_kit._jax._rules import backward_reads, eqn_flops, is_float, nbytes, op_kind
+
 from remat_kit._jax._sharding import divisors as stated_divisors
+
+MIN_PIECE_OPS = 16  # a function without repeated layers shorter than twice this is one block
 
 
 @dataclasses.dataclass
@@ -29,6 +36,7 @@ class Traced:
     op_block: list[int]  # block of each top-level op (-1 for an expanded scan)
     out_names: dict[tuple[int, int], str]  # (top-level op, output) -> value name
     scans: dict[int, ScanInfo]  # expanded scans by top-level op index
+    pieces: bool = False  # some blocks are pieces of an unrepeated run (`_pieces`), not layers
 
 
 @dataclasses.dataclass
@@ -112,12 +120,15 @@ def build(fn: FlatFn, out_tree: Any, roles: list[Role], divisors: dict[int, int]
     out_names: dict[tuple[int, int], str] = {}
     scans: dict[int, ScanInfo] = {}
     block_names: list[str] = []
+    pieces = False
     for kind, ops in _runs(fn):
         if kind == "scan":
             k = ops[0]
             scans[k] = _emit_scan(em, fn.ops[k], names[k], env, block_names)
             continue
-        for layer in _layers(fn, ops):
+        layers, repeated = _layers(fn, ops)
+        pieces = pieces or (len(layers) > 1 and not repeated)
+        for layer in layers:
             blk = len(block_names)
             block_names.append(names[layer[0]].rsplit(":", 1)[0] + f"@{blk}")
             for k in layer:
@@ -140,7 +151,8 @@ def build(fn: FlatFn, out_tree: Any, roles: list[Role], divisors: dict[int, int]
         info.blocks = [renumber.get(b, -1) for b in info.blocks]
     vals = [value(**{k: v for k, v in r.items() if k != "act_act"}) for r in em.rows]
     graph = CostGraph(vals, block_names=[block_names[b] for b in used] or None)
-    return Traced(fn=fn, out_tree=out_tree, graph=graph, names=names, op_block=op_block, out_names=out_names, scans=scans)
+    return Traced(fn=fn, out_tree=out_tree, graph=graph, names=names, op_block=op_block, out_names=out_names, scans=scans,
+                  pieces=pieces)
 
 
 def _runs(fn: FlatFn) -> list[tuple[str, list[int]]]:
@@ -210,10 +222,11 @@ def _emit_scan(em: _Emitter, op: Any, base: str, env: dict, block_names: list[st
     return info
 
 
-def _layers(fn: FlatFn, ops: list[int]) -> list[list[int]]:
-    """Split a run of plain ops into blocks at repeated layers (see the module docstring)."""
+def _layers(fn: FlatFn, ops: list[int]) -> tuple[list[list[int]], bool]:
+    """Split a run of plain ops into blocks at repeated layers (see the module docstring); and
+    whether repeated layers were found."""
     if len(ops) < 2:
-        return [ops] if ops else []
+        return ([ops] if ops else []), False
     last_use: dict[int, int] = {}
     for k in ops:
         for a in fn.ops[k].ins:
@@ -222,14 +235,18 @@ def _layers(fn: FlatFn, ops: list[int]) -> list[list[int]]:
     for a in fn.outvars:
         if not isinstance(a, Lit):
             last_use[a] = len(fn.ops)
-    dynamic = set(fn.invars)
+    # Only values a gradient flows through count: float values computed from float inputs or
+    # parameters. An attention mask or a position table made from integer tokens (Flax lm1b's
+    # `decoder_mask`), and dropout bits made from a key, are read by every layer but carry no
+    # gradient; they are kept like constants and must not hide the cuts between layers.
+    diff = {v for v in fn.invars if is_float(fn.avals[v])}
     live: set[int] = set()
     cuts = []
     for k in ops:
         op = fn.ops[k]
-        if any(a in dynamic for a in op.ins if not isinstance(a, Lit)):
-            dynamic.update(op.outs)
-            live.update(v for v in op.outs if is_float(fn.avals[v]) and last_use.get(v, -1) > k)
+        if any(a in diff for a in op.ins if not isinstance(a, Lit)):
+            diff.update(v for v in op.outs if is_float(fn.avals[v]))
+            live.update(v for v in op.outs if v in diff and last_use.get(v, -1) > k)
         live = {v for v in live if last_use.get(v, -1) > k}
         if len(live) <= 1:
             cuts.append(k)
@@ -244,13 +261,33 @@ def _layers(fn: FlatFn, ops: list[int]) -> list[list[int]]:
     with_matmul = [s for s in sigs if any(p in ("dot_general", "conv_general_dilated") for p, _ in s)]
     common = Counter(with_matmul).most_common(1)
     if not common or common[0][1] < 2:
-        return [ops]
+        return _pieces(segments), False
     starts = [i for i, s in enumerate(sigs) if s == common[0][0]]
     period = min(b - a for a, b in zip(starts, starts[1:]))
     bounds = [0] + [s for s in starts if s > 0] + [starts[-1] + period]
     blocks = [sum(segments[a:b], []) for a, b in zip(bounds, bounds[1:]) if a < b]
     tail = sum(segments[bounds[-1]:], [])
-    return [b for b in blocks + [tail] if b]
+    return [b for b in blocks + [tail] if b], True
+
+
+def _pieces(segments: list[list[int]]) -> list[list[int]]:
+    """No repeated layer: the run as a chain of pieces cut where one value crosses, each of at
+    least max(MIN_PIECE_OPS, √n) ops (n ops in all), so a layer-sized function stays one block
+    and a long unrepeated program becomes about √n pieces of √n ops: one checkpoint per piece
+    keeps ~√n boundaries and recomputes one piece at a time (Chen et al. 2016), and the chain DP
+    plans each piece with its own menu (never one op-level program over the whole graph)."""
+    total = sum(len(seg) for seg in segments)
+    least = max(MIN_PIECE_OPS, math.isqrt(total - 1) + 1 if total else 0)
+    pieces: list[list[int]] = []
+    for seg in segments:
+        if pieces and len(pieces[-1]) < least:
+            pieces[-1] = pieces[-1] + seg
+        else:
+            pieces.append(list(seg))
+    if len(pieces) > 1 and len(pieces[-1]) < least:  # a short tail joins the piece before it
+        tail = pieces.pop()
+        pieces[-1] = pieces[-1] + tail
+    return pieces
 
 
 def _mark_attention(rows: list[dict]) -> None:

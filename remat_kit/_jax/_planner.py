@@ -32,12 +32,14 @@ from remat_kit._core.graph import DeviceSpec
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import baseline_activation_bytes
 from remat_kit._core.milp import solve_milp
-from remat_kit._core.solve import (Costs, InfeasibleBudgetError, _codes_from_milp, block_menus, segment_cap,
-                                   segment_options, solve)
+from remat_kit._core.solve import (Costs, InfeasibleBudgetError, _codes_from_milp, block_menus, op_level_work,
+                                   segment_cap, segment_options, solve)
 from remat_kit._jax._graph import Traced
 
 _NAMES = {0: Decision.SAVE, 1: Decision.RECOMPUTE, 2: Decision.OFFLOAD}
 MAX_SCAN_COMBOS = 64
+PIECE_SEGMENT_BLOCKS = 2  # blocks per segment on a chain of pieces (see `choose`)
+MAX_REFINE_WORK = 40_000  # (free values)² of a scan body past which it is not refined by op-level programs
 NUM_REFINE = 8  # bisection steps on the per-layer kept-bytes cap of a scan body
 
 
@@ -64,6 +66,11 @@ def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool,
         span = 1
         if solver in (None, "dp") and not traced.scans:
             span = segment_cap(graph.num_blocks) if max_segment_blocks is None else max(1, min(max_segment_blocks, graph.num_blocks))
+            if traced.pieces and max_segment_blocks is None:
+                # Pieces are already ~√n ops each, so one checkpoint per piece is the √n layout;
+                # longer segments of distinct pieces would each be simulated on their own (no
+                # shared options, as identical layers have) for little memory.
+                span = min(span, PIECE_SEGMENT_BLOCKS)
         return solve(graph, budget, solver=solver, offload=offload, device=device, max_segment_blocks=span)
     return _one_layer(traced, parsed, budget, offload, device)
 
@@ -204,7 +211,7 @@ def _refined(graph, menus, scan, b0: int, costs: Costs, offload: bool, limit: in
     program on the block's window), used in every layer, with the DP over the other blocks.
     """
     free = {i for i in graph.block_members[b0] if not graph.is_forced[i]}
-    if not free:
+    if not free or op_level_work(graph, b0) > MAX_REFINE_WORK:  # a program that size takes minutes
         return []
     win = chain_dp.window(graph, b0)
     sub, offset = win.graph, win.offset
