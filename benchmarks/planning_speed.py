@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import statistics
 import time
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         "# Planning speed", "",
         "Chain DP (`rk.solve(graph, budget)`), fresh graph per repeat. Block menus: the op-level 0-1",
         "program (HiGHS) for repeated blocks and a few small ones, a ladder of cheapest-per-byte recompute",
-        "sets for every block (`remat_kit/_core/ladder.py`); then the DP. Median of "
+        "sets for the other blocks (`remat_kit/_core/ladder.py`); then the DP. Median of "
         f"{args.repeats} repeats, wall and CPU time. Goal: 2 s for 96 distinct blocks and for 4,000 unrepeated ops.",
         "`unrepeated_4000`: 4,000 ops with no repeated layer, cut into ~√n pieces at single-value cuts",
         "as the JAX adapter cuts such a program. `recompute s`: the plan's predicted recompute time;",
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         exact = f"{r['exact_menus_recompute_s']:.5f}" if r["exact_menus_recompute_s"] is not None else "-"
         lines.append(f"| {r['case']} | {r['num_blocks']} | {r['num_values']} | {r['budget']} | "
                      f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | {r['median_cpu_s']:.3f} | {frac} | {rec} | {exact} |")
-    path = write("planning_speed", {"rows": rows}, "\n".join(lines))
+    load = os.getloadavg()[0]  # wall times on a shared machine: CPU time is the steadier figure
+    lines += ["", f"Load average when written: {load:.1f} on {os.cpu_count()} CPUs."]
+    path = write("planning_speed", {"rows": rows, "load_average": load}, "\n".join(lines))
     print(f"wrote {path}")
 
 
