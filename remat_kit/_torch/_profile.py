@@ -132,6 +132,7 @@ class _Recorder(TorchDispatchMode):
         self.nodes: dict[int, Any] = {}
         self.op_io: dict[int, dict[int, str]] = {}  # op index -> storage key -> value name at op time
         self.mutated_later: set[str] = set()
+        self.view_of: dict[int, str] = {}  # view op index -> the value its output aliases
         self.value_op: dict[str, int] = {}
         self.creator: dict[int, int] = {}  # storage key -> index of the op that allocated it
         self.num_consts = 0
@@ -223,6 +224,8 @@ class _Recorder(TorchDispatchMode):
                 if not known and flat_in:
                     self.owner[key] = in_values[0]
                     self.keepalive.append(leaf)
+                if key in self.owner:
+                    self.view_of.setdefault(index, self.owner[key])
                 outputs.append(None)
                 continue
             if known:  # in-place: a new version of the storage
@@ -259,6 +262,25 @@ class _Recorder(TorchDispatchMode):
             creator=self.creator.get(storage_key(out_tensors[0])) if inplace and out_tensors else None,
             inputs=tuple(dict.fromkeys(in_values))))
         return out
+
+
+def _function_inputs(rec: _Recorder, node: Any, node_op: dict[int, int]) -> list[str]:
+    """The values a custom autograd.Function was applied to, found through its node's edges."""
+    found = []
+    for fn, nr in node.next_functions:
+        if fn is None:
+            continue
+        leaf = getattr(fn, "variable", None)  # AccumulateGrad: a parameter or an input
+        if leaf is not None:
+            name = rec.owner.get(storage_key(leaf))
+        elif (index := node_op.get(id(fn))) is not None:
+            outs = rec.ops[index].outputs
+            name = outs[nr] if nr < len(outs) and outs[nr] is not None else rec.view_of.get(index)
+        else:
+            name = None
+        if name is not None:
+            found.append(name)
+    return found
 
 
 def _saved_tensors(node: Any) -> list[torch.Tensor]:
@@ -491,14 +513,29 @@ def _profile_once(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: boo
 def _finish(rec: _Recorder) -> list[Value]:
     """Attach bwd_reads from the autograd nodes' saved tensors, then freeze the values."""
     reads: dict[str, list[str]] = defaultdict(list)
+    extra_deps: dict[str, list[str]] = defaultdict(list)
+    differentiable: set[str] = set()
     names = {v["name"] for v in rec.values}
+    node_op = {node_id: index for index, node_id in rec.op_nodes.items()}
     for index, node_id in rec.op_nodes.items():
-        op = rec.ops[index]
+        op, node = rec.ops[index], rec.nodes[node_id]
         own = [o for o in op.outputs if o is not None]
+        custom = isinstance(node, torch.autograd.function.BackwardCFunction)
+        if custom:
+            # A custom autograd.Function runs its forward's ops under no_grad: none of them has a
+            # node, and its outputs do not require grad, so the graph would cut the gradient at
+            # the Function's inputs. Its one node reads what ctx saved; when the Function returns
+            # a view of a tensor it made (mambapy's pscan returns X.transpose(2, 1)[:, :L]), the
+            # node hangs on that view: the value it aliases is the Function's output.
+            if not own and rec.view_of.get(index) in names:
+                own = [rec.view_of[index]]
+            for o in own:
+                differentiable.add(o)
+                extra_deps[o].extend(n for n in _function_inputs(rec, node, node_op) if n in names and n != o)
         if not own:
             continue  # views: their backward reads sizes, not tensors
         io = rec.op_io[index]
-        for t in _saved_tensors(rec.nodes[node_id]):
+        for t in _saved_tensors(node):
             key = storage_key(t)
             name = io.get(key) or rec.owner.get(key)
             if name is None or name not in names:
@@ -525,10 +562,12 @@ def _finish(rec: _Recorder) -> list[Value]:
     for v in rec.values:
         own_pos = position[v["name"]]
         bwd = tuple(r for r in reads.get(v["name"], ()) if position[r] <= own_pos)
+        deps = tuple(dict.fromkeys((*v["deps"], *(d for d in extra_deps.get(v["name"], ()) if position[d] < own_pos))))
         out.append(value(
-            v["name"], v["num_bytes"], kind=v["kind"], flops=v["flops"], deps=v["deps"], bwd_reads=bwd,
+            v["name"], v["num_bytes"], kind=v["kind"], flops=v["flops"], deps=deps, bwd_reads=bwd,
             bytes_moved=v["bytes_moved"], module=v["module"], role=v["role"],
             # Autograd marks outputs after dispatch returns: read the flag now, after the forward.
-            requires_grad=bool(v["tensor"].requires_grad) if v["role"] is Role.ACTIVATION else None,
+            requires_grad=bool(v["tensor"].requires_grad or v["name"] in differentiable)
+            if v["role"] is Role.ACTIVATION else None,
         ))
     return out

@@ -161,6 +161,11 @@ def _mutated_arg(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
     raise OpSequenceError(f"{func} is marked in-place but mutates no argument")
 
 
+def _whole_storage(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of `t`'s whole storage, as a flat uint8 tensor (no copy)."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+
 def _extent_bytes(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> int:
     if any(n == 0 for n in shape):
         return 0
@@ -275,7 +280,9 @@ class _ForwardMode(TorchDispatchMode):
             tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             kept = []
             for j in step.cache:
-                t = tensors[j].detach()
+                # An in-place op may write part of its storage (mambapy's pscan adds into slices
+                # of X): what it leaves, and what the plan keeps, is the whole storage.
+                t = _whole_storage(tensors[j]) if step.inplace else tensors[j].detach()
                 if j in step.offload and t.device.type != "cpu":
                     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
                     t = host.copy_(t, non_blocking=True)
@@ -325,13 +332,19 @@ class _ReplayMode(TorchDispatchMode):
         if step.restore_rng:
             _set_rng(_rng_device(step), self.state.rng.pop(k))
         if step.alias_of is not None and self.state.cache.get(step.alias_of):
-            return tree_unflatten([self.state.cache[step.alias_of][0]], step.out_spec)
+            # The storage this op allocated, as the in-place ops after it left it: the kept one.
+            _, shape, stride, dtype, device = step.out_leaves[0]
+            kept = self.state.cache[step.alias_of][0].to(device, non_blocking=True)
+            return tree_unflatten([torch.empty(0, dtype=dtype, device=device).set_(
+                kept.untyped_storage(), 0, shape, stride)], step.out_spec)
         cached = dict(zip(step.cache, self.state.cache.pop(k, [])))
-        if step.inplace:  # autograd returns the mutated argument; give it the kept contents
+        if step.inplace:  # autograd returns the mutated argument; give its storage the kept contents
             target = _mutated_arg(func, args, kwargs)
             kept = next(iter(cached.values()), None)
             if kept is not None and kept.untyped_storage()._cdata != target.untyped_storage()._cdata:
-                target.copy_(kept)
+                whole = _whole_storage(target)
+                n = min(whole.numel(), kept.numel())
+                whole[:n].copy_(kept[:n])
             return target if len(step.out_leaves) == 1 else tree_unflatten([target], step.out_spec)
         leaves, j = [], 0
         for leaf in step.out_leaves:
