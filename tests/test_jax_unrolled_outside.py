@@ -208,3 +208,20 @@ def test_unrepeated_program_is_planned_in_pieces_within_the_budget():
         return
     assert measured <= 0.5 * temp_bytes(loss, *args)
     assert rel_err(jax.grad(planned)(*args), jax.grad(loss)(*args)) <= 1e-6
+
+
+def test_values_only_returned_do_not_hide_the_cuts():
+    """Batch-norm-style statistics each layer returns as new state (haiku's ResNet) are alive
+    until the function returns; they must not count as crossing every cut (it was one block)."""
+    loss, (params, x) = _unrepeated()
+
+    def with_stats(params, x):
+        stats = []
+        for k, w in enumerate(params):
+            x = jnp.tanh(x @ w) * (1.0 + 0.1 * k)
+            stats.append(jnp.mean(x, axis=0))
+        return jnp.mean(x**2), stats
+
+    planner, f = planner_of(rk.auto(with_stats, budget=1.0))
+    traced = planner.prepare(f, (params, x), {})[0].traced
+    assert traced.pieces and traced.graph.num_blocks >= 4

@@ -232,13 +232,12 @@ def _layers(fn: FlatFn, ops: list[int]) -> tuple[list[list[int]], bool]:
         for a in fn.ops[k].ins:
             if not isinstance(a, Lit):
                 last_use[a] = k
-    for a in fn.outvars:
-        if not isinstance(a, Lit):
-            last_use[a] = len(fn.ops)
     # Only values a gradient flows through count: float values computed from float inputs or
     # parameters. An attention mask or a position table made from integer tokens (Flax lm1b's
     # `decoder_mask`), and dropout bits made from a key, are read by every layer but carry no
-    # gradient; they are kept like constants and must not hide the cuts between layers.
+    # gradient; they are kept like constants and must not hide the cuts between layers. Nor do
+    # values only waiting to be returned (batch-norm statistics a model returns as new state:
+    # haiku's ResNet was one block): the function's outputs are not uses here.
     diff = {v for v in fn.invars if is_float(fn.avals[v])}
     live: set[int] = set()
     cuts = []
