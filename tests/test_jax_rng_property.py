@@ -169,7 +169,7 @@ class LinenStack(nn.Module):
         return jnp.mean(jnp.tanh(x) ** 2)
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(num_layers=st.sampled_from([2, 4]), mid=st.booleans(), raw=st.booleans(), budget=st.floats(0.1, 1.0))
 def test_linen_scan_make_rng_exact(num_layers, mid, raw, budget):
     model = LinenStack(num_layers, mid)
