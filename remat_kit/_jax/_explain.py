@@ -32,6 +32,7 @@ class Explanation:
     predicted_activation_bytes: int
     baseline_activation_bytes: int
     measured: dict[str, float] | None = None  # temp bytes and FLOPs, none vs plan
+    budget_meaning: str = ""  # what the budget bounds: the whole step, or one call of a layer (`_api.budget_meaning`)
 
     @property
     def predicted_fraction(self) -> float:
@@ -47,7 +48,8 @@ class Explanation:
 
 
 def _summary(e: Explanation) -> list[str]:
-    out = [f"predicted activation memory: {format_bytes(e.predicted_activation_bytes)} = {e.predicted_fraction:.1%} of no remat "
+    out = [f"budget {e.plan.budget} bounds {e.budget_meaning}"] if e.budget_meaning else []
+    out += [f"predicted activation memory: {format_bytes(e.predicted_activation_bytes)} = {e.predicted_fraction:.1%} of no remat "
            f"({format_bytes(e.baseline_activation_bytes)}); recompute {e.plan.predicted_recompute_flops / 1e9:.3f} GFLOP; {e.plan.summary()}"]
     m = e.measured
     if m:
@@ -71,7 +73,7 @@ def explain(target: Any, *example_args: Any, measure: bool = False, budget: obje
     entry, dyn_vals = planner.prepare(f, args, example_kwargs)
     traced, plan = entry.traced, entry.plan
     result = Explanation(plan=plan, rows=_rows(traced, plan), predicted_activation_bytes=plan.predicted_activation_bytes,
-                         baseline_activation_bytes=plan.baseline_activation_bytes)
+                         baseline_activation_bytes=plan.baseline_activation_bytes, budget_meaning=entry.budget_meaning)
     if measure:
         result.measured = measure_plan(traced, entry.decisions, dyn_vals, segments=entry.segments)
         if result.measured["temp_fraction"] > max(result.predicted_fraction, _budget_fraction(plan)) + TOLERANCE:

@@ -15,10 +15,11 @@ Three cases, by the structure `_graph.build` found:
   recomputed, as √n checkpointing and rotor do; `_apply` runs a segment as one region). On a
   chain of small blocks the kept boundaries are the floor of one checkpoint per block, and only
   segments go below it;
-* one block (the target is one layer, e.g. a scan body or a decorated layer class): the layer
-  repeats, so a fractional budget bounds what each call keeps for its backward, as a fraction
-  of what no remat keeps (the activation memory of a deep stack of it, up to one layer's
-  recompute transient). A byte budget bounds the single call's whole peak.
+* one layer its caller repeats (`per_call`: a decorated layer class or a scan body, one block):
+  a fractional budget bounds what each call keeps for its backward, as a fraction of what no
+  remat keeps (the activation memory of a deep stack of it, up to one layer's recompute
+  transient). A byte budget bounds the single call's whole peak. A function or model of one
+  block is planned as a whole step like any other (the core's `solve`).
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def scan_groups(num_layers: int) -> list[int]:
 
 
 def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool, device: DeviceSpec | None = None,
-           max_segment_blocks: int | None = None, scan_group: int | None = None) -> Plan:
+           max_segment_blocks: int | None = None, scan_group: int | None = None, per_call: bool = False) -> Plan:
     """The plan for `traced` under `budget` (see the module doc). `max_segment_blocks` overrides
     `segment_cap` on unrolled chains (the verifier asks for coarser segments with it);
-    `scan_group` g restricts scans to g layers per loop step (1: per-layer plans only)."""
+    `scan_group` g restricts scans to g layers per loop step (1: per-layer plans only);
+    `per_call`: `traced` is one layer its caller repeats, and a fractional budget bounds what
+    one call keeps (otherwise it bounds the whole step, one block or many)."""
     graph = traced.graph
     parsed = parse_budget(budget)
     device = device or DeviceSpec()
@@ -62,7 +65,7 @@ def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool,
         return Plan.from_decisions(graph, {}, budget=str(parsed), solver="none")
     if scans:
         return _uniform_scans(traced, scans, parsed, budget, offload, device, scan_group)
-    if graph.num_blocks >= 2 or parsed.kind == "bytes":
+    if graph.num_blocks >= 2 or parsed.kind == "bytes" or not per_call:
         span = 1
         if solver in (None, "dp") and not traced.scans:
             span = segment_cap(graph.num_blocks) if max_segment_blocks is None else max(1, min(max_segment_blocks, graph.num_blocks))
