@@ -241,7 +241,7 @@ def _run_scan(traced: Traced, k: int, op: Any, invals: list[Any], decisions: dic
     nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
     consts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
 
-    def layer(carry, x):
+    def layer(carry, x, consts=consts):
         env = run(body, list(consts) + list(carry) + list(x), after=tag)
         outs = read_outs(body, env)
         return outs[:ncarry], outs[ncarry:]
@@ -251,8 +251,12 @@ def _run_scan(traced: Traced, k: int, op: Any, invals: list[Any], decisions: dic
         xs = [jnp.reshape(a, (length // group, group, *(d for d in jnp.shape(a)[1:] if d != 1))) for a in xs]
     if rematted:
         policy = policy_for(saved, offloaded)
-        if unroll is True:  # fully unrolled (for counting FLOPs): XLA would merge the recompute into the forward
-            step = _flat_ordered(step, policy, ncarry)
+        # Unrolled for counting FLOPs, or by the user (penzai's LayerStack scans with unroll=True):
+        # straight-line code, where XLA would run a plain checkpoint's recompute in the forward, as on
+        # unrolled layers (see the module doc; penzai's Llama stack compiled to 1.00 of no remat).
+        user_unroll = p.get("unroll", 1)
+        if unroll is True or (not unroll and (user_unroll is True or (not isinstance(user_unroll, bool) and user_unroll > 1))):
+            step = _flat_ordered(step, policy, ncarry, consts)
         else:  # inside a scan the loop orders the recompute; no CSE prevention needed
             step = jax.checkpoint(step, policy=policy, prevent_cse=group > 1)
     # `unroll` True: fully; an int k > 1: k layers per loop step (FLOPs by difference, see benchmarks)
@@ -267,23 +271,27 @@ def _grouped_step(layer: Any, group: int, reverse: bool, shapes: Sequence[tuple]
     """One loop step of `group` layers: iteration j of the step gets slice j of each scanned input,
     in its per-layer `shapes` (in reverse order for a reverse scan, as the scan itself runs them)."""
 
-    def step(carry, xg):
+    def step(carry, xg, **consts):
         ys: list[Any] = [None] * group
         for j in (reversed(range(group)) if reverse else range(group)):
-            carry, ys[j] = layer(carry, [jnp.reshape(a[j], shape) for a, shape in zip(xg, shapes)])
+            carry, ys[j] = layer(carry, [jnp.reshape(a[j], shape) for a, shape in zip(xg, shapes)], **consts)
         return carry, [jnp.stack([y[i] for y in ys]) for i in range(len(ys[0]))]
 
     return step
 
 
-def _flat_ordered(step: Any, policy: Any, ncarry: int) -> Any:
+def _flat_ordered(step: Any, policy: Any, ncarry: int, consts: Sequence[Any] = ()) -> Any:
+    """`step` under `ordered_remat`; the scan's consts are passed in explicitly (a custom VJP may
+    not close over values it is differentiated with respect to: parameters a body closes over)."""
+    nc = len(consts)
+
     def flat(*vals):
-        carry, ys = step(list(vals[:ncarry]), list(vals[ncarry:]))
+        carry, ys = step(list(vals[nc:nc + ncarry]), list(vals[nc + ncarry:]), consts=list(vals[:nc]))
         return list(carry) + list(ys)
 
     def wrapped(carry, x):
-        rematted = ordered_remat(flat, policy, [False] * (len(carry) + len(x)))
-        outs = rematted(*carry, *x)
+        rematted = ordered_remat(flat, policy, [True] * nc + [False] * (len(carry) + len(x)))
+        outs = rematted(*consts, *carry, *x)
         return outs[:ncarry], outs[ncarry:]
 
     return wrapped
