@@ -3,7 +3,13 @@
 * mambapy's Jamba: its Mamba layers run `pscan`, a custom autograd.Function whose forward clones
   its inputs, adds and multiplies into strided slices of the clones in place (under no_grad, as
   every Function's forward runs), saves its input and the scanned clone with ctx, and returns a
-  view of the clone. `_Scan` below is that shape, small.
+  view of the clone; its backward pads a copy of its input and multiplies into temporaries, and
+  the clone of A, multiplied in place last, is never read again. `_Scan` below is that shape,
+  small. Gradients were wrong (placeholders handed to the Function), and memory measured over the
+  prediction (the backward's temporaries were not in the memory model; the unread clone was,
+  as an output alive to the end of the forward).
+* Qwen2-MoE at its named floor measured 0.3506 of no remat at 0.339: `aten.index`'s backward
+  (the expert gather) fills a zeros buffer the size of its input besides the gradient.
 * Hugging Face ViT at 0.3: the InfeasibleBudgetError named 0.313, and 0.313 passed back was
   refused with the same error. The solver's least plan kept dropout masks half made (empty_like,
   bernoulli_, before div_ rewrites them in place), which the replay cannot keep and recomputes, so
@@ -46,8 +52,9 @@ class _Scan(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a_in, h = ctx.saved_tensors
         grad = grad.clone()
+        shifted = F.pad(a_in[:, 1:], (0, 0, 0, 1))  # a[t + 1]: a copy the size of a, as pscan's backward makes
         for t in range(grad.size(1) - 2, -1, -1):
-            grad[:, t] += a_in[:, t + 1] * grad[:, t + 1]
+            grad[:, t] += shifted[:, t] * grad[:, t + 1]
         grad_a = torch.zeros_like(a_in)
         grad_a[:, 1:] = h.transpose(1, 2)[:, :-1] * grad[:, 1:]
         return grad_a, grad
@@ -56,13 +63,12 @@ class _Scan(torch.autograd.Function):
 class _ScanLayer(nn.Module):
     def __init__(self):
         super().__init__()
-        self.inp, self.out, self.drop = nn.Linear(D, 2 * D), nn.Linear(D, D), nn.Dropout(0.1)
+        self.a, self.u, self.out, self.drop = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D), nn.Dropout(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, u = self.inp(x).chunk(2, -1)
         # The decay's last op (an add of a scalar) saves nothing: only the scan's ctx reads it.
-        decay = torch.tanh(a) * 0.4 + 0.5
-        return x + self.drop(self.out(_Scan.apply(decay, torch.tanh(u))))
+        decay = torch.tanh(self.a(x)) * 0.4 + 0.5
+        return x + self.drop(self.out(_Scan.apply(decay, torch.tanh(self.u(x)))))
 
 
 class _ScanNet(nn.Module):
@@ -73,11 +79,11 @@ class _ScanNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x)
-        return x
+        return x.pow(2).mean()  # the loss inside the model, so its backward is profiled too
 
 
-def _loss(y: torch.Tensor) -> torch.Tensor:
-    return y.pow(2).mean()
+def _loss(loss: torch.Tensor) -> torch.Tensor:
+    return loss
 
 
 def _grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -131,6 +137,52 @@ def test_custom_inplace_scan_gradients_exact(budget: float) -> None:
         return
     assert max_rel_err(got, want) <= 1e-6
     assert max_rel_err(_grads(rematted, x), want) <= 1e-6  # the second step, from the cached plan
+
+
+# What the tracker sees beyond the model (the loss scalar and its seed gradient), as a share of no
+# remat (tests/test_torch_memory_gap.py).
+TOLERANCE = 0.002
+
+
+def test_scan_memory_as_predicted() -> None:
+    model, x = _scan_setup()
+    tg = compile_plan(model, (x,), {}, 1.0).tg
+    torch.manual_seed(1)
+    none = measure_step(model, (x,), loss_fn=_loss, count_flops=False).activation_bytes
+    # No remat's figure, the budget's measure, is the step's within 1% and not above it (it
+    # counted each unread clone of A to the end of the forward: over by 4%).
+    assert 0.99 * none <= tg.baseline_bytes <= (1 + TOLERANCE) * none, (tg.baseline_bytes, none)
+    for budget in (0.5, 0.7):
+        rematted = remat_kit.auto(copy.deepcopy(model), budget)
+        torch.manual_seed(1)
+        measured = measure_step(rematted, (x,), loss_fn=_loss, count_flops=False).activation_bytes
+        predicted = remat_kit.plan_of(rematted)[-1].predicted_activation_bytes
+        assert measured <= budget * none
+        # The prediction bounds the step (the scan's backward pad and temporaries were left out:
+        # 0.679 measured at 0.669 predicted).
+        assert measured <= predicted + TOLERANCE * none, (budget, measured / none, predicted / none)
+
+
+class _Gather(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x.reshape(-1, D))
+        perm = torch.arange(h.shape[0] - 1, -1, -1)
+        return h[perm].pow(2).sum()
+
+
+def test_backward_workspace_of_a_gather() -> None:
+    from remat_kit._torch._profile import profile
+
+    x = torch.randn(BATCH, SEQ, D)
+    prof = profile(_Gather(), (x,), {}, fake=True)
+    gather = next(v for v in prof.values if v.name.endswith("aten.index.0"))
+    # index's backward: zeros the size of its input, and the gradient index_put makes of them.
+    assert gather.bwd_workspace_bytes >= BATCH * SEQ * D * 4
+    assert all(v.bwd_workspace_bytes == 0 for v in prof.values if v.name.endswith("aten.sum.0"))
 
 
 class _Attention(nn.Module):
@@ -194,3 +246,23 @@ def test_named_floor_is_met_when_passed_back() -> None:
     torch.manual_seed(1)
     measured = measure_step(rematted, inputs, loss_fn=lambda loss: loss, count_flops=False).activation_bytes
     assert measured <= named * none
+
+
+def test_replay_scratch_is_not_sized_by_in_place_ops() -> None:
+    # A skipped in-place op hands back its target, never a placeholder: its output does not size
+    # the placeholders' shared buffer (mambapy's pscan: the last in-place multiply into the clone
+    # of A, a (B, L, ED, N) slice, made Jamba's segment replay allocate 128KiB the model did not
+    # count: 0.547 of no remat measured at 0.519 predicted).
+    from remat_kit._torch._replay import SKIP, Region, Step, _State
+    from torch.utils._pytree import tree_flatten
+
+    def step(func: str, shape: tuple[int, ...], inplace: bool) -> Step:
+        t = torch.empty(shape)
+        spec = tree_flatten(t)[1]
+        return Step(func, SKIP, (), (), False, inplace, spec, (("t", shape, t.stride(), t.dtype, t.device),))
+
+    region = Region("layer", "layer", (step("aten.mul.Tensor", (4, 4), False), step("aten.mul_.Tensor", (64, 64), True)))
+    state = _State(region)
+    state.begin_replay()
+    placeholder = state.placeholder((4, 4), (4, 1), torch.float32, torch.device("cpu"), shared=True)
+    assert placeholder.untyped_storage().nbytes() == 4 * 4 * 4

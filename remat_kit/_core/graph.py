@@ -115,6 +115,8 @@ class Value:
       module: the module / layer path it belongs to (e.g. ``layers.3.attn``).
       block: index of the chain block it belongs to; recompute happens per block.
       requires_grad: whether a gradient buffer flows back through it.
+      bwd_workspace_bytes: bytes its op's backward holds for a moment besides the gradients it
+        returns (temporaries of the backward formula: a pad, a zeros buffer to scatter into).
       meta: free-form adapter data (op index, primitive name, dtype...); not part of the identity.
     """
 
@@ -130,6 +132,7 @@ class Value:
     block: int = 0
     requires_grad: bool = True
     meta: tuple[tuple[str, Any], ...] = ()
+    bwd_workspace_bytes: int = 0
 
     @property
     def is_activation(self) -> bool:

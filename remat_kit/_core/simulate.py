@@ -98,6 +98,7 @@ class _Static:
     block: list[int]
     needed0: list[bool]  # residuals and forced values: needed whatever the plan
     later_block: list[int]  # forced values: the earliest later block that reads them (own block if none)
+    workspace: list[int]  # bytes a value's backward holds for a moment besides gradients
 
 
 def _static(graph: CostGraph) -> _Static:
@@ -116,6 +117,7 @@ def _static(graph: CostGraph) -> _Static:
                 min((block[c] for c in (*graph.consumers[i], *graph.bwd_readers[i]) if block[c] > block[i]), default=block[i])
                 for i in range(len(vals))
             ],
+            workspace=[v.bwd_workspace_bytes for v in vals],
         )
     return graph._cache[key]
 
@@ -288,7 +290,9 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared
                 if gets_grad[j] and not grad_live[j]:
                     grad_live[j] = True
                     live += size[j]
+            live += st.workspace[t]
             record("grad", t, b)
+            live -= st.workspace[t]
             grad_live[t] = False
             live -= size[t]
         for i in frees_at[m]:

@@ -85,8 +85,10 @@ def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = Non
     layers = candidate_layers(module)
     if mode == "real" or _uses_fsdp(module):
         # FSDP2's unshard/reshard hooks keep state across calls; a fake run leaves fake
-        # unsharded parameters behind. Profile with real tensors (one forward's memory, once).
-        return profile(module, args, kwargs, fake=False, call=call, layers=layers)
+        # unsharded parameters behind. Profile with real tensors (one forward's memory, once),
+        # and no backward there (it would reduce-scatter gradients).
+        return profile(module, args, kwargs, fake=False, call=call, layers=layers,
+                       measure_backward=not _uses_fsdp(module))
     if mode == "replicate":
         found = profile_replicated(module, args, kwargs, call=call, real_prologue=True)
         if found is not None:

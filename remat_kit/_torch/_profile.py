@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -264,6 +265,78 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+class _BackwardMeter(TorchDispatchMode):
+    """Live storage during a backward, and each autograd node's transient peak above it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.node: int | None = None
+        self.start = self.peak = 0
+        self.workspace: dict[int, int] = {}  # node id -> bytes
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int, _ref: Any) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # views and in-place ops allocate nothing
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and (key := storage_key(t)) not in self._seen:
+                st = t.untyped_storage()
+                self._seen.add(key)
+                self.live += st.nbytes()
+                weakref.finalize(st, self._free, key, st.nbytes(), None)
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def enter_node(self, node_id: int) -> None:
+        self.node, self.start, self.peak = node_id, self.live, self.live
+
+    def leave_node(self, node_id: int) -> None:
+        if self.node == node_id:
+            # Above both ends: the gradients it made are counted by the simulator as buffers.
+            extra = self.peak - max(self.start, self.live)
+            if extra > 0:
+                self.workspace[node_id] = max(self.workspace.get(node_id, 0), extra)
+        self.node = None
+
+
+def backward_workspace(rec: _Recorder, out: Any, root: torch.nn.Module) -> dict[int, int]:
+    """Op index -> bytes its backward allocates and frees again besides the gradients it returns.
+
+    The memory model gives each backward op its input gradients as buffers; some formulas hold
+    more at once: mambapy's pscan backward (a custom Function) pads a copy of its input and
+    multiplies into a temporary (a tenth of Jamba's no-remat peak), and `aten.index`'s backward
+    fills a zeros buffer of its input's size (Qwen2-MoE's expert gather). Measured by running
+    the backward of the profiled forward once (on fake tensors in a fake profile), gradients
+    returned to this function, none stored in `.grad`. Empty where that backward cannot run.
+    """
+    outputs = [t for t in reachable_tensors(out) if t.requires_grad and t.is_floating_point()]
+    leaves = [p for p in root.parameters() if p.requires_grad]
+    if not outputs or not leaves:
+        return {}
+    meter = _BackwardMeter()
+    op_of = {node_id: index for index, node_id in rec.op_nodes.items()}
+    handles = []
+    for node_id, node in rec.nodes.items():
+        handles.append(node.register_prehook(lambda _g, node_id=node_id: meter.enter_node(node_id)))
+        handles.append(node.register_hook(lambda _gi, _go, node_id=node_id: meter.leave_node(node_id)))
+    try:
+        with meter:
+            seeds = [torch.ones_like(t) for t in outputs]
+            torch.autograd.grad(outputs, leaves, seeds, retain_graph=True, allow_unused=True)
+    except Exception:  # noqa: BLE001 - a backward that reads values a fake tensor lacks: no workspace known
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    return {op_of[node_id]: extra for node_id, extra in meter.workspace.items() if node_id in op_of}
+
+
 def _function_inputs(rec: _Recorder, node: Any, node_op: dict[int, int]) -> list[str]:
     """The values a custom autograd.Function was applied to, found through its node's edges."""
     found = []
@@ -441,26 +514,29 @@ def user_tools_paused():
 
 
 def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = True, call: Any = None,
-            layers: list[str] | None = None, real_prologue: bool = False) -> Profile:
+            layers: list[str] | None = None, real_prologue: bool = False, measure_backward: bool = True) -> Profile:
     """Run `root(*args, **kwargs)` once under the recorder and return its ops and values.
 
     Needs grad mode on (what `auto` plans is a training step). With `fake=True` the run is under
     FakeTensorMode: real parameters are read for their shapes only; with `real_prologue` too,
     the code before the first of `layers` runs on real tensors (see _FakeFromFirstLayer), and
     where it cannot (parameters on the meta device, say) the whole forward runs fake. The user's
-    dispatch modes and global module hooks do not see it (`user_tools_paused`).
+    dispatch modes and global module hooks do not see it (`user_tools_paused`). With
+    `measure_backward` the backward runs once too, for its workspace (`backward_workspace`).
     """
     with user_tools_paused():
         if fake and real_prologue and layers and not any(p.is_meta for p in root.parameters()):
             try:
-                return _profile_once(root, args, kwargs, fake=True, call=call, layers=layers, real_prologue=True)
+                return _profile_once(root, args, kwargs, fake=True, call=call, layers=layers, real_prologue=True,
+                                     measure_backward=measure_backward)
             except Exception:  # noqa: BLE001 - a prologue that reads values it cannot have: run it all fake
                 pass
-        return _profile_once(root, args, kwargs, fake=fake, call=call, layers=layers, real_prologue=False)
+        return _profile_once(root, args, kwargs, fake=fake, call=call, layers=layers, real_prologue=False,
+                             measure_backward=measure_backward)
 
 
 def _profile_once(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool, call: Any,
-                  layers: list[str] | None, real_prologue: bool) -> Profile:
+                  layers: list[str] | None, real_prologue: bool, measure_backward: bool) -> Profile:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
@@ -500,7 +576,9 @@ def _profile_once(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: boo
                 for g, st in rec.generators.values():
                     g.set_state(st)
             rec._capture_nodes()
-            values = _finish(rec)
+            workspace = backward_workspace(rec, out, root) if measure_backward else {}
+            returned = {rec.owner.get(storage_key(t)) for t in reachable_tensors(out)}
+            values = _finish(rec, workspace, {n for n in returned if n is not None})
             del out
     # Autocast caches parameter casts per region; the ones made here are fake tensors.
     torch.clear_autocast_cache()
@@ -510,11 +588,14 @@ def _profile_once(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: boo
                    real_prologue=late is not None and late.switched)
 
 
-def _finish(rec: _Recorder) -> list[Value]:
-    """Attach bwd_reads from the autograd nodes' saved tensors, then freeze the values."""
+def _finish(rec: _Recorder, workspace: dict[int, int], returned: set[str]) -> list[Value]:
+    """Attach bwd_reads from the autograd nodes' saved tensors and the backward workspace of each
+    op (`workspace`: op index -> bytes), then freeze the values (`returned`: what the forward
+    returns)."""
     reads: dict[str, list[str]] = defaultdict(list)
     extra_deps: dict[str, list[str]] = defaultdict(list)
     differentiable: set[str] = set()
+    spent: dict[str, int] = {}  # value -> transient bytes its op's backward allocates besides gradients
     names = {v["name"] for v in rec.values}
     node_op = {node_id: index for index, node_id in rec.op_nodes.items()}
     for index, node_id in rec.op_nodes.items():
@@ -534,6 +615,9 @@ def _finish(rec: _Recorder) -> list[Value]:
                 extra_deps[o].extend(n for n in _function_inputs(rec, node, node_op) if n in names and n != o)
         if not own:
             continue  # views: their backward reads sizes, not tensors
+        if workspace.get(index):
+            # The op's backward runs at the first of its outputs the backward reaches: the last.
+            spent[own[-1]] = workspace[index]
         io = rec.op_io[index]
         for t in _saved_tensors(node):
             key = storage_key(t)
@@ -570,4 +654,22 @@ def _finish(rec: _Recorder) -> list[Value]:
             requires_grad=bool(v["tensor"].requires_grad or v["name"] in differentiable)
             if v["role"] is Role.ACTIVATION else None,
         ))
-    return out
+        if v["name"] in spent:
+            out[-1] = dataclasses.replace(out[-1], bwd_workspace_bytes=spent[v["name"]])
+    rewrites = {n for op in rec.ops if op.inplace for n in op.outputs if n is not None}
+    return _dangling_dropped(out, rewrites - returned - {n for names in rec.returned.values() for n in names})
+
+
+def _dangling_dropped(values: list[Value], candidates: set[str]) -> list[Value]:
+    """The last in-place rewrites of a storage that no op, no backward and no module reads, as
+    no bytes and no gradient.
+
+    The memory model takes an activation nobody reads for an output of the step, alive until its
+    backward; in torch it is garbage once the Python code drops it. mambapy's pscan multiplies its
+    clone of A in place last and never reads it again: two (B, L, ED, N) outputs, a tenth of
+    Jamba's no-remat peak, counted to the end of the forward. (Its earlier versions, read by the
+    in-place ops after them, still count until then.) Only in-place results: a value an op makes
+    anew is left an output, an upper bound."""
+    read = {n for v in values for n in (*v.deps, *v.bwd_reads)}
+    return [dataclasses.replace(v, num_bytes=0, requires_grad=False, bwd_workspace_bytes=0)
+            if v.is_activation and v.name in candidates and v.name not in read else v for v in values]

@@ -201,7 +201,7 @@ class _State:
         if self._scratch_bytes is None:
             self._scratch_bytes = {}
             for step in self.region.steps:
-                if step.action == RUN or step.written:
+                if step.action == RUN or step.written or step.inplace:  # in-place ones return their target
                     continue
                 for leaf in step.out_leaves:
                     if isinstance(leaf, tuple) and leaf and leaf[0] == "t":
