@@ -317,8 +317,8 @@ def backward_workspace(rec: _Recorder, out: Any, root: torch.nn.Module) -> dict[
     """
     outputs = [t for t in reachable_tensors(out) if t.requires_grad and t.is_floating_point()]
     leaves = [p for p in root.parameters() if p.requires_grad]
-    if not outputs or not leaves:
-        return {}
+    if not outputs or not leaves or any(m._backward_hooks or m._backward_pre_hooks for m in root.modules()):
+        return {}  # (module backward hooks are the user's code: a profile must not call them)
     meter = _BackwardMeter()
     op_of = {node_id: index for index, node_id in rec.op_nodes.items()}
     handles = []
