@@ -45,7 +45,7 @@ def test_torch_errors_name_the_argument_and_say_what_to_pass():
         rk.plan_of(TinyGPT(layers=1))
     with pytest.raises(ValueError, match=r"plan_of\(target=TinyGPT\): a torch module class has no plans.*instance"):
         rk.plan_of(TinyGPT)
-    model = rk.auto(TinyGPT(layers=1), budget=0.7)
+    model = rk.auto(TinyGPT(layers=4), budget=0.7)  # one layer cannot reach 0.7 of a whole step (floor 0.92)
     model(*tokens(seq=16)).backward()
     rk.unwrap(model)
     with pytest.raises(ValueError, match="not made by remat_kit.auto"):
