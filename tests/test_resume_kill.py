@@ -167,16 +167,24 @@ def test_preemption_handler_in_process_defers_then_exits_and_a_second_signal_is_
         preemption.exit_if_requested(ckpt, 0, {"x": 1})  # nothing received: returns
         assert not preemption.requested and ckpt.all_steps() == []
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
+        _wait_for(lambda: preemption.requested)
         assert preemption.requested and preemption.received == signal.SIGINT
         with pytest.raises(SystemExit) as exit_info:
             preemption.exit_if_requested(ckpt, 3, {"x": np.arange(3)})
         assert exit_info.value.code == resume.EXIT_PREEMPTED
     assert resume.Resumable(tmp_path).restore(3)["x"].tolist() == [0, 1, 2]
-    with resume.PreemptionHandler(signals=(signal.SIGINT,)):
+    with resume.PreemptionHandler(signals=(signal.SIGINT,)) as second:
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
+        _wait_for(lambda: second.requested)
         with pytest.raises(KeyboardInterrupt):  # second Ctrl-C: the default behavior again
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
+            _wait_for(lambda: False)  # the re-sent signal interrupts this wait
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> None:
+    """Polls until `condition()`: a Python signal handler runs when the main thread next checks, which
+    a fixed 50 ms sleep did not always reach on a loaded CI machine (DID NOT RAISE KeyboardInterrupt)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
