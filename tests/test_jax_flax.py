@@ -12,16 +12,9 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import remat_kit._jax as rj  # noqa: E402
+from jax_helpers import rel_err  # noqa: E402
 
 D, N = 16, 4
-
-
-def rel_err(a, b) -> float:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb) and la
-    num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb))
-    den = max(float(jnp.max(jnp.abs(y))) for y in lb)
-    return num / den
 
 
 class Block(nnx.Module):

@@ -33,6 +33,7 @@ from flax import struct  # noqa: E402
 from jax import lax  # noqa: E402
 
 import remat_kit._jax as rj  # noqa: E402
+from jax_helpers import rel_err  # noqa: E402
 from remat_kit._core.solve import InfeasibleBudgetError  # noqa: E402
 from remat_kit._core.plan import Decision  # noqa: E402
 
@@ -122,14 +123,6 @@ class ScannedLM(nn.Module):
         y, _ = stack(config, self.mlp, name="decoder")(y, decoder_mask)
         y = nn.LayerNorm(name="encoderdecoder_norm")(y)
         return nn.Dense(config.vocab_size, kernel_init=config.kernel_init, bias_init=config.bias_init, name="logitdense")(y)
-
-
-def rel_err(a, b) -> float:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb) and la
-    num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb))
-    den = max(float(jnp.max(jnp.abs(y))) for y in lb)
-    return num / den
 
 
 def lm1b(config: TransformerConfig, mlp: Any = MlpBlock):

@@ -26,18 +26,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import remat_kit._jax as rj  # noqa: E402
+from jax_helpers import rel_err  # noqa: E402
 from remat_kit._core.solve import InfeasibleBudgetError  # noqa: E402
 
 B, D, F, RATE = 64, 8, 32, 0.5  # batch x hidden activations outweigh the parameters: plans recompute
 TOL = 1e-5
-
-
-def rel_err(a, b) -> float:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb) and la
-    num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb))
-    den = max(float(jnp.max(jnp.abs(y))) for y in lb)
-    return num / den
 
 
 def dropout(key, x):
