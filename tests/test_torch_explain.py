@@ -18,6 +18,7 @@ def test_explain_prints_blocks_ops_and_measured(capsys):
     ex = rt.explain(model, idx, tgt, measure=True, loss_fn=lambda loss: loss)
     out = capsys.readouterr().out
     assert "activation memory, predicted" in out and "activation memory, measured" in out
+    assert ex.budget_meaning.startswith("the whole step") and "budget 0.6 bounds the whole step" in out
     assert [r["block"] for r in ex.block_rows] == ["pre", "h.0", "h.1", "h.2", "h.3", "post"]
     assert ex.block_rows[0]["plan"].startswith("pinned")
     # Stable value names: layer path / aten op . occurrence.
@@ -39,3 +40,23 @@ def test_explain_without_auto_and_bad_calls():
         rt.explain(model)
     with pytest.raises(ValueError, match="nn.Module instance"):
         rt.explain(TinyGPT, idx)
+
+
+def test_explain_says_a_decorated_layer_class_budget_is_per_call(capsys):
+    """A decorated layer class is planned for what each call keeps (it is one layer of the caller's
+    stack), and explain says so; it planned the instance as a whole step before."""
+
+    import remat_kit
+
+    @remat_kit.auto(budget=0.5)
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+    block = Block()
+    ex = rt.explain(block, torch.randn(64, 32, requires_grad=True))
+    assert ex.budget_meaning.startswith("per call") and "budget 0.5 bounds per call" in capsys.readouterr().out

@@ -107,3 +107,11 @@ def format_bytes(num_bytes: float) -> str:
             return f"{sign}{num_bytes:.0f}{unit}" if unit == "B" else f"{sign}{num_bytes:.2f}{unit}"
         num_bytes /= 1024
     raise AssertionError("unreachable")
+
+
+def budget_meaning(per_call: bool) -> str:
+    """What `budget` bounds for one plan, in words (both adapters' `explain` print it)."""
+    if per_call:
+        return ("per call: what one call of this layer keeps for its backward, as a fraction of what no remat keeps "
+                "(a decorated layer class or a scan body, called many times by the model around it)")
+    return "the whole step: the activation memory of one forward+backward of this function or model"

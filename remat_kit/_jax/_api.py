@@ -10,7 +10,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from remat_kit._core.budget import parse_budget
+from remat_kit._core.budget import budget_meaning, parse_budget
 from remat_kit._core.graph import DeviceSpec, Role
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.solve import InfeasibleBudgetError, _check_solver
@@ -36,14 +36,6 @@ class Entry:
     @property
     def budget_meaning(self) -> str:
         return budget_meaning(self.per_call)
-
-
-def budget_meaning(per_call: bool) -> str:
-    """What `budget` bounds for one plan, in words (`explain` prints it)."""
-    if per_call:
-        return ("per call: what one call of this layer keeps for its backward, as a fraction of what no remat keeps "
-                "(a decorated layer class or a scan body, called many times by the model around it)")
-    return "the whole step: the activation memory of one forward+backward of this function or model"
 
 
 class Planner:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from remat_kit._core.budget import format_bytes
+from remat_kit._core.budget import budget_meaning, format_bytes
 from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import _needed_and_recomputed, decision_codes, simulate
 from remat_kit._torch._apply import Compiled, auto, compile_plan, install_blocks, signature, state_of, unwrap
@@ -33,6 +33,7 @@ class Explanation:
     op_rows: tuple[dict[str, Any], ...]
     measured_none: StepMeasurement | None = None
     measured_plan: StepMeasurement | None = None
+    budget_meaning: str = ""  # what the budget bounds: the whole step, or one call of a decorated layer class
 
     @property
     def plan(self):
@@ -114,6 +115,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, measure: bool = False,
         budget = state.budget if state is not None else 1.0
     offload = (state.offload if state is not None else False) if offload is None else offload
     solver = solver if solver is not None else (state.solver if state is not None else None)
+    per_call = state.per_call if state is not None else False
     args, kwargs = tuple(example_inputs), dict(forward_kwargs)
     was_training = model.training
     model.train()
@@ -123,7 +125,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, measure: bool = False,
         compiled = state.plans.get(key) if state is not None and budget == state.budget else None
         if compiled is None:
             call = _original_forward(model)
-            compiled = compile_plan(model, args, kwargs, budget, offload=offload, solver=solver, call=call)
+            compiled = compile_plan(model, args, kwargs, budget, offload=offload, solver=solver, call=call,
+                                    per_call=per_call)
         seconds = time.perf_counter() - start
         blocks, ops = _rows(compiled)
         measured_none = measured_plan = None
@@ -131,7 +134,9 @@ def explain(model: torch.nn.Module, *example_inputs: Any, measure: bool = False,
             measured_none, measured_plan = _measure(model, compiled, args, kwargs, loss_fn)
     finally:
         model.train(was_training)
-    result = Explanation(compiled, seconds, tuple(blocks), tuple(ops), measured_none, measured_plan)
+    one_region = len(compiled.tg.segments) == 1 and compiled.tg.segments[0].module is not None
+    result = Explanation(compiled, seconds, tuple(blocks), tuple(ops), measured_none, measured_plan,
+                         budget_meaning=budget_meaning(per_call and one_region))
     if print_table:
         _print(model, result)
     return result
@@ -183,6 +188,7 @@ def _print(model: torch.nn.Module, ex: Explanation) -> None:
         f"planned in {ex.planning_seconds:.2f} s"
     )
     summary = [
+        f"budget {plan.budget or '-'} bounds {ex.budget_meaning}",
         f"activation memory, predicted: {format_bytes(plan.predicted_activation_bytes)} = "
         f"{plan.activation_fraction:.1%} of no remat ({format_bytes(plan.baseline_activation_bytes)})",
         f"recompute: {plan.predicted_recompute_flops / 1e9:.4f} GFLOP in {plan.num_recomputed_ops} ops",
