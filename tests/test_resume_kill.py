@@ -163,6 +163,15 @@ def test_kill_9_at_random_moments_always_restores_a_complete_consistent_state(se
 
 
 def test_preemption_handler_in_process_defers_then_exits_and_a_second_signal_is_not_ignored(tmp_path):
+    # Start from Python's own Ctrl-C handler whatever an earlier test left installed, and put that back.
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _defers_then_exits_and_a_second_signal_is_not_ignored(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, found)
+
+
+def _defers_then_exits_and_a_second_signal_is_not_ignored(tmp_path):
     with resume.Resumable(tmp_path, async_save=True) as ckpt, resume.PreemptionHandler() as preemption:
         preemption.exit_if_requested(ckpt, 0, {"x": 1})  # nothing received: returns
         assert not preemption.requested and ckpt.all_steps() == []
