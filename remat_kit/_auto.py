@@ -6,11 +6,29 @@ Adapters import lazily, so `import remat_kit` works with jax, torch, both or nei
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, Protocol, TypeVar, overload
 
-from remat_kit._core.budget import parse_budget
+from remat_kit._core.budget import BudgetLike, parse_budget
 from remat_kit._core.plan import Plan
 from remat_kit._core.solve import _check_solver
+
+_T = TypeVar("_T")
+
+
+class Explanation(Protocol):
+    """What `explain` returns: each adapter's own dataclass, printable as the table `explain` printed."""
+
+    @property
+    def plan(self) -> Plan:
+        """The plan `auto` would apply (or has applied) on these inputs."""
+        ...
+
+    @property
+    def budget_meaning(self) -> str:
+        """What the budget bounds for this plan: the whole step, or one call of a layer."""
+        ...
 
 
 def _is_torch_module(target: Any) -> bool:
@@ -21,7 +39,7 @@ def _is_torch_module(target: Any) -> bool:
     return isinstance(target, module_type) or (isinstance(target, type) and issubclass(target, module_type))
 
 
-def _adapter(target: Any):
+def _adapter(target: Any) -> ModuleType:
     if _is_torch_module(target):
         from remat_kit import _torch
 
@@ -36,7 +54,15 @@ def _adapter(target: Any):
     return _jax
 
 
-def auto(target: Any = None, /, budget: object = None, *, offload: bool = False, solver: str | None = None):
+@overload
+def auto(
+    target: None = None, /, budget: BudgetLike | None = None, *, offload: bool = False, solver: str | None = None
+) -> Callable[[_T], _T]: ...
+@overload
+def auto(target: float | str, /, *, offload: bool = False, solver: str | None = None) -> Callable[[_T], _T]: ...
+@overload
+def auto(target: _T, /, budget: BudgetLike, *, offload: bool = False, solver: str | None = None) -> _T: ...
+def auto(target: Any = None, /, budget: Any = None, *, offload: bool = False, solver: str | None = None) -> Any:
     """Plan and apply selective remat so a training step fits `budget` with the least recompute.
 
     Use as a decorator, ``@remat_kit.auto(budget=0.7)``, or a wrapper, ``remat_kit.auto(model, budget=0.7)``,
@@ -44,6 +70,9 @@ def auto(target: Any = None, /, budget: object = None, *, offload: bool = False,
     (class or instance). `budget` is a fraction of no-remat activation memory in (0, 1], or bytes
     per device for the whole step (an int, or a string like ``"12GiB"``). `offload=True` lets the
     plan move activations to host memory; `solver` is ``"dp"`` (default), ``"milp"`` or ``"greedy"``.
+
+    Returns what it was given, rematted: the module instance (changed in place), the class, or a
+    function with the same signature; as a decorator factory (no target), the decorator.
     """
     if budget is None and target is not None and not callable(target):
         target, budget = None, target  # auto(0.7) used as a decorator factory
@@ -57,21 +86,23 @@ def auto(target: Any = None, /, budget: object = None, *, offload: bool = False,
     if not isinstance(offload, bool):
         raise ValueError(f"offload={offload!r} must be True or False.")
 
-    def apply(obj: Any):
+    def apply(obj: Any) -> Any:
         return _adapter(obj).auto(obj, budget, offload=offload, solver=solver)
 
     return apply if target is None else apply(target)
 
 
-def explain(target: Any, *example_args: Any, measure: bool = False, **kwargs: Any):
+def explain(target: Any, *example_args: Any, measure: bool = False, **kwargs: Any) -> Explanation:
     """Print (and return) the per-layer, per-op table: bytes, recompute FLOPs, decision, predicted
     activation memory against no remat, and with `measure=True` the measured figures beside them."""
     return _adapter(target).explain(target, *example_args, measure=measure, **kwargs)
 
 
-def unwrap(target: Any):
-    """Undo `auto` on a module instance: restore its original forward (PyTorch)."""
-    return _adapter(target).unwrap(target)
+def unwrap(target: _T) -> _T:
+    """Undo `auto`: a torch module instance gets its original forward back (returned), a decorated
+    class its original ``__init__``; for a JAX function or Flax class, the original is returned."""
+    result: _T = _adapter(target).unwrap(target)
+    return result
 
 
 def plan_of(target: Any) -> list[Plan]:
@@ -89,14 +120,18 @@ def plan_of(target: Any) -> list[Plan]:
         model(tokens, targets).backward()
         plan = remat_kit.plan_of(model)[-1]     # the plan of the latest new input signature
     """
+    plans: list[Plan] | None = None
     if _is_torch_module(target):
-        from remat_kit import _torch as adapter
+        from remat_kit import _torch
+
+        plans = _torch.plan_of(target)
     else:
         try:
-            from remat_kit import _jax as adapter
+            from remat_kit import _jax
         except ImportError:  # without jax, auto could not have wrapped it
-            adapter = None
-    plans = adapter.plan_of(target) if adapter is not None else None
+            pass
+        else:
+            plans = _jax.plan_of(target)
     if plans is None:
         echo = " ".join(repr(target).split())  # a torch module's repr spans many lines
         raise ValueError(

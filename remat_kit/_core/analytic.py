@@ -27,11 +27,11 @@ def transformer_graph(
     Per layer: LN → Q, K, V projections → scores → softmax → dropout → attention over V →
     output projection → dropout → residual add → LN → FC1 → GeLU → FC2 → dropout → residual add.
     """
-    for name, v in (("num_layers", num_layers), ("seq_len", seq_len), ("batch", batch),
-                    ("hidden", hidden), ("num_heads", num_heads), ("ffn_mult", ffn_mult),
-                    ("bytes_per_elem", bytes_per_elem)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"transformer_graph({name}={v!r}): must be a positive int.")
+    for name, arg in (("num_layers", num_layers), ("seq_len", seq_len), ("batch", batch),
+                      ("hidden", hidden), ("num_heads", num_heads), ("ffn_mult", ffn_mult),
+                      ("bytes_per_elem", bytes_per_elem)):
+        if not isinstance(arg, int) or isinstance(arg, bool) or arg <= 0:
+            raise ValueError(f"transformer_graph({name}={arg!r}): must be a positive int.")
     if hidden % num_heads:
         raise ValueError(f"transformer_graph(hidden={hidden}, num_heads={num_heads}): hidden must divide by num_heads.")
     s, b, h, a, e = seq_len, batch, hidden, num_heads, bytes_per_elem

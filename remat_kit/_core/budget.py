@@ -6,6 +6,7 @@ import dataclasses
 import math
 import numbers
 import re
+from typing import TypeAlias
 
 _UNITS = {
     "b": 1,
@@ -35,6 +36,11 @@ class Budget:
 
     def __str__(self) -> str:
         return f"{self.value:g}" if self.kind == "fraction" else format_bytes(int(self.value))
+
+
+# What a user may pass as `budget=`: a fraction in (0, 1] (1 means no remat), a percentage string
+# ("70%"), an int of bytes, a size string ("12GiB"), or a parsed `Budget`.
+BudgetLike: TypeAlias = "float | int | str | Budget"
 
 
 def parse_budget(budget: object, *, argument: str = "budget") -> Budget:
@@ -91,8 +97,9 @@ def smallest_budget_text(budget: object, *, fraction: float, num_bytes: int) -> 
             return f"'{math.ceil(fraction * 1000) / 10:g}%'"
         return f"{math.ceil(fraction * 1000) / 1000:g}"
     num_bytes = int(math.ceil(num_bytes))
-    if isinstance(budget, str):
-        unit = _BYTES_RE.match(budget.strip()).group(2)
+    match = _BYTES_RE.match(budget.strip()) if isinstance(budget, str) else None
+    if match is not None:  # a size string (a bytes budget that parsed), so keep the user's unit
+        unit = match.group(2)
         amount = num_bytes / _UNITS[unit.lower()]
         digits = max(2, 3 - math.floor(math.log10(amount))) if amount > 0 else 2  # four significant digits
         return f"'{math.ceil(amount * 10**digits) / 10**digits:g}{unit}' ({num_bytes} bytes)"

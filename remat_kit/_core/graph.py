@@ -6,6 +6,7 @@ it in; the simulator and the solvers read it. Nothing here imports jax or torch.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import hashlib
@@ -36,9 +37,12 @@ class Role(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSpec:
-    """Roofline constants: recompute time = max(flops / peak_flops, bytes_moved / memory_bandwidth).
+    """Time constants: recomputing an op costs
+    ``max(flops / peak_flops, bytes_moved / memory_bandwidth) + op_overhead_seconds``
+    (a roofline plus the launch / dispatch cost every op pays, whatever its size).
 
-    Calibrate per device with `DeviceSpec.calibrated` from a measured matmul and a measured copy.
+    Calibrate per device with `DeviceSpec.calibrated` from a measured matmul, copy and tiny-op
+    dispatch; `auto` does that on the device it runs on (the adapters measure, the core prices).
     `host_bandwidth` prices offload (device to host and back).
     """
 
@@ -46,6 +50,7 @@ class DeviceSpec:
     peak_flops: float = 1.0e11  # FLOP/s
     memory_bandwidth: float = 2.0e10  # bytes/s
     host_bandwidth: float = 1.0e10  # bytes/s, one direction
+    op_overhead_seconds: float = 0.0  # per recomputed op: kernel launch, framework dispatch
 
     def __post_init__(self) -> None:
         for field in ("peak_flops", "memory_bandwidth", "host_bandwidth"):
@@ -55,6 +60,12 @@ class DeviceSpec:
                     f"DeviceSpec.{field}={value!r} must be a positive finite number "
                     f"(FLOP/s or bytes/s); pass the measured rate of your device."
                 )
+        overhead = self.op_overhead_seconds
+        if not (isinstance(overhead, (int, float)) and math.isfinite(overhead) and overhead >= 0):
+            raise ValueError(
+                f"DeviceSpec.op_overhead_seconds={overhead!r} must be a finite number >= 0 "
+                f"(seconds each recomputed op costs besides its roofline time)."
+            )
 
     @classmethod
     def preset(cls, name: str) -> DeviceSpec:
@@ -82,21 +93,30 @@ class DeviceSpec:
         copy_bytes: float,
         copy_seconds: float,
         host_bandwidth: float | None = None,
+        op_overhead_seconds: float = 0.0,
     ) -> DeviceSpec:
-        """Build constants from a measured matmul (FLOPs, seconds) and copy (bytes moved, seconds)."""
+        """Build constants from a measured matmul (FLOPs, seconds), copy (bytes moved, seconds)
+        and the time one tiny op takes end to end (`op_overhead_seconds`: launch and dispatch)."""
         for label, value in (("matmul_seconds", matmul_seconds), ("copy_seconds", copy_seconds)):
             if not value > 0:
                 raise ValueError(f"DeviceSpec.calibrated({label}={value!r}): must be > 0 seconds.")
-        bandwidth = copy_bytes / copy_seconds
+        # The measured matmul and copy paid the overhead too; what is left is their rate.
+        bandwidth = copy_bytes / max(copy_seconds - op_overhead_seconds, copy_seconds / 2)
         return cls(
             name,
-            peak_flops=matmul_flops / matmul_seconds,
+            peak_flops=matmul_flops / max(matmul_seconds - op_overhead_seconds, matmul_seconds / 2),
             memory_bandwidth=bandwidth,
             host_bandwidth=host_bandwidth if host_bandwidth is not None else bandwidth / 4,
+            op_overhead_seconds=op_overhead_seconds,
         )
 
     def seconds(self, flops: float, bytes_moved: float) -> float:
+        """Roofline time of an op (no per-op overhead)."""
         return max(flops / self.peak_flops, bytes_moved / self.memory_bandwidth)
+
+    def op_seconds(self, flops: float, bytes_moved: float) -> float:
+        """Time to recompute one op: its roofline time plus the per-op overhead."""
+        return self.seconds(flops, bytes_moved) + self.op_overhead_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +213,8 @@ class CostGraph:
     # -- construction checks -------------------------------------------------------------
     def _validate(self) -> None:
         if len(self._index) != len(self.values):
-            seen: set[str] = set()
-            dup = next(v.name for v in self.values if v.name in seen or seen.add(v.name))
+            counts = collections.Counter(v.name for v in self.values)
+            dup = next(name for name, n in counts.items() if n > 1)
             raise ValueError(f"CostGraph: value name {dup!r} appears more than once; names must be unique.")
         last_block = 0
         for i, v in enumerate(self.values):

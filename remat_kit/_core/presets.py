@@ -54,22 +54,22 @@ def sqrt_n(graph: CostGraph, num_segments: int | None = None) -> Plan:
 
 def recompute_kinds(graph: CostGraph, kinds: Iterable[OpKind | str], *, label: str = "") -> Plan:
     """Recompute every free value of the given op kinds, keep the rest."""
-    kinds = {OpKind(k) for k in kinds}
+    wanted = {OpKind(k) for k in kinds}
     return Plan.from_decisions(
         graph,
-        {graph.values[i].name: Decision.RECOMPUTE for i in graph.free_values if graph.values[i].kind in kinds},
-        solver=label or "recompute:" + ",".join(sorted(k.value for k in kinds)),
+        {graph.values[i].name: Decision.RECOMPUTE for i in graph.free_values if graph.values[i].kind in wanted},
+        solver=label or "recompute:" + ",".join(sorted(k.value for k in wanted)),
     )
 
 
 def save_only_kinds(graph: CostGraph, kinds: Iterable[OpKind | str], *, label: str = "") -> Plan:
     """Keep only values of the given kinds, recompute the rest (JAX's `dots_saveable` is MATMUL + ATTENTION
     matmuls; `dots_with_no_batch_dims_saveable` is MATMUL alone)."""
-    kinds = {OpKind(k) for k in kinds}
+    wanted = {OpKind(k) for k in kinds}
     return Plan.from_decisions(
         graph,
-        {graph.values[i].name: Decision.RECOMPUTE for i in graph.free_values if graph.values[i].kind not in kinds},
-        solver=label or "save:" + ",".join(sorted(k.value for k in kinds)),
+        {graph.values[i].name: Decision.RECOMPUTE for i in graph.free_values if graph.values[i].kind not in wanted},
+        solver=label or "save:" + ",".join(sorted(k.value for k in wanted)),
     )
 
 

@@ -19,7 +19,7 @@ class LayerScore:
     num_values: int
     saved_bytes: int  # bytes held from forward to backward under no remat (residuals)
     recompute_flops: int  # FLOPs to recompute those residuals
-    recompute_seconds: float  # roofline time for the same
+    recompute_seconds: float  # time for the same (roofline + per-op overhead)
     kept_bytes: int | None = None  # under `plan`, if one was given
     recomputed_bytes: int | None = None
     offloaded_bytes: int | None = None
@@ -72,10 +72,10 @@ def score_layers(
             module=module, kind=kind, num_values=len(vals),
             saved_bytes=sum(v.num_bytes for v in vals),
             recompute_flops=sum(v.flops for v in vals),
-            recompute_seconds=sum(device.seconds(v.flops, v.bytes_moved) for v in vals),
+            recompute_seconds=sum(device.op_seconds(v.flops, v.bytes_moved) for v in vals),
             **extra,
         ))
-    first = {}
+    first: dict[str, int] = {}
     for n, i in enumerate(graph.residuals()):
         first.setdefault(graph.values[i].module, n)
     rows.sort(key=lambda r: (first.get(r.module, -1), r.kind != "*", -r.saved_bytes))

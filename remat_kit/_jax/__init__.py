@@ -1,11 +1,16 @@
 """JAX / Flax adapter: the only place remat_kit imports jax.
 
-`remat_kit.auto` / `explain` / `plan_of` / `unwrap` dispatch here for anything that is not a torch module.
+`remat_kit.auto` / `explain` / `plan_of` / `unwrap` dispatch here for anything that is not a torch
+module; `remat_kit.measure` reaches the measuring functions through this package too. What this
+package offers the rest of remat_kit is what it exports here: other packages import nothing from
+its private modules (tests/test_import_rules.py).
 """
 
 from remat_kit._jax._api import auto as auto
 from remat_kit._jax._api import plan_of as plan_of
 from remat_kit._jax._api import unwrap as unwrap
 from remat_kit._jax._explain import explain as explain
+from remat_kit._jax._measure import auto_flops_unrolled as auto_flops_unrolled
+from remat_kit._jax._measure import compiled_flops as compiled_flops
 
-__all__ = ["auto", "explain", "plan_of", "unwrap"]
+__all__ = ["auto", "auto_flops_unrolled", "compiled_flops", "explain", "plan_of", "unwrap"]

@@ -18,8 +18,9 @@ import jax
 from remat_kit._core.budget import format_bytes
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._jax._api import Planner, _is_module_instance, _target_kind, planner_of
-from remat_kit._jax._verify import vjp_step
 from remat_kit._jax._graph import Traced
+from remat_kit._jax._measure import compiled_flops
+from remat_kit._jax._verify import vjp_step
 
 # A measured fraction this far above the prediction means the compiler did not follow the plan.
 TOLERANCE = 0.05
@@ -148,13 +149,6 @@ def measure_plan(traced: Traced, decisions: dict, dyn_vals: list, segments: tupl
     out["temp_fraction"] = out["plan_temp_bytes"] / out["none_temp_bytes"] if out["none_temp_bytes"] else 1.0
     out["extra_flops_fraction"] = out["plan_flops"] / out["none_flops"] - 1 if out["none_flops"] else 0.0
     return out
-
-
-def compiled_flops(compiled: Any) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
-        cost = cost[0]
-    return float(cost.get("flops", 0.0))
 
 
 def _vjp_step(traced: Traced, decisions: dict, *, unroll: bool, segments: tuple = ()):

@@ -1,11 +1,17 @@
 """PyTorch adapter: the only place remat_kit imports torch.
 
-`remat_kit.auto/explain/plan_of/unwrap` dispatch here when the target is a torch ``nn.Module``.
+`remat_kit.auto/explain/plan_of/unwrap` dispatch here when the target is a torch ``nn.Module``;
+`remat_kit.measure` reaches the measuring functions through this package too. What this package
+offers the rest of remat_kit is what it exports here: other packages import nothing from its
+private modules (tests/test_import_rules.py).
 """
 
 from remat_kit._torch._apply import auto as auto
+from remat_kit._torch._apply import kv_cache_configs as kv_cache_configs
 from remat_kit._torch._apply import unwrap as unwrap
 from remat_kit._torch._explain import explain as explain
 from remat_kit._torch._explain import plan_of as plan_of
+from remat_kit._torch._measure import StepMeasurement as StepMeasurement
+from remat_kit._torch._measure import measure_step as measure_step
 
-__all__ = ["auto", "explain", "plan_of", "unwrap"]
+__all__ = ["StepMeasurement", "auto", "explain", "kv_cache_configs", "measure_step", "plan_of", "unwrap"]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
 try:
     from torch.utils.checkpoint import SAC_IGNORED_OPS
 except ImportError:  # older torch: the two ops a checkpoint region may dispatch a varying number of times
