@@ -1,7 +1,7 @@
 """How long planning takes: 96-block chains of ~20-30 values per block, and 4,000 ops with no
 repeated layer (goal: 2 s).
 
-    python -m benchmarks.planning_speed [--repeats 5] [--exact-check]
+    python -m benchmarks.planning_speed [--repeats 5] [--optimum-check]
 
 Each repeat builds a fresh graph (no cached menus) and solves at budgets 0.3 / 0.5 / 0.7 with the
 chain DP; the median over repeats is reported. Figures go to reports/planning_speed.{md,json}.
@@ -17,7 +17,6 @@ import statistics
 import time
 
 import remat_kit as rk
-from remat_kit._core import solve as solve_mod
 from benchmarks._report import write
 
 
@@ -81,54 +80,39 @@ CASES = {
 }
 
 
-EXACT_CHECK_CASES = ("heterogeneous_96x30",)  # where op-level menus for every block still finish (~20 s)
-
-
-def _solve_timed(case: str, budget: float) -> tuple[float, float, rk.Plan | None, rk.CostGraph]:
+def _solve_timed(case: str, budget: float, solver: str | None = None) -> tuple[float, float, rk.Plan | None, rk.CostGraph]:
     graph = CASES[case]()
     start, cpu = time.perf_counter(), time.process_time()
     try:
-        plan = rk.solve(graph, budget)
+        plan = rk.solve(graph, budget, solver=solver)
     except rk.InfeasibleBudgetError:
         plan = None
     return time.perf_counter() - start, time.process_time() - cpu, plan, graph
-
-
-def _exact_menus_recompute(case: str, budget: float) -> float | None:
-    """Recompute seconds of the plan with op-level menus for every block (the pre-ladder planner)."""
-    with _exact_menus():
-        return _solve_timed(case, budget)[2].predicted_recompute_seconds if budget != 0.3 else None
-
-
-class _exact_menus:
-    def __enter__(self):
-        self.saved = solve_mod.MILP_MENU_WORK, solve_mod.MILP_LAYER_WORK
-        solve_mod.MILP_MENU_WORK = solve_mod.MILP_LAYER_WORK = 10**9
-
-    def __exit__(self, *exc):
-        solve_mod.MILP_MENU_WORK, solve_mod.MILP_LAYER_WORK = self.saved
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--exact-check", action="store_true",
-                        help=f"also plan {EXACT_CHECK_CASES} with op-level menus for every block (slow) and compare recompute")
+    parser.add_argument("--optimum-check", action="store_true",
+                        help="also plan each case with the whole-graph program (solver='milp') and compare recompute")
     args = parser.parse_args(argv)
     rows = []
     for case in args.cases:
         for budget in (0.3, 0.5, 0.7):
             runs = [_solve_timed(case, budget) for _ in range(args.repeats)]
             times, cpus, plan, graph = [r[0] for r in runs], [r[1] for r in runs], runs[-1][2], runs[-1][3]
-            exact = _exact_menus_recompute(case, budget) if args.exact_check and case in EXACT_CHECK_CASES and plan else None
+            exact = None
+            if args.optimum_check and plan is not None:
+                milp_s, _, best, _ = _solve_timed(case, budget, "milp")
+                exact = (best.predicted_recompute_seconds, milp_s) if best is not None else None
             rows.append({
                 "case": case, "num_blocks": graph.num_blocks, "num_values": len(graph.activations),
                 "budget": budget, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
                 "median_cpu_s": statistics.median(cpus), "feasible": plan is not None,
                 "activation_fraction": plan.activation_fraction if plan else None,
                 "recompute_s": plan.predicted_recompute_seconds if plan else None,
-                "exact_menus_recompute_s": exact,
+                "milp_recompute_s": exact[0] if exact else None, "milp_s": exact[1] if exact else None,
             })
             print(f"{case:22s} budget {budget}: median {rows[-1]['median_s']:.3f} s")
     lines = [
@@ -139,15 +123,16 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.repeats} repeats, wall and CPU time. Goal: 2 s for 96 distinct blocks and for 4,000 unrepeated ops.",
         "`unrepeated_4000`: 4,000 ops with no repeated layer, cut into ~√n pieces at single-value cuts",
         "as the JAX adapter cuts such a program. `recompute s`: the plan's predicted recompute time;",
-        "`op-level menus`: the same with op-level programs for every block (the planner before the",
-        "ladder; 22 / 10 / 11 s on heterogeneous_96x30), where measured.", "",
-        "| case | blocks | values | budget | median s | min s | max s | CPU s | activation fraction | recompute s | op-level menus |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "`milp`: the whole-graph 0-1 program's recompute (the optimum of the same model) and its",
+        "planning time, where measured (`--optimum-check`). The default runs that program itself on",
+        "graphs up to `WHOLE_GRAPH_WORK` (a 12-layer transformer; these are all past it).", "",
+        "| case | blocks | values | budget | median s | min s | max s | CPU s | activation fraction | recompute s | milp recompute s | milp s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         frac = f"{r['activation_fraction']:.3f}" if r["feasible"] else "infeasible"
         rec = f"{r['recompute_s']:.5f}" if r["feasible"] else "-"
-        exact = f"{r['exact_menus_recompute_s']:.5f}" if r["exact_menus_recompute_s"] is not None else "-"
+        exact = f"{r['milp_recompute_s']:.5f} | {r['milp_s']:.3f}" if r["milp_recompute_s"] is not None else "- | -"
         lines.append(f"| {r['case']} | {r['num_blocks']} | {r['num_values']} | {r['budget']} | "
                      f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | {r['median_cpu_s']:.3f} | {frac} | {rec} | {exact} |")
     load = os.getloadavg()[0]  # wall times on a shared machine: CPU time is the steadier figure

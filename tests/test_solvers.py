@@ -429,6 +429,7 @@ def test_ladder_menus_never_exceed_the_budget(seed, frac):
     """With no op-level program at all (every block past the work limit), every plan still fits
     and is no cheaper than the brute-force optimum; infeasibility is never claimed wrongly below
     what the menus reach."""
+    from remat_kit._core import menus
     from remat_kit._core import solve as solve_mod
 
     graph = random_chain(seed)
@@ -437,8 +438,9 @@ def test_ladder_menus_never_exceed_the_budget(seed, frac):
     best = brute_force(graph, limit, costs)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(solve_mod, "MILP_MENU_WORK", 0)
-            mp.setattr(solve_mod, "MILP_LAYER_WORK", 0)
+            mp.setattr(menus, "MILP_MENU_WORK", 0)
+            mp.setattr(menus, "MILP_LAYER_WORK", 0)
+            mp.setattr(solve_mod, "WHOLE_GRAPH_WORK", -1)  # the DP alone, on ladder menus
             plan = rk.solve(graph, frac)
     except rk.InfeasibleBudgetError as e:
         assert e.smallest_bytes - graph.constant_bytes > limit  # what it names does not fit either

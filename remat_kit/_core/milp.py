@@ -36,6 +36,7 @@ class MilpResult:
     recompute: frozenset[int]
     offload: frozenset[int]
     objective: float
+    optimal: bool = True  # False: HiGHS stopped at its time limit with this incumbent
 
 
 class _Builder:
@@ -76,13 +77,16 @@ def solve_milp(
     kept_cap: int | None = None,
     backward_bytes: int = 0,
     time_limit: float = 60.0,
+    warn: bool = True,
 ) -> MilpResult | None:
     """Least-cost decisions for the values of `blocks` (default all) keeping memory <= `limit`.
 
     With all blocks, `limit` bounds the simulator's activation peak. With a subset (one block,
     as the chain DP asks), memory is counted relative to the bytes the earlier blocks keep,
     and `kept_cap` bounds the bytes the block itself keeps; `backward_bytes` is a constant alive in
-    every backward moment (gradient seeds of outputs outside a window). Returns None when infeasible.
+    every backward moment (gradient seeds of outputs outside a window). Returns None when infeasible
+    (or when `time_limit` passed before any plan was found); `warn`: warn when the time limit
+    stops HiGHS with a plan that may not be optimal (callers comparing it with another plan don't).
     """
     blocks = tuple(range(graph.num_blocks)) if blocks is None else tuple(blocks)
     whole = len(blocks) == graph.num_blocks
@@ -155,7 +159,7 @@ def solve_milp(
     )
     if res.x is None:
         return None
-    if res.status != 0:  # stopped by the time limit with an incumbent: feasible, maybe not optimal
+    if res.status != 0 and warn:  # stopped by the time limit with an incumbent: feasible, maybe not optimal
         warnings.warn(
             f"solve_milp: HiGHS stopped after {time_limit} s ({res.message}); the plan fits the limit but "
             "may not be the least-recompute one. Use solver='dp' for large graphs.",
@@ -166,7 +170,7 @@ def solve_milp(
     keep = frozenset(i for i in free if x[b.var[("s", i)]])
     off = frozenset(i for i in free if b.allow_offload and x[b.var[("o", i)]] and i not in keep)
     rec = frozenset(i for i in free if x[b.var[("r", i)]] and i not in keep and i not in off)
-    return MilpResult(keep, rec, off, float(res.fun))
+    return MilpResult(keep, rec, off, float(res.fun), optimal=res.status == 0)
 
 
 def _kept_expr(b: _Builder, blk: int, size: list[int]) -> tuple[dict[int, float], float]:

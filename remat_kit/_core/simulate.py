@@ -35,7 +35,7 @@ class SimResult:
     activation_bytes: int  # peak of activations and activation gradients
     baseline_activation_bytes: int  # the same for no remat
     recompute_flops: int
-    recompute_seconds: float  # roofline time of the recompute plus offload transfers
+    recompute_seconds: float  # time of the recompute (roofline + per-op overhead) plus offload transfers
     num_recomputed_ops: int
     offload_bytes: int
     kept_bytes_by_block: tuple[int, ...]  # bytes each block keeps from its forward to its backward
@@ -140,7 +140,7 @@ def simulate(
     off = [i for i in graph.activations if needed[i] and codes[i] == _OFFLOAD]
     vals = graph.values
     flops = sum(vals[i].flops for i in rec)
-    seconds = sum(device.seconds(vals[i].flops, vals[i].bytes_moved) for i in rec)
+    seconds = sum(device.op_seconds(vals[i].flops, vals[i].bytes_moved) for i in rec)
     offload_bytes = sum(vals[i].num_bytes for i in off)
     seconds += 2 * offload_bytes / device.host_bandwidth
     if plan is None or not any(codes):

@@ -1,7 +1,12 @@
 """Budget solvers: the least-recompute plan whose simulated activation peak fits the budget.
 
-* ``"dp"`` (default): per-block menus from the op-level 0-1 program at several caps, chained by
-  the exact dynamic program (chain_dp.py). Identical blocks share one menu.
+* ``"dp"`` (default): the whole-graph op-level 0-1 program where the graph is small enough for it
+  to finish quickly (`WHOLE_GRAPH_WORK`, `WHOLE_GRAPH_SECONDS`), and the chain DP over per-block
+  menus (menus.py, chain_dp.py); the cheaper of the two answers wins. The DP alone misses the
+  optimum by up to 1.47x on transformer shapes (its menus hold a few kept-bytes caps, not every
+  trade of kept bytes against a block's backward transient); the program is exact under the same
+  model. The DP still runs where the program would not finish in time and where multi-block
+  segments are allowed (the program does not model them). See reports/solver_quality.md.
 * ``"milp"``: one op-level 0-1 program over the whole graph (exact under the memory model; for
   graphs up to a few thousand values).
 * ``"greedy"``: recompute the values with the most bytes per unit of recompute time first;
@@ -14,28 +19,41 @@ never returned.
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection
 
-from remat_kit._core import chain_dp, ladder
+from remat_kit._core import chain_dp
 from remat_kit._core.budget import Budget, format_bytes, parse_budget
+from remat_kit._core.costs import Costs
 from remat_kit._core.graph import CostGraph, DeviceSpec
+from remat_kit._core.menus import (
+    MILP_LAYER_WORK,
+    MILP_MENU_WORK,
+    NUM_CAPS,
+    block_menus,
+    codes_from_milp,
+    op_level_blocks,
+    op_level_work,
+    segment_cap,
+    segment_options,
+)
 from remat_kit._core.milp import solve_milp
 from remat_kit._core.plan import Decision, Plan
-from remat_kit._core.simulate import (
-    _OFFLOAD,
-    _RECOMPUTE,
-    _SAVE,
-    _needed_and_recomputed,
-    _run,
-    baseline_activation_bytes,
-)
+from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run, baseline_activation_bytes
+
+__all__ = [  # re-exported for the adapters, which import them from here
+    "MILP_LAYER_WORK", "MILP_MENU_WORK", "NUM_CAPS", "SOLVERS", "Costs", "InfeasibleBudgetError", "block_menus",
+    "codes_from_milp", "op_level_blocks", "op_level_work", "segment_cap", "segment_options", "smallest_activation_bytes",
+    "solve",
+]
 
 SOLVERS = ("dp", "milp", "greedy")
 _NAMES = {_SAVE: Decision.SAVE, _RECOMPUTE: Decision.RECOMPUTE, _OFFLOAD: Decision.OFFLOAD}
-NUM_CAPS = 8  # kept-bytes levels per block menu
-MILP_MENU_WORK = 1_000  # (free values)² of the unrepeated blocks given op-level menus (op_level_blocks): ~0.3 s
-MILP_LAYER_WORK = 20_000  # (free values)² up to which a repeated block (a layer) gets op-level menus
+# The default solver's whole-graph program: up to this much work (sum over blocks of (free
+# values)², what building the program costs; a 12-layer transformer_graph is ~4,300) and this
+# long in HiGHS. Past either the DP's answer stands alone (96-layer stacks plan in the DP's time).
+WHOLE_GRAPH_WORK = 16_000
+WHOLE_GRAPH_SECONDS = 1.0
+_codes_from_milp = codes_from_milp  # the JAX planner's name for it
 
 
 class InfeasibleBudgetError(ValueError):
@@ -46,46 +64,6 @@ class InfeasibleBudgetError(ValueError):
         self.smallest_fraction = smallest_fraction
         self.smallest_bytes = smallest_bytes
 
-
-class Costs:
-    """Integer recompute / offload costs per value (picoseconds of roofline time)."""
-
-    def __init__(self, graph: CostGraph, device: DeviceSpec):
-        self.graph = graph
-        vals = graph.values
-        self.recompute = [round(device.seconds(v.flops, v.bytes_moved) * 1e12) for v in vals]
-        self.offload = [round(2 * v.num_bytes / device.host_bandwidth * 1e12) for v in vals]
-
-    def of(self, codes: Sequence[int] | Mapping[int, int]) -> tuple[int, int]:
-        """(cost, number of recomputed ops) of a decision vector, as the simulator runs it: a full
-        one, or a mapping {value index: code} of the values not saved (O(its size): block menus
-        price thousands of options on graphs of thousands of values)."""
-        if isinstance(codes, Mapping):
-            return self._of_sparse(codes)
-        needed, recomputed = _needed_and_recomputed(self.graph, list(codes))
-        cost, ops = 0, 0
-        for i in self.graph.activations:
-            if recomputed[i]:
-                cost += self.recompute[i]
-                ops += 1
-            elif needed[i] and codes[i] == _OFFLOAD:
-                cost += self.offload[i]
-        return cost, ops
-
-    def _of_sparse(self, codes: Mapping[int, int]) -> tuple[int, int]:
-        graph, vals = self.graph, self.graph.values
-        wanted: set[int] = set()  # read by a recomputed value (the simulator's `needed`)
-        cost, ops = 0, 0
-        for i in sorted((i for i, c in codes.items() if c != _SAVE), reverse=True):  # deps come earlier
-            if not vals[i].is_activation or not (graph.is_residual[i] or graph.is_forced[i] or i in wanted):
-                continue
-            if codes[i] == _RECOMPUTE:
-                cost += self.recompute[i]
-                ops += 1
-                wanted.update(graph.index(d) for d in vals[i].deps)
-            elif codes[i] == _OFFLOAD:
-                cost += self.offload[i]
-        return cost, ops
 
 
 def solve(
@@ -140,11 +118,11 @@ def solve(
     if parsed.kind == "fraction" and parsed.value == 1.0:
         codes = [_SAVE] * len(graph)  # no remat fits its own memory by definition
     elif solver == "dp":
-        found = _solve_dp(graph, limit, costs, offload, spans)
+        found = _solve_default(graph, limit, costs, offload, spans)
         codes, segments = found if found is not None else (None, None)
     elif solver == "milp":
         res = solve_milp(graph, limit=limit, rec_cost=costs.recompute, off_cost=costs.offload if offload else None)
-        codes = None if res is None else _codes_from_milp(graph, res)
+        codes = None if res is None else codes_from_milp(graph, res)
     else:
         codes = _solve_greedy(graph, limit, costs)
     if codes is None:
@@ -168,207 +146,35 @@ def _check_solver(solver: str | None) -> str:
     return solver
 
 
-def _codes_from_milp(graph: CostGraph, res) -> list[int]:
-    codes = [_SAVE] * len(graph)
-    for i in res.recompute:
-        codes[i] = _RECOMPUTE
-    for i in res.offload:
-        codes[i] = _OFFLOAD
-    return codes
+
+def whole_graph_work(graph: CostGraph) -> int:
+    """What the whole-graph program costs to build, in (free values)² summed over blocks: it has
+    a variable per value and moment of each block's backward."""
+    return sum(op_level_work(graph, blk) for blk in range(graph.num_blocks))
 
 
-# -- chain DP ---------------------------------------------------------------------------------
-def block_menus(graph: CostGraph, costs: Costs, offload: bool) -> list[list[chain_dp.BlockOption]]:
-    """Per-block option menus; blocks with the same signature share one (shifted) menu."""
-    key = ("menus", offload, tuple(costs.recompute))
-    if key in graph._cache:
-        return graph._cache[key]
-    menus: list[list[chain_dp.BlockOption]] = []
-    by_signature: dict[tuple, tuple[int, list[chain_dp.BlockOption]]] = {}
-    sigs = [chain_dp.block_signature(graph, blk) for blk in range(graph.num_blocks)]
-    exact = op_level_blocks(graph, sigs)
-    for blk, sig in enumerate(sigs):
-        if sig in by_signature:
-            rep, menu = by_signature[sig]
-            shift = graph.block_members[blk][0] - graph.block_members[rep][0]
-            menus.append([o.at(graph, blk, shift) for o in menu])
-            continue
-        menu = _menu_for_block(graph, blk, costs, offload, blk in exact)
-        by_signature[sig] = (blk, menu)
-        menus.append(menu)
-    graph._cache[key] = menus
-    return menus
+def _solve_default(graph: CostGraph, limit: int, costs: Costs, offload: bool, spans: tuple[int, frozenset[str]]):
+    """(codes, segments or None) of the cheaper of the whole-graph program's answer (where it is
+    affordable) and the chain DP's, or None when neither fits.
 
-
-def op_level_work(graph: CostGraph, blk: int) -> int:
-    """What the op-level programs of one block menu cost, in (free values)²: the program has a
-    variable per value and moment of the block's backward."""
-    return sum(not graph.is_forced[i] for i in graph.block_members[blk]) ** 2
-
-
-def op_level_blocks(graph: CostGraph, sigs: Sequence[tuple] | None = None) -> set[int]:
-    """The blocks whose menus come from the op-level program (the others get ladder menus only).
-
-    Programs are spent where they serve most: a block whose signature repeats (a layer: one menu
-    serves every copy) up to `MILP_LAYER_WORK` each; the other blocks, smallest first, while
-    their total stays within `MILP_MENU_WORK`. So a transformer's layer gets exact menus, and
-    neither a chain of hundreds of distinct blocks nor one block of thousands of values builds
-    programs it cannot afford (nor one past `milp.MAX_VARIABLES`).
+    The program's optimum is the optimum over every per-block plan, so with one block per
+    segment a proven optimum makes the DP redundant; segments reach plans the program does not
+    model, and a program stopped by its time limit holds an incumbent only, so then both run.
     """
-    sigs = sigs if sigs is not None else [chain_dp.block_signature(graph, b) for b in range(graph.num_blocks)]
-    count = Counter(sigs)
-    first = {}
-    for blk, sig in enumerate(sigs):
-        first.setdefault(sig, blk)
-    spent, chosen = 0, set()
-    for blk in sorted(first.values(), key=lambda b: (-count[sigs[b]], op_level_work(graph, b), b)):
-        work = op_level_work(graph, blk)
-        if count[sigs[blk]] > 1 and work <= MILP_LAYER_WORK:
-            chosen.add(blk)  # a layer's menu: its programs are paid once for every copy
-        elif spent + work <= MILP_MENU_WORK:
-            chosen.add(blk)
-            spent += work
-    return chosen
-
-
-def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool, exact: bool = True) -> list[chain_dp.BlockOption]:
-    free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
-    candidates: dict[tuple, str] = {}
-
-    def add(codes: dict[int, int], label: str) -> None:
-        key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
-        candidates.setdefault(key, label)
-
-    add({}, "keep all")
-    add({i: _RECOMPUTE for i in free}, "full recompute")
-    if offload:
-        add({i: _OFFLOAD for i in free if graph.is_residual[i]}, "offload all")
-    measured = [_measure(graph, blk, dict(k), costs, label) for k, label in candidates.items()]
-    lo = min(o.kept_bytes for o in measured)
-    hi = max(o.kept_bytes for o in measured)
-    min_local = min(o.local_peak for o in measured)
-    free_set = set(free)
-    if not exact:
-        # Only where no program runs: the cheapest-per-byte rungs are mostly elementwise values
-        # that XLA fuses into the backward and never stores, so next to the programs' options they
-        # win in the model and buy nothing compiled (Flax lm1b at 0.5: 0.444 of no remat with the
-        # programs' menus, no plan under 0.58 with the rungs added).
-        for codes, label in ladder.ladder(graph, range(blk, blk + 1), costs.recompute, free_set.__contains__):
-            k = tuple(sorted(codes.items()))
-            if k not in candidates:
-                candidates[k] = label
-                measured.append(_measure(graph, blk, codes, costs, label))
-    if free and hi > lo and exact:
-        # The block's program runs on its window (the block and its neighbours), which has the
-        # same local memory as the whole graph (see chain_dp.window) and is much smaller.
-        win = chain_dp.window(graph, blk)
-        sub, offset = win.graph, win.offset
-        back = {j: i for i, j in win.index_map.items()}
-        sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
-        sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
-
-        def solve_block(cap: int, local_limit: int | None) -> chain_dp.BlockOption | None:
-            res = solve_milp(
-                sub, limit=local_limit, rec_cost=sub_rec, off_cost=sub_off if offload else None,
-                blocks=[blk - offset], kept_cap=cap, backward_bytes=win.earlier_seed_bytes,
-            )
-            if res is None:
-                return None
-            codes = {back[j]: c for j, c in enumerate(_codes_from_milp(sub, res)) if back.get(j) in free_set}
-            key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
-            if key not in candidates:
-                candidates[key] = f"selective (kept <= {format_bytes(cap)})"
-                measured.append(_measure(graph, blk, codes, costs, candidates[key]))
-            return next(o for o in measured if o.codes == key)
-
-        # Caps from loose to tight. The optimum under a looser cap that also fits a tighter one is
-        # the optimum there too, so it is reused instead of solved again. Under each cap: the
-        # cheapest plan, and if its local peak is above the least any option reaches, also the
-        # cheapest under both caps (that matters for the block where the peak is).
-        last: dict[int | None, chain_dp.BlockOption | None] = {}
-        for step in reversed(range(1, NUM_CAPS)):
-            cap = lo + (hi - lo) * step // NUM_CAPS
-            for local_limit in (None, min_local):
-                if local_limit in last and (last[local_limit] is None or last[local_limit].kept_bytes <= cap):
-                    option = last[local_limit]  # infeasible stays infeasible; a fitting optimum stays optimal
-                else:
-                    option = last[local_limit] = solve_block(cap, local_limit)
-                if option is not None and option.local_peak <= min_local:
-                    break
-    return _pareto(measured)
-
-
-def _measure(graph: CostGraph, blk: int, codes: dict[int, int], costs: Costs, label: str) -> chain_dp.BlockOption:
-    return chain_dp.measure_option(graph, blk, codes, costs.of, label)
-
-
-def _pareto(options: list[chain_dp.BlockOption]) -> list[chain_dp.BlockOption]:
-    """Drop options no better than another in kept bytes, both local peaks and (cost, ops) at once
-    (both peaks, not L: L depends on the position, and a menu serves every identical block)."""
-
-    def key(o: chain_dp.BlockOption) -> tuple[int, int, int, int, int]:
-        return (o.kept_bytes, o.forward_peak, o.backward_peak, o.cost, o.num_ops)
-
-    out = []
-    for o in options:
-        ko = key(o)
-        dominated = any(
-            key(p) != ko and all(a <= b for a, b in zip(key(p)[:3], ko[:3])) and key(p)[3:] <= ko[3:]
-            for p in options
-        )
-        if not dominated and all(key(p) != ko for p in out):
-            out.append(o)
-    return out
-
-
-def segment_cap(num_blocks: int) -> int:
-    """A default `max_segment_blocks` for a chain of `num_blocks` (adapters use it).
-
-    For n equal blocks the memory-optimal uniform segment is about √n long (n/k kept boundaries
-    against k blocks' recompute transient; Chen et al. 2016); twice that leaves the DP room for
-    uneven chains and for the rotor-style mix of short and long segments, while the segment
-    options stay O(n·2√n) (identical runs of blocks share them) instead of O(n²).
-    """
-    if num_blocks < 3:
-        return 1
-    return min(num_blocks, max(2, math.ceil(2 * math.sqrt(num_blocks))))
-
-
-def segment_options(graph: CostGraph, costs: Costs, max_span: int,
-                    fixed: frozenset[str] = frozenset()) -> list[list[chain_dp.BlockOption]]:
-    """Per start block: full recompute of 2..max_span consecutive blocks merged into one segment
-    (blocks named in `fixed` join none).
-
-    The boundaries inside a segment are dropped and recomputed from the segment's input, as in
-    Chen et al.'s √n checkpointing and rotor's DP: less kept memory, a bigger backward transient.
-    """
-    out: list[list[chain_dp.BlockOption]] = [[] for _ in range(graph.num_blocks)]
-    seen: dict[tuple, tuple[int, chain_dp.BlockOption]] = {}
-    sigs = [chain_dp.block_signature(graph, b) for b in range(graph.num_blocks)]
-    for first in range(graph.num_blocks):
-        if graph.block_names[first] in fixed:
-            continue
-        for last in range(first + 1, min(first + max_span, graph.num_blocks)):
-            if graph.block_names[last] in fixed:
-                break
-            members = [i for b in range(first, last + 1) for i in graph.block_members[b]]
-            key = tuple(sigs[first:last + 1])
-            if key in seen:  # the same blocks again (a transformer's layers): shift the codes
-                base, option = seen[key]
-                out[first].append(option.at(graph, first, members[0] - base))
-                continue
-            inside = set(members)
-            codes = {
-                i: _RECOMPUTE for i in members
-                if not graph.is_output[i]
-                and all(c in inside for c in (*graph.consumers[i], *graph.bwd_readers[i]))
-            }
-            option = chain_dp.measure_option(
-                graph, first, codes, costs.of, f"segment of {last - first + 1} blocks", last=last,
-            )
-            seen[key] = (members[0], option)
-            out[first].append(option)
-    return out
+    whole = None
+    if whole_graph_work(graph) <= WHOLE_GRAPH_WORK:
+        res = solve_milp(graph, limit=limit, rec_cost=costs.recompute, off_cost=costs.offload if offload else None,
+                         time_limit=WHOLE_GRAPH_SECONDS, warn=False)
+        if res is not None:
+            whole = codes_from_milp(graph, res)
+            if res.optimal and spans[0] == 1:
+                return whole, None
+    found = _solve_dp(graph, limit, costs, offload, spans)
+    if whole is None:
+        return found
+    if found is None or costs.of(whole) <= costs.of(found[0]):
+        return whole, None
+    return found
 
 
 def _solve_dp(graph: CostGraph, limit: int, costs: Costs, offload: bool, spans: tuple[int, frozenset[str]]):
@@ -446,7 +252,7 @@ def smallest_activation_bytes(
 
 def _offload_all(graph: CostGraph, costs: Costs, blk: int) -> list[chain_dp.BlockOption]:
     residuals = {i: _OFFLOAD for i in graph.block_members[blk] if graph.is_residual[i] and not graph.is_forced[i]}
-    return [_measure(graph, blk, residuals, costs, "offload all")] if residuals else []
+    return [chain_dp.measure_option(graph, blk, residuals, costs.of, "offload all")] if residuals else []
 
 
 def _infeasible(

@@ -1,0 +1,227 @@
+"""Block menus for the chain DP: per block, the options (keep all, full recompute, the op-level
+program's plans under several kept-bytes caps, ladder rungs) and multi-block segments.
+
+Blocks with the same signature (a transformer's layers) share one menu, shifted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+from remat_kit._core import chain_dp, ladder
+from remat_kit._core.budget import format_bytes
+from remat_kit._core.costs import Costs
+from remat_kit._core.graph import CostGraph
+from remat_kit._core.milp import MilpResult, solve_milp
+from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE
+
+NUM_CAPS = 8  # kept-bytes levels per block menu
+MILP_MENU_WORK = 1_000  # (free values)² of the unrepeated blocks given op-level menus (op_level_blocks): ~0.3 s
+MILP_LAYER_WORK = 20_000  # (free values)² up to which a repeated block (a layer) gets op-level menus
+
+
+def codes_from_milp(graph: CostGraph, res: MilpResult) -> list[int]:
+    """Per-value decision codes of an op-level program's answer."""
+    codes = [_SAVE] * len(graph)
+    for i in res.recompute:
+        codes[i] = _RECOMPUTE
+    for i in res.offload:
+        codes[i] = _OFFLOAD
+    return codes
+
+
+
+def block_menus(graph: CostGraph, costs: Costs, offload: bool) -> list[list[chain_dp.BlockOption]]:
+    """Per-block option menus; blocks with the same signature share one (shifted) menu."""
+    key = ("menus", offload, tuple(costs.recompute))
+    if key in graph._cache:
+        return graph._cache[key]
+    menus: list[list[chain_dp.BlockOption]] = []
+    by_signature: dict[tuple, tuple[int, list[chain_dp.BlockOption]]] = {}
+    sigs = [chain_dp.block_signature(graph, blk) for blk in range(graph.num_blocks)]
+    exact = op_level_blocks(graph, sigs)
+    for blk, sig in enumerate(sigs):
+        if sig in by_signature:
+            rep, menu = by_signature[sig]
+            shift = graph.block_members[blk][0] - graph.block_members[rep][0]
+            menus.append([o.at(graph, blk, shift) for o in menu])
+            continue
+        menu = _menu_for_block(graph, blk, costs, offload, blk in exact)
+        by_signature[sig] = (blk, menu)
+        menus.append(menu)
+    graph._cache[key] = menus
+    return menus
+
+
+def op_level_work(graph: CostGraph, blk: int) -> int:
+    """What the op-level programs of one block menu cost, in (free values)²: the program has a
+    variable per value and moment of the block's backward."""
+    return sum(not graph.is_forced[i] for i in graph.block_members[blk]) ** 2
+
+
+def op_level_blocks(graph: CostGraph, sigs: Sequence[tuple] | None = None) -> set[int]:
+    """The blocks whose menus come from the op-level program (the others get ladder menus only).
+
+    Programs are spent where they serve most: a block whose signature repeats (a layer: one menu
+    serves every copy) up to `MILP_LAYER_WORK` each; the other blocks, smallest first, while
+    their total stays within `MILP_MENU_WORK`. So a transformer's layer gets exact menus, and
+    neither a chain of hundreds of distinct blocks nor one block of thousands of values builds
+    programs it cannot afford (nor one past `milp.MAX_VARIABLES`).
+    """
+    sigs = sigs if sigs is not None else [chain_dp.block_signature(graph, b) for b in range(graph.num_blocks)]
+    count = Counter(sigs)
+    first = {}
+    for blk, sig in enumerate(sigs):
+        first.setdefault(sig, blk)
+    spent, chosen = 0, set()
+    for blk in sorted(first.values(), key=lambda b: (-count[sigs[b]], op_level_work(graph, b), b)):
+        work = op_level_work(graph, blk)
+        if count[sigs[blk]] > 1 and work <= MILP_LAYER_WORK:
+            chosen.add(blk)  # a layer's menu: its programs are paid once for every copy
+        elif spent + work <= MILP_MENU_WORK:
+            chosen.add(blk)
+            spent += work
+    return chosen
+
+
+def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool, exact: bool = True) -> list[chain_dp.BlockOption]:
+    free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
+    candidates: dict[tuple, str] = {}
+
+    def add(codes: dict[int, int], label: str) -> None:
+        key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
+        candidates.setdefault(key, label)
+
+    add({}, "keep all")
+    add({i: _RECOMPUTE for i in free}, "full recompute")
+    if offload:
+        add({i: _OFFLOAD for i in free if graph.is_residual[i]}, "offload all")
+    measured = [_measure(graph, blk, dict(k), costs, label) for k, label in candidates.items()]
+    lo = min(o.kept_bytes for o in measured)
+    hi = max(o.kept_bytes for o in measured)
+    min_local = min(o.local_peak for o in measured)
+    free_set = set(free)
+    if not exact:
+        # Only where no program runs: the cheapest-per-byte rungs are mostly elementwise values
+        # that XLA fuses into the backward and never stores, so next to the programs' options they
+        # win in the model and buy nothing compiled (Flax lm1b at 0.5: 0.444 of no remat with the
+        # programs' menus, no plan under 0.58 with the rungs added).
+        for codes, label in ladder.ladder(graph, range(blk, blk + 1), costs.recompute, free_set.__contains__):
+            k = tuple(sorted(codes.items()))
+            if k not in candidates:
+                candidates[k] = label
+                measured.append(_measure(graph, blk, codes, costs, label))
+    if free and hi > lo and exact:
+        # The block's program runs on its window (the block and its neighbours), which has the
+        # same local memory as the whole graph (see chain_dp.window) and is much smaller.
+        win = chain_dp.window(graph, blk)
+        sub, offset = win.graph, win.offset
+        back = {j: i for i, j in win.index_map.items()}
+        sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
+        sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
+
+        def solve_block(cap: int, local_limit: int | None) -> chain_dp.BlockOption | None:
+            res = solve_milp(
+                sub, limit=local_limit, rec_cost=sub_rec, off_cost=sub_off if offload else None,
+                blocks=[blk - offset], kept_cap=cap, backward_bytes=win.earlier_seed_bytes,
+            )
+            if res is None:
+                return None
+            codes = {back[j]: c for j, c in enumerate(codes_from_milp(sub, res)) if back.get(j) in free_set}
+            key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
+            if key not in candidates:
+                candidates[key] = f"selective (kept <= {format_bytes(cap)})"
+                measured.append(_measure(graph, blk, codes, costs, candidates[key]))
+            return next(o for o in measured if o.codes == key)
+
+        # Caps from loose to tight. The optimum under a looser cap that also fits a tighter one is
+        # the optimum there too, so it is reused instead of solved again. Under each cap: the
+        # cheapest plan, and if its local peak is above the least any option reaches, also the
+        # cheapest under both caps (that matters for the block where the peak is).
+        last: dict[int | None, chain_dp.BlockOption | None] = {}
+        for step in reversed(range(1, NUM_CAPS)):
+            cap = lo + (hi - lo) * step // NUM_CAPS
+            for local_limit in (None, min_local):
+                if local_limit in last and (last[local_limit] is None or last[local_limit].kept_bytes <= cap):
+                    option = last[local_limit]  # infeasible stays infeasible; a fitting optimum stays optimal
+                else:
+                    option = last[local_limit] = solve_block(cap, local_limit)
+                if option is not None and option.local_peak <= min_local:
+                    break
+    return _pareto(measured)
+
+
+def _measure(graph: CostGraph, blk: int, codes: dict[int, int], costs: Costs, label: str) -> chain_dp.BlockOption:
+    return chain_dp.measure_option(graph, blk, codes, costs.of, label)
+
+
+def _pareto(options: list[chain_dp.BlockOption]) -> list[chain_dp.BlockOption]:
+    """Drop options no better than another in kept bytes, both local peaks and (cost, ops) at once
+    (both peaks, not L: L depends on the position, and a menu serves every identical block)."""
+
+    def key(o: chain_dp.BlockOption) -> tuple[int, int, int, int, int]:
+        return (o.kept_bytes, o.forward_peak, o.backward_peak, o.cost, o.num_ops)
+
+    out = []
+    for o in options:
+        ko = key(o)
+        dominated = any(
+            key(p) != ko and all(a <= b for a, b in zip(key(p)[:3], ko[:3])) and key(p)[3:] <= ko[3:]
+            for p in options
+        )
+        if not dominated and all(key(p) != ko for p in out):
+            out.append(o)
+    return out
+
+
+def segment_cap(num_blocks: int) -> int:
+    """A default `max_segment_blocks` for a chain of `num_blocks` (adapters use it).
+
+    For n equal blocks the memory-optimal uniform segment is about √n long (n/k kept boundaries
+    against k blocks' recompute transient; Chen et al. 2016); twice that leaves the DP room for
+    uneven chains and for the rotor-style mix of short and long segments, while the segment
+    options stay O(n·2√n) (identical runs of blocks share them) instead of O(n²).
+    """
+    if num_blocks < 3:
+        return 1
+    return min(num_blocks, max(2, math.ceil(2 * math.sqrt(num_blocks))))
+
+
+def segment_options(graph: CostGraph, costs: Costs, max_span: int,
+                    fixed: frozenset[str] = frozenset()) -> list[list[chain_dp.BlockOption]]:
+    """Per start block: full recompute of 2..max_span consecutive blocks merged into one segment
+    (blocks named in `fixed` join none).
+
+    The boundaries inside a segment are dropped and recomputed from the segment's input, as in
+    Chen et al.'s √n checkpointing and rotor's DP: less kept memory, a bigger backward transient.
+    """
+    out: list[list[chain_dp.BlockOption]] = [[] for _ in range(graph.num_blocks)]
+    seen: dict[tuple, tuple[int, chain_dp.BlockOption]] = {}
+    sigs = [chain_dp.block_signature(graph, b) for b in range(graph.num_blocks)]
+    for first in range(graph.num_blocks):
+        if graph.block_names[first] in fixed:
+            continue
+        for last in range(first + 1, min(first + max_span, graph.num_blocks)):
+            if graph.block_names[last] in fixed:
+                break
+            members = [i for b in range(first, last + 1) for i in graph.block_members[b]]
+            key = tuple(sigs[first:last + 1])
+            if key in seen:  # the same blocks again (a transformer's layers): shift the codes
+                base, option = seen[key]
+                out[first].append(option.at(graph, first, members[0] - base))
+                continue
+            inside = set(members)
+            codes = {
+                i: _RECOMPUTE for i in members
+                if not graph.is_output[i]
+                and all(c in inside for c in (*graph.consumers[i], *graph.bwd_readers[i]))
+            }
+            option = chain_dp.measure_option(
+                graph, first, codes, costs.of, f"segment of {last - first + 1} blocks", last=last,
+            )
+            seen[key] = (members[0], option)
+            out[first].append(option)
+    return out
+
