@@ -110,22 +110,21 @@ def _torch_step(model: Any, case: Any, kwargs: dict, seed: int = 1) -> list:
 def _torch_measure(model: Any, case: Any, kwargs: dict) -> Any:
     import torch
 
-    from remat_kit._torch._measure import measure_step
+    from remat_kit.measure import torch_step
 
     torch.manual_seed(1)
-    return measure_step(model, (), kwargs, loss_fn=case.loss, count_flops=True)
+    return torch_step(model, (), kwargs, loss_fn=case.loss, count_flops=True)
 
 
 def torch_cells(case: Any, budgets: list[float]) -> list[dict]:
     import torch
 
     import remat_kit as rk
-    from benchmarks.torch_bench import rel_err
-    from remat_kit._torch._apply import kv_cache_configs
+    from remat_kit.measure import hf_kv_cache_configs, rel_err
 
     torch.manual_seed(0)
     model = case.build().train()
-    for config in kv_cache_configs(model):  # as auto runs the model (hf_zoo: the budget's baseline)
+    for config in hf_kv_cache_configs(model):  # as auto runs the model (hf_zoo: the budget's baseline)
         config.use_cache = False
     kwargs = case.kwargs()
     names = _torch_names(model)
@@ -204,35 +203,18 @@ def _jax_compile(loss: Any, model: Any) -> tuple[Any, float]:
     return lowered.compile(), traced_s
 
 
-def _jax_flops(compiled: Any) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
-
-
-def _jax_rel_err(got: Any, want: Any) -> float:
-    import jax
-    import numpy as np
-
-    worst = 0.0
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        if a.size:
-            worst = max(worst, float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30)))
-    return worst
-
-
 def jax_cells(case: Any, budgets: list[float]) -> list[dict]:
     import jax
 
     import remat_kit as rk
+    from remat_kit.measure import jax_flops, rel_err
 
     model = case.build()
     compiled, none_traced_s = _jax_compile(model.loss, model)
     none_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
-    none_flops = _jax_flops(compiled)
+    none_flops = jax_flops(compiled)
     reference = compiled(model.params, model.batch)
-    dropout_live = None if model.reseeded is None else _jax_rel_err(compiled(model.params, model.reseeded),
+    dropout_live = None if model.reseeded is None else rel_err(compiled(model.params, model.reseeded),
                                                                     reference) > 1e-3
     floors: dict[float, dict] = {}
     rows = []
@@ -257,9 +239,9 @@ def jax_cells(case: Any, budgets: list[float]) -> list[dict]:
             measured = int(planned.memory_analysis().temp_size_in_bytes)
             row.update(activation_bytes=measured, fraction=measured / none_bytes,
                        predicted_bytes=plan.predicted_activation_bytes, predicted_fraction=plan.activation_fraction,
-                       extra_flops=_jax_flops(planned) / none_flops - 1 if none_flops else 0.0,
+                       extra_flops=jax_flops(planned) / none_flops - 1 if none_flops else 0.0,
                        flops_note="scan body counted once" if case.scanned else "",
-                       grad_rel_err=_jax_rel_err(got, reference),
+                       grad_rel_err=rel_err(got, reference),
                        names_unchanged=jax.tree.structure(got) == jax.tree.structure(reference),
                        names_diff=f"{jax.tree.structure(got)} vs {jax.tree.structure(reference)}"[:300],
                        planning_s=max(0.0, traced_s - none_traced_s), structure=_structure(plan))
@@ -336,7 +318,7 @@ def _status(row: dict) -> str:
 
 
 def write(result: dict, out: str) -> None:
-    from remat_kit._core.budget import format_bytes
+    from remat_kit.measure import format_bytes
 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "conformance.json"), "w") as f:

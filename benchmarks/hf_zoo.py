@@ -25,15 +25,13 @@ import json
 import os
 import sys
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 import remat_kit as rk
-from benchmarks.torch_bench import rel_err
-from remat_kit._core.budget import format_bytes
-from remat_kit._torch._apply import kv_cache_configs
-from remat_kit._torch._measure import measure_step
+from remat_kit.measure import format_bytes, hf_kv_cache_configs, rel_err, torch_step
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, BATCH, SEQ = 8, 64, 4, 128, 128, 2, 32
 
@@ -71,12 +69,12 @@ def _grads(model: torch.nn.Module, kwargs: dict) -> list[torch.Tensor]:
 
 def _activation(model: torch.nn.Module, kwargs: dict) -> int:
     torch.manual_seed(1)
-    return measure_step(model, (), kwargs, loss_fn=lambda out: out.loss, count_flops=False).activation_bytes
+    return torch_step(model, (), kwargs, loss_fn=lambda out: out.loss, count_flops=False).activation_bytes
 
 
 def _cache_off(model: torch.nn.Module) -> torch.nn.Module:
     """The model as `auto` runs it: use_cache off in every config it holds."""
-    for config in kv_cache_configs(model):
+    for config in hf_kv_cache_configs(model):
         config.use_cache = False
     return model
 

@@ -32,6 +32,7 @@ from benchmarks import _cells, _outputs
 from benchmarks._cells import DEFAULT_BUDGETS, DEFAULT_MODELS, DEFAULT_STRATEGIES, FRAMEWORKS, Cell
 from benchmarks._report import ROOT, machine
 
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = pathlib.Path(args.out).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {k: getattr(args, k) for k in ("frameworks", "models", "size", "strategies", "budgets", "steps", "warmup", "threads", "solver", "shard")}
-    from remat_kit.resume import PreemptionHandler
-
     from benchmarks._progress import ConfigMismatchError, Progress
+    from remat_kit.resume import PreemptionHandler
 
     for stale in ("cells",) + (("ref", "logs") if args.fresh else ()):  # a killed run's leftovers; a fresh run's old data
         shutil.rmtree(run_dir / stale, ignore_errors=True)
@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _loop(todo: list[Cell], num_done: int, total: int, args: argparse.Namespace, run_dir: pathlib.Path,
           progress: Any, extra: dict, preemption: Any) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn()]
