@@ -137,3 +137,15 @@ def test_parser_finds_marked_nested_and_indented_blocks():
 def test_example_runs(block, tmp_path):
     proc = subprocess.run([sys.executable, "-c", block.code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"example at {block.where} failed:\n{block.code}\n{proc.stderr[-3000:]}"
+
+
+def test_api_reference_lists_every_public_name():
+    # A name added to remat_kit.__all__ gets its entry in docs/api.md (`::: remat_kit.NAME`), so the
+    # reference written from the docstrings is the whole public API.
+    import remat_kit
+
+    listed = set(re.findall(r"^::: remat_kit\.(\w+)\s*$", (ROOT / "docs" / "api.md").read_text(), flags=re.M))
+    assert not set(remat_kit.__all__) - listed, f"add to docs/api.md: {sorted(set(remat_kit.__all__) - listed)}"
+    assert not listed - set(remat_kit.__all__), (
+        f"not public, remove from docs/api.md: {sorted(listed - set(remat_kit.__all__))}"
+    )
