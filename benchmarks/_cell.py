@@ -6,8 +6,9 @@ kill or timeout leaves no file; the parent records those. The process dies with 
 (PR_SET_PDEATHSIG), so a `kill -9` of the sweep leaves no orphan measuring in the background.
 
 Fault injection for the sweep's own tests and CI drills: REMAT_SWEEP_FAULT="<cell id substring>=<fault>[,...]",
-first match wins; <fault> is crash (SIGSEGV), hang, error (raise), or as:<strategy> (measure the
-cell with another strategy's plan: a deliberately worse plan that `compare` must catch).
+first match wins; <fault> is crash (SIGSEGV), hang (after printing "REMAT_SWEEP_FAULT: <cell id> hangs
+now" to the cell's log), error (raise), or as:<strategy> (measure the cell with another strategy's
+plan: a deliberately worse plan that `compare` must catch).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def _inject_fault(cell: Cell) -> Cell:
     if kind == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
     if kind == "hang":
+        # Announced in the cell's log, so a test waits for this line, not for a guessed time.
+        print(f"REMAT_SWEEP_FAULT: {cell.id} hangs now", flush=True)
         time.sleep(3600)
     if kind == "error":
         raise RuntimeError(f"fault injected by REMAT_SWEEP_FAULT={spec!r}")
