@@ -65,3 +65,20 @@ def test_committed_policies_still_match_the_solver(path):
 
 def test_policies_directory_is_not_empty():
     assert list((ROOT / "policies").glob("*.json"))
+
+
+def test_one_decision_code_map():
+    """`DecisionCode` is the one map between a decision and the small int the simulator and solvers
+    use; the simulator's codes agree with it."""
+    from remat_kit._core import simulate
+    from remat_kit._core.plan import DecisionCode
+
+    for d in rk.Decision:
+        assert DecisionCode.of(d).decision is d and DecisionCode.of(d.value) is DecisionCode.of(d)
+    assert [DecisionCode.of(d) for d in rk.Decision] == [0, 1, 2]
+    graph = random_chain(0)
+    plan = rk.presets.full(graph)  # recomputes something, keeps the rest
+    codes = simulate.decision_codes(graph, plan)
+    for i, v in enumerate(graph.values):
+        assert DecisionCode(codes[i]).decision is plan.decision(v.name), v.name
+    assert DecisionCode.RECOMPUTE in codes

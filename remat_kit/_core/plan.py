@@ -20,6 +20,25 @@ class Decision(str, enum.Enum):
     OFFLOAD = "offload"  # move it to host memory after the forward, bring it back for the backward
 
 
+class DecisionCode(enum.IntEnum):
+    """A decision as the simulator, the solvers and the adapters index it: one small int per value in
+    arrays and menus. The one map between codes and `Decision`; an IntEnum, so a code compares and
+    indexes as the int it is."""
+
+    SAVE = 0
+    RECOMPUTE = 1
+    OFFLOAD = 2
+
+    @property
+    def decision(self) -> Decision:
+        return Decision[self.name]
+
+    @classmethod
+    def of(cls, decision: Decision | str) -> DecisionCode:
+        """The code of a decision (or of its string value, as plans serialize it)."""
+        return cls[Decision(decision).name]
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What to do with every activation of one cost graph, with the predictions that justify it.
