@@ -4,7 +4,9 @@ same memory and cost model) wherever that program solves."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -55,3 +57,20 @@ def test_default_solver_reaches_the_optimum_on_transformer_shapes(shape, frac):
     got, best = _within(graph, frac)
     assert got <= TOLERANCE * best
 
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), frac=st.sampled_from([0.35, 0.5, 0.7, 0.85]))
+def test_default_solver_fits_where_the_whole_graph_program_underestimates(seed, frac):
+    """The program leaves backward workspaces out (traced torch graphs have them): its plan for
+    a torch layer stack was over the limit and `solve` raised its own-bug RuntimeError."""
+    graph = random_chain(seed, num_blocks=3)
+    rng = random.Random(seed)
+    graph = rk.CostGraph([dataclasses.replace(v, bwd_workspace_bytes=rng.choice([0, 0, 50, 200]))
+                          if v.is_activation else v for v in graph])
+    try:
+        plan = rk.solve(graph, frac)
+    except rk.InfeasibleBudgetError:
+        return
+    limit = math.floor(frac * baseline_activation_bytes(graph))
+    assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes <= limit

@@ -283,6 +283,9 @@ def _backward_rows(
 
     inputs = [i for i in g.activations if vals[i].block < blk and g.is_forced[i] and _pseudo_block(g, i) == blk]
     grads = _static_grads(g, blk, num_moments, bw_moment)
+    for t in members:  # a backward op's workspace is held at its moment whatever the plan (simulate)
+        if g.gets_grad[t]:
+            grads[bw_moment[t]] += vals[t].bwd_workspace_bytes
     info = []
     for u in (*members, *inputs):
         info.append((u, static_last(u), _rc_consumers(g, u, blk), vals[u].block < blk, not g.is_forced[u]))

@@ -165,7 +165,10 @@ def _solve_default(graph: CostGraph, limit: int, costs: Costs, offload: bool, sp
     if whole_graph_work(graph) <= WHOLE_GRAPH_WORK:
         res = solve_milp(graph, limit=limit, rec_cost=costs.recompute, off_cost=costs.offload if offload else None,
                          time_limit=WHOLE_GRAPH_SECONDS, warn=False)
-        if res is not None:
+        # The program leaves out what the simulator adds on some traced graphs (backward
+        # workspaces, values read across several blocks); its answer counts only where the
+        # simulator confirms it fits.
+        if res is not None and _run(graph, codes_from_milp(graph, res), False)[0] <= limit:
             whole = codes_from_milp(graph, res)
             if res.optimal and spans[0] == 1:
                 return whole, None

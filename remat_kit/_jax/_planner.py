@@ -30,6 +30,7 @@ import math
 from remat_kit._core import chain_dp
 from remat_kit._core.budget import format_bytes, parse_budget
 from remat_kit._core.graph import DeviceSpec
+from remat_kit._jax._device import default_device
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import baseline_activation_bytes
 from remat_kit._core.milp import solve_milp
@@ -59,7 +60,7 @@ def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool,
     one call keeps (otherwise it bounds the whole step, one block or many)."""
     graph = traced.graph
     parsed = parse_budget(budget)
-    device = device or DeviceSpec()
+    device = device or default_device()
     scans = [s for s in traced.scans.values() if len(s.blocks) > 1 and min(s.blocks) >= 0]
     if parsed.kind == "fraction" and parsed.value == 1.0:
         return Plan.from_decisions(graph, {}, budget=str(parsed), solver="none")

@@ -21,9 +21,10 @@ from torch.utils._pytree import tree_flatten
 from remat_kit._core.budget import Budget, format_bytes, parse_budget
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import simulate
-from remat_kit._core.graph import CostGraph, DeviceSpec
+from remat_kit._core.graph import CostGraph
 from remat_kit._core.solve import (Costs, InfeasibleBudgetError, block_menus, segment_cap, smallest_activation_bytes,
                                    solve)
+from remat_kit._torch._device import default_device
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
 from remat_kit._torch._profile import AUTOCAST_TAG, Profile, profile, user_tools_paused
 from remat_kit._torch._replicate import profile_replicated
@@ -225,11 +226,11 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
         """The solver's plan for `aim`, adjusted to what the replay runs exactly (None: none)."""
         try:
             raw = solve(tg.solver_graph, Budget("bytes", float(graph.constant_bytes + aim)), solver=solver,
-                        offload=offload, max_segment_blocks=span, fixed_blocks=fixed_blocks)
+                        offload=offload, max_segment_blocks=span, fixed_blocks=fixed_blocks, device=default_device(module))
         except InfeasibleBudgetError:
             return None
         fixed = Plan.from_decisions(raw.graph_for(graph), decisions_for_torch(tg, raw, prof), budget=str(parsed),
-                                    solver=raw.solver)
+                                    solver=raw.solver, device=default_device(module))
         return None if set(simulate(graph, fixed).recomputed) & tg.pinned else fixed
 
     def measured_as(plan: Plan) -> Plan:
@@ -271,7 +272,7 @@ def _solve_one_region(module: torch.nn.Module, tg: TorchGraph, prof: Profile, pa
     remat keeps, or bytes per call.
     """
     graph = tg.graph
-    menu = block_menus(graph, Costs(graph, DeviceSpec()), offload)[0]
+    menu = block_menus(graph, Costs(graph, default_device(module)), offload)[0]
     keep_all = max(o.kept_bytes for o in menu)
     limit = math.floor(parsed.value * keep_all) if parsed.kind == "fraction" else int(parsed.value)
     names = {0: Decision.SAVE, 1: Decision.RECOMPUTE, 2: Decision.OFFLOAD}

@@ -191,7 +191,8 @@ def _print(model: torch.nn.Module, ex: Explanation) -> None:
         f"budget {plan.budget or '-'} bounds {ex.budget_meaning}",
         f"activation memory, predicted: {format_bytes(plan.predicted_activation_bytes)} = "
         f"{plan.activation_fraction:.1%} of no remat ({format_bytes(plan.baseline_activation_bytes)})",
-        f"recompute: {plan.predicted_recompute_flops / 1e9:.4f} GFLOP in {plan.num_recomputed_ops} ops",
+        f"recompute: {plan.predicted_recompute_flops / 1e9:.4f} GFLOP in {plan.num_recomputed_ops} ops, "
+        f"predicted {plan.predicted_recompute_seconds * 1e3:.3f} ms on this device",
     ]
     if ex.measured_none is not None and ex.measured_plan is not None:
         n, p = ex.measured_none, ex.measured_plan

@@ -1,0 +1,84 @@
+"""The time constants `auto` plans with on torch: measured on the device the model runs on.
+
+A short microbenchmark (a matmul, an elementwise op over a large tensor, a chain of tiny ops with
+autograd recording) gives the roofline rates and the per-op dispatch cost every recomputed op
+pays in eager mode; `remat_kit._core.calibration` caches the result in the process and on disk
+(``REMAT_KIT_CALIBRATE=0`` turns measuring off). Eager CPU recompute of norms, GELU and dropout
+costs time that FLOPs do not show (issue 12); these constants are what prices it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from remat_kit._core.calibration import Measurement, calibrated_spec
+from remat_kit._core.graph import DeviceSpec
+
+REPEATS = 5
+TINY_OPS = 200  # ops per timed chain of tiny ops
+
+
+def device_of(module: torch.nn.Module | None) -> torch.device:
+    """Where `module` runs: its first parameter's (or buffer's) device; CPU when it has none."""
+    if module is not None:
+        for t in (*module.parameters(), *module.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def default_device(module: torch.nn.Module | None = None) -> DeviceSpec:
+    """Calibrated constants for the device `module` runs on (measured once, cached)."""
+    dev = device_of(module)
+    if dev.type == "cuda":
+        kind = f"torch-{torch.__version__}-cuda-{torch.cuda.get_device_name(dev)}"
+    else:
+        kind = f"torch-{torch.__version__}-{dev.type}-threads{torch.get_num_threads()}"
+    return calibrated_spec(kind, lambda: measure(dev))
+
+
+def _median_seconds(fn: Callable[[], object], dev: torch.device, repeats: int = REPEATS) -> float:
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
+    for _ in range(2):  # warm-up: allocator, lazy initialisation
+        fn()
+    sync(dev)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(dev: torch.device) -> Measurement:
+    """Median times of a matmul, a large elementwise op and one tiny op, on `dev`.
+
+    Sizes: big enough that the matmul and the copy run at their rate (tens of MB on CPU, a
+    4096-wide bf16 matmul on a GPU), small enough to finish in well under a second."""
+    gpu = dev.type == "cuda"
+    n = 4096 if gpu else 512
+    dtype = torch.bfloat16 if gpu else torch.float32
+    with torch.no_grad():
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        matmul_seconds = _median_seconds(lambda: a @ b, dev)
+        x = torch.randn((64 if gpu else 4) * 2**20, device=dev)
+        copy_seconds = _median_seconds(lambda: x * 2.0, dev)
+    tiny = torch.randn(8, device=dev, requires_grad=True)  # recompute runs with autograd recording
+
+    def chain():
+        y = tiny
+        for _ in range(TINY_OPS):
+            y = y * 1.0
+        return y
+
+    op_seconds = _median_seconds(chain, dev) / TINY_OPS
+    return Measurement(
+        matmul_flops=2.0 * n**3, matmul_seconds=matmul_seconds,
+        copy_bytes=2.0 * x.numel() * x.element_size(), copy_seconds=copy_seconds,
+        op_overhead_seconds=op_seconds,
+    )
