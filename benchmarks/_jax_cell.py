@@ -18,6 +18,7 @@ import jax
 from benchmarks._cells import Cell
 from benchmarks._measure import max_rel_err, reference_grads, rss_peak_bytes, time_steps
 from benchmarks.models.jax_zoo import NON_CORE_NAMES, JaxModel, Layout, build
+from remat_kit import measure as rk_measure
 
 _CP = jax.checkpoint_policies
 
@@ -62,22 +63,8 @@ def _loss_fns(model: JaxModel, cell: Cell, solver: str | None = None) -> tuple[A
 
 
 def _auto_flops_unrolled(wrapped: Any, params: Any, batch: Any) -> float:
-    """FLOPs of auto's own plan with its scans unrolled: the plan cached for this signature, run
-    by the adapter's evaluator with `unroll_scans=True` (the adapter's FLOP-counting mode)."""
-    from remat_kit._jax._api import planner_of
-    from remat_kit._jax._apply import run_planned
-
-    planner, f = planner_of(wrapped)
-    entry, dyn_vals = planner.prepare(f, (params, batch), {})
-    num_params = len(jax.tree.leaves(params))
-    if len(dyn_vals) != num_params + len(jax.tree.leaves(batch)):
-        raise RuntimeError("auto's traced inputs do not line up with (params, batch); cannot count its FLOPs")
-
-    def loss(param_leaves: list, batch_leaves: list) -> jax.Array:
-        return run_planned(entry.traced, entry.decisions, [*param_leaves, *batch_leaves], segments=entry.segments,
-                           unroll_scans=True)[0]
-
-    return _flops(jax.jit(jax.value_and_grad(loss)).lower(dyn_vals[:num_params], dyn_vals[num_params:]))
+    """FLOPs of auto's own plan with its scans unrolled (XLA's cost analysis counts a scan body once)."""
+    return rk_measure.jax_auto_flops_unrolled(wrapped, params, batch)
 
 
 def _flops(stage: Any) -> float:

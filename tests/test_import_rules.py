@@ -46,8 +46,6 @@ ALLOWED: frozenset[str] = frozenset({
     "remat_kit/_torch/_explain.py: remat_kit._core.simulate._needed_and_recomputed",
     "remat_kit/_torch/_replay.py: remat_kit._core.simulate._needed_and_recomputed",
     # benchmarks still on adapter internals / core modules instead of remat_kit and remat_kit.measure
-    "benchmarks/_jax_cell.py: remat_kit._jax._api.planner_of",
-    "benchmarks/_jax_cell.py: remat_kit._jax._apply.run_planned",
     "benchmarks/jax_bench.py: remat_kit._core.analytic.megatron_bytes_per_layer",
     "benchmarks/jax_bench.py: remat_kit._core.presets.megatron_selective",
     "benchmarks/jax_bench.py: remat_kit._core.simulate.simulate",
@@ -61,11 +59,6 @@ ALLOWED: frozenset[str] = frozenset({
     "benchmarks/torch_bench.py: remat_kit._core.budget.format_bytes",
     "benchmarks/torch_bench.py: remat_kit._torch._apply.compile_plan",
     "benchmarks/torch_bench.py: remat_kit._torch._measure.measure_step",
-    "benchmarks/solver_quality.py: remat_kit._core.simulate.baseline_activation_bytes",
-    "benchmarks/solver_quality.py: remat_kit._core.solve.Costs",
-    "benchmarks/solver_quality.py: tests.test_solvers._codes_of",
-    "benchmarks/solver_quality.py: tests.graphs.brute_force",  # the oracle and generators: move out of tests/
-    "benchmarks/solver_quality.py: tests.graphs.random_chain",
 })
 
 

@@ -3,16 +3,15 @@ nnx.Optimizer step), linen classes (unrolled and under nn.scan); gradients equal
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
 import pytest
+from flax import nnx
+from jax_helpers import rel_err
 
-jax = pytest.importorskip("jax")
-nnx = pytest.importorskip("flax.nnx")
-import flax.linen as nn  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-import remat_kit._jax as rj  # noqa: E402
-from jax_helpers import rel_err  # noqa: E402
+import remat_kit._jax as rj
 
 D, N = 16, 4
 

@@ -14,26 +14,20 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax import lax
+from jax_helpers import rel_err
 
-jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
-
-import remat_kit as rk  # noqa: E402
-import remat_kit._jax as rj  # noqa: E402
-from remat_kit._jax import _verify  # noqa: E402
-from remat_kit._jax._api import planner_of  # noqa: E402
+import remat_kit as rk
+import remat_kit._jax as rj
+from remat_kit._jax import _verify
+from remat_kit._jax._api import planner_of
 
 
 def temp(compiled) -> int:
     return int(compiled.memory_analysis().temp_size_in_bytes)
-
-
-def rel_err(a, b) -> float:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb) and la
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb)) / max(float(jnp.max(jnp.abs(y))) for y in lb)
 
 
 def assert_contract(loss, params, batch, budget: float, *, has_aux: bool = False) -> str:
@@ -188,6 +182,7 @@ def resnet_v2_loss(params, batch):
     return -jnp.mean(jax.nn.log_softmax(logits)[:, 0]), new_state
 
 
+@pytest.mark.slow  # over 10 s in CI's --durations
 def test_resnet_with_batch_norm_state_holds_the_budget():
     params, state = resnet_init(jax.random.key(0))
     batch = dict(images=jax.random.normal(jax.random.key(1), (4, 16, 16, 3)), state=state)

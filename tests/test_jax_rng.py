@@ -23,19 +23,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
+from jax import lax
+from jax_helpers import rel_err
 
-jax = pytest.importorskip("jax")
-nn = pytest.importorskip("flax.linen")
-import jax.numpy as jnp  # noqa: E402
-from flax import struct  # noqa: E402
-from jax import lax  # noqa: E402
-
-import remat_kit._jax as rj  # noqa: E402
-from jax_helpers import rel_err  # noqa: E402
-from remat_kit._core.solve import InfeasibleBudgetError  # noqa: E402
-from remat_kit._core.plan import Decision  # noqa: E402
+import remat_kit._jax as rj
+from remat_kit._core.plan import Decision
+from remat_kit._core.solve import InfeasibleBudgetError
 
 VOCAB, BATCH, SEQ = 32, 2, 32
 
@@ -137,6 +136,7 @@ def lm1b(config: TransformerConfig, mlp: Any = MlpBlock):
     return loss, params, tokens
 
 
+@pytest.mark.slow  # over 10 s in CI's --durations
 def test_lm1b_nn_scan_dropout_gradients():
     """The issue's call: `auto(loss)` at 0.3 and 0.7 with a raw `PRNGKey` as lm1b's train step
     passes it (typed keys and the other key routes: tests/test_jax_rng_property.py)."""

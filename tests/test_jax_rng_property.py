@@ -16,18 +16,17 @@ below the tolerance, while a dropout mask drawn differently moves gradients by O
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jax_helpers import rel_err
 
-jax = pytest.importorskip("jax")
-nnx = pytest.importorskip("flax.nnx")
-import flax.linen as nn  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import remat_kit._jax as rj  # noqa: E402
-from jax_helpers import rel_err  # noqa: E402
-from remat_kit._core.solve import InfeasibleBudgetError  # noqa: E402
+import remat_kit._jax as rj
+from remat_kit._core.solve import InfeasibleBudgetError
 
 B, D, F, RATE = 64, 8, 32, 0.5  # batch x hidden activations outweigh the parameters: plans recompute
 TOL = 1e-5
@@ -127,6 +126,7 @@ def check(planned_grads, want_grads, budget) -> None:
     assert err < TOL, f"budget={budget}: gradients differ from no remat (max rel err {err:.2e})"
 
 
+@pytest.mark.slow  # over 10 s in CI's --durations
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=jax_specs(), raw=st.booleans(), budget=st.floats(0.1, 1.0))
 def test_jax_dropout_exact(spec, raw, budget):
@@ -162,6 +162,7 @@ class LinenStack(nn.Module):
         return jnp.mean(jnp.tanh(x) ** 2)
 
 
+@pytest.mark.slow  # over 10 s in CI's --durations
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(num_layers=st.sampled_from([2, 4]), mid=st.booleans(), raw=st.booleans(), budget=st.floats(0.1, 1.0))
 def test_linen_scan_make_rng_exact(num_layers, mid, raw, budget):

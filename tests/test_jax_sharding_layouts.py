@@ -105,6 +105,7 @@ def _check_held(row: dict, none: int, fixed: int) -> None:
     assert row["rel_err"] <= 1e-6
 
 
+@pytest.mark.slow  # over 10 s in CI's --durations
 @pytest.mark.parametrize("layout", ["data", "fsdp", "tensor"])
 def test_budget_holds_per_device(layout):
     out = _run(layout)

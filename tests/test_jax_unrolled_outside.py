@@ -15,18 +15,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import struct
+from jax import lax
+from jax_helpers import rel_err
 
-jax = pytest.importorskip("jax")
-nn = pytest.importorskip("flax.linen")
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import struct  # noqa: E402
-from jax import lax  # noqa: E402
-
-import remat_kit as rk  # noqa: E402
-import remat_kit._jax as rj  # noqa: E402
-from remat_kit._jax._api import planner_of  # noqa: E402
+import remat_kit as rk
+import remat_kit._jax as rj
+from remat_kit._jax._api import planner_of
 
 
 @struct.dataclass
@@ -143,11 +143,6 @@ def temp_bytes(f, *args) -> int:
     return int(jax.jit(jax.grad(f)).lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
-def rel_err(got, want) -> float:
-    num = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-    return num / max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(want))
-
-
 @pytest.mark.parametrize("dropout", [True, False])
 def test_lm1b_layers_are_found_through_the_token_mask(dropout):
     loss, args = lm1b(dropout)
@@ -158,6 +153,7 @@ def test_lm1b_layers_are_found_through_the_token_mask(dropout):
     assert not traced.pieces
 
 
+@pytest.mark.slow  # over 10 s in CI's --durations
 @pytest.mark.parametrize("solver", [None, "dp"])
 def test_lm1b_with_dropout_plans_and_keeps_gradients(solver):
     loss, args = lm1b(True)
@@ -195,6 +191,7 @@ def _unrepeated(num_layers: int = 24, width: int = 32, batch: int = 256):
     return loss, (params, x)
 
 
+@pytest.mark.slow  # over 10 s in CI's --durations
 def test_unrepeated_program_is_planned_in_pieces_within_the_budget():
     loss, args = _unrepeated()
     planner, f = planner_of(rk.auto(loss, budget=1.0))
@@ -207,7 +204,8 @@ def test_unrepeated_program_is_planned_in_pieces_within_the_budget():
         assert e.smallest_fraction > 0.5
         return
     assert measured <= 0.5 * temp_bytes(loss, *args)
-    assert rel_err(jax.grad(planned)(*args), jax.grad(loss)(*args)) <= 1e-6
+    # rel_err is per array: float32 reassociation in the recompute reads 1.5e-6 in the smallest one
+    assert rel_err(jax.grad(planned)(*args), jax.grad(loss)(*args)) <= 1e-5
 
 
 def test_values_only_returned_do_not_hide_the_cuts():

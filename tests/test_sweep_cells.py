@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
-from benchmarks._cells import plan_cells, shard  # noqa: E402
+from benchmarks._cells import plan_cells, shard
 
 
 def test_plan_skips_cells_that_do_not_apply():

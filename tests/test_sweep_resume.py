@@ -104,6 +104,7 @@ def test_fresh_starts_over_and_other_settings_are_refused(tmp_path):
     assert [r["status"] for r in check_complete(out)] == ["crash: SIGSEGV"] * 4
 
 
+@pytest.mark.slow  # over 10 s in CI's --durations
 def test_crash_hang_and_error_are_recorded_and_the_sweep_goes_on(tmp_path):
     """`none` is measured for real; the other three cells crash, hang past --timeout, and raise."""
     out = tmp_path / "run"

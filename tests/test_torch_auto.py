@@ -5,15 +5,13 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
+from torch_helpers import Block, TinyGPT, fresh, grads, max_rel_err, tokens
 
-torch = pytest.importorskip("torch")
-
-from torch_helpers import Block, TinyGPT, fresh, grads, max_rel_err, tokens  # noqa: E402
-
-import remat_kit._torch as rt  # noqa: E402
-from remat_kit._core.simulate import simulate  # noqa: E402
-from remat_kit._torch._apply import state_of  # noqa: E402
-from remat_kit._torch._measure import measure_step  # noqa: E402
+import remat_kit._torch as rt
+from remat_kit._core.simulate import simulate
+from remat_kit._torch._apply import state_of
+from remat_kit._torch._measure import measure_step
 
 BUDGETS = (1.0, 0.7, 0.5, 0.3)
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from torch_helpers import TinyGPT, tokens
 
-torch = pytest.importorskip("torch")
-
-from torch_helpers import TinyGPT, tokens  # noqa: E402
-
-import remat_kit._torch as rt  # noqa: E402
+import remat_kit._torch as rt
 
 
 def test_explain_prints_blocks_ops_and_measured(capsys):

@@ -10,14 +10,12 @@ import sys
 import warnings
 
 import pytest
+import torch
+from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens
 
-torch = pytest.importorskip("torch")
-
-from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens  # noqa: E402
-
-import remat_kit._torch as rt  # noqa: E402
-from remat_kit._torch._apply import autocast_cast_bytes, kv_cache_configs, state_of  # noqa: E402
-from remat_kit._torch._measure import measure_step  # noqa: E402
+import remat_kit._torch as rt
+from remat_kit._torch._apply import autocast_cast_bytes, kv_cache_configs, state_of
+from remat_kit._torch._measure import measure_step
 
 
 def _check(model, budget, *args, tol=1e-6, **kwargs):

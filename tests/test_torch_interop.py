@@ -12,16 +12,14 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
-torch = pytest.importorskip("torch")
-
-from torch import nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-import remat_kit  # noqa: E402
-from remat_kit._torch._apply import state_of  # noqa: E402
-from remat_kit._torch._measure import LiveStorageTracker  # noqa: E402
+import remat_kit
+from remat_kit._torch._apply import state_of
+from remat_kit._torch._measure import LiveStorageTracker
 
 MemTracker = pytest.importorskip("torch.distributed._tools.mem_tracker").MemTracker
 

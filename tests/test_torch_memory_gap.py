@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
+import torch
+from torch import nn
+from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens
 
-torch = pytest.importorskip("torch")
-nn = torch.nn
-
-from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens  # noqa: E402
-
-import remat_kit._torch as rt  # noqa: E402
-from remat_kit._core.plan import Decision, Plan  # noqa: E402
-from remat_kit._core.simulate import simulate  # noqa: E402
-from remat_kit._torch._apply import compile_plan, install_blocks, signature, state_of  # noqa: E402
-from remat_kit._torch._measure import measure_step  # noqa: E402
-from remat_kit._torch._replay import CACHE, decisions_for_torch, regions  # noqa: E402
+import remat_kit._torch as rt
+from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.simulate import simulate
+from remat_kit._torch._apply import compile_plan, install_blocks, signature, state_of
+from remat_kit._torch._measure import measure_step
+from remat_kit._torch._replay import CACHE, decisions_for_torch, regions
 
 # What the tracker sees beyond the model: the loss scalar and its seed gradient (8 bytes), well
 # under this share of no remat.

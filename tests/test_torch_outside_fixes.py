@@ -253,8 +253,9 @@ def test_replay_scratch_is_not_sized_by_in_place_ops() -> None:
     # the placeholders' shared buffer (mambapy's pscan: the last in-place multiply into the clone
     # of A, a (B, L, ED, N) slice, made Jamba's segment replay allocate 128KiB the model did not
     # count: 0.547 of no remat measured at 0.519 predicted).
-    from remat_kit._torch._replay import SKIP, Region, Step, _State
     from torch.utils._pytree import tree_flatten
+
+    from remat_kit._torch._replay import SKIP, Region, Step, _State
 
     def step(func: str, shape: tuple[int, ...], inplace: bool) -> Step:
         t = torch.empty(shape)

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import math
 
+import hypothesis
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
-torch = pytest.importorskip("torch")
-hypothesis = pytest.importorskip("hypothesis")
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from torch import nn  # noqa: E402
-
-import remat_kit  # noqa: E402
+import remat_kit
 
 NOISES = ("none", "dropout", "rand_default", "bernoulli_gen", "rand_gen", "randn_gen")
 

@@ -1,0 +1,36 @@
+"""Shared test setup.
+
+Framework test files are collected only when their framework is installed, so they import it at
+the top like any other module (no `pytest.importorskip` ahead of their imports); pytest's header
+says what was left out. `import remat_kit` itself works without either framework, which
+tests/test_import.py checks. Helper modules next to the tests (`jax_helpers`, `torch_helpers`)
+import by name: pytest puts this directory on sys.path (default `prepend` import mode).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+# Test files by name -> what they import at module level (the `jax` / `torch` extras in pyproject).
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "test_jax_*.py": ("jax", "flax", "optax"),
+    "test_torch_*.py": ("torch",),
+    "test_resume_*.py": ("jax", "orbax.checkpoint"),
+    "test_sweep_resume.py": ("jax", "orbax.checkpoint"),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+MISSING = {pattern: [m for m in modules if not _installed(m)] for pattern, modules in REQUIRES.items()}
+collect_ignore_glob = [pattern for pattern, missing in MISSING.items() if missing]
+
+
+def pytest_report_header(config: object) -> list[str]:
+    return [f"not collected: tests/{pattern} ({', '.join(missing)} not installed)"
+            for pattern, missing in MISSING.items() if missing]
