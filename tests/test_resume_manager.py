@@ -97,9 +97,14 @@ def test_the_last_good_step_survives_while_newer_ones_are_not_sealed(tmp_path, m
         assert ckpt.all_steps() == [5]
 
 
+def _array_files(step_dir: Path) -> list[Path]:
+    """JAX arrays: Orbax's data files under arrays/; host arrays: host/*.npy."""
+    return [p for p in step_dir.rglob("*") if p.is_file() and (
+        ("/d/" in p.as_posix() and "arrays" in p.parts) or (p.suffix == ".npy" and "host" in p.parts))]
+
+
 def _largest_array_file(step_dir: Path) -> Path:
-    files = [p for p in (step_dir / "arrays").rglob("*") if p.is_file() and "/d/" in p.as_posix()]
-    return max(files, key=lambda p: p.stat().st_size)
+    return max(_array_files(step_dir), key=lambda p: p.stat().st_size)
 
 
 def corrupt(step_dir: Path, how: str) -> None:
@@ -109,9 +114,8 @@ def corrupt(step_dir: Path, how: str) -> None:
     elif how == "delete_meta":
         (step_dir / "meta" / "metadata").unlink()
     elif how == "delete_arrays":
-        for path in (step_dir / "arrays").rglob("*"):
-            if path.is_file() and "/d/" in path.as_posix():
-                path.unlink()
+        for path in _array_files(step_dir):
+            path.unlink()
     elif how == "flip_bytes_unsealed":  # same size, no manifest: only the CRC32s can tell
         (step_dir / _inspect.MANIFEST_NAME).unlink()
         path = _largest_array_file(step_dir)
@@ -125,11 +129,17 @@ def corrupt(step_dir: Path, how: str) -> None:
         raise ValueError(how)
 
 
+@pytest.mark.parametrize("big", ["numpy", "jax"])
 @pytest.mark.parametrize("how", ["truncate", "delete_meta", "delete_arrays", "flip_bytes_unsealed", "torn"])
-def test_corrupt_latest_is_reported_and_restore_falls_back_to_the_newest_good_step(tmp_path, how, capsys):
+def test_corrupt_latest_is_reported_and_restore_falls_back_to_the_newest_good_step(tmp_path, how, big, capsys):
+    def big_array(step):
+        values = np.random.default_rng(step).normal(size=(64, 64))
+        return values if big == "numpy" else jax.numpy.asarray(values, np.float32)
+
+    jax = pytest.importorskip("jax")
     with resume.Resumable(tmp_path, keep=3) as ckpt:
         for step in range(3):
-            ckpt.save(step, {**state_at(step), "big": np.random.default_rng(step).normal(size=(64, 64))})
+            ckpt.save(step, {**state_at(step), "big": big_array(step)})
     corrupt(tmp_path / "2", how)
     assert cli_main(["ls", str(tmp_path), "--verify"]) == 1
     listing = capsys.readouterr().out

@@ -13,15 +13,29 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from remat_kit import resume  # noqa: E402
-from remat_kit.resume._codec import encode  # noqa: E402
 from remat_kit.resume._decode import decode  # noqa: E402
+from remat_kit.resume._writing import encode  # noqa: E402
+
+
+def saved(state):
+    """The codec alone, in memory: encodes `state` now, returns `restore(template=None)`; JAX
+    arrays are handed over as they are (Orbax's part)."""
+    encoded = encode(state)
+    spec = json.loads(json.dumps(encoded.spec))  # exactly what the JSON item stores
+    copies = {k: v.copy() for k, v in encoded.arrays.items()}
+
+    def host(key, dtype, shape, local):
+        return copies[key]
+
+    def restore(template=None):
+        kwargs = {"host": host, "jax_arrays": encoded.jax_arrays}
+        return decode(spec, **kwargs) if template is None else decode(spec, template, **kwargs)
+
+    return restore
 
 
 def round_trip(state, template=None):
-    arrays, spec = encode(state)
-    spec = json.loads(json.dumps(spec))  # exactly what the JSON item stores
-    copies = {k: v.copy() for k, v in arrays.items()}
-    return decode(spec, copies) if template is None else decode(spec, copies, template)
+    return saved(state)(template)
 
 
 def assert_same(a, b):
@@ -114,13 +128,13 @@ def test_torch_model_optimizer_scheduler_restore_in_place_with_nested_structure(
         model(torch.ones(2, 4, dtype=torch.bfloat16)).sum().backward()
         optimizer.step()
         scheduler.step()
-    saved = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    arrays, spec = encode(saved)
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    restore = saved(state)
 
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1)).to(torch.bfloat16)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=1, gamma=0.5)
-    out = decode(json.loads(json.dumps(spec)), arrays, {"model": fresh, "optimizer": fresh_opt, "scheduler": fresh_sched})
+    out = restore({"model": fresh, "optimizer": fresh_opt, "scheduler": fresh_sched})
     assert out["model"] is fresh
     for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):
         assert a.dtype == b.dtype and a.equal(b)
@@ -131,7 +145,7 @@ def test_torch_model_optimizer_scheduler_restore_in_place_with_nested_structure(
             assert got["state"][index][name].dtype == value.dtype and got["state"][index][name].equal(value)
     assert fresh_sched.state_dict() == scheduler.state_dict()
     # No template: the optimizer state dict comes back with its int keys and nested lists.
-    bare = round_trip(saved)
+    bare = round_trip(state)
     assert list(bare["optimizer"]["state"]) == [0, 1, 2, 3] and isinstance(bare["optimizer"]["param_groups"], list)
 
 
@@ -140,8 +154,7 @@ def test_rng_states_of_python_numpy_torch_and_generators_resume_the_same_stream(
     gens = {"py": random.Random(1), "np": np.random.default_rng(2), "mt": np.random.Generator(np.random.MT19937(3)),
             "torch": torch.Generator().manual_seed(4), "global": resume.GlobalRNG()}
     random.seed(5), np.random.seed(6), torch.manual_seed(7)
-    arrays, spec = encode(gens)
-    spec = json.loads(json.dumps(spec))
+    restore = saved(gens)
 
     def draw(g):
         return (g["py"].random(), g["np"].random(), g["mt"].random(), torch.rand(1, generator=g["torch"]).item(),
@@ -151,8 +164,8 @@ def test_rng_states_of_python_numpy_torch_and_generators_resume_the_same_stream(
     random.seed(0), np.random.seed(0), torch.manual_seed(0)  # disturb the global streams
     template = {"py": random.Random(), "np": np.random.default_rng(), "mt": np.random.Generator(np.random.MT19937()),
                 "torch": torch.Generator(), "global": resume.GlobalRNG()}
-    assert draw(decode(spec, arrays, template)) == first
-    bare = decode(spec, arrays)  # generators are rebuilt, global state returned as data
+    assert draw(restore(template)) == first
+    bare = restore()  # generators are rebuilt, global state returned as data
     assert bare["py"].random() == first[0] and bare["np"].random() == first[1]
 
 
@@ -172,11 +185,11 @@ def test_shuffled_iterator_resumes_at_the_exact_next_batch_across_epochs():
 def test_template_mismatch_names_every_differing_key_and_changes_nothing():
     torch = pytest.importorskip("torch")
     model = torch.nn.Linear(2, 2)
-    arrays, spec = encode({"a": np.zeros(3, np.float32), "b": {"c": 1}, "m": model, "l": [1, 2]})
+    restore = saved({"a": np.zeros(3, np.float32), "b": {"c": 1}, "m": model, "l": [1, 2]})
     other = torch.nn.Linear(2, 2)
     before = [p.detach().clone() for p in other.parameters()]
     with pytest.raises(resume.TemplateMismatchError) as info:
-        decode(spec, arrays, {"a": np.zeros(4, np.float32), "b": {"d": 1}, "m": other, "l": [1]})
+        restore({"a": np.zeros(4, np.float32), "b": {"d": 1}, "m": other, "l": [1]})
     message = str(info.value)
     for expected in ("state['a']: saved float32[3], template has float32[4]",
                      "state['b']['d']: in the template but not in the checkpoint",

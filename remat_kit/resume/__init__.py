@@ -19,6 +19,7 @@ except ImportError as _error:  # say what to install instead of a bare ModuleNot
         f"or pip install orbax-checkpoint ({_error})"
     ) from _error
 
+from remat_kit.resume._codec import PerProcess as PerProcess
 from remat_kit.resume._errors import EXIT_PREEMPTED as EXIT_PREEMPTED
 from remat_kit.resume._errors import AsyncSaveError as AsyncSaveError
 from remat_kit.resume._errors import CorruptCheckpointError as CorruptCheckpointError
@@ -42,6 +43,7 @@ __all__ = [
     "CorruptCheckpointError",
     "CorruptCheckpointWarning",
     "GlobalRNG",
+    "PerProcess",
     "PreemptionHandler",
     "ResumeError",
     "Resumable",

@@ -1,13 +1,22 @@
-"""Turn a training state into (flat dict of numpy arrays, JSON spec) and back, without pickle.
+"""Turn a training state into (spec, arrays by where they go) and back, without pickle.
 
-Orbax stores the arrays (one `StandardSave` item); the spec (an item saved with `JsonSave`)
-records the tree: containers, JSON scalars, which framework each array came from (JAX, NumPy,
-torch with dtype and device), a CRC32 of every array's bytes, and the state of objects that
-carry their own (`state_dict()` / `get_state()`). Nothing is ever unpickled on restore: a
-checkpoint from an untrusted source can at worst hold wrong numbers, not run code.
+The spec (JSON) records the tree: containers, JSON scalars, which framework each array came
+from, and a checksum per array. The arrays go three ways:
 
-Arrays are copied to host memory when `encode` runs, so an async save is safe against the
-training loop mutating tensors in place (torch optimizers do) while Orbax writes.
+* JAX arrays go to Orbax as they are (`jax_arrays`, keys `j0, j1, ...`): sharded or not, never
+  copied to host here; Orbax does the device-to-host copy (asynchronously) and each process
+  writes the shards it holds. Their checksum is a fingerprint computed on device
+  (`_fingerprint`), filled in by the caller.
+* torch DTensors (FSDP2 parameters and optimizer state) go to torch.distributed.checkpoint
+  (`dtensors`, keys `d0, ...`), written by the ranks that hold their shards.
+* everything else (numpy, torch tensors, generators) is copied to host memory now (`arrays`,
+  keys `a0, ...`, with a CRC32), so an async save is safe against the training loop mutating
+  tensors in place (torch optimizers do) while the write runs.
+
+Subtrees wrapped in `PerProcess` are encoded separately, one copy per process; the rest of the
+host state is the same on every process and written by process 0.
+Nothing is ever unpickled on restore: a checkpoint from an untrusted source can at worst hold
+wrong numbers, not run code.
 """
 
 from __future__ import annotations
@@ -23,6 +32,27 @@ from remat_kit.resume import _torch_arrays
 
 # Orbax refuses zero-size arrays ("Cannot save arrays with zero size"): they live in the spec.
 _ARRAY_PREFIX = "a"
+_JAX_PREFIX = "j"
+_DTENSOR_PREFIX = "d"
+
+
+class PerProcess:
+    """Marks a part of the state that differs between processes (a data iterator reading this
+    rank's shard, per-rank RNGs): every process saves its own copy and restores its own.
+
+    Everything else outside JAX arrays and torch DTensors is taken to be the same on every
+    process and is written by process 0 only. Put `PerProcess(template_part)` at the same place
+    in the restore template; the restored tree holds `PerProcess(restored_part)` there.
+    """
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"PerProcess({self.value!r})"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, PerProcess) and other.value == self.value
 
 
 def checksum(array: np.ndarray) -> int:
@@ -60,12 +90,27 @@ def _is_checkpointable(obj: Any) -> bool:
 
 
 class Encoder:
-    """Walks a state once; collects host arrays under keys `a0, a1, ...` and returns the spec."""
+    """Walks a state once; collects arrays by destination (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, per_process: bool = False, shared: Encoder | None = None) -> None:
         self.arrays: dict[str, np.ndarray] = {}
+        self.jax_arrays: dict[str, Any] = {} if shared is None else shared.jax_arrays
+        self.dtensors: dict[str, Any] = {} if shared is None else shared.dtensors
+        self.per_process = per_process  # inside PerProcess: JAX arrays go to host too
+        self.local: Encoder | None = None  # encodes the PerProcess parts, into local_specs
+        self.local_specs: list[Any] = []
+        self.spec: Any = None
 
     def encode(self, obj: Any, path: str = "state") -> dict[str, Any]:
+        if isinstance(obj, PerProcess):
+            if self.per_process:
+                raise TypeError(f"{path} is a PerProcess inside a PerProcess; mark the outer part only.")
+            if self.local is None:
+                self.local = Encoder(per_process=True, shared=self)
+            # The shared spec (written by process 0) holds only the index: each process's part
+            # lives in its own file (see _host_item).
+            self.local_specs.append(self.local.encode(obj.value, f"{path}.value"))
+            return {"t": "per_process", "index": len(self.local_specs) - 1}
         if isinstance(obj, np.generic) and not isinstance(obj, (np.str_, np.bytes_)):
             # before the float check: np.float64 subclasses float, and must come back as np.float64
             return self._array(np.array(obj, copy=True), path, {"kind": "numpy_scalar"})
@@ -107,6 +152,11 @@ class Encoder:
             return self._jax_leaf(obj, path)
         if isinstance(obj, np.ndarray):
             return self._array(np.array(obj, copy=True), path, {"kind": "numpy"})
+        if _torch_arrays.is_dtensor(obj) and not self.per_process:
+            key = f"{_DTENSOR_PREFIX}{len(self.dtensors)}"
+            self.dtensors[key] = obj
+            return {"t": "array", "kind": "dtensor", "key": key, "dtype": _torch_arrays.dtype_name(obj.dtype),
+                    "shape": list(obj.shape), "crc32": None}
         if _torch_arrays.is_tensor(obj):
             host, extra = _torch_arrays.to_numpy(obj, path)
             return self._array(host, path, extra)
@@ -128,16 +178,26 @@ class Encoder:
                 f"{path} is an abstract jax.ShapeDtypeStruct{tuple(obj.shape)}; save() needs "
                 "concrete values. Abstract leaves are only allowed in a restore template."
             )
-        if not obj.is_fully_addressable:
-            raise ValueError(
-                f"{path} is a jax.Array sharded across processes; remat_kit.resume saves from "
-                "one process only. Use orbax.checkpoint.CheckpointManager directly for multi-host."
-            )
+        extra: dict[str, Any] = {"kind": "jax"}
         if _is_jax_key(obj):
-            impl = str(jax.random.key_impl(obj))
-            data = np.asarray(jax.random.key_data(obj)).copy()
-            return self._array(data, path, {"kind": "jax_key", "impl": impl})
-        return self._array(np.asarray(obj).copy(), path, {"kind": "jax"})
+            extra = {"kind": "jax_key", "impl": str(jax.random.key_impl(obj))}
+            obj = jax.random.key_data(obj)  # stays on its devices
+        if self.per_process and not obj.is_fully_addressable:
+            raise ValueError(f"{path} is a jax.Array sharded across processes inside PerProcess; "
+                             "global arrays are saved once for all processes: move it out of PerProcess.")
+        if self.per_process or (obj.is_fully_addressable and jax.process_count() > 1):
+            # An array that lives on one process of a multi-process job (a PRNG key, a step
+            # counter made with jnp) is host state like any other: process 0's copy is saved.
+            return self._array(np.asarray(obj).copy(), path, extra)
+        if obj.size == 0:
+            return {"t": "array", "dtype": obj.dtype.name, "shape": list(obj.shape), "key": None, "crc32": 0,
+                    **extra}
+        key = f"{_JAX_PREFIX}{len(self.jax_arrays)}"
+        self.jax_arrays[key] = obj
+        # "crc32" of a JAX array is its device fingerprint, filled in by the caller (one batched
+        # computation for the whole state, see _fingerprint).
+        return {"t": "array", "dtype": obj.dtype.name, "shape": list(obj.shape), "key": key, "crc32": None,
+                "sharding": repr(obj.sharding), **extra}
 
     def _array(self, host: np.ndarray, path: str, extra: dict[str, Any]) -> dict[str, Any]:
         if host.dtype.kind in "OUSMm":
@@ -173,9 +233,29 @@ class Encoder:
         )
 
 
-def encode(state: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Returns (flat dict of host arrays for Orbax, JSON-serializable spec of the tree)."""
+def encode(state: Any) -> Encoder:
+    """Walks `state`; the returned encoder holds `.spec` and the arrays by destination
+    (`.arrays`, `.jax_arrays`, `.dtensors`, and `.local` for the PerProcess parts)."""
     encoder = Encoder()
-    spec = encoder.encode(state)
-    return encoder.arrays, spec
+    encoder.spec = encoder.encode(state)
+    return encoder
+
+
+def jax_nodes(spec: Any) -> list[dict[str, Any]]:
+    """The spec nodes of JAX arrays stored through Orbax, in encoding order."""
+    found = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("t") == "array" and str(node.get("key") or "").startswith(_JAX_PREFIX):
+                found.append(node)
+                return
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(spec)
+    return found
 

@@ -1,4 +1,4 @@
-"""Rebuild a saved state from (spec, host arrays), optionally shaped by a template.
+"""Rebuild a saved state from its spec and arrays, optionally shaped by a template.
 
 With no template, containers come back as dict/list/tuple (namedtuples and custom pytree nodes
 as dicts, since rebuilding an arbitrary class from a name would be pickle by another route) and
@@ -6,6 +6,11 @@ arrays in the framework they were saved from. With a template, the result has th
 types, JAX shardings and torch devices, objects in the template (`nn.Module`, optimizers,
 iterators, generators) are loaded in place, and every structural difference is reported at once.
 In-place loads run only after the whole tree matched, so a failed restore changes nothing.
+
+A restore walks the spec twice: `plan` (no data read) checks the template and collects where
+each JAX array and DTensor goes (the template's sharding, the template tensor), so Orbax and
+torch.distributed.checkpoint read every array straight into its target layout; `decode` then
+builds the tree from what they read.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from remat_kit.resume import _torch_arrays
-from remat_kit.resume._codec import _is_checkpointable, _is_jax_array, _is_stateful, _jax, checksum
+from remat_kit.resume._codec import PerProcess, _is_checkpointable, _is_jax_array, _is_stateful, _jax, checksum
 from remat_kit.resume._errors import CorruptCheckpointError, TemplateMismatchError
 
 _NO_TEMPLATE = object()
@@ -40,13 +45,25 @@ def _template_dtype_name(template: Any) -> str | None:
     return str(dtype).removeprefix("torch.")
 
 
+HostReader = Callable[[str, np.dtype, list, bool], np.ndarray]  # (key, dtype, shape, per_process)
+
+
 class _Decoder:
-    def __init__(self, arrays: Mapping[str, np.ndarray], step: int | None) -> None:
-        self.arrays = arrays
+    def __init__(self, step: int | None, *, host: HostReader | None = None, jax_arrays: Mapping[str, Any] = None,
+                 dtensors: Mapping[str, Any] = None, local_specs: list[Any] | None = None,
+                 planning: bool = False) -> None:
+        self.host = host
+        self.jax_arrays = jax_arrays or {}
+        self.dtensors = dtensors or {}
+        self.local_specs = local_specs
+        self.planning = planning
         self.step = step
         self.mismatches: list[str] = []
         self.corrupt: list[str] = []
         self.in_place: list[Callable[[], None]] = []
+        self.jax_targets: dict[str, Any] = {}  # key -> template sharding (or None)
+        self.dtensor_targets: dict[str, Any] = {}  # key -> template tensor
+        self._local = False  # decoding a PerProcess part: host keys refer to this process's files
 
     def differ(self, path: str, message: str) -> Any:
         self.mismatches.append(f"{path}: {message}")
@@ -74,6 +91,8 @@ class _Decoder:
             return self._py_random(node, template, path)
         if kind == "np_generator":
             return self._np_generator(node, template, path)
+        if kind == "per_process":
+            return self._per_process(node, template, path)
         self.corrupt.append(f"{path}: unknown node kind {kind!r} in the checkpoint spec")
         return None
 
@@ -128,28 +147,76 @@ class _Decoder:
         values = [self.decode(c, t, f"{path}{k}") for k, c, (_, t) in zip(node["keys"], node["items"], children)]
         return jax.tree_util.tree_unflatten(treedef, values)
 
+    def _per_process(self, node: dict[str, Any], template: Any, path: str) -> Any:
+        if template is not _NO_TEMPLATE:
+            if not isinstance(template, PerProcess):
+                return self.differ(path, f"saved a PerProcess part, template has {type(template).__name__}; "
+                                         "wrap that part of the template in resume.PerProcess(...)")
+            template = template.value
+        if self.local_specs is None:
+            self.corrupt.append(f"{path}: this process has no saved PerProcess part")
+            return None
+        try:
+            spec = self.local_specs[node["index"]]
+        except IndexError:
+            self.corrupt.append(f"{path}: PerProcess part {node['index']} is missing from this process's file")
+            return None
+        self._local = True
+        try:
+            return PerProcess(self.decode(spec, template, f"{path}.value"))
+        finally:
+            self._local = False
+
     def _host_array(self, node: dict[str, Any], path: str) -> np.ndarray | None:
         dtype, shape = _np_dtype(node["dtype"]), tuple(node["shape"])
         if node["key"] is None:
             return np.zeros(shape, dtype)
-        host = self.arrays.get(node["key"])
-        if host is None:
-            self.corrupt.append(f"{path}: array {node['key']} is missing from the checkpoint")
+        if self.planning:
             return None
-        host = np.asarray(host)
-        if host.shape != shape or host.dtype != dtype:
-            self.corrupt.append(f"{path}: stored {host.dtype}{list(host.shape)}, spec says {dtype}{list(shape)}")
+        try:
+            host = self.host(node["key"], dtype, list(shape), self._local)
+        except (OSError, ValueError, KeyError) as error:
+            self.corrupt.append(f"{path}: array {node['key']} could not be read ({error})")
             return None
         if checksum(host) != node["crc32"]:
             self.corrupt.append(f"{path}: CRC32 of the restored bytes does not match the one saved")
             return None
         return host
 
+    def _stored_array(self, node: dict[str, Any], template: Any, path: str) -> Any:
+        """A JAX array restored by Orbax (already in the template's sharding) or a DTensor target."""
+        key = node["key"]
+        if node["kind"] == "dtensor":
+            if self.planning:
+                if template is _NO_TEMPLATE or not _torch_arrays.is_tensor(template):
+                    self.differ(path, "saved a torch DTensor (sharded through torch.distributed.checkpoint); "
+                                      "the template must hold a tensor there to load it into, e.g. from "
+                                      "torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer)")
+                else:
+                    self.dtensor_targets[key] = template
+                return None
+            return self.dtensors[key]
+        if self.planning:
+            self.jax_targets[key] = None if template is _NO_TEMPLATE else getattr(template, "sharding", None)
+            return None
+        array = self.jax_arrays[key]
+        if node["kind"] == "jax_key":
+            jax = _jax()
+            array = jax.random.wrap_key_data(array, impl=node["impl"])
+        if template is not _NO_TEMPLATE and _template_kind(template) in ("torch", "numpy", "numpy_scalar"):
+            host = np.asarray(array)
+            if _template_kind(template) == "torch":
+                return _torch_arrays.from_numpy(host, {**node, "torch_dtype": node["dtype"]}, template)
+            return host[()] if _template_kind(template) == "numpy_scalar" else host
+        return array
+
     def _array(self, node: dict[str, Any], template: Any, path: str) -> Any:
-        host = self._host_array(node, path)
         kind = node["kind"]
         if template is not _NO_TEMPLATE and not self._array_matches(node, template, path):
             return None
+        if node["key"] is not None and node["key"][0] != "a" and not self._local:
+            return self._stored_array(node, template, path)
+        host = self._host_array(node, path)
         if host is None:
             return None
         target = kind if template is _NO_TEMPLATE else _template_kind(template)
@@ -182,13 +249,21 @@ class _Decoder:
         ):
             self.differ(path, f"saved a {node['kind']} leaf, template has a {kind} leaf")
             return False
-        if kind in ("jax_key", "torch_generator"):
+        if kind == "torch_generator":
             return True
+        saved_shape = node["shape"][:-1] if kind == "jax_key" else node["shape"]  # key data: one more dim
         shape, dtype = list(getattr(template, "shape", ())), _template_dtype_name(template)
         saved_dtype = node.get("torch_dtype", node["dtype"])
-        if shape != node["shape"] or dtype != saved_dtype:
-            self.differ(path, f"saved {saved_dtype}{node['shape']}, template has {dtype}{shape}")
+        if shape != saved_shape or (kind != "jax_key" and dtype != saved_dtype):
+            self.differ(path, f"saved {saved_dtype}{saved_shape}, template has {dtype}{shape}")
             return False
+        sharding = getattr(template, "sharding", None) if kind in ("jax", "jax_key") else None
+        if sharding is not None:
+            try:
+                sharding.shard_shape(tuple(shape))
+            except Exception as error:  # jax raises ValueError / TypeError for shapes a mesh cannot split
+                self.differ(path, f"the template's sharding {sharding} cannot hold shape {shape} ({error})")
+                return False
         return True
 
     def _stateful(self, node: dict[str, Any], template: Any, path: str) -> Any:
@@ -214,6 +289,8 @@ class _Decoder:
 
     def _py_random(self, node: dict[str, Any], template: Any, path: str) -> Any:
         state = self.decode(node["state"], _NO_TEMPLATE, path)
+        if self.planning:
+            return None
         if template is _NO_TEMPLATE:
             generator = random.Random()
             generator.setstate(state)
@@ -225,6 +302,8 @@ class _Decoder:
 
     def _np_generator(self, node: dict[str, Any], template: Any, path: str) -> Any:
         state = self.decode(node["state"], _NO_TEMPLATE, path)
+        if self.planning:
+            return None
         if template is _NO_TEMPLATE:
             bit_generator_cls = getattr(np.random, node["bit_generator"], None)
             if not (isinstance(bit_generator_cls, type) and issubclass(bit_generator_cls, np.random.BitGenerator)):
@@ -256,12 +335,7 @@ def _template_kind(template: Any) -> str | None:
     return None
 
 
-def decode(
-    spec: dict[str, Any], arrays: Mapping[str, np.ndarray], template: Any = _NO_TEMPLATE, *, step: int | None = None
-) -> Any:
-    """Rebuilds the state; raises CorruptCheckpointError or TemplateMismatchError listing all problems."""
-    decoder = _Decoder(arrays, step)
-    result = decoder.decode(spec, template, "state")
+def _report(decoder: _Decoder, step: int | None) -> None:
     if decoder.corrupt:
         raise CorruptCheckpointError(step, "; ".join(decoder.corrupt[:_MAX_REPORTED]))
     if decoder.mismatches:
@@ -273,6 +347,25 @@ def decode(
             + (f"\n  ... and {more} more" if more > 0 else "")
             + "\nPass a template with the structure you saved, or template=None to get the saved tree as is."
         )
+
+
+def plan(spec: dict[str, Any], template: Any, *, local_specs: list[Any] | None,
+         step: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Checks the template against the spec without reading data; returns where each JAX array
+    (key -> template sharding or None) and each DTensor (key -> template tensor) goes."""
+    decoder = _Decoder(step, local_specs=local_specs, planning=True)
+    decoder.decode(spec, template, "state")
+    _report(decoder, step)
+    return decoder.jax_targets, decoder.dtensor_targets
+
+
+def decode(spec: dict[str, Any], template: Any = _NO_TEMPLATE, *, host: HostReader,
+           jax_arrays: Mapping[str, Any] | None = None, dtensors: Mapping[str, Any] | None = None,
+           local_specs: list[Any] | None = None, step: int | None = None) -> Any:
+    """Rebuilds the state; raises CorruptCheckpointError or TemplateMismatchError listing all problems."""
+    decoder = _Decoder(step, host=host, jax_arrays=jax_arrays, dtensors=dtensors, local_specs=local_specs)
+    result = decoder.decode(spec, template, "state")
+    _report(decoder, step)
     for load in decoder.in_place:
         load()
     return result

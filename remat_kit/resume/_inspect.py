@@ -4,15 +4,19 @@ Layout of a checkpoint directory (Orbax's, plus one file of ours per step):
 
     DIR/<step>/                               committed by Orbax (temporary dir + rename)
         _CHECKPOINT_METADATA                  Orbax: item handlers, commit timestamp
-        arrays/                               Orbax StandardSave item: the state's arrays
-        meta/metadata                         JSON: tree spec with CRC32s, metrics, metadata
+        arrays/                               Orbax StandardSave item: the state's JAX arrays,
+                                              as they were sharded (each process its shards)
+        host/                                 host arrays, PerProcess parts, DCP shards (_host_item)
+        meta/metadata                         JSON: tree spec with checksums, metrics, metadata
         remat_kit_manifest.json               ours: every file and its size, written once the
                                               step is known good (after commit / verify)
     DIR/<step>.orbax-checkpoint-tmp-<time>/   a save torn by a kill: incomplete, never restored
     DIR/.corrupt/<step>-<time>/               steps restore_latest() found corrupt, moved aside
     DIR/.trash/<step>/                        steps being deleted (renamed here first)
+    DIR/.staging/<step>/                      torch ranks' files before rank 0 commits the step
 
-Only this process writes DIR (Orbax's own contract: not thread-safe, one writer).
+One job writes DIR (Orbax's own contract: not thread-safe; the processes of one multi-process
+job write it together, process 0 alone for what is not sharded).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ QUARANTINE_DIR = ".corrupt"
 TRASH_DIR = ".trash"
 META_ITEM = "meta"
 ARRAYS_ITEM = "arrays"
-FORMAT = "remat_kit.resume/1"
+FORMAT = "remat_kit.resume/2"
+FORMAT_V1 = "remat_kit.resume/1"  # every array a host array in `arrays/`; still read
+HOST_ITEM = "host"
 _STEP_RE = re.compile(r"^(\d+)$")
 _TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
@@ -83,7 +89,7 @@ def read_meta(step_dir: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path.relative_to(step_dir.parent)} is unreadable ({error})") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "spec" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_V1) or "spec" not in meta:
         raise ValueError(f"{path.relative_to(step_dir.parent)} is not a {FORMAT} spec")
     return meta
 
@@ -112,8 +118,12 @@ def quick_check(step_dir: Path) -> str:
         meta = read_meta(step_dir)
     except ValueError as error:
         return str(error)
-    if meta.get("num_arrays", 0) and not (step_dir / ARRAYS_ITEM).is_dir():
+    v1 = meta.get("format") == FORMAT_V1
+    if meta.get("num_arrays" if v1 else "num_jax_arrays", 0) and not (step_dir / ARRAYS_ITEM).is_dir():
         return f"{ARRAYS_ITEM}/ is missing"
+    if not v1 and (meta.get("num_arrays") or meta.get("per_process") or meta.get("dtensors")) and not (
+            step_dir / HOST_ITEM).is_dir():
+        return f"{HOST_ITEM}/ is missing"
     if not is_sealed(step_dir):
         return ""  # committed but not yet sealed: a full restore (CRC32s) is the check
     try:

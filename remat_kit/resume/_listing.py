@@ -25,7 +25,7 @@ def list_steps(directory: str | os.PathLike[str], *, verify: bool = False) -> li
         raise NotADirectoryError(f"directory={str(directory)!r} is a file; pass the checkpoint directory.")
     deep_check = None
     if verify:
-        from remat_kit.resume._manager import read_step
+        from remat_kit.resume._reading import read_step
 
         def deep_check(step: int) -> str:
             try:

@@ -1,7 +1,9 @@
 """`Resumable`: save and resume a training state with Orbax doing storage, commit and async I/O.
 
-Safety contract (Orbax's, kept): one process writes a directory; not thread-safe. A save is
-visible only once committed (Orbax writes a temporary directory and renames it). On top:
+Safety contract (Orbax's, kept): one job writes a directory; not thread-safe; multi-process
+safe: in a multi-process JAX job or a torch.distributed job every process calls `save` and
+`restore*` with the same steps, and they commit and decide together (see `_processes`). A save
+is visible only once committed (Orbax writes a temporary directory and renames it). On top:
 
 * the newest *sealed* step (committed, its files recorded, verified when `verify=True`) is
   never deleted by retention, so a new save cannot remove the last good checkpoint first;
@@ -26,12 +28,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from remat_kit.resume import _codec, _decode, _inspect
+from remat_kit.resume import _decode, _inspect, _processes, _writing
 from remat_kit.resume._errors import AsyncSaveError, CorruptCheckpointError, CorruptCheckpointWarning, ResumeError
+from remat_kit.resume._reading import read_step
 from remat_kit.resume._retention import StepRecord, preservation_policy
 
 log = logging.getLogger("remat_kit.resume")
@@ -103,34 +105,6 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def read_step(step_dir: Path, step: int, template: Any = _decode._NO_TEMPLATE) -> Any:
-    """Reads one committed step directory; raises CorruptCheckpointError naming what is wrong."""
-    foreign = _inspect.foreign_reason(step_dir)
-    if foreign:
-        raise ResumeError(f"step {step} in {step_dir.parent} is {foreign}; it is left untouched. Use a new "
-                          "directory for remat_kit.resume, or read it with orbax.checkpoint directly.")
-    reason = _inspect.quick_check(step_dir)
-    if reason:
-        raise CorruptCheckpointError(step, reason)
-    meta = _inspect.read_meta(step_dir)
-    arrays: Mapping[str, Any] = {}
-    if meta["num_arrays"]:
-        keys = [f"{_codec._ARRAY_PREFIX}{i}" for i in range(meta["num_arrays"])]
-        restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in keys}
-        try:
-            with ocp.PyTreeCheckpointer() as checkpointer:
-                arrays = checkpointer.restore(step_dir / _inspect.ARRAYS_ITEM,
-                                              args=ocp.args.PyTreeRestore(restore_args=restore_args))
-        except Exception as error:  # tensorstore/Orbax errors on truncated or missing data
-            first_line = (str(error).splitlines() or [""])[0][:300]
-            raise CorruptCheckpointError(step, f"Orbax could not read the arrays ({type(error).__name__}: "
-                                               f"{first_line})") from error
-    try:
-        return _decode.decode(meta["spec"], arrays, template, step=step)
-    except (KeyError, IndexError, TypeError, AttributeError) as error:  # valid JSON, wrong content
-        raise CorruptCheckpointError(step, f"{_inspect.META_ITEM}/metadata holds a malformed spec ({error!r})") from error
-
-
 class Resumable:
     """Saves numbered steps of a training state under `directory` and resumes from the newest good one.
 
@@ -140,32 +114,42 @@ class Resumable:
       keep_best: `(metric, "min" | "max")`: also never delete the step with the best value of
         `metrics[metric]` passed to `save`.
       save_every: `save(step, ...)` writes only when `step % save_every == 0` (or `force=True`).
-      async_save: write in a background thread; `save` returns once arrays are copied to host.
-      verify: after each save, wait for it, read it back and compare every array's CRC32.
+      async_save: write in a background thread; `save` returns once host arrays are copied and
+        Orbax has started its device-to-host copy of the JAX arrays.
+      verify: after each save, wait for it, read it back and compare every array's checksum.
+      processes: "auto" (torch.distributed if initialized with > 1 rank, else multi-process JAX
+        if `jax.process_count() > 1`, else one process), or "single", "jax", "torch".
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3, keep_best: tuple[str, str] | None = None,
-                 save_every: int | None = None, async_save: bool = True, verify: bool = False) -> None:
+                 save_every: int | None = None, async_save: bool = True, verify: bool = False,
+                 processes: str = "auto") -> None:
         self.directory = _check_directory(directory)
         self.keep = _positive_int("keep", keep, allow_none=False)
         self.keep_best = _check_keep_best(keep_best)
         self.save_every = _positive_int("save_every", save_every, allow_none=True)
         self.async_save = bool(async_save)
         self.verify = bool(verify)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _, torn = _inspect.step_dirs(self.directory)
-        for step, paths in sorted(torn.items()):
-            log.warning("found an incomplete save of step %d (interrupted before commit); removing %s",
-                        step, ", ".join(p.name for p in paths))
-        _inspect.empty_trash(self.directory)
+        self.processes = _processes.detect(processes)
+        if self.processes.is_primary:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _, torn = _inspect.step_dirs(self.directory)
+            for step, paths in sorted(torn.items()):
+                log.warning("found an incomplete save of step %d (interrupted before commit); removing %s",
+                            step, ", ".join(p.name for p in paths))
+            _inspect.empty_trash(self.directory)
+            _writing.clear_staging(self.directory)
+        self.processes.barrier("init")
         self._policy = preservation_policy(self.directory, self.keep, self.keep_best)
-        self._manager = self._new_manager()
+        self._manager = self._new_manager() if self.processes.runs_orbax else None
         self._unsealed: list[int] = []
         self._closed = False
         # Interpreter exit would otherwise drop a save still in flight.
         self._atexit = weakref.finalize(self, Resumable._wait_at_exit, weakref.ref(self))
 
     def _new_manager(self) -> ocp.CheckpointManager:
+        from remat_kit.resume._host_item import HostHandler
+
         metric = self.keep_best[0] if self.keep_best else None
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=self.async_save,
@@ -178,14 +162,17 @@ class Resumable:
             best_mode=self.keep_best[1] if self.keep_best else "max",
             preservation_policy=self._policy,
         )
-        return ocp.CheckpointManager(self.directory, options=options,
-                                     item_names=(_inspect.ARRAYS_ITEM, _inspect.META_ITEM))
+        return ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            _inspect.ARRAYS_ITEM: ocp.StandardCheckpointHandler(), _inspect.META_ITEM: ocp.JsonCheckpointHandler(),
+            _inspect.HOST_ITEM: HostHandler()})
 
     # -- queries ---------------------------------------------------------------------------
 
     def all_steps(self) -> list[int]:
-        """Committed steps, oldest first (a step being written asynchronously is included)."""
-        return sorted(self._manager.all_steps())
+        """Committed steps, oldest first (a step being written asynchronously is included);
+        process 0's view, the same on every process."""
+        steps = sorted(self._manager.all_steps()) if self._manager is not None else []
+        return steps if self.processes.kind == "single" else self.processes.broadcast(steps)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None. `restore_latest` may fall back from a corrupt one."""
@@ -234,22 +221,21 @@ class Resumable:
                 f"step={step} is older than the latest saved step {latest} in {self.directory}; steps must "
                 f"increase. To continue from step {step}, delete newer steps with delete(step) or use a new directory."
             )
-        arrays, spec = _codec.encode(state)  # host copies: overlaps the previous async write
+        encoded = _writing.encode(state)  # host copies: overlaps the previous async write
         self._finish_pending()
-        meta = {"format": _inspect.FORMAT, "step": step, "spec": spec, "num_arrays": len(arrays),
-                "metrics": metrics, "metadata": dict(metadata) if metadata is not None else None,
+        meta = {"format": _inspect.FORMAT, "step": step, "metrics": metrics,
+                "metadata": dict(metadata) if metadata is not None else None,
                 "keep_best": list(self.keep_best) if self.keep_best else None, "versions": _versions(),
                 "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
         orbax_metrics = metrics if self.keep_best and metrics and self.keep_best[0] in metrics else None
         if orbax_metrics is not None and not math.isfinite(orbax_metrics[self.keep_best[0]]):
             orbax_metrics = None  # a NaN loss must not rank as best
-        items = {_inspect.META_ITEM: ocp.args.JsonSave(meta)}
-        if arrays:  # Orbax rejects an empty PyTree item ("Found empty item")
-            items[_inspect.ARRAYS_ITEM] = ocp.args.PyTreeSave(arrays)
-        args = ocp.args.Composite(**items)
-        self._manager.save(step, args=args, metrics=orbax_metrics, force=True)
+        args = _writing.save_args(self.directory, step, encoded, meta, self.processes)
+        if self._manager is not None:
+            self._manager.save(step, args=args, metrics=orbax_metrics, force=True)
         self._unsealed.append(step)
-        if not self.async_save or self.verify:
+        if not self.async_save or self.verify or self.processes.kind == "torch":
+            # torch ranks other than 0 learn of the commit only through the barrier in here.
             self._finish_pending()
         return True
 
@@ -259,35 +245,46 @@ class Resumable:
             self._finish_pending()
 
     def _finish_pending(self) -> None:
+        error = None
         try:
-            self._manager.wait_until_finished()
-            self._manager.check_for_errors()
-        except Exception as error:
+            if self._manager is not None:
+                self._manager.wait_until_finished()
+                self._manager.check_for_errors()
+        except Exception as caught:
+            error = caught
+        if self.processes.kind == "torch":  # rank 0 alone commits: every rank learns how it went
+            if not self.processes.all_true(error is None) and error is None:
+                error = ResumeError("rank 0 failed to commit the step")
+        if error is not None:
             failed = list(self._unsealed)
             self._unsealed.clear()
             # Orbax re-raises a failed finalize at every later call; a fresh manager reports the
             # failure once and lets the caller decide (retry, or stop), with earlier steps intact.
-            try:
-                self._manager.close()
-            except Exception:
-                pass
-            self._manager = self._new_manager()
+            if self._manager is not None:
+                try:
+                    self._manager.close()
+                except Exception:
+                    pass
+                self._manager = self._new_manager()
             raise AsyncSaveError(f"saving step(s) {failed} to {self.directory} failed: {error!r}") from error
-        _inspect.empty_trash(self.directory)
+        if self.processes.is_primary:
+            _inspect.empty_trash(self.directory)
         while self._unsealed:
             step = self._unsealed.pop(0)
             step_dir = self.directory / str(step)
-            if not step_dir.is_dir():
-                continue
             if self.verify:
                 self._verify(step)
-            _inspect.seal(step_dir)
+            if self.processes.is_primary and step_dir.is_dir():
+                _inspect.seal(step_dir)
+            self.processes.barrier("seal")
             self._apply_retention()
 
     def _apply_retention(self) -> None:
         # Orbax applies the policy when a save starts, before the new step is sealed, so the
         # previous good step survives that round (as it must); drop it once the new one is sealed.
-        steps = self.all_steps()
+        if self._manager is None:
+            return
+        steps = sorted(self._manager.all_steps())
         infos = [StepRecord(
             step=s, time=datetime.datetime.now(datetime.timezone.utc),
             metrics=self._manager.metrics(s) if self.keep_best else None) for s in steps]
@@ -295,7 +292,8 @@ class Resumable:
         for step, keep in zip(steps, preserve):
             if not keep:
                 self._manager.delete(step)
-        _inspect.empty_trash(self.directory)
+        if self.processes.is_primary:
+            _inspect.empty_trash(self.directory)
 
     def _verify(self, step: int) -> None:
         try:
@@ -326,15 +324,18 @@ class Resumable:
                 return step, self._read(step, _decode._NO_TEMPLATE if template is None else template)
             except CorruptCheckpointError as error:
                 # Moved aside, not left in place: Orbax would refuse new saves at steps <= it.
-                moved = _inspect.quarantine(self.directory / str(step))
-                self._manager.reload()
-                where = f"Moved it to {moved}" if moved else "It is gone from disk"
+                moved = _inspect.quarantine(self.directory / str(step)) if self.processes.is_primary else None
+                self.processes.barrier("quarantine")
+                if self._manager is not None:
+                    self._manager.reload()
+                where = (f"Moved it to {moved}" if moved else "It is gone from disk") if self.processes.is_primary \
+                    else "Process 0 moved it aside"
                 warnings.warn(f"{error} {where}; falling back to an older step.", CorruptCheckpointWarning,
                               stacklevel=2)
         return None
 
     def _read(self, step: int, template: Any) -> Any:
-        return read_step(self.directory / str(step), step, template)
+        return read_step(self.directory / str(step), step, template, self.processes)
 
     # -- housekeeping ----------------------------------------------------------------------
 
@@ -344,7 +345,9 @@ class Resumable:
         step = self._check_step(step)
         self._finish_pending()
         self._require_step(step)
-        self._manager.delete(step)
+        if self._manager is not None:
+            self._manager.delete(step)
+        self.processes.barrier("delete")
 
     def close(self) -> None:
         """Waits for a pending save (raising its error) and releases Orbax's threads."""
@@ -355,7 +358,8 @@ class Resumable:
         finally:
             self._closed = True
             self._atexit.detach()
-            self._manager.close()
+            if self._manager is not None:
+                self._manager.close()
 
     def __enter__(self) -> Resumable:
         return self
@@ -371,7 +375,8 @@ class Resumable:
 
     def __repr__(self) -> str:
         return (f"Resumable({str(self.directory)!r}, keep={self.keep}, keep_best={self.keep_best}, "
-                f"save_every={self.save_every}, async_save={self.async_save}, verify={self.verify})")
+                f"save_every={self.save_every}, async_save={self.async_save}, verify={self.verify}, "
+                f"processes={self.processes.kind!r})")
 
     @staticmethod
     def _wait_at_exit(ref: weakref.ref) -> None:

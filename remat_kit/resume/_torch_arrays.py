@@ -34,6 +34,19 @@ def is_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
+def is_dtensor(obj: Any) -> bool:
+    """A torch.distributed DTensor (FSDP2 parameters and their optimizer state)."""
+    torch = _torch()
+    if torch is None or not isinstance(obj, torch.Tensor):
+        return False
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(obj, dtensor.DTensor)
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def is_generator(obj: Any) -> bool:
     torch = _torch()
     return torch is not None and isinstance(obj, torch.Generator)

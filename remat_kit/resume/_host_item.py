@@ -1,0 +1,123 @@
+"""The `host` item of a step: the state's host arrays, per-process parts and DTensor shards.
+
+    host/a<k>.npy                 arrays outside PerProcess, written by process 0 only
+    host/process_<i>/spec.json    process i's PerProcess parts: their spec and arrays
+    host/process_<i>/a<k>.npy
+    host/dcp/                     torch.distributed.checkpoint files of the DTensors (all ranks)
+
+An Orbax handler, so the files are written inside Orbax's temporary step directory and become
+visible only with Orbax's commit. Files that other ranks wrote before the commit (the DTensor
+shards, other torch ranks' PerProcess parts: each torch rank is a separate JAX world, see
+`_processes`) are staged in `DIR/.staging/<step>/` and moved in by the handler on rank 0.
+Arrays are stored as their raw bytes (`.npy` of uint8, never pickled); dtype and shape live
+in the spec, with a CRC32 of the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from orbax.checkpoint import args as ocp_args
+from orbax.checkpoint import handlers as ocp_handlers
+from orbax.checkpoint import future as ocp_future
+
+from remat_kit.resume._inspect import HOST_ITEM as HOST_ITEM
+
+DCP_DIR = "dcp"
+STAGING_DIR = ".staging"
+
+
+def process_dir(index: int) -> str:
+    return f"process_{index}"
+
+
+def write_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, array in arrays.items():
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        np.save(directory / f"{key}.npy", raw, allow_pickle=False)
+
+
+def read_array(directory: Path, key: str, dtype: np.dtype, shape: list[int]) -> np.ndarray:
+    """Raises OSError / ValueError on a missing or truncated file."""
+    raw = np.load(directory / f"{key}.npy", allow_pickle=False)
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ValueError(f"{key}.npy holds {raw.dtype}{list(raw.shape)}, not raw bytes")
+    if raw.size != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+        raise ValueError(f"{key}.npy holds {raw.size} bytes, {dtype}{shape} needs "
+                         f"{dtype.itemsize * int(np.prod(shape, dtype=np.int64))}")
+    return raw.view(dtype).reshape(shape)
+
+
+def write_local(directory: Path, index: int, spec: Any, arrays: dict[str, np.ndarray]) -> None:
+    target = directory / process_dir(index)
+    write_arrays(target, arrays)
+    tmp = target / ".spec.json.tmp"
+    tmp.write_text(json.dumps({"spec": spec}))
+    os.replace(tmp, target / "spec.json")
+
+
+def read_local_spec(directory: Path, index: int) -> Any:
+    return json.loads((directory / process_dir(index) / "spec.json").read_text())["spec"]
+
+
+class HostHandler(ocp_handlers.AsyncCheckpointHandler):
+    """Writes `HostSave` in Orbax's background thread; restore is `read_array` (plain files)."""
+
+    async def _write(self, directory: Any, args: "HostSave") -> None:
+        path = Path(str(directory))
+        path.mkdir(parents=True, exist_ok=True)
+        if args.staged is not None:
+            staged = Path(args.staged)
+            for entry in sorted(staged.iterdir()):
+                os.replace(entry, path / entry.name)
+            shutil.rmtree(staged, ignore_errors=True)
+        await asyncio.to_thread(self._write_files, path, args)
+
+    @staticmethod
+    def _write_files(path: Path, args: HostSave) -> None:
+        if args.shared:
+            write_arrays(path, args.shared)
+        if args.local is not None:
+            write_local(path, args.process_index, *args.local)
+
+    async def async_save(self, directory: Any, args: HostSave) -> list[Any]:
+        return [ocp_future.CommitFutureAwaitingContractedSignals(self._write(directory, args),
+                                                                  name="remat_kit_host_save")]
+
+    def save(self, directory: Any, args: HostSave) -> None:
+        asyncio.run(self._write(directory, args))
+
+    def restore(self, directory: Any, args: Any = None) -> Any:
+        raise NotImplementedError("remat_kit.resume reads the host item with read_array / read_local_spec")
+
+    def finalize(self, directory: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp_args.register_with_handler(HostHandler, for_save=True)
+@dataclasses.dataclass
+class HostSave(ocp_args.CheckpointArgs):
+    """shared: process 0's host arrays (None elsewhere); local: (spec, arrays) of this process's
+    PerProcess parts or None; staged: a directory whose entries are moved into the item."""
+
+    shared: dict[str, np.ndarray] | None
+    local: tuple[Any, dict[str, np.ndarray]] | None
+    process_index: int
+    staged: str | None = None
+
+
+@ocp_args.register_with_handler(HostHandler, for_restore=True)
+@dataclasses.dataclass
+class HostRestore(ocp_args.CheckpointArgs):
+    """Registered so Orbax knows the handler both ways; the layer reads the files itself."""

@@ -1,0 +1,199 @@
+"""Read one committed step: JAX arrays through Orbax into the template's shardings, DTensors
+through torch.distributed.checkpoint into the template's tensors, host arrays from files.
+
+Every stage that can fail on one process but not another (a truncated shard file is read by
+the process that needs it) ends in an agreement: each process reports its error, and if any
+failed, all raise the same error. The collectives that follow (Orbax's, the fingerprint
+reduction, DCP's) are therefore entered by all processes or by none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from remat_kit.resume import _decode, _host_item, _inspect
+from remat_kit.resume._errors import CorruptCheckpointError, ResumeError, TemplateMismatchError
+from remat_kit.resume._processes import Processes, detect
+
+_ERRORS = {"CorruptCheckpointError": CorruptCheckpointError, "TemplateMismatchError": TemplateMismatchError,
+           "ResumeError": ResumeError}
+
+
+def _agree(processes: Processes, step: int, stage: Callable[[], Any]) -> Any:
+    """Runs `stage` here; if it failed on any process, raises that error on every process."""
+    failure = None
+    try:
+        result = stage()
+    except (CorruptCheckpointError, TemplateMismatchError, ResumeError) as error:
+        if processes.kind == "single":
+            raise
+        result = None
+        kind = type(error).__name__ if type(error).__name__ in _ERRORS else "ResumeError"
+        failure = [kind, error.reason if isinstance(error, CorruptCheckpointError) else str(error)]
+    failures = processes.gather(failure)
+    for index, failed in enumerate(failures):
+        if failed is not None:
+            kind, message = failed
+            if kind == "CorruptCheckpointError":
+                raise CorruptCheckpointError(step, f"on process {index}: {message}")
+            raise _ERRORS[kind](message if index == processes.index else f"on process {index}: {message}")
+    return result
+
+
+def _default_sharding() -> Any:
+    """Where a JAX array goes without a template: the first device, or every device (replicated)
+    when the job spans processes (no single device is addressable by all of them)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)),
+                                      jax.sharding.PartitionSpec())
+
+
+def _restore_jax(step_dir: Path, meta: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
+    import jax
+
+    from remat_kit.resume._codec import jax_nodes
+
+    nodes = {node["key"]: node for node in jax_nodes(meta["spec"])}
+    abstract = {}
+    for key, sharding in targets.items():
+        node = nodes[key]
+        dtype = _decode._np_dtype(node["dtype"])
+        abstract[key] = jax.ShapeDtypeStruct(tuple(node["shape"]), dtype, sharding=sharding or _default_sharding())
+    if not abstract:
+        return {}
+    with ocp.StandardCheckpointer() as checkpointer:
+        return dict(checkpointer.restore(step_dir / _inspect.ARRAYS_ITEM, abstract))
+
+
+def _check_fingerprints(meta: dict[str, Any], arrays: dict[str, Any]) -> None:
+    from remat_kit.resume._codec import jax_nodes
+    from remat_kit.resume._fingerprint import fingerprints
+
+    keys = sorted(arrays)
+    got = dict(zip(keys, fingerprints([arrays[k] for k in keys])))
+    bad = [node["key"] for node in jax_nodes(meta["spec"]) if node["key"] in got and got[node["key"]] != node["crc32"]]
+    if bad:
+        raise CorruptCheckpointError(meta["step"], f"the fingerprint of JAX array(s) {bad[:5]} restored from "
+                                                   f"{_inspect.ARRAYS_ITEM}/ does not match the one saved")
+
+
+def _load_dtensors(step_dir: Path, targets: dict[str, Any]) -> dict[str, Any]:
+    if not targets:
+        return {}
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    # Fresh tensors with the template's placement: the template itself is left as it was.
+    loaded = {key: torch.empty_like(tensor) for key, tensor in targets.items()}
+    dcp.load(loaded, checkpoint_id=str(step_dir / _host_item.HOST_ITEM / _host_item.DCP_DIR))
+    return loaded
+
+
+def _local_specs(step_dir: Path, meta: dict[str, Any], processes: Processes) -> list[Any] | None:
+    if not meta.get("per_process"):
+        return None
+    saved = meta.get("num_processes", 1)
+    if processes.index >= saved:
+        raise TemplateMismatchError(
+            f"step {meta['step']} was saved by {saved} process(es); process {processes.index} has no "
+            "PerProcess part to restore. Resume with at most as many processes, or move that part out of PerProcess.")
+    try:
+        return _host_item.read_local_spec(step_dir / _host_item.HOST_ITEM, processes.index)
+    except (OSError, ValueError, KeyError) as error:
+        raise CorruptCheckpointError(meta["step"], f"process {processes.index}'s PerProcess spec is unreadable "
+                                                   f"({error})") from error
+
+
+def read_step(step_dir: Path, step: int, template: Any = _decode._NO_TEMPLATE,
+              processes: Processes | None = None) -> Any:
+    """Reads one committed step directory; raises CorruptCheckpointError naming what is wrong
+    (on every process, when any process found it)."""
+    processes = processes or detect()
+    meta = _agree(processes, step, lambda: _read_meta(step_dir, step))
+    if meta.get("format") == _inspect.FORMAT_V1:
+        return _agree(processes, step, lambda: _read_v1(step_dir, step, meta, template))
+    local_specs = _agree(processes, step, lambda: _local_specs(step_dir, meta, processes))
+    jax_targets, dtensor_targets = _agree(
+        processes, step, lambda: _decode.plan(meta["spec"], template, local_specs=local_specs, step=step))
+
+    def orbax_read() -> dict[str, Any]:
+        try:
+            return _restore_jax(step_dir, meta, jax_targets)
+        except Exception as error:  # tensorstore/Orbax errors on truncated or missing data
+            raise CorruptCheckpointError(step, f"Orbax could not read the arrays ({_first_line(error)})") from error
+
+    jax_arrays = _agree(processes, step, orbax_read)
+    _agree(processes, step, lambda: _check_fingerprints(meta, jax_arrays))
+
+    def dcp_read() -> dict[str, Any]:
+        try:
+            return _load_dtensors(step_dir, dtensor_targets)
+        except Exception as error:  # DCP raises CheckpointException / OSError on torn or missing files
+            raise CorruptCheckpointError(step, f"torch.distributed.checkpoint could not read the DTensors "
+                                               f"({_first_line(error)})") from error
+
+    dtensors = _agree(processes, step, dcp_read)
+    host_dir = step_dir / _host_item.HOST_ITEM
+
+    def host(key: str, dtype: np.dtype, shape: list, local: bool) -> np.ndarray:
+        directory = host_dir / _host_item.process_dir(processes.index) if local else host_dir
+        return _host_item.read_array(directory, key, dtype, shape)
+
+    return _agree(processes, step, lambda: _decode_step(meta, template, host, jax_arrays, dtensors, local_specs))
+
+
+def _decode_step(meta: dict[str, Any], template: Any, host: Any, jax_arrays: dict[str, Any],
+                 dtensors: dict[str, Any], local_specs: list[Any] | None) -> Any:
+    try:
+        return _decode.decode(meta["spec"], template, host=host, jax_arrays=jax_arrays, dtensors=dtensors,
+                              local_specs=local_specs, step=meta["step"])
+    except (KeyError, IndexError, TypeError, AttributeError) as error:  # valid JSON, wrong content
+        raise CorruptCheckpointError(meta["step"], f"{_inspect.META_ITEM}/metadata holds a malformed spec "
+                                                   f"({error!r})") from error
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+
+
+def _read_meta(step_dir: Path, step: int) -> dict[str, Any]:
+    foreign = _inspect.foreign_reason(step_dir)
+    if foreign:
+        raise ResumeError(f"step {step} in {step_dir.parent} is {foreign}; it is left untouched. Use a new "
+                          "directory for remat_kit.resume, or read it with orbax.checkpoint directly.")
+    reason = _inspect.quick_check(step_dir)
+    if reason:
+        raise CorruptCheckpointError(step, reason)
+    return _inspect.read_meta(step_dir)
+
+
+def _read_v1(step_dir: Path, step: int, meta: dict[str, Any], template: Any) -> Any:
+    """Steps written before JAX arrays went to Orbax as they are: every array is a host array
+    in one PyTree item under keys a0, a1, ..."""
+    arrays: dict[str, Any] = {}
+    if meta["num_arrays"]:
+        keys = [f"a{i}" for i in range(meta["num_arrays"])]
+        restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in keys}
+        try:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                arrays = checkpointer.restore(step_dir / _inspect.ARRAYS_ITEM,
+                                              args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        except Exception as error:
+            raise CorruptCheckpointError(step, f"Orbax could not read the arrays ({_first_line(error)})") from error
+
+    def host(key: str, dtype: np.dtype, shape: list, local: bool) -> np.ndarray:
+        array = np.asarray(arrays[key])
+        if array.dtype != dtype or list(array.shape) != list(shape):
+            raise ValueError(f"stored {array.dtype}{list(array.shape)}, spec says {dtype}{list(shape)}")
+        return array
+
+    return _decode_step(meta, template, host, {}, {}, None)
+

@@ -1,0 +1,95 @@
+"""Turn one `save` call into Orbax's Composite args, staging what other torch ranks write.
+
+    arrays  ocp.args.StandardSave(jax arrays as they are)   every JAX process its shards
+    host    HostSave (_host_item)                          process 0: shared host arrays;
+                                                           each process: its PerProcess part
+    meta    ocp.args.JsonSave(spec, metrics, metadata)     process 0
+
+Under torch.distributed only rank 0 runs Orbax, so the files of the other ranks (their
+PerProcess parts) and the DTensor shards written by torch.distributed.checkpoint (all ranks)
+go to `DIR/.staging/<step>/` first; after a barrier rank 0's host handler moves them into the
+step inside Orbax's temporary directory, so they are committed with the step or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from remat_kit.resume import _codec, _host_item, _inspect
+from remat_kit.resume._processes import Processes
+
+
+@dataclasses.dataclass
+class Encoded:
+    spec: Any
+    arrays: dict[str, Any]  # shared host arrays (written by process 0)
+    jax_arrays: dict[str, Any]
+    dtensors: dict[str, Any]
+    local: tuple[list[Any], dict[str, Any]] | None  # (PerProcess specs, their host arrays)
+
+
+def encode(state: Any) -> Encoded:
+    """Walks the state: host copies of host arrays, JAX arrays and DTensors kept as they are.
+    The JAX fingerprints are computed on device here: a collective in a multi-process JAX job."""
+    encoder = _codec.encode(state)
+    if encoder.jax_arrays:
+        from remat_kit.resume._fingerprint import fingerprints
+
+        values = fingerprints(list(encoder.jax_arrays.values()))
+        for node, value in zip(_codec.jax_nodes(encoder.spec), values):
+            node["crc32"] = value
+    local = (encoder.local_specs, encoder.local.arrays) if encoder.local is not None else None
+    return Encoded(encoder.spec, encoder.arrays, encoder.jax_arrays, encoder.dtensors, local)
+
+
+def staging_dir(directory: Path, step: int) -> Path:
+    return directory / _host_item.STAGING_DIR / str(step)
+
+
+def clear_staging(directory: Path) -> None:
+    """Staged files of a save that never committed (a rank died before rank 0's commit)."""
+    shutil.rmtree(directory / _host_item.STAGING_DIR, ignore_errors=True)
+
+
+def _stage(directory: Path, step: int, encoded: Encoded, processes: Processes) -> Path:
+    staged = staging_dir(directory, step)
+    if processes.is_primary:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+    processes.barrier(f"stage-{step}")
+    if processes.kind == "torch" and encoded.local is not None:
+        _host_item.write_local(staged, processes.index, *encoded.local)
+    if encoded.dtensors:
+        import torch.distributed.checkpoint as dcp
+
+        # Collective over the default process group: each rank writes the shards it holds.
+        dcp.save(encoded.dtensors, checkpoint_id=str(staged / _host_item.DCP_DIR))
+    processes.barrier(f"staged-{step}")
+    return staged
+
+
+def save_args(directory: Path, step: int, encoded: Encoded, meta: dict[str, Any],
+              processes: Processes) -> ocp.args.Composite:
+    """The Composite args for `CheckpointManager.save` (only used on processes that run Orbax)."""
+    meta = {**meta, "spec": encoded.spec, "num_arrays": len(encoded.arrays),
+            "num_jax_arrays": len(encoded.jax_arrays), "num_processes": processes.count,
+            "processes": processes.kind, "per_process": encoded.local is not None,
+            "dtensors": bool(encoded.dtensors)}
+    staged = None
+    if processes.kind == "torch" or encoded.dtensors:
+        staged = _stage(directory, step, encoded, processes)
+    local = encoded.local if processes.kind != "torch" else None  # torch ranks' parts are staged
+    items: dict[str, Any] = {
+        _inspect.META_ITEM: ocp.args.JsonSave(meta),
+        _inspect.HOST_ITEM: _host_item.HostSave(
+            shared=encoded.arrays if processes.is_primary else None, local=local,
+            process_index=processes.index, staged=str(staged) if staged and processes.is_primary else None),
+    }
+    if encoded.jax_arrays:  # Orbax rejects an empty item ("Found empty item")
+        items[_inspect.ARRAYS_ITEM] = ocp.args.StandardSave(encoded.jax_arrays)
+    return ocp.args.Composite(**items)
