@@ -83,3 +83,17 @@ def test_two_jax_processes_save_one_sharded_checkpoint_and_agree_on_restore_and_
         for i, out in enumerate(outs):
             assert f"process {i}: {phase} ok" in out, out[-3000:]
     assert [i.status for i in resume.list_steps(tmp_path)] == ["complete", "complete"]
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp2_on_two_gloo_ranks_save_together_and_restore_on_two_and_on_one(tmp_path):
+    pytest.importorskip("torch")
+    outs = run_processes([[str(HELPERS / "torch_distributed.py"), str(tmp_path), "2", "save", str(rank)]
+                          for rank in range(2)], {})
+    for rank, out in enumerate(outs):
+        assert f"rank {rank}/2: save ok" in out, out[-3000:]
+    # FSDP2 shards written by both ranks through torch.distributed.checkpoint, inside the step.
+    assert list((tmp_path / "fsdp" / "3" / "host" / "dcp").glob("*.distcp"))
+    assert not (tmp_path / "fsdp" / ".staging").exists() or not any((tmp_path / "fsdp" / ".staging").iterdir())
+    out = run_processes([[str(HELPERS / "torch_distributed.py"), str(tmp_path), "1", "restore", "0"]], {})[0]
+    assert "rank 0/1: restore ok" in out, out[-3000:]
