@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{case:22s} budget {budget}: median {rows[-1]['median_s']:.3f} s")
     lines = [
         "# Planning speed", "",
-        "Chain DP (`rk.solve(graph, budget)`), fresh graph per repeat. Block menus: the op-level 0-1",
+        "The default solver (`rk.solve(graph, budget)`), fresh graph per repeat. On these graphs (past",
+        "`WHOLE_GRAPH_WORK`) it is the chain DP alone. Block menus: the op-level 0-1",
         "program (HiGHS) for repeated blocks and a few small ones, a ladder of cheapest-per-byte recompute",
         "sets for the other blocks (`remat_kit/_core/ladder.py`); then the DP. Median of "
         f"{args.repeats} repeats, wall and CPU time. Goal: 2 s for 96 distinct blocks and for 4,000 unrepeated ops.",
