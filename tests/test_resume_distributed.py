@@ -8,6 +8,7 @@ timeout, so a hang fails the test instead of stalling CI.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -97,3 +98,54 @@ def test_ddp_and_fsdp2_on_two_gloo_ranks_save_together_and_restore_on_two_and_on
     assert not (tmp_path / "fsdp" / ".staging").exists() or not any((tmp_path / "fsdp" / ".staging").iterdir())
     out = run_processes([[str(HELPERS / "torch_distributed.py"), str(tmp_path), "1", "restore", "0"]], {})[0]
     assert "rank 0/1: restore ok" in out, out[-3000:]
+
+
+def _start_loop(framework: str, directory: Path, out: Path, port: int, step_sleep: float) -> list[subprocess.Popen]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return [subprocess.Popen([sys.executable, str(HELPERS / "dist_train_loop.py"), framework, str(directory), str(out),
+                              str(rank), "2", str(port), "--step-sleep", str(step_sleep)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank in range(2)]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    results = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+            results.append((proc.returncode, out))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"the 2-rank training loop did not finish within {TIMEOUT_S} s")
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("framework", "signalled"), [("torch", [1]), ("jax", [0, 1])])
+def test_sigterm_to_some_ranks_saves_one_checkpoint_together_and_the_resumed_run_is_bit_identical(
+        tmp_path, framework, signalled):
+    if framework == "torch":
+        pytest.importorskip("torch")
+    reference = _finish(_start_loop(framework, tmp_path / "ref", tmp_path / "ref.npz", free_port(), 0.0))
+    assert [code for code, _ in reference] == [0, 0], reference[0][1][-3000:] + reference[1][1][-3000:]
+
+    procs = _start_loop(framework, tmp_path / "run", tmp_path / "run.npz", free_port(), 0.25)
+    seen = ""
+    while "step 3" not in seen:  # mid-run, between two periodic saves (every 3 steps)
+        line = procs[0].stdout.readline()
+        assert line, "rank 0 ended before step 3"
+        seen += line
+    for rank in signalled:
+        procs[rank].send_signal(signal.SIGTERM)
+    results = _finish(procs)
+    assert [code for code, _ in results] == [resume.EXIT_PREEMPTED] * 2, [out[-2000:] for _, out in results]
+    infos = resume.list_steps(tmp_path / "run")
+    assert infos[-1].status == "complete" and 3 <= infos[-1].step < 9, infos  # one step, saved by both
+
+    resumed = _finish(_start_loop(framework, tmp_path / "run", tmp_path / "run.npz", free_port(), 0.0))
+    assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-3000:]
+    assert f"step {infos[-1].step + 1}" in resumed[0][1] and f"step {infos[-1].step}\n" not in resumed[0][1]
+    want, got = np.load(tmp_path / "ref.npz")["params"], np.load(tmp_path / "run.npz")["params"]
+    assert want.tobytes() == got.tobytes()

@@ -232,6 +232,10 @@ class _Decoder:
         if target in ("jax", "jax_key"):
             jax = _jax() or __import__("jax")
             sharding = None if template is _NO_TEMPLATE else getattr(template, "sharding", None)
+            if not getattr(template, "committed", True):
+                # An uncommitted template (jax.random.key(0), jnp.zeros(...)) may meet arrays on
+                # any devices in a jit; committing it to its device would break that.
+                sharding = None
             if kind == "jax_key":
                 return jax.random.wrap_key_data(jax.device_put(host, sharding), impl=node["impl"])
             return jax.device_put(host, sharding)

@@ -5,6 +5,12 @@ and SIGKILL some time later, Kubernetes sends SIGTERM and waits `terminationGrac
 cloud spot VMs give 30 s to 2 min. A signal handler that saves at once would save a
 half-updated state from the middle of a step; this one only records the signal, and the
 training loop calls `exit_if_requested` between steps.
+
+In a job of several processes (torch.distributed ranks, multi-process JAX) the signal may reach
+one rank only (a node's agent, a user's `kill`), or all of them at different moments within a
+step. `exit_if_requested` then asks every rank whether any received one (one small all-gather
+per call), so all ranks leave after the same step, save one checkpoint together and exit with
+the same code.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class PreemptionHandler:
         self.exit_code = exit_code
         self.received: int | None = None
         self.received_at: float | None = None
+        self._signalled_here = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
 
     @property
@@ -61,18 +68,31 @@ class PreemptionHandler:
         return self.received is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:  # second signal: stop deferring
+        if self._signalled_here:  # second signal: stop deferring
             self.uninstall()
             os.kill(os.getpid(), signum)
             return
-        self.received, self.received_at = signum, time.monotonic()
+        self._signalled_here = True
+        if self.received is None:  # not yet learned from another process
+            self.received, self.received_at = signum, time.monotonic()
         print(f"[remat_kit.resume] received {signal.Signals(signum).name}: will save after this step and "
               f"exit with code {self.exit_code}", file=sys.stderr, flush=True)
 
     def exit_if_requested(self, checkpointer: Any, step: int, state: Any, *,
                           metrics: Any = None, metadata: Any = None) -> None:
-        """If a signal arrived: save `state` as `step` (unless already saved), wait for the write
-        to commit, close `checkpointer`, and raise SystemExit(exit_code). Otherwise return."""
+        """If a signal arrived (here or, for a multi-process `Resumable`, on any process): save
+        `state` as `step` (unless already saved), wait for the write to commit, close
+        `checkpointer`, and raise SystemExit(exit_code). Otherwise return.
+
+        Every process of a multi-process job must call it after every step (it is a collective)."""
+        processes = getattr(checkpointer, "processes", None)
+        if processes is not None and processes.kind != "single":
+            signals = processes.gather(self.received)
+            first = next((s for s in signals if s is not None), None)
+            if first is not None and self.received is None:
+                self.received, self.received_at = first, time.monotonic()
+                print(f"[remat_kit.resume] another process received {signal.Signals(first).name}: saving "
+                      f"after this step with every process", file=sys.stderr, flush=True)
         if not self.requested:
             return
         checkpointer.save(step, state, metrics=metrics, metadata=metadata, force=True)
