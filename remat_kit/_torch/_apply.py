@@ -383,6 +383,9 @@ class _RootForward:
         self.module, self.state, self.original = module, state, original
         self.__wrapped__ = original
 
+    # Planning and this bookkeeping run eagerly; torch.compile still compiles the frames called
+    # from here (self._run and the forward), so they compile without a graph break (issue 12).
+    @torch._dynamo.disable(recursive=False)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module, state, original = self.module, self.state, self.original
         if state.active is not None or state.profiling or not _needs_remat(module, args, kwargs):
@@ -431,6 +434,7 @@ class _RootForward:
             state.active = None
 
 
+@torch._dynamo.disable  # called from the eager root wrapper: never a frame of its own to compile
 def _rng_states(module: torch.nn.Module) -> list[tuple[Any, torch.Tensor]]:
     states: list[tuple[Any, torch.Tensor]] = [("cpu", torch.get_rng_state())]
     for device in {p.device for p in module.parameters() if p.device.type not in ("cpu", "meta")}:

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import _needed_and_recomputed, decision_codes
+from remat_kit._torch._compiled import run_compiled
 from remat_kit._torch._graph import Segment, TorchGraph
 from remat_kit._torch._profile import Profile, ignored
 
@@ -361,13 +362,17 @@ class _ReplayMode(TorchDispatchMode):
         return tree_unflatten(leaves, step.out_spec)
 
 
-# torch.compile traces checkpoint only with torch's own SAC contexts (dynamo raises "checkpoint not
-# implemented for ... context_fn" otherwise), and under compile SAC's op indices are those of the
-# traced graph, not of the profile. A planned layer therefore runs eagerly, as a graph break: its
-# plan is applied exactly, and everything else in the model still compiles.
-@torch._dynamo.disable
+# Dynamo cannot trace these dispatch modes. Under torch.compile the plan becomes torch's selective
+# checkpoint policy (_compiled.py); only a region it cannot express runs here, as a graph break.
 def run_region(region: Region, fn: Any, args: tuple, kwargs: dict) -> Any:
     """`fn(*args, **kwargs)` as a non-reentrant checkpoint that keeps and recomputes per `region`."""
+    if torch.compiler.is_compiling():  # the plan as a policy dynamo traces (issue 12, _compiled.py)
+        return run_compiled(region, fn, args, kwargs, eager=_run_region_eager)
+    return _run_region_eager(region, fn, args, kwargs)
+
+
+@torch._dynamo.disable
+def _run_region_eager(region: Region, fn: Any, args: tuple, kwargs: dict) -> Any:
     state = _State(region)
 
     def context_fn():

@@ -1,0 +1,178 @@
+"""torch.compile of an `auto` model: planned layers compile as selective-checkpoint regions.
+
+Before issue 12 every planned layer was a graph break running the eager replay (nanoGPT at
+auto(0.5): 7 graph breaks). Each test compares against compiled no remat on the same seed, so
+dropout draws are compared too (the partitioner must recompute a dropout from the generator
+state the forward saved; torch's own activation_memory_budget does not: pytorch#190758).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import remat_kit
+from benchmarks.compile_bench import graph_breaks, saved_bytes
+from benchmarks.models.torch_gpt import GPT
+from remat_kit._torch import _compiled
+
+
+def _gpt() -> tuple[torch.nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = GPT(layers=4, d=32, heads=2, vocab=64, seq=64)
+    idx = torch.randint(0, 64, (2, 64))
+    return model, (idx, torch.roll(idx, -1, 1)), {}
+
+
+def _hf(name: str) -> tuple[torch.nn.Module, tuple, dict]:
+    tf = pytest.importorskip("transformers")
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if name == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=64, vocab_size=64,
+                                                 resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                                   max_position_embeddings=64, attention_dropout=0.1))
+    model.loss_type = "ForCausalLM"  # GPT-2 has none: HF logs a warning, a graph break of its own
+    idx = torch.randint(0, 64, (2, 64))
+    return model, (), {"input_ids": idx, "labels": idx}
+
+
+def _loss(out):
+    return out if isinstance(out, torch.Tensor) else out.loss
+
+
+def _run(model, args, kwargs, budget, backend):
+    """(graph breaks of the first compiled step, gradients of the second, saved bytes of a third)."""
+    if budget is not None:
+        remat_kit.auto(model, budget)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        _loss(compiled(*args, **kwargs)).backward()
+
+    torch.manual_seed(1)
+    breaks = graph_breaks(step)
+    torch.manual_seed(2)
+    step()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    inputs = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+    torch.manual_seed(3)
+    saved = saved_bytes(lambda: _loss(compiled(*args, **kwargs)), list(model.parameters()) + inputs)
+    return breaks, grads, saved
+
+
+def _check(make, budget, backend="aot_eager"):
+    model, args, kwargs = make()
+    model.train()
+    _, ref, ref_saved = _run(copy.deepcopy(model), args, kwargs, None, backend)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="remat_kit: layer")  # no region may fall back to eager
+        breaks, grads, saved = _run(model, args, kwargs, budget, backend)
+    assert breaks == 0
+    assert grads.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert saved <= budget * ref_saved, (saved, ref_saved)
+    return saved / ref_saved
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.7])
+def test_gpt_compiles_without_graph_breaks(budget):
+    """Fails before issue 12: 7 graph breaks (the plan, an RNG read, one per planned layer)."""
+    ratio = _check(_gpt, budget)
+    assert ratio < 1.0  # the plan is applied: the compiled step saves less than compiled none
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_hf_models_compile_without_graph_breaks(name):
+    _check(lambda: _hf(name), 0.6)
+
+
+@pytest.mark.slow
+def test_gpt_inductor_dropout_exact(monkeypatch):
+    """Inductor replaces dropout's RNG with seeded kernels; the recomputed draws must match."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no worker pool to start for tiny kernels
+
+    def tiny():
+        torch.manual_seed(0)
+        model = GPT(layers=2, d=16, heads=2, vocab=32, seq=32)
+        idx = torch.randint(0, 32, (2, 32))
+        return model, (idx, torch.roll(idx, -1, 1)), {}
+
+    _check(tiny, 0.7, backend="inductor")
+
+
+def test_eager_backend_runs_the_eager_replay():
+    """backend="eager" runs the captured region on real tensors: the exact replay modes apply."""
+    model, args, kwargs = _gpt()
+    _, ref, _ = _run(copy.deepcopy(model), args, kwargs, None, "eager")
+    breaks, grads, _ = _run(model, args, kwargs, 0.5, "eager")
+    assert breaks == 0
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_unmappable_region_falls_back_to_eager_with_a_warning(monkeypatch):
+    """A plan the compiled trace cannot express is not changed: the layer runs eagerly (a graph
+    break), named in a warning, with the same gradients."""
+    model, args, kwargs = _gpt()
+    _, ref, _ = _run(copy.deepcopy(model), args, kwargs, None, "aot_eager")
+    monkeypatch.setattr(_compiled, "align", lambda steps, names: (None, "a test says so"))
+    remat_kit.auto(model, 0.5)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with pytest.warns(UserWarning, match=r"layer `h\.\d` runs eagerly under torch.compile.*a test says so"):
+        compiled(*args).backward()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    breaks = graph_breaks(lambda: compiled(*args).backward())
+    assert breaks > 0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Step:
+    def __init__(self, func, action, cache=(), leaves=1, offload=()):
+        self.func, self.action, self.cache, self.offload, self.inplace = func, action, cache, offload, False
+        self.out_leaves = tuple(("t", (2,), (1,), torch.float32, torch.device("cpu")) for _ in range(leaves))
+
+
+def test_align_dropout_and_views():
+    """Eager dropout (empty_like, bernoulli_, div_, mul) is one native_dropout when traced;
+    _unsafe_view is view. Kept values take MUST_SAVE, the rest MUST_RECOMPUTE."""
+    S, R = _compiled.SAVE, _compiled.RECOMPUTE
+    steps = [_Step("aten.addmm.default", "cache", (0,)), _Step("aten._unsafe_view.default", "run"),
+             _Step("aten.empty_like.default", "skip"), _Step("aten.bernoulli_.float", "cache", (0,)),
+             _Step("aten.div_.Scalar", "cache", (0,)), _Step("aten.mul.Tensor", "run"),
+             _Step("aten.native_layer_norm.default", "cache", (1, 2), leaves=3), _Step("aten.add.Tensor", "skip")]
+    names = ["aten.addmm.default", "aten.view.default", "aten.native_dropout.default",
+             "aten.native_layer_norm.default", "aten.add.Tensor"]
+    tags, why = _compiled.align(tuple(steps), names)
+    # the mask is kept but the output recomputed: the dropout is recomputed from its saved RNG
+    # state; layer norm keeps only its statistics: recomputed from its input
+    assert tags == [S, R, R, R, R], why
+    steps[5] = _Step("aten.mul.Tensor", "cache", (0,))
+    assert _compiled.align(tuple(steps), names)[0][2] == S
+    # a value kept whole under another name: its last traced op is saved, the rest recomputed
+    steps = [_Step("aten.addmm.default", "run"), _Step("aten.gelu.default", "cache", (0,)),
+             _Step("aten.add.Tensor", "skip")]
+    traced = ["aten.addmm.default", "aten.mul.Scalar", "aten.erf.default", "aten.add.Tensor"]
+    assert _compiled.align(tuple(steps), traced)[0] == [R, R, S, R]
+    # kept beside recomputed values of a run with no counterpart and no RNG to regenerate them
+    steps.insert(2, _Step("aten.tanh.default", "run"))
+    tags, why = _compiled.align(tuple(steps), traced)
+    assert tags is None and "aten.gelu.default" in why
+    # offloaded: compiled code has no host copy
+    steps = [_Step("aten.addmm.default", "run"), _Step("aten.gelu.default", "cache", (0,), offload=(0,))]
+    assert _compiled.align(tuple(steps), ["aten.addmm.default", "aten.gelu.default"])[0] is None
