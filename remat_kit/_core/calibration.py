@@ -9,7 +9,8 @@ Environment:
 
 * ``REMAT_KIT_CALIBRATE=0``: no measurement; the uncalibrated ``DeviceSpec()`` constants (plans
   then do not depend on timings: reproducible across machines).
-* ``REMAT_KIT_CALIBRATE=fresh``: measure again, ignoring and not writing the disk cache.
+* ``REMAT_KIT_CALIBRATE=fresh``: measure once in this process, ignoring and not writing the disk
+  cache (a benchmark that wants the constants of the load it runs under).
 * ``REMAT_KIT_CACHE_DIR``: where the disk cache lives (default ``$XDG_CACHE_HOME/remat_kit`` or
   ``~/.cache/remat_kit``).
 """
@@ -34,7 +35,7 @@ _IN_PROCESS: dict[str, DeviceSpec] = {}
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """What an adapter's microbenchmark measured (medians, seconds)."""
+    """What an adapter's microbenchmark measured (seconds: the least of a few runs)."""
 
     matmul_flops: float
     matmul_seconds: float
@@ -74,12 +75,12 @@ def cache_dir() -> pathlib.Path:
 def calibrated_spec(key: str, measure: Callable[[], Measurement]) -> DeviceSpec:
     """The DeviceSpec for `key` (device kind + framework version + threads): from this process's
     cache, else the disk cache, else `measure()` (then cached in both)."""
-    mode = os.environ.get(ENV_CALIBRATE, "1").strip().lower()
+    mode = os.environ.get(ENV_CALIBRATE, "").strip().lower() or "1"
     if mode in ("0", "false", "no", "off"):
         return DeviceSpec()
     if mode not in ("1", "true", "yes", "on", "fresh"):
         raise ValueError(f"{ENV_CALIBRATE}={mode!r}: pass 0 (no measurement), 1 (measure once, cached) or 'fresh'.")
-    if mode != "fresh" and key in _IN_PROCESS:
+    if key in _IN_PROCESS:
         return _IN_PROCESS[key]
     path = cache_dir() / f"device-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', key)}.json"
     spec = _read(path) if mode != "fresh" else None

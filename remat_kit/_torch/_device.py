@@ -9,7 +9,6 @@ costs time that FLOPs do not show (issue 12); these constants are what prices it
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 
@@ -40,7 +39,7 @@ def default_device(module: torch.nn.Module | None = None) -> DeviceSpec:
     return calibrated_spec(kind, lambda: measure(dev))
 
 
-def _median_seconds(fn: Callable[[], object], dev: torch.device, repeats: int = REPEATS) -> float:
+def _least_seconds(fn: Callable[[], object], dev: torch.device, repeats: int = REPEATS) -> float:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
     for _ in range(2):  # warm-up: allocator, lazy initialisation
         fn()
@@ -51,11 +50,13 @@ def _median_seconds(fn: Callable[[], object], dev: torch.device, repeats: int = 
         fn()
         sync(dev)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    # The least of a few: load from other processes only ever slows a run down, and the constants
+    # are cached on disk, so they should describe the device, not the moment.
+    return min(times)
 
 
 def measure(dev: torch.device) -> Measurement:
-    """Median times of a matmul, a large elementwise op and one tiny op, on `dev`.
+    """Least times (of a few runs) of a matmul, a large elementwise op and one tiny op, on `dev`.
 
     Sizes: big enough that the matmul and the copy run at their rate (tens of MB on CPU, a
     4096-wide bf16 matmul on a GPU), small enough to finish in well under a second."""
@@ -65,9 +66,9 @@ def measure(dev: torch.device) -> Measurement:
     with torch.no_grad():
         a = torch.randn(n, n, device=dev, dtype=dtype)
         b = torch.randn(n, n, device=dev, dtype=dtype)
-        matmul_seconds = _median_seconds(lambda: a @ b, dev)
+        matmul_seconds = _least_seconds(lambda: a @ b, dev)
         x = torch.randn((64 if gpu else 4) * 2**20, device=dev)
-        copy_seconds = _median_seconds(lambda: x * 2.0, dev)
+        copy_seconds = _least_seconds(lambda: x * 2.0, dev)
     tiny = torch.randn(8, device=dev, requires_grad=True)  # recompute runs with autograd recording
 
     def chain():
@@ -76,7 +77,7 @@ def measure(dev: torch.device) -> Measurement:
             y = y * 1.0
         return y
 
-    op_seconds = _median_seconds(chain, dev) / TINY_OPS
+    op_seconds = _least_seconds(chain, dev) / TINY_OPS
     return Measurement(
         matmul_flops=2.0 * n**3, matmul_seconds=matmul_seconds,
         copy_bytes=2.0 * x.numel() * x.element_size(), copy_seconds=copy_seconds,
