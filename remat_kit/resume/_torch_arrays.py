@@ -111,7 +111,9 @@ def from_numpy(array: np.ndarray, node: dict[str, Any], template: Any = None) ->
         host = torch.from_numpy(np.array(array, copy=True, order="C").view(_VIEW_DTYPES[name]))
         host = host.view(getattr(torch, name))
     else:
-        host = torch.from_numpy(np.array(array, copy=True))
+        # The array was just read for this restore: share it rather than copy it again.
+        own = isinstance(array, np.ndarray) and array.flags.writeable and array.flags.c_contiguous
+        host = torch.from_numpy(array if own else np.array(array, copy=True))
     return host.to(_device(node["device"], template))
 
 

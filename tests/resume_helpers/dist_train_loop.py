@@ -1,6 +1,6 @@
 """A 2-rank resumable training loop with dropout and a sharded, shuffled data iterator.
 
-    python dist_train_loop.py {torch,jax} DIR OUT RANK WORLD PORT [--step-sleep S]
+    python dist_train_loop.py {torch,jax} DIR OUT RANK WORLD PORT [--step-sleep S] [--save-every N] [--num-steps N]
 
 torch: DDP over gloo. jax: `jax.distributed` with 2 CPU devices per process, parameters
 replicated over the 4-device global mesh, each process feeding its own shard of the batch.
@@ -47,7 +47,7 @@ def torch_loop(args: argparse.Namespace, ckpt: resume.Resumable, preemption: res
                                                                                 "rng": resume.GlobalRNG()})}
     restored = ckpt.restore_latest(state)
     start = 0 if restored is None else restored[0] + 1
-    for step in range(start, NUM_STEPS):
+    for step in range(start, args.num_steps):
         index = next(data)
         optimizer.zero_grad()
         loss = ((ddp(torch.from_numpy(x[index])) - torch.from_numpy(y[index])) ** 2).mean()
@@ -92,7 +92,7 @@ def jax_loop(args: argparse.Namespace, ckpt: resume.Resumable, preemption: resum
     if restored is not None:
         start, state = restored[0] + 1, restored[1]
         data = state["rank"].value["data"]
-    for step in range(start, NUM_STEPS):
+    for step in range(start, args.num_steps):
         index = next(data)
         xb = jax.make_array_from_process_local_data(batch_sharding, x[index])
         yb = jax.make_array_from_process_local_data(batch_sharding, y[index])
@@ -105,7 +105,7 @@ def jax_loop(args: argparse.Namespace, ckpt: resume.Resumable, preemption: resum
 
 
 def after_step(args, ckpt, preemption, step, state) -> None:
-    if step % 3 == 2:
+    if step % args.save_every == args.save_every - 1:
         ckpt.save(step, state)
     print(f"step {step}", flush=True)
     time.sleep(args.step_sleep)
@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("world", type=int)
     parser.add_argument("port")
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--save-every", type=int, default=3)
+    parser.add_argument("--num-steps", type=int, default=NUM_STEPS)
     args = parser.parse_args()
     if args.framework == "torch":
         import torch.distributed as dist

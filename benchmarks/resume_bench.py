@@ -1,0 +1,213 @@
+"""remat_kit.resume against plain Orbax and torch.distributed.checkpoint on the same state.
+
+    python -m benchmarks.resume_bench --mib 256 --repeats 3     # writes reports/resume.{json,md}
+
+One fresh process per (implementation, repeat), implementations interleaved within each
+repeat, medians over repeats. Each process builds the state, then times a save (waited until
+committed) and a restore into a template, and reads its peak RSS (VmHWM) against the RSS just
+before the save: the extra host memory the checkpoint path used. On CPU a JAX array already
+lives in host memory, so "no full extra host copy" means extra RSS well under the state size.
+
+Cells: JAX single process (remat_kit vs `ocp.CheckpointManager` with `StandardSave`), JAX 2
+processes x 2 CPU devices with the state sharded over the 4-device mesh (same two), torch
+single process (remat_kit vs `torch.distributed.checkpoint.save/load` of the state dict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_LEAVES = 8
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> None:
+    # Linux: writing 5 to clear_refs resets VmHWM to the current RSS.
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("d",))
+    sharding = NamedSharding(mesh, P("d"))
+    rows = mib * 2**20 // 4 // NUM_LEAVES // 1024
+    rows -= rows % len(jax.devices())
+    state = {f"w{i}": jax.make_array_from_callback(
+        (rows, 1024), sharding, lambda idx, i=i: np.full((rows, 1024), i, np.float32)[idx]) for i in range(NUM_LEAVES)}
+    jax.block_until_ready(state)
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in state.items()}
+    if impl == "remat_kit":
+        from remat_kit import resume
+
+        saver = resume.Resumable(directory)
+
+        def save(step):
+            saver.save(step, state)
+            saver.wait()
+
+        def restore(step):
+            return saver.restore(step, abstract)
+    else:
+        saver = ocp.CheckpointManager(directory)
+
+        def save(step):
+            saver.save(step, args=ocp.args.StandardSave(state))
+            saver.wait_until_finished()
+
+        def restore(step):
+            return saver.restore(step, args=ocp.args.StandardRestore(abstract))
+    save(0)  # warm-up: first-call tracing and compiling are not what a training run pays per save
+    jax.block_until_ready(restore(0))
+    before = _rss("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    save(1)
+    save_s = time.perf_counter() - start
+    start = time.perf_counter()
+    restored = restore(1)
+    jax.block_until_ready(restored)
+    restore_s = time.perf_counter() - start
+    saver.close()
+    return {"save_s": save_s, "restore_s": restore_s, "extra_rss_bytes": _rss("VmHWM") - before,
+            "state_bytes": sum(v.nbytes for v in state.values())}
+
+
+def _torch_cell(impl: str, directory: Path, mib: int) -> dict:
+    import torch
+
+    numel = mib * 2**20 // 4 // NUM_LEAVES
+    state = {f"w{i}": torch.full((numel,), float(i)) for i in range(NUM_LEAVES)}
+    template = {k: torch.empty_like(v) for k, v in state.items()}
+    if impl == "remat_kit":
+        from remat_kit import resume
+
+        saver = resume.Resumable(directory)
+
+        def save(step):
+            saver.save(step, state)
+            saver.wait()
+
+        def restore(step):
+            saver.restore(step, template)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        def save(step):
+            dcp.save(state, checkpoint_id=str(directory / str(step)))
+
+        def restore(step):
+            dcp.load(template, checkpoint_id=str(directory / str(step)))
+    save(0)  # warm-up, as for JAX
+    restore(0)
+    before = _rss("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    save(1)
+    save_s = time.perf_counter() - start
+    start = time.perf_counter()
+    restore(1)
+    restore_s = time.perf_counter() - start
+    return {"save_s": save_s, "restore_s": restore_s, "extra_rss_bytes": _rss("VmHWM") - before,
+            "state_bytes": sum(v.nbytes for v in state.values())}
+
+
+def _worker(argv: list[str]) -> None:
+    framework, impl, directory, mib = argv[0], argv[1], Path(argv[2]), int(argv[3])
+    if len(argv) > 4:  # multi-process JAX: process id, count, port
+        import jax
+
+        jax.distributed.initialize(f"localhost:{argv[6]}", num_processes=int(argv[5]), process_id=int(argv[4]))
+    result = (_jax_cell if framework == "jax" else _torch_cell)(impl, directory, mib)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _cell(framework: str, impl: str, mib: int, processes: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        devices = 4 // processes if framework == "jax" else 1
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        base = [sys.executable, "-m", "benchmarks.resume_bench", "--worker", framework, impl, f"{tmp}/ckpt", str(mib)]
+        port = str(_port())
+        argvs = [base] if processes == 1 else [base + [str(i), str(processes), port] for i in range(processes)]
+        procs = [subprocess.Popen(a, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                 for a in argvs]
+        outs = [p.communicate(timeout=1200)[0] for p in procs]
+    results = [json.loads(line[7:]) for out in outs for line in out.splitlines() if line.startswith("RESULT ")]
+    if len(results) != processes:
+        raise RuntimeError(f"{framework}/{impl} x{processes} failed:\n{outs[0][-2000:]}")
+    # The job's time is the slowest process's; its extra memory is the sum over processes.
+    return {"save_s": max(r["save_s"] for r in results), "restore_s": max(r["restore_s"] for r in results),
+            "extra_rss_bytes": sum(r["extra_rss_bytes"] for r in results),
+            "state_bytes": results[0]["state_bytes"]}
+
+
+CELLS = [("jax", 1, ["orbax", "remat_kit"]), ("jax", 2, ["orbax", "remat_kit"]), ("torch", 1, ["dcp", "remat_kit"])]
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--worker"]:
+        _worker(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    raw: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for framework, processes, impls in CELLS:
+            for impl in impls:  # interleaved within a repeat
+                key = f"{framework} x{processes} {impl}"
+                raw.setdefault(key, []).append(_cell(framework, impl, args.mib, processes))
+                print(key, raw[key][-1], flush=True)
+    medians = {key: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for key, runs in raw.items()}
+    command = f"python -m benchmarks.resume_bench --mib {args.mib} --repeats {args.repeats}"
+    (ROOT / "reports" / "resume.json").write_text(json.dumps({"command": command, "medians": medians, "raw": raw},
+                                                             indent=1))
+    _write_markdown(command, medians, args.mib)
+
+
+def _write_markdown(command: str, medians: dict, mib: int) -> None:
+    lines = [f"# remat_kit.resume vs plain Orbax / torch.distributed.checkpoint ({mib} MiB state)", "",
+             f"Command: `{command}` (CPU only, 2 shared cores; medians over repeats, one fresh process per",
+             "run, implementations interleaved). Times are ratios to the plain library measured in the same",
+             "repeats; extra RSS is the peak host memory above the RSS before the save, summed over processes.", "",
+             "| cell | save / plain | restore / plain | extra RSS (MiB) | plain extra RSS (MiB) | state (MiB) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for framework, processes, (plain, ours) in CELLS:
+        a, b = medians[f"{framework} x{processes} {plain}"], medians[f"{framework} x{processes} {ours}"]
+        lines.append(f"| {framework}, {processes} process(es), vs {plain} | {b['save_s'] / a['save_s']:.2f} | "
+                     f"{b['restore_s'] / a['restore_s']:.2f} | {b['extra_rss_bytes'] / 2**20:.0f} | "
+                     f"{a['extra_rss_bytes'] / 2**20:.0f} | {a['state_bytes'] / 2**20:.0f} |")
+    lines += ["", "Raw medians (seconds, bytes) are in `reports/resume.json`."]
+    (ROOT / "reports" / "resume.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
