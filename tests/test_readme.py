@@ -136,7 +136,10 @@ def test_parser_finds_marked_nested_and_indented_blocks():
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.where for b in RUNNABLE])
 def test_example_runs(block, tmp_path):
     proc = subprocess.run([sys.executable, "-c", block.code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"example at {block.where} failed:\n{block.code}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"example at {block.where} failed (a fragment that cannot run as written gets "
+        f"`<!-- not-run: REASON -->` on the line before its fence):\n{block.code}\n{proc.stderr[-3000:]}"
+    )
 
 
 def test_api_reference_lists_every_public_name():
