@@ -60,3 +60,24 @@ def test_auto_without_jax_says_what_to_install():
     )
     assert proc.returncode == 0, proc.stderr
     assert "needs JAX" in proc.stdout and "pip install 'remat_kit[jax]'" in proc.stdout
+
+
+def test_framework_tests_are_not_collected_without_their_framework(tmp_path):
+    """tests/conftest.py leaves out test files whose framework is missing (they import it at the top)
+    and says so in pytest's header; the other files are still collected and run."""
+    import pathlib
+    import shutil
+
+    shutil.copy(pathlib.Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_torch_probe.py").write_text("import torch\n\ndef test_torch():\n    assert torch\n")
+    (tmp_path / "test_plain_probe.py").write_text("def test_plain():\n    pass\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not the project's addopts
+    proc = run(
+        f"""
+        import pytest
+        sys.exit(pytest.main(["-p", "no:cacheprovider", "-c", {str(tmp_path / "pytest.ini")!r}, {str(tmp_path)!r}]))
+        """,
+        ("torch",),
+    )
+    assert "not collected: tests/test_torch_*.py (torch not installed)" in proc.stdout, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout and proc.returncode == 0, proc.stdout + proc.stderr
