@@ -34,6 +34,8 @@ def with_ratios(df: Any) -> Any:
     for metric in ("activation_bytes", "peak_bytes", "flops", "step_time_s"):
         ref = df.set_index(GROUP).index.map(lambda k, m=metric: base[m].get(k, math.nan) if k in base.index else math.nan)
         df[f"{metric.removesuffix('_s').removesuffix('_bytes')}_ratio"] = df[metric].astype(float) / list(ref)
+    if "step_time_vs_none" in df.columns:  # timed interleaved with none in the cell's own process (torch)
+        df["step_time_ratio"] = df.step_time_vs_none.astype(float).fillna(df.step_time_ratio)
     df["predicted_error"] = (df.predicted_activation_bytes.astype(float) - df.activation_bytes.astype(float)) \
         / df.activation_bytes.astype(float)
     return df

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
+import time
 import weakref
 from typing import Any
 
@@ -138,6 +140,42 @@ def _reference(cell: Cell, device: str) -> tuple[float, list]:
     return loss.item(), [p.grad.cpu().numpy() for p in ref_model.parameters()]
 
 
+def _interleaved_with_none(cell: Cell, device: str, one_step: Any, *, steps: int, warmup: int) -> dict[str, Any]:
+    """The cell's step times (the keys `time_steps` gives), each timed step right after a step of no
+    remat on a copy of the same model in this process: `step_time_vs_none` is the ratio of the two medians, so a
+    machine that is busier while one cell runs than while another does not tilt the comparison
+    (the sweep's cells run in separate processes, at separate times)."""
+    if cell.strategy == "none":
+        out = time_steps(one_step, steps=steps, warmup=warmup)
+        return {**out, "none_step_time_s": out["step_time_s"], "step_time_vs_none": 1.0}
+    none_model, (inputs, targets) = build(cell.model, cell.size)
+    none_model, inputs, targets = none_model.to(device), inputs.to(device), targets.to(device)
+
+    def none_step() -> None:
+        none_model.zero_grad(set_to_none=False)
+        none_model(inputs, targets).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        none_step()
+    for _ in range(warmup):
+        one_step()
+    mine, none_times = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        none_step()
+        t1 = time.perf_counter()
+        one_step()
+        mine.append(time.perf_counter() - t1)
+        none_times.append(t1 - t0)
+    q = statistics.quantiles(mine, n=4) if len(mine) >= 2 else [mine[0]] * 3
+    none_median = statistics.median(none_times)
+    return {"step_time_s": statistics.median(mine), "step_time_iqr_s": q[2] - q[0], "step_time_min_s": min(mine),
+            "num_steps": steps, "none_step_time_s": none_median,
+            "step_time_vs_none": statistics.median(mine) / none_median}
+
+
 def run(cell: Cell, *, steps: int, warmup: int, grad_tol: float, ref_path: str | None = None,
         solver: str | None = None) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,7 +217,7 @@ def run(cell: Cell, *, steps: int, warmup: int, grad_tol: float, ref_path: str |
             fn(inputs, targets).backward()
         flops = float(counter.get_total_flops())
     saved = _saved_bytes(fn, inputs, targets)
-    times = time_steps(one_step, steps=steps, warmup=warmup)
+    times = _interleaved_with_none(cell, device, one_step, steps=steps, warmup=warmup)
     return {
         "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name()}",
         "activation_bytes": activation,

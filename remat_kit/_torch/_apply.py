@@ -24,9 +24,11 @@ from remat_kit._core.simulate import simulate
 from remat_kit._core.graph import CostGraph
 from remat_kit._core.solve import (Costs, InfeasibleBudgetError, block_menus, segment_cap, smallest_activation_bytes,
                                    solve)
-from remat_kit._torch._device import default_device
+from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
 from remat_kit._torch._profile import AUTOCAST_TAG, Profile, profile, user_tools_paused
+from remat_kit._torch._layerplan import (as_run, fastest_whole_layer_plan, mode_op_seconds, plain_when_faster,
+                                         predicted_seconds)
 from remat_kit._torch._replicate import profile_replicated
 from remat_kit._torch._replay import OpSequenceError, Region, SegmentRun, decisions_for_torch, regions, run_region
 
@@ -220,7 +222,7 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
         # any plan, not that of recomputing everything (about no remat's own peak).
         floor = min(floor, smallest_activation_bytes(tg.solver_graph, offload=offload))
     # Aim under the budget by the margin, but never under the least reachable (which is feasible).
-    aim = min(limit, max(limit - int(SAFETY_MARGIN * baseline), floor))
+    aim = wish = min(limit, max(limit - int(SAFETY_MARGIN * baseline), floor))
 
     def adjusted(aim: int) -> Plan | None:
         """The solver's plan for `aim`, adjusted to what the replay runs exactly (None: none)."""
@@ -247,7 +249,7 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
                 continue
             break
         if fixed.predicted_activation_bytes <= limit:
-            return measured_as(fixed)
+            return measured_as(_by_time(module, tg, prof, fixed, wish, parsed))
         # The adjustments for torch pushed the plan over: ask the solver for a little less.
         aim -= fixed.predicted_activation_bytes - limit + max(1, limit // 50)
     # The least this planner reaches: the solver's least plan as the replay runs it (the solver
@@ -259,6 +261,28 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
     if least.predicted_activation_bytes <= limit:
         return measured_as(least)
     raise _infeasible(module, budget, tg, offload, least.predicted_activation_bytes, grouped=span > 1 or one_region)
+
+
+def _by_time(module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan, limit: int, parsed: Budget) -> Plan:
+    """`plan`, or the fastest plan of whole layers that fits `limit` where that is predicted faster
+    once the replay modes' per-op cost is counted (see _layerplan.py)."""
+    device, op_seconds = default_device(module), mode_op_seconds(device_of(module).type)
+    choose = plain_when_faster(device, op_seconds)
+    regs = regions(tg, plan, prof, choose)
+    if all(r.plain for r in regs.values()):
+        return plan
+
+    def make(decisions: dict[str, Decision]) -> Plan:
+        raw = Plan.from_decisions(tg.graph, decisions)
+        return Plan.from_decisions(tg.graph, decisions_for_torch(tg, raw, prof), budget=str(parsed),
+                                   solver="whole layers", device=device)
+
+    layered = fastest_whole_layer_plan(tg, make, limit, device)
+    if layered is None or set(simulate(tg.graph, layered).recomputed) & tg.pinned:
+        return plan
+    faster = (predicted_seconds(layered, regions(tg, layered, prof, choose), device, op_seconds)
+              < predicted_seconds(plan, regs, device, op_seconds))
+    return layered if faster else plan
 
 
 def _solve_one_region(module: torch.nn.Module, tg: TorchGraph, prof: Profile, parsed: Budget, budget: object,
@@ -302,7 +326,9 @@ def compile_plan(module: torch.nn.Module, args: tuple, kwargs: dict, budget: obj
     prof = _profile(module, args, kwargs, call, mode)
     tg = build_graph(prof, segment(module, prof, whole_model=not per_call))
     plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver, per_call=per_call)
-    return Compiled(plan, tg, prof, regions(tg, plan, prof), signature(module, args, kwargs))
+    device = default_device(module)
+    regs = regions(tg, plan, prof, plain_when_faster(device, mode_op_seconds(device_of(module).type)))
+    return Compiled(as_run(plan, regs, device), tg, prof, regs, signature(module, args, kwargs))
 
 
 # -- applying ---------------------------------------------------------------------------------
@@ -366,7 +392,12 @@ def _plan_for(module: torch.nn.Module, state: _State, original: Any, args: tuple
             # run of them would be a second step to the user's tools, or apply a pre-hook twice).
             # Labelled, so that a torch.profiler trace of a first step shows where planning went
             # (the label is an op too: the user's dispatch modes must not see it either).
-            with user_tools_paused(), torch.profiler.record_function("remat_kit.plan"):
+            # Planning draws no random numbers the step would see: calibration and profiling may
+            # draw from the default generators, and the step that follows must draw what it would
+            # have drawn without remat (the same dropout masks).
+            cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+            with user_tools_paused(), torch.profiler.record_function("remat_kit.plan"), \
+                    torch.random.fork_rng(devices=cuda):
                 compiled = compile_plan(module, args, kwargs, state.budget, offload=state.offload,
                                         solver=state.solver, call=original, mode=mode, per_call=state.per_call)
         finally:

@@ -31,6 +31,7 @@ reports/torch/compile.md.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import os
@@ -248,11 +249,20 @@ def _contexts(region: Any) -> Any:
     return create_selective_checkpoint_contexts(policy)
 
 
+def _plain_contexts() -> Any:
+    """A plain region's contexts: none when compiled; run on real tensors (backend="eager"), the
+    generator states its forward started from, set again for its recompute (see _RngStates)."""
+    if _trace_kind() != "eager":  # torch.compile takes dispatch modes only: SAC recomputing every op
+        return create_selective_checkpoint_contexts(lambda *args, **kwargs: RECOMPUTE)
+    rng = _RngStates()
+    return _Entered(rng.stash, contextlib.nullcontext()), _Entered(rng.replay, contextlib.nullcontext())
+
+
 def run_compiled(region: Any, fn: Any, args: tuple, kwargs: dict, eager: Any) -> Any:
     """`fn(*args, **kwargs)` under torch.compile as a selective checkpoint that keeps what `region`
     keeps; `eager(region, fn, args, kwargs)` (a graph break) where the plan cannot be expressed."""
     if FORCE_EAGER or EAGER_REGIONS.get(id(region)) is not None:
         return eager(region, fn, args, kwargs)
     if getattr(region, "plain", False):  # keeps nothing inside: every op recomputed, as dynamo traces it
-        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=_plain_contexts, **kwargs)
     return checkpoint(fn, *args, use_reentrant=False, context_fn=functools.partial(_contexts, region), **kwargs)

@@ -97,6 +97,7 @@ class OpRecord:
     out_leaves: tuple[Any, ...]  # per leaf: ("t", shape, stride, dtype, device) or the python value
     creator: int | None = None  # in-place ops: index of the op that allocated the storage they write
     inputs: tuple[str, ...] = ()  # values the op reads (their version at the time of the op)
+    draws_explicit_generator: bool = False  # an RNG op given a torch.Generator (not restored by checkpoint)
 
 
 @dataclasses.dataclass
@@ -262,7 +263,8 @@ class _Recorder(TorchDispatchMode):
             inplace=inplace, is_rng=is_rng, reads_scalar=name.startswith(_SCALAR_READS),
             out_spec=spec, out_leaves=tuple(out_leaves),
             creator=self.creator.get(storage_key(out_tensors[0])) if inplace and out_tensors else None,
-            inputs=tuple(dict.fromkeys(in_values))))
+            inputs=tuple(dict.fromkeys(in_values)),
+            draws_explicit_generator=any(isinstance(g, torch.Generator) for g in (*args, *kwargs.values()))))
         return out
 
 
