@@ -10,7 +10,8 @@ lives in host memory, so "no full extra host copy" means extra RSS well under th
 
 Cells: JAX single process (remat_kit vs `ocp.CheckpointManager` with `StandardSave`), JAX 2
 processes x 2 CPU devices with the state sharded over the 4-device mesh (same two), torch
-single process (remat_kit vs `torch.distributed.checkpoint.save/load` of the state dict).
+single process (remat_kit with `async_save=False` vs `torch.distributed.checkpoint.save/load`
+of the state dict, both synchronous).
 """
 
 from __future__ import annotations
@@ -102,11 +103,11 @@ def _torch_cell(impl: str, directory: Path, mib: int) -> dict:
     if impl == "remat_kit":
         from remat_kit import resume
 
-        saver = resume.Resumable(directory)
+        # Synchronous like dcp.save: an async save copies torch tensors first (in-place updates).
+        saver = resume.Resumable(directory, async_save=False)
 
         def save(step):
             saver.save(step, state)
-            saver.wait()
 
         def restore(step):
             saver.restore(step, template)

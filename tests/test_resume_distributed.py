@@ -60,10 +60,25 @@ def test_jax_arrays_go_to_orbax_as_they_are_and_carry_a_device_fingerprint():
     assert encoded.jax_arrays["j0"] is w  # no host copy: the array object itself goes to Orbax
     assert list(encoded.arrays) == ["a0"]  # only the numpy array was copied to host
     base = fingerprints([w])[0]
-    assert encoded.spec["items"][0][1]["crc32"] == base
+    assert int(encoded.fingerprints["j0"]) == base  # dispatched at save, read by the writer thread
     for index in np.ndindex(3, 4):  # any single changed element changes the fingerprint
         assert fingerprints([w.at[index].add(1.0)])[0] != base
     assert fingerprints([w.T])[0] != base and fingerprints([w.reshape(4, 3)])[0] == base  # C order
+
+
+def test_a_jax_array_whose_fingerprint_differs_after_restore_is_corrupt_and_skipped(tmp_path):
+    jax = pytest.importorskip("jax")
+    import json
+
+    with resume.Resumable(tmp_path) as ckpt:
+        for step in range(2):
+            ckpt.save(step, {"w": jax.numpy.full((4, 4), step, np.float32)})
+    path = tmp_path / "1" / "host" / "fingerprints.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({k: (v + 1) % 2**32 for k, v in saved.items()}))  # same size: the manifest passes
+    with resume.Resumable(tmp_path) as ckpt, pytest.warns(resume.CorruptCheckpointWarning, match="fingerprint"):
+        step, state = ckpt.restore_latest()
+    assert step == 0 and float(state["w"][0, 0]) == 0.0
 
 
 @pytest.mark.slow

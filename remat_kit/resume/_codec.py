@@ -6,7 +6,7 @@ from, and a checksum per array. The arrays go three ways:
 * JAX arrays go to Orbax as they are (`jax_arrays`, keys `j0, j1, ...`): sharded or not, never
   copied to host here; Orbax does the device-to-host copy (asynchronously) and each process
   writes the shards it holds. Their checksum is a fingerprint computed on device
-  (`_fingerprint`), filled in by the caller.
+  (`_fingerprint`), stored by the host item once computed.
 * torch DTensors (FSDP2 parameters and optimizer state) go to torch.distributed.checkpoint
   (`dtensors`, keys `d0, ...`), written by the ranks that hold their shards.
 * everything else (numpy, torch tensors, generators) is copied to host memory now (`arrays`,
@@ -92,7 +92,8 @@ def _is_checkpointable(obj: Any) -> bool:
 class Encoder:
     """Walks a state once; collects arrays by destination (see the module docstring)."""
 
-    def __init__(self, *, per_process: bool = False, shared: Encoder | None = None) -> None:
+    def __init__(self, *, per_process: bool = False, shared: Encoder | None = None, copy_host: bool = True) -> None:
+        self.copy_host = copy_host  # False only when the write finishes before save() returns
         self.arrays: dict[str, np.ndarray] = {}
         self.jax_arrays: dict[str, Any] = {} if shared is None else shared.jax_arrays
         self.dtensors: dict[str, Any] = {} if shared is None else shared.dtensors
@@ -106,7 +107,7 @@ class Encoder:
             if self.per_process:
                 raise TypeError(f"{path} is a PerProcess inside a PerProcess; mark the outer part only.")
             if self.local is None:
-                self.local = Encoder(per_process=True, shared=self)
+                self.local = Encoder(per_process=True, shared=self, copy_host=self.copy_host)
             # The shared spec (written by process 0) holds only the index: each process's part
             # lives in its own file (see _host_item).
             self.local_specs.append(self.local.encode(obj.value, f"{path}.value"))
@@ -151,14 +152,14 @@ class Encoder:
         if _jax() is not None and (_is_jax_array(obj) or isinstance(obj, _jax().ShapeDtypeStruct)):
             return self._jax_leaf(obj, path)
         if isinstance(obj, np.ndarray):
-            return self._array(np.array(obj, copy=True), path, {"kind": "numpy"})
+            return self._array(np.array(obj, copy=True) if self.copy_host else np.asarray(obj), path, {"kind": "numpy"})
         if _torch_arrays.is_dtensor(obj) and not self.per_process:
             key = f"{_DTENSOR_PREFIX}{len(self.dtensors)}"
             self.dtensors[key] = obj
             return {"t": "array", "kind": "dtensor", "key": key, "dtype": _torch_arrays.dtype_name(obj.dtype),
                     "shape": list(obj.shape), "crc32": None}
         if _torch_arrays.is_tensor(obj):
-            host, extra = _torch_arrays.to_numpy(obj, path)
+            host, extra = _torch_arrays.to_numpy(obj, path, copy=self.copy_host)
             return self._array(host, path, extra)
         if _torch_arrays.is_generator(obj):
             host, extra = _torch_arrays.generator_state(obj)
@@ -194,8 +195,8 @@ class Encoder:
                     **extra}
         key = f"{_JAX_PREFIX}{len(self.jax_arrays)}"
         self.jax_arrays[key] = obj
-        # "crc32" of a JAX array is its device fingerprint, filled in by the caller (one batched
-        # computation for the whole state, see _fingerprint).
+        # A JAX array's checksum is its device fingerprint, stored apart (host/fingerprints.json)
+        # because it is computed while the save goes on (see _fingerprint, _host_item).
         return {"t": "array", "dtype": obj.dtype.name, "shape": list(obj.shape), "key": key, "crc32": None,
                 "sharding": repr(obj.sharding), **extra}
 
@@ -233,10 +234,12 @@ class Encoder:
         )
 
 
-def encode(state: Any) -> Encoder:
+def encode(state: Any, *, copy_host: bool = True) -> Encoder:
     """Walks `state`; the returned encoder holds `.spec` and the arrays by destination
-    (`.arrays`, `.jax_arrays`, `.dtensors`, and `.local` for the PerProcess parts)."""
-    encoder = Encoder()
+    (`.arrays`, `.jax_arrays`, `.dtensors`, and `.local` for the PerProcess parts).
+    `copy_host=False` shares host arrays and CPU tensors instead of copying them: only for a
+    save that is written before the caller can change them again."""
+    encoder = Encoder(copy_host=copy_host)
     encoder.spec = encoder.encode(state)
     return encoder
 

@@ -47,26 +47,24 @@ def _one(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
-_fingerprints = jax.jit(lambda arrays: [_one(x) for x in arrays])
+_fingerprint = jax.jit(_one)
+
+
+def dispatch(arrays: Sequence[jax.Array]) -> list[jax.Array]:
+    """Starts the fingerprint computations and returns at once (JAX dispatches asynchronously):
+    a save does not wait for them; the host item's writer thread reads the values (`value`)."""
+    return [_fingerprint(x) for x in arrays]
+
+
+def value(out: jax.Array) -> int:
+    # A scalar reduced over a sharded array is replicated: any local copy holds the value.
+    return int(np.asarray(out.addressable_data(0)))
 
 
 def fingerprints(arrays: Sequence[jax.Array]) -> list[int]:
     """One uint32 fingerprint per array; a collective when the arrays span processes (every
     process must call it with the same arrays). Waits for the arrays to be computed."""
-    # One jitted call per set of devices: a computation cannot mix arrays placed on different
-    # devices (a state sharded over a mesh next to a PRNG key on device 0).
-    groups: dict[frozenset, list[int]] = {}
-    for index, x in enumerate(arrays):
-        groups.setdefault(frozenset(d.id for d in x.sharding.device_set), []).append(index)
-    values = [0] * len(arrays)
-    for indices in groups.values():
-        outs = _fingerprints([arrays[i] for i in indices])
-        for i, out in zip(indices, outs):
-            # A scalar reduced over a sharded array is replicated: any local copy holds the value.
-            values[i] = int(np.asarray(out.addressable_data(0)))
-    return values
-
-
-def key_data(x: Any) -> jax.Array:
-    """The raw uint32 data of a typed PRNG key array, kept on its devices."""
-    return jax.random.key_data(x)
+    # One jitted call per array (compiled once per shape and sharding): XLA:CPU materialises
+    # the converted bits before reducing, so one call over the whole state would hold a
+    # temporary as large as the state; per array it is at most the largest leaf.
+    return [value(out) for out in dispatch(arrays)]

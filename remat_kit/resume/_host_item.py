@@ -4,6 +4,7 @@
     host/process_<i>/spec.json    process i's PerProcess parts: their spec and arrays
     host/process_<i>/a<k>.npy
     host/dcp/                     torch.distributed.checkpoint files of the DTensors (all ranks)
+    host/fingerprints.json        JAX array key -> device fingerprint (process 0)
 
 An Orbax handler, so the files are written inside Orbax's temporary step directory and become
 visible only with Orbax's commit. Files that other ranks wrote before the commit (the DTensor
@@ -32,6 +33,7 @@ from remat_kit.resume._inspect import HOST_ITEM as HOST_ITEM
 
 DCP_DIR = "dcp"
 STAGING_DIR = ".staging"
+FINGERPRINTS = "fingerprints.json"
 
 
 def process_dir(index: int) -> str:
@@ -85,6 +87,12 @@ class HostHandler(ocp_handlers.AsyncCheckpointHandler):
     def _write_files(path: Path, args: HostSave) -> None:
         if args.shared:
             write_arrays(path, args.shared)
+        if args.fingerprints:
+            from remat_kit.resume._fingerprint import value
+
+            # Blocks this writer thread, not the training loop, until the device computed them.
+            values = {key: value(out) for key, out in args.fingerprints.items()}
+            (path / FINGERPRINTS).write_text(json.dumps(values))
         if args.local is not None:
             write_local(path, args.process_index, *args.local)
 
@@ -115,6 +123,7 @@ class HostSave(ocp_args.CheckpointArgs):
     local: tuple[Any, dict[str, np.ndarray]] | None
     process_index: int
     staged: str | None = None
+    fingerprints: dict[str, Any] | None = None
 
 
 @ocp_args.register_with_handler(HostHandler, for_restore=True)

@@ -221,7 +221,11 @@ class Resumable:
                 f"step={step} is older than the latest saved step {latest} in {self.directory}; steps must "
                 f"increase. To continue from step {step}, delete newer steps with delete(step) or use a new directory."
             )
-        encoded = _writing.encode(state)  # host copies: overlaps the previous async write
+        # Host copies only when the write outlives this call (async): torch optimizers update
+        # tensors in place. A synchronous save (torch ranks always wait for rank 0's commit)
+        # writes them before returning, so it shares them.
+        sync = not self.async_save or self.verify or self.processes.kind == "torch"
+        encoded = _writing.encode(state, copy_host=not sync)
         self._finish_pending()
         meta = {"format": _inspect.FORMAT, "step": step, "metrics": metrics,
                 "metadata": dict(metadata) if metadata is not None else None,
@@ -234,8 +238,7 @@ class Resumable:
         if self._manager is not None:
             self._manager.save(step, args=args, metrics=orbax_metrics, force=True)
         self._unsealed.append(step)
-        if not self.async_save or self.verify or self.processes.kind == "torch":
-            # torch ranks other than 0 learn of the commit only through the barrier in here.
+        if sync:  # torch ranks other than 0 learn of the commit only through the barrier in here
             self._finish_pending()
         return True
 

@@ -9,6 +9,7 @@ reduction, DCP's) are therefore entered by all processes or by none.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,21 @@ def _restore_jax(step_dir: Path, meta: dict[str, Any], targets: dict[str, Any]) 
         return dict(checkpointer.restore(step_dir / _inspect.ARRAYS_ITEM, abstract))
 
 
-def _check_fingerprints(meta: dict[str, Any], arrays: dict[str, Any]) -> None:
-    from remat_kit.resume._codec import jax_nodes
+def _saved_fingerprints(step_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
+    if not meta.get("num_jax_arrays"):
+        return {}
+    try:
+        return json.loads((step_dir / _host_item.HOST_ITEM / _host_item.FINGERPRINTS).read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(meta["step"], f"the JAX arrays' fingerprints are unreadable ({error})") from error
+
+
+def _check_fingerprints(meta: dict[str, Any], arrays: dict[str, Any], saved: dict[str, int]) -> None:
     from remat_kit.resume._fingerprint import fingerprints
 
     keys = sorted(arrays)
     got = dict(zip(keys, fingerprints([arrays[k] for k in keys])))
-    bad = [node["key"] for node in jax_nodes(meta["spec"]) if node["key"] in got and got[node["key"]] != node["crc32"]]
+    bad = [key for key in keys if got[key] != saved.get(key)]
     if bad:
         raise CorruptCheckpointError(meta["step"], f"the fingerprint of JAX array(s) {bad[:5]} restored from "
                                                    f"{_inspect.ARRAYS_ITEM}/ does not match the one saved")
@@ -131,7 +140,8 @@ def read_step(step_dir: Path, step: int, template: Any = _decode._NO_TEMPLATE,
             raise CorruptCheckpointError(step, f"Orbax could not read the arrays ({_first_line(error)})") from error
 
     jax_arrays = _agree(processes, step, orbax_read)
-    _agree(processes, step, lambda: _check_fingerprints(meta, jax_arrays))
+    saved = _agree(processes, step, lambda: _saved_fingerprints(step_dir, meta))
+    _agree(processes, step, lambda: _check_fingerprints(meta, jax_arrays, saved))
 
     def dcp_read() -> dict[str, Any]:
         try:

@@ -56,8 +56,9 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def to_numpy(tensor: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """A host copy of `tensor` as numpy, plus what is needed to rebuild it exactly."""
+def to_numpy(tensor: Any, path: str, *, copy: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """`tensor` on the host as numpy (a copy unless `copy=False`), plus what is needed to
+    rebuild it exactly."""
     torch = _torch()
     if tensor.is_sparse or tensor.is_quantized or tensor.layout != torch.strided:
         raise TypeError(
@@ -67,7 +68,7 @@ def to_numpy(tensor: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]:
         )
     name = _dtype_name(tensor.dtype)
     # clone() so the async write never sees later in-place updates of a CPU tensor.
-    host = tensor.detach().resolve_conj().resolve_neg().to("cpu", copy=True).contiguous()
+    host = tensor.detach().resolve_conj().resolve_neg().to("cpu", copy=copy).contiguous()
     if name in _VIEW_DTYPES:
         import ml_dtypes
 

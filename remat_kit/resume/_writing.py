@@ -14,6 +14,7 @@ step inside Orbax's temporary directory, so they are committed with the step or 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ import orbax.checkpoint as ocp
 from remat_kit.resume import _codec, _host_item, _inspect
 from remat_kit.resume._processes import Processes
 
+log = logging.getLogger("remat_kit.resume")
+
 
 @dataclasses.dataclass
 class Encoded:
@@ -31,20 +34,21 @@ class Encoded:
     jax_arrays: dict[str, Any]
     dtensors: dict[str, Any]
     local: tuple[list[Any], dict[str, Any]] | None  # (PerProcess specs, their host arrays)
+    fingerprints: dict[str, Any]  # JAX array key -> its fingerprint, still being computed on device
 
 
-def encode(state: Any) -> Encoded:
+def encode(state: Any, *, copy_host: bool = True) -> Encoded:
     """Walks the state: host copies of host arrays, JAX arrays and DTensors kept as they are.
-    The JAX fingerprints are computed on device here: a collective in a multi-process JAX job."""
-    encoder = _codec.encode(state)
+    The JAX fingerprints are dispatched on device here (a collective in a multi-process JAX
+    job) and not waited for: the host item's writer thread stores them."""
+    encoder = _codec.encode(state, copy_host=copy_host)
+    fingerprints: dict[str, Any] = {}
     if encoder.jax_arrays:
-        from remat_kit.resume._fingerprint import fingerprints
+        from remat_kit.resume._fingerprint import dispatch
 
-        values = fingerprints(list(encoder.jax_arrays.values()))
-        for node, value in zip(_codec.jax_nodes(encoder.spec), values):
-            node["crc32"] = value
+        fingerprints = dict(zip(encoder.jax_arrays, dispatch(list(encoder.jax_arrays.values()))))
     local = (encoder.local_specs, encoder.local.arrays) if encoder.local is not None else None
-    return Encoded(encoder.spec, encoder.arrays, encoder.jax_arrays, encoder.dtensors, local)
+    return Encoded(encoder.spec, encoder.arrays, encoder.jax_arrays, encoder.dtensors, local, fingerprints)
 
 
 def staging_dir(directory: Path, step: int) -> Path:
@@ -52,8 +56,14 @@ def staging_dir(directory: Path, step: int) -> Path:
 
 
 def clear_staging(directory: Path) -> None:
-    """Staged files of a save that never committed (a rank died before rank 0's commit)."""
-    shutil.rmtree(directory / _host_item.STAGING_DIR, ignore_errors=True)
+    """Removes staged files of saves that never committed (a rank died before rank 0's commit)."""
+    staging = directory / _host_item.STAGING_DIR
+    if staging.is_dir():
+        torn = sorted(entry.name for entry in staging.iterdir())
+        if torn:
+            log.warning("found staged files of uncommitted save(s) of step(s) %s (a rank died mid-save); "
+                        "removing them", ", ".join(torn))
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _stage(directory: Path, step: int, encoded: Encoded, processes: Processes) -> Path:
@@ -88,6 +98,7 @@ def save_args(directory: Path, step: int, encoded: Encoded, meta: dict[str, Any]
         _inspect.META_ITEM: ocp.args.JsonSave(meta),
         _inspect.HOST_ITEM: _host_item.HostSave(
             shared=encoded.arrays if processes.is_primary else None, local=local,
+            fingerprints=encoded.fingerprints if processes.is_primary else None,
             process_index=processes.index, staged=str(staged) if staged and processes.is_primary else None),
     }
     if encoded.jax_arrays:  # Orbax rejects an empty item ("Found empty item")
