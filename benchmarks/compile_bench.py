@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from typing import Any, Callable
 
 import torch
@@ -97,6 +98,23 @@ def memory_budget(value: float):
         fconfig.activation_memory_budget = old
 
 
+def _own_code(model: GPT, k: int) -> GPT:
+    """`model` as an instance of a subclass whose forward has its own code object: dynamo caches
+    compiled code per code object, and identical GPTs (none, the compile memory budget) would
+    otherwise share one compiled graph whatever config each was compiled under."""
+    base = type(model).forward
+    code = base.__code__.replace(co_name=f"forward_{k}")
+    fwd = types.FunctionType(code, base.__globals__, f"forward_{k}", base.__defaults__, base.__closure__)
+    model.__class__ = type(f"{type(model).__name__}_{k}", (type(model),), {"forward": fwd})
+    return model
+
+
+def plan_step(model: torch.nn.Module, idx: torch.Tensor, tgt: torch.Tensor) -> None:
+    """One eager step, so an `auto` model plans (and names an infeasible budget) before compiling."""
+    model(idx, tgt).backward()
+    model.zero_grad(set_to_none=True)
+
+
 def build(args: argparse.Namespace) -> tuple[GPT, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = GPT(layers=args.layers, d=args.d, heads=args.heads, vocab=args.vocab, seq=args.seq)
@@ -118,12 +136,20 @@ def strategies(args: argparse.Namespace, eager_regions: bool) -> dict[str, tuple
 
 
 def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str, Any]]:
+    # The models share GPT.forward's code object: dynamo keeps one cache entry per model there
+    # (no reset between them, which would drop the others' entries and recompile them mid-timing).
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 64
     base, idx, tgt = build(args)
     cells: dict[str, dict[str, Any]] = {}
     steps: dict[str, Callable[[], torch.Tensor]] = {}
     for name, (apply, budget) in strategies(args, eager_regions).items():
-        model = apply(copy.deepcopy(base))
-        torch._dynamo.reset()
+        try:
+            model = apply(_own_code(copy.deepcopy(base), len(cells)))
+            plan_step(model, idx, tgt)
+        except remat_kit.InfeasibleBudgetError as e:
+            cells[name] = {"infeasible": str(e).split(" for ")[0]}
+            continue
         ctx = memory_budget(budget) if budget is not None else contextlib.nullcontext()
         with ctx:
             compiled = torch.compile(model, backend=args.backend)
@@ -145,16 +171,20 @@ def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str
         steps[name] = (step, budget)
     ref = cells["none"]["grads"]
     for cell in cells.values():
+        if "infeasible" in cell:
+            continue
         cell["grad_err"] = max(float((a - b).abs().max() / (b.abs().max() + 1e-30)) for a, b in zip(cell.pop("grads"), ref))
     times: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in range(args.steps):
+    for k in range(args.steps + 1):  # the first round warms up
         for name, (step, budget) in steps.items():  # interleaved: one round of every strategy per step
             with memory_budget(budget) if budget is not None else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 step()
-                times[name].append(time.perf_counter() - t0)
+                if k:
+                    times[name].append(time.perf_counter() - t0)
     none_t = statistics.median(times["none"])
     for name, ts in times.items():
+        cells[name]["median_s"] = statistics.median(ts)
         cells[name]["time_ratio"] = statistics.median(ts) / none_t
         cells[name]["saved_ratio"] = cells[name]["saved_bytes"] / cells["none"]["saved_bytes"]
     return cells
@@ -164,6 +194,9 @@ def _table(cells: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| strategy | graph breaks | saved bytes | saved / compiled none | step time / compiled none | "
              "max grad error vs compiled none |", "|---|---|---|---|---|---|"]
     for name, c in cells.items():
+        if "infeasible" in c:
+            lines.append(f"| {name} | {c['infeasible']} (InfeasibleBudgetError) | | | | |")
+            continue
         lines.append(f"| {name} | {c['breaks']} | {c['saved_bytes']:,} | {c['saved_ratio']:.3f} | "
                      f"{c['time_ratio']:.2f} | {c['grad_err']:.1e} |")
     return lines

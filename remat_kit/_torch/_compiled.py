@@ -36,6 +36,7 @@ import difflib
 import functools
 import os
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ FORCE_EAGER = os.environ.get("REMAT_KIT_COMPILE_EAGER") == "1"
 # id(region) -> reason the region runs eagerly. Read by traced code: dynamo guards on it, so a
 # region found unmappable while tracing is recompiled onto the eager path at the next call.
 EAGER_REGIONS: dict[int, str] = {}
-_POLICIES: dict[int, tuple[Any, "RegionPolicy"]] = {}
+_POLICIES: dict[int, "RegionPolicy"] = {}  # by id(region); dropped when the region is
 _PENDING: dict[int, str] = {}
 
 
@@ -130,7 +131,8 @@ class RegionPolicy:
     """A region's tags under compile, made from its first traced op sequence."""
 
     def __init__(self, region: Any):
-        self.region = region
+        # Not the region itself: an entry lives as long as its region, which a plan holds.
+        self.key, self.module, self.steps = id(region), region.module, region.steps
         self.first: list[str] | None = None  # the op names of the first trace
         self.tags: list[CheckpointPolicy] | None = None
         self.current: list[str] = []
@@ -138,19 +140,19 @@ class RegionPolicy:
     def begin_trace(self) -> None:
         if self.first is None and self.current:
             self.first = self.current
-            self.tags, why = align(self.region.steps, self.first)
+            self.tags, why = align(self.steps, self.first)
             if self.tags is None:
                 self.give_up(why)
         self.current = []
 
     def give_up(self, why: str) -> None:
-        if id(self.region) not in EAGER_REGIONS and id(self.region) not in _PENDING:
+        if self.key not in EAGER_REGIONS and self.key not in _PENDING:
             # Into EAGER_REGIONS when this compile ends: dynamo checks the guards it made on that
             # dict against the frame it compiled, and a change during the compile fails them.
-            _PENDING[id(self.region)] = why
+            _PENDING[self.key] = why
             if _move_pending not in torch._dynamo.callback_handler.end_callbacks:
                 torch._dynamo.callback_handler.register_end_callback(_move_pending)
-            warnings.warn(f"remat_kit: layer `{self.region.module or 'the model'}` runs eagerly under torch.compile "
+            warnings.warn(f"remat_kit: layer `{self.module or 'the model'}` runs eagerly under torch.compile "
                           f"(a graph break) from the next call on: {why}. Its plan is applied exactly there.",
                           stacklevel=2)
         self.tags = None
@@ -168,11 +170,17 @@ class RegionPolicy:
 
 
 def policy_for(region: Any) -> RegionPolicy:
-    entry = _POLICIES.get(id(region))
-    if entry is None or entry[0] is not region:
-        entry = (region, RegionPolicy(region))
-        _POLICIES[id(region)] = entry
-    return entry[1]
+    policy = _POLICIES.get(id(region))
+    if policy is None:
+        policy = _POLICIES[id(region)] = RegionPolicy(region)
+        # A later region may get this id: forget what was learnt about this one when it goes.
+        weakref.finalize(region, _forget, id(region))
+    return policy
+
+
+def _forget(key: int) -> None:
+    for table in (_POLICIES, EAGER_REGIONS, _PENDING):
+        table.pop(key, None)
 
 
 def _trace_kind() -> str:
