@@ -2,7 +2,7 @@
 
     python -m benchmarks.jax_bench                 # ~5 min on a 2-core CPU; writes reports/jax/
     python -m benchmarks.jax_bench --quick         # smaller model, for a smoke run
-    python -m benchmarks.jax_bench --time 5        # also time 5 steps per strategy (after warm-up)
+    python -m benchmarks.jax_bench --time 5        # also time 5 steps per strategy, interleaved with none
 
 Per strategy, in one process: compiled temp memory (`memory_analysis().temp_size_in_bytes`;
 on a GPU also `memory_stats()["peak_bytes_in_use"]` of a real step), FLOPs of the step
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -137,17 +138,31 @@ def measure(loss, count_loss, args, *, steps: int, num_layers: int) -> dict:
     row["flops"] = f1 + (num_layers - 1) * per_layer
     dev = jax.devices()[0]
     if steps or dev.platform == "gpu":
-        jax.block_until_ready(compiled(*args))  # warm-up
-        times = []
-        for _ in range(max(steps, 1)):
-            t = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - t)
-        row["step_s_median"] = sorted(times)[len(times) // 2]
+        jax.block_until_ready(compiled(*args))  # warm-up; timed later, interleaved (`time_interleaved`)
         stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
         if stats and "peak_bytes_in_use" in stats:
             row["gpu_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    row["_step"] = (compiled, args)
     return row
+
+
+def time_interleaved(rows: dict[str, dict], steps: int) -> None:
+    """Step times in rounds, one step of every strategy per round, `none` among them, so each
+    ratio to `none` comes from the same stretch of the same process (a loaded machine slows all
+    strategies alike). Adds step_s_median and step_ratio_to_none (median of per-round ratios)."""
+    timed = {name: r.pop("_step") for name, r in rows.items() if "_step" in r}
+    if not steps:
+        return
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(steps):
+        for name, (compiled, args) in timed.items():
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        rows[name]["step_s_median"] = statistics.median(ts)
+        if "none" in times:
+            rows[name]["step_ratio_to_none"] = statistics.median(t / n for t, n in zip(ts, times["none"]))
 
 
 def plan_loss(entry, decisions: dict, *, unroll: int = 1):
@@ -189,6 +204,7 @@ def run_main(cfg: Config, budgets: list[float], steps: int) -> dict:
                    first_trace_with_verify_s=first_trace_s, plan=plan.summary())
         rows[f"auto@{b}"] = row
         _say(f"auto@{b}", row)
+    time_interleaved(rows, steps)
     none = rows["none"]
     for r in rows.values():
         r["temp_fraction"] = r["temp_bytes"] / none["temp_bytes"]
@@ -232,6 +248,7 @@ def paper_check(steps: int) -> dict:
     jax.jit(jax.grad(wrapped)).lower(*args)
     plan = remat_kit.plan_of(wrapped)[0]
     measured["auto"] = measure(wrapped, plan_loss(entry, plan.as_dict(), unroll=2), args, steps=steps, num_layers=L)
+    time_interleaved(measured, steps)
     # and on the model alone: auto at Megatron's predicted memory
     model_plan = choose(entry.traced, max(mega.activation_fraction, 1e-6), solver=None, offload=False)
     return {
@@ -262,13 +279,14 @@ def write_report(result: dict, out_dir: str) -> None:
         "# JAX: remat_kit.auto against stock policies", "",
         f"Command: `{result['command']}`  ", f"Device: {result['device']}, jax {result['jax']}  ",
         f"Model: {result['main']['config']}  ", "",
-        "| strategy | temp MiB | vs none | predicted | GFLOP | extra FLOPs | compile s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| strategy | temp MiB | vs none | predicted | GFLOP | extra FLOPs | compile s | step / none |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows.items():
         pred = f"{r['predicted_fraction']:.3f}" if "predicted_fraction" in r else ""
         lines.append(f"| {name} | {r['temp_bytes'] / 2**20:.1f} | {r['temp_fraction']:.3f} | {pred} | {r['flops'] / 1e9:.2f} | "
-                     f"{r['extra_flops_fraction']:+.1%} | {r['compile_s']:.1f} |")
+                     f"{r['extra_flops_fraction']:+.1%} | {r['compile_s']:.1f} | "
+                     + (f"{r['step_ratio_to_none']:.3f} |" if "step_ratio_to_none" in r else "|"))
     m = result["main"]
     lines += ["", f"Planning (trace + cost graph + solve, first call): {m['planning_s']:.2f} s; compile of the no-remat step: "
               f"{m['compile_none_s']:.2f} s. auto's first trace including its verification compiles: "

@@ -10,6 +10,12 @@ import by name: pytest puts this directory on sys.path (default `prepend` import
 from __future__ import annotations
 
 import importlib.util
+import os
+
+# auto's on-disk plan cache (remat_kit/_jax/_plancache.py) would carry verdicts from one test, or
+# one run, to the next (a test that patches the measure would poison the real program's entry);
+# tests/test_jax_first_call.py turns it on, in a temporary directory, where it is the subject.
+os.environ["REMAT_KIT_PLAN_CACHE"] = "0"
 
 # Test files by name -> what they import at module level (the `jax` / `torch` extras in pyproject).
 REQUIRES: dict[str, tuple[str, ...]] = {

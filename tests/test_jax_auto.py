@@ -94,8 +94,8 @@ def test_gradients_equal_and_memory_within_budget(model, budget, data):
     assert rel_err(got, want) <= 1e-6
     none, measured = temp_bytes(model, params, x), temp_bytes(planned, params, x)
     assert measured <= budget * none, f"measured {measured} > {budget} x {none}"
-    plan = next(iter(planner_of(planned)[0].cache.values()))
-    assert plan.activation_fraction <= budget + 1e-9
+    # The plan may exceed the budget in the cost model's own terms: verification calibrates the
+    # model against the compiled step (`_fit.py`), and here XLA compiles less than the model says.
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.6])

@@ -94,7 +94,10 @@ def test_segments_that_split_a_scan_unevenly_are_refused():
         run_planned(entry.traced, {}, jax.tree.leaves((params, x)), segments=uneven)
 
 
-def test_auto_below_the_per_layer_floor_plans_a_grouped_scan():
+def test_auto_below_the_per_layer_floor_fits_as_compiled():
+    """The model's per-layer floor is above the budget; the search, calibrated by compiles,
+    measures a grouped plan and the per-layer floor (which XLA compiles to 0.43 of no remat here)
+    and keeps the cheaper that fits: never a refusal on the model's word."""
     loss, params, x = _model()
     entry = _entry(loss, params, x)
     graph = entry.traced.graph
@@ -102,8 +105,6 @@ def test_auto_below_the_per_layer_floor_plans_a_grouped_scan():
     budget = round(per_layer_full.activation_fraction - 0.05, 3)  # below what any per-layer plan reaches (model)
     wrapped = _api.auto(loss, budget=budget)
     got = jax.jit(jax.grad(wrapped))(params, x)
-    plan = rk.plan_of(wrapped)[-1]
-    assert {len(s) for s in plan.segments} == {2, 1}  # groups of two layers per loop step, the loss block alone
     assert _temp_bytes(wrapped, params, x) <= budget * _temp_bytes(loss, params, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.grad(loss)(params, x))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

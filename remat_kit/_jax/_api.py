@@ -20,7 +20,9 @@ from remat_kit._jax._ir import trace
 from remat_kit._jax._planner import choose
 from remat_kit._jax._rules import Tracer
 from remat_kit._jax._sharding import divisor, input_shardings
-from remat_kit._jax._verify import at_floor, can_verify, verified
+from remat_kit._jax import _plancache
+from remat_kit._jax._fit import at_floor
+from remat_kit._jax._verify import can_verify, specs_of, verified
 
 _ATTR = "__remat_kit_auto__"
 
@@ -77,33 +79,61 @@ class Planner:
         traced = build(fn, out_tree, roles, divisors)
         plan = self.cache.get(key)
         if plan is None:
-            measurable = self.verify and can_verify(traced)
             per_call = _per_call(traced, self.layer_class or in_scan)
-            try:
-                plan = choose(traced, self.budget, solver=self.solver, offload=self.offload, device=self.device,
-                              per_call=per_call)
-            except InfeasibleBudgetError as below:
-                if not measurable or per_call:
-                    raise
-                # Below the model's floor: what XLA compiles may still fit (see _verify's doc).
-                replan = self._replan(traced)
-                try:
-                    floor = at_floor(replan, below)
-                except InfeasibleBudgetError:
-                    raise below from None
-                plan = verified(traced, floor, self.budget, replan, dyn_vals, below_floor=below, shardings=shardings)
-            else:
-                # A byte budget is checked even on a plan that keeps everything: the model's
-                # no-remat figure is not the compiled step's (XLA adds buffers of its own).
-                saves = plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD)
-                if measurable and (saves or parse_budget(self.budget).kind == "bytes"):
-                    plan = verified(traced, plan, self.budget, self._replan(traced, per_call), dyn_vals, layer=per_call,
-                                    shardings=shardings)
+            plan = self._plan(traced, dyn_vals, shardings, per_call)
             self.cache[key] = plan
             if per_call:
                 self.per_call_keys.add(key)
         return Entry(traced=traced, plan=plan, decisions=plan.as_dict(), segments=plan.segments,
                      per_call=key in self.per_call_keys), dyn_vals
+
+    def _plan(self, traced: Traced, dyn_vals: list, shardings: list, per_call: bool) -> Plan:
+        """The verified plan for one signature: from the on-disk cache when this program, budget and
+        options were verified before (`_plancache.py`), else planned and verified, and stored."""
+        if not (self.verify and can_verify(traced)):
+            return choose(traced, self.budget, solver=self.solver, offload=self.offload, device=self.device, per_call=per_call)
+        key = _plancache.program_key(traced, specs_of(dyn_vals, shardings), what="plan", budget=str(parse_budget(self.budget)),
+                                     solver=self.solver, offload=self.offload, per_call=per_call, device=repr(self.device))
+        found = _plancache.load_plan(key, traced.graph)
+        if isinstance(found, InfeasibleBudgetError):
+            raise found
+        if found is not None:
+            return found
+        try:
+            plan = self._verified_plan(traced, dyn_vals, shardings, per_call)
+        except InfeasibleBudgetError as e:  # a verdict too: the next run raises it without compiling
+            _plancache.store_plan(key, e)
+            raise
+        _plancache.store_plan(key, plan)
+        return plan
+
+    def _verified_plan(self, traced: Traced, dyn_vals: list, shardings: list, per_call: bool) -> Plan:
+        """Plan, then verify by compiling (`_verify.py`) unless the plan keeps everything under a
+        fractional budget."""
+        parsed = parse_budget(self.budget)
+        if not per_call and parsed.kind == "fraction" and parsed.value < 1.0:
+            # Every plan under such a budget recomputes something, so it is verified, and the
+            # verifier asks the model at its calibrated target: a plan at the raw budget first
+            # would be one more solve, thrown away.
+            return verified(traced, None, self.budget, self._replan(traced), dyn_vals, shardings=shardings)
+        try:
+            plan = choose(traced, self.budget, solver=self.solver, offload=self.offload, device=self.device, per_call=per_call)
+        except InfeasibleBudgetError as below:
+            if per_call:
+                raise
+            # Below the model's floor: what XLA compiles may still fit (see _verify's doc).
+            replan = self._replan(traced)
+            try:
+                floor = at_floor(replan, below)
+            except InfeasibleBudgetError:
+                raise below from None
+            return verified(traced, floor, self.budget, replan, dyn_vals, below_floor=below, shardings=shardings)
+        # A byte budget is checked even on a plan that keeps everything: the model's no-remat
+        # figure is not the compiled step's (XLA adds buffers of its own).
+        saves = plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD)
+        if not (saves or parse_budget(self.budget).kind == "bytes"):
+            return plan
+        return verified(traced, plan, self.budget, self._replan(traced, per_call), dyn_vals, layer=per_call, shardings=shardings)
 
     def _replan(self, traced: Traced, per_call: bool = False) -> Callable[..., Plan]:
         def replan(fraction: float, max_segment_blocks: int | None = None, scan_group: int | None = None) -> Plan:
@@ -171,7 +201,9 @@ def auto(target: Any, budget: object, *, offload: bool = False, solver: str | No
     """Wrap a JAX function, an nnx Module class or instance, or a linen Module class.
 
     `verify=True` (default) compiles the first call of each input signature with and without the
-    plan and tightens the plan until the compiled temp memory fits (see `_verify.py`); pass
+    plan and tightens the plan until the compiled temp memory fits (see `_verify.py`), and keeps
+    the verdict on disk, so the next run of the same program compiles nothing more
+    (`_plancache.py`: `REMAT_KIT_CACHE_DIR`, `REMAT_KIT_PLAN_CACHE=0` to turn it off); pass
     False to skip those compiles and trust the cost model alone.
     """
     kind = _target_kind(target)

@@ -2,58 +2,61 @@
 
 Why: the cost graph counts every residual JAX's VJP keeps, but XLA fuses cheap elementwise
 work into the backward and never stores some of those residuals, so the compiled no-remat step
-is smaller than the model's, and a plan that recomputes only cheap elementwise values may buy
-nothing (measured: a plan predicted at 50% of no remat compiled to 72% on an unrolled MLP).
-The budget contract is on real memory, so on the first call for each input signature `auto`
-compiles the forward+backward with no remat and with the plan (`memory_analysis()
-.temp_size_in_bytes`; SPMD-partitioned with the arguments' shardings, so one device's temp),
-and while the measured fraction is over the budget re-plans against a proportionally smaller
-model target (a few rounds). If none of those fits, it measures the model's least-memory plans:
-the floor, on an unrolled chain coarser segmentations (segments up to the whole chain, then
-√n-style uniform segments), on scanned layers the floor for each number of layers per loop step
-(`_regrouped`), and keeps the cheapest that fits. If still none fits, `InfeasibleBudgetError`
-names the smallest of those measured, in the user's unit: never a step over the budget. A budget
-below the model's floor is not refused on the model's word alone: the floor plan and the coarser
-ones are compiled, and the cheapest that fits is kept (the tiny zoo MLP: the model's floor is
-0.205 of no remat, groups of layers compile to 0.127).
+is not the model's, and a plan that recomputes only cheap elementwise values may buy nothing
+(measured: a plan predicted at 50% of no remat compiled to 72% on an unrolled MLP). The budget
+contract is on real memory, so on the first call for each input signature `auto` compiles the
+forward+backward with no remat (once per program: kept in memory and in the on-disk plan cache,
+`_plancache.py`) and with the plan (`memory_analysis().temp_size_in_bytes`; SPMD-partitioned
+with the arguments' shardings, so one device's temp). `_fit.py` calibrates the model against
+those compiles and asks it for the plan that lands just under the budget (a few rounds at most).
+If none of those fits, it measures the model's least-memory plans: the floor, on an unrolled
+chain coarser segmentations, on scanned layers the floor for each number of layers per loop step,
+and keeps the cheapest that fits. If still none fits, `InfeasibleBudgetError` names the smallest
+of those measured, in the user's unit: never a step over the budget. A budget below the model's
+floor is not refused on the model's word alone (the tiny zoo MLP: the model's floor is 0.205 of
+no remat, groups of layers compile to 0.127).
+
+The measuring compiles run on CPU with LLVM's optimisation off (`MEMORY_OPTIONS`): buffer
+assignment, hence `temp_size_in_bytes`, is settled by XLA's HLO passes before code generation,
+so the figure is the user's compile's to the byte at about half its cost (measured on the bench's
+GPTs, the zoo and the test MLPs; `tests/test_jax_first_call.py` checks it). XLA:CPU's older
+fusion code generator (`xla_cpu_use_fusion_emitters=False`) would cost a fifth, but it fuses
+differently: the zoo's tiny MLP compiled 17% smaller than the user's step, a plan over budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from remat_kit._core import presets
 from remat_kit._core.budget import format_bytes, parse_budget, smallest_budget_text
 from remat_kit._core.graph import Role
 from remat_kit._core.plan import Plan
-from remat_kit._core.simulate import simulate
+from remat_kit._core.simulate import baseline_activation_bytes, simulate
 from remat_kit._core.solve import InfeasibleBudgetError
+from remat_kit._jax import _plancache
 from remat_kit._jax._apply import run_planned
+from remat_kit._jax._fit import Search, at_floor, fit, floor_plans
 from remat_kit._jax._graph import Traced
 from remat_kit._jax._ir import Lit
-from remat_kit._jax._planner import scan_groups
 from remat_kit._jax._rules import Tracer, is_float, nbytes
 from remat_kit._jax._sharding import divisor, input_shardings, spec
 
-MAX_ROUNDS = 3
-SHRINK = 0.97
+__all__ = ["at_floor", "can_verify", "verified"]  # at_floor: `_api` plans at a floor the model names
+
 _NONE_CACHE: dict = {}  # (layer, graph fingerprint, input specs) -> (no-remat temp bytes, constant bytes)
+# Cheap code generation for measuring compiles on CPU (see the module doc); elsewhere the default.
+MEMORY_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-@dataclasses.dataclass(frozen=True)
-class Measured:
-    none_temp_bytes: int
-    plan_temp_bytes: int
-
-    @property
-    def fraction(self) -> float:
-        return self.plan_temp_bytes / self.none_temp_bytes if self.none_temp_bytes else 1.0
+def compile_for_memory(lowered: Any) -> Any:
+    """`lowered` compiled for its memory figures alone (see the module doc)."""
+    cpu = jax.devices()[0].platform == "cpu"
+    return lowered.compile(compiler_options=MEMORY_OPTIONS if cpu else None)
 
 
 def vjp_step(traced: Traced, decisions: dict, *, segments: Sequence[Sequence[str]] = (), unroll: bool = False) -> Callable:
@@ -108,7 +111,7 @@ def specs_of(vals: Sequence[Any], shardings: Sequence[Any] | None = None) -> lis
 
 
 def temp_bytes(traced: Traced, decisions: dict, specs: Sequence[Any], *, segments: Sequence[Sequence[str]] = ()) -> int:
-    compiled = jax.jit(vjp_step(traced, decisions, segments=segments)).lower(*specs).compile()
+    compiled = compile_for_memory(jax.jit(vjp_step(traced, decisions, segments=segments)).lower(*specs))
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
@@ -116,7 +119,7 @@ def step_figures(traced: Traced, specs: Sequence[Any]) -> tuple[int, int]:
     """No remat's compiled temp, and the bytes one device holds of the parameters, their gradients
     and the inputs, as the SPMD-partitioned step lays them out: a gradient's layout is the
     partitioner's choice (FSDP parameters' gradients may come out whole), not its parameter's."""
-    compiled = jax.jit(vjp_step(traced, {})).lower(*specs).compile()
+    compiled = compile_for_memory(jax.jit(vjp_step(traced, {})).lower(*specs))
     graph = traced.graph
     params = [i for i in range(len(specs)) if graph.values[graph.index(f"arg{i}")].role is Role.PARAM]
     held = sum(nbytes(s) // divisor(s.sharding, s.shape) for s in specs)
@@ -131,86 +134,38 @@ def can_verify(traced: Traced) -> bool:
     return not any(isinstance(c, Tracer) for c in traced.fn.consts.values())
 
 
-def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., Plan], dyn_vals: Sequence[Any],
+def verified(traced: Traced, plan: Plan | None, budget: object, replan: Callable[..., Plan], dyn_vals: Sequence[Any],
              *, layer: bool = False, below_floor: InfeasibleBudgetError | None = None,
              shardings: Sequence[Any] | None = None) -> Plan:
-    """`plan`, or a tighter one, whose compiled memory fits the budget (see the module doc).
+    """`plan`, or another, whose compiled memory fits the budget (see the module doc). `plan`
+    None: a whole step under a fractional budget, planned at the calibrated target from the start.
 
     `below_floor`: the budget is below the cost model's floor (this error) and `plan` is the
-    model's least-memory plan. XLA often compiles less than the model predicts, so the floor and
-    the coarser plans are measured; if none fits, the error names the measured figures and quotes
-    `below_floor`. `shardings`: the arguments' (`_sharding.input_shardings`), for a per-device measure.
-
-    For a whole model the measure is the step's temp memory. For one layer (`layer=True`) it is
-    what one more call adds: temp of the layer chained three times minus twice, the steady
-    state of a deep stack that a layer budget speaks of. `replan(fraction, max_segment_blocks=None,
-    scan_group=None)` re-solves against a model target.
+    model's least-memory plan; if nothing measured fits, the error names the measured figures
+    and quotes `below_floor`. `shardings`: the arguments' (`_sharding.input_shardings`), for a
+    per-device measure. For a whole model the measure is the step's temp memory; for one layer
+    (`layer=True`) what one more call adds (`_measures`). `replan(fraction,
+    max_segment_blocks=None, scan_group=None)` re-solves against a model target.
     """
     parsed = parse_budget(budget)
     specs = specs_of(dyn_vals, shardings)
-    if layer:
-        carry = _carry_position(traced)
-        if carry is None or parsed.kind != "fraction":
-            return plan  # not a residual-stream layer (or a per-call byte budget): the model alone decides
-
-        def measure(p: Plan) -> int:
-            decisions = p.as_dict()
-            return chained_temp_bytes(traced, decisions, specs, carry, 3) - chained_temp_bytes(traced, decisions, specs, carry, 2)
-
-        model_fraction = _kept_fraction(traced)
-    else:
-        def measure(p: Plan) -> int:
-            return temp_bytes(traced, p.as_dict(), specs, segments=p.segments)
-
-        def model_fraction(p: Plan) -> float:
-            return p.activation_fraction
-    key = (layer, traced.graph.fingerprint(), tuple((s.shape, str(s.dtype), s.sharding) for s in specs))
-    if key not in _NONE_CACHE:  # several budgets on one model compile no remat once
-        none_plan = Plan.from_decisions(traced.graph, {})
-        sharded = not layer and any(s is not None for s in (shardings or ()))
-        _NONE_CACHE[key] = step_figures(traced, specs) if sharded else (measure(none_plan), traced.graph.constant_bytes)
-    none, constant_bytes = _NONE_CACHE[key]
+    found = _measures(traced, specs, parsed.kind, layer)
+    if found is None:
+        return plan  # not a residual-stream layer (or a per-call byte budget): the model alone decides
+    measure, model_fraction = found
+    sharded = not layer and any(s is not None for s in (shardings or ()))
+    none, constant_bytes = none_figures(traced, specs, measure, layer=layer, sharded=sharded)
     goal = parsed.value * none if parsed.kind == "fraction" else parsed.value - constant_bytes
-    tried: dict[tuple, int] = {}  # (decisions, segments) -> measured temp bytes
-
-    def measured_of(p: Plan) -> int:
-        k = (p.decisions, p.segments)
-        if k not in tried:
-            tried[k] = measure(p)
-        return tried[k]
-
-    fitting: Plan | None = None  # least recompute among plans that fit
-    lo, hi = 0.0, model_fraction(plan)  # model targets known to fit / known to miss
-    current, tried_floor = plan, False
-    for _ in range(MAX_ROUNDS):
-        measured = measured_of(current)
-        if measured <= goal:
-            if fitting is None or current.predicted_recompute_seconds < fitting.predicted_recompute_seconds:
-                fitting = current
-            lo = max(lo, model_fraction(current))
-            if current is plan or hi - lo < 0.02:
-                break
-            target = (lo + hi) / 2  # fits: try a little less recompute
-        else:
-            hi = min(hi, model_fraction(current))
-            proportional = model_fraction(current) * goal / max(measured, 1) * SHRINK
-            target = proportional if lo == 0.0 else (lo + hi) / 2
-            if target <= 0:  # a byte budget below the parameters and inputs alone: nothing fits
-                break
-        try:
-            nxt = replan(target)
-        except InfeasibleBudgetError as e:  # below the model's floor: try the floor itself once
-            if tried_floor:
-                break
-            tried_floor = True
-            nxt = at_floor(replan, e)
-        if (nxt.decisions, nxt.segments) == (current.decisions, current.segments):
-            break
-        current = nxt
+    # The model's no-remat bytes over the compiled ones: the calibration's first slope (`_fit`).
+    baseline = baseline_activation_bytes(traced.graph)
+    slope = baseline / none if not layer and none and baseline else 1.0
+    search = Search(measure=measure, model_fraction=model_fraction, replan=replan, none_bytes=none, goal_bytes=goal,
+                    slope=slope)
+    fitting = fit(search, plan)
     floors: list[int] = []  # measured least-memory plans: a budget at their smallest finds one again
     if fitting is None and not layer:
-        for candidate in _floor_plans(traced, replan):
-            measured = measured_of(candidate)
+        for candidate in floor_plans(traced, replan):
+            measured = search.measured(candidate)
             floors.append(measured)
             if measured <= goal and (fitting is None or candidate.predicted_recompute_seconds < fitting.predicted_recompute_seconds):
                 fitting = candidate
@@ -219,8 +174,42 @@ def verified(traced: Traced, plan: Plan, budget: object, replan: Callable[..., P
     # No remat itself is a plan that fits its own figure: where every plan measures more (XLA's
     # own workspace dominates, as the max-pool gradient's index buffers do in haiku's small
     # ResNet), the smallest feasible budget is no remat's, never a number above 1.
-    smallest = min(min(floors or tried.values()), none)
-    raise _infeasible(budget, smallest, none, constant_bytes, len(tried), below_floor)
+    smallest = min(min(floors or search.tried.values()), none)
+    raise _infeasible(budget, smallest, none, constant_bytes, len(search.tried), below_floor)
+
+
+def _measures(traced: Traced, specs: Sequence[Any], kind: str, layer: bool):
+    """(measure, model fraction) for a whole step, or for one layer of a residual stream: what
+    one more call adds, temp of the layer chained three times minus twice, the steady state of a
+    deep stack that a layer budget speaks of. None where there is nothing to measure."""
+    if not layer:
+        return (lambda p: temp_bytes(traced, p.as_dict(), specs, segments=p.segments)), (lambda p: p.activation_fraction)
+    carry = _carry_position(traced)
+    if carry is None or kind != "fraction":
+        return None
+
+    def measure(p: Plan) -> int:
+        decisions = p.as_dict()
+        return chained_temp_bytes(traced, decisions, specs, carry, 3) - chained_temp_bytes(traced, decisions, specs, carry, 2)
+
+    return measure, _kept_fraction(traced)
+
+
+def none_figures(traced: Traced, specs: Sequence[Any], measure: Callable[[Plan], int], *, layer: bool,
+                 sharded: bool) -> tuple[int, int]:
+    """No remat's measure and the constant bytes beside it: compiled once per program, kept for
+    the process and in the on-disk cache (several budgets, or a second run, compile it once)."""
+    key = (layer, traced.graph.fingerprint(), tuple((s.shape, str(s.dtype), s.sharding) for s in specs))
+    if key in _NONE_CACHE:
+        return _NONE_CACHE[key]
+    disk_key = _plancache.program_key(traced, specs, what="none", layer=layer)
+    figures = _plancache.load_figures(disk_key)
+    if figures is None:
+        none_plan = Plan.from_decisions(traced.graph, {})
+        figures = step_figures(traced, specs) if sharded else (measure(none_plan), traced.graph.constant_bytes)
+        _plancache.store_figures(disk_key, figures)
+    _NONE_CACHE[key] = figures
+    return figures
 
 
 def _infeasible(budget: object, smallest: int, none: int, constant_bytes: int, num_tried: int,
@@ -241,71 +230,6 @@ def _infeasible(budget: object, smallest: int, none: int, constant_bytes: int, n
         f"offload=True.{model}",
         smallest_fraction=fraction, smallest_bytes=smallest_bytes,
     )
-
-
-def _floor_plans(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
-    """The model's least-memory plan, then the coarser ones XLA may compile smaller (see the
-    module doc); measured when no plan the rounds tried fits."""
-    floor = _least_memory(replan)
-    out = [] if floor is None else [floor]
-    if _segmentable(traced):
-        out += _coarser(traced, replan)
-    elif _groupable(traced):
-        out += _regrouped(traced, replan)
-    return out
-
-
-def _segmentable(traced: Traced) -> bool:
-    """Unrolled chains of 3+ blocks: where `choose` plans multi-block segments."""
-    return not traced.scans and traced.graph.num_blocks >= 3
-
-
-def _groupable(traced: Traced) -> bool:
-    """A top-level scan whose length `choose` can split into groups of layers per loop step."""
-    return any(scan_groups(len(info.blocks)) for info in traced.scans.values())
-
-
-def _regrouped(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
-    """Scans' counterpart of `_coarser`: the model's least-memory plan with g layers per loop step,
-    for every group size g the scans take, then with one plan per layer. The cost model prices a
-    group's recompute transient above the carries it drops, but XLA's scan keeps per-iteration
-    buffers the model does not see (measured, 8 scanned MLP layers: 2 layers per step under one
-    checkpoint 0.12 of no remat, one checkpoint per layer 0.26), so these are measured, not ranked."""
-    sizes = sorted({g for info in traced.scans.values() for g in scan_groups(len(info.blocks))})
-    return [p for p in (_least_memory(replan, scan_group=g) for g in [*sizes, 1]) if p is not None]
-
-
-def at_floor(replan: Callable[..., Plan], below: InfeasibleBudgetError, **knobs: int) -> Plan:
-    """The model's least-memory plan under `knobs`: at the smallest budget `below` names (a hair
-    above it, for the rounding of that figure)."""
-    return replan(min(1.0, below.smallest_fraction * 1.0005), **knobs)
-
-
-def _least_memory(replan: Callable[..., Plan], **knobs: int) -> Plan | None:
-    """The model's least-memory plan under `knobs`, or None where even that does not solve."""
-    try:
-        replan(1e-9, **knobs)
-    except InfeasibleBudgetError as e:
-        try:
-            return at_floor(replan, e, **knobs)
-        except InfeasibleBudgetError:
-            return None
-    return None
-
-
-def _coarser(traced: Traced, replan: Callable[..., Plan]) -> list[Plan]:
-    """Coarser segmentations to try when the rounds found nothing that fits, least memory first
-    in the model: the DP's floor with segments up to the whole chain (it keeps the fewest
-    boundaries the model knows of), then uniform √n-style segments around √n (what XLA
-    compiles most faithfully: one full-recompute region per segment). At most four compiles."""
-    n = traced.graph.num_blocks
-    floor = _least_memory(replan, max_segment_blocks=n)
-    out: list[Plan] = [] if floor is None else [floor]
-    root = max(1, round(math.sqrt(n)))
-    for k in dict.fromkeys((root, root - 1, root + 1)):
-        if 2 <= k < n:
-            out.append(presets.sqrt_n(traced.graph, k))
-    return out
 
 
 def _carry_position(traced: Traced) -> int | None:
@@ -331,7 +255,7 @@ def chained_temp_bytes(traced: Traced, decisions: dict, specs: Sequence[Any], ca
         out, vjp = jax.vjp(chain, *vals)
         return vjp([jnp.ones_like(o) if is_float(o) else np.zeros(o.shape, jax.dtypes.float0) for o in out])
 
-    return int(jax.jit(step).lower(*specs).compile().memory_analysis().temp_size_in_bytes)
+    return int(compile_for_memory(jax.jit(step).lower(*specs)).memory_analysis().temp_size_in_bytes)
 
 
 def _kept_fraction(traced: Traced) -> Callable[[Plan], float]:
