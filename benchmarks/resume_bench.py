@@ -207,6 +207,20 @@ def _write_markdown(command: str, medians: dict, mib: int) -> None:
                      f"{b['restore_s'] / a['restore_s']:.2f} | {b['extra_rss_bytes'] / 2**20:.0f} | "
                      f"{a['extra_rss_bytes'] / 2**20:.0f} | {a['state_bytes'] / 2**20:.0f} |")
     lines += ["", "Raw medians (seconds, bytes) are in `reports/resume.json`."]
+    faults = ROOT / "reports" / "resume_faults.json"
+    if faults.exists():  # written by benchmarks/resume_faults.py
+        data = json.loads(faults.read_text())
+        lines += ["", "## kill -9 of one rank during saves", "",
+                  f"Command: `{data['command']}` (2 ranks, a save after every step, one rank SIGKILLed at a "
+                  "random moment, then the other; resumed from a fresh job to the end).", "",
+                  "| framework | trials | torn save seen after the kill | resumed without error | "
+                  "final parameters bit-identical to an uninterrupted run |", "| --- | --- | --- | --- | --- |"]
+        for framework, row in data["summary"].items():
+            lines.append(f"| {framework} | {row['trials']} | {row['torn_seen']} | {row['resumed_cleanly']} | "
+                         f"{row['bit_identical']} |")
+        lines += ["", "A torn save is an Orbax temporary step directory or staged rank files: listed as "
+                  "`incomplete`, never restored, removed with a warning by the next `Resumable`. The other "
+                  "trials were killed between two saves or after a commit."]
     (ROOT / "reports" / "resume.md").write_text("\n".join(lines) + "\n")
 
 

@@ -16,7 +16,6 @@ checkpoint resharded onto another mesh is checked as well.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
