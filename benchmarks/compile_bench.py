@@ -136,9 +136,7 @@ def strategies(args: argparse.Namespace, eager_regions: bool) -> dict[str, tuple
 
 
 def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str, Any]]:
-    # The models share GPT.forward's code object: dynamo keeps one cache entry per model there
-    # (no reset between them, which would drop the others' entries and recompile them mid-timing).
-    torch._dynamo.reset()
+    # One cache entry per strategy on the code objects they share (_RootForward._run).
     torch._dynamo.config.recompile_limit = 64
     base, idx, tgt = build(args)
     cells: dict[str, dict[str, Any]] = {}
@@ -150,6 +148,10 @@ def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str
         except remat_kit.InfeasibleBudgetError as e:
             cells[name] = {"infeasible": str(e).split(" for ")[0]}
             continue
+        # A fresh dynamo per strategy, so its graph breaks are counted from a first trace (auto
+        # models share _RootForward._run's code: a later one's breaks went uncounted). The other
+        # strategies recompile in the untimed warm-up round below.
+        torch._dynamo.reset()
         ctx = memory_budget(budget) if budget is not None else contextlib.nullcontext()
         with ctx:
             compiled = torch.compile(model, backend=args.backend)
@@ -173,7 +175,8 @@ def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str
     for cell in cells.values():
         if "infeasible" in cell:
             continue
-        cell["grad_err"] = max(float((a - b).abs().max() / (b.abs().max() + 1e-30)) for a, b in zip(cell.pop("grads"), ref))
+        pairs = zip(cell.pop("grads"), ref)
+        cell["grad_err"] = max(float((a - b).abs().max() / (b.abs().max() + 1e-30)) for a, b in pairs)
     times: dict[str, list[float]] = {n: [] for n in steps}
     for k in range(args.steps + 1):  # the first round warms up
         for name, (step, budget) in steps.items():  # interleaved: one round of every strategy per step

@@ -9,20 +9,22 @@ honours: an op tagged `MUST_SAVE` is saved, one tagged `MUST_RECOMPUTE` is recom
 
 The policy sees the ops AOTAutograd traces, not the ones the eager profile saw: under the
 python dispatcher `dropout` is one `native_dropout` where eagerly it is `empty_like`,
-`bernoulli_`, `div_`, `mul`; `_unsafe_view` is `view`. So the first trace of a region (AOTAutograd's
-metadata pass on fake tensors, whose tags nothing reads) records the op names the policy sees, and they are aligned with the
-region's eager steps by longest common subsequence (`difflib`, no junk heuristic). Matched ops
-take their step's decision: kept -> MUST_SAVE, anything else -> MUST_RECOMPUTE (the partitioner
-then recomputes it from kept values or the region's inputs, so nothing the plan did not keep is
-saved). Runs of ops that differ take one decision for the run: MUST_SAVE when the eager plan keeps
-everything the run's backward reads, MUST_RECOMPUTE when it keeps nothing, and MUST_RECOMPUTE
-when it keeps only RNG draws (a dropout mask) of a run that draws random numbers, since the
-partitioner recomputes a random op from the generator state it saves (a seed under Inductor,
-the generator state under aot_eager: the same draws as no remat, checked in
-tests/test_torch_compile.py). Any other case, an offloaded value, a multi-layer segment, or a
-later trace whose op sequence differs from the first, is a region the mapping cannot express:
-it runs on the eager path as a graph break from the next call on, with a warning naming the
-layer (the one call traced meanwhile recomputes every op of the region: within budget, exact).
+`bernoulli_`, `div_`, `mul`; `_unsafe_view` is `view`. So the first trace of a region
+(AOTAutograd's metadata pass on fake tensors, whose tags nothing reads) records the op names the
+policy sees, and they are aligned with the region's eager steps by longest common subsequence
+(`difflib`, no junk heuristic). Matched ops take their step's decision: kept whole -> MUST_SAVE,
+anything else -> MUST_RECOMPUTE (the partitioner then recomputes it from kept values or the
+region's inputs, so nothing the plan did not keep is saved). A run of ops that differ takes one
+decision: its last op MUST_SAVE when the eager plan keeps everything the run's backward reads,
+MUST_RECOMPUTE when it keeps nothing, or when it keeps only RNG draws (a dropout mask) of a run
+that draws random numbers: the partitioner recomputes a random op from the generator state it
+saves (a seed under Inductor, the generator state under aot_eager), so the draws are those of no
+remat (tests/test_torch_compile.py). Any other case (an offloaded value, a kept value with no
+traced counterpart, a later trace whose op sequence differs from the first) is a region the
+mapping cannot express: it runs on the eager path as a graph break from the next call on, with a
+warning naming the layer (the call being traced recomputes every op of the region: within
+budget, exact). A region over several layers (a plan segment, below per-layer checkpointing)
+is entered and left in separate layer calls and stays on the eager path (_replay.SegmentRun).
 
 The budget still bounds what the eager step would hold (the plan is made from the eager
 profile); under compile the saved bytes are measured against compiled no remat in
