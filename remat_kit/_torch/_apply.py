@@ -27,8 +27,8 @@ from remat_kit._core.solve import (Costs, InfeasibleBudgetError, block_menus, se
 from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
 from remat_kit._torch._profile import AUTOCAST_TAG, Profile, profile, user_tools_paused
-from remat_kit._torch._layerplan import (as_run, fastest_whole_layer_plan, mode_op_seconds, plain_when_faster,
-                                         predicted_seconds)
+from remat_kit._torch._layerplan import (as_run, cheapest_layer_seconds, fastest_whole_layer_plan, mode_op_seconds,
+                                         plain_when_faster, predicted_seconds)
 from remat_kit._torch._replicate import profile_replicated
 from remat_kit._torch._replay import OpSequenceError, Region, SegmentRun, decisions_for_torch, regions, run_region
 
@@ -267,9 +267,14 @@ def _by_time(module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan,
     """`plan`, or the fastest plan of whole layers that fits `limit` where that is predicted faster
     once the replay modes' per-op cost is counted (see _layerplan.py)."""
     device, op_seconds = default_device(module), mode_op_seconds(device_of(module).type)
+    if op_seconds == 0.0:  # modes priced at nothing: the solver's plan is the fastest it knows
+        return plan
     choose = plain_when_faster(device, op_seconds)
     regs = regions(tg, plan, prof, choose)
     if all(r.plain for r in regs.values()):
+        return plan
+    selective = predicted_seconds(plan, regs, device, op_seconds)
+    if selective <= cheapest_layer_seconds(tg, device):  # no plan of whole layers can be faster
         return plan
 
     def make(decisions: dict[str, Decision]) -> Plan:
@@ -280,8 +285,7 @@ def _by_time(module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan,
     layered = fastest_whole_layer_plan(tg, make, limit, device)
     if layered is None or set(simulate(tg.graph, layered).recomputed) & tg.pinned:
         return plan
-    faster = (predicted_seconds(layered, regions(tg, layered, prof, choose), device, op_seconds)
-              < predicted_seconds(plan, regs, device, op_seconds))
+    faster = predicted_seconds(layered, regions(tg, layered, prof, choose), device, op_seconds) < selective
     return layered if faster else plan
 
 

@@ -83,6 +83,16 @@ def _spread(layers: list[str], k: int) -> set[str]:
     return {layers[(j * len(layers)) // k] for j in range(k)} if k else set()
 
 
+def cheapest_layer_seconds(tg: TorchGraph, device: DeviceSpec) -> float:
+    """Predicted time to recompute the cheapest layer whole: what any plan of whole layers that
+    frees memory pays at least (so a selective plan predicted below it needs no search)."""
+    g = tg.graph
+    layers = {s.name for s in tg.segments if s.module is not None}
+    costs = [sum(device.op_seconds(g.values[i].flops, g.values[i].bytes_moved) for i in g.block_members[b])
+             for b, name in enumerate(g.block_names) if name in layers]
+    return min(costs, default=0.0)
+
+
 def fastest_whole_layer_plan(tg: TorchGraph, make: Callable[[dict[str, Decision]], Plan], limit: int,
                              device: DeviceSpec) -> Plan | None:
     """The whole-layer plan with the least predicted recompute time whose activation bytes fit
@@ -132,6 +142,8 @@ def mode_op_seconds(device_type: str = "cpu", repeats: int = 7) -> float:
     import torch.nn.functional as F
 
     if os.environ.get("REMAT_KIT_CALIBRATE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return 0.0
+    if device_type == "meta":  # a model planned from shapes only: no device to measure
         return 0.0
     device = torch.device(device_type) if device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
     # Constant inputs: calibration draws no random numbers of its own (its dropout draws are
