@@ -205,6 +205,22 @@ def _table(cells: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+NOTES = [
+    "Reading the tables:",
+    "",
+    "- Before, saved bytes count only what the compiled graphs save: saved_tensors_hooks do not see inside the "
+    "eager checkpoint regions, so the before figures are lower bounds, the same at every budget.",
+    "- Before, the planned layers draw dropout from the eager generator while compiled none's dropout is "
+    "Inductor's: the gradients are those of other masks (the grad-error column), not a wrong recompute. After, "
+    "compiled auto draws what compiled none draws (errors at float rounding).",
+    "- `compile memory budget` (torch._functorch.config.activation_memory_budget) recomputes dropout with fresh "
+    "random numbers: its gradient error is pytorch#190758.",
+    "- Step-time ratios come from a shared 2-core CPU under load from other jobs; ratios below 1 for a remat "
+    "strategy are noise of that size.",
+    "",
+]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -240,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         "profile); the saved/compiled-none column is the compiled figure.", "",
         "## After: planned layers compiled as selective-checkpoint policies", "", *_table(cells), "",
         "## Before: each planned layer a graph break running the eager replay (`REMAT_KIT_COMPILE_EAGER=1`, "
-        "own process)", "", *_table(before), "",
+        "own process)", "", *_table(before), "", *NOTES,
     ]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
