@@ -19,7 +19,8 @@ decision: its last op MUST_SAVE when the eager plan keeps everything the run's b
 MUST_RECOMPUTE when it keeps nothing, or when it keeps only RNG draws (a dropout mask) of a run
 that draws random numbers: the partitioner recomputes a random op from the generator state it
 saves (a seed under Inductor, the generator state under aot_eager), so the draws are those of no
-remat (tests/test_torch_compile.py). Any other case (an offloaded value, a kept value with no
+remat (tests/test_torch_compile.py). Eager ops with no traced op at all are outside the compiled
+region (constants dynamo folds or computes before it) and need no tag. Any other case (an offloaded value, a kept value with no
 traced counterpart, a later trace whose op sequence differs from the first) is a region the
 mapping cannot express: it runs on the eager path as a graph break from the next call on, with a
 warning naming the layer (the call being traced recomputes every op of the region: within
@@ -117,6 +118,11 @@ def align(steps: tuple[Any, ...], names: list[str]) -> tuple[list[CheckpointPoli
                 if tag is None:
                     return None, f"it offloads the output of {steps[i].func}"
                 tags.append(tag)
+            continue
+        if kind == "delete":
+            # Eager ops the traced region does not run at all (HF Llama's causal mask, tril and
+            # scalar_tensor inside its first layer: dynamo computes it outside or folds it), so
+            # they are no memory of the region, kept or not.
             continue
         tag = _run_policy(list(steps[i0:i1]), names[j0:j1])
         if tag is None:
