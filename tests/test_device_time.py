@@ -146,3 +146,22 @@ def test_calibrated_takes_the_overhead_out_of_the_measured_rates():
     assert spec.peak_flops == pytest.approx(1e9 / 1.9e-3)
     assert spec.memory_bandwidth == pytest.approx(1e6 / 1e-4)
     assert spec.op_seconds(1e9, 0) == pytest.approx(2e-3)  # the matmul as measured
+
+
+def test_jax_calibration_runs_while_a_users_jit_traces(fresh_cache):
+    """`auto` plans inside the user's `jit(grad(...))` trace; the microbenchmark's arrays were
+    tracers of it there, and timing them raised AttributeError (block_until_ready on a tracer)."""
+    import jax
+    import jax.numpy as jnp
+
+    from remat_kit._jax import _device
+
+    seen = []
+
+    @jax.jit
+    def step(x):
+        seen.append(_device.default_device())
+        return x + 1
+
+    step(jnp.ones(3))
+    assert seen and seen[0].peak_flops > 0 and seen[0] != rk.DeviceSpec()

@@ -27,7 +27,14 @@ def default_device() -> DeviceSpec:
     """Calibrated constants for the default backend's first device (measured once, cached)."""
     dev = jax.devices()[0]
     kind = f"jax-{jax.__version__}-{dev.platform}-{dev.device_kind}"
-    return calibrated_spec(kind, lambda: measure(dev))
+    return calibrated_spec(kind, lambda: _measure_outside_trace(dev))
+
+
+def _measure_outside_trace(dev: jax.Device) -> Measurement:
+    # `auto` plans while the user's `jit(grad(...))` traces it: without this, the benchmark's
+    # arrays would be tracers of that trace, and nothing would run to be timed.
+    with jax.ensure_compile_time_eval():
+        return measure(dev)
 
 
 def _least_seconds(fn: Callable[..., jax.Array], *args: jax.Array, repeats: int = REPEATS) -> float:
