@@ -16,6 +16,11 @@ import os
 # one run, to the next (a test that patches the measure would poison the real program's entry);
 # tests/test_jax_first_call.py turns it on, in a temporary directory, where it is the subject.
 os.environ["REMAT_KIT_PLAN_CACHE"] = "0"
+# auto prices recompute with constants measured on the machine (remat_kit/_core/calibration.py);
+# measured rates move with the load of the moment, and a test that expects one plan must not
+# depend on them. tests/test_device_time.py and the fast-path tests turn calibration on or price
+# it explicitly, where it is the subject.
+os.environ.setdefault("REMAT_KIT_CALIBRATE", "0")
 
 # Test files by name -> what they import at module level (the `jax` / `torch` extras in pyproject).
 REQUIRES: dict[str, tuple[str, ...]] = {
