@@ -47,13 +47,24 @@ def compare(baseline: pathlib.Path, current: pathlib.Path, time_tol: float) -> t
             verdict = f"✅ improved: time/none {r0:.2f}→{r1:.2f}"
         else:
             verdict = "ok"
-        rows.append(f"| `{name}` | {'' if r0 is None else f'{r0:.2f}'} | {'' if r1 is None else f'{r1:.2f}'} | {verdict} |")
+        rows.append(
+            f"| `{name}` | {'' if r0 is None else f'{r0:.2f}'} | {'' if r1 is None else f'{r1:.2f}'} | {verdict} |"
+        )
     missing = [n for n in base if n not in cur]
     new = [n for n in cur if n not in base]
     failed = bool(regressed or missing)
-    out = ["## remat_kit step-time benchmarks", "",
-           f"{'❌ **regression**' if failed else '✅ **no regression**'}: {len(rows)} compared, {len(regressed)} regressed, "
-           f"{len(missing)} missing, {len(new)} new (time/none tolerance ×{1 + time_tol:.2f}).", ""]
+    out = [
+        "## remat_kit step-time benchmarks",
+        "",
+        f"{'❌ **regression**' if failed else '✅ **no regression**'}: {len(rows)} compared, {len(regressed)} regressed, "
+        f"{len(missing)} missing, {len(new)} new (time/none tolerance ×{1 + time_tol:.2f}).",
+        "",
+    ]
     out += [f"- missing: `{n}`" for n in missing] + [f"- new: `{n}`" for n in new]
-    out += ["", "| benchmark | baseline time/none | current time/none | verdict |", "| --- | ---: | ---: | --- |", *rows]
+    out += [
+        "",
+        "| benchmark | baseline time/none | current time/none | verdict |",
+        "| --- | ---: | ---: | --- |",
+        *rows,
+    ]
     return "\n".join(out) + "\n", failed

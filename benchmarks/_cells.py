@@ -58,15 +58,22 @@ def expand_strategies(names: Iterable[str]) -> list[str]:
         found = list(STRATEGIES) if name == "all-strategies" else GROUPS.get(name, (name,))
         for n in found:
             if n not in STRATEGIES:
-                raise ValueError(f"--strategies got {name!r}; choose from {', '.join(STRATEGIES)}, "
-                                 f"or a group: {', '.join(GROUPS)}, all-strategies.")
+                raise ValueError(
+                    f"--strategies got {name!r}; choose from {', '.join(STRATEGIES)}, "
+                    f"or a group: {', '.join(GROUPS)}, all-strategies."
+                )
             if n not in out:
                 out.append(n)
     return out
 
 
-def plan_cells(frameworks: Iterable[str], models: Iterable[str], sizes: Iterable[str], strategies: Iterable[str],
-               budgets: Iterable[float]) -> list[Cell]:
+def plan_cells(
+    frameworks: Iterable[str],
+    models: Iterable[str],
+    sizes: Iterable[str],
+    strategies: Iterable[str],
+    budgets: Iterable[float],
+) -> list[Cell]:
     """Every applicable cell, `none` first within each (framework, model, size) so ratios have a base."""
     budgets = [float(b) for b in budgets]
     for b in budgets:

@@ -39,8 +39,10 @@ def layout(strategy: str, num_layers: int) -> Layout:
         return Layout(group=2, block_policy=lambda j: "nothing" if j == 0 else None)
     if strategy == "sqrt_n":
         return Layout(group=segment_size(num_layers), group_policy="nothing")
-    raise ValueError(f"strategy={strategy!r} has no JAX layout; JAX runs none, all, attn_core, every_2, sqrt_n, "
-                     "dots_saveable, dots_no_batch and auto.")
+    raise ValueError(
+        f"strategy={strategy!r} has no JAX layout; JAX runs none, all, attn_core, every_2, sqrt_n, "
+        "dots_saveable, dots_no_batch and auto."
+    )
 
 
 def segment_size(num_layers: int) -> int:
@@ -58,7 +60,9 @@ def _loss_fns(model: JaxModel, cell: Cell, solver: str | None = None) -> tuple[A
         return run, (None if model.scanned else run), run
     lay = layout(cell.strategy, model.num_layers)
     run = model.loss(lay)
-    count = model.loss(Layout(lay.group, lay.block_policy, lay.group_policy, unroll_scan=True)) if model.scanned else run
+    count = (
+        model.loss(Layout(lay.group, lay.block_policy, lay.group_policy, unroll_scan=True)) if model.scanned else run
+    )
     return run, count, None
 
 
@@ -83,8 +87,9 @@ def _predicted(wrapped: Any) -> int | None:
     return int(plans[-1].predicted_activation_bytes) if plans else None
 
 
-def run(cell: Cell, *, steps: int, warmup: int, grad_tol: float, ref_path: str | None = None,
-        solver: str | None = None) -> dict[str, Any]:
+def run(
+    cell: Cell, *, steps: int, warmup: int, grad_tol: float, ref_path: str | None = None, solver: str | None = None
+) -> dict[str, Any]:
     model = build(cell.model, cell.size)
     params, batch = model.params, model.batch
     loss, count_loss, wrapped = _loss_fns(model, cell, solver)
@@ -96,7 +101,10 @@ def run(cell: Cell, *, steps: int, warmup: int, grad_tol: float, ref_path: str |
     elif count_loss is None:  # auto on a scanned model
         flops, flops_source = _auto_flops_unrolled(wrapped, params, batch), "lowered, scan unrolled"
     else:
-        flops, flops_source = _flops(jax.jit(jax.value_and_grad(count_loss)).lower(params, batch)), "lowered, scan unrolled"
+        flops, flops_source = (
+            _flops(jax.jit(jax.value_and_grad(count_loss)).lower(params, batch)),
+            "lowered, scan unrolled",
+        )
 
     def one_step() -> None:
         jax.block_until_ready(compiled(params, batch))
@@ -116,8 +124,9 @@ def run(cell: Cell, *, steps: int, warmup: int, grad_tol: float, ref_path: str |
     row = {
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
         "activation_bytes": int(mem.temp_size_in_bytes),
-        "peak_bytes": int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                          - mem.alias_size_in_bytes),
+        "peak_bytes": int(
+            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+        ),
         "param_bytes": int(sum(x.nbytes for x in jax.tree.leaves(params))),
         "flops": flops,
         "flops_source": flops_source,

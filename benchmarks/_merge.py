@@ -25,20 +25,27 @@ def merge(dirs: list[pathlib.Path]) -> tuple[list[dict], dict, list[str]]:
     for d, run in runs:
         config = {k: v for k, v in run["meta"]["config"].items() if k != "shard"}
         if config != base:
-            raise ValueError(f"merge: {d} ran other settings than {runs[0][0]} ({config} vs {base}); "
-                             "merge only shards of one sweep.")
+            raise ValueError(
+                f"merge: {d} ran other settings than {runs[0][0]} ({config} vs {base}); merge only shards of one sweep."
+            )
         for row in run["rows"]:
             if row["cell_id"] in seen:
-                raise ValueError(f"merge: cell {row['cell_id']!r} is in both {seen[row['cell_id']]} and {d}; "
-                                 "were the same shards run twice?")
+                raise ValueError(
+                    f"merge: cell {row['cell_id']!r} is in both {seen[row['cell_id']]} and {d}; "
+                    "were the same shards run twice?"
+                )
             seen[row["cell_id"]] = d
             rows.append(row)
     planned = _cells.plan_cells(base["frameworks"], base["models"], base["size"], base["strategies"], base["budgets"])
     order = {c.id: i for i, c in enumerate(planned)}
     rows.sort(key=lambda r: order.get(r["cell_id"], len(order)))
     missing = [c.id for c in planned if c.id not in seen]
-    meta = {**runs[0][1]["meta"], "shard": "", "merged_from": [str(d) for d in dirs],
-            "command": "python -m benchmarks.sweep merge " + " ".join(str(d) for d in dirs)}
+    meta = {
+        **runs[0][1]["meta"],
+        "shard": "",
+        "merged_from": [str(d) for d in dirs],
+        "command": "python -m benchmarks.sweep merge " + " ".join(str(d) for d in dirs),
+    }
     meta["config"] = {**base, "shard": None}
     return rows, meta, missing
 

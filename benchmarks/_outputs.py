@@ -8,11 +8,39 @@ import pathlib
 from typing import Any
 
 COLUMNS = [  # the required columns first, then the rest
-    "framework", "model", "size", "strategy", "budget", "status", "peak_bytes", "activation_bytes",
-    "rss_peak_bytes", "step_time_s", "flops", "predicted_activation_bytes", "grad_ok",
-    "step_time_iqr_s", "step_time_min_s", "num_steps", "grad_max_rel_err", "param_bytes", "device",
-    "device_peak_bytes", "saved_bytes", "memory_note", "flops_source", "cell_id", "cell_seconds", "error_at", "shard", "host", "python", "jax", "torch",
-    "remat_kit", "git",
+    "framework",
+    "model",
+    "size",
+    "strategy",
+    "budget",
+    "status",
+    "peak_bytes",
+    "activation_bytes",
+    "rss_peak_bytes",
+    "step_time_s",
+    "flops",
+    "predicted_activation_bytes",
+    "grad_ok",
+    "step_time_iqr_s",
+    "step_time_min_s",
+    "num_steps",
+    "grad_max_rel_err",
+    "param_bytes",
+    "device",
+    "device_peak_bytes",
+    "saved_bytes",
+    "memory_note",
+    "flops_source",
+    "cell_id",
+    "cell_seconds",
+    "error_at",
+    "shard",
+    "host",
+    "python",
+    "jax",
+    "torch",
+    "remat_kit",
+    "git",
 ]
 GROUP = ["framework", "model", "size"]
 
@@ -32,19 +60,26 @@ def with_ratios(df: Any) -> Any:
     df = df.copy()
     base = df[(df.strategy == "none") & (df.status == "ok")].set_index(GROUP)
     for metric in ("activation_bytes", "peak_bytes", "flops", "step_time_s"):
-        ref = df.set_index(GROUP).index.map(lambda k, m=metric: base[m].get(k, math.nan) if k in base.index else math.nan)
+        ref = df.set_index(GROUP).index.map(
+            lambda k, m=metric: base[m].get(k, math.nan) if k in base.index else math.nan
+        )
         df[f"{metric.removesuffix('_s').removesuffix('_bytes')}_ratio"] = df[metric].astype(float) / list(ref)
     if "step_time_vs_none" in df.columns:  # timed interleaved with none in the cell's own process (torch)
         df["step_time_ratio"] = df.step_time_vs_none.astype(float).fillna(df.step_time_ratio)
-    df["predicted_error"] = (df.predicted_activation_bytes.astype(float) - df.activation_bytes.astype(float)) \
-        / df.activation_bytes.astype(float)
+    df["predicted_error"] = (
+        df.predicted_activation_bytes.astype(float) - df.activation_bytes.astype(float)
+    ) / df.activation_bytes.astype(float)
     return df
 
 
 def write_all(run_dir: pathlib.Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, pathlib.Path]:
     df = frame(rows)
-    paths = {"csv": run_dir / "results.csv", "json": run_dir / "results.json", "md": run_dir / "report.md",
-             "png": run_dir / "pareto.png"}
+    paths = {
+        "csv": run_dir / "results.csv",
+        "json": run_dir / "results.json",
+        "md": run_dir / "report.md",
+        "png": run_dir / "pareto.png",
+    }
     df.to_csv(paths["csv"], index=False)
     records = json.loads(df.to_json(orient="records"))
     paths["json"].write_text(json.dumps({"meta": meta, "rows": records}, indent=1) + "\n")
@@ -67,37 +102,54 @@ def _has_budget(r: Any) -> bool:
 
 
 def _label(r: Any) -> str:
-    return r.strategy + ("" if r.budget is None or (isinstance(r.budget, float) and math.isnan(r.budget)) else f"@{r.budget:g}")
+    return r.strategy + (
+        "" if r.budget is None or (isinstance(r.budget, float) and math.isnan(r.budget)) else f"@{r.budget:g}"
+    )
 
 
 def report(df: Any, meta: dict[str, Any]) -> str:
-    out = ["# remat_kit sweep", "",
-           f"`{meta.get('command', '')}` · {meta.get('date', '')} · {meta.get('platform', '')}, "
-           f"{meta.get('cpus', '')} CPUs · jax {meta.get('jax', '')} · torch {meta.get('torch', '')} · "
-           f"git {meta.get('git', '')}", "",
-           "Memory is exact and allocator-level (JAX: `memory_analysis().temp_size_in_bytes` of the compiled "
-           "step; PyTorch: live storages under a TorchDispatchMode); ratios are to `none` of the same model. "
-           "Time is the median of the timed steps; on a CPU only its ratio means much. "
-           "FLOPs include recompute (JAX, scanned layers: counted on the program with its scan unrolled, "
-           "before XLA optimizes it, because `cost_analysis` counts a loop body once). `pred. err` is auto's "
-           "predicted activation memory against the measured; `over budget` marks a budgeted cell whose measured "
-           "activation ratio exceeds its budget.", ""]
+    out = [
+        "# remat_kit sweep",
+        "",
+        f"`{meta.get('command', '')}` · {meta.get('date', '')} · {meta.get('platform', '')}, "
+        f"{meta.get('cpus', '')} CPUs · jax {meta.get('jax', '')} · torch {meta.get('torch', '')} · "
+        f"git {meta.get('git', '')}",
+        "",
+        "Memory is exact and allocator-level (JAX: `memory_analysis().temp_size_in_bytes` of the compiled "
+        "step; PyTorch: live storages under a TorchDispatchMode); ratios are to `none` of the same model. "
+        "Time is the median of the timed steps; on a CPU only its ratio means much. "
+        "FLOPs include recompute (JAX, scanned layers: counted on the program with its scan unrolled, "
+        "before XLA optimizes it, because `cost_analysis` counts a loop body once). `pred. err` is auto's "
+        "predicted activation memory against the measured; `over budget` marks a budgeted cell whose measured "
+        "activation ratio exceeds its budget.",
+        "",
+    ]
     bad = df[df.status != "ok"]
     if len(bad):
-        out += [f"**{len(bad)} cell(s) did not finish:**", ""] + [f"- `{r.cell_id}`: {r.status}" for r in bad.itertuples()] + [""]
+        out += (
+            [f"**{len(bad)} cell(s) did not finish:**", ""]
+            + [f"- `{r.cell_id}`: {r.status}" for r in bad.itertuples()]
+            + [""]
+        )
     for key, g in df.groupby(GROUP, sort=False):
-        out += [f"## {'/'.join(key)}", "", "| strategy | status | act. MiB | act. | peak | FLOPs | time | "
-                "time IQR | RSS MiB | predicted MiB | pred. err | grad |",
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        out += [
+            f"## {'/'.join(key)}",
+            "",
+            "| strategy | status | act. MiB | act. | peak | FLOPs | time | "
+            "time IQR | RSS MiB | predicted MiB | pred. err | grad |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
         for r in g.itertuples():
             status = "ok" if r.status == "ok" else r.status.split(":")[0]
             grad = "" if r.status != "ok" else ("ok" if r.grad_ok else f"**differs {r.grad_max_rel_err:.1e}**")
             if r.status == "ok" and _has_budget(r) and r.activation_ratio > r.budget + 1e-9:
                 status = f"**over budget {r.budget:g}**"
-            out.append(f"| {_label(r)} | {status} | {_mib(r.activation_bytes)} | {_fmt(r.activation_ratio)} | "
-                       f"{_fmt(r.peak_ratio)} | {_fmt(r.flops_ratio)} | {_fmt(r.step_time_ratio)} | "
-                       f"{_fmt(r.step_time_iqr_s * 1e3 if r.step_time_iqr_s == r.step_time_iqr_s and r.step_time_iqr_s is not None else None, '.1f')}ms | "
-                       f"{_mib(r.rss_peak_bytes)} | {_mib(r.predicted_activation_bytes)} | {_fmt(r.predicted_error, '+.0%')} | {grad} |")
+            out.append(
+                f"| {_label(r)} | {status} | {_mib(r.activation_bytes)} | {_fmt(r.activation_ratio)} | "
+                f"{_fmt(r.peak_ratio)} | {_fmt(r.flops_ratio)} | {_fmt(r.step_time_ratio)} | "
+                f"{_fmt(r.step_time_iqr_s * 1e3 if r.step_time_iqr_s == r.step_time_iqr_s and r.step_time_iqr_s is not None else None, '.1f')}ms | "
+                f"{_mib(r.rss_peak_bytes)} | {_mib(r.predicted_activation_bytes)} | {_fmt(r.predicted_error, '+.0%')} | {grad} |"
+            )
         out += ["", _cheapest(g)] + _notes(g) + [""]
     return "\n".join(out).replace("| ms |", "|  |") + "\n"
 
@@ -110,8 +162,10 @@ def _notes(g: Any) -> list[str]:
     base = float(none.saved_bytes.iloc[0]) if len(none) and none.saved_bytes.notna().iloc[0] else math.nan
     out = []
     for r in g[g.memory_note.fillna("").astype(bool) & (g.status == "ok")].itertuples():
-        out.append(f"\n`{_label(r)}`: {r.memory_note}: saved for backward {_mib(r.saved_bytes)} MiB "
-                   f"(none: {_mib(base)} MiB, ratio {_fmt(float(r.saved_bytes) / base)}).")
+        out.append(
+            f"\n`{_label(r)}`: {r.memory_note}: saved for backward {_mib(r.saved_bytes)} MiB "
+            f"(none: {_mib(base)} MiB, ratio {_fmt(float(r.saved_bytes) / base)})."
+        )
     return out
 
 
@@ -122,7 +176,10 @@ def _cheapest(g: Any) -> str:
     parts = []
     for b in budgets:
         fits = ok[ok.activation_ratio <= b + 1e-9].sort_values(["flops", "step_time_s"])
-        parts.append(f"≤{b:g}: " + (f"`{_label(fits.iloc[0])}` (FLOPs ×{fits.iloc[0].flops_ratio:.2f})" if len(fits) else "nothing fits"))
+        parts.append(
+            f"≤{b:g}: "
+            + (f"`{_label(fits.iloc[0])}` (FLOPs ×{fits.iloc[0].flops_ratio:.2f})" if len(fits) else "nothing fits")
+        )
     return "Cheapest strategy that fits each activation budget: " + "; ".join(parts) + "."
 
 
@@ -141,12 +198,18 @@ def pareto(df: Any, path: pathlib.Path) -> None:
         ok = g[(g.status == "ok") & g.activation_ratio.notna() & g.step_time_ratio.notna()]
         for r in ok.itertuples():
             ax.scatter(r.activation_ratio, r.step_time_ratio, marker=markers.get(r.strategy, "o"), s=40)
-            ax.annotate(_label(r), (r.activation_ratio, r.step_time_ratio), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            ax.annotate(
+                _label(r),
+                (r.activation_ratio, r.step_time_ratio),
+                fontsize=6,
+                xytext=(3, 2),
+                textcoords="offset points",
+            )
         ax.set_title("/".join(key), fontsize=9)
         ax.set_xlabel("activation memory / none")
         ax.set_ylabel("step time / none")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(groups):]:
+    for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -40,8 +40,10 @@ class Progress:
                 raise ConfigMismatchError(_mismatch(run_dir, saved.get("config") or {}, config))
             self.rows = json.loads(state["rows"])
             if len(self.rows) != step:
-                raise RuntimeError(f"{self.directory}: step {step} holds {len(self.rows)} rows; the progress "
-                                   "file is inconsistent. Start over with --fresh.")
+                raise RuntimeError(
+                    f"{self.directory}: step {step} holds {len(self.rows)} rows; the progress "
+                    "file is inconsistent. Start over with --fresh."
+                )
 
     @property
     def done(self) -> set[str]:
@@ -66,7 +68,12 @@ class Progress:
 
 
 def _mismatch(run_dir: pathlib.Path, saved: dict, wanted: dict) -> str:
-    diff = [f"{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
-            if saved.get(k) != wanted.get(k)]
-    return (f"--out {run_dir} holds a sweep with other settings ({'; '.join(diff)}). Rerun with the same "
-            "arguments to resume it, pass --fresh to start over there, or choose another --out.")
+    diff = [
+        f"{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}"
+        for k in sorted(set(saved) | set(wanted))
+        if saved.get(k) != wanted.get(k)
+    ]
+    return (
+        f"--out {run_dir} holds a sweep with other settings ({'; '.join(diff)}). Rerun with the same "
+        "arguments to resume it, pass --fresh to start over there, or choose another --out."
+    )

@@ -29,8 +29,11 @@ def machine() -> dict[str, Any]:
 
 
 def command() -> str:
-    return "python -m " + shlex.join([__import__("__main__").__spec__.name, *sys.argv[1:]]) if getattr(
-        __import__("__main__"), "__spec__", None) else shlex.join([sys.executable, *sys.argv])
+    return (
+        "python -m " + shlex.join([__import__("__main__").__spec__.name, *sys.argv[1:]])
+        if getattr(__import__("__main__"), "__spec__", None)
+        else shlex.join([sys.executable, *sys.argv])
+    )
 
 
 def write(name: str, data: dict[str, Any], markdown: str, out_dir: pathlib.Path | None = None) -> pathlib.Path:
@@ -38,8 +41,10 @@ def write(name: str, data: dict[str, Any], markdown: str, out_dir: pathlib.Path 
     out.mkdir(parents=True, exist_ok=True)
     data = {"command": command(), "machine": machine(), **data}
     (out / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    md = f"{markdown.rstrip()}\n\nProduced by `{data['command']}` on {data['machine']['date']} " \
-         f"({data['machine']['platform']}, {data['machine']['cpus']} CPUs).\n"
+    md = (
+        f"{markdown.rstrip()}\n\nProduced by `{data['command']}` on {data['machine']['date']} "
+        f"({data['machine']['platform']}, {data['machine']['cpus']} CPUs).\n"
+    )
     path = out / f"{name}.md"
     path.write_text(md)
     return path

@@ -18,15 +18,24 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, checkpoint_sequential, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    checkpoint_sequential,
+    create_selective_checkpoint_contexts,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._cells import Cell
 from benchmarks._measure import max_rel_err, reference_grads, rss_peak_bytes, time_steps
 from benchmarks.models.torch_zoo import ZooModel, build
 
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-            torch.ops.aten.convolution.default}
+_MATMULS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.convolution.default,
+}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -50,7 +59,11 @@ class LiveBytes(TorchDispatchMode):
                 st = t.untyped_storage()
                 if st._cdata not in self.alive:
                     alloc_id = len(self.events)
-                    self.alive[st._cdata] = (alloc_id, st.nbytes(), weakref.ref(st, functools.partial(self._free, st._cdata)))
+                    self.alive[st._cdata] = (
+                        alloc_id,
+                        st.nbytes(),
+                        weakref.ref(st, functools.partial(self._free, st._cdata)),
+                    )
                     self.events.append((alloc_id, st.nbytes()))
         return out
 
@@ -82,7 +95,8 @@ def apply(model: ZooModel, cell: Cell, solver: str | None = None) -> Any:
         ctx = functools.partial(create_selective_checkpoint_contexts, _sac_mm) if s == "sac_mm" else None
         every = 2 if s == "every_2" else 1
         model.run_blocks = lambda blocks, x: functools.reduce(
-            lambda h, ib: (_ckpt(ib[1], ctx) if ib[0] % every == 0 else ib[1])(h), enumerate(blocks), x)
+            lambda h, ib: (_ckpt(ib[1], ctx) if ib[0] % every == 0 else ib[1])(h), enumerate(blocks), x
+        )
     elif s == "sqrt_n":
         segments = max(1, round(math.sqrt(n)))
         model.run_blocks = lambda blocks, x: checkpoint_sequential(blocks, segments, x, use_reentrant=False)
@@ -171,13 +185,19 @@ def _interleaved_with_none(cell: Cell, device: str, one_step: Any, *, steps: int
         none_times.append(t1 - t0)
     q = statistics.quantiles(mine, n=4) if len(mine) >= 2 else [mine[0]] * 3
     none_median = statistics.median(none_times)
-    return {"step_time_s": statistics.median(mine), "step_time_iqr_s": q[2] - q[0], "step_time_min_s": min(mine),
-            "num_steps": steps, "none_step_time_s": none_median,
-            "step_time_vs_none": statistics.median(mine) / none_median}
+    return {
+        "step_time_s": statistics.median(mine),
+        "step_time_iqr_s": q[2] - q[0],
+        "step_time_min_s": min(mine),
+        "num_steps": steps,
+        "none_step_time_s": none_median,
+        "step_time_vs_none": statistics.median(mine) / none_median,
+    }
 
 
-def run(cell: Cell, *, steps: int, warmup: int, grad_tol: float, ref_path: str | None = None,
-        solver: str | None = None) -> dict[str, Any]:
+def run(
+    cell: Cell, *, steps: int, warmup: int, grad_tol: float, ref_path: str | None = None, solver: str | None = None
+) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, (inputs, targets) = build(cell.model, cell.size)
     model, inputs, targets = model.to(device), inputs.to(device), targets.to(device)
@@ -193,8 +213,11 @@ def run(cell: Cell, *, steps: int, warmup: int, grad_tol: float, ref_path: str |
     loss = fn(inputs, targets)
     model.zero_grad(set_to_none=False)
     loss.backward()
-    err = max_rel_err(loss.item(), [g.cpu().numpy() for g in _grads(model)],
-                      *reference_grads(ref_path, lambda: _reference(cell, device)))
+    err = max_rel_err(
+        loss.item(),
+        [g.cpu().numpy() for g in _grads(model)],
+        *reference_grads(ref_path, lambda: _reference(cell, device)),
+    )
     model.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -61,8 +61,10 @@ def load_sweep(path: pathlib.Path) -> tuple[dict[str, dict], dict]:
     else:
         data = json.loads(path.read_text())
         if "rows" not in data:
-            raise ValueError(f"{path} is not a sweep's results.json (no 'rows'); for pytest-benchmark JSON pass both "
-                             "files as pytest-benchmark output.")
+            raise ValueError(
+                f"{path} is not a sweep's results.json (no 'rows'); for pytest-benchmark JSON pass both "
+                "files as pytest-benchmark output."
+            )
         rows, meta = data["rows"], data.get("meta", {})
     return {r["cell_id"]: r for r in rows}, meta
 
@@ -83,8 +85,14 @@ def time_ratio(rows: dict[str, dict], cell_id: str) -> float | None:
     return t / t0 if t is not None and t0 else None
 
 
-def judge(cell_id: str, base: dict[str, dict], cur: dict[str, dict], mem_tol: float, time_tol: float,
-          confirm: dict[str, dict] | None = None) -> Verdict:
+def judge(
+    cell_id: str,
+    base: dict[str, dict],
+    cur: dict[str, dict],
+    mem_tol: float,
+    time_tol: float,
+    confirm: dict[str, dict] | None = None,
+) -> Verdict:
     b, c = base[cell_id], cur[cell_id]
     v = Verdict(cell_id)
     if b["status"] == "ok" and c["status"] != "ok":
@@ -121,7 +129,9 @@ def judge(cell_id: str, base: dict[str, dict], cur: dict[str, dict], mem_tol: fl
                 v.regressions.append(f"time/none {r0:.2f}→{r1:.2f}, {r2:.2f} on the rerun")
                 v.cells["time"] += f" ({r2:.2f})"
             else:
-                v.note = f"time/none {r0:.2f}→{r1:.2f} not confirmed by the rerun ({'-' if r2 is None else f'{r2:.2f}'})"
+                v.note = (
+                    f"time/none {r0:.2f}→{r1:.2f} not confirmed by the rerun ({'-' if r2 is None else f'{r2:.2f}'})"
+                )
                 v.cells["time"] += f" ({'-' if r2 is None else f'{r2:.2f}'})"
         elif r1 < r0 / (1 + time_tol):
             v.improvements.append(f"time/none {r0:.2f}→{r1:.2f}")
@@ -130,8 +140,9 @@ def judge(cell_id: str, base: dict[str, dict], cur: dict[str, dict], mem_tol: fl
     return v
 
 
-def compare_sweeps(base: dict, cur: dict, mem_tol: float, time_tol: float,
-                   confirm: dict | None = None) -> tuple[list[Verdict], list[str], list[str]]:
+def compare_sweeps(
+    base: dict, cur: dict, mem_tol: float, time_tol: float, confirm: dict | None = None
+) -> tuple[list[Verdict], list[str], list[str]]:
     verdicts = [judge(k, base, cur, mem_tol, time_tol, confirm) for k in base if k in cur]
     return verdicts, [k for k in base if k not in cur], [k for k in cur if k not in base]
 
@@ -141,42 +152,66 @@ def markdown(verdicts: list[Verdict], missing: list[str], new: list[str], meta: 
     improved = [v for v in verdicts if v.improvements and not v.regressions]
     failed = bool(regressed) or (bool(missing) and not args.allow_missing)
     head = "❌ **performance regression**" if failed else "✅ **no performance regression**"
-    out = ["## remat_kit perf check", "",
-           f"{head}: {len(verdicts)} cells compared, {len(regressed)} regressed, {len(improved)} improved, "
-           f"{len(missing)} missing, {len(new)} new. Tolerances: memory/FLOPs +{args.mem_tol:.1%}, "
-           f"time/none ×{1 + args.time_tol:.2f}.", ""]
+    out = [
+        "## remat_kit perf check",
+        "",
+        f"{head}: {len(verdicts)} cells compared, {len(regressed)} regressed, {len(improved)} improved, "
+        f"{len(missing)} missing, {len(new)} new. Tolerances: memory/FLOPs +{args.mem_tol:.1%}, "
+        f"time/none ×{1 + args.time_tol:.2f}.",
+        "",
+    ]
     b, c = meta
     for key in ("platform", "jax", "torch"):
         if b.get(key) and c.get(key) and b[key] != c[key]:
-            out += [f"⚠️ baseline {key} `{b[key]}` differs from current `{c[key]}`: exact figures may move for that reason.", ""]
-    out += [f"Baseline: `{args.baseline}` (git {b.get('git', '?')}); current: `{args.current}` (git {c.get('git', '?')}).", ""]
+            out += [
+                f"⚠️ baseline {key} `{b[key]}` differs from current `{c[key]}`: exact figures may move for that reason.",
+                "",
+            ]
+    out += [
+        f"Baseline: `{args.baseline}` (git {b.get('git', '?')}); current: `{args.current}` (git {c.get('git', '?')}).",
+        "",
+    ]
     if regressed:
         out += ["### Regressions", ""] + [f"- `{v.cell}`: {'; '.join(v.regressions)}" for v in regressed] + [""]
     if missing:
         out += ["### Missing from current (not run or not finished)", ""] + [f"- `{k}`" for k in missing] + [""]
     if new:
         out += ["### New cells (no baseline)", ""] + [f"- `{k}`" for k in new] + [""]
-    out += ["### All cells", "", "| cell | status | activation | peak | FLOPs | time/none | verdict |",
-            "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    out += [
+        "### All cells",
+        "",
+        "| cell | status | activation | peak | FLOPs | time/none | verdict |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for v in verdicts:
         g = v.cells.get
-        out.append(f"| `{v.cell}` | {g('status', '')} | {g('activation_bytes', '')} | {g('peak_bytes', '')} | "
-                   f"{g('flops', '')} | {g('time', '')} | {v.word} |")
+        out.append(
+            f"| `{v.cell}` | {g('status', '')} | {g('activation_bytes', '')} | {g('peak_bytes', '')} | "
+            f"{g('flops', '')} | {g('time', '')} | {v.word} |"
+        )
     return "\n".join(out) + "\n"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("baseline", type=pathlib.Path, help="baseline run directory / results.json / pytest-benchmark JSON")
     p.add_argument("current", type=pathlib.Path, help="current run, same kind as the baseline")
     p.add_argument("--md", type=pathlib.Path, help="also write the Markdown report here")
     p.add_argument("--mem-tol", type=float, default=0.001, help="relative memory/FLOP increase allowed (default 0.001)")
-    p.add_argument("--time-tol", type=float, default=0.5,
-                   help="relative growth allowed in time/none (default 0.5: CPU timing on shared machines is noisy)")
+    p.add_argument(
+        "--time-tol",
+        type=float,
+        default=0.5,
+        help="relative growth allowed in time/none (default 0.5: CPU timing on shared machines is noisy)",
+    )
     p.add_argument("--allow-missing", action="store_true", help="cells missing from CURRENT do not fail the check")
-    p.add_argument("--confirm", type=pathlib.Path,
-                   help="a rerun of CURRENT: a time/none regression counts only where the rerun shows it too")
+    p.add_argument(
+        "--confirm",
+        type=pathlib.Path,
+        help="a rerun of CURRENT: a time/none regression counts only where the rerun shows it too",
+    )
     args = p.parse_args(argv)
     for name in ("mem_tol", "time_tol"):
         if not getattr(args, name) >= 0:

@@ -30,7 +30,8 @@ import subprocess
 import sys
 import time
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -39,8 +40,12 @@ import remat_kit
 from benchmarks.models.torch_gpt import GPT
 
 BUDGETS = (0.3, 0.5, 0.7)
-_SAVE_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
 
 
 def saved_bytes(step: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
@@ -194,14 +199,19 @@ def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str
 
 
 def _table(cells: dict[str, dict[str, Any]]) -> list[str]:
-    lines = ["| strategy | graph breaks | saved bytes | saved / compiled none | step time / compiled none | "
-             "max grad error vs compiled none |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | graph breaks | saved bytes | saved / compiled none | step time / compiled none | "
+        "max grad error vs compiled none |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, c in cells.items():
         if "infeasible" in c:
             lines.append(f"| {name} | {c['infeasible']} (InfeasibleBudgetError) | | | | |")
             continue
-        lines.append(f"| {name} | {c['breaks']} | {c['saved_bytes']:,} | {c['saved_ratio']:.3f} | "
-                     f"{c['time_ratio']:.2f} | {c['grad_err']:.1e} |")
+        lines.append(
+            f"| {name} | {c['breaks']} | {c['saved_bytes']:,} | {c['saved_ratio']:.3f} | "
+            f"{c['time_ratio']:.2f} | {c['grad_err']:.1e} |"
+        )
     return lines
 
 
@@ -242,21 +252,36 @@ def main(argv: list[str] | None = None) -> None:
         print("JSON" + json.dumps(cells))
         return
     env = dict(os.environ, REMAT_KIT_COMPILE_EAGER="1")
-    run = subprocess.run([sys.executable, "-m", "benchmarks.compile_bench", *(argv or sys.argv[1:]), "--json"],
-                         env=env, capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_bench", *(argv or sys.argv[1:]), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     before = json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("JSON"))[4:])
     cmd = "python -m benchmarks.compile_bench " + " ".join(argv or sys.argv[1:])
     lines = [
-        "# torch.compile: remat strategies compiled", "",
+        "# torch.compile: remat strategies compiled",
+        "",
         f"Command: `{cmd}` (GPT {args.layers} layers, d {args.d}, seq {args.seq}, batch {args.batch}, dropout 0.1, "
-        f"backend {args.backend}, {args.threads} threads, CPU, torch {torch.__version__}).", "",
+        f"backend {args.backend}, {args.threads} threads, CPU, torch {torch.__version__}).",
+        "",
         "Step time: medians of the steps, every strategy interleaved with compiled none in one process; saved bytes: "
         "distinct storages the compiled forward saves for backward (saved_tensors_hooks; parameters and inputs left "
         "out). The budget of `auto` bounds the eager step's activation peak (its plan is made from the eager "
-        "profile); the saved/compiled-none column is the compiled figure.", "",
-        "## After: planned layers compiled as selective-checkpoint policies", "", *_table(cells), "",
+        "profile); the saved/compiled-none column is the compiled figure.",
+        "",
+        "## After: planned layers compiled as selective-checkpoint policies",
+        "",
+        *_table(cells),
+        "",
         "## Before: each planned layer a graph break running the eager replay (`REMAT_KIT_COMPILE_EAGER=1`, "
-        "own process)", "", *_table(before), "", *NOTES,
+        "own process)",
+        "",
+        *_table(before),
+        "",
+        *NOTES,
     ]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -52,16 +52,20 @@ def violations(row: dict) -> list[str]:
     if row.get("infeasible"):
         floor = row["infeasible"]
         if not floor["smallest_fraction"] > row["budget"]:
-            out.append(f"InfeasibleBudgetError names smallest feasible {floor['smallest_fraction']:.4f}, "
-                       f"not above the budget {row['budget']}")
+            out.append(
+                f"InfeasibleBudgetError names smallest feasible {floor['smallest_fraction']:.4f}, "
+                f"not above the budget {row['budget']}"
+            )
         if "error" in floor:
             out.append(f"at the named floor {floor['retry_budget']}: exception: {floor['error']}")
         elif floor.get("fraction") is not None and floor["fraction"] > floor["retry_budget"] + SLACK:
             out.append(f"at the named floor {floor['retry_budget']}: measured {floor['fraction']:.4f} of none")
         return out
     if row["fraction"] > row["budget"] + SLACK:
-        out.append(f"over budget: measured {row['fraction']:.4f} of none ({row['activation_bytes']} of "
-                   f"{row['none_bytes']} bytes) at budget {row['budget']}")
+        out.append(
+            f"over budget: measured {row['fraction']:.4f} of none ({row['activation_bytes']} of "
+            f"{row['none_bytes']} bytes) at budget {row['budget']}"
+        )
     if not row["grad_rel_err"] <= GRAD_TOL:
         out.append(f"gradients differ from no remat: max relative error {row['grad_rel_err']:.3e}")
     if not row["names_unchanged"]:
@@ -134,9 +138,16 @@ def torch_cells(case: Any, budgets: list[float]) -> list[dict]:
     floors: dict[float, dict] = {}  # retry budget -> its check: budgets below one floor share it
     rows = []
     for budget in budgets:
-        row: dict[str, Any] = dict(model=case.name, framework="torch", source=case.source, kind=case.kind,
-                                   budget=budget, none_bytes=none.activation_bytes, dropout=case.dropout,
-                                   dropout_live=dropout_live)
+        row: dict[str, Any] = dict(
+            model=case.name,
+            framework="torch",
+            source=case.source,
+            kind=case.kind,
+            budget=budget,
+            none_bytes=none.activation_bytes,
+            dropout=case.dropout,
+            dropout_live=dropout_live,
+        )
         try:
             rematted = rk.auto(copy.deepcopy(model), budget)
             t0 = time.perf_counter()
@@ -146,8 +157,7 @@ def torch_cells(case: Any, budgets: list[float]) -> list[dict]:
                 retry = _floor_budget(e)
                 if retry not in floors:
                     floors[retry] = _torch_floor(model, case, kwargs, e, none.activation_bytes)
-                row["infeasible"] = {**floors[retry], "smallest_fraction": e.smallest_fraction,
-                                     "message": str(e)[:300]}
+                row["infeasible"] = {**floors[retry], "smallest_fraction": e.smallest_fraction, "message": str(e)[:300]}
                 rows.append(row)
                 continue
             t1 = time.perf_counter()
@@ -156,15 +166,18 @@ def torch_cells(case: Any, budgets: list[float]) -> list[dict]:
             measured = _torch_measure(rematted, case, kwargs)
             plan = rk.plan_of(rematted)[-1]
             after = _torch_names(rematted)
-            row.update(activation_bytes=measured.activation_bytes,
-                       fraction=measured.activation_bytes / none.activation_bytes,
-                       predicted_bytes=plan.predicted_activation_bytes,
-                       predicted_fraction=plan.activation_fraction,
-                       extra_flops=measured.flops / none.flops - 1 if none.flops else 0.0,
-                       grad_rel_err=max(rel_err(first, reference), rel_err(again, reference)),
-                       names_unchanged=after == names,
-                       names_diff=_diff(names, after), planning_s=max(0.0, (t1 - t0) - (t2 - t1)),
-                       structure=_structure(plan))
+            row.update(
+                activation_bytes=measured.activation_bytes,
+                fraction=measured.activation_bytes / none.activation_bytes,
+                predicted_bytes=plan.predicted_activation_bytes,
+                predicted_fraction=plan.activation_fraction,
+                extra_flops=measured.flops / none.flops - 1 if none.flops else 0.0,
+                grad_rel_err=max(rel_err(first, reference), rel_err(again, reference)),
+                names_unchanged=after == names,
+                names_diff=_diff(names, after),
+                planning_s=max(0.0, (t1 - t0) - (t2 - t1)),
+                structure=_structure(plan),
+            )
         except Exception as e:  # recorded per cell: one failing budget does not hide the others
             row["error"] = _error(e)
         rows.append(row)
@@ -175,8 +188,9 @@ def _torch_floor(model: Any, case: Any, kwargs: dict, e: Any, none_bytes: int) -
     """Pass the budget the error names back to auto: it must be met."""
     import remat_kit as rk
 
-    out: dict[str, Any] = dict(smallest_fraction=e.smallest_fraction, retry_budget=_floor_budget(e),
-                               message=str(e)[:300])
+    out: dict[str, Any] = dict(
+        smallest_fraction=e.smallest_fraction, retry_budget=_floor_budget(e), message=str(e)[:300]
+    )
     try:
         rematted = rk.auto(copy.deepcopy(model), out["retry_budget"])
         _torch_step(rematted, case, kwargs)
@@ -189,8 +203,10 @@ def _torch_floor(model: Any, case: Any, kwargs: dict, e: Any, none_bytes: int) -
 def _diff(before: tuple, after: tuple) -> str:
     if before == after:
         return ""
-    return "; ".join(f"only before: {sorted(set(b) - set(a))[:4]}, only after: {sorted(set(a) - set(b))[:4]}"
-                     for b, a in zip(before, after))
+    return "; ".join(
+        f"only before: {sorted(set(b) - set(a))[:4]}, only after: {sorted(set(a) - set(b))[:4]}"
+        for b, a in zip(before, after)
+    )
 
 
 # -- JAX -----------------------------------------------------------------------------------------
@@ -214,14 +230,20 @@ def jax_cells(case: Any, budgets: list[float]) -> list[dict]:
     none_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
     none_flops = jax_flops(compiled)
     reference = compiled(model.params, model.batch)
-    dropout_live = None if model.reseeded is None else rel_err(compiled(model.params, model.reseeded),
-                                                                    reference) > 1e-3
+    dropout_live = None if model.reseeded is None else rel_err(compiled(model.params, model.reseeded), reference) > 1e-3
     floors: dict[float, dict] = {}
     rows = []
     for budget in budgets:
-        row: dict[str, Any] = dict(model=case.name, framework="jax", source=case.source, kind=case.kind,
-                                   budget=budget, none_bytes=none_bytes, dropout=case.dropout,
-                                   dropout_live=dropout_live)
+        row: dict[str, Any] = dict(
+            model=case.name,
+            framework="jax",
+            source=case.source,
+            kind=case.kind,
+            budget=budget,
+            none_bytes=none_bytes,
+            dropout=case.dropout,
+            dropout_live=dropout_live,
+        )
         try:
             wrapped = rk.auto(model.loss, budget)
             try:
@@ -230,21 +252,25 @@ def jax_cells(case: Any, budgets: list[float]) -> list[dict]:
                 retry = _floor_budget(e)
                 if retry not in floors:
                     floors[retry] = _jax_floor(model, e, none_bytes)
-                row["infeasible"] = {**floors[retry], "smallest_fraction": e.smallest_fraction,
-                                     "message": str(e)[:300]}
+                row["infeasible"] = {**floors[retry], "smallest_fraction": e.smallest_fraction, "message": str(e)[:300]}
                 rows.append(row)
                 continue
             got = planned(model.params, model.batch)
             plan = rk.plan_of(wrapped)[-1]
             measured = int(planned.memory_analysis().temp_size_in_bytes)
-            row.update(activation_bytes=measured, fraction=measured / none_bytes,
-                       predicted_bytes=plan.predicted_activation_bytes, predicted_fraction=plan.activation_fraction,
-                       extra_flops=jax_flops(planned) / none_flops - 1 if none_flops else 0.0,
-                       flops_note="scan body counted once" if case.scanned else "",
-                       grad_rel_err=rel_err(got, reference),
-                       names_unchanged=jax.tree.structure(got) == jax.tree.structure(reference),
-                       names_diff=f"{jax.tree.structure(got)} vs {jax.tree.structure(reference)}"[:300],
-                       planning_s=max(0.0, traced_s - none_traced_s), structure=_structure(plan))
+            row.update(
+                activation_bytes=measured,
+                fraction=measured / none_bytes,
+                predicted_bytes=plan.predicted_activation_bytes,
+                predicted_fraction=plan.activation_fraction,
+                extra_flops=jax_flops(planned) / none_flops - 1 if none_flops else 0.0,
+                flops_note="scan body counted once" if case.scanned else "",
+                grad_rel_err=rel_err(got, reference),
+                names_unchanged=jax.tree.structure(got) == jax.tree.structure(reference),
+                names_diff=f"{jax.tree.structure(got)} vs {jax.tree.structure(reference)}"[:300],
+                planning_s=max(0.0, traced_s - none_traced_s),
+                structure=_structure(plan),
+            )
         except Exception as e:
             row["error"] = _error(e)
         rows.append(row)
@@ -254,8 +280,9 @@ def jax_cells(case: Any, budgets: list[float]) -> list[dict]:
 def _jax_floor(model: Any, e: Any, none_bytes: int) -> dict:
     import remat_kit as rk
 
-    out: dict[str, Any] = dict(smallest_fraction=e.smallest_fraction, retry_budget=_floor_budget(e),
-                               message=str(e)[:300])
+    out: dict[str, Any] = dict(
+        smallest_fraction=e.smallest_fraction, retry_budget=_floor_budget(e), message=str(e)[:300]
+    )
     try:
         planned, _ = _jax_compile(rk.auto(model.loss, out["retry_budget"]), model)
         out["fraction"] = int(planned.memory_analysis().temp_size_in_bytes) / none_bytes
@@ -269,8 +296,10 @@ def all_cases() -> dict[str, tuple[str, Any]]:
     """name -> (framework, case), every outside model."""
     from benchmarks.models import outside_jax, outside_torch
 
-    return {**{n: ("torch", c) for n, c in outside_torch.cases().items()},
-            **{n: ("jax", c) for n, c in outside_jax.cases().items()}}
+    return {
+        **{n: ("torch", c) for n, c in outside_torch.cases().items()},
+        **{n: ("jax", c) for n, c in outside_jax.cases().items()},
+    }
 
 
 def run_case(name: str, budgets: list[float] | tuple[float, ...] = BUDGETS) -> list[dict]:
@@ -300,9 +329,13 @@ def main(argv: list[str] | None = None) -> dict:
         rows += run_case(name, args.budgets)
         bad = sum(bool(r["violations"]) for r in rows if r["model"] == name)
         print(f"{name:22s} {time.perf_counter() - t0:6.1f}s  {bad} failing cells", flush=True)
-    result = dict(command="python -m benchmarks.conformance " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  versions=dict(torch=torch.__version__, jax=jax.__version__, transformers=transformers.__version__),
-                  slack=SLACK, grad_tol=GRAD_TOL, rows=rows)
+    result = dict(
+        command="python -m benchmarks.conformance " + " ".join(argv if argv is not None else sys.argv[1:]),
+        versions=dict(torch=torch.__version__, jax=jax.__version__, transformers=transformers.__version__),
+        slack=SLACK,
+        grad_tol=GRAD_TOL,
+        rows=rows,
+    )
     write(result, args.out)
     return result
 
@@ -312,8 +345,10 @@ def _status(row: dict) -> str:
         return "FAIL: " + "; ".join(v.split("\n")[0][:160] for v in row["violations"])
     floor = row.get("infeasible")
     if floor:
-        return (f"infeasible: floor {floor['smallest_fraction']:.3f}; at {floor['retry_budget']} measured "
-                f"{floor['fraction']:.3f}")
+        return (
+            f"infeasible: floor {floor['smallest_fraction']:.3f}; at {floor['retry_budget']} measured "
+            f"{floor['fraction']:.3f}"
+        )
     return "ok"
 
 
@@ -326,43 +361,68 @@ def write(result: dict, out: str) -> None:
     rows = result["rows"]
     num_bad = sum(bool(r["violations"]) for r in rows)
     v = result["versions"]
-    lines = [f"# Conformance: remat_kit.auto on outside models (CPU; torch {v['torch']}, jax {v['jax']}, "
-             f"transformers {v['transformers']})", "", f"Command: `{result['command'].strip()}`", "",
-             "Each model is the outside library's own class, small config, random weights, dropout on where it has "
-             "it. A cell conforms when gradients equal no remat's (same RNG; relative error <= "
-             f"{result['grad_tol']:g} per tensor), measured activation memory <= budget + {result['slack']:.0%} of "
-             "no remat, or an InfeasibleBudgetError names a floor above the budget that is met when passed back, "
-             "and parameter/state names are unchanged. Measured: live-storage tracker (torch), compiled "
-             "temp_size_in_bytes (JAX), as a fraction of no remat. Predicted: the plan's own fraction. Planning "
-             "time: wall clock on a shared 2-core machine.", "",
-             f"**{len(rows) - num_bad} of {len(rows)} cells conform.**", "",
-             "| model | framework | structure found | budget | measured | predicted | extra FLOPs | grad err | "
-             "planning | status |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# Conformance: remat_kit.auto on outside models (CPU; torch {v['torch']}, jax {v['jax']}, "
+        f"transformers {v['transformers']})",
+        "",
+        f"Command: `{result['command'].strip()}`",
+        "",
+        "Each model is the outside library's own class, small config, random weights, dropout on where it has "
+        "it. A cell conforms when gradients equal no remat's (same RNG; relative error <= "
+        f"{result['grad_tol']:g} per tensor), measured activation memory <= budget + {result['slack']:.0%} of "
+        "no remat, or an InfeasibleBudgetError names a floor above the budget that is met when passed back, "
+        "and parameter/state names are unchanged. Measured: live-storage tracker (torch), compiled "
+        "temp_size_in_bytes (JAX), as a fraction of no remat. Predicted: the plan's own fraction. Planning "
+        "time: wall clock on a shared 2-core machine.",
+        "",
+        f"**{len(rows) - num_bad} of {len(rows)} cells conform.**",
+        "",
+        "| model | framework | structure found | budget | measured | predicted | extra FLOPs | grad err | "
+        "planning | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         if "fraction" in r:
             note = f" ({r['flops_note']})" if r.get("flops_note") else ""
-            figures = (f"{r['fraction']:.3f} ({format_bytes(r['activation_bytes'])})", f"{r['predicted_fraction']:.3f}",
-                       f"{r['extra_flops']:+.1%}{note}", f"{r['grad_rel_err']:.1e}", f"{r['planning_s']:.1f}s")
+            figures = (
+                f"{r['fraction']:.3f} ({format_bytes(r['activation_bytes'])})",
+                f"{r['predicted_fraction']:.3f}",
+                f"{r['extra_flops']:+.1%}{note}",
+                f"{r['grad_rel_err']:.1e}",
+                f"{r['planning_s']:.1f}s",
+            )
         else:
             figures = ("", "", "", "", "")
-        lines.append(f"| {r['model']} | {r['framework']} | {r.get('structure', '')} | {r['budget']} | "
-                     + " | ".join(figures) + f" | {_status(r)} |")
+        lines.append(
+            f"| {r['model']} | {r['framework']} | {r.get('structure', '')} | {r['budget']} | "
+            + " | ".join(figures)
+            + f" | {_status(r)} |"
+        )
     lines += ["", "Models:", ""]
     seen = set()
     for r in rows:
         if r["model"] not in seen:
             seen.add(r["model"])
-            live = {True: "dropout on (another seed changes the gradients)", False: "dropout configured but no "
-                    "effect seen", None: "dropout on" if r["dropout"] else "no random ops"}[
-                r["dropout_live"] if r["dropout"] else None]
-            lines.append(f"- **{r['model']}**: `{r['source']}`, {r['kind']}; no remat {format_bytes(r['none_bytes'])}; "
-                         f"{live}")
+            live = {
+                True: "dropout on (another seed changes the gradients)",
+                False: "dropout configured but no effect seen",
+                None: "dropout on" if r["dropout"] else "no random ops",
+            }[r["dropout_live"] if r["dropout"] else None]
+            lines.append(
+                f"- **{r['model']}**: `{r['source']}`, {r['kind']}; no remat {format_bytes(r['none_bytes'])}; {live}"
+            )
     failing = [r for r in rows if r["violations"]]
     if failing:
         lines += ["", "## Failing cells", ""]
         for r in failing:
-            lines += [f"### {r['model']} at {r['budget']}", "", "```", *"\n".join(r["violations"]).splitlines(),
-                      "```", ""]
+            lines += [
+                f"### {r['model']} at {r['budget']}",
+                "",
+                "```",
+                *"\n".join(r["violations"]).splitlines(),
+                "```",
+                "",
+            ]
     with open(os.path.join(out, "conformance.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

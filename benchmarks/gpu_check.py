@@ -47,27 +47,47 @@ BUDGETS = (0.3, 0.5, 0.7)
 # collectives a single device never runs.
 _ATEN = torch.ops.aten
 SAVE_LIST = {_ATEN.mm.default, _ATEN.max.default}
-for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-              "_scaled_dot_product_cudnn_attention"):
+for _name in (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+):
     if hasattr(_ATEN, _name):
         SAVE_LIST.add(getattr(_ATEN, _name).default)
 
 
 def llama_config(tiny: bool) -> dict[str, Any]:
     if tiny:
-        return dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=4, vocab_size=512, seq=64, batch=2)
+        return dict(
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=512,
+            seq=64,
+            batch=2,
+        )
     # ~0.55B parameters: 8 layers of a 1B Llama, so the compiled cells fit the time.
-    return dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
-                num_key_value_heads=16, vocab_size=32000, seq=2048, batch=4)
+    return dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+        seq=2048,
+        batch=4,
+    )
 
 
 def build_llama(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = {k: v for k, v in cfg.items() if k not in ("seq", "batch")}
-    config = LlamaConfig(**shape, max_position_embeddings=cfg["seq"], attn_implementation="sdpa",
-                         use_cache=False, attention_dropout=0.0)
+    config = LlamaConfig(
+        **shape, max_position_embeddings=cfg["seq"], attn_implementation="sdpa", use_cache=False, attention_dropout=0.0
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
@@ -103,16 +123,25 @@ def strategies() -> list[tuple[str, Any]]:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return m
 
-    eager = [("none", lambda m: m), ("auto@0.5", lambda m: remat_kit.auto(m, budget=0.5)),
-             ("full", _wrap_layers), ("hf_gc", hf_gc), ("sac_oplist", lambda m: _wrap_layers(m, sac)),
-             ("auto@0.3", lambda m: remat_kit.auto(m, budget=0.3)), ("auto@0.7", lambda m: remat_kit.auto(m, budget=0.7)),
-             ("auto_offload@0.3", lambda m: remat_kit.auto(m, budget=0.3, offload=True))]
-    compiled = [("compile:none", torch.compile), ("compile:auto@0.5", lambda m: torch.compile(remat_kit.auto(m, budget=0.5))),
-                ("compile:full", lambda m: torch.compile(_wrap_layers(m))),
-                ("compile:sac_oplist", lambda m: torch.compile(_wrap_layers(m, sac))),
-                ("compile_budget@0.5", lambda m: _compile_with_budget(m, 0.5)),
-                ("compile:auto@0.3", lambda m: torch.compile(remat_kit.auto(m, budget=0.3))),
-                ("compile:auto@0.7", lambda m: torch.compile(remat_kit.auto(m, budget=0.7)))]
+    eager = [
+        ("none", lambda m: m),
+        ("auto@0.5", lambda m: remat_kit.auto(m, budget=0.5)),
+        ("full", _wrap_layers),
+        ("hf_gc", hf_gc),
+        ("sac_oplist", lambda m: _wrap_layers(m, sac)),
+        ("auto@0.3", lambda m: remat_kit.auto(m, budget=0.3)),
+        ("auto@0.7", lambda m: remat_kit.auto(m, budget=0.7)),
+        ("auto_offload@0.3", lambda m: remat_kit.auto(m, budget=0.3, offload=True)),
+    ]
+    compiled = [
+        ("compile:none", torch.compile),
+        ("compile:auto@0.5", lambda m: torch.compile(remat_kit.auto(m, budget=0.5))),
+        ("compile:full", lambda m: torch.compile(_wrap_layers(m))),
+        ("compile:sac_oplist", lambda m: torch.compile(_wrap_layers(m, sac))),
+        ("compile_budget@0.5", lambda m: _compile_with_budget(m, 0.5)),
+        ("compile:auto@0.3", lambda m: torch.compile(remat_kit.auto(m, budget=0.3))),
+        ("compile:auto@0.7", lambda m: torch.compile(remat_kit.auto(m, budget=0.7))),
+    ]
     return eager + compiled
 
 
@@ -233,13 +262,20 @@ def run_torch(tiny: bool, deadline: float, rounds: int, steps_per_round: int) ->
         for key in ("activation_bytes", "step_time_median_s"):
             if key in r and ref.get(key):
                 r[f"{key.split('_')[0]}_vs_none"] = r[key] / ref[key]
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": str(dtype), "model": cfg,
-            "parameters": sum(p.numel() for p in base.parameters()), "rows": rows}
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "model": cfg,
+        "parameters": sum(p.numel() for p in base.parameters()),
+        "rows": rows,
+    }
 
 
 def run_jax(tiny: bool, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.gpu_check_jax", "--seconds", str(max(timeout - 60, 10))] + (["--tiny"] if tiny else [])
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check_jax", "--seconds", str(max(timeout - 60, 10))] + (
+        ["--tiny"] if tiny else []
+    )
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 30), env=env, cwd=ROOT)
@@ -258,25 +294,57 @@ def _fmt(v: Any) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     t = result["torch"]
-    lines = [f"# GPU check\n\nPyTorch {t['torch']} on {t['device']}, {t['dtype']}, Llama-style "
-             f"{t['parameters'] / 1e9:.2f}B parameters, {t['model']}.\n",
-             "| cell | status | activation MiB | × none | step median s | × none | grad rel err | first step s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU check\n\nPyTorch {t['torch']} on {t['device']}, {t['dtype']}, Llama-style "
+        f"{t['parameters'] / 1e9:.2f}B parameters, {t['model']}.\n",
+        "| cell | status | activation MiB | × none | step median s | × none | grad rel err | first step s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in t["rows"]:
         mib = r.get("activation_bytes", None)
-        lines.append("| " + " | ".join(_fmt(x) for x in (
-            r["cell"], r.get("status"), None if mib is None else mib / 2**20, r.get("activation_vs_none"),
-            r.get("step_time_median_s"), r.get("step_vs_none"), r.get("grad_rel_err_vs_none"), r.get("first_step_s"))) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                _fmt(x)
+                for x in (
+                    r["cell"],
+                    r.get("status"),
+                    None if mib is None else mib / 2**20,
+                    r.get("activation_vs_none"),
+                    r.get("step_time_median_s"),
+                    r.get("step_vs_none"),
+                    r.get("grad_rel_err_vs_none"),
+                    r.get("first_step_s"),
+                )
+            )
+            + " |"
+        )
     j = result["jax"]
     lines.append(f"\n## JAX scanned GPT\n\nStatus: {j.get('status', 'ok')}. {j.get('config', '')}\n")
     if "rows" in j:
-        lines += ["| strategy | status | temp MiB | × none | peak_bytes_in_use MiB | step median s | × none | first call s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| strategy | status | temp MiB | × none | peak_bytes_in_use MiB | step median s | × none | first call s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, r in j["rows"].items():
             temp = r.get("temp_bytes")
-            lines.append("| " + " | ".join(_fmt(x) for x in (
-                name, r.get("status"), None if temp is None else temp / 2**20, r.get("temp_vs_none"), r.get("peak_mib"),
-                r.get("step_time_median_s"), r.get("step_vs_none"), r.get("first_call_s"))) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    _fmt(x)
+                    for x in (
+                        name,
+                        r.get("status"),
+                        None if temp is None else temp / 2**20,
+                        r.get("temp_vs_none"),
+                        r.get("peak_mib"),
+                        r.get("step_time_median_s"),
+                        r.get("step_vs_none"),
+                        r.get("first_call_s"),
+                    )
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 

@@ -63,10 +63,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             exe = jax.jit(jax.grad(loss)).lower(*step_args).compile()
         except remat_kit.InfeasibleBudgetError as exc:  # an honest answer at this size, reported
-            rows[name] = {"status": f"InfeasibleBudgetError: {str(exc)[:200]}", "first_call_s": time.perf_counter() - t0}
+            rows[name] = {
+                "status": f"InfeasibleBudgetError: {str(exc)[:200]}",
+                "first_call_s": time.perf_counter() - t0,
+            }
             continue
-        rows[name] = {"first_call_s": time.perf_counter() - t0,
-                      "temp_bytes": exe.memory_analysis().temp_size_in_bytes, "status": "ok"}
+        rows[name] = {
+            "first_call_s": time.perf_counter() - t0,
+            "temp_bytes": exe.memory_analysis().temp_size_in_bytes,
+            "status": "ok",
+        }
         compiled[name] = exe
     device = jax.devices()[0]
     last_peak = 0

@@ -70,9 +70,19 @@ def init(cfg: Config, key: jax.Array) -> dict:
         return (jax.random.normal(k, shape) / math.sqrt(shape[-2])).astype(dt)
 
     return {
-        "embed": w(ks[0], cfg.vocab, d), "pos": w(ks[1], cfg.seq, d), "ln_f": jnp.ones((d,), dt),
-        "layers": {"ln1": jnp.ones((L, d), dt), "ln2": jnp.ones((L, d), dt), "wq": w(ks[2], L, d, d), "wk": w(ks[3], L, d, d),
-                   "wv": w(ks[4], L, d, d), "wo": w(ks[5], L, d, d), "w1": w(ks[6], L, d, 4 * d), "w2": w(ks[7], L, 4 * d, d)},
+        "embed": w(ks[0], cfg.vocab, d),
+        "pos": w(ks[1], cfg.seq, d),
+        "ln_f": jnp.ones((d,), dt),
+        "layers": {
+            "ln1": jnp.ones((L, d), dt),
+            "ln2": jnp.ones((L, d), dt),
+            "wq": w(ks[2], L, d, d),
+            "wk": w(ks[3], L, d, d),
+            "wv": w(ks[4], L, d, d),
+            "wo": w(ks[5], L, d, d),
+            "w1": w(ks[6], L, d, 4 * d),
+            "w2": w(ks[7], L, 4 * d, d),
+        },
     }
 
 
@@ -169,7 +179,9 @@ def plan_loss(entry, decisions: dict, *, unroll: int = 1):
     """The traced loss run under a plan (the same machinery `auto` uses), as `loss(params, tokens, key)`."""
 
     def loss(*args):
-        return run_planned(entry.traced, decisions, jax.tree.leaves(args), unroll_scans=unroll if unroll > 1 else False)[0]
+        return run_planned(
+            entry.traced, decisions, jax.tree.leaves(args), unroll_scans=unroll if unroll > 1 else False
+        )[0]
 
     return loss
 
@@ -181,7 +193,9 @@ def run_main(cfg: Config, budgets: list[float], steps: int) -> dict:
     rows: dict[str, dict] = {}
     rows["none"] = measure(make_loss(cfg), make_loss(cfg, unroll=2), args, steps=steps, num_layers=cfg.layers)
     for name, policy in PRESETS.items():
-        rows[name] = measure(make_loss(cfg, policy), make_loss(cfg, policy, unroll=2), args, steps=steps, num_layers=cfg.layers)
+        rows[name] = measure(
+            make_loss(cfg, policy), make_loss(cfg, policy, unroll=2), args, steps=steps, num_layers=cfg.layers
+        )
         _say(name, rows[name])
 
     # Planning alone: trace + cost graph + solve, without auto's verification compiles.
@@ -190,8 +204,16 @@ def run_main(cfg: Config, budgets: list[float], steps: int) -> dict:
     planning_s = time.perf_counter() - t0
     graph = entry.traced.graph
     mega = megatron_selective(graph)
-    rows["megatron_selective"] = measure(plan_loss(entry, mega.as_dict()), plan_loss(entry, mega.as_dict(), unroll=2), args, steps=steps, num_layers=cfg.layers)
-    rows["megatron_selective"].update(predicted_fraction=mega.activation_fraction, predicted_recompute_flops=mega.predicted_recompute_flops)
+    rows["megatron_selective"] = measure(
+        plan_loss(entry, mega.as_dict()),
+        plan_loss(entry, mega.as_dict(), unroll=2),
+        args,
+        steps=steps,
+        num_layers=cfg.layers,
+    )
+    rows["megatron_selective"].update(
+        predicted_fraction=mega.activation_fraction, predicted_recompute_flops=mega.predicted_recompute_flops
+    )
     _say("megatron_selective", rows["megatron_selective"])
     for b in budgets:
         wrapped = auto(make_loss(cfg), b)
@@ -200,8 +222,12 @@ def run_main(cfg: Config, budgets: list[float], steps: int) -> dict:
         first_trace_s = time.perf_counter() - t0
         plan = remat_kit.plan_of(wrapped)[0]
         row = measure(wrapped, plan_loss(entry, plan.as_dict(), unroll=2), args, steps=steps, num_layers=cfg.layers)
-        row.update(predicted_fraction=plan.activation_fraction, predicted_recompute_flops=plan.predicted_recompute_flops,
-                   first_trace_with_verify_s=first_trace_s, plan=plan.summary())
+        row.update(
+            predicted_fraction=plan.activation_fraction,
+            predicted_recompute_flops=plan.predicted_recompute_flops,
+            first_trace_with_verify_s=first_trace_s,
+            plan=plan.summary(),
+        )
         rows[f"auto@{b}"] = row
         _say(f"auto@{b}", row)
     time_interleaved(rows, steps)
@@ -212,14 +238,22 @@ def run_main(cfg: Config, budgets: list[float], steps: int) -> dict:
     checks = {}
     for b in budgets:
         a = rows[f"auto@{b}"]
-        fitting = {n: r for n, r in rows.items() if not n.startswith("auto") and n != "none" and r["temp_fraction"] <= b}
+        fitting = {
+            n: r for n, r in rows.items() if not n.startswith("auto") and n != "none" and r["temp_fraction"] <= b
+        }
         checks[f"auto@{b}"] = {
             "fits_budget": a["temp_fraction"] <= b,
             "presets_that_fit": sorted(fitting),
             "extra_flops_le_every_fitting_preset": all(a["flops"] <= r["flops"] * (1 + 1e-3) for r in fitting.values()),
         }
-    return {"config": dataclasses.asdict(cfg), "rows": rows, "checks": checks, "planning_s": planning_s,
-            "compile_none_s": none["compile_s"], "graph": repr(graph)}
+    return {
+        "config": dataclasses.asdict(cfg),
+        "rows": rows,
+        "checks": checks,
+        "planning_s": planning_s,
+        "compile_none_s": none["compile_s"],
+        "graph": repr(graph),
+    }
 
 
 def paper_check(steps: int) -> dict:
@@ -240,7 +274,13 @@ def paper_check(steps: int) -> dict:
     L = cfg.layers
     measured = {
         "none": measure(make_loss(cfg), make_loss(cfg, unroll=2), args, steps=steps, num_layers=L),
-        "megatron_selective": measure(plan_loss(entry, mega.as_dict()), plan_loss(entry, mega.as_dict(), unroll=2), args, steps=steps, num_layers=L),
+        "megatron_selective": measure(
+            plan_loss(entry, mega.as_dict()),
+            plan_loss(entry, mega.as_dict(), unroll=2),
+            args,
+            steps=steps,
+            num_layers=L,
+        ),
     }
     # auto at the memory Megatron reaches, measured: its verification holds it to that.
     same_memory = measured["megatron_selective"]["temp_bytes"] / measured["none"]["temp_bytes"]
@@ -252,15 +292,28 @@ def paper_check(steps: int) -> dict:
     # and on the model alone: auto at Megatron's predicted memory
     model_plan = choose(entry.traced, max(mega.activation_fraction, 1e-6), solver=None, offload=False)
     return {
-        "config": dataclasses.asdict(cfg), "5as_over_h": 5 * cfg.heads * cfg.seq / cfg.d,
-        "formula_bytes_per_layer": formula, "traced_kept_bytes_per_layer": per_layer,
-        "megatron": {"predicted_fraction": mega.activation_fraction, "predicted_recompute_flops": mega.predicted_recompute_flops},
-        "auto": {"budget": same_memory, "predicted_fraction": plan.activation_fraction, "predicted_recompute_flops": plan.predicted_recompute_flops},
-        "auto_model_only": {"budget": mega.activation_fraction, "predicted_fraction": model_plan.activation_fraction,
-                            "predicted_recompute_flops": model_plan.predicted_recompute_flops},
+        "config": dataclasses.asdict(cfg),
+        "5as_over_h": 5 * cfg.heads * cfg.seq / cfg.d,
+        "formula_bytes_per_layer": formula,
+        "traced_kept_bytes_per_layer": per_layer,
+        "megatron": {
+            "predicted_fraction": mega.activation_fraction,
+            "predicted_recompute_flops": mega.predicted_recompute_flops,
+        },
+        "auto": {
+            "budget": same_memory,
+            "predicted_fraction": plan.activation_fraction,
+            "predicted_recompute_flops": plan.predicted_recompute_flops,
+        },
+        "auto_model_only": {
+            "budget": mega.activation_fraction,
+            "predicted_fraction": model_plan.activation_fraction,
+            "predicted_recompute_flops": model_plan.predicted_recompute_flops,
+        },
         "auto_recompute_le_megatron_predicted": model_plan.predicted_recompute_flops <= mega.predicted_recompute_flops,
         "auto_flops_le_megatron_measured": measured["auto"]["flops"] <= measured["megatron_selective"]["flops"],
-        "auto_temp_le_megatron_measured": measured["auto"]["temp_bytes"] <= measured["megatron_selective"]["temp_bytes"],
+        "auto_temp_le_megatron_measured": measured["auto"]["temp_bytes"]
+        <= measured["megatron_selective"]["temp_bytes"],
         "measured": measured,
     }
 
@@ -276,38 +329,59 @@ def write_report(result: dict, out_dir: str) -> None:
         json.dump(result, f, indent=1, sort_keys=True, default=str)
     rows = result["main"]["rows"]
     lines = [
-        "# JAX: remat_kit.auto against stock policies", "",
-        f"Command: `{result['command']}`  ", f"Device: {result['device']}, jax {result['jax']}  ",
-        f"Model: {result['main']['config']}  ", "",
+        "# JAX: remat_kit.auto against stock policies",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Device: {result['device']}, jax {result['jax']}  ",
+        f"Model: {result['main']['config']}  ",
+        "",
         "| strategy | temp MiB | vs none | predicted | GFLOP | extra FLOPs | compile s | step / none |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows.items():
         pred = f"{r['predicted_fraction']:.3f}" if "predicted_fraction" in r else ""
-        lines.append(f"| {name} | {r['temp_bytes'] / 2**20:.1f} | {r['temp_fraction']:.3f} | {pred} | {r['flops'] / 1e9:.2f} | "
-                     f"{r['extra_flops_fraction']:+.1%} | {r['compile_s']:.1f} | "
-                     + (f"{r['step_ratio_to_none']:.3f} |" if "step_ratio_to_none" in r else "|"))
+        lines.append(
+            f"| {name} | {r['temp_bytes'] / 2**20:.1f} | {r['temp_fraction']:.3f} | {pred} | {r['flops'] / 1e9:.2f} | "
+            f"{r['extra_flops_fraction']:+.1%} | {r['compile_s']:.1f} | "
+            + (f"{r['step_ratio_to_none']:.3f} |" if "step_ratio_to_none" in r else "|")
+        )
     m = result["main"]
-    lines += ["", f"Planning (trace + cost graph + solve, first call): {m['planning_s']:.2f} s; compile of the no-remat step: "
-              f"{m['compile_none_s']:.2f} s. auto's first trace including its verification compiles: "
-              + ", ".join(f"{k} {r['first_trace_with_verify_s']:.1f} s" for k, r in rows.items() if k.startswith("auto")), "",
-              "Checks (measured temp memory vs budget × none; auto's FLOPs vs every preset that fits the same budget):", ""]
+    lines += [
+        "",
+        f"Planning (trace + cost graph + solve, first call): {m['planning_s']:.2f} s; compile of the no-remat step: "
+        f"{m['compile_none_s']:.2f} s. auto's first trace including its verification compiles: "
+        + ", ".join(f"{k} {r['first_trace_with_verify_s']:.1f} s" for k, r in rows.items() if k.startswith("auto")),
+        "",
+        "Checks (measured temp memory vs budget × none; auto's FLOPs vs every preset that fits the same budget):",
+        "",
+    ]
     for k, c in m["checks"].items():
-        lines.append(f"- {k}: fits={c['fits_budget']}, presets that fit: {', '.join(c['presets_that_fit']) or 'none'}; "
-                     f"auto FLOPs <= each of them: {c['extra_flops_le_every_fitting_preset']}")
+        lines.append(
+            f"- {k}: fits={c['fits_budget']}, presets that fit: {', '.join(c['presets_that_fit']) or 'none'}; "
+            f"auto FLOPs <= each of them: {c['extra_flops_le_every_fitting_preset']}"
+        )
     p = result.get("paper")
     if p:
-        lines += ["", "## Paper check (Korthikanti et al. 2022, 5·a·s/h = 80)", "",
-                  f"Layer h={p['config']['d']}, a={p['config']['heads']}, s={p['config']['seq']}, bf16. Formula s·b·h·(34+5as/h): "
-                  f"{p['formula_bytes_per_layer'] / 2**20:.2f} MiB per layer; traced graph keeps "
-                  + ", ".join(f"{b / 2**20:.2f}" for b in p["traced_kept_bytes_per_layer"]) + " MiB per layer under no remat.", "",
-                  f"Model: Megatron selective predicted {p['megatron']['predicted_fraction']:.3f} of no remat, recompute "
-                  f"{p['megatron']['predicted_recompute_flops'] / 1e9:.3f} GFLOP; auto at that budget predicted "
-                  f"{p['auto_model_only']['predicted_fraction']:.3f}, recompute {p['auto_model_only']['predicted_recompute_flops'] / 1e9:.3f} GFLOP "
-                  f"(<= Megatron: {p['auto_recompute_le_megatron_predicted']}).", "",
-                  f"Compiled: auto with budget = Megatron's measured fraction ({p['auto']['budget']:.3f}): FLOPs <= Megatron: "
-                  f"{p['auto_flops_le_megatron_measured']}, temp <= Megatron: {p['auto_temp_le_megatron_measured']}.", "",
-                  "| measured | temp MiB | GFLOP |", "| --- | ---: | ---: |"]
+        lines += [
+            "",
+            "## Paper check (Korthikanti et al. 2022, 5·a·s/h = 80)",
+            "",
+            f"Layer h={p['config']['d']}, a={p['config']['heads']}, s={p['config']['seq']}, bf16. Formula s·b·h·(34+5as/h): "
+            f"{p['formula_bytes_per_layer'] / 2**20:.2f} MiB per layer; traced graph keeps "
+            + ", ".join(f"{b / 2**20:.2f}" for b in p["traced_kept_bytes_per_layer"])
+            + " MiB per layer under no remat.",
+            "",
+            f"Model: Megatron selective predicted {p['megatron']['predicted_fraction']:.3f} of no remat, recompute "
+            f"{p['megatron']['predicted_recompute_flops'] / 1e9:.3f} GFLOP; auto at that budget predicted "
+            f"{p['auto_model_only']['predicted_fraction']:.3f}, recompute {p['auto_model_only']['predicted_recompute_flops'] / 1e9:.3f} GFLOP "
+            f"(<= Megatron: {p['auto_recompute_le_megatron_predicted']}).",
+            "",
+            f"Compiled: auto with budget = Megatron's measured fraction ({p['auto']['budget']:.3f}): FLOPs <= Megatron: "
+            f"{p['auto_flops_le_megatron_measured']}, temp <= Megatron: {p['auto_temp_le_megatron_measured']}.",
+            "",
+            "| measured | temp MiB | GFLOP |",
+            "| --- | ---: | ---: |",
+        ]
         for k, r in p["measured"].items():
             lines.append(f"| {k} | {r['temp_bytes'] / 2**20:.1f} | {r['flops'] / 1e9:.2f} |")
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
@@ -324,8 +398,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = Config(layers=4, seq=256, d=256) if args.quick else Config()
     dev = jax.devices()[0]
-    result = {"command": " ".join(["python -m benchmarks.jax_bench", *(argv if argv is not None else sys.argv[1:])]),
-              "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}", "jax": jax.__version__}
+    result = {
+        "command": " ".join(["python -m benchmarks.jax_bench", *(argv if argv is not None else sys.argv[1:])]),
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+        "jax": jax.__version__,
+    }
     t0 = time.perf_counter()
     result["main"] = run_main(cfg, args.budgets, args.time)
     if not args.no_paper:

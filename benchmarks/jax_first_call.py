@@ -37,8 +37,10 @@ import remat_kit
 from benchmarks.jax_bench import Config, init, make_loss
 from remat_kit.measure import jax_auto_flops_unrolled, jax_flops
 
-POLICIES = {"dots_saveable": jax.checkpoint_policies.dots_saveable,
-            "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+POLICIES = {
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -71,16 +73,25 @@ def worker(cfg: Config, budget: float, flops: bool) -> dict:
         before = seen["count"]
         w, c = time.perf_counter(), time.process_time()
         compiled = jax.jit(jax.grad(f)).lower(params, batch).compile()
-        return {"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c, "compiles": seen["count"] - before,
-                "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+        return {
+            "wall_s": time.perf_counter() - w,
+            "cpu_s": time.process_time() - c,
+            "compiles": seen["count"] - before,
+            "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+        }
 
     before = timed(_two_arg(make_loss(cfg)))
     wrapped = remat_kit.auto(_two_arg(make_loss(cfg)), budget)
     auto = timed(wrapped)
     after = timed(_two_arg(make_loss(cfg)))
     plan = remat_kit.plan_of(wrapped)[0]
-    out = {"before": before, "auto": auto, "after": after, "model_fraction": plan.activation_fraction,
-           "plan": plan.summary()}
+    out = {
+        "before": before,
+        "auto": auto,
+        "after": after,
+        "model_fraction": plan.activation_fraction,
+        "plan": plan.summary(),
+    }
     if flops:
         out["flops"] = jax_auto_flops_unrolled(wrapped, params, batch)
     return out
@@ -95,35 +106,54 @@ def run(cfg: Config, budgets: list[float], reps: int, quick: bool) -> dict:
                 shutil.rmtree(os.path.join(root, "plans"), ignore_errors=True)
                 for state in ("cold", "warm"):
                     runs[b][state].append(_spawn(b, quick, root, flops=rep == 0 and state == "cold"))
-                    print(f"auto@{b} {state}: {runs[b][state][-1]['ratio_cpu']:.2f}x CPU, "
-                          f"{runs[b][state][-1]['auto']['compiles']} compiles", flush=True)
+                    print(
+                        f"auto@{b} {state}: {runs[b][state][-1]['ratio_cpu']:.2f}x CPU, "
+                        f"{runs[b][state][-1]['auto']['compiles']} compiles",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     params, batch = _inputs(cfg)
     plain = [r["before"] for b in budgets for r in runs[b]["cold"]]
     none_temp = plain[0]["temp_bytes"]
     none_flops = jax_flops(jax.jit(jax.grad(_two_arg(make_loss(cfg, unroll=cfg.layers)))).lower(params, batch))
-    result: dict[str, Any] = {"plain": {k: statistics.median(r[k] for r in plain) for k in ("wall_s", "cpu_s", "compiles")},
-                              "none_temp_bytes": none_temp, "none_flops": none_flops, "auto": {}, "policies": {}}
+    result: dict[str, Any] = {
+        "plain": {k: statistics.median(r[k] for r in plain) for k in ("wall_s", "cpu_s", "compiles")},
+        "none_temp_bytes": none_temp,
+        "none_flops": none_flops,
+        "auto": {},
+        "policies": {},
+    }
     for name, pol in POLICIES.items():
         compiled = jax.jit(jax.grad(_two_arg(make_loss(cfg, pol)))).lower(params, batch).compile()
         flops = jax_flops(jax.jit(jax.grad(_two_arg(make_loss(cfg, pol, unroll=cfg.layers)))).lower(params, batch))
-        result["policies"][name] = {"fraction": compiled.memory_analysis().temp_size_in_bytes / none_temp,
-                                    "extra_flops": flops / none_flops - 1}
+        result["policies"][name] = {
+            "fraction": compiled.memory_analysis().temp_size_in_bytes / none_temp,
+            "extra_flops": flops / none_flops - 1,
+        }
     for b in budgets:
         cold = runs[b]["cold"]
         result["auto"][str(b)] = {
-            "budget": b, "cold": _summary(cold), "warm": _summary(runs[b]["warm"]),
+            "budget": b,
+            "cold": _summary(cold),
+            "warm": _summary(runs[b]["warm"]),
             "fraction": cold[0]["auto"]["temp_bytes"] / cold[0]["before"]["temp_bytes"],
-            "model_fraction": cold[0]["model_fraction"], "extra_flops": cold[0]["flops"] / none_flops - 1,
+            "model_fraction": cold[0]["model_fraction"],
+            "extra_flops": cold[0]["flops"] / none_flops - 1,
             "plan": cold[0]["plan"],
         }
     return result
 
 
 def _spawn(budget: float, quick: bool, root: str, flops: bool) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.jax_first_call", "--worker", str(budget)] + ["--quick"] * quick + ["--flops"] * flops
-    out = subprocess.run(cmd, env={**os.environ, "REMAT_KIT_CACHE_DIR": root}, capture_output=True, text=True, check=False)
+    cmd = (
+        [sys.executable, "-m", "benchmarks.jax_first_call", "--worker", str(budget)]
+        + ["--quick"] * quick
+        + ["--flops"] * flops
+    )
+    out = subprocess.run(
+        cmd, env={**os.environ, "REMAT_KIT_CACHE_DIR": root}, capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"worker {cmd} failed:\n{out.stderr[-3000:]}")
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -133,10 +163,14 @@ def _spawn(budget: float, quick: bool, root: str, flops: bool) -> dict:
 
 
 def _summary(rows: list[dict]) -> dict:
-    return {"wall_ratio": statistics.median(r["ratio_wall"] for r in rows), "cpu_ratio": statistics.median(r["ratio_cpu"] for r in rows),
-            "wall_ratios": [r["ratio_wall"] for r in rows], "cpu_ratios": [r["ratio_cpu"] for r in rows],
-            "compiles": statistics.median(r["auto"]["compiles"] for r in rows),
-            "fractions": [r["auto"]["temp_bytes"] / r["before"]["temp_bytes"] for r in rows]}
+    return {
+        "wall_ratio": statistics.median(r["ratio_wall"] for r in rows),
+        "cpu_ratio": statistics.median(r["ratio_cpu"] for r in rows),
+        "wall_ratios": [r["ratio_wall"] for r in rows],
+        "cpu_ratios": [r["ratio_cpu"] for r in rows],
+        "compiles": statistics.median(r["auto"]["compiles"] for r in rows),
+        "fractions": [r["auto"]["temp_bytes"] / r["before"]["temp_bytes"] for r in rows],
+    }
 
 
 def write(result: dict, out_dir: str, label: str) -> str:
@@ -157,22 +191,33 @@ def report(out_dir: str) -> None:
                 runs[label] = json.load(f)
     lines = ["# JAX first call: `jax.jit(jax.grad(remat_kit.auto(loss, budget)))` against the plain compile", ""]
     for label, r in runs.items():
-        lines += [f"## {label}", "", f"Command: `{r['command']}` (code at {r['commit']})  ",
-                  f"Device: {r['device']}, jax {r['jax']}; model {r['config']}; {r['reps']} repetitions, interleaved.  ",
-                  f"Plain compile (trace + compile): median {r['plain']['wall_s']:.2f} s wall, {r['plain']['cpu_s']:.2f} s CPU.  ",
-                  "Stock policies: " + "; ".join(f"{n} {p['fraction']:.3f} of no remat, {p['extra_flops']:+.2%} FLOPs"
-                                                for n, p in r["policies"].items()), "",
-                  "| budget | first call / plain (wall) | (CPU) | compiles | second run / plain (wall) | (CPU) | compiles "
-                  "| compiled fraction | model fraction | extra FLOPs |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"## {label}",
+            "",
+            f"Command: `{r['command']}` (code at {r['commit']})  ",
+            f"Device: {r['device']}, jax {r['jax']}; model {r['config']}; {r['reps']} repetitions, interleaved.  ",
+            f"Plain compile (trace + compile): median {r['plain']['wall_s']:.2f} s wall, {r['plain']['cpu_s']:.2f} s CPU.  ",
+            "Stock policies: "
+            + "; ".join(
+                f"{n} {p['fraction']:.3f} of no remat, {p['extra_flops']:+.2%} FLOPs" for n, p in r["policies"].items()
+            ),
+            "",
+            "| budget | first call / plain (wall) | (CPU) | compiles | second run / plain (wall) | (CPU) | compiles "
+            "| compiled fraction | model fraction | extra FLOPs |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for b, a in r["auto"].items():
-            lines.append(f"| {b} | {a['cold']['wall_ratio']:.2f}x | {a['cold']['cpu_ratio']:.2f}x | {a['cold']['compiles']:g} | "
-                         f"{a['warm']['wall_ratio']:.2f}x | {a['warm']['cpu_ratio']:.2f}x | {a['warm']['compiles']:g} | "
-                         f"{a['fraction']:.3f} | {a['model_fraction']:.3f} | {a['extra_flops']:+.2%} |")
+            lines.append(
+                f"| {b} | {a['cold']['wall_ratio']:.2f}x | {a['cold']['cpu_ratio']:.2f}x | {a['cold']['compiles']:g} | "
+                f"{a['warm']['wall_ratio']:.2f}x | {a['warm']['cpu_ratio']:.2f}x | {a['warm']['compiles']:g} | "
+                f"{a['fraction']:.3f} | {a['model_fraction']:.3f} | {a['extra_flops']:+.2%} |"
+            )
         lines.append("")
-    lines += ["Compiles count every backend compile of the call, the final one included (a plain compile is 1). "
-              "The ratio is auto's time over the mean of the plain compiles just before and after it. "
-              "See `benchmarks/jax_first_call.py` for the method."]
+    lines += [
+        "Compiles count every backend compile of the call, the final one included (a plain compile is 1). "
+        "The ratio is auto's time over the mean of the plain compiles just before and after it. "
+        "See `benchmarks/jax_first_call.py` for the method."
+    ]
     with open(os.path.join(out_dir, "first_call.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -194,9 +239,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     dev = jax.devices()[0]
     result = run(cfg, args.budgets, args.reps, args.quick)
-    result.update(command=" ".join(["python -m benchmarks.jax_first_call", *(argv if argv is not None else sys.argv[1:])]),
-                  device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}", jax=jax.__version__, reps=args.reps,
-                  config=str(cfg), commit=args.commit)
+    result.update(
+        command=" ".join(["python -m benchmarks.jax_first_call", *(argv if argv is not None else sys.argv[1:])]),
+        device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+        jax=jax.__version__,
+        reps=args.reps,
+        config=str(cfg),
+        commit=args.commit,
+    )
     print(write(result, args.out, args.label))
     report(args.out)
 

@@ -34,11 +34,23 @@ def repeated_block_chain(num_blocks: int, per_block: int, seed: int, *, identica
             kind = rng.choice(["matmul", "elementwise", "norm", "attention", "rng", "view"])
             size = 0 if kind == "view" else rng.choice([1, 2, 4, 8]) * 4096
             reads = [d for d in deps if d != "w" and rng.random() < 0.8] + ([name] if rng.random() < 0.2 else [])
-            vals.append(rk.value(name, size, kind=kind, flops=rng.randint(1, 64) * 4096 * (64 if kind == "matmul" else 1),
-                                 deps=deps, bwd_reads=reads, block=b, module=f"blocks.{b}"))
+            vals.append(
+                rk.value(
+                    name,
+                    size,
+                    kind=kind,
+                    flops=rng.randint(1, 64) * 4096 * (64 if kind == "matmul" else 1),
+                    deps=deps,
+                    bwd_reads=reads,
+                    block=b,
+                    module=f"blocks.{b}",
+                )
+            )
             local.append(name)
         out = f"blocks.{b}.out"
-        vals.append(rk.value(out, 4096, kind="elementwise", flops=4096, deps=[local[-1], local[0]], bwd_reads=[], block=b))
+        vals.append(
+            rk.value(out, 4096, kind="elementwise", flops=4096, deps=[local[-1], local[0]], bwd_reads=[], block=b)
+        )
         prev = out
     vals.append(rk.value("loss", 4, kind="reduction", deps=[prev], bwd_reads=[], block=num_blocks - 1))
     return rk.CostGraph(vals)
@@ -63,8 +75,18 @@ def unrepeated_chain(num_values: int, seed: int) -> rk.CostGraph:
         kind = rng.choice(["matmul", "elementwise", "norm", "attention", "rng", "view"])
         size = 0 if kind == "view" else rng.choice([1, 2, 4, 8]) * 4096
         reads = [d for d in deps if d != "w" and rng.random() < 0.8] + ([name] if rng.random() < 0.2 else [])
-        vals.append(rk.value(name, size, kind=kind, flops=rng.randint(1, 64) * 4096 * (64 if kind == "matmul" else 1),
-                             deps=deps, bwd_reads=reads, block=blk, module=f"piece{blk}"))
+        vals.append(
+            rk.value(
+                name,
+                size,
+                kind=kind,
+                flops=rng.randint(1, 64) * 4096 * (64 if kind == "matmul" else 1),
+                deps=deps,
+                bwd_reads=reads,
+                block=blk,
+                module=f"piece{blk}",
+            )
+        )
         local.append(name)
         if k % piece == piece - 1:
             stream = name
@@ -80,7 +102,9 @@ CASES = {
 }
 
 
-def _solve_timed(case: str, budget: float, solver: str | None = None) -> tuple[float, float, rk.Plan | None, rk.CostGraph]:
+def _solve_timed(
+    case: str, budget: float, solver: str | None = None
+) -> tuple[float, float, rk.Plan | None, rk.CostGraph]:
     graph = CASES[case]()
     start, cpu = time.perf_counter(), time.process_time()
     try:
@@ -94,8 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--optimum-check", action="store_true",
-                        help="also plan each case with the whole-graph program (solver='milp') and compare recompute")
+    parser.add_argument(
+        "--optimum-check",
+        action="store_true",
+        help="also plan each case with the whole-graph program (solver='milp') and compare recompute",
+    )
     args = parser.parse_args(argv)
     rows = []
     for case in args.cases:
@@ -106,17 +133,27 @@ def main(argv: list[str] | None = None) -> None:
             if args.optimum_check and plan is not None:
                 milp_s, _, best, _ = _solve_timed(case, budget, "milp")
                 exact = (best.predicted_recompute_seconds, milp_s) if best is not None else None
-            rows.append({
-                "case": case, "num_blocks": graph.num_blocks, "num_values": len(graph.activations),
-                "budget": budget, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-                "median_cpu_s": statistics.median(cpus), "feasible": plan is not None,
-                "activation_fraction": plan.activation_fraction if plan else None,
-                "recompute_s": plan.predicted_recompute_seconds if plan else None,
-                "milp_recompute_s": exact[0] if exact else None, "milp_s": exact[1] if exact else None,
-            })
+            rows.append(
+                {
+                    "case": case,
+                    "num_blocks": graph.num_blocks,
+                    "num_values": len(graph.activations),
+                    "budget": budget,
+                    "median_s": statistics.median(times),
+                    "min_s": min(times),
+                    "max_s": max(times),
+                    "median_cpu_s": statistics.median(cpus),
+                    "feasible": plan is not None,
+                    "activation_fraction": plan.activation_fraction if plan else None,
+                    "recompute_s": plan.predicted_recompute_seconds if plan else None,
+                    "milp_recompute_s": exact[0] if exact else None,
+                    "milp_s": exact[1] if exact else None,
+                }
+            )
             print(f"{case:22s} budget {budget}: median {rows[-1]['median_s']:.3f} s")
     lines = [
-        "# Planning speed", "",
+        "# Planning speed",
+        "",
         "The default solver (`rk.solve(graph, budget)`), fresh graph per repeat. On these graphs (past",
         "`WHOLE_GRAPH_WORK`) it is the chain DP alone. Block menus: the op-level 0-1",
         "program (HiGHS) for repeated blocks and a few small ones, a ladder of cheapest-per-byte recompute",
@@ -126,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         "as the JAX adapter cuts such a program. `recompute s`: the plan's predicted recompute time;",
         "`milp`: the whole-graph 0-1 program's recompute (the optimum of the same model) and its",
         "planning time, where measured (`--optimum-check`). The default runs that program itself on",
-        "graphs up to `WHOLE_GRAPH_WORK` (a 12-layer transformer; these are all past it).", "",
+        "graphs up to `WHOLE_GRAPH_WORK` (a 12-layer transformer; these are all past it).",
+        "",
         "| case | blocks | values | budget | median s | min s | max s | CPU s | activation fraction | recompute s | milp recompute s | milp s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -134,8 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         frac = f"{r['activation_fraction']:.3f}" if r["feasible"] else "infeasible"
         rec = f"{r['recompute_s']:.5f}" if r["feasible"] else "-"
         exact = f"{r['milp_recompute_s']:.5f} | {r['milp_s']:.3f}" if r["milp_recompute_s"] is not None else "- | -"
-        lines.append(f"| {r['case']} | {r['num_blocks']} | {r['num_values']} | {r['budget']} | "
-                     f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | {r['median_cpu_s']:.3f} | {frac} | {rec} | {exact} |")
+        lines.append(
+            f"| {r['case']} | {r['num_blocks']} | {r['num_values']} | {r['budget']} | "
+            f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | {r['median_cpu_s']:.3f} | {frac} | {rec} | {exact} |"
+        )
     load = os.getloadavg()[0]  # wall times on a shared machine: CPU time is the steadier figure
     lines += ["", f"Load average when written: {load:.1f} on {os.cpu_count()} CPUs."]
     path = write("planning_speed", {"rows": rows, "load_average": load}, "\n".join(lines))

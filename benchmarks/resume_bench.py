@@ -54,8 +54,12 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
     sharding = NamedSharding(mesh, P("d"))
     rows = mib * 2**20 // 4 // NUM_LEAVES // 1024
     rows -= rows % len(jax.devices())
-    state = {f"w{i}": jax.make_array_from_callback(
-        (rows, 1024), sharding, lambda idx, i=i: np.full((rows, 1024), i, np.float32)[idx]) for i in range(NUM_LEAVES)}
+    state = {
+        f"w{i}": jax.make_array_from_callback(
+            (rows, 1024), sharding, lambda idx, i=i: np.full((rows, 1024), i, np.float32)[idx]
+        )
+        for i in range(NUM_LEAVES)
+    }
     jax.block_until_ready(state)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in state.items()}
     if impl == "remat_kit":
@@ -78,6 +82,7 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
 
         def restore(step):
             return saver.restore(step, args=ocp.args.StandardRestore(abstract))
+
     save(0)  # warm-up: first-call tracing and compiling are not what a training run pays per save
     jax.block_until_ready(restore(0))
     before = _rss("VmRSS")
@@ -90,8 +95,12 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
     jax.block_until_ready(restored)
     restore_s = time.perf_counter() - start
     saver.close()
-    return {"save_s": save_s, "restore_s": restore_s, "extra_rss_bytes": _rss("VmHWM") - before,
-            "state_bytes": sum(v.nbytes for v in state.values())}
+    return {
+        "save_s": save_s,
+        "restore_s": restore_s,
+        "extra_rss_bytes": _rss("VmHWM") - before,
+        "state_bytes": sum(v.nbytes for v in state.values()),
+    }
 
 
 def _torch_cell(impl: str, directory: Path, mib: int) -> dict:
@@ -119,6 +128,7 @@ def _torch_cell(impl: str, directory: Path, mib: int) -> dict:
 
         def restore(step):
             dcp.load(template, checkpoint_id=str(directory / str(step)))
+
     save(0)  # warm-up, as for JAX
     restore(0)
     before = _rss("VmRSS")
@@ -129,8 +139,12 @@ def _torch_cell(impl: str, directory: Path, mib: int) -> dict:
     start = time.perf_counter()
     restore(1)
     restore_s = time.perf_counter() - start
-    return {"save_s": save_s, "restore_s": restore_s, "extra_rss_bytes": _rss("VmHWM") - before,
-            "state_bytes": sum(v.nbytes for v in state.values())}
+    return {
+        "save_s": save_s,
+        "restore_s": restore_s,
+        "extra_rss_bytes": _rss("VmHWM") - before,
+        "state_bytes": sum(v.nbytes for v in state.values()),
+    }
 
 
 def _worker(argv: list[str]) -> None:
@@ -152,21 +166,30 @@ def _port() -> int:
 def _cell(framework: str, impl: str, mib: int, processes: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         devices = 4 // processes if framework == "jax" else 1
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        }
         base = [sys.executable, "-m", "benchmarks.resume_bench", "--worker", framework, impl, f"{tmp}/ckpt", str(mib)]
         port = str(_port())
         argvs = [base] if processes == 1 else [base + [str(i), str(processes), port] for i in range(processes)]
-        procs = [subprocess.Popen(a, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                 for a in argvs]
+        procs = [
+            subprocess.Popen(a, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            for a in argvs
+        ]
         outs = [p.communicate(timeout=1200)[0] for p in procs]
     results = [json.loads(line[7:]) for out in outs for line in out.splitlines() if line.startswith("RESULT ")]
     if len(results) != processes:
         raise RuntimeError(f"{framework}/{impl} x{processes} failed:\n{outs[0][-2000:]}")
     # The job's time is the slowest process's; its extra memory is the sum over processes.
-    return {"save_s": max(r["save_s"] for r in results), "restore_s": max(r["restore_s"] for r in results),
-            "extra_rss_bytes": sum(r["extra_rss_bytes"] for r in results),
-            "state_bytes": results[0]["state_bytes"]}
+    return {
+        "save_s": max(r["save_s"] for r in results),
+        "restore_s": max(r["restore_s"] for r in results),
+        "extra_rss_bytes": sum(r["extra_rss_bytes"] for r in results),
+        "state_bytes": results[0]["state_bytes"],
+    }
 
 
 CELLS = [("jax", 1, ["orbax", "remat_kit"]), ("jax", 2, ["orbax", "remat_kit"]), ("torch", 1, ["dcp", "remat_kit"])]
@@ -189,38 +212,56 @@ def main() -> None:
                 print(key, raw[key][-1], flush=True)
     medians = {key: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for key, runs in raw.items()}
     command = f"python -m benchmarks.resume_bench --mib {args.mib} --repeats {args.repeats}"
-    (ROOT / "reports" / "resume.json").write_text(json.dumps({"command": command, "medians": medians, "raw": raw},
-                                                             indent=1))
+    (ROOT / "reports" / "resume.json").write_text(
+        json.dumps({"command": command, "medians": medians, "raw": raw}, indent=1)
+    )
     _write_markdown(command, medians, args.mib)
 
 
 def _write_markdown(command: str, medians: dict, mib: int) -> None:
-    lines = [f"# remat_kit.resume vs plain Orbax / torch.distributed.checkpoint ({mib} MiB state)", "",
-             f"Command: `{command}` (CPU only, 2 shared cores; medians over repeats, one fresh process per",
-             "run, implementations interleaved). Times are ratios to the plain library measured in the same",
-             "repeats; extra RSS is the peak host memory above the RSS before the save, summed over processes.", "",
-             "| cell | save / plain | restore / plain | extra RSS (MiB) | plain extra RSS (MiB) | state (MiB) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# remat_kit.resume vs plain Orbax / torch.distributed.checkpoint ({mib} MiB state)",
+        "",
+        f"Command: `{command}` (CPU only, 2 shared cores; medians over repeats, one fresh process per",
+        "run, implementations interleaved). Times are ratios to the plain library measured in the same",
+        "repeats; extra RSS is the peak host memory above the RSS before the save, summed over processes.",
+        "",
+        "| cell | save / plain | restore / plain | extra RSS (MiB) | plain extra RSS (MiB) | state (MiB) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for framework, processes, (plain, ours) in CELLS:
         a, b = medians[f"{framework} x{processes} {plain}"], medians[f"{framework} x{processes} {ours}"]
-        lines.append(f"| {framework}, {processes} process(es), vs {plain} | {b['save_s'] / a['save_s']:.2f} | "
-                     f"{b['restore_s'] / a['restore_s']:.2f} | {b['extra_rss_bytes'] / 2**20:.0f} | "
-                     f"{a['extra_rss_bytes'] / 2**20:.0f} | {a['state_bytes'] / 2**20:.0f} |")
+        lines.append(
+            f"| {framework}, {processes} process(es), vs {plain} | {b['save_s'] / a['save_s']:.2f} | "
+            f"{b['restore_s'] / a['restore_s']:.2f} | {b['extra_rss_bytes'] / 2**20:.0f} | "
+            f"{a['extra_rss_bytes'] / 2**20:.0f} | {a['state_bytes'] / 2**20:.0f} |"
+        )
     lines += ["", "Raw medians (seconds, bytes) are in `reports/resume.json`."]
     faults = ROOT / "reports" / "resume_faults.json"
     if faults.exists():  # written by benchmarks/resume_faults.py
         data = json.loads(faults.read_text())
-        lines += ["", "## kill -9 of one rank during saves", "",
-                  f"Command: `{data['command']}` (2 ranks, a save after every step, one rank SIGKILLed at a "
-                  "random moment, then the other; resumed from a fresh job to the end).", "",
-                  "| framework | trials | torn save seen after the kill | resumed without error | "
-                  "final parameters bit-identical to an uninterrupted run |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## kill -9 of one rank during saves",
+            "",
+            f"Command: `{data['command']}` (2 ranks, a save after every step, one rank SIGKILLed at a "
+            "random moment, then the other; resumed from a fresh job to the end).",
+            "",
+            "| framework | trials | torn save seen after the kill | resumed without error | "
+            "final parameters bit-identical to an uninterrupted run |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for framework, row in data["summary"].items():
-            lines.append(f"| {framework} | {row['trials']} | {row['torn_seen']} | {row['resumed_cleanly']} | "
-                         f"{row['bit_identical']} |")
-        lines += ["", "A torn save is an Orbax temporary step directory or staged rank files: listed as "
-                  "`incomplete`, never restored, removed with a warning by the next `Resumable`. The other "
-                  "trials were killed between two saves or after a commit."]
+            lines.append(
+                f"| {framework} | {row['trials']} | {row['torn_seen']} | {row['resumed_cleanly']} | "
+                f"{row['bit_identical']} |"
+            )
+        lines += [
+            "",
+            "A torn save is an Orbax temporary step directory or staged rank files: listed as "
+            "`incomplete`, never restored, removed with a warning by the next `Resumable`. The other "
+            "trials were killed between two saves or after a commit.",
+        ]
     (ROOT / "reports" / "resume.md").write_text("\n".join(lines) + "\n")
 
 

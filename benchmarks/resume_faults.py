@@ -40,12 +40,36 @@ def _port() -> int:
 
 
 def _start(framework: str, directory: Path, out: Path) -> list[subprocess.Popen]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
     port = _port()
-    return [subprocess.Popen([sys.executable, str(LOOP), framework, str(directory), str(out), str(rank), "2",
-                              str(port), "--save-every", "1", "--num-steps", "40"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(LOOP),
+                framework,
+                str(directory),
+                str(out),
+                str(rank),
+                "2",
+                str(port),
+                "--save-every",
+                "1",
+                "--num-steps",
+                "40",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
 
 
 def _run(framework: str, directory: Path, out: Path) -> list[int]:
@@ -74,10 +98,16 @@ def _trial(framework: str, work: Path, reference: np.ndarray, rng: random.Random
     staged = sorted(p.name for p in (directory / ".staging").iterdir()) if (directory / ".staging").is_dir() else []
     codes = _run(framework, directory, out)
     final = np.load(out)["params"] if out.exists() else None
-    return {"framework": framework, "victim": victim, "delay_s": round(delay, 2), "listed_after_kill": listed,
-            "staged_after_kill": staged, "torn_seen": any(s != "complete" for _, s in listed) or bool(staged),
-            "resume_exit_codes": codes,
-            "bit_identical": final is not None and final.tobytes() == reference.tobytes()}
+    return {
+        "framework": framework,
+        "victim": victim,
+        "delay_s": round(delay, 2),
+        "listed_after_kill": listed,
+        "staged_after_kill": staged,
+        "torn_seen": any(s != "complete" for _, s in listed) or bool(staged),
+        "resume_exit_codes": codes,
+        "bit_identical": final is not None and final.tobytes() == reference.tobytes(),
+    }
 
 
 def main() -> None:
@@ -94,18 +124,30 @@ def main() -> None:
             ref_dir = Path(tmp)
             assert _run(framework, ref_dir / "ref", ref_dir / "ref.npz") == [0, 0]
             reference = np.load(ref_dir / "ref.npz")["params"]
-        for trial in range(args.trials):
+        for _trial_no in range(args.trials):
             with tempfile.TemporaryDirectory() as tmp:
                 result = _trial(framework, Path(tmp), reference, rng)
             results.append(result)
             print(json.dumps(result), flush=True)
-    summary = {f: {"trials": sum(r["framework"] == f for r in results),
-                   "bit_identical": sum(r["bit_identical"] for r in results if r["framework"] == f),
-                   "resumed_cleanly": sum(r["resume_exit_codes"] == [0, 0] for r in results if r["framework"] == f),
-                   "torn_seen": sum(r["torn_seen"] for r in results if r["framework"] == f)}
-               for f in args.frameworks}
-    Path(args.out).write_text(json.dumps({"command": "python -m benchmarks.resume_faults " + " ".join(sys.argv[1:]),
-                                          "summary": summary, "trials": results}, indent=1))
+    summary = {
+        f: {
+            "trials": sum(r["framework"] == f for r in results),
+            "bit_identical": sum(r["bit_identical"] for r in results if r["framework"] == f),
+            "resumed_cleanly": sum(r["resume_exit_codes"] == [0, 0] for r in results if r["framework"] == f),
+            "torn_seen": sum(r["torn_seen"] for r in results if r["framework"] == f),
+        }
+        for f in args.frameworks
+    }
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "command": "python -m benchmarks.resume_faults " + " ".join(sys.argv[1:]),
+                "summary": summary,
+                "trials": results,
+            },
+            indent=1,
+        )
+    )
     print(json.dumps(summary, indent=1))
 
 

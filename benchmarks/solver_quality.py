@@ -40,13 +40,31 @@ def random_chain(seed: int) -> rk.CostGraph:
             deps = rng.sample(local, min(len(local), rng.randint(1, 2))) + (["w"] if rng.random() < 0.4 else [])
             name = f"b{b}.v{k}"
             reads = [d for d in deps if rng.random() < 0.7] + ([name] if rng.random() < 0.3 else [])
-            vals.append(rk.value(name, rng.choice([0, rng.randint(1, 100)]), kind=rng.choice(["matmul", "elementwise", "norm"]),
-                                 flops=rng.randint(0, 1000), bytes_moved=rng.randint(0, 200), deps=deps,
-                                 bwd_reads=reads, block=b))
+            vals.append(
+                rk.value(
+                    name,
+                    rng.choice([0, rng.randint(1, 100)]),
+                    kind=rng.choice(["matmul", "elementwise", "norm"]),
+                    flops=rng.randint(0, 1000),
+                    bytes_moved=rng.randint(0, 200),
+                    deps=deps,
+                    bwd_reads=reads,
+                    block=b,
+                )
+            )
             local.append(name)
         out = f"b{b}.out"
-        vals.append(rk.value(out, rng.randint(1, 50), kind="elementwise", flops=rng.randint(0, 100),
-                             deps=[local[-1]], bwd_reads=[], block=b))
+        vals.append(
+            rk.value(
+                out,
+                rng.randint(1, 50),
+                kind="elementwise",
+                flops=rng.randint(0, 100),
+                deps=[local[-1]],
+                bwd_reads=[],
+                block=b,
+            )
+        )
         prev = out
     vals.append(rk.value("loss", 4, kind="reduction", deps=[prev], bwd_reads=[], block=b))
     return rk.CostGraph(vals)
@@ -75,8 +93,13 @@ def cells(name: str, graph: rk.CostGraph) -> list[dict]:
     rows = []
     for budget in BUDGETS:
         best, milp_s = _timed(graph, budget, "milp")
-        row = {"graph": name, "budget": budget, "values": len(graph.activations), "milp_s": milp_s,
-               "milp_recompute_s": best.predicted_recompute_seconds if best else None}
+        row = {
+            "graph": name,
+            "budget": budget,
+            "values": len(graph.activations),
+            "milp_s": milp_s,
+            "milp_recompute_s": best.predicted_recompute_seconds if best else None,
+        }
         for solver, label in ((None, "default"), ("greedy", "greedy")):
             plan, seconds = _timed(graph, budget, solver)
             row[f"{label}_s"] = seconds
@@ -120,28 +143,39 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 def _table(named: list[dict], rows: list[dict], args) -> list[str]:
     lines = [
-        "# Solver quality against the whole-graph optimum", "",
-        "Ratio = predicted recompute time of the solver's plan / that of `solver=\"milp\"` (the whole-graph",
+        "# Solver quality against the whole-graph optimum",
+        "",
+        'Ratio = predicted recompute time of the solver\'s plan / that of `solver="milp"` (the whole-graph',
         "0-1 program, exact under the same model); `-` = no plan (infeasible budget). Times: wall seconds",
         "of one `rk.solve` each (fresh graph caches only for the first solver of a cell). Default cost",
         "model: `DeviceSpec()` (the core's uncalibrated constants). Target: default <= 1.02x everywhere.",
         "The default runs the whole-graph program itself on graphs up to `WHOLE_GRAPH_WORK` (all of these)",
         "and keeps the cheaper of its plan and the chain DP's; before that (the chain DP alone, commit",
         "403dfc6) the transformer cells were 1.00-1.47x (median 1.10; 1.47x at 8x1024x256, budget 0.5).",
-        "Zoo graphs: what `auto` traces for the torch zoo's models (`explain`), solved at whole-step budgets.", "",
+        "Zoo graphs: what `auto` traces for the torch zoo's models (`explain`), solved at whole-step budgets.",
+        "",
         "| graph | values | budget | default / optimum | greedy / optimum | default s | milp s |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in named:
-        lines.append(f"| {r['graph']} | {r['values']} | {r['budget']} | {_fmt(r['default_ratio'])} | "
-                     f"{_fmt(r['greedy_ratio'])} | {_fmt(r['default_s'])} | {_fmt(r['milp_s'])} |")
-    lines += ["", f"Random chains ({args.graphs} graphs of 2-4 blocks of 2-5 ops, {len(BUDGETS)} budgets each):", "",
-              "| solver | cells solved | at the optimum | within 1.02x | median ratio | max ratio |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['graph']} | {r['values']} | {r['budget']} | {_fmt(r['default_ratio'])} | "
+            f"{_fmt(r['greedy_ratio'])} | {_fmt(r['default_s'])} | {_fmt(r['milp_s'])} |"
+        )
+    lines += [
+        "",
+        f"Random chains ({args.graphs} graphs of 2-4 blocks of 2-5 ops, {len(BUDGETS)} budgets each):",
+        "",
+        "| solver | cells solved | at the optimum | within 1.02x | median ratio | max ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     chains = [r for r in rows if r["graph"].startswith("random")]
     for label in ("default", "greedy"):
         got = [r[f"{label}_ratio"] for r in chains if r[f"{label}_ratio"] is not None]
-        lines.append(f"| {label} | {len(got)} | {sum(x <= 1 + 1e-9 for x in got)} | {sum(x <= 1.02 for x in got)} | "
-                     f"{_fmt(statistics.median(got) if got else None)} | {_fmt(max(got) if got else None)} |")
+        lines.append(
+            f"| {label} | {len(got)} | {sum(x <= 1 + 1e-9 for x in got)} | {sum(x <= 1.02 for x in got)} | "
+            f"{_fmt(statistics.median(got) if got else None)} | {_fmt(max(got) if got else None)} |"
+        )
     every = [r["default_ratio"] for r in rows if r["default_ratio"] is not None]
     lines += ["", f"Worst default ratio over all {len(rows)} cells: {_fmt(max(every) if every else None, '.4f')}."]
     for line in lines:

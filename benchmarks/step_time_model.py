@@ -74,29 +74,36 @@ def main(argv: list[str] | None = None) -> None:
         predicted = sum(p.predicted_recompute_seconds for p in plans)
         extra = statistics.median(t - n for t, n in zip(times[name], times["none"]))
         extra_cpu = statistics.median(t - n for t, n in zip(cpu[name], cpu["none"])) / args.threads
-        rows.append({
-            "budget": b, "median_step_s": statistics.median(times[name]),
-            "ratio_to_none": statistics.median(times[name]) / statistics.median(times["none"]),
-            "measured_extra_s": extra, "predicted_recompute_s": predicted,
-            "predicted_over_measured": predicted / extra if extra > 0 else None,
-            "measured_extra_cpu_s_per_thread": extra_cpu,
-            "predicted_over_measured_cpu": predicted / extra_cpu if extra_cpu > 0 else None,
-            "recompute_gflop": sum(p.predicted_recompute_flops for p in plans) / 1e9,
-            "recomputed_ops": sum(p.num_recomputed_ops for p in plans),
-            "activation_fraction": plans[0].activation_fraction if len(plans) == 1 else None,
-        })
+        rows.append(
+            {
+                "budget": b,
+                "median_step_s": statistics.median(times[name]),
+                "ratio_to_none": statistics.median(times[name]) / statistics.median(times["none"]),
+                "measured_extra_s": extra,
+                "predicted_recompute_s": predicted,
+                "predicted_over_measured": predicted / extra if extra > 0 else None,
+                "measured_extra_cpu_s_per_thread": extra_cpu,
+                "predicted_over_measured_cpu": predicted / extra_cpu if extra_cpu > 0 else None,
+                "recompute_gflop": sum(p.predicted_recompute_flops for p in plans) / 1e9,
+                "recomputed_ops": sum(p.num_recomputed_ops for p in plans),
+                "activation_fraction": plans[0].activation_fraction if len(plans) == 1 else None,
+            }
+        )
     _report(args, rows, statistics.median(times["none"]))
 
 
 def _report(args, rows, none_s) -> None:
     lines = [
-        "# Predicted recompute time beside measured extra step time (eager torch)", "",
+        "# Predicted recompute time beside measured extra step time (eager torch)",
+        "",
         f"GPT {args.layers} layers, d {args.d}, seq {args.seq}, vocab {args.vocab}, dropout 0.1, torch "
         f"{torch.__version__} on CPU, {args.threads} threads; {args.rounds} interleaved rounds in one process. ",
         f"No remat: median step {none_s * 1e3:.0f} ms (absolute CPU times are this machine's only). `auto` priced",
-        "recompute with constants calibrated in the same process just before (`REMAT_KIT_CALIBRATE=fresh`).", "",
+        "recompute with constants calibrated in the same process just before (`REMAT_KIT_CALIBRATE=fresh`).",
+        "",
         "`measured extra`: median over rounds of (step - that round's no-remat step), wall clock; `CPU`: the",
-        "same in process CPU time divided by the thread count.", "",
+        "same in process CPU time divided by the thread count.",
+        "",
         "| budget | activation fraction | recompute GFLOP | recomputed ops | step / none | measured extra ms | "
         "predicted ms | predicted / measured | measured extra CPU ms | predicted / measured CPU |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -105,11 +112,16 @@ def _report(args, rows, none_s) -> None:
         frac = "-" if r["activation_fraction"] is None else f"{r['activation_fraction']:.3f}"
         ratio = "-" if r["predicted_over_measured"] is None else f"{r['predicted_over_measured']:.2f}"
         ratio_cpu = "-" if r["predicted_over_measured_cpu"] is None else f"{r['predicted_over_measured_cpu']:.2f}"
-        lines.append(f"| {r['budget']} | {frac} | {r['recompute_gflop']:.3f} | {r['recomputed_ops']} | "
-                     f"{r['ratio_to_none']:.3f} | {r['measured_extra_s'] * 1e3:.1f} | {r['predicted_recompute_s'] * 1e3:.1f} | "
-                     f"{ratio} | {r['measured_extra_cpu_s_per_thread'] * 1e3:.1f} | {ratio_cpu} |")
-    lines += ["", f"Load average when written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine: "
-              "medians of paired differences, not minima)."]
+        lines.append(
+            f"| {r['budget']} | {frac} | {r['recompute_gflop']:.3f} | {r['recomputed_ops']} | "
+            f"{r['ratio_to_none']:.3f} | {r['measured_extra_s'] * 1e3:.1f} | {r['predicted_recompute_s'] * 1e3:.1f} | "
+            f"{ratio} | {r['measured_extra_cpu_s_per_thread'] * 1e3:.1f} | {ratio_cpu} |"
+        )
+    lines += [
+        "",
+        f"Load average when written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine: "
+        "medians of paired differences, not minima).",
+    ]
     print("\n".join(lines))
     path = write("step_time_model", {"rows": rows, "none_s": none_s}, "\n".join(lines))
     print(f"wrote {path}")

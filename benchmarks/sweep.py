@@ -34,19 +34,30 @@ from benchmarks._report import ROOT, machine
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/sweep", help="run directory (default: runs/sweep)")
     p.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="gpt gpt_unrolled vit mlp convnet")
     p.add_argument("--size", nargs="+", default=["tiny"], help="tiny small medium")
-    p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                   help=f"from {', '.join(_cells.STRATEGIES)}; groups: presets, peers, all-strategies")
-    p.add_argument("--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS), help="for auto and compile_budget")
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        default=list(DEFAULT_STRATEGIES),
+        help=f"from {', '.join(_cells.STRATEGIES)}; groups: presets, peers, all-strategies",
+    )
+    p.add_argument(
+        "--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS), help="for auto and compile_budget"
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps per cell (median and IQR reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per cell (default 1: steadier times on a "
-                   "shared machine; 0 = the frameworks' defaults)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per cell (default 1: steadier times on a shared machine; 0 = the frameworks' defaults)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per cell before it is killed")
     p.add_argument("--solver", choices=("dp", "milp", "greedy"), help="solver for auto cells (default: remat_kit's)")
     p.add_argument("--shard", help="K/N: run the K-th of N deterministic slices of the cells")
@@ -72,9 +83,16 @@ def _versions() -> dict[str, str]:
 
         out["remat_kit"] = remat_kit.__version__
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         out["git"] = sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         out["git"] = ""
@@ -87,8 +105,21 @@ def run_cell(cell: Cell, args: argparse.Namespace, run_dir: pathlib.Path, stop: 
     logs.mkdir(exist_ok=True)
     safe = cell.id.replace("/", "__").replace("@", "_at_")
     out = pathlib.Path(tempfile.mkdtemp(dir=run_dir / "cells")) / "row.json"
-    cmd = [sys.executable, "-m", "benchmarks._cell", json.dumps(cell.as_dict()), str(out),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--ref-dir", str(run_dir / "ref")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks._cell",
+        json.dumps(cell.as_dict()),
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--ref-dir",
+        str(run_dir / "ref"),
+    ]
     if args.solver:
         cmd += ["--solver", args.solver]
     (run_dir / "ref").mkdir(exist_ok=True)
@@ -133,18 +164,35 @@ def main(argv: list[str] | None = None) -> int:
         return merge_main(argv[1:])
     args = parse(argv)
     try:
-        cells = _cells.shard(_cells.plan_cells(args.frameworks, args.models, args.size, args.strategies, args.budgets),
-                             args.shard)
+        cells = _cells.shard(
+            _cells.plan_cells(args.frameworks, args.models, args.size, args.strategies, args.budgets), args.shard
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = pathlib.Path(args.out).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: getattr(args, k) for k in ("frameworks", "models", "size", "strategies", "budgets", "steps", "warmup", "threads", "solver", "shard")}
+    config = {
+        k: getattr(args, k)
+        for k in (
+            "frameworks",
+            "models",
+            "size",
+            "strategies",
+            "budgets",
+            "steps",
+            "warmup",
+            "threads",
+            "solver",
+            "shard",
+        )
+    }
     from benchmarks._progress import ConfigMismatchError, Progress
     from remat_kit.resume import PreemptionHandler
 
-    for stale in ("cells",) + (("ref", "logs") if args.fresh else ()):  # a killed run's leftovers; a fresh run's old data
+    for stale in ("cells",) + (
+        ("ref", "logs") if args.fresh else ()
+    ):  # a killed run's leftovers; a fresh run's old data
         shutil.rmtree(run_dir / stale, ignore_errors=True)
     (run_dir / "cells").mkdir()
     try:
@@ -162,23 +210,43 @@ def main(argv: list[str] | None = None) -> int:
         _loop(todo, len(cells) - len(todo), len(cells), args, run_dir, progress, extra, preemption)
         if preemption.requested:
             _outputs.write_all(run_dir, progress.rows, meta)
-            print(f"stopped by {signal.Signals(preemption.received).name}: {len(progress.rows)} of {len(cells)} cells "
-                  f"saved in {run_dir}. Resume with:\n  {resume_cmd}", file=sys.stderr, flush=True)
+            print(
+                f"stopped by {signal.Signals(preemption.received).name}: {len(progress.rows)} of {len(cells)} cells "
+                f"saved in {run_dir}. Resume with:\n  {resume_cmd}",
+                file=sys.stderr,
+                flush=True,
+            )
             preemption.exit_if_requested(progress.checkpointer(), len(progress.rows), progress.state())
     progress.close()
     paths = _outputs.write_all(run_dir, progress.rows, meta)
     bad = sum(r["status"] != "ok" for r in progress.rows)
-    print(f"{len(progress.rows)} cells ({bad} not ok). Report: {paths['md']}  data: {paths['csv']}  picture: {paths['png']}")
+    print(
+        f"{len(progress.rows)} cells ({bad} not ok). Report: {paths['md']}  data: {paths['csv']}  picture: {paths['png']}"
+    )
     return 0
 
 
-def _loop(todo: list[Cell], num_done: int, total: int, args: argparse.Namespace, run_dir: pathlib.Path,
-          progress: Any, extra: dict, preemption: Any) -> None:
+def _loop(
+    todo: list[Cell],
+    num_done: int,
+    total: int,
+    args: argparse.Namespace,
+    run_dir: pathlib.Path,
+    progress: Any,
+    extra: dict,
+    preemption: Any,
+) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.progress import Progress as Bar
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
     with Bar(*columns, transient=False) as bar:
         task = bar.add_task("sweep", total=total, completed=num_done)
         for cell in todo:
@@ -188,8 +256,11 @@ def _loop(todo: list[Cell], num_done: int, total: int, args: argparse.Namespace,
                 return
             progress.add({**row, **extra})
             bar.advance(task)
-            bar.console.print(f"[{len(progress.rows)}/{total}] {cell.id}: {row['status'][:100]} "
-                              f"({row.get('cell_seconds', 0):.1f}s)", markup=False, highlight=False)
+            bar.console.print(
+                f"[{len(progress.rows)}/{total}] {cell.id}: {row['status'][:100]} ({row.get('cell_seconds', 0):.1f}s)",
+                markup=False,
+                highlight=False,
+            )
             if preemption.requested:
                 return
 

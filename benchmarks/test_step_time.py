@@ -16,8 +16,12 @@ import pytest
 from benchmarks._cells import Cell
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")  # before jax is imported
-CASES = [Cell(fw, model, "tiny", s, 0.5 if s == "auto" else None)
-         for fw in ("jax", "torch") for model in ("gpt", "mlp") for s in ("none", "all", "auto")]
+CASES = [
+    Cell(fw, model, "tiny", s, 0.5 if s == "auto" else None)
+    for fw in ("jax", "torch")
+    for model in ("gpt", "mlp")
+    for s in ("none", "all", "auto")
+]
 
 
 def _jax_step(cell: Cell):

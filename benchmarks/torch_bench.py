@@ -43,10 +43,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.models.torch_gpt import GPT, Block
 import remat_kit
 import remat_kit._torch as rt
 import remat_kit._torch._apply
+from benchmarks.models.torch_gpt import GPT, Block
 from remat_kit._core.budget import format_bytes
 from remat_kit._torch._apply import compile_plan
 from remat_kit._torch._measure import measure_step
@@ -74,10 +74,14 @@ def torchtitan_selective(model: GPT) -> GPT:
     (torchtitan/distributed/activation_checkpoint.py `_save_list`; its every-other-mm rule left out)."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    save = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-            torch.ops.aten._scaled_dot_product_efficient_attention.default,
-            torch.ops.aten._scaled_dot_product_flash_attention.default]
+    save = [
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+    ]
     m = copy.deepcopy(model)
     m.h = nn.ModuleList(_Checkpointed(b, functools.partial(create_selective_checkpoint_contexts, save)) for b in m.h)
     return m
@@ -89,8 +93,15 @@ def _megatron_forward(self: Block, x: torch.Tensor) -> torch.Tensor:
     b, t, c = x.shape
     q, k, v = self.attn(self.ln1(x)).split(c, dim=2)
     q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-    a = torch.utils.checkpoint.checkpoint(F.scaled_dot_product_attention, q, k, v, use_reentrant=False,
-                                          is_causal=True, dropout_p=self.p if self.training else 0.0)
+    a = torch.utils.checkpoint.checkpoint(
+        F.scaled_dot_product_attention,
+        q,
+        k,
+        v,
+        use_reentrant=False,
+        is_causal=True,
+        dropout_p=self.p if self.training else 0.0,
+    )
     x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, c)))
     return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
 
@@ -141,8 +152,9 @@ def _step(model: nn.Module, args: tuple) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def interleaved_ratios(none: nn.Module, others: dict[str, nn.Module], args: tuple, repeats: int,
-                       warmup: int = 1) -> dict[str, dict[str, float]]:
+def interleaved_ratios(
+    none: nn.Module, others: dict[str, nn.Module], args: tuple, repeats: int, warmup: int = 1
+) -> dict[str, dict[str, float]]:
     """Each strategy's median step time over `repeats` steps, each step right after a step of
     `none` (same process, same inputs), as ratios to those `none` steps' median: a busy machine
     slows both sides of a pair alike, so `none` is never slower by accident. Wall and process
@@ -158,14 +170,18 @@ def interleaved_ratios(none: nn.Module, others: dict[str, nn.Module], args: tupl
             mine.append(_step(model, args))
         med = {k: statistics.median(t[k] for t in base) for k in (0, 1)}
         own = {k: statistics.median(t[k] for t in mine) for k in (0, 1)}
-        out[name] = dict(seconds=own[0], none_seconds=med[0], time_ratio=own[0] / med[0],
-                         cpu_seconds=own[1], cpu_ratio=own[1] / med[1])
+        out[name] = dict(
+            seconds=own[0],
+            none_seconds=med[0],
+            time_ratio=own[0] / med[0],
+            cpu_seconds=own[1],
+            cpu_ratio=own[1] / med[1],
+        )
         print(f"  time {name:34s} x{out[name]['time_ratio']:.3f} wall, x{out[name]['cpu_ratio']:.3f} cpu", flush=True)
     return out
 
 
-def measure(name: str, model: nn.Module, args: tuple, reference: list[torch.Tensor],
-            extra: dict | None = None) -> dict:
+def measure(name: str, model: nn.Module, args: tuple, reference: list[torch.Tensor], extra: dict | None = None) -> dict:
     # One step measures memory and leaves the gradients (seed 1: the reference's dropout masks);
     # a second counts FLOPs. Time is measured afterwards, interleaved with none (interleaved_ratios).
     torch.manual_seed(1)
@@ -178,11 +194,19 @@ def measure(name: str, model: nn.Module, args: tuple, reference: list[torch.Tens
     with counter:
         model(*args).backward()
     m = dataclasses.replace(mem, flops=counter.get_total_flops())
-    row = dict(strategy=name, activation_bytes=m.activation_bytes, flops=m.flops, cuda_peak_bytes=m.cuda_peak_bytes,
-               grad_rel_err=rel_err(grads, reference))
+    row = dict(
+        strategy=name,
+        activation_bytes=m.activation_bytes,
+        flops=m.flops,
+        cuda_peak_bytes=m.cuda_peak_bytes,
+        grad_rel_err=rel_err(grads, reference),
+    )
     row.update(extra or {})
-    print(f"  {name:28s} act {format_bytes(m.activation_bytes):>10s}  GFLOP {m.flops / 1e9:8.2f}  "
-          f"grad err {row['grad_rel_err']:.1e}", flush=True)
+    print(
+        f"  {name:28s} act {format_bytes(m.activation_bytes):>10s}  GFLOP {m.flops / 1e9:8.2f}  "
+        f"grad err {row['grad_rel_err']:.1e}",
+        flush=True,
+    )
     return row
 
 
@@ -200,19 +224,25 @@ def compile_budget_row(model: GPT, args: tuple, reference: list[torch.Tensor], b
         with counter:
             torch.manual_seed(1)
             compiled(*args).backward()
-    return dict(strategy=f"torch.compile budget {budget}", activation_bytes=None, flops=counter.get_total_flops(),
-                cuda_peak_bytes=None, grad_rel_err=rel_err(grads, reference), seconds=None)
+    return dict(
+        strategy=f"torch.compile budget {budget}",
+        activation_bytes=None,
+        flops=counter.get_total_flops(),
+        cuda_peak_bytes=None,
+        grad_rel_err=rel_err(grads, reference),
+        seconds=None,
+    )
 
 
-def hf_rows(layers: int, d: int, heads: int, seq: int, vocab: int, repeats: int,
-            budgets: list[float]) -> list[dict]:
+def hf_rows(layers: int, d: int, heads: int, seq: int, vocab: int, repeats: int, budgets: list[float]) -> list[dict]:
     try:
         import transformers
     except ImportError:
         return []
     transformers.logging.set_verbosity_error()
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=d, n_head=heads, n_positions=seq, vocab_size=vocab,
-                                  use_cache=False)
+    cfg = transformers.GPT2Config(
+        n_layer=layers, n_embd=d, n_head=heads, n_positions=seq, vocab_size=vocab, use_cache=False
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).train()
     idx = torch.randint(0, vocab, (1, seq))
@@ -231,8 +261,10 @@ def hf_rows(layers: int, d: int, heads: int, seq: int, vocab: int, repeats: int,
     ck = copy.deepcopy(model)
     ck.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     models = {"HF GPT-2: gradient_checkpointing": Loss(ck)}
-    rows = [none, measure("HF GPT-2: gradient_checkpointing", models["HF GPT-2: gradient_checkpointing"], (idx,),
-                          reference)]
+    rows = [
+        none,
+        measure("HF GPT-2: gradient_checkpointing", models["HF GPT-2: gradient_checkpointing"], (idx,), reference),
+    ]
     for budget in budgets:
         name = f"HF GPT-2: remat_kit {budget}"
         auto = Loss(rt.auto(copy.deepcopy(model), budget))
@@ -258,20 +290,30 @@ def _planning_models(layers: int, d: int, heads: int, seq: int, vocab: int) -> l
     """(name, model on the meta device, args, kwargs): nothing is allocated, shapes only."""
     with torch.device("meta"):
         idx = torch.zeros(1, seq, dtype=torch.long)
-        found = [(f"GPT {layers} layers, d {d}, seq {seq}", GPT(layers, d, heads, vocab, seq=seq).train(),
-                  (idx, idx), {})]
+        found = [
+            (f"GPT {layers} layers, d {d}, seq {seq}", GPT(layers, d, heads, vocab, seq=seq).train(), (idx, idx), {})
+        ]
     try:
         import transformers
     except ImportError:
         return found
     with torch.device("meta"):
-        xl = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_layer=48, n_embd=1600, n_head=25, n_positions=1024, use_cache=False)).train()
+        xl = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=48, n_embd=1600, n_head=25, n_positions=1024, use_cache=False)
+        ).train()
         ids = torch.zeros(1, 1024, dtype=torch.long)
         found.append(("HF GPT-2 XL shapes (48 layers, d 1600, seq 1024)", xl, (), dict(input_ids=ids, labels=ids)))
-        llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=32, vocab_size=32000, use_cache=False)).train()
+        llama = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=32,
+                vocab_size=32000,
+                use_cache=False,
+            )
+        ).train()
         ids = torch.zeros(1, 4096, dtype=torch.long)
         found.append(("HF Llama-7B shapes (32 layers, d 4096, seq 4096)", llama, (), dict(input_ids=ids, labels=ids)))
     return found
@@ -298,10 +340,16 @@ def planning_time(layers: int, d: int, heads: int, seq: int, vocab: int, repeats
                 row[f"{mode}_profile_seconds"] = statistics.median(profile_times)
                 row[f"{mode}_fraction"] = compiled.plan.activation_fraction
                 row[f"{mode}_replicated_from"] = compiled.profile.replicated_from
-            row.update(num_ops=len(compiled.profile.ops), num_values=len(compiled.tg.graph),
-                       same_plan=row["replicate_fraction"] == row["fake_fraction"])
-            print(f"  planning {name}: {row['replicate_seconds']:.2f} s from 4 layers, {row['fake_seconds']:.2f} s "
-                  f"from every op ({row['num_ops']} ops)", flush=True)
+            row.update(
+                num_ops=len(compiled.profile.ops),
+                num_values=len(compiled.tg.graph),
+                same_plan=row["replicate_fraction"] == row["fake_fraction"],
+            )
+            print(
+                f"  planning {name}: {row['replicate_seconds']:.2f} s from 4 layers, {row['fake_seconds']:.2f} s "
+                f"from every op ({row['num_ops']} ops)",
+                flush=True,
+            )
             rows.append(row)
     return rows
 
@@ -331,9 +379,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"GPT-2-like: {args.layers} layers, d {args.d}, seq {args.seq}, vocab {args.vocab}, on {device}", flush=True)
     reference = step_grads(model, inputs)
     rows = [measure("none", model, inputs, reference)]
-    peers = {"full (every layer)": full_checkpoint(model), "sqrt(n) (checkpoint_sequential)": sqrt_n(model),
-             "Megatron selective (attention core)": megatron_selective(model),
-             "torchtitan op save list": torchtitan_selective(model)}
+    peers = {
+        "full (every layer)": full_checkpoint(model),
+        "sqrt(n) (checkpoint_sequential)": sqrt_n(model),
+        "Megatron selective (attention core)": megatron_selective(model),
+        "torchtitan op save list": torchtitan_selective(model),
+    }
     for name, m in peers.items():
         rows.append(measure(name, m, inputs, reference))
     for b in args.budgets:
@@ -346,10 +397,22 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         plan_seconds = time.perf_counter() - start
         (plan,) = remat_kit.plan_of(m)
-        rows.append(measure(f"remat_kit auto {b}", m, inputs, reference, dict(
-            budget=b, plan_solver=plan.solver, predicted_activation_bytes=plan.predicted_activation_bytes,
-            predicted_recompute_flops=plan.predicted_recompute_flops,
-            predicted_recompute_seconds=plan.predicted_recompute_seconds, first_step_seconds=plan_seconds)))
+        rows.append(
+            measure(
+                f"remat_kit auto {b}",
+                m,
+                inputs,
+                reference,
+                dict(
+                    budget=b,
+                    plan_solver=plan.solver,
+                    predicted_activation_bytes=plan.predicted_activation_bytes,
+                    predicted_recompute_flops=plan.predicted_recompute_flops,
+                    predicted_recompute_seconds=plan.predicted_recompute_seconds,
+                    first_step_seconds=plan_seconds,
+                ),
+            )
+        )
         peers[f"remat_kit auto {b}"] = m
     times = interleaved_ratios(model, peers, inputs, args.repeats)
     for b in args.compile_budgets:
@@ -365,11 +428,21 @@ def main(argv: list[str] | None = None) -> dict:
         if r.get("activation_bytes") is not None:
             r["fraction_of_none"] = r["activation_bytes"] / none["activation_bytes"]
         r.update(times.get(r["strategy"], {}))
-    hf = [] if args.skip_hf else hf_rows(args.layers, args.d, args.heads, args.seq, args.vocab, args.repeats,
-                                         args.budgets)
+    hf = (
+        []
+        if args.skip_hf
+        else hf_rows(args.layers, args.d, args.heads, args.seq, args.vocab, args.repeats, args.budgets)
+    )
     plan = [] if args.skip_planning else planning_time(args.plan_layers, args.d, args.heads, args.seq, args.vocab)
-    result = dict(command="python -m benchmarks.torch_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  device=device, torch=torch.__version__, config=vars(args), rows=rows, hf_rows=hf, planning=plan)
+    result = dict(
+        command="python -m benchmarks.torch_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        device=device,
+        torch=torch.__version__,
+        config=vars(args),
+        rows=rows,
+        hf_rows=hf,
+        planning=plan,
+    )
     write(result, args.out)
     return result
 
@@ -394,22 +467,39 @@ def write(result: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
-    cols = [("strategy", "str"), ("activation_bytes", "bytes"), ("fraction_of_none", "frac"),
-            ("predicted_activation_bytes", "bytes"), ("extra_flops", "gflop"), ("predicted_recompute_flops", "gflop"),
-            ("predicted_recompute_seconds", "ms"), ("grad_rel_err", "err"), ("time_ratio", "frac"),
-            ("cpu_ratio", "frac"), ("plan_solver", "str")]
-    lines = [f"# remat_kit PyTorch benchmark ({result['device']}, torch {result['torch']})", "",
-             f"Command: `{result['command']}`", "", f"Config: {result['config']}", "",
-             "Activation memory: live-storage tracker peak (CPU). Extra FLOPs: FlopCounterMode, forward+backward "
-             "minus no remat. Gradients: max relative error against no remat, same seed (same dropout masks). "
-             f"time_ratio / cpu_ratio: median wall / process-CPU time of {result['config']['repeats']} steps, "
-             "each step taken right after a step of no remat in the same process, over those no-remat steps' "
-             "median (`interleaved_ratios`); CPU time is the steadier figure on a shared machine. "
-             "predicted_recompute_seconds: the plan's predicted recompute time on the calibrated device. "
-             "plan_solver `whole layers`: auto chose layers kept or recomputed whole (plain checkpoint, no "
-             "dispatch mode) over the solver's selective plan, predicted faster once the replay modes' per-op "
-             "cost is counted (remat_kit/_torch/_layerplan.py).", "",
-             "| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    cols = [
+        ("strategy", "str"),
+        ("activation_bytes", "bytes"),
+        ("fraction_of_none", "frac"),
+        ("predicted_activation_bytes", "bytes"),
+        ("extra_flops", "gflop"),
+        ("predicted_recompute_flops", "gflop"),
+        ("predicted_recompute_seconds", "ms"),
+        ("grad_rel_err", "err"),
+        ("time_ratio", "frac"),
+        ("cpu_ratio", "frac"),
+        ("plan_solver", "str"),
+    ]
+    lines = [
+        f"# remat_kit PyTorch benchmark ({result['device']}, torch {result['torch']})",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Config: {result['config']}",
+        "",
+        "Activation memory: live-storage tracker peak (CPU). Extra FLOPs: FlopCounterMode, forward+backward "
+        "minus no remat. Gradients: max relative error against no remat, same seed (same dropout masks). "
+        f"time_ratio / cpu_ratio: median wall / process-CPU time of {result['config']['repeats']} steps, "
+        "each step taken right after a step of no remat in the same process, over those no-remat steps' "
+        "median (`interleaved_ratios`); CPU time is the steadier figure on a shared machine. "
+        "predicted_recompute_seconds: the plan's predicted recompute time on the calibrated device. "
+        "plan_solver `whole layers`: auto chose layers kept or recomputed whole (plain checkpoint, no "
+        "dispatch mode) over the solver's selective plan, predicted faster once the replay modes' per-op "
+        "cost is counted (remat_kit/_torch/_layerplan.py).",
+        "",
+        "| " + " | ".join(c for c, _ in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     for r in result["rows"] + result["hf_rows"]:
         if "error" in r:
             lines.append(f"| {r['strategy']} | error: {r['error']} |" + " |" * (len(cols) - 2))
@@ -419,17 +509,24 @@ def write(result: dict, out: str) -> None:
         with open(os.path.join(out, "bench.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
         return
-    lines += ["", "## Planning time", "",
-              "Profile under FakeTensorMode + solve at budget 0.5, models on the meta device (shapes only), median "
-              "of 3. `auto` profiles four layers of a long identical stack and writes out the rest "
-              "(remat_kit/_torch/_replicate.py); 'every op' profiles the whole forward. Same plan: the two give "
-              "the same predicted activation fraction.", "",
-              "| model | ops | from 4 layers (s) | of which profile | every op (s) | of which profile | same plan |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Planning time",
+        "",
+        "Profile under FakeTensorMode + solve at budget 0.5, models on the meta device (shapes only), median "
+        "of 3. `auto` profiles four layers of a long identical stack and writes out the rest "
+        "(remat_kit/_torch/_replicate.py); 'every op' profiles the whole forward. Same plan: the two give "
+        "the same predicted activation fraction.",
+        "",
+        "| model | ops | from 4 layers (s) | of which profile | every op (s) | of which profile | same plan |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in result["planning"]:
-        lines.append(f"| {p['model']} | {p['num_ops']} | {p['replicate_seconds']:.2f} | "
-                     f"{p['replicate_profile_seconds']:.2f} | {p['fake_seconds']:.2f} | {p['fake_profile_seconds']:.2f} "
-                     f"| {'yes' if p['same_plan'] else 'NO'} |")
+        lines.append(
+            f"| {p['model']} | {p['num_ops']} | {p['replicate_seconds']:.2f} | "
+            f"{p['replicate_profile_seconds']:.2f} | {p['fake_seconds']:.2f} | {p['fake_profile_seconds']:.2f} "
+            f"| {'yes' if p['same_plan'] else 'NO'} |"
+        )
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

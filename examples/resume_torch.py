@@ -27,14 +27,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(1024, 16)).astype(np.float32))
     y = x @ torch.from_numpy(rng.normal(size=(16, 1)).astype(np.float32))
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1),
-                                torch.nn.Linear(64, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     batches = resume.ShuffledIterator(len(x), batch_size=32, seed=0)
     # Objects with state_dict()/get_state() are saved through them and loaded back in place.
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": batches,
-             "rng": resume.GlobalRNG()}
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": batches, "rng": resume.GlobalRNG()}
 
     with resume.Resumable(args.ckpt, keep=3, save_every=20) as ckpt, resume.PreemptionHandler() as preemption:
         restored = ckpt.restore_latest(template=state)

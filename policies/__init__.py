@@ -29,15 +29,30 @@ _BUILDERS = {"transformer_graph": rk.transformer_graph}
 
 # The committed examples: (file stem, description, graph recipe, budget).
 EXAMPLES = [
-    ("gpt_l8_s1024_h256_a4_budget0.5", "GPT-style decoder, 8 layers, seq 1024, hidden 256, 4 heads, half the activations",
-     {"builder": "transformer_graph", "args": {"num_layers": 8, "seq_len": 1024, "batch": 1, "hidden": 256, "num_heads": 4}}, 0.5),
-    ("gpt_l8_s1024_h256_a4_budget0.3", "the same model at 30% of its activation memory",
-     {"builder": "transformer_graph", "args": {"num_layers": 8, "seq_len": 1024, "batch": 1, "hidden": 256, "num_heads": 4}}, 0.3),
+    (
+        "gpt_l8_s1024_h256_a4_budget0.5",
+        "GPT-style decoder, 8 layers, seq 1024, hidden 256, 4 heads, half the activations",
+        {
+            "builder": "transformer_graph",
+            "args": {"num_layers": 8, "seq_len": 1024, "batch": 1, "hidden": 256, "num_heads": 4},
+        },
+        0.5,
+    ),
+    (
+        "gpt_l8_s1024_h256_a4_budget0.3",
+        "the same model at 30% of its activation memory",
+        {
+            "builder": "transformer_graph",
+            "args": {"num_layers": 8, "seq_len": 1024, "batch": 1, "hidden": 256, "num_heads": 4},
+        },
+        0.3,
+    ),
 ]
 
 
-def save(path: str | pathlib.Path, plan: rk.Plan, *, description: str = "", graph: dict | None = None,
-         budget: Any = None) -> None:
+def save(
+    path: str | pathlib.Path, plan: rk.Plan, *, description: str = "", graph: dict | None = None, budget: Any = None
+) -> None:
     """Write `plan` as a committed policy (with the recipe of its graph when there is one)."""
     doc = {"description": description, "budget": budget, "graph": graph, "plan": json.loads(plan.to_json())}
     pathlib.Path(path).write_text(json.dumps(doc, indent=1) + "\n")

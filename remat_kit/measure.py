@@ -40,8 +40,10 @@ def rel_err(got: Any, want: Any) -> float:
     Returns inf when either side holds a NaN or an infinity (a NaN must never pass a tolerance)."""
     got_leaves, want_leaves = _leaves(got), _leaves(want)
     if len(got_leaves) != len(want_leaves) or not want_leaves:
-        raise ValueError(f"rel_err: {len(got_leaves)} arrays against {len(want_leaves)}; "
-                         "pass two structures of the same shape holding at least one array")
+        raise ValueError(
+            f"rel_err: {len(got_leaves)} arrays against {len(want_leaves)}; "
+            "pass two structures of the same shape holding at least one array"
+        )
     worst = 0.0
     for a, b in zip(got_leaves, want_leaves):
         x, y = _float64(a), _float64(b)
@@ -74,8 +76,14 @@ def _float64(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def torch_step(model: Any, args: tuple = (), kwargs: dict | None = None, loss_fn: Callable[[Any], Any] | None = None,
-               *, count_flops: bool = True) -> StepMeasurement:
+def torch_step(
+    model: Any,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    loss_fn: Callable[[Any], Any] | None = None,
+    *,
+    count_flops: bool = True,
+) -> StepMeasurement:
     """Run ``loss_fn(model(*args, **kwargs)).backward()`` once and measure it: a `StepMeasurement`
     of `activation_bytes`, `flops` (0 with ``count_flops=False``; a second step counts them) and
     `cuda_peak_bytes` (None off a GPU). Parameter gradients are zeroed first; with

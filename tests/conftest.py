@@ -43,5 +43,8 @@ collect_ignore_glob = [pattern for pattern, missing in MISSING.items() if missin
 
 
 def pytest_report_header(config: object) -> list[str]:
-    return [f"not collected: tests/{pattern} ({', '.join(missing)} not installed)"
-            for pattern, missing in MISSING.items() if missing]
+    return [
+        f"not collected: tests/{pattern} ({', '.join(missing)} not installed)"
+        for pattern, missing in MISSING.items()
+        if missing
+    ]

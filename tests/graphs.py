@@ -11,8 +11,9 @@ from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run
 KINDS = ["matmul", "elementwise", "rng", "view", "attention", "norm"]
 
 
-def random_chain(seed: int, *, num_blocks: int | None = None, per_block: int | None = None,
-                 shared: bool = False) -> CostGraph:
+def random_chain(
+    seed: int, *, num_blocks: int | None = None, per_block: int | None = None, shared: bool = False
+) -> CostGraph:
     """A chain of blocks; inside each a random DAG over the block input and earlier values.
 
     Random sizes (zeros included), FLOPs, what each backward reads (inputs, itself, nothing),
@@ -43,18 +44,35 @@ def random_chain(seed: int, *, num_blocks: int | None = None, per_block: int | N
             reads += [name] if rng.random() < 0.3 else []
             kind = rng.choice(KINDS)
             size = rng.randint(50, 100) if shared and k == 0 else rng.choice([0, rng.randint(1, 100)])
-            vals.append(value(
-                name, size, kind=kind, flops=rng.randint(0, 1000),
-                bytes_moved=rng.randint(0, 200), deps=deps, bwd_reads=reads, block=b,
-                module=f"layer{b}.{kind}",
-            ))
+            vals.append(
+                value(
+                    name,
+                    size,
+                    kind=kind,
+                    flops=rng.randint(0, 1000),
+                    bytes_moved=rng.randint(0, 200),
+                    deps=deps,
+                    bwd_reads=reads,
+                    block=b,
+                    module=f"layer{b}.{kind}",
+                )
+            )
             local.append(name)
         if shared:
             carried.append(f"b{b}.v0")
         out = f"b{b}.out"
         deps = [local[-1]] + ([local[0]] if rng.random() < 0.5 else [])
-        vals.append(value(out, rng.randint(1, 50), kind="elementwise", flops=rng.randint(0, 100),
-                          deps=deps, bwd_reads=[d for d in deps if rng.random() < 0.3], block=b))
+        vals.append(
+            value(
+                out,
+                rng.randint(1, 50),
+                kind="elementwise",
+                flops=rng.randint(0, 100),
+                deps=deps,
+                bwd_reads=[d for d in deps if rng.random() < 0.3],
+                block=b,
+            )
+        )
         prev = out
     vals.append(value("loss", 4, kind="reduction", deps=[prev], bwd_reads=[], block=num_blocks - 1))
     return CostGraph(vals)

@@ -18,20 +18,44 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # comparisons of real runs below judge memory, FLOPs and status only (a time tolerance no noise
 # reaches); how time is judged is tested on edited copies of one run, where it is deterministic.
 TIME_NOT_JUDGED = ("--time-tol", "1000")
-SWEEP = ["--frameworks", "jax", "--models", "mlp", "--strategies", "none", "all", "sqrt_n", "--steps", "5", "--warmup", "2"]
+SWEEP = [
+    "--frameworks",
+    "jax",
+    "--models",
+    "mlp",
+    "--strategies",
+    "none",
+    "all",
+    "sqrt_n",
+    "--steps",
+    "5",
+    "--warmup",
+    "2",
+]
 
 
 def run_sweep(out: pathlib.Path, fault: str = "") -> pathlib.Path:
     env = {**os.environ, "REMAT_SWEEP_FAULT": fault}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--out", str(out), *SWEEP], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sweep", "--out", str(out), *SWEEP],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return out
 
 
 def compare(base: pathlib.Path, cur: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.compare", str(base), str(cur), *extra], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", str(base), str(cur), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +136,20 @@ def test_bad_input_is_named(baseline, tmp_path):
 
 
 def _bench(path: pathlib.Path, medians: dict[str, float]) -> pathlib.Path:
-    path.write_text(json.dumps({"benchmarks": [
-        {"name": f"test_step_time[jax-gpt-{s}]", "stats": {"median": m},
-         "extra_info": {"framework": "jax", "model": "gpt", "strategy": s}} for s, m in medians.items()]}))
+    path.write_text(
+        json.dumps(
+            {
+                "benchmarks": [
+                    {
+                        "name": f"test_step_time[jax-gpt-{s}]",
+                        "stats": {"median": m},
+                        "extra_info": {"framework": "jax", "model": "gpt", "strategy": s},
+                    }
+                    for s, m in medians.items()
+                ]
+            }
+        )
+    )
     return path
 
 
@@ -139,7 +174,9 @@ def test_a_slowdown_counts_only_if_the_rerun_confirms_it(baseline, tmp_path):
     assert "not confirmed by the rerun" in passed.stdout
     # The rerun is slow too: a regression.
     failed = compare(baseline, slow, "--confirm", str(slow))
-    assert failed.returncode == 1 and "`jax/mlp/tiny/all`: time/none" in failed.stdout and "on the rerun" in failed.stdout
+    assert (
+        failed.returncode == 1 and "`jax/mlp/tiny/all`: time/none" in failed.stdout and "on the rerun" in failed.stdout
+    )
 
     def more_memory(data):
         for row in data["rows"]:

@@ -141,8 +141,9 @@ def test_the_overhead_term_changes_which_ops_are_recomputed(solver):
 
 
 def test_calibrated_takes_the_overhead_out_of_the_measured_rates():
-    spec = rk.DeviceSpec.calibrated("d", matmul_flops=1e9, matmul_seconds=2e-3, copy_bytes=1e6, copy_seconds=2e-4,
-                                    op_overhead_seconds=1e-4)
+    spec = rk.DeviceSpec.calibrated(
+        "d", matmul_flops=1e9, matmul_seconds=2e-3, copy_bytes=1e6, copy_seconds=2e-4, op_overhead_seconds=1e-4
+    )
     assert spec.peak_flops == pytest.approx(1e9 / 1.9e-3)
     assert spec.memory_bandwidth == pytest.approx(1e6 / 1e-4)
     assert spec.op_seconds(1e9, 0) == pytest.approx(2e-3)  # the matmul as measured

@@ -31,35 +31,45 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-UNITS = ("remat_kit._core", "remat_kit._jax", "remat_kit._torch", "remat_kit.resume", "remat_kit", "benchmarks", "tests")
+UNITS = (
+    "remat_kit._core",
+    "remat_kit._jax",
+    "remat_kit._torch",
+    "remat_kit.resume",
+    "remat_kit",
+    "benchmarks",
+    "tests",
+)
 FRAMEWORKS = ("jax", "jaxlib", "torch", "flax")
 
 # Known violations left in files other people were rewriting when this test landed (issue 14,
 # 11-29). Each entry is "path: imported module[.name]". The list only shrinks: the test fails on
 # any violation not listed here, and on an entry that no longer occurs (delete it then).
-ALLOWED: frozenset[str] = frozenset({
-    # the core's solver-name check: needs a public name in _core/solve.py (e.g. `check_solver`)
-    "remat_kit/_auto.py: remat_kit._core.solve._check_solver",
-    "remat_kit/_jax/_api.py: remat_kit._core.solve._check_solver",
-    # decision codes: need one public decision-code map in the core
-    "remat_kit/_jax/_planner.py: remat_kit._core.solve._codes_from_milp",
-    "remat_kit/_torch/_explain.py: remat_kit._core.simulate._needed_and_recomputed",
-    "remat_kit/_torch/_replay.py: remat_kit._core.simulate._needed_and_recomputed",
-    # benchmarks still on adapter internals / core modules instead of remat_kit and remat_kit.measure
-    "benchmarks/jax_bench.py: remat_kit._core.analytic.megatron_bytes_per_layer",
-    "benchmarks/jax_bench.py: remat_kit._core.presets.megatron_selective",
-    "benchmarks/jax_bench.py: remat_kit._core.simulate.simulate",
-    "benchmarks/jax_bench.py: remat_kit._jax._api.Planner",
-    "benchmarks/jax_bench.py: remat_kit._jax._api.auto",
-    "benchmarks/jax_bench.py: remat_kit._jax._apply.run_planned",
-    "benchmarks/jax_bench.py: remat_kit._jax._explain.compiled_flops",
-    "benchmarks/jax_bench.py: remat_kit._jax._planner.choose",
-    "benchmarks/torch_bench.py: remat_kit._torch",
-    "benchmarks/torch_bench.py: remat_kit._torch._apply",
-    "benchmarks/torch_bench.py: remat_kit._core.budget.format_bytes",
-    "benchmarks/torch_bench.py: remat_kit._torch._apply.compile_plan",
-    "benchmarks/torch_bench.py: remat_kit._torch._measure.measure_step",
-})
+ALLOWED: frozenset[str] = frozenset(
+    {
+        # the core's solver-name check: needs a public name in _core/solve.py (e.g. `check_solver`)
+        "remat_kit/_auto.py: remat_kit._core.solve._check_solver",
+        "remat_kit/_jax/_api.py: remat_kit._core.solve._check_solver",
+        # decision codes: need one public decision-code map in the core
+        "remat_kit/_jax/_planner.py: remat_kit._core.solve._codes_from_milp",
+        "remat_kit/_torch/_explain.py: remat_kit._core.simulate._needed_and_recomputed",
+        "remat_kit/_torch/_replay.py: remat_kit._core.simulate._needed_and_recomputed",
+        # benchmarks still on adapter internals / core modules instead of remat_kit and remat_kit.measure
+        "benchmarks/jax_bench.py: remat_kit._core.analytic.megatron_bytes_per_layer",
+        "benchmarks/jax_bench.py: remat_kit._core.presets.megatron_selective",
+        "benchmarks/jax_bench.py: remat_kit._core.simulate.simulate",
+        "benchmarks/jax_bench.py: remat_kit._jax._api.Planner",
+        "benchmarks/jax_bench.py: remat_kit._jax._api.auto",
+        "benchmarks/jax_bench.py: remat_kit._jax._apply.run_planned",
+        "benchmarks/jax_bench.py: remat_kit._jax._explain.compiled_flops",
+        "benchmarks/jax_bench.py: remat_kit._jax._planner.choose",
+        "benchmarks/torch_bench.py: remat_kit._torch",
+        "benchmarks/torch_bench.py: remat_kit._torch._apply",
+        "benchmarks/torch_bench.py: remat_kit._core.budget.format_bytes",
+        "benchmarks/torch_bench.py: remat_kit._torch._apply.compile_plan",
+        "benchmarks/torch_bench.py: remat_kit._torch._measure.measure_step",
+    }
+)
 
 
 def unit_of(module: str) -> str | None:
@@ -91,9 +101,14 @@ def imports(source: str, package: str) -> list[tuple[int, str]]:
             for a in node.names:
                 full = f"{base}.{a.name}"
                 found.append((node.lineno, full if a.name == "*" or is_module(full) else f"{base}:{a.name}"))
-        elif (isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name))
-              and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, (ast.Attribute, ast.Name))
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             found.append((node.lineno, node.args[0].value))
     return found
 
@@ -113,10 +128,13 @@ def violation(importer: str, target: str) -> str | None:
         return "only tests import tests"
     if mine != "benchmarks" and theirs == "benchmarks":
         return "the library does not import benchmarks"
-    below = module[len("remat_kit"):] if mine == "benchmarks" else module[len(theirs):]
+    below = module[len("remat_kit") :] if mine == "benchmarks" else module[len(theirs) :]
     if any(part.startswith("_") for part in below.split(".") if part):
-        return ("benchmarks import public remat_kit modules only (remat_kit, remat_kit.measure, ...)"
-                if mine == "benchmarks" else f"a private module of {theirs}: import what its package exports")
+        return (
+            "benchmarks import public remat_kit modules only (remat_kit, remat_kit.measure, ...)"
+            if mine == "benchmarks"
+            else f"a private module of {theirs}: import what its package exports"
+        )
     if name.startswith("_"):
         return f"a private name of {theirs}"
     return None
@@ -141,8 +159,10 @@ def walk() -> dict[str, str]:
 def test_no_private_imports_across_packages():
     found = walk()
     new = {k: v for k, v in found.items() if k not in ALLOWED}
-    assert not new, "imports across package lines that reach for private names (see this file's docstring):\n" + \
-        "\n".join(f"  {k} ({v})" for k, v in sorted(new.items()))
+    assert not new, (
+        "imports across package lines that reach for private names (see this file's docstring):\n"
+        + "\n".join(f"  {k} ({v})" for k, v in sorted(new.items()))
+    )
 
 
 def test_allow_list_only_shrinks():
@@ -162,16 +182,28 @@ def test_the_walk_catches_each_kind():
     assert violation("benchmarks.solver_quality", "tests.test_solvers:_codes_of")
     assert violation("benchmarks.hf_zoo", "remat_kit._core.budget:format_bytes")
     assert violation("benchmarks.sweep", "remat_kit:_auto")
-    for ok in [("remat_kit._jax._api", "remat_kit._core.solve:solve"), ("remat_kit._auto", "remat_kit._torch"),
-               ("remat_kit._jax._explain", "remat_kit._jax._api:_target_kind"), ("benchmarks.hf_zoo", "remat_kit.measure"),
-               ("benchmarks.sweep", "remat_kit:auto"), ("benchmarks.sweep", "benchmarks._cells:_private_helper"),
-               ("remat_kit.measure", "remat_kit._core.budget:format_bytes")]:
+    for ok in [
+        ("remat_kit._jax._api", "remat_kit._core.solve:solve"),
+        ("remat_kit._auto", "remat_kit._torch"),
+        ("remat_kit._jax._explain", "remat_kit._jax._api:_target_kind"),
+        ("benchmarks.hf_zoo", "remat_kit.measure"),
+        ("benchmarks.sweep", "remat_kit:auto"),
+        ("benchmarks.sweep", "benchmarks._cells:_private_helper"),
+        ("remat_kit.measure", "remat_kit._core.budget:format_bytes"),
+    ]:
         assert violation(*ok) is None, ok
 
 
 def test_relative_and_module_imports_are_resolved():
-    src = ("from . import _cells\nfrom remat_kit import _torch\nimport remat_kit._jax._api\n"
-           "from remat_kit._core.solve import solve\nimportlib.import_module('remat_kit._torch._apply')\n")
+    src = (
+        "from . import _cells\nfrom remat_kit import _torch\nimport remat_kit._jax._api\n"
+        "from remat_kit._core.solve import solve\nimportlib.import_module('remat_kit._torch._apply')\n"
+    )
     got = [t for _, t in sorted(imports(src, "benchmarks"))]
-    assert got == ["benchmarks._cells", "remat_kit._torch", "remat_kit._jax._api", "remat_kit._core.solve:solve",
-                   "remat_kit._torch._apply"]
+    assert got == [
+        "benchmarks._cells",
+        "remat_kit._torch",
+        "remat_kit._jax._api",
+        "remat_kit._core.solve:solve",
+        "remat_kit._torch._apply",
+    ]

@@ -60,7 +60,10 @@ def scanned_dropout(params, x, key):
 @pytest.fixture(scope="module")
 def data():
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    params = {"w1": jax.random.normal(k1, (L, D, F * D)) / math.sqrt(D), "w2": jax.random.normal(k2, (L, F * D, D)) / math.sqrt(F * D)}
+    params = {
+        "w1": jax.random.normal(k1, (L, D, F * D)) / math.sqrt(D),
+        "w2": jax.random.normal(k2, (L, F * D, D)) / math.sqrt(F * D),
+    }
     return params, jax.random.normal(k3, (B, D))
 
 
@@ -141,7 +144,9 @@ def test_integer_and_static_inputs(small):
     assert rel_err(planned(params, tokens, True), reference(params, tokens, True)) <= 1e-6
     assert rel_err(planned(params, tokens, False), reference(params, tokens, False)) <= 1e-6
     # the int input gets a float0 cotangent, like no remat
-    g = jax.jit(jax.grad(rj.auto(lm, 0.5, verify=False), argnums=(0, 1), allow_int=True), static_argnums=2)(params, tokens, True)
+    g = jax.jit(jax.grad(rj.auto(lm, 0.5, verify=False), argnums=(0, 1), allow_int=True), static_argnums=2)(
+        params, tokens, True
+    )
     assert g[1].dtype == jax.dtypes.float0
 
 

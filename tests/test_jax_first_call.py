@@ -26,8 +26,10 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 def _model():
     """8 residual MLP layers under `lax.scan`, batch large against width (tests/test_jax_scan_groups.py)."""
     rng = np.random.default_rng(0)
-    params = {"w": jnp.asarray(rng.standard_normal((NUM_LAYERS, WIDTH, WIDTH), dtype=np.float32) / 8),
-              "b": jnp.asarray(rng.standard_normal((NUM_LAYERS, WIDTH), dtype=np.float32) / 8)}
+    params = {
+        "w": jnp.asarray(rng.standard_normal((NUM_LAYERS, WIDTH, WIDTH), dtype=np.float32) / 8),
+        "b": jnp.asarray(rng.standard_normal((NUM_LAYERS, WIDTH), dtype=np.float32) / 8),
+    }
     x = jnp.asarray(rng.standard_normal((BATCH, WIDTH), dtype=np.float32))
 
     def layer(h, p):
@@ -147,8 +149,12 @@ def test_corrupted_or_foreign_entries_are_ignored(cache):
     _, _, plan = _first_call(loss, 0.5, params, x)
     entries = sorted(cache.glob("*.json"))
     assert len(entries) == 2  # no remat's figures and the verdict
-    broken = ['{"schema": 1, "plan": "{not json', "\x00\xff garbage", '{"schema": 999, "none_temp_bytes": 1}',
-              json.dumps({"schema": 1, "none_temp_bytes": "many", "constant_bytes": 0})]
+    broken = [
+        '{"schema": 1, "plan": "{not json',
+        "\x00\xff garbage",
+        '{"schema": 999, "none_temp_bytes": 1}',
+        json.dumps({"schema": 1, "none_temp_bytes": "many", "constant_bytes": 0}),
+    ]
     for i, path in enumerate(entries):
         path.write_text(broken[i % len(broken)], errors="surrogateescape")
     _verify._NONE_CACHE.clear()

@@ -136,7 +136,9 @@ def test_linen_nn_scan(x):
 
         @nn.compact
         def __call__(self, x):
-            scan = nn.scan(lambda m, c, _: (m(c), None), variable_axes={"params": 0}, split_rngs={"params": True}, length=N)
+            scan = nn.scan(
+                lambda m, c, _: (m(c), None), variable_axes={"params": 0}, split_rngs={"params": True}, length=N
+            )
             y, _ = scan(self.block(), x, None)
             return jnp.mean(y**2)
 

@@ -61,8 +61,11 @@ def mlp_loss(params, x):
 @pytest.fixture(scope="module")
 def mlp():
     k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
-    params = dict(w1=jax.random.normal(k1, (32, 128)) / 6, w2=jax.random.normal(k2, (128, 64)) / 11,
-                  w3=jax.random.normal(k3, (64, 16)) / 8)
+    params = dict(
+        w1=jax.random.normal(k1, (32, 128)) / 6,
+        w2=jax.random.normal(k2, (128, 64)) / 11,
+        w3=jax.random.normal(k3, (64, 16)) / 8,
+    )
     return params, jax.random.normal(k4, (256, 32))
 
 
@@ -126,8 +129,11 @@ def test_infeasible_error_never_names_a_budget_above_no_remat(mlp, monkeypatch):
     remat's own, 1, not 1.001 (a budget `auto` refuses)."""
     params, x = mlp
     real = _verify.temp_bytes
-    monkeypatch.setattr(_verify, "temp_bytes", lambda traced, decisions, specs, **kw: int(
-        real(traced, {}, specs) * (1.01 if decisions else 1.0)))
+    monkeypatch.setattr(
+        _verify,
+        "temp_bytes",
+        lambda traced, decisions, specs, **kw: int(real(traced, {}, specs) * (1.01 if decisions else 1.0)),
+    )
     _verify._NONE_CACHE.clear()
     try:
         with pytest.raises(rk.InfeasibleBudgetError, match=r"smallest feasible budget 1 as compiled") as e:
@@ -152,12 +158,19 @@ def batch_norm(x, p, state):
 def resnet_init(key, widths=(8, 16, 32), stem=16):
     keys = iter(jax.random.split(key, 32))
     w = lambda *s: jax.random.normal(next(keys), s) / math.sqrt(s[0] * s[1] * s[2])  # noqa: E731
-    bn = lambda c: (dict(scale=jnp.ones((1, 1, 1, c)), offset=jnp.zeros((1, 1, 1, c))),  # noqa: E731
-                    dict(mean=jnp.zeros((1, 1, 1, c)), var=jnp.ones((1, 1, 1, c))))
+
+    def bn(c):
+        return (
+            dict(scale=jnp.ones((1, 1, 1, c)), offset=jnp.zeros((1, 1, 1, c))),
+            dict(mean=jnp.zeros((1, 1, 1, c)), var=jnp.ones((1, 1, 1, c))),
+        )
+
     params, state, c_in = dict(stem=w(5, 5, 3, stem), blocks=[]), dict(blocks=[]), stem
     for c in widths:
         (p0, s0), (p1, s1) = bn(c_in), bn(c)
-        params["blocks"].append(dict(bn0=p0, conv0=w(3, 3, c_in, c), bn1=p1, conv1=w(3, 3, c, c), proj=w(1, 1, c_in, c)))
+        params["blocks"].append(
+            dict(bn0=p0, conv0=w(3, 3, c_in, c), bn1=p1, conv1=w(3, 3, c, c), proj=w(1, 1, c_in, c))
+        )
         state["blocks"].append(dict(bn0=s0, bn1=s1))
         c_in = c
     params["final_bn"], state["final_bn"] = bn(c_in)
@@ -199,8 +212,11 @@ def test_unrolled_scan_follows_the_plan():
     error named a floor of 0.977 at every budget. The body also closes over a shared parameter
     (a scan const), which the cotangent-ordered remat must take as an argument."""
     k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
-    params = dict(w1=jax.random.normal(k1, (4, 32, 128)) / 6, w2=jax.random.normal(k2, (4, 128, 32)) / 11,
-                  shared=jax.random.normal(k3, (32,)))
+    params = dict(
+        w1=jax.random.normal(k1, (4, 32, 128)) / 6,
+        w2=jax.random.normal(k2, (4, 128, 32)) / 11,
+        shared=jax.random.normal(k3, (32,)),
+    )
     x = jax.random.normal(k4, (128, 32))
 
     def loss(params, x):

@@ -68,7 +68,7 @@ def sinusoidal(max_len: int, d_feature: int, min_scale=1.0, max_scale=10000.0):
     scale_factor = -np.log(max_scale / min_scale) / (d_feature // 2 - 1)
     div_term = min_scale * np.exp(np.arange(0, d_feature // 2) * scale_factor)
     pe[:, : d_feature // 2] = np.sin(position * div_term)
-    pe[:, d_feature // 2: 2 * (d_feature // 2)] = np.cos(position * div_term)
+    pe[:, d_feature // 2 : 2 * (d_feature // 2)] = np.cos(position * div_term)
     return jnp.array(pe[np.newaxis, :, :])
 
 
@@ -94,9 +94,14 @@ class DecoderBlock(nn.Module):
         config = self.config
         x = nn.LayerNorm()(inputs)
         x = nn.MultiHeadDotProductAttention(
-            num_heads=config.num_heads, qkv_features=config.qkv_dim, kernel_init=config.kernel_init,
-            bias_init=config.bias_init, use_bias=False, broadcast_dropout=False,
-            dropout_rate=config.attention_dropout_rate, deterministic=config.deterministic,
+            num_heads=config.num_heads,
+            qkv_features=config.qkv_dim,
+            kernel_init=config.kernel_init,
+            bias_init=config.bias_init,
+            use_bias=False,
+            broadcast_dropout=False,
+            dropout_rate=config.attention_dropout_rate,
+            deterministic=config.deterministic,
         )(x, mask=decoder_mask)
         x = nn.Dropout(rate=config.dropout_rate)(x, deterministic=config.deterministic)
         x = x + inputs
@@ -117,11 +122,18 @@ class ScannedLM(nn.Module):
         y = nn.Embed(config.vocab_size, config.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0))(y)
         y = y + sinusoidal(config.max_len, config.emb_dim)[:, : y.shape[1], :]
         y = nn.Dropout(rate=config.dropout_rate)(y, deterministic=config.deterministic)
-        stack = nn.scan(DecoderBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=nn.broadcast, length=config.num_layers)
+        stack = nn.scan(
+            DecoderBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=nn.broadcast,
+            length=config.num_layers,
+        )
         y, _ = stack(config, self.mlp, name="decoder")(y, decoder_mask)
         y = nn.LayerNorm(name="encoderdecoder_norm")(y)
-        return nn.Dense(config.vocab_size, kernel_init=config.kernel_init, bias_init=config.bias_init, name="logitdense")(y)
+        return nn.Dense(
+            config.vocab_size, kernel_init=config.kernel_init, bias_init=config.bias_init, name="logitdense"
+        )(y)
 
 
 def lm1b(config: TransformerConfig, mlp: Any = MlpBlock):
@@ -192,7 +204,7 @@ def test_recompute_replays_dropout_bit_exact():
     jax.jit(jax.grad(rj.auto(loss, 0.5, verify=False)))(params, tokens, jax.random.key(3))
     jax.effects_barrier()
     layers = config.num_layers
-    reports = seen[-2 * layers:]
+    reports = seen[-2 * layers :]
     assert len(seen) >= 2 * layers, f"{len(seen)} reports: the plan did not recompute the dropout"
     forward, replay = reports[:layers], reports[layers:][::-1]  # the backward runs the layers in reverse
     for fw, rp in zip(forward, replay):

@@ -58,6 +58,7 @@ def jax_model(structure: str, route: str, sites: frozenset, num_layers: int):
             x, _ = jax.lax.scan(step, x, (stacked, jax.random.split(key, n)))
             return x, key
         if route == "fold_in":
+
             def step(carry, w):
                 x, i = carry
                 return (layer(w, x, jax.random.fold_in(key, i)), i + 1), None
@@ -100,8 +101,10 @@ def jax_model(structure: str, route: str, sites: frozenset, num_layers: int):
     k = jax.random.split(jax.random.key(0), 3)
     params = {
         "w0": jax.random.normal(k[0], (D, D)) / D**0.5,
-        "layers": {"w1": jax.random.normal(k[1], (num_layers, D, F)) / D**0.5,
-                   "w2": jax.random.normal(k[2], (num_layers, F, D)) / F**0.5},
+        "layers": {
+            "w1": jax.random.normal(k[1], (num_layers, D, F)) / D**0.5,
+            "w2": jax.random.normal(k[2], (num_layers, F, D)) / F**0.5,
+        },
     }
     return loss, params
 
@@ -156,8 +159,12 @@ class LinenStack(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Dropout(RATE)(x, deterministic=False)
-        stack = nn.scan(LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        length=self.num_layers)
+        stack = nn.scan(
+            LinenBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            length=self.num_layers,
+        )
         x, _ = stack(self.mid)(x, None)
         return jnp.mean(jnp.tanh(x) ** 2)
 

@@ -24,8 +24,10 @@ NUM_LAYERS, WIDTH, BATCH = 8, 64, 512
 
 def _model():
     rng = np.random.default_rng(0)
-    params = {"w": jnp.asarray(rng.standard_normal((NUM_LAYERS, WIDTH, WIDTH), dtype=np.float32) / 8),
-              "b": jnp.asarray(rng.standard_normal((NUM_LAYERS, WIDTH), dtype=np.float32) / 8)}
+    params = {
+        "w": jnp.asarray(rng.standard_normal((NUM_LAYERS, WIDTH, WIDTH), dtype=np.float32) / 8),
+        "b": jnp.asarray(rng.standard_normal((NUM_LAYERS, WIDTH), dtype=np.float32) / 8),
+    }
     x = jnp.asarray(rng.standard_normal((BATCH, WIDTH), dtype=np.float32))
 
     def layer(h, p):  # one small MLP layer; its carry is as big as its internals
@@ -53,16 +55,20 @@ def _grouped_plan(entry, g: int) -> Plan:
     names = graph.block_names
     scan = next(iter(entry.traced.scans.values()))
     num = len(scan.blocks)
-    segments = [list(names[i:i + g]) for i in range(0, num, g)] + [[n] for n in names[num:]]
+    segments = [list(names[i : i + g]) for i in range(0, num, g)] + [[n] for n in names[num:]]
     regrouped = graph.regroup(segments)
-    decisions = {regrouped.values[i].name: Decision.RECOMPUTE for i in regrouped.free_values
-                 if regrouped.values[i].block < num // g}
+    decisions = {
+        regrouped.values[i].name: Decision.RECOMPUTE
+        for i in regrouped.free_values
+        if regrouped.values[i].block < num // g
+    }
     return Plan.from_decisions(regrouped, decisions)
 
 
 def _planned(entry, plan: Plan):
-    return lambda params, x: run_planned(entry.traced, plan.as_dict(), jax.tree.leaves((params, x)),
-                                         segments=plan.segments)[0]
+    return lambda params, x: run_planned(
+        entry.traced, plan.as_dict(), jax.tree.leaves((params, x)), segments=plan.segments
+    )[0]
 
 
 @pytest.mark.parametrize("g", [2, 4])
@@ -142,7 +148,9 @@ def test_planner_offers_grouped_options_priced_by_the_core():
     plan = choose(entry.traced, 1e-9 + 0.999, solver=None, offload=False, scan_group=2)
     assert [len(s) for s in plan.segments] == [2, 2, 2, 2, 1]
     # the prediction is the simulator's, on the graph regrouped into those segments
-    assert plan.predicted_activation_bytes == rk.simulate(entry.traced.graph.regroup(plan.segments), plan).activation_bytes
+    assert (
+        plan.predicted_activation_bytes == rk.simulate(entry.traced.graph.regroup(plan.segments), plan).activation_bytes
+    )
 
 
 def test_a_budget_below_the_models_floor_is_measured_before_it_is_refused():
@@ -171,5 +179,7 @@ def test_a_budget_below_the_models_floor_is_measured_before_it_is_refused():
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.grad(loss)(params, batch))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
-    with pytest.raises(InfeasibleBudgetError, match=r"budget=0\.01 is below the smallest feasible budget 0\.\d+ as compiled"):
+    with pytest.raises(
+        InfeasibleBudgetError, match=r"budget=0\.01 is below the smallest feasible budget 0\.\d+ as compiled"
+    ):
         jax.jit(jax.grad(_api.auto(loss, budget=0.01)))(params, batch)

@@ -26,8 +26,10 @@ NUM_BLOCKS, WIDTH, BATCH = 16, 64, 512
 def _chain(num_blocks: int = NUM_BLOCKS):
     rng = np.random.default_rng(0)
     params = [
-        {"w1": jnp.asarray(rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / 8),
-         "w2": jnp.asarray(rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / 16)}
+        {
+            "w1": jnp.asarray(rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / 8),
+            "w2": jnp.asarray(rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / 16),
+        }
         for _ in range(num_blocks)
     ]
     x = jnp.asarray(rng.standard_normal((BATCH, WIDTH), dtype=np.float32))

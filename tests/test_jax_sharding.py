@@ -64,7 +64,7 @@ def test_per_device_bytes_and_byte_budget():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
+    out = json.loads(line[len("RESULT ") :])
     # activations split 8 ways over the batch: each elementwise value is 1/8 of its global size
     assert out["elementwise_bytes"] == [b // 8 for b in out["whole_bytes"]]
     assert out["rel_err"] <= 1e-6
@@ -135,7 +135,7 @@ def test_jit_in_shardings_budget_is_per_device():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", CASE5], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT ") :])
     none = out["none"]
     for budget in ("0.5", "0.3"):
         row = out[budget]

@@ -95,7 +95,7 @@ def _run(layout: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", SCRIPT, layout], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def _check_held(row: dict, none: int, fixed: int) -> None:
@@ -119,8 +119,11 @@ def test_budget_holds_per_device(layout):
         budget, named = row["budget"], row["named"]
         # the error echoes the user's value and names the smallest feasible budget in their unit
         assert f"budget={budget!r}" in row["error"]
-        assert (f"smallest feasible budget {named:g}" if isinstance(budget, float)
-                else f"smallest feasible budget {named} (") in row["error"], row["error"]
+        assert (
+            f"smallest feasible budget {named:g}"
+            if isinstance(budget, float)
+            else f"smallest feasible budget {named} ("
+        ) in row["error"], row["error"]
         assert "not in (0, 1]" not in row["error"]
         assert "error" not in row["again"], row["again"]["error"]
         _check_held(row["again"], none, fixed)

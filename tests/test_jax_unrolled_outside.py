@@ -59,7 +59,7 @@ def sinusoidal_init(max_len, min_scale=1.0, max_scale=10000.0):
         scale_factor = -np.log(max_scale / min_scale) / (d_feature // 2 - 1)
         div_term = min_scale * np.exp(np.arange(0, d_feature // 2) * scale_factor)
         pe[:, : d_feature // 2] = np.sin(position * div_term)
-        pe[:, d_feature // 2: 2 * (d_feature // 2)] = np.cos(position * div_term)
+        pe[:, d_feature // 2 : 2 * (d_feature // 2)] = np.cos(position * div_term)
         return jnp.array(pe[np.newaxis, :, :])
 
     return init
@@ -95,8 +95,13 @@ class EncoderDecoder1DBlock(nn.Module):
         c = self.config
         x = nn.LayerNorm(dtype=c.dtype)(inputs)
         x = nn.MultiHeadDotProductAttention(
-            num_heads=c.num_heads, dtype=c.dtype, qkv_features=c.qkv_dim, use_bias=False, broadcast_dropout=False,
-            dropout_rate=c.attention_dropout_rate, deterministic=c.deterministic,
+            num_heads=c.num_heads,
+            dtype=c.dtype,
+            qkv_features=c.qkv_dim,
+            use_bias=False,
+            broadcast_dropout=False,
+            dropout_rate=c.attention_dropout_rate,
+            deterministic=c.deterministic,
         )(x, mask=decoder_mask)
         x = nn.Dropout(rate=c.dropout_rate)(x, deterministic=c.deterministic)
         x = x + inputs
@@ -112,7 +117,8 @@ class TransformerLM(nn.Module):
     def __call__(self, inputs):
         c = self.config
         decoder_mask = nn.combine_masks(
-            nn.make_attention_mask(inputs > 0, inputs > 0, dtype=c.dtype), nn.make_causal_mask(inputs, dtype=c.dtype),
+            nn.make_attention_mask(inputs > 0, inputs > 0, dtype=c.dtype),
+            nn.make_causal_mask(inputs, dtype=c.dtype),
         )
         y = shift_right(inputs.astype("int32"))
         y = nn.Embed(num_embeddings=c.vocab_size, features=c.emb_dim)(y)
@@ -180,7 +186,9 @@ def _unrepeated(num_layers: int = 24, width: int = 32, batch: int = 256):
     rng = np.random.default_rng(0)
     widths = [width + 4 * k for k in range(num_layers + 1)]  # no two layers alike
     acts = [jnp.tanh, jax.nn.gelu, jax.nn.relu, jax.nn.sigmoid, jax.nn.silu, jnp.sin]
-    params = [jnp.asarray(rng.standard_normal((widths[k], widths[k + 1]), dtype=np.float32) / 8) for k in range(num_layers)]
+    params = [
+        jnp.asarray(rng.standard_normal((widths[k], widths[k + 1]), dtype=np.float32) / 8) for k in range(num_layers)
+    ]
     x = jnp.asarray(rng.standard_normal((batch, widths[0]), dtype=np.float32))
 
     def loss(params, x):

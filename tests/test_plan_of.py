@@ -41,7 +41,9 @@ def test_torch_errors_name_the_argument_and_say_what_to_pass():
     pytest.importorskip("torch")
     from torch_helpers import TinyGPT, tokens
 
-    with pytest.raises(ValueError, match=r"plan_of\(target=TinyGPT\( .*not made by remat_kit\.auto.*rematted torch module"):
+    with pytest.raises(
+        ValueError, match=r"plan_of\(target=TinyGPT\( .*not made by remat_kit\.auto.*rematted torch module"
+    ):
         rk.plan_of(TinyGPT(layers=1))
     with pytest.raises(ValueError, match=r"plan_of\(target=TinyGPT\): a torch module class has no plans.*instance"):
         rk.plan_of(TinyGPT)

@@ -34,8 +34,10 @@ def free_port() -> int:
 def run_processes(argvs: list[list[str]], env: dict[str, str]) -> list[str]:
     """Starts one process per argv, waits for all (killing all on timeout), returns their outputs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **env}
-    procs = [subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for argv in argvs]
+    procs = [
+        subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for argv in argvs
+    ]
     outputs = []
     try:
         for proc in procs:
@@ -84,8 +86,10 @@ def test_a_jax_array_whose_fingerprint_differs_after_restore_is_corrupt_and_skip
 @pytest.mark.slow
 def test_one_process_four_devices_saves_sharded_and_restores_onto_another_mesh(tmp_path):
     for phase in ("save", "torn"):
-        out = run_processes([[str(HELPERS / "jax_multiprocess.py"), str(tmp_path), "0", "1", "0", phase]],
-                            {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+        out = run_processes(
+            [[str(HELPERS / "jax_multiprocess.py"), str(tmp_path), "0", "1", "0", phase]],
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        )
         assert f"process 0: {phase} ok" in out[0]
 
 
@@ -95,7 +99,8 @@ def test_two_jax_processes_save_one_sharded_checkpoint_and_agree_on_restore_and_
         port = str(free_port())
         outs = run_processes(
             [[str(HELPERS / "jax_multiprocess.py"), str(tmp_path), str(i), "2", port, phase] for i in range(2)],
-            {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        )
         for i, out in enumerate(outs):
             assert f"process {i}: {phase} ok" in out, out[-3000:]
     assert [i.status for i in resume.list_steps(tmp_path)] == ["complete", "complete"]
@@ -104,8 +109,9 @@ def test_two_jax_processes_save_one_sharded_checkpoint_and_agree_on_restore_and_
 @pytest.mark.slow
 def test_ddp_and_fsdp2_on_two_gloo_ranks_save_together_and_restore_on_two_and_on_one(tmp_path):
     pytest.importorskip("torch")
-    outs = run_processes([[str(HELPERS / "torch_distributed.py"), str(tmp_path), "2", "save", str(rank)]
-                          for rank in range(2)], {})
+    outs = run_processes(
+        [[str(HELPERS / "torch_distributed.py"), str(tmp_path), "2", "save", str(rank)] for rank in range(2)], {}
+    )
     for rank, out in enumerate(outs):
         assert f"rank {rank}/2: save ok" in out, out[-3000:]
     # FSDP2 shards written by both ranks through torch.distributed.checkpoint, inside the step.
@@ -116,12 +122,33 @@ def test_ddp_and_fsdp2_on_two_gloo_ranks_save_together_and_restore_on_two_and_on
 
 
 def _start_loop(framework: str, directory: Path, out: Path, port: int, step_sleep: float) -> list[subprocess.Popen]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    return [subprocess.Popen([sys.executable, str(HELPERS / "dist_train_loop.py"), framework, str(directory), str(out),
-                              str(rank), "2", str(port), "--step-sleep", str(step_sleep)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for rank in range(2)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HELPERS / "dist_train_loop.py"),
+                framework,
+                str(directory),
+                str(out),
+                str(rank),
+                "2",
+                str(port),
+                "--step-sleep",
+                str(step_sleep),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
 
 
 def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
@@ -140,7 +167,8 @@ def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("framework", "signalled"), [("torch", [1]), ("jax", [0, 1])])
 def test_sigterm_to_some_ranks_saves_one_checkpoint_together_and_the_resumed_run_is_bit_identical(
-        tmp_path, framework, signalled):
+    tmp_path, framework, signalled
+):
     if framework == "torch":
         pytest.importorskip("torch")
     reference = _finish(_start_loop(framework, tmp_path / "ref", tmp_path / "ref.npz", free_port(), 0.0))

@@ -58,8 +58,14 @@ class ForkServer:
 
     def __init__(self, root: Path) -> None:
         self.root, self.count = root, 0
-        self.proc = subprocess.Popen([sys.executable, str(HELPERS / "fork_server.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HELPERS / "fork_server.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )
         assert self.readline() == "server ready"
 
     def readline(self, timeout: float = 300.0) -> str:
@@ -100,7 +106,8 @@ def assert_same_params(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("framework,sig", [("torch", signal.SIGTERM), ("jax", signal.SIGUSR1)])
 def test_preempted_then_killed_then_resumed_run_is_bit_identical_to_an_uninterrupted_one(
-        server, tmp_path, framework, sig):
+    server, tmp_path, framework, sig
+):
     ckpt = tmp_path / "ckpt"
     reference = server.run("train_loop.py", framework, tmp_path / "reference", tmp_path / "reference.npz")
     assert reference.wait() == 0, reference.output()[-3000:]
@@ -153,8 +160,11 @@ def test_kill_9_at_random_moments_always_restores_a_complete_consistent_state(se
         expected = expected_state(step)
         assert state["nested"]["step"] == step and state["nested"]["tag"] == f"s{step}"
         assert state["items"] == [step, step / 3]
-        for got, want in ((state["big"], expected["big"]), (state["ints"], expected["ints"]),
-                          (state["nested"]["half"], expected["nested"]["half"])):
+        for got, want in (
+            (state["big"], expected["big"]),
+            (state["ints"], expected["ints"]),
+            (state["nested"]["half"], expected["nested"]["half"]),
+        ):
             assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
         restored_steps.append(step)
     assert restored_steps == sorted(restored_steps) and len(set(restored_steps)) == NUM_KILL_TRIALS

@@ -75,7 +75,7 @@ def test_keep_best_never_deletes_the_best_step_even_across_restarts(tmp_path, mo
         with resume.Resumable(tmp_path, keep=1, keep_best=("val_loss", mode)) as ckpt:
             ckpt.save(step, state_at(step), metrics=None if loss is None else {"val_loss": loss, "acc": 0.5})
             ckpt.wait()
-            seen = [(sign * l, s) for s, l in enumerate(losses[: step + 1]) if l is not None and l == l]
+            seen = [(sign * v, s) for s, v in enumerate(losses[: step + 1]) if v is not None and v == v]
             best = min(seen)[1] if seen else None
             assert ckpt.all_steps() == sorted({best, step} - {None}), (step, ckpt.all_steps())
             assert ckpt.best_step() == best
@@ -99,8 +99,12 @@ def test_the_last_good_step_survives_while_newer_ones_are_not_sealed(tmp_path, m
 
 def _array_files(step_dir: Path) -> list[Path]:
     """JAX arrays: Orbax's data files under arrays/; host arrays: host/*.npy."""
-    return [p for p in step_dir.rglob("*") if p.is_file() and (
-        ("/d/" in p.as_posix() and "arrays" in p.parts) or (p.suffix == ".npy" and "host" in p.parts))]
+    return [
+        p
+        for p in step_dir.rglob("*")
+        if p.is_file()
+        and (("/d/" in p.as_posix() and "arrays" in p.parts) or (p.suffix == ".npy" and "host" in p.parts))
+    ]
 
 
 def _largest_array_file(step_dir: Path) -> Path:
@@ -224,8 +228,13 @@ def test_ls_command_prints_steps_status_metrics_and_best(tmp_path):
     with resume.Resumable(tmp_path / "ck", keep=5, keep_best=("loss", "min")) as ckpt:
         for step, loss in enumerate([3.0, 1.0, 2.0]):
             ckpt.save(step, state_at(step), metrics={"loss": loss})
-    result = subprocess.run([sys.executable, "-m", "remat_kit.resume", "ls", str(tmp_path / "ck")],
-                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [sys.executable, "-m", "remat_kit.resume", "ls", str(tmp_path / "ck")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["STEP", "STATUS", "SIZE", "FILES", "CREATED", "(UTC)", "BEST", "METRICS"]

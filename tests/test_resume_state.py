@@ -58,8 +58,13 @@ def assert_same(a, b):
         assert a == b
 
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.text(max_size=5),
-                         st.floats(allow_nan=True, allow_infinity=True))
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.text(max_size=5),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
 np_arrays = st.builds(
     lambda shape, dtype, seed: np.random.default_rng(seed).normal(size=shape).astype(dtype),
     st.lists(st.integers(0, 3), max_size=3).map(tuple),
@@ -89,8 +94,13 @@ def test_jax_arrays_keys_and_pytrees_round_trip():
     import jax.numpy as jnp
 
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3, jnp.bfloat16)}
-    state = {"params": params, "opt": optax.adam(1e-3).init(params), "key": jax.random.key(7),
-             "raw_key": jax.random.PRNGKey(3), "step": jnp.int32(5)}
+    state = {
+        "params": params,
+        "opt": optax.adam(1e-3).init(params),
+        "key": jax.random.key(7),
+        "raw_key": jax.random.PRNGKey(3),
+        "step": jnp.int32(5),
+    }
     restored = round_trip(state, template=state)
     assert type(restored["opt"][0]) is type(state["opt"][0])  # optax NamedTuple rebuilt from template
     assert jax.random.key_impl(restored["key"]) == jax.random.key_impl(state["key"])
@@ -103,8 +113,21 @@ def test_jax_arrays_keys_and_pytrees_round_trip():
     assert isinstance(bare["opt"][0], dict) and isinstance(bare["params"]["w"], jax.Array)
 
 
-TORCH_DTYPES = ["float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
-                "bool", "complex64", "float8_e4m3fn", "float8_e5m2"]
+TORCH_DTYPES = [
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "bool",
+    "complex64",
+    "float8_e4m3fn",
+    "float8_e5m2",
+]
 
 
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
@@ -151,19 +174,36 @@ def test_torch_model_optimizer_scheduler_restore_in_place_with_nested_structure(
 
 def test_rng_states_of_python_numpy_torch_and_generators_resume_the_same_stream():
     torch = pytest.importorskip("torch")
-    gens = {"py": random.Random(1), "np": np.random.default_rng(2), "mt": np.random.Generator(np.random.MT19937(3)),
-            "torch": torch.Generator().manual_seed(4), "global": resume.GlobalRNG()}
+    gens = {
+        "py": random.Random(1),
+        "np": np.random.default_rng(2),
+        "mt": np.random.Generator(np.random.MT19937(3)),
+        "torch": torch.Generator().manual_seed(4),
+        "global": resume.GlobalRNG(),
+    }
     random.seed(5), np.random.seed(6), torch.manual_seed(7)
     restore = saved(gens)
 
     def draw(g):
-        return (g["py"].random(), g["np"].random(), g["mt"].random(), torch.rand(1, generator=g["torch"]).item(),
-                random.random(), np.random.rand(), torch.rand(1).item())
+        return (
+            g["py"].random(),
+            g["np"].random(),
+            g["mt"].random(),
+            torch.rand(1, generator=g["torch"]).item(),
+            random.random(),
+            np.random.rand(),
+            torch.rand(1).item(),
+        )
 
     first = draw(gens)
     random.seed(0), np.random.seed(0), torch.manual_seed(0)  # disturb the global streams
-    template = {"py": random.Random(), "np": np.random.default_rng(), "mt": np.random.Generator(np.random.MT19937()),
-                "torch": torch.Generator(), "global": resume.GlobalRNG()}
+    template = {
+        "py": random.Random(),
+        "np": np.random.default_rng(),
+        "mt": np.random.Generator(np.random.MT19937()),
+        "torch": torch.Generator(),
+        "global": resume.GlobalRNG(),
+    }
     assert draw(restore(template)) == first
     bare = restore()  # generators are rebuilt, global state returned as data
     assert bare["py"].random() == first[0] and bare["np"].random() == first[1]
@@ -191,10 +231,12 @@ def test_template_mismatch_names_every_differing_key_and_changes_nothing():
     with pytest.raises(resume.TemplateMismatchError) as info:
         restore({"a": np.zeros(4, np.float32), "b": {"d": 1}, "m": other, "l": [1]})
     message = str(info.value)
-    for expected in ("state['a']: saved float32[3], template has float32[4]",
-                     "state['b']['d']: in the template but not in the checkpoint",
-                     "state['b']['c']: in the checkpoint but not in the template",
-                     "state['l']: saved 2 items, template has 1"):
+    for expected in (
+        "state['a']: saved float32[3], template has float32[4]",
+        "state['b']['d']: in the template but not in the checkpoint",
+        "state['b']['c']: in the checkpoint but not in the template",
+        "state['l']: saved 2 items, template has 1",
+    ):
         assert expected in message
     assert all(p.equal(q) for p, q in zip(other.parameters(), before))  # no partial in-place load
 
@@ -237,14 +279,23 @@ def test_importing_remat_kit_resume_does_not_import_torch_and_without_orbax_says
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    lazy = ("import sys, remat_kit; assert 'jax' not in sys.modules and 'orbax' not in sys.modules; "
-            "import remat_kit.resume; assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
-    no_orbax = ("import sys; sys.modules['orbax'] = None\n"  # None in sys.modules blocks the import
-                "try:\n    import remat_kit.resume\nexcept ImportError as e:\n    print(e)")
+    lazy = (
+        "import sys, remat_kit; assert 'jax' not in sys.modules and 'orbax' not in sys.modules; "
+        "import remat_kit.resume; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
+    no_orbax = (
+        "import sys; sys.modules['orbax'] = None\n"  # None in sys.modules blocks the import
+        "try:\n    import remat_kit.resume\nexcept ImportError as e:\n    print(e)"
+    )
     outputs = []
     for code in (lazy, no_orbax):
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
+        )
         outputs.append(result.stdout.strip())
         assert result.returncode == 0, result.stderr[-2000:]
     assert outputs[0] == "ok"

@@ -103,11 +103,19 @@ def test_exact_flop_counts_of_the_analytic_layer():
     unneeded = {"layers.0.fc2", "layers.0.mlp_dropout", "layers.0.residual2"}
     assert set(full.recomputed) == {v.name for v in g if v.name.startswith("layers.0")} - unneeded
     assert full.recompute_flops == sum(v.flops for v in g if v.name in set(full.recomputed))
-    assert full.recompute_flops == (2 * s * b * h * h * 4 + 2 * s * b * h * 4 * h  # q, k, v, proj, fc1
-                                    + 2 * (2 * s * s * b * h)  # scores, context
-                                    + 8 * s * b * h * 2 + 5 * a * s * s * b + 2 * a * s * s * b  # norms, softmax, dropout
-                                    + a * s * s * b + s * b * h * 2 + 2 * s * b * h + s * b * h  # masks, drop, add
-                                    + 8 * 4 * s * b * h)  # gelu
+    assert full.recompute_flops == (
+        2 * s * b * h * h * 4
+        + 2 * s * b * h * 4 * h  # q, k, v, proj, fc1
+        + 2 * (2 * s * s * b * h)  # scores, context
+        + 8 * s * b * h * 2
+        + 5 * a * s * s * b
+        + 2 * a * s * s * b  # norms, softmax, dropout
+        + a * s * s * b
+        + s * b * h * 2
+        + 2 * s * b * h
+        + s * b * h  # masks, drop, add
+        + 8 * 4 * s * b * h
+    )  # gelu
 
 
 def test_plan_for_another_graph_is_refused():

@@ -37,8 +37,7 @@ def _within(graph, budget, **kwargs):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), frac=st.sampled_from([0.35, 0.5, 0.7, 0.85]),
-       span=st.sampled_from([1, 2]))
+@given(seed=st.integers(0, 10_000), frac=st.sampled_from([0.35, 0.5, 0.7, 0.85]), span=st.sampled_from([1, 2]))
 def test_default_solver_is_within_2_percent_of_the_whole_graph_optimum(seed, frac, span):
     graph = random_chain(seed, num_blocks=3)
     found = _within(graph, frac, max_segment_blocks=span)
@@ -58,7 +57,6 @@ def test_default_solver_reaches_the_optimum_on_transformer_shapes(shape, frac):
     assert got <= TOLERANCE * best
 
 
-
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), frac=st.sampled_from([0.35, 0.5, 0.7, 0.85]))
 def test_default_solver_fits_where_the_whole_graph_program_underestimates(seed, frac):
@@ -66,8 +64,12 @@ def test_default_solver_fits_where_the_whole_graph_program_underestimates(seed, 
     a torch layer stack was over the limit and `solve` raised its own-bug RuntimeError."""
     graph = random_chain(seed, num_blocks=3)
     rng = random.Random(seed)
-    graph = rk.CostGraph([dataclasses.replace(v, bwd_workspace_bytes=rng.choice([0, 0, 50, 200]))
-                          if v.is_activation else v for v in graph])
+    graph = rk.CostGraph(
+        [
+            dataclasses.replace(v, bwd_workspace_bytes=rng.choice([0, 0, 50, 200])) if v.is_activation else v
+            for v in graph
+        ]
+    )
     try:
         plan = rk.solve(graph, frac)
     except rk.InfeasibleBudgetError:

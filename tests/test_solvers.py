@@ -119,7 +119,9 @@ def test_infeasible_budget_names_the_smallest_feasible_one():
     err = info.value
     assert "smallest feasible budget" in str(err) and "budget=0.05" in str(err) and "raise it" in str(err)
     plan = rk.solve(graph, math.ceil(err.smallest_fraction * 1000) / 1000)  # the number it names works
-    assert plan.predicted_activation_bytes <= math.floor(math.ceil(err.smallest_fraction * 1000) / 1000 * plan.baseline_activation_bytes)
+    assert plan.predicted_activation_bytes <= math.floor(
+        math.ceil(err.smallest_fraction * 1000) / 1000 * plan.baseline_activation_bytes
+    )
     with pytest.raises(rk.InfeasibleBudgetError, match="smallest feasible budget"):
         rk.solve(graph, err.smallest_bytes - 1)
     rk.solve(graph, err.smallest_bytes)  # bytes: exactly the smallest is feasible
@@ -191,8 +193,10 @@ def test_auto_beats_megatron_at_megatron_memory():
 def test_solver_no_worse_than_any_preset_that_fits(preset):
     graph = rk.transformer_graph(num_layers=6, seq_len=512, batch=1, hidden=128, num_heads=4)
     p = {
-        "full": rk.presets.full, "megatron_selective": rk.presets.megatron_selective,
-        "every_2": lambda g: rk.presets.every_k(g, 2), "sqrt_n": rk.presets.sqrt_n,
+        "full": rk.presets.full,
+        "megatron_selective": rk.presets.megatron_selective,
+        "every_2": lambda g: rk.presets.every_k(g, 2),
+        "sqrt_n": rk.presets.sqrt_n,
         "dots": lambda g: rk.presets.save_only_kinds(g, ["matmul", "attention"]),
     }[preset](graph)
     plan = rk.solve(graph, p.predicted_peak_bytes)
@@ -222,8 +226,9 @@ def test_chain_dp_with_segments_is_exact(seed):
     options = [[] for _ in range(graph.num_blocks)]
     for first in range(graph.num_blocks):
         for last in range(first, graph.num_blocks):
-            merged = graph.regroup([[n] for n in names[:first]] + [list(names[first:last + 1])]
-                                   + [[n] for n in names[last + 1:]])
+            merged = graph.regroup(
+                [[n] for n in names[:first]] + [list(names[first : last + 1])] + [[n] for n in names[last + 1 :]]
+            )
             free = [i for i in merged.block_members[first] if not merged.is_forced[i]]
             for combo in itertools.product([_SAVE, _RECOMPUTE], repeat=len(free)):
                 codes = dict(zip(free, combo))
@@ -307,14 +312,23 @@ def test_shared_menus_match_each_position_with_values_read_by_every_block():
     the last layer's. Identical layers then differ by position; each shared menu entry must still
     equal what the whole-graph simulator says at that position."""
     vals = [rk.value("x", 64, role="input"), rk.value("w", 10, role="param")]
-    vals += [rk.value("pre.mask", 32, kind="other", deps=["x"], bwd_reads=[], requires_grad=False, block=0),
-             rk.value("pre.pos", 64, kind="embedding", deps=["w"], bwd_reads=[], block=0),
-             rk.value("pre.h", 64, kind="elementwise", deps=["x", "pre.pos"], bwd_reads=[], block=0)]
+    vals += [
+        rk.value("pre.mask", 32, kind="other", deps=["x"], bwd_reads=[], requires_grad=False, block=0),
+        rk.value("pre.pos", 64, kind="embedding", deps=["w"], bwd_reads=[], block=0),
+        rk.value("pre.h", 64, kind="elementwise", deps=["x", "pre.pos"], bwd_reads=[], block=0),
+    ]
     prev = "pre.h"
     for b in range(1, 6):
         q = rk.value(f"l{b}.q", 128, kind="matmul", flops=10**5, deps=[prev, "w"], bwd_reads=[prev], block=b)
-        s = rk.value(f"l{b}.s", 256, kind="attention", flops=10**5, deps=[q.name, "pre.mask", "pre.pos"],
-                     bwd_reads=[q.name, "pre.mask"], block=b)
+        s = rk.value(
+            f"l{b}.s",
+            256,
+            kind="attention",
+            flops=10**5,
+            deps=[q.name, "pre.mask", "pre.pos"],
+            bwd_reads=[q.name, "pre.mask"],
+            block=b,
+        )
         o = rk.value(f"l{b}.o", 64, kind="matmul", flops=10**5, deps=[s.name, prev], bwd_reads=[s.name], block=b)
         vals += [q, s, o]
         prev = o.name
@@ -339,8 +353,17 @@ def test_min_peak_skips_blocks_only_a_segment_covers():
     # Block 1 starts no option: only the two-block segment from block 0 reaches block 2 (a scan
     # regrouped g layers per step gives such menus). min_peak must equal solve_chain's bisection.
     def opt(kept, peak, span=1):
-        return chain_dp.BlockOption(label="o", codes=(), kept_bytes=kept, local_peak=peak, cost=0, num_ops=0,
-                                    span=span, forward_peak=peak, backward_peak=peak)
+        return chain_dp.BlockOption(
+            label="o",
+            codes=(),
+            kept_bytes=kept,
+            local_peak=peak,
+            cost=0,
+            num_ops=0,
+            span=span,
+            forward_peak=peak,
+            backward_peak=peak,
+        )
 
     options = [[opt(5, 9, span=2)], [], [opt(3, 4), opt(1, 7)]]
     assert chain_dp.min_peak(options) == 9
@@ -380,8 +403,10 @@ def test_solvers_never_exceed_the_budget_where_values_are_shared_with_later_bloc
         limit = math.floor(frac * baseline_activation_bytes(graph))
         found = chain_dp.solve_chain(menus, limit)
         res = solve_milp(graph, limit=limit, rec_cost=costs.recompute)
-        for codes in (None if found is None else _path_codes(graph, menus, found[0]),
-                      None if res is None else _codes_from_milp(graph, res)):
+        for codes in (
+            None if found is None else _path_codes(graph, menus, found[0]),
+            None if res is None else _codes_from_milp(graph, res),
+        ):
             if codes is None:
                 assert brute_force(graph, limit - shared_bytes, costs) is None
             else:
@@ -399,8 +424,12 @@ def _every_block_plan(graph, costs):
     menus = []
     for blk in range(graph.num_blocks):
         free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
-        menus.append([chain_dp.measure_option(graph, blk, dict(zip(free, combo)), costs.of, "enum")
-                      for combo in itertools.product([_SAVE, _RECOMPUTE], repeat=len(free))])
+        menus.append(
+            [
+                chain_dp.measure_option(graph, blk, dict(zip(free, combo)), costs.of, "enum")
+                for combo in itertools.product([_SAVE, _RECOMPUTE], repeat=len(free))
+            ]
+        )
     return menus
 
 

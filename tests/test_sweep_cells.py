@@ -8,7 +8,9 @@ from benchmarks._cells import plan_cells, shard
 
 
 def test_plan_skips_cells_that_do_not_apply():
-    cells = plan_cells(["jax", "torch"], ["gpt_unrolled", "mlp"], ["tiny"], ["none", "attn_core", "peers", "auto"], [0.5])
+    cells = plan_cells(
+        ["jax", "torch"], ["gpt_unrolled", "mlp"], ["tiny"], ["none", "attn_core", "peers", "auto"], [0.5]
+    )
     ids = [c.id for c in cells]
     assert "torch/gpt_unrolled/tiny/none" not in ids  # JAX only
     assert "jax/mlp/tiny/attn_core" not in ids  # no attention
@@ -24,15 +26,25 @@ def test_shards_partition_the_cells(n):
     assert sorted(c for p in parts for c in p) == sorted(cells)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"budgets": [1.5]}, "--budgets got 1.5"),
-    ({"strategies": ["fast"]}, "--strategies got 'fast'"),
-    ({"models": ["resnet"]}, "--models got 'resnet'"),
-    ({"sizes": ["huge"]}, "--size got 'huge'"),
-    ({"frameworks": ["mxnet"]}, "--frameworks got 'mxnet'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"budgets": [1.5]}, "--budgets got 1.5"),
+        ({"strategies": ["fast"]}, "--strategies got 'fast'"),
+        ({"models": ["resnet"]}, "--models got 'resnet'"),
+        ({"sizes": ["huge"]}, "--size got 'huge'"),
+        ({"frameworks": ["mxnet"]}, "--frameworks got 'mxnet'"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, message):
-    args = {"frameworks": ["jax"], "models": ["mlp"], "sizes": ["tiny"], "strategies": ["none"], "budgets": [0.5], **kwargs}
+    args = {
+        "frameworks": ["jax"],
+        "models": ["mlp"],
+        "sizes": ["tiny"],
+        "strategies": ["none"],
+        "budgets": [0.5],
+        **kwargs,
+    }
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         plan_cells(**args)
 

@@ -19,8 +19,21 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CELLS = ["--frameworks", "jax", "--models", "mlp", "--strategies", "none", "all", "every_2", "sqrt_n",
-         "--steps", "2", "--warmup", "1"]
+CELLS = [
+    "--frameworks",
+    "jax",
+    "--models",
+    "mlp",
+    "--strategies",
+    "none",
+    "all",
+    "every_2",
+    "sqrt_n",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+]
 
 
 def sweep(out: pathlib.Path, *extra: str, fault: str = "jax/=error", wait: bool = True, timeout: float = 180):
@@ -128,12 +141,22 @@ def test_shards_merge_into_one_sweep(tmp_path):
         assert sweep(tmp_path / f"s{k}", "--shard", f"{k}/2").returncode == 0
     assert {r["cell_id"] for r in rows(tmp_path / "s1")}.isdisjoint(r["cell_id"] for r in rows(tmp_path / "s2"))
     merge = [sys.executable, "-m", "benchmarks.sweep", "merge"]
-    ok = subprocess.run([*merge, str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "all")],
-                        cwd=ROOT, capture_output=True, text=True)
+    ok = subprocess.run(
+        [*merge, str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "all")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     check_complete(tmp_path / "all")
-    half = subprocess.run([*merge, str(tmp_path / "s1"), "--out", str(tmp_path / "half")], cwd=ROOT, capture_output=True, text=True)
+    half = subprocess.run(
+        [*merge, str(tmp_path / "s1"), "--out", str(tmp_path / "half")], cwd=ROOT, capture_output=True, text=True
+    )
     assert half.returncode == 1 and "missing: jax/mlp/tiny/all" in half.stderr
-    twice = subprocess.run([*merge, str(tmp_path / "s1"), str(tmp_path / "s1"), "--out", str(tmp_path / "x")],
-                           cwd=ROOT, capture_output=True, text=True)
+    twice = subprocess.run(
+        [*merge, str(tmp_path / "s1"), str(tmp_path / "s1"), "--out", str(tmp_path / "x")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert twice.returncode == 2 and "jax/mlp/tiny/none" in twice.stderr

@@ -151,8 +151,10 @@ def test_deepcopy_of_a_rematted_model_runs_on_the_copy(gpt):
     # The copy's step ran the copy's layers: the original's gradients are as its own step left them
     # (a forward still bound to the original would have accumulated into them).
     after = [p.grad for p in m.parameters()]
-    assert all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
-               for a, b in zip(after, before, strict=True))
+    assert all(
+        (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+        for a, b in zip(after, before, strict=True)
+    )
     assert twin.forward.module is twin
 
 
@@ -217,8 +219,9 @@ class _TwoStacks(torch.nn.Module):
         torch.manual_seed(0)
         self.enc = torch.nn.ModuleList(Block(d, 4) for _ in range(layers))
         self.mid = torch.nn.LayerNorm(d)
-        self.dec = torch.nn.ModuleList(torch.nn.TransformerEncoderLayer(d, 4, 4 * d, 0.1, batch_first=True)
-                                       for _ in range(layers))
+        self.dec = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(d, 4, 4 * d, 0.1, batch_first=True) for _ in range(layers)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.enc:

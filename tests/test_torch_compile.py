@@ -41,12 +41,31 @@ def _hf(name: str) -> tuple[torch.nn.Module, tuple, dict]:
     tf.logging.set_verbosity_error()
     torch.manual_seed(0)
     if name == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=64, vocab_size=64,
-                                                 resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1))
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(
+                n_layer=4,
+                n_embd=32,
+                n_head=4,
+                n_positions=64,
+                vocab_size=64,
+                resid_pdrop=0.1,
+                embd_pdrop=0.1,
+                attn_pdrop=0.1,
+            )
+        )
     else:
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                                   max_position_embeddings=64, attention_dropout=0.1))
+        model = tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                num_hidden_layers=4,
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=64,
+                max_position_embeddings=64,
+                attention_dropout=0.1,
+            )
+        )
     model.loss_type = "ForCausalLM"  # GPT-2 has none: HF logs a warning, a graph break of its own
     idx = torch.randint(0, 64, (2, 64))
     return model, (), {"input_ids": idx, "labels": idx}
@@ -64,7 +83,7 @@ def _selective(model, args, kwargs, save_kinds=("matmul", "rng")):
     _loss(model(*args, **kwargs)).backward()
     model.zero_grad(set_to_none=True)
     state = state_of(model)
-    (key, planned), = state.plans.items()
+    ((key, planned),) = state.plans.items()
     tg, prof, g = planned.tg, planned.profile, planned.tg.graph
     layers = {s.module for s in tg.segments if s.module}
     wanted = {}
@@ -202,12 +221,23 @@ def test_align_dropout_and_views():
     """Eager dropout (empty_like, bernoulli_, div_, mul) is one native_dropout when traced;
     _unsafe_view is view. Kept values take MUST_SAVE, the rest MUST_RECOMPUTE."""
     S, R = _compiled.SAVE, _compiled.RECOMPUTE
-    steps = [_Step("aten.addmm.default", "cache", (0,)), _Step("aten._unsafe_view.default", "run"),
-             _Step("aten.empty_like.default", "skip"), _Step("aten.bernoulli_.float", "cache", (0,)),
-             _Step("aten.div_.Scalar", "cache", (0,)), _Step("aten.mul.Tensor", "run"),
-             _Step("aten.native_layer_norm.default", "cache", (1, 2), leaves=3), _Step("aten.add.Tensor", "skip")]
-    names = ["aten.addmm.default", "aten.view.default", "aten.native_dropout.default",
-             "aten.native_layer_norm.default", "aten.add.Tensor"]
+    steps = [
+        _Step("aten.addmm.default", "cache", (0,)),
+        _Step("aten._unsafe_view.default", "run"),
+        _Step("aten.empty_like.default", "skip"),
+        _Step("aten.bernoulli_.float", "cache", (0,)),
+        _Step("aten.div_.Scalar", "cache", (0,)),
+        _Step("aten.mul.Tensor", "run"),
+        _Step("aten.native_layer_norm.default", "cache", (1, 2), leaves=3),
+        _Step("aten.add.Tensor", "skip"),
+    ]
+    names = [
+        "aten.addmm.default",
+        "aten.view.default",
+        "aten.native_dropout.default",
+        "aten.native_layer_norm.default",
+        "aten.add.Tensor",
+    ]
     tags, why = _compiled.align(tuple(steps), names)
     # the mask is kept but the output recomputed: the dropout is recomputed from its saved RNG
     # state; layer norm keeps only its statistics: recomputed from its input
@@ -215,8 +245,11 @@ def test_align_dropout_and_views():
     steps[5] = _Step("aten.mul.Tensor", "cache", (0,))
     assert _compiled.align(tuple(steps), names)[0][2] == S
     # a value kept whole under another name: its last traced op is saved, the rest recomputed
-    steps = [_Step("aten.addmm.default", "run"), _Step("aten.gelu.default", "cache", (0,)),
-             _Step("aten.add.Tensor", "skip")]
+    steps = [
+        _Step("aten.addmm.default", "run"),
+        _Step("aten.gelu.default", "cache", (0,)),
+        _Step("aten.add.Tensor", "skip"),
+    ]
     traced = ["aten.addmm.default", "aten.mul.Scalar", "aten.erf.default", "aten.add.Tensor"]
     assert _compiled.align(tuple(steps), traced)[0] == [R, R, S, R]
     # kept beside recomputed values of a run with no counterpart and no RNG to regenerate them

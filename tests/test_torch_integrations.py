@@ -60,8 +60,9 @@ def _hf():
 
 def test_hf_gpt2_from_config():
     tf = _hf()
-    config = tf.GPT2Config(n_layer=6, n_embd=32, n_head=4, n_positions=64, vocab_size=64, resid_pdrop=0.1,
-                           embd_pdrop=0.1, attn_pdrop=0.1)
+    config = tf.GPT2Config(
+        n_layer=6, n_embd=32, n_head=4, n_positions=64, vocab_size=64, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1
+    )
     torch.manual_seed(0)
     model = tf.GPT2LMHeadModel(config)
     idx = tokens(seq=64, vocab=64)[0]
@@ -71,8 +72,15 @@ def test_hf_gpt2_from_config():
 
 def test_hf_llama_from_config():
     tf = _hf()
-    config = tf.LlamaConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    config = tf.LlamaConfig(
+        num_hidden_layers=6,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(config)
     idx = tokens(seq=64, vocab=64)[0]
@@ -81,8 +89,14 @@ def test_hf_llama_from_config():
 
 def test_hf_bert_from_config():
     tf = _hf()
-    config = tf.BertConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                           vocab_size=64, max_position_embeddings=64)
+    config = tf.BertConfig(
+        num_hidden_layers=6,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = tf.BertForMaskedLM(config)
     idx = tokens(seq=64, vocab=64)[0]
@@ -94,8 +108,9 @@ def test_hf_t5_encoder_decoder_from_config():
     cache that cross-attention filled in the forward and read back in the recompute (a different op
     sequence, raised in the backward). auto turns use_cache off in every config, unwrap restores them."""
     tf = _hf()
-    config = tf.T5Config(num_layers=3, num_decoder_layers=3, d_model=32, num_heads=4, d_ff=64, d_kv=8,
-                         vocab_size=64, dropout_rate=0.1)
+    config = tf.T5Config(
+        num_layers=3, num_decoder_layers=3, d_model=32, num_heads=4, d_ff=64, d_kv=8, vocab_size=64, dropout_rate=0.1
+    )
     torch.manual_seed(0)
     model = tf.T5ForConditionalGeneration(config)
     assert model.decoder.config is not model.config and model.decoder.config.use_cache
@@ -151,10 +166,12 @@ def test_autocast_bf16_on_cpu():
 def test_ddp_and_fsdp2_on_two_gloo_processes(tmp_path):
     worker = os.path.join(os.path.dirname(__file__), "torch_dist_worker.py")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, worker, str(tmp_path / "init")], env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1"
+    )
+    result = subprocess.run(
+        [sys.executable, worker, str(tmp_path / "init")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "ok: DDP and FSDP2" in result.stdout
 

@@ -33,7 +33,8 @@ class Stack(nn.Module):
         super().__init__()
         self.inp = nn.Linear(d, d) if prologue else nn.Identity()
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(0.1)) for _ in range(layers))
+            nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(0.1)) for _ in range(layers)
+        )
 
     def forward(self, x):
         x = self.inp(x)

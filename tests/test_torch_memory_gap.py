@@ -77,8 +77,11 @@ def _check(model: nn.Module, inputs: tuple, choose) -> None:
 
 def _recompute_mlp(graph, pinned):
     """Keep attention, recompute each layer's MLP: the replay runs through attention on placeholders."""
-    return {graph.values[i].name: Decision.RECOMPUTE for i in graph.free_values
-            if graph.values[i].name.split("/")[0].endswith((".fc", ".out")) or "/aten.gelu" in graph.values[i].name}
+    return {
+        graph.values[i].name: Decision.RECOMPUTE
+        for i in graph.free_values
+        if graph.values[i].name.split("/")[0].endswith((".fc", ".out")) or "/aten.gelu" in graph.values[i].name
+    }
 
 
 def _recompute_all(graph, pinned):

@@ -214,8 +214,17 @@ class _ViT(nn.Module):
     """Patch embedding, class token, position embedding and dropout, pre-LN layers, head on the
     class token, cross-entropy: transformers' ViTForImageClassification in small."""
 
-    def __init__(self, layers: int = 4, d: int = 32, heads: int = 4, ffn: int = 64, image: int = 16, patch: int = 4,
-                 classes: int = 4, p: float = 0.1):
+    def __init__(
+        self,
+        layers: int = 4,
+        d: int = 32,
+        heads: int = 4,
+        ffn: int = 64,
+        image: int = 16,
+        patch: int = 4,
+        classes: int = 4,
+        p: float = 0.1,
+    ):
         super().__init__()
         self.patch = nn.Conv2d(3, d, patch, patch)
         self.cls = nn.Parameter(torch.randn(1, 1, d))
@@ -262,7 +271,9 @@ def test_replay_scratch_is_not_sized_by_in_place_ops() -> None:
         spec = tree_flatten(t)[1]
         return Step(func, SKIP, (), (), False, inplace, spec, (("t", shape, t.stride(), t.dtype, t.device),))
 
-    region = Region("layer", "layer", (step("aten.mul.Tensor", (4, 4), False), step("aten.mul_.Tensor", (64, 64), True)))
+    region = Region(
+        "layer", "layer", (step("aten.mul.Tensor", (4, 4), False), step("aten.mul_.Tensor", (64, 64), True))
+    )
     state = _State(region)
     state.begin_replay()
     placeholder = state.placeholder((4, 4), (4, 1), torch.float32, torch.device("cpu"), shared=True)

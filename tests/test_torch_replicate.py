@@ -48,14 +48,33 @@ def _hf(name: str, layers: int):
     t = transformers
     common = dict(vocab_size=97)
     if name == "gpt2":
-        return t.GPT2LMHeadModel(t.GPT2Config(n_layer=layers, n_embd=32, n_head=4, n_positions=64, use_cache=False,
-                                              bos_token_id=0, eos_token_id=0, **common))
+        return t.GPT2LMHeadModel(
+            t.GPT2Config(
+                n_layer=layers,
+                n_embd=32,
+                n_head=4,
+                n_positions=64,
+                use_cache=False,
+                bos_token_id=0,
+                eos_token_id=0,
+                **common,
+            )
+        )
     if name == "llama":
-        return t.LlamaForCausalLM(t.LlamaConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=64,
-                                                num_attention_heads=4, num_key_value_heads=2, use_cache=False,
-                                                **common))
-    return t.BertForMaskedLM(t.BertConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=64,
-                                          num_attention_heads=4, **common))
+        return t.LlamaForCausalLM(
+            t.LlamaConfig(
+                num_hidden_layers=layers,
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                use_cache=False,
+                **common,
+            )
+        )
+    return t.BertForMaskedLM(
+        t.BertConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=4, **common)
+    )
 
 
 def test_written_out_profile_equals_the_whole_forward_gpt():
@@ -74,8 +93,9 @@ def test_written_out_profile_equals_the_whole_forward_hugging_face(name):
 
 def test_written_out_profile_equals_the_whole_forward_encoder_and_sequential_root():
     torch.manual_seed(0)
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), num_layers=MIN_LAYERS,
-                                enable_nested_tensor=False)
+    enc = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), num_layers=MIN_LAYERS, enable_nested_tensor=False
+    )
     _assert_same_profile(enc, (torch.randn(2, 16, 32),))
     seq = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Dropout(0.1)) for _ in range(10)])
     _assert_same_profile(seq, (torch.randn(4, 32),))
@@ -115,12 +135,16 @@ def test_a_layer_index_attribute_is_allowed_to_differ():
     _assert_same_profile(_Stack(12), (torch.randn(4, 16),))
 
 
-@pytest.mark.parametrize("stack", [
-    _Stack(12, scales=[1.0 + i for i in range(12)]),  # a plain attribute differs between layers
-    _Stack(12, period=2),  # every other layer runs another op: profiled layer 2 differs from 1
-    _Stack(12, indexed=True),  # the forward cannot run with four layers
-    _Stack(MIN_LAYERS - 1),  # too short to be worth it
-], ids=["attribute", "period-2", "indexed", "short"])
+@pytest.mark.parametrize(
+    "stack",
+    [
+        _Stack(12, scales=[1.0 + i for i in range(12)]),  # a plain attribute differs between layers
+        _Stack(12, period=2),  # every other layer runs another op: profiled layer 2 differs from 1
+        _Stack(12, indexed=True),  # the forward cannot run with four layers
+        _Stack(MIN_LAYERS - 1),  # too short to be worth it
+    ],
+    ids=["attribute", "period-2", "indexed", "short"],
+)
 def test_no_written_out_profile_where_it_would_not_hold(stack):
     assert profile_replicated(stack.train(), (torch.randn(4, 16),), {}) is None
 
@@ -146,8 +170,15 @@ def test_a_difference_deep_in_the_stack_is_caught_by_the_replay_and_replanned():
 def test_a_7b_shaped_llama_stack_is_planned_from_shapes():
     # Llama-7B shapes (d 4096, 32 layers, 32 heads, MLP 11008) at seq 4096 on the meta device:
     # nothing is allocated; four layers are profiled and the plan covers all 32.
-    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, use_cache=False)
+    cfg = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        use_cache=False,
+    )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg).train()
     ids = torch.zeros(1, 4096, dtype=torch.long, device="meta")
@@ -159,8 +190,7 @@ def test_a_7b_shaped_llama_stack_is_planned_from_shapes():
     # Every layer keeps the same bytes without remat: one q/k/v/o projection output alone is
     # s * d * 4 bytes (fp32 parameters on meta), and each layer holds at least four of them.
     g = compiled.tg.graph
-    per_layer = [sum(g[v.name].num_bytes for v in g.values if v.block == k and v.is_activation)
-                 for k in range(1, 33)]
+    per_layer = [sum(g[v.name].num_bytes for v in g.values if v.block == k and v.is_activation) for k in range(1, 33)]
     assert len(set(per_layer[1:-1])) == 1 and per_layer[1] >= 4 * 4096 * 4096 * 4
 
 

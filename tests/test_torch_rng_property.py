@@ -120,13 +120,18 @@ def test_random_models_draw_as_without_remat(depth, data, budget):
         floor = math.ceil(plan.smallest_fraction * 1000) / 1000
         plan = _check_steps(inner, outer, floor)
         assert isinstance(plan, remat_kit.Plan), f"budget={floor}, the smallest feasible budget named, was refused"
-    hypothesis.event(f"{'raised to the named floor' if raised else 'budget met'}; "
-                     f"{'some' if plan.num_recomputed_ops else 'no'} ops recomputed")
+    hypothesis.event(
+        f"{'raised to the named floor' if raised else 'budget met'}; "
+        f"{'some' if plan.num_recomputed_ops else 'no'} ops recomputed"
+    )
+
 
 def test_recomputed_op_on_an_explicit_generator_draws_its_forward_numbers():
     # Every layer draws a mask from the explicit generator; 0.4 recomputes them.
     plan = _check_steps(["bernoulli_gen"] * 6, ["none"] * 7, 0.4, rows=16, d=16)
-    assert isinstance(plan, remat_kit.Plan) and any("bernoulli" in n and d.value == "recompute" for n, d in plan.decisions)
+    assert isinstance(plan, remat_kit.Plan) and any(
+        "bernoulli" in n and d.value == "recompute" for n, d in plan.decisions
+    )
 
 
 def test_planning_does_not_move_an_explicit_generator():
@@ -137,6 +142,12 @@ def test_planning_does_not_move_an_explicit_generator():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA default and explicit generators)")
 def test_cuda_generators_draw_as_without_remat():
-    plan = _check_steps(["dropout", "bernoulli_gen", "rand_default", "randn_gen"] * 2,
-                        ["rand_gen", "dropout"] + ["none"] * 7, 0.4, device="cuda", rows=16, d=16)
+    plan = _check_steps(
+        ["dropout", "bernoulli_gen", "rand_default", "randn_gen"] * 2,
+        ["rand_gen", "dropout"] + ["none"] * 7,
+        0.4,
+        device="cuda",
+        rows=16,
+        d=16,
+    )
     assert isinstance(plan, remat_kit.Plan) and plan.num_recomputed_ops > 0

@@ -207,7 +207,7 @@ class _MoE(nn.Module):
     def forward(self, x):
         h = self.norm(x)
         weights = self.gate(h).softmax(-1)
-        return x + sum(weights[..., i:i + 1] * e(h) for i, e in enumerate(self.experts))
+        return x + sum(weights[..., i : i + 1] * e(h) for i, e in enumerate(self.experts))
 
 
 class _Stack(nn.Module):
@@ -272,8 +272,11 @@ def test_a_model_without_stacks_holds_the_budget(budget):
 def test_x_transformers_decoder(budget):
     xt = pytest.importorskip("x_transformers")  # a dev dependency (pyproject.toml)
     torch.manual_seed(0)
-    model = xt.TransformerWrapper(num_tokens=VOCAB, max_seq_len=SEQ, attn_layers=xt.Decoder(
-        dim=D, depth=4, heads=4, rotary_pos_emb=True, attn_dropout=0.1, ff_dropout=0.1))
+    model = xt.TransformerWrapper(
+        num_tokens=VOCAB,
+        max_seq_len=SEQ,
+        attn_layers=xt.Decoder(dim=D, depth=4, heads=4, rotary_pos_emb=True, attn_dropout=0.1, ff_dropout=0.1),
+    )
     plan = _check_contract(model, budget)
     if budget == 0.7:
         assert plan is not None

@@ -94,8 +94,13 @@ def _block_params(name: str, cfg: dict, rng: np.random.Generator) -> dict:
     p = {"w1": _normal(rng, (d, f), d), "w2": _normal(rng, (f, d), f) * 0.5}
     if name == "mlp":
         return p
-    return {**p, "ln1": jnp.ones(d), "ln2": jnp.ones(d), "wqkv": _normal(rng, (d, 3 * d), d),
-            "wo": _normal(rng, (d, d), d) * 0.5}
+    return {
+        **p,
+        "ln1": jnp.ones(d),
+        "ln2": jnp.ones(d),
+        "wqkv": _normal(rng, (d, 3 * d), d),
+        "wo": _normal(rng, (d, d), d) * 0.5,
+    }
 
 
 @dataclasses.dataclass
@@ -139,7 +144,7 @@ class JaxModel:
                 x, _ = lax.scan(body, x, grouped, unroll=True if layout.unroll_scan else 1)
             else:
                 for i in range(0, self.num_layers, g):
-                    x = unit(params["blocks"][i:i + g], x)
+                    x = unit(params["blocks"][i : i + g], x)
             return self.head_loss(params["outer"], x, batch)
 
         return loss
@@ -169,8 +174,12 @@ def build(name: str, size: str, seed: int = 0) -> JaxModel:
     elif base == "vit":
         d, p, c = cfg["hidden"], cfg["patch"], cfg["channels"]
         n = (cfg["image"] // p) ** 2
-        outer = {"patch": _normal(rng, (p * p * c, d), p * p * c), "pos": _normal(rng, (n, d), 1) * 0.1,
-                 "ln": jnp.ones(d), "head": _normal(rng, (d, cfg["classes"]), d)}
+        outer = {
+            "patch": _normal(rng, (p * p * c, d), p * p * c),
+            "pos": _normal(rng, (n, d), 1) * 0.1,
+            "ln": jnp.ones(d),
+            "head": _normal(rng, (d, cfg["classes"]), d),
+        }
         images = _normal(rng, (b, cfg["image"], cfg["image"], c), 1)
         batch = (images, jnp.asarray(rng.integers(0, cfg["classes"], (b,)), jnp.int32))
         block = lambda q, x: transformer_block(q, x, num_heads=cfg["num_heads"], causal=False)  # noqa: E731
@@ -191,7 +200,10 @@ def build(name: str, size: str, seed: int = 0) -> JaxModel:
     else:  # convnet
         c = cfg["channels"]
         outer = {"stem": _normal(rng, (3, 3, 3, c), 27), "head": _normal(rng, (c, cfg["classes"]), c)}
-        batch = (_normal(rng, (b, cfg["image"], cfg["image"], 3), 1), jnp.asarray(rng.integers(0, cfg["classes"], (b,)), jnp.int32))
+        batch = (
+            _normal(rng, (b, cfg["image"], cfg["image"], 3), 1),
+            jnp.asarray(rng.integers(0, cfg["classes"], (b,)), jnp.int32),
+        )
         block, embed = conv_block, (lambda o, bt: _conv(bt[0], o["stem"]))
         head = lambda o, x, bt: ce(x.mean((1, 2)) @ o["head"], bt[1])  # noqa: E731
     return JaxModel(name, size, cfg, {"blocks": blocks, "outer": outer}, batch, block, embed, head, scanned)

@@ -54,13 +54,25 @@ def _penzai_lm(use_layer_stack: bool) -> Callable[[], JaxModel]:
         if use_layer_stack:  # Llama: one block type, stacked under a scan by penzai's LayerStack
             extra: dict[str, Any] = dict(mlp_variant="swiglu", tie_embedder_and_logits=False, use_layer_stack=True)
         else:  # Gemma 2: local and global attention alternate, post-norms, soft caps, tied embeddings
-            extra = dict(mlp_variant="geglu_approx", tie_embedder_and_logits=True,
-                         attention_type=(lc.AttentionTypeSlidingWindowCausal(8), lc.AttentionTypeGlobalCausal()),
-                         use_post_attn_norm=True, use_post_ffw_norm=True, final_logit_softcap=30.0,
-                         attn_logits_soft_cap=50.0)
-        config = lc.LlamalikeTransformerConfig(num_kv_heads=2, query_head_multiplier=2, embedding_dim=HIDDEN,
-                                               projection_dim=HIDDEN // HEADS, mlp_hidden_dim=FFN,
-                                               num_decoder_blocks=LAYERS, vocab_size=VOCAB, **extra)
+            extra = dict(
+                mlp_variant="geglu_approx",
+                tie_embedder_and_logits=True,
+                attention_type=(lc.AttentionTypeSlidingWindowCausal(8), lc.AttentionTypeGlobalCausal()),
+                use_post_attn_norm=True,
+                use_post_ffw_norm=True,
+                final_logit_softcap=30.0,
+                attn_logits_soft_cap=50.0,
+            )
+        config = lc.LlamalikeTransformerConfig(
+            num_kv_heads=2,
+            query_head_multiplier=2,
+            embedding_dim=HIDDEN,
+            projection_dim=HIDDEN // HEADS,
+            mlp_hidden_dim=FFN,
+            num_decoder_blocks=LAYERS,
+            vocab_size=VOCAB,
+            **extra,
+        )
         model = lc.build_llamalike_transformer(config, init_base_rng=jax.random.key(0))
         unbound, params = pz.unbind_params(model, freeze=True)
 
@@ -77,15 +89,15 @@ def _penzai_dropout_mlp() -> JaxModel:
     from penzai import pz
     from penzai.models.simple_mlp import DropoutMLP
 
-    model = DropoutMLP.from_config(init_base_rng=jax.random.key(0), feature_sizes=[HIDDEN] + [FFN] * LAYERS + [10],
-                                   drop_rate=DROPOUT)
+    model = DropoutMLP.from_config(
+        init_base_rng=jax.random.key(0), feature_sizes=[HIDDEN] + [FFN] * LAYERS + [10], drop_rate=DROPOUT
+    )
     unbound, params = pz.unbind_params(model, freeze=True)
     x = jax.random.normal(jax.random.key(1), (BATCH * SEQ, HIDDEN))
 
     def loss(params: Any, batch: dict) -> jax.Array:
         stream = pz.RandomStream.from_base_key(batch["key"])  # penzai's stateful key stream, as its docs use it
-        out = pz.bind_variables(unbound, params)(pz.nx.wrap(batch["x"]).tag("batch", "features"),
-                                                 random_stream=stream)
+        out = pz.bind_variables(unbound, params)(pz.nx.wrap(batch["x"]).tag("batch", "features"), random_stream=stream)
         return jnp.mean(out.unwrap("batch", "features") ** 2)
 
     return JaxModel(loss, params, dict(x=x, key=jax.random.key(2)), reseeded=dict(x=x, key=jax.random.key(3)))
@@ -142,16 +154,21 @@ def _equinox_transformer() -> JaxModel:
         keys = jax.random.split(batch["key"], batch["tokens"].shape[0])
         return _next_token_loss(jax.vmap(model)(batch["tokens"], keys), batch["tokens"])
 
-    return JaxModel(loss, params, dict(tokens=_tokens(), key=jax.random.key(2)),
-                    reseeded=dict(tokens=_tokens(), key=jax.random.key(3)))
+    return JaxModel(
+        loss,
+        params,
+        dict(tokens=_tokens(), key=jax.random.key(2)),
+        reseeded=dict(tokens=_tokens(), key=jax.random.key(3)),
+    )
 
 
 def _haiku_mlp() -> JaxModel:
     import haiku as hk
 
     def forward(x: jax.Array) -> jax.Array:
-        return hk.nets.MLP([FFN] * LAYERS + [10], activation=jax.nn.gelu)(x, dropout_rate=DROPOUT,
-                                                                          rng=hk.next_rng_key())
+        return hk.nets.MLP([FFN] * LAYERS + [10], activation=jax.nn.gelu)(
+            x, dropout_rate=DROPOUT, rng=hk.next_rng_key()
+        )
 
     model = hk.transform(forward)
     x = jax.random.normal(jax.random.key(1), (BATCH * SEQ, HIDDEN))
@@ -168,8 +185,14 @@ def _haiku_resnet() -> JaxModel:
     import haiku as hk
 
     def forward(images: jax.Array) -> jax.Array:
-        net = hk.nets.ResNet(blocks_per_group=(1, 1, 1, 1), num_classes=10, bottleneck=False, resnet_v2=True,
-                             channels_per_group=(8, 16, 16, 32), use_projection=(True, True, True, True))
+        net = hk.nets.ResNet(
+            blocks_per_group=(1, 1, 1, 1),
+            num_classes=10,
+            bottleneck=False,
+            resnet_v2=True,
+            channels_per_group=(8, 16, 16, 32),
+            use_projection=(True, True, True, True),
+        )
         return net(images, is_training=True)
 
     model = hk.transform_with_state(forward)
@@ -188,14 +211,35 @@ def _haiku_resnet() -> JaxModel:
 
 def cases() -> dict[str, JaxCase]:
     c = [
-        JaxCase("penzai-gemma2", "penzai llamalike_common (Gemma 2 config)", "local/global attention, unrolled",
-                _penzai_lm(False), dropout=False),
-        JaxCase("penzai-llama-stack", "penzai llamalike_common (use_layer_stack)", "decoder, layers under scan",
-                _penzai_lm(True), dropout=False, scanned=True),
-        JaxCase("penzai-dropout-mlp", "penzai models.simple_mlp.DropoutMLP", "MLP, RandomStream dropout",
-                _penzai_dropout_mlp, dropout=True),
-        JaxCase("equinox-transformer", "equinox nn.MultiheadAttention + nn.MLP", "decoder, typed-key dropout",
-                _equinox_transformer, dropout=True),
+        JaxCase(
+            "penzai-gemma2",
+            "penzai llamalike_common (Gemma 2 config)",
+            "local/global attention, unrolled",
+            _penzai_lm(False),
+            dropout=False,
+        ),
+        JaxCase(
+            "penzai-llama-stack",
+            "penzai llamalike_common (use_layer_stack)",
+            "decoder, layers under scan",
+            _penzai_lm(True),
+            dropout=False,
+            scanned=True,
+        ),
+        JaxCase(
+            "penzai-dropout-mlp",
+            "penzai models.simple_mlp.DropoutMLP",
+            "MLP, RandomStream dropout",
+            _penzai_dropout_mlp,
+            dropout=True,
+        ),
+        JaxCase(
+            "equinox-transformer",
+            "equinox nn.MultiheadAttention + nn.MLP",
+            "decoder, typed-key dropout",
+            _equinox_transformer,
+            dropout=True,
+        ),
         JaxCase("haiku-mlp", "haiku nets.MLP", "MLP, raw-key dropout", _haiku_mlp, dropout=True),
         JaxCase("haiku-resnet", "haiku nets.ResNet (v2)", "CNN, batch-norm state", _haiku_resnet, dropout=False),
     ]

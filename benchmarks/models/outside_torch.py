@@ -61,10 +61,23 @@ def _hf(cls_name: str, config_name: str, **config: Any) -> Callable[[], torch.nn
     return build
 
 
-_DECODER = dict(num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=2,
-                intermediate_size=FFN, vocab_size=VOCAB, attention_dropout=DROPOUT)
-_BERT_LIKE = dict(num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, intermediate_size=FFN,
-                  hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT)
+_DECODER = dict(
+    num_hidden_layers=LAYERS,
+    hidden_size=HIDDEN,
+    num_attention_heads=HEADS,
+    num_key_value_heads=2,
+    intermediate_size=FFN,
+    vocab_size=VOCAB,
+    attention_dropout=DROPOUT,
+)
+_BERT_LIKE = dict(
+    num_hidden_layers=LAYERS,
+    hidden_size=HIDDEN,
+    num_attention_heads=HEADS,
+    intermediate_size=FFN,
+    hidden_dropout_prob=DROPOUT,
+    attention_probs_dropout_prob=DROPOUT,
+)
 
 
 def _vit_kwargs() -> dict[str, Any]:
@@ -80,8 +93,13 @@ def _bart_kwargs() -> dict[str, Any]:
 def _x_transformers() -> torch.nn.Module:
     from x_transformers import Decoder, TransformerWrapper
 
-    return TransformerWrapper(num_tokens=VOCAB, max_seq_len=SEQ, attn_layers=Decoder(
-        dim=HIDDEN, depth=LAYERS, heads=HEADS, rotary_pos_emb=True, attn_dropout=DROPOUT, ff_dropout=DROPOUT))
+    return TransformerWrapper(
+        num_tokens=VOCAB,
+        max_seq_len=SEQ,
+        attn_layers=Decoder(
+            dim=HIDDEN, depth=LAYERS, heads=HEADS, rotary_pos_emb=True, attn_dropout=DROPOUT, ff_dropout=DROPOUT
+        ),
+    )
 
 
 def _jamba() -> torch.nn.Module:
@@ -89,10 +107,24 @@ def _jamba() -> torch.nn.Module:
 
     # Mamba and attention layers alternate, and so do MLP and mixture-of-experts layers: a period-2
     # pattern of four different layer classes (Jamba's own default periods are 8 and 2).
-    return JambaLM(JambaLMConfig(d_model=HIDDEN, n_layers=LAYERS, mlp_size=FFN, d_state=8, num_attention_heads=HEADS,
-                                 num_key_value_heads=2, attention_dropout=DROPOUT, num_experts=4, num_experts_per_tok=2,
-                                 attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1, expert_layer_period=2,
-                                 vocab_size=VOCAB))
+    return JambaLM(
+        JambaLMConfig(
+            d_model=HIDDEN,
+            n_layers=LAYERS,
+            mlp_size=FFN,
+            d_state=8,
+            num_attention_heads=HEADS,
+            num_key_value_heads=2,
+            attention_dropout=DROPOUT,
+            num_experts=4,
+            num_experts_per_tok=2,
+            attn_layer_offset=1,
+            attn_layer_period=2,
+            expert_layer_offset=1,
+            expert_layer_period=2,
+            vocab_size=VOCAB,
+        )
+    )
 
 
 def _ids_only() -> dict[str, Any]:
@@ -101,37 +133,137 @@ def _ids_only() -> dict[str, Any]:
 
 def cases() -> dict[str, TorchCase]:
     c = [
-        TorchCase("hf-llama", "transformers LlamaForCausalLM", "decoder",
-                  _hf("LlamaForCausalLM", "LlamaConfig", **_DECODER), _lm_kwargs, _hf_loss, True),
-        TorchCase("hf-bert", "transformers BertForMaskedLM", "encoder",
-                  _hf("BertForMaskedLM", "BertConfig", **_BERT_LIKE, vocab_size=VOCAB), _lm_kwargs, _hf_loss, True),
-        TorchCase("hf-bart", "transformers BartForConditionalGeneration", "encoder-decoder",
-                  _hf("BartForConditionalGeneration", "BartConfig", encoder_layers=LAYERS // 2,
-                      decoder_layers=LAYERS // 2, d_model=HIDDEN, encoder_attention_heads=HEADS,
-                      decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, vocab_size=VOCAB,
-                      max_position_embeddings=SEQ, dropout=DROPOUT, attention_dropout=DROPOUT,
-                      activation_dropout=DROPOUT), _bart_kwargs, _hf_loss, True),
-        TorchCase("hf-vit", "transformers ViTForImageClassification", "vision transformer",
-                  _hf("ViTForImageClassification", "ViTConfig", **_BERT_LIKE, image_size=16, patch_size=4,
-                      num_labels=4), _vit_kwargs, _hf_loss, True),
-        TorchCase("hf-mixtral", "transformers MixtralForCausalLM", "mixture of experts",
-                  _hf("MixtralForCausalLM", "MixtralConfig", **_DECODER, num_local_experts=4, num_experts_per_tok=2),
-                  _lm_kwargs, _hf_loss, True),
-        TorchCase("hf-qwen2-moe", "transformers Qwen2MoeForCausalLM", "MoE every other layer + shared expert",
-                  _hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **_DECODER, num_experts=4, num_experts_per_tok=2,
-                      moe_intermediate_size=FFN // 2, shared_expert_intermediate_size=FFN, decoder_sparse_step=2),
-                  _lm_kwargs, _hf_loss, True),
-        TorchCase("hf-gemma3", "transformers Gemma3ForCausalLM", "local/global attention (Gemma 3 text)",
-                  _hf("Gemma3ForCausalLM", "Gemma3TextConfig", **_DECODER, head_dim=HIDDEN // HEADS, sliding_window=8,
-                      layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2)),
-                  _lm_kwargs, _hf_loss, True),
-        TorchCase("hf-t5", "transformers T5ForConditionalGeneration", "encoder-decoder, shared position bias",
-                  _hf("T5ForConditionalGeneration", "T5Config", num_layers=LAYERS // 2, num_decoder_layers=LAYERS // 2,
-                      d_model=HIDDEN, num_heads=HEADS, d_ff=FFN, d_kv=HIDDEN // HEADS, vocab_size=VOCAB,
-                      dropout_rate=DROPOUT), _bart_kwargs, _hf_loss, True),
-        TorchCase("x-transformers", "x_transformers TransformerWrapper(Decoder)", "decoder, rotary",
-                  _x_transformers, lambda: dict(x=_tokens()), _logits_loss, True),
-        TorchCase("mambapy-jamba", "mambapy JambaLM", "Mamba/attention and MLP/MoE alternating",
-                  _jamba, lambda: dict(tokens=_tokens()), _logits_loss, True),
+        TorchCase(
+            "hf-llama",
+            "transformers LlamaForCausalLM",
+            "decoder",
+            _hf("LlamaForCausalLM", "LlamaConfig", **_DECODER),
+            _lm_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-bert",
+            "transformers BertForMaskedLM",
+            "encoder",
+            _hf("BertForMaskedLM", "BertConfig", **_BERT_LIKE, vocab_size=VOCAB),
+            _lm_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-bart",
+            "transformers BartForConditionalGeneration",
+            "encoder-decoder",
+            _hf(
+                "BartForConditionalGeneration",
+                "BartConfig",
+                encoder_layers=LAYERS // 2,
+                decoder_layers=LAYERS // 2,
+                d_model=HIDDEN,
+                encoder_attention_heads=HEADS,
+                decoder_attention_heads=HEADS,
+                encoder_ffn_dim=FFN,
+                decoder_ffn_dim=FFN,
+                vocab_size=VOCAB,
+                max_position_embeddings=SEQ,
+                dropout=DROPOUT,
+                attention_dropout=DROPOUT,
+                activation_dropout=DROPOUT,
+            ),
+            _bart_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-vit",
+            "transformers ViTForImageClassification",
+            "vision transformer",
+            _hf("ViTForImageClassification", "ViTConfig", **_BERT_LIKE, image_size=16, patch_size=4, num_labels=4),
+            _vit_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-mixtral",
+            "transformers MixtralForCausalLM",
+            "mixture of experts",
+            _hf("MixtralForCausalLM", "MixtralConfig", **_DECODER, num_local_experts=4, num_experts_per_tok=2),
+            _lm_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-qwen2-moe",
+            "transformers Qwen2MoeForCausalLM",
+            "MoE every other layer + shared expert",
+            _hf(
+                "Qwen2MoeForCausalLM",
+                "Qwen2MoeConfig",
+                **_DECODER,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=FFN // 2,
+                shared_expert_intermediate_size=FFN,
+                decoder_sparse_step=2,
+            ),
+            _lm_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-gemma3",
+            "transformers Gemma3ForCausalLM",
+            "local/global attention (Gemma 3 text)",
+            _hf(
+                "Gemma3ForCausalLM",
+                "Gemma3TextConfig",
+                **_DECODER,
+                head_dim=HIDDEN // HEADS,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2),
+            ),
+            _lm_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-t5",
+            "transformers T5ForConditionalGeneration",
+            "encoder-decoder, shared position bias",
+            _hf(
+                "T5ForConditionalGeneration",
+                "T5Config",
+                num_layers=LAYERS // 2,
+                num_decoder_layers=LAYERS // 2,
+                d_model=HIDDEN,
+                num_heads=HEADS,
+                d_ff=FFN,
+                d_kv=HIDDEN // HEADS,
+                vocab_size=VOCAB,
+                dropout_rate=DROPOUT,
+            ),
+            _bart_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "x-transformers",
+            "x_transformers TransformerWrapper(Decoder)",
+            "decoder, rotary",
+            _x_transformers,
+            lambda: dict(x=_tokens()),
+            _logits_loss,
+            True,
+        ),
+        TorchCase(
+            "mambapy-jamba",
+            "mambapy JambaLM",
+            "Mamba/attention and MLP/MoE alternating",
+            _jamba,
+            lambda: dict(tokens=_tokens()),
+            _logits_loss,
+            True,
+        ),
     ]
     return {case.name: case for case in c}

@@ -46,8 +46,18 @@ class GPT(nn.Module):
     """Token (and position) embedding, `layers` Blocks, final LayerNorm, head; returns the
     cross-entropy loss of `lm_head`'s logits against `targets`."""
 
-    def __init__(self, layers: int, d: int, heads: int, vocab: int, *, seq: int | None = None, p: float = 0.1,
-                 embedding_dropout: bool = True, head_bias: bool = False):
+    def __init__(
+        self,
+        layers: int,
+        d: int,
+        heads: int,
+        vocab: int,
+        *,
+        seq: int | None = None,
+        p: float = 0.1,
+        embedding_dropout: bool = True,
+        head_bias: bool = False,
+    ):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(seq, d) if seq is not None else None

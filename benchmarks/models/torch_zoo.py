@@ -119,7 +119,10 @@ class ZooModel(nn.Module):
             x = self.emb(inputs) + self.pos
         elif self.name == "vit":
             b, p, c, g = inputs.shape[0], cfg["patch"], cfg["channels"], cfg["image"] // cfg["patch"]
-            x = self.patch(inputs.view(b, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * c)) + self.pos
+            x = (
+                self.patch(inputs.view(b, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * c))
+                + self.pos
+            )
         elif self.name == "convnet":
             x = self.stem(inputs)
         else:

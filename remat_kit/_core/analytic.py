@@ -27,9 +27,15 @@ def transformer_graph(
     Per layer: LN → Q, K, V projections → scores → softmax → dropout → attention over V →
     output projection → dropout → residual add → LN → FC1 → GeLU → FC2 → dropout → residual add.
     """
-    for name, arg in (("num_layers", num_layers), ("seq_len", seq_len), ("batch", batch),
-                      ("hidden", hidden), ("num_heads", num_heads), ("ffn_mult", ffn_mult),
-                      ("bytes_per_elem", bytes_per_elem)):
+    for name, arg in (
+        ("num_layers", num_layers),
+        ("seq_len", seq_len),
+        ("batch", batch),
+        ("hidden", hidden),
+        ("num_heads", num_heads),
+        ("ffn_mult", ffn_mult),
+        ("bytes_per_elem", bytes_per_elem),
+    ):
         if not isinstance(arg, int) or isinstance(arg, bool) or arg <= 0:
             raise ValueError(f"transformer_graph({name}={arg!r}): must be a positive int.")
     if hidden % num_heads:
@@ -46,16 +52,33 @@ def transformer_graph(
     for i in range(num_layers):
         p = f"layers.{i}"
 
-        def op(name: str, elems: int, kind: OpKind, flops: int, deps, reads=None, module: str = "",
-               elem_bytes: int = e, moved: int | None = None) -> str:
+        def op(
+            name: str,
+            elems: int,
+            kind: OpKind,
+            flops: int,
+            deps,
+            reads=None,
+            module: str = "",
+            elem_bytes: int = e,
+            moved: int | None = None,
+        ) -> str:
             full = f"{p}.{name}"
             in_bytes = sum(sizes[d] for d in deps)
             sizes[full] = elems * elem_bytes
-            vals.append(value(
-                full, elems * elem_bytes, kind=kind, flops=flops, deps=deps,
-                bwd_reads=deps if reads is None else reads, module=f"{p}.{module}" if module else p,
-                block=i, bytes_moved=in_bytes + elems * elem_bytes if moved is None else moved,
-            ))
+            vals.append(
+                value(
+                    full,
+                    elems * elem_bytes,
+                    kind=kind,
+                    flops=flops,
+                    deps=deps,
+                    bwd_reads=deps if reads is None else reads,
+                    module=f"{p}.{module}" if module else p,
+                    block=i,
+                    bytes_moved=in_bytes + elems * elem_bytes if moved is None else moved,
+                )
+            )
             return full
 
         ln1 = op("ln1", sbh, OpKind.NORM, 8 * sbh, [x, "ln1.scale"], [x], "ln1")
@@ -82,8 +105,9 @@ def transformer_graph(
             m3 = op("mlp_mask", sbh, OpKind.RNG, sbh, [], [], "mlp", elem_bytes=1)
             fc2 = op("mlp_dropout", sbh, OpKind.ELEMENTWISE, 2 * sbh, [fc2, m3], [m3], "mlp")
         x = op("residual2", sbh, OpKind.ELEMENTWISE, sbh, [x1, fc2], [], "mlp")
-    vals.append(value("loss", 4, kind=OpKind.REDUCTION, flops=sbh, deps=[x], bwd_reads=[], module="loss",
-                      block=num_layers))
+    vals.append(
+        value("loss", 4, kind=OpKind.REDUCTION, flops=sbh, deps=[x], bwd_reads=[], module="loss", block=num_layers)
+    )
     return CostGraph(vals, block_names=[f"layers.{i}" for i in range(num_layers)] + ["loss"])
 
 

@@ -10,9 +10,18 @@ from typing import TypeAlias
 
 _UNITS = {
     "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
 }
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _ALLOWED = (
@@ -119,6 +128,8 @@ def format_bytes(num_bytes: float) -> str:
 def budget_meaning(per_call: bool) -> str:
     """What `budget` bounds for one plan, in words (both adapters' `explain` print it)."""
     if per_call:
-        return ("per call: what one call of this layer keeps for its backward, as a fraction of what no remat keeps "
-                "(a decorated layer class or a scan body, called many times by the model around it)")
+        return (
+            "per call: what one call of this layer keeps for its backward, as a fraction of what no remat keeps "
+            "(a decorated layer class or a scan body, called many times by the model around it)"
+        )
     return "the whole step: the activation memory of one forward+backward of this function or model"

@@ -44,11 +44,16 @@ class Measurement:
     op_overhead_seconds: float  # one tiny op, end to end: dispatch / launch
 
     def spec(self, name: str) -> DeviceSpec:
-        return quantize(DeviceSpec.calibrated(
-            name, matmul_flops=self.matmul_flops, matmul_seconds=self.matmul_seconds,
-            copy_bytes=self.copy_bytes, copy_seconds=self.copy_seconds,
-            op_overhead_seconds=max(self.op_overhead_seconds, 0.0),
-        ))
+        return quantize(
+            DeviceSpec.calibrated(
+                name,
+                matmul_flops=self.matmul_flops,
+                matmul_seconds=self.matmul_seconds,
+                copy_bytes=self.copy_bytes,
+                copy_seconds=self.copy_seconds,
+                op_overhead_seconds=max(self.op_overhead_seconds, 0.0),
+            )
+        )
 
 
 def quantize(spec: DeviceSpec) -> DeviceSpec:
@@ -59,8 +64,11 @@ def quantize(spec: DeviceSpec) -> DeviceSpec:
         return 10 ** (round(math.log10(x) * STEPS_PER_DECADE) / STEPS_PER_DECADE) if x > 0 else 0.0
 
     return dataclasses.replace(
-        spec, peak_flops=step(spec.peak_flops), memory_bandwidth=step(spec.memory_bandwidth),
-        host_bandwidth=step(spec.host_bandwidth), op_overhead_seconds=step(spec.op_overhead_seconds),
+        spec,
+        peak_flops=step(spec.peak_flops),
+        memory_bandwidth=step(spec.memory_bandwidth),
+        host_bandwidth=step(spec.host_bandwidth),
+        op_overhead_seconds=step(spec.op_overhead_seconds),
     )
 
 

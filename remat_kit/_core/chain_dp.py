@@ -80,9 +80,14 @@ def measure_option(
         full = [_SAVE] * len(graph)
         for i, c in codes.items():
             full[i] = c
-        merged = graph if last == block else graph.regroup(
-            [[n] for n in graph.block_names[:block]] + [list(graph.block_names[block:last + 1])]
-            + [[n] for n in graph.block_names[last + 1:]]
+        merged = (
+            graph
+            if last == block
+            else graph.regroup(
+                [[n] for n in graph.block_names[:block]]
+                + [list(graph.block_names[block : last + 1])]
+                + [[n] for n in graph.block_names[last + 1 :]]
+            )
         )
         forward, backward, kept_by_block = _block_peaks(merged, full, block)
         local = block
@@ -139,7 +144,9 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
     inside = [i for b in range(lo, hi + 1) for i in graph.block_members[b]]
     referenced = {graph.index(d) for i in inside for d in (*vals[i].deps, *vals[i].bwd_reads)}
     chosen = sorted(set(inside) | referenced)
-    keep, index_map, to_sink = [], {}, []
+    keep: list[Value] = []
+    index_map: dict[int, int] = {}
+    to_sink: list[str] = []
     for i in chosen:
         v = vals[i]
         if v.is_activation and v.block < lo:
@@ -156,7 +163,11 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
                 to_sink.append(v.name)
         index_map[i] = len(keep)
         keep.append(v)
-    names = [*graph.block_names[lo:block], "+".join(graph.block_names[block:last + 1]), *graph.block_names[last + 1:hi + 1]]
+    names = [
+        *graph.block_names[lo:block],
+        "+".join(graph.block_names[block : last + 1]),
+        *graph.block_names[last + 1 : hi + 1],
+    ]
     if to_sink:
         keep.append(Value("__window_sink__", 0, deps=tuple(to_sink), block=len(names)))
         names.append("__window_sink__")
@@ -200,7 +211,9 @@ def _block_peaks(graph: CostGraph, codes: list[int], block: int) -> tuple[int, i
     return forward, backward, kept
 
 
-def solve_chain(options: Sequence[Sequence[BlockOption]], limit: int) -> tuple[list[tuple[int, int]], int, int, int] | None:
+def solve_chain(
+    options: Sequence[Sequence[BlockOption]], limit: int
+) -> tuple[list[tuple[int, int]], int, int, int] | None:
     """Least (cost, num_ops) path of options over the chain with max_b (P_b + L_b) <= limit.
 
     `options[b]` are the options starting at block b (a segment option covers `span` blocks).
@@ -240,17 +253,27 @@ def solve_chain(options: Sequence[Sequence[BlockOption]], limit: int) -> tuple[l
         for k, o in enumerate(options[pos]):
             ok = np.nonzero(p + o.local_peak <= limit)[0]
             if ok.size and pos + o.span <= num_blocks:
-                pending[pos + o.span].append((
-                    p[ok] + o.kept_bytes, cost[ok] + o.cost, ops[ok] + o.num_ops,
-                    np.maximum(peak[ok], p[ok] + o.local_peak), np.full(ok.size, pos), ok, np.full(ok.size, k),
-                ))
+                pending[pos + o.span].append(
+                    (
+                        p[ok] + o.kept_bytes,
+                        cost[ok] + o.cost,
+                        ops[ok] + o.num_ops,
+                        np.maximum(peak[ok], p[ok] + o.local_peak),
+                        np.full(ok.size, pos),
+                        ok,
+                        np.full(ok.size, k),
+                    )
+                )
     if back[num_blocks] is None:
         return None
     best = int(np.lexsort((ops, cost))[0])
     result = (int(cost[best]), int(ops[best]), int(peak[best]))
     path, pos, idx = [], num_blocks, best
     while pos > 0:
-        parent_pos, parent, ks = back[pos]
+        step = back[pos]
+        if step is None:  # every position on a path from the end was reached
+            raise RuntimeError(f"chain DP: no back-pointer at block {pos}; this is a remat_kit bug")
+        parent_pos, parent, ks = step
         path.append((int(parent_pos[idx]), int(ks[idx])))
         pos, idx = int(parent_pos[idx]), int(parent[idx])
     return (path[::-1], *result)
@@ -335,17 +358,32 @@ def block_signature(graph: CostGraph, block: int) -> tuple:
         readers = [vals[c].block for c in (*graph.consumers[j], *graph.bwd_readers[j]) if vals[c].block > producer]
         alive_after = min(readers, default=block) < block or any(vals[r].block < block for r in graph.bwd_readers[j])
         grad_from = [vals[c].block for c in graph.consumers[j] if graph.gets_grad[c]]
-        grad = "none" if not graph.gets_grad[j] else (
-            "here" if max(grad_from, default=-1) == block else ("alive" if max(grad_from, default=-1) > block else "later"))
+        grad = (
+            "none"
+            if not graph.gets_grad[j]
+            else (
+                "here"
+                if max(grad_from, default=-1) == block
+                else ("alive" if max(grad_from, default=-1) > block else "later")
+            )
+        )
         return ("in", vals[j].num_bytes, vals[j].role.value, alive_after, grad)
 
     rows = []
     for i in members:
         v = vals[i]
-        rows.append((
-            v.num_bytes, v.flops, v.bytes_moved, v.kind.value, graph.gets_grad[i], graph.is_forced[i],
-            graph.is_residual[i], tuple(rel(d) for d in v.deps), tuple(rel(d) for d in v.bwd_reads),
-            tuple(sorted({vals[c].block - block for c in (*graph.consumers[i], *graph.bwd_readers[i])})),
-        ))
+        rows.append(
+            (
+                v.num_bytes,
+                v.flops,
+                v.bytes_moved,
+                v.kind.value,
+                graph.gets_grad[i],
+                graph.is_forced[i],
+                graph.is_residual[i],
+                tuple(rel(d) for d in v.deps),
+                tuple(rel(d) for d in v.bwd_reads),
+                tuple(sorted({vals[c].block - block for c in (*graph.consumers[i], *graph.bwd_readers[i])})),
+            )
+        )
     return tuple(rows)
-

@@ -52,4 +52,3 @@ class Costs:
             elif codes[i] == _OFFLOAD:
                 cost += self.offload[i]
         return cost, ops
-

@@ -179,9 +179,7 @@ class CostGraph:
         self._validate()
         blocks = sorted({v.block for v in self.values if v.is_activation})
         self.num_blocks = (blocks[-1] + 1) if blocks else 0
-        self.block_names = tuple(block_names) if block_names else tuple(
-            f"block{i}" for i in range(self.num_blocks)
-        )
+        self.block_names = tuple(block_names) if block_names else tuple(f"block{i}" for i in range(self.num_blocks))
         if len(self.block_names) != self.num_blocks:
             raise ValueError(
                 f"CostGraph(block_names=...) has {len(self.block_names)} names for "

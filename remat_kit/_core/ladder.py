@@ -24,8 +24,9 @@ _SAVED_BY_PRESET = (
 )
 
 
-def ladder(graph: CostGraph, blocks: range, recompute_cost: list[int],
-           is_free: Callable[[int], bool]) -> list[tuple[dict[int, int], str]]:
+def ladder(
+    graph: CostGraph, blocks: range, recompute_cost: list[int], is_free: Callable[[int], bool]
+) -> list[tuple[dict[int, int], str]]:
     """Recompute sets over the values of `blocks` (one block, or a segment's blocks) that
     `is_free`, as {value index: RECOMPUTE} with a label; keep-all and full recompute excluded
     (callers add them)."""

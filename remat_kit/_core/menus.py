@@ -32,7 +32,6 @@ def codes_from_milp(graph: CostGraph, res: MilpResult) -> list[int]:
     return codes
 
 
-
 def block_menus(graph: CostGraph, costs: Costs, offload: bool) -> list[list[chain_dp.BlockOption]]:
     """Per-block option menus; blocks with the same signature share one (shifted) menu."""
     key = ("menus", offload, tuple(costs.recompute))
@@ -72,7 +71,7 @@ def op_level_blocks(graph: CostGraph, sigs: Sequence[tuple] | None = None) -> se
     """
     sigs = sigs if sigs is not None else [chain_dp.block_signature(graph, b) for b in range(graph.num_blocks)]
     count = Counter(sigs)
-    first = {}
+    first: dict[object, int] = {}
     for blk, sig in enumerate(sigs):
         first.setdefault(sig, blk)
     spent, chosen = 0, set()
@@ -86,7 +85,9 @@ def op_level_blocks(graph: CostGraph, sigs: Sequence[tuple] | None = None) -> se
     return chosen
 
 
-def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool, exact: bool = True) -> list[chain_dp.BlockOption]:
+def _menu_for_block(
+    graph: CostGraph, blk: int, costs: Costs, offload: bool, exact: bool = True
+) -> list[chain_dp.BlockOption]:
     free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
     candidates: dict[tuple, str] = {}
 
@@ -124,8 +125,13 @@ def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool, exa
 
         def solve_block(cap: int, local_limit: int | None) -> chain_dp.BlockOption | None:
             res = solve_milp(
-                sub, limit=local_limit, rec_cost=sub_rec, off_cost=sub_off if offload else None,
-                blocks=[blk - offset], kept_cap=cap, backward_bytes=win.earlier_seed_bytes,
+                sub,
+                limit=local_limit,
+                rec_cost=sub_rec,
+                off_cost=sub_off if offload else None,
+                blocks=[blk - offset],
+                kept_cap=cap,
+                backward_bytes=win.earlier_seed_bytes,
             )
             if res is None:
                 return None
@@ -144,8 +150,9 @@ def _menu_for_block(graph: CostGraph, blk: int, costs: Costs, offload: bool, exa
         for step in reversed(range(1, NUM_CAPS)):
             cap = lo + (hi - lo) * step // NUM_CAPS
             for local_limit in (None, min_local):
-                if local_limit in last and (last[local_limit] is None or last[local_limit].kept_bytes <= cap):
-                    option = last[local_limit]  # infeasible stays infeasible; a fitting optimum stays optimal
+                earlier = last.get(local_limit)
+                if local_limit in last and (earlier is None or earlier.kept_bytes <= cap):
+                    option = earlier  # infeasible stays infeasible; a fitting optimum stays optimal
                 else:
                     option = last[local_limit] = solve_block(cap, local_limit)
                 if option is not None and option.local_peak <= min_local:
@@ -164,12 +171,11 @@ def _pareto(options: list[chain_dp.BlockOption]) -> list[chain_dp.BlockOption]:
     def key(o: chain_dp.BlockOption) -> tuple[int, int, int, int, int]:
         return (o.kept_bytes, o.forward_peak, o.backward_peak, o.cost, o.num_ops)
 
-    out = []
+    out: list[chain_dp.BlockOption] = []
     for o in options:
         ko = key(o)
         dominated = any(
-            key(p) != ko and all(a <= b for a, b in zip(key(p)[:3], ko[:3])) and key(p)[3:] <= ko[3:]
-            for p in options
+            key(p) != ko and all(a <= b for a, b in zip(key(p)[:3], ko[:3])) and key(p)[3:] <= ko[3:] for p in options
         )
         if not dominated and all(key(p) != ko for p in out):
             out.append(o)
@@ -189,8 +195,9 @@ def segment_cap(num_blocks: int) -> int:
     return min(num_blocks, max(2, math.ceil(2 * math.sqrt(num_blocks))))
 
 
-def segment_options(graph: CostGraph, costs: Costs, max_span: int,
-                    fixed: frozenset[str] = frozenset()) -> list[list[chain_dp.BlockOption]]:
+def segment_options(
+    graph: CostGraph, costs: Costs, max_span: int, fixed: frozenset[str] = frozenset()
+) -> list[list[chain_dp.BlockOption]]:
     """Per start block: full recompute of 2..max_span consecutive blocks merged into one segment
     (blocks named in `fixed` join none).
 
@@ -207,21 +214,25 @@ def segment_options(graph: CostGraph, costs: Costs, max_span: int,
             if graph.block_names[last] in fixed:
                 break
             members = [i for b in range(first, last + 1) for i in graph.block_members[b]]
-            key = tuple(sigs[first:last + 1])
+            key = tuple(sigs[first : last + 1])
             if key in seen:  # the same blocks again (a transformer's layers): shift the codes
                 base, option = seen[key]
                 out[first].append(option.at(graph, first, members[0] - base))
                 continue
             inside = set(members)
             codes = {
-                i: _RECOMPUTE for i in members
-                if not graph.is_output[i]
-                and all(c in inside for c in (*graph.consumers[i], *graph.bwd_readers[i]))
+                i: _RECOMPUTE
+                for i in members
+                if not graph.is_output[i] and all(c in inside for c in (*graph.consumers[i], *graph.bwd_readers[i]))
             }
             option = chain_dp.measure_option(
-                graph, first, codes, costs.of, f"segment of {last - first + 1} blocks", last=last,
+                graph,
+                first,
+                codes,
+                costs.of,
+                f"segment of {last - first + 1} blocks",
+                last=last,
             )
             seen[key] = (members[0], option)
             out[first].append(option)
     return out
-

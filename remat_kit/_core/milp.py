@@ -102,7 +102,7 @@ def solve_milp(
     cost = np.zeros(b.num_vars)
     for i in free:
         cost[b.var[("r", i)]] = rec_cost[i]
-        if b.allow_offload:
+        if off_cost is not None:  # exactly when b.allow_offload
             cost[b.var[("o", i)]] = off_cost[i]
     # Tie-break: fewer recomputed ops, worth less than one cost unit in total.
     tiny = 1.0 / (len(free) + 2)

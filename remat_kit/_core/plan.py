@@ -73,7 +73,9 @@ class Plan:
         for name, d in decisions.items():
             graph.index(name)  # raises KeyError naming the value
             clean[name] = Decision(d)
-        ordered = tuple((graph.values[i].name, clean.get(graph.values[i].name, Decision.SAVE)) for i in graph.activations)
+        ordered = tuple(
+            (graph.values[i].name, clean.get(graph.values[i].name, Decision.SAVE)) for i in graph.activations
+        )
         merged = any(len(seg) > 1 for seg in graph.segments)
         bare = cls(
             decisions=ordered,

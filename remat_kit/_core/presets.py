@@ -45,10 +45,12 @@ def sqrt_n(graph: CostGraph, num_segments: int | None = None) -> Plan:
     if not isinstance(num_segments, int) or isinstance(num_segments, bool) or not 1 <= num_segments <= n:
         raise ValueError(f"sqrt_n(num_segments={num_segments!r}): must be an int in [1, {n}] (the number of blocks).")
     bounds = [round(k * n / num_segments) for k in range(num_segments + 1)]
-    segments = [graph.block_names[bounds[k]:bounds[k + 1]] for k in range(num_segments)]
+    segments = [graph.block_names[bounds[k] : bounds[k + 1]] for k in range(num_segments)]
     merged = graph.regroup(segments)
     return Plan.from_decisions(
-        merged, {merged.values[i].name: Decision.RECOMPUTE for i in merged.free_values}, solver=f"sqrt_n({num_segments})"
+        merged,
+        {merged.values[i].name: Decision.RECOMPUTE for i in merged.free_values},
+        solver=f"sqrt_n({num_segments})",
     )
 
 

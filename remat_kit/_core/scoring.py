@@ -65,16 +65,23 @@ def score_layers(
         vals = [graph.values[i] for i in members]
         extra = {}
         if decisions is not None:
-            for field, d in (("kept_bytes", Decision.SAVE), ("recomputed_bytes", Decision.RECOMPUTE),
-                             ("offloaded_bytes", Decision.OFFLOAD)):
+            for field, d in (
+                ("kept_bytes", Decision.SAVE),
+                ("recomputed_bytes", Decision.RECOMPUTE),
+                ("offloaded_bytes", Decision.OFFLOAD),
+            ):
                 extra[field] = sum(v.num_bytes for v in vals if decisions.get(v.name, Decision.SAVE) is d)
-        rows.append(LayerScore(
-            module=module, kind=kind, num_values=len(vals),
-            saved_bytes=sum(v.num_bytes for v in vals),
-            recompute_flops=sum(v.flops for v in vals),
-            recompute_seconds=sum(device.op_seconds(v.flops, v.bytes_moved) for v in vals),
-            **extra,
-        ))
+        rows.append(
+            LayerScore(
+                module=module,
+                kind=kind,
+                num_values=len(vals),
+                saved_bytes=sum(v.num_bytes for v in vals),
+                recompute_flops=sum(v.flops for v in vals),
+                recompute_seconds=sum(device.op_seconds(v.flops, v.bytes_moved) for v in vals),
+                **extra,
+            )
+        )
     first: dict[str, int] = {}
     for n, i in enumerate(graph.residuals()):
         first.setdefault(graph.values[i].module, n)
@@ -84,7 +91,9 @@ def score_layers(
 
 def format_scores(rows: list[LayerScore]) -> str:
     """A plain-text table of score rows (adapters render the same rows with rich)."""
-    header = f"{'module':<28} {'kind':<12} {'saved':>10} {'GFLOP':>9} {'bytes/FLOP':>10} {'kept':>10} {'recomputed':>10}"
+    header = (
+        f"{'module':<28} {'kind':<12} {'saved':>10} {'GFLOP':>9} {'bytes/FLOP':>10} {'kept':>10} {'recomputed':>10}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         kept = "" if r.kept_bytes is None else format_bytes(r.kept_bytes)

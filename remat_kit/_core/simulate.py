@@ -57,12 +57,14 @@ def decision_codes(graph: CostGraph, plan: Plan | Mapping[str, Decision | str] |
         plan.check_graph(graph)
         items = plan.decisions
     else:
-        items = tuple(plan.items())
+        items = tuple((name, Decision(d)) for name, d in plan.items())
     for name, d in items:
         i = graph.index(name)
         code = _CODES[Decision(d)]
         if code != _SAVE and not graph.values[i].is_activation:
-            raise ValueError(f"plan: {name!r} is a {graph.values[i].role.value}, only activations can be {Decision(d).value}d.")
+            raise ValueError(
+                f"plan: {name!r} is a {graph.values[i].role.value}, only activations can be {Decision(d).value}d."
+            )
         if code != _SAVE and graph.is_forced[i]:
             what = "a block boundary" if graph.is_boundary[i] else "a graph output"
             raise ValueError(
@@ -114,7 +116,10 @@ def _static(graph: CostGraph) -> _Static:
             block=block,
             needed0=[graph.is_residual[i] or graph.is_forced[i] for i in range(len(vals))],
             later_block=[
-                min((block[c] for c in (*graph.consumers[i], *graph.bwd_readers[i]) if block[c] > block[i]), default=block[i])
+                min(
+                    (block[c] for c in (*graph.consumers[i], *graph.bwd_readers[i]) if block[c] > block[i]),
+                    default=block[i],
+                )
                 for i in range(len(vals))
             ],
             workspace=[v.bwd_workspace_bytes for v in vals],
@@ -183,7 +188,8 @@ def shared_with_own_block(graph: CostGraph) -> list[bool]:
     if key not in graph._cache:
         vals = graph.values
         graph._cache[key] = [
-            graph.is_forced[i] and vals[i].is_activation
+            graph.is_forced[i]
+            and vals[i].is_activation
             and any(vals[c].block == vals[i].block and not graph.is_forced[c] for c in graph.consumers[i])
             for i in range(len(vals))
         ]
@@ -250,10 +256,10 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared
         moments.extend(("recompute", t, b) for t in members if recomputed[t])
         moments.extend(("backward", t, b) for t in reversed(members) if graph.gets_grad[t])
     last_use = [-1] * n
-    for m, (what, t, b) in enumerate(moments):
+    for m, (what, t, _b) in enumerate(moments):
         if what == "reload":
             continue
-        for j in (deps[t] if what == "recompute" else bwd_reads[t]):
+        for j in deps[t] if what == "recompute" else bwd_reads[t]:
             last_use[j] = m  # moments are increasing, so the last write wins
     shared = shared_with_own_block(graph) if hold_shared else None
     for i in graph.activations:
@@ -261,7 +267,7 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared
             # Kept for later blocks: alive at least until the backward of the last of them to run
             # (the earliest in forward order) begins; an output until its own block's backward.
             last_use[i] = max(last_use[i], first_moment_of_block[st.later_block[i]])
-            if hold_shared and shared[i]:  # through the last moment before its own block's backward
+            if shared is not None and shared[i]:  # through the last moment before its own block's backward
                 last_use[i] = max(last_use[i], first_moment_of_block[block_of[i]] - 1)
 
     frees_at: list[list[int]] = [[] for _ in range(len(moments) + 1)]
@@ -307,6 +313,8 @@ def _labeller(graph: CostGraph):
         prefix = f"backward of {graph.block_names[block]}: "
         if what == "reload":
             return prefix + "reload"
-        return prefix + (f"recompute {graph.values[i].name}" if what == "recompute" else f"grad of {graph.values[i].name}")
+        return prefix + (
+            f"recompute {graph.values[i].name}" if what == "recompute" else f"grad of {graph.values[i].name}"
+        )
 
     return label

@@ -41,8 +41,19 @@ from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run, baseline_activation_bytes
 
 __all__ = [  # re-exported for the adapters, which import them from here
-    "MILP_LAYER_WORK", "MILP_MENU_WORK", "NUM_CAPS", "SOLVERS", "Costs", "InfeasibleBudgetError", "block_menus",
-    "codes_from_milp", "op_level_blocks", "op_level_work", "segment_cap", "segment_options", "smallest_activation_bytes",
+    "MILP_LAYER_WORK",
+    "MILP_MENU_WORK",
+    "NUM_CAPS",
+    "SOLVERS",
+    "Costs",
+    "InfeasibleBudgetError",
+    "block_menus",
+    "codes_from_milp",
+    "op_level_blocks",
+    "op_level_work",
+    "segment_cap",
+    "segment_options",
+    "smallest_activation_bytes",
     "solve",
 ]
 
@@ -63,7 +74,6 @@ class InfeasibleBudgetError(ValueError):
         super().__init__(message)
         self.smallest_fraction = smallest_fraction
         self.smallest_bytes = smallest_bytes
-
 
 
 def solve(
@@ -106,8 +116,10 @@ def solve(
         raise ValueError(f"max_segment_blocks={max_segment_blocks} needs solver='dp', not solver={solver!r}.")
     unknown = set(fixed_blocks) - set(graph.block_names)
     if unknown:
-        raise ValueError(f"fixed_blocks={sorted(fixed_blocks)!r} names blocks the graph does not have: {sorted(unknown)!r} "
-                         f"(blocks: {list(graph.block_names)!r}).")
+        raise ValueError(
+            f"fixed_blocks={sorted(fixed_blocks)!r} names blocks the graph does not have: {sorted(unknown)!r} "
+            f"(blocks: {list(graph.block_names)!r})."
+        )
     spans = (max_segment_blocks, frozenset(fixed_blocks))
     device = device or DeviceSpec()
     costs = Costs(graph, device)
@@ -146,7 +158,6 @@ def _check_solver(solver: str | None) -> str:
     return solver
 
 
-
 def whole_graph_work(graph: CostGraph) -> int:
     """What the whole-graph program costs to build, in (free values)² summed over blocks: it has
     a variable per value and moment of each block's backward."""
@@ -163,8 +174,14 @@ def _solve_default(graph: CostGraph, limit: int, costs: Costs, offload: bool, sp
     """
     whole = None
     if whole_graph_work(graph) <= WHOLE_GRAPH_WORK:
-        res = solve_milp(graph, limit=limit, rec_cost=costs.recompute, off_cost=costs.offload if offload else None,
-                         time_limit=WHOLE_GRAPH_SECONDS, warn=False)
+        res = solve_milp(
+            graph,
+            limit=limit,
+            rec_cost=costs.recompute,
+            off_cost=costs.offload if offload else None,
+            time_limit=WHOLE_GRAPH_SECONDS,
+            warn=False,
+        )
         # The program leaves out what the simulator adds on some traced graphs (backward
         # workspaces, values read across several blocks); its answer counts only where the
         # simulator confirms it fits.
@@ -193,13 +210,14 @@ def _solve_dp(graph: CostGraph, limit: int, costs: Costs, offload: bool, spans: 
         option = options[start][k]
         for i, c in option.codes:
             codes[i] = c
-        segments.append(list(graph.block_names[start:start + option.span]))
+        segments.append(list(graph.block_names[start : start + option.span]))
     merged = any(len(seg) > 1 for seg in segments)
     return codes, (segments if merged else None)
 
 
-def _dp_options(graph: CostGraph, costs: Costs, offload: bool,
-                spans: tuple[int, frozenset[str]]) -> list[list[chain_dp.BlockOption]]:
+def _dp_options(
+    graph: CostGraph, costs: Costs, offload: bool, spans: tuple[int, frozenset[str]]
+) -> list[list[chain_dp.BlockOption]]:
     """Block menus, plus segment options when `spans` = (max blocks per segment, fixed blocks) allows."""
     max_span, fixed = spans
     menus = block_menus(graph, costs, offload)
@@ -244,7 +262,11 @@ def _solve_greedy(graph: CostGraph, limit: int, costs: Costs) -> list[int] | Non
 
 # -- infeasible budgets -----------------------------------------------------------------------
 def smallest_activation_bytes(
-    graph: CostGraph, *, offload: bool = False, device: DeviceSpec | None = None, max_segment_blocks: int = 1,
+    graph: CostGraph,
+    *,
+    offload: bool = False,
+    device: DeviceSpec | None = None,
+    max_segment_blocks: int = 1,
     fixed_blocks: Collection[str] = (),
 ) -> int:
     """The least activation peak remat_kit's plans reach (keep-all, full recompute, selective,
@@ -259,7 +281,12 @@ def _offload_all(graph: CostGraph, costs: Costs, blk: int) -> list[chain_dp.Bloc
 
 
 def _infeasible(
-    graph: CostGraph, parsed: Budget, raw: object, costs: Costs, offload: bool, baseline: int,
+    graph: CostGraph,
+    parsed: Budget,
+    raw: object,
+    costs: Costs,
+    offload: bool,
+    baseline: int,
     spans: tuple[int, frozenset[str]],
 ) -> InfeasibleBudgetError:
     max_span, fixed = spans

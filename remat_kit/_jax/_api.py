@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -14,14 +15,14 @@ from remat_kit._core.budget import budget_meaning, parse_budget
 from remat_kit._core.graph import DeviceSpec, Role
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.solve import InfeasibleBudgetError, _check_solver
+from remat_kit._jax import _plancache
 from remat_kit._jax._apply import run_planned
+from remat_kit._jax._fit import at_floor
 from remat_kit._jax._graph import Traced, build
 from remat_kit._jax._ir import trace
 from remat_kit._jax._planner import choose
 from remat_kit._jax._rules import Tracer
 from remat_kit._jax._sharding import divisor, input_shardings
-from remat_kit._jax import _plancache
-from remat_kit._jax._fit import at_floor
 from remat_kit._jax._verify import can_verify, specs_of, verified
 
 _ATTR = "__remat_kit_auto__"
@@ -43,8 +44,16 @@ class Entry:
 class Planner:
     """Budget, options and the per-signature plan cache shared by every call of one `auto` target."""
 
-    def __init__(self, budget: object, *, offload: bool, solver: str | None, verify: bool = True, device: DeviceSpec | None = None,
-                 layer_class: bool = False):
+    def __init__(
+        self,
+        budget: object,
+        *,
+        offload: bool,
+        solver: str | None,
+        verify: bool = True,
+        device: DeviceSpec | None = None,
+        layer_class: bool = False,
+    ):
         parse_budget(budget)  # raises ValueError naming `budget`
         _check_solver(solver)
         for name, flag in (("offload", offload), ("verify", verify)):
@@ -73,7 +82,9 @@ class Planner:
         dyn_vals = [leaves[i] for i in dyn]
         shardings = input_shardings(dyn_vals)  # per device: the plan, a byte budget and the measure
         fn, out_tree = trace(flat_f, *dyn_vals)
-        divisors = {vid: d for vid, x, s in zip(fn.invars, dyn_vals, shardings) if (d := divisor(s, jax.typeof(x).shape)) > 1}
+        divisors = {
+            vid: d for vid, x, s in zip(fn.invars, dyn_vals, shardings) if (d := divisor(s, jax.typeof(x).shape)) > 1
+        }
         in_scan = _in_scan_body()
         key = (treedef, static, tuple(_signature(x, s) for x, s in zip(dyn_vals, shardings)), tuple(roles), in_scan)
         traced = build(fn, out_tree, roles, divisors)
@@ -84,16 +95,31 @@ class Planner:
             self.cache[key] = plan
             if per_call:
                 self.per_call_keys.add(key)
-        return Entry(traced=traced, plan=plan, decisions=plan.as_dict(), segments=plan.segments,
-                     per_call=key in self.per_call_keys), dyn_vals
+        return Entry(
+            traced=traced,
+            plan=plan,
+            decisions=plan.as_dict(),
+            segments=plan.segments,
+            per_call=key in self.per_call_keys,
+        ), dyn_vals
 
     def _plan(self, traced: Traced, dyn_vals: list, shardings: list, per_call: bool) -> Plan:
         """The verified plan for one signature: from the on-disk cache when this program, budget and
         options were verified before (`_plancache.py`), else planned and verified, and stored."""
         if not (self.verify and can_verify(traced)):
-            return choose(traced, self.budget, solver=self.solver, offload=self.offload, device=self.device, per_call=per_call)
-        key = _plancache.program_key(traced, specs_of(dyn_vals, shardings), what="plan", budget=str(parse_budget(self.budget)),
-                                     solver=self.solver, offload=self.offload, per_call=per_call, device=repr(self.device))
+            return choose(
+                traced, self.budget, solver=self.solver, offload=self.offload, device=self.device, per_call=per_call
+            )
+        key = _plancache.program_key(
+            traced,
+            specs_of(dyn_vals, shardings),
+            what="plan",
+            budget=str(parse_budget(self.budget)),
+            solver=self.solver,
+            offload=self.offload,
+            per_call=per_call,
+            device=repr(self.device),
+        )
         found = _plancache.load_plan(key, traced.graph)
         if isinstance(found, InfeasibleBudgetError):
             raise found
@@ -117,7 +143,9 @@ class Planner:
             # would be one more solve, thrown away.
             return verified(traced, None, self.budget, self._replan(traced), dyn_vals, shardings=shardings)
         try:
-            plan = choose(traced, self.budget, solver=self.solver, offload=self.offload, device=self.device, per_call=per_call)
+            plan = choose(
+                traced, self.budget, solver=self.solver, offload=self.offload, device=self.device, per_call=per_call
+            )
         except InfeasibleBudgetError as below:
             if per_call:
                 raise
@@ -133,12 +161,22 @@ class Planner:
         saves = plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD)
         if not (saves or parse_budget(self.budget).kind == "bytes"):
             return plan
-        return verified(traced, plan, self.budget, self._replan(traced, per_call), dyn_vals, layer=per_call, shardings=shardings)
+        return verified(
+            traced, plan, self.budget, self._replan(traced, per_call), dyn_vals, layer=per_call, shardings=shardings
+        )
 
     def _replan(self, traced: Traced, per_call: bool = False) -> Callable[..., Plan]:
         def replan(fraction: float, max_segment_blocks: int | None = None, scan_group: int | None = None) -> Plan:
-            return choose(traced, fraction, solver=self.solver, offload=self.offload, device=self.device,
-                          max_segment_blocks=max_segment_blocks, scan_group=scan_group, per_call=per_call)
+            return choose(
+                traced,
+                fraction,
+                solver=self.solver,
+                offload=self.offload,
+                device=self.device,
+                max_segment_blocks=max_segment_blocks,
+                scan_group=scan_group,
+                per_call=per_call,
+            )
 
         return replan
 
@@ -208,7 +246,9 @@ def auto(target: Any, budget: object, *, offload: bool = False, solver: str | No
     """
     kind = _target_kind(target)
     # A decorated class is a layer of a model its caller builds: its budget is per call (see `_per_call`).
-    planner = Planner(budget, offload=offload, solver=solver, verify=verify, layer_class=kind in ("nnx_class", "linen_class"))
+    planner = Planner(
+        budget, offload=offload, solver=solver, verify=verify, layer_class=kind in ("nnx_class", "linen_class")
+    )
     if kind == "nnx_class":
         return _nnx_class(target, planner)
     if kind == "nnx_instance":
@@ -232,8 +272,8 @@ def auto(target: Any, budget: object, *, offload: bool = False, solver: str | No
 
 def _target_kind(target: Any) -> str:
     try:
-        from flax import nnx
         import flax.linen as nn
+        from flax import nnx
     except ImportError:  # flax not installed: only plain functions
         return "function"
     if isinstance(target, type):
@@ -276,7 +316,11 @@ def _nnx_class(cls: type, planner: Planner) -> type:
         nnx.update(self, new_state)
         return out
 
-    sub = type(original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__, "__qualname__": original.__qualname__})
+    sub = type(
+        original.__name__,
+        (original,),
+        {"__call__": __call__, "__module__": original.__module__, "__qualname__": original.__qualname__},
+    )
     setattr(sub, _ATTR, (planner, original))
     return sub
 

@@ -60,8 +60,14 @@ def _tagger(names_by_out: dict[tuple[int, int], str], decisions: dict[str, Decis
     return after
 
 
-def run_planned(traced: Traced, decisions: dict[str, Decision], flat_args: Sequence[Any], *,
-                segments: Sequence[Sequence[str]] = (), unroll_scans: bool | int = False) -> list[Any]:
+def run_planned(
+    traced: Traced,
+    decisions: dict[str, Decision],
+    flat_args: Sequence[Any],
+    *,
+    segments: Sequence[Sequence[str]] = (),
+    unroll_scans: bool | int = False,
+) -> list[Any]:
     """Evaluate the traced function on `flat_args` with `decisions` applied.
 
     `segments` is the plan's grouping of blocks into checkpointed units (`Plan.segments`, block
@@ -74,8 +80,15 @@ def run_planned(traced: Traced, decisions: dict[str, Decision], flat_args: Seque
     uses_after = _last_uses(fn)
     for seg_block, ops in _units(traced, segments):
         if seg_block is None:  # an expanded scan
-            run(fn, (), ops=ops, env=env, run_scan=lambda k, op, invals: _run_scan(
-                traced, k, op, invals, decisions, unroll_scans, group=scan_group(traced, k, segments)))
+            run(
+                fn,
+                (),
+                ops=ops,
+                env=env,
+                run_scan=lambda k, op, invals: _run_scan(
+                    traced, k, op, invals, decisions, unroll_scans, group=scan_group(traced, k, segments)
+                ),
+            )
             continue
         names = [traced.out_names.get((k, j)) for k in ops for j in range(len(fn.ops[k].outs))]
         if all(n is None or decisions.get(n, Decision.SAVE) is Decision.SAVE for n in names):
@@ -94,7 +107,7 @@ def _units(traced: Traced, segments: Sequence[Sequence[str]] = ()) -> list[tuple
     known = [k for k, u in enumerate(units) if u is not None and u >= 0]
     for a, b in itertools.pairwise(known):
         if b > a + 1 and units[a] == units[b] and all(units[k] == -1 for k in range(a + 1, b)):
-            units[a + 1:b] = [units[a]] * (b - a - 1)
+            units[a + 1 : b] = [units[a]] * (b - a - 1)
     runs: list[tuple[int | None, list[int]]] = []
     for k, u in enumerate(units):
         if u is None:
@@ -156,7 +169,9 @@ def _last_uses(fn: FlatFn) -> dict[int, int]:
     return last
 
 
-def _run_block(traced: Traced, ops: list[int], env: dict[int, Any], decisions: dict[str, Decision], last: dict[int, int]) -> None:
+def _run_block(
+    traced: Traced, ops: list[int], env: dict[int, Any], decisions: dict[str, Decision], last: dict[int, int]
+) -> None:
     fn = traced.fn
     defined = {v for k in ops for v in fn.ops[k].outs}
     inputs = list(dict.fromkeys(a for k in ops for a in fn.ops[k].ins if not isinstance(a, Lit) and a not in defined))
@@ -211,8 +226,15 @@ def ordered_remat(f: Any, policy: Any, exempt: Sequence[bool]) -> Any:
     return g
 
 
-def _run_scan(traced: Traced, k: int, op: Any, invals: list[Any], decisions: dict[str, Decision], unroll: bool | int = False,
-              group: int = 1) -> list[Any]:
+def _run_scan(
+    traced: Traced,
+    k: int,
+    op: Any,
+    invals: list[Any],
+    decisions: dict[str, Decision],
+    unroll: bool | int = False,
+    group: int = 1,
+) -> list[Any]:
     """Re-run a top-level scan with its body under one uniform per-layer plan; with `group` g > 1,
     g layers per loop step under one checkpoint (the plan's segments of g iterations): the scanned
     inputs are reshaped to (L/g, g, ...), the step runs its g layers in a Python loop, and its
@@ -223,14 +245,22 @@ def _run_scan(traced: Traced, k: int, op: Any, invals: list[Any], decisions: dic
     p = op.eqn.params
     first = info.iter_names[0]  # in a group, the first iteration's carry out is an inner boundary
     graph = traced.graph
-    body_decisions = {info.body_names[m] + (f"#{j}" if j else ""): decisions.get(name, Decision.SAVE) for (m, j), name in first.items()}
+    body_decisions = {
+        info.body_names[m] + (f"#{j}" if j else ""): decisions.get(name, Decision.SAVE)
+        for (m, j), name in first.items()
+    }
     rematted = group > 1 or any(d is not Decision.SAVE for d in body_decisions.values())
     # Slices and casts of the scanned parameters are not activations (the graph holds them as
     # inputs): a checkpointed body re-slices them in its backward rather than saving them, which
     # would stack a copy of every layer's parameters as residuals (measured on 8 scanned MLP
     # layers: 1 MiB of 2.4 MiB temp under full recompute).
-    body_decisions.update({info.body_names[m] + (f"#{j}" if j else ""): Decision.RECOMPUTE
-                           for (m, j), name in first.items() if rematted and not graph[name].is_activation})
+    body_decisions.update(
+        {
+            info.body_names[m] + (f"#{j}" if j else ""): Decision.RECOMPUTE
+            for (m, j), name in first.items()
+            if rematted and not graph[name].is_activation
+        }
+    )
     if not rematted and not unroll:
         return bind(op, invals)
     body = op.body
@@ -239,7 +269,7 @@ def _run_scan(traced: Traced, k: int, op: Any, invals: list[Any], decisions: dic
     offloaded = [n for n in local_names.values() if body_decisions[n] is Decision.OFFLOAD]
     tag = _tagger(local_names, body_decisions)
     nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
-    consts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
+    consts, init, xs = invals[:nc], invals[nc : nc + ncarry], invals[nc + ncarry :]
 
     def layer(carry, x, consts=consts):
         env = run(body, list(consts) + list(carry) + list(x), after=tag)
@@ -255,7 +285,9 @@ def _run_scan(traced: Traced, k: int, op: Any, invals: list[Any], decisions: dic
         # straight-line code, where XLA would run a plain checkpoint's recompute in the forward, as on
         # unrolled layers (see the module doc; penzai's Llama stack compiled to 1.00 of no remat).
         user_unroll = p.get("unroll", 1)
-        if unroll is True or (not unroll and (user_unroll is True or (not isinstance(user_unroll, bool) and user_unroll > 1))):
+        if unroll is True or (
+            not unroll and (user_unroll is True or (not isinstance(user_unroll, bool) and user_unroll > 1))
+        ):
             step = _flat_ordered(step, policy, ncarry, consts)
         else:  # inside a scan the loop orders the recompute; no CSE prevention needed
             step = jax.checkpoint(step, policy=policy, prevent_cse=group > 1)
@@ -273,7 +305,7 @@ def _grouped_step(layer: Any, group: int, reverse: bool, shapes: Sequence[tuple]
 
     def step(carry, xg, **consts):
         ys: list[Any] = [None] * group
-        for j in (reversed(range(group)) if reverse else range(group)):
+        for j in reversed(range(group)) if reverse else range(group):
             carry, ys[j] = layer(carry, [jnp.reshape(a[j], shape) for a, shape in zip(xg, shapes)], **consts)
         return carry, [jnp.stack([y[i] for y in ys]) for i in range(len(ys[0]))]
 
@@ -286,7 +318,7 @@ def _flat_ordered(step: Any, policy: Any, ncarry: int, consts: Sequence[Any] = (
     nc = len(consts)
 
     def flat(*vals):
-        carry, ys = step(list(vals[nc:nc + ncarry]), list(vals[nc + ncarry:]), consts=list(vals[:nc]))
+        carry, ys = step(list(vals[nc : nc + ncarry]), list(vals[nc + ncarry :]), consts=list(vals[:nc]))
         return list(carry) + list(ys)
 
     def wrapped(carry, x):

@@ -70,7 +70,9 @@ def measure(dev: jax.Device) -> Measurement:
     long = _least_seconds(jax.jit(lambda y: chain(y, CHAIN_OPS)), tiny)
     short = _least_seconds(jax.jit(lambda y: chain(y, 1)), tiny)  # the call's own cost, taken out
     return Measurement(
-        matmul_flops=2.0 * n**3, matmul_seconds=matmul_seconds,
-        copy_bytes=2.0 * x.size * x.dtype.itemsize, copy_seconds=copy_seconds,
+        matmul_flops=2.0 * n**3,
+        matmul_seconds=matmul_seconds,
+        copy_bytes=2.0 * x.size * x.dtype.itemsize,
+        copy_seconds=copy_seconds,
         op_overhead_seconds=max(long - short, 0.0) / (CHAIN_OPS - 1),
     )

@@ -37,31 +37,47 @@ class Explanation:
 
     @property
     def predicted_fraction(self) -> float:
-        return self.predicted_activation_bytes / self.baseline_activation_bytes if self.baseline_activation_bytes else 1.0
+        return (
+            self.predicted_activation_bytes / self.baseline_activation_bytes if self.baseline_activation_bytes else 1.0
+        )
 
     def __str__(self) -> str:
         lines = [f"{'layer':<36} {'kind':<12} {'no remat':>10} {'kept':>10} {'recomputed':>10} {'GFLOP':>8}"]
         for r in self.rows:
-            lines.append(f"{r['layer']:<36.36} {r['kind']:<12} {format_bytes(r['residual_bytes']):>10} {format_bytes(r['kept_bytes']):>10} "
-                         f"{format_bytes(r['recomputed_bytes']):>10} {r['recompute_flops'] / 1e9:>8.3f}")
+            lines.append(
+                f"{r['layer']:<36.36} {r['kind']:<12} {format_bytes(r['residual_bytes']):>10} {format_bytes(r['kept_bytes']):>10} "
+                f"{format_bytes(r['recomputed_bytes']):>10} {r['recompute_flops'] / 1e9:>8.3f}"
+            )
         lines += _summary(self)
         return "\n".join(lines)
 
 
 def _summary(e: Explanation) -> list[str]:
     out = [f"budget {e.plan.budget} bounds {e.budget_meaning}"] if e.budget_meaning else []
-    out += [f"predicted activation memory: {format_bytes(e.predicted_activation_bytes)} = {e.predicted_fraction:.1%} of no remat "
-           f"({format_bytes(e.baseline_activation_bytes)}); recompute {e.plan.predicted_recompute_flops / 1e9:.3f} GFLOP; {e.plan.summary()}"]
+    out += [
+        f"predicted activation memory: {format_bytes(e.predicted_activation_bytes)} = {e.predicted_fraction:.1%} of no remat "
+        f"({format_bytes(e.baseline_activation_bytes)}); recompute {e.plan.predicted_recompute_flops / 1e9:.3f} GFLOP; {e.plan.summary()}"
+    ]
     m = e.measured
     if m:
-        out.append(f"measured temp memory: {format_bytes(m['plan_temp_bytes'])} = {m['temp_fraction']:.1%} of no remat "
-                   f"({format_bytes(m['none_temp_bytes'])}); FLOPs {m['plan_flops'] / 1e9:.3f} vs {m['none_flops'] / 1e9:.3f} GFLOP "
-                   f"(+{m['extra_flops_fraction']:.1%})")
+        out.append(
+            f"measured temp memory: {format_bytes(m['plan_temp_bytes'])} = {m['temp_fraction']:.1%} of no remat "
+            f"({format_bytes(m['none_temp_bytes'])}); FLOPs {m['plan_flops'] / 1e9:.3f} vs {m['none_flops'] / 1e9:.3f} GFLOP "
+            f"(+{m['extra_flops_fraction']:.1%})"
+        )
     return out
 
 
-def explain(target: Any, *example_args: Any, measure: bool = False, budget: object = None, offload: bool = False,
-            solver: str | None = None, print_table: bool = True, **example_kwargs: Any) -> Explanation:
+def explain(
+    target: Any,
+    *example_args: Any,
+    measure: bool = False,
+    budget: object = None,
+    offload: bool = False,
+    solver: str | None = None,
+    print_table: bool = True,
+    **example_kwargs: Any,
+) -> Explanation:
     """Table per layer and op kind: bytes held, recompute FLOPs, the plan's decision, predicted
     activation memory against no remat; `measure=True` adds compiled memory and FLOPs.
 
@@ -73,8 +89,13 @@ def explain(target: Any, *example_args: Any, measure: bool = False, budget: obje
     f, args, planner = _resolve(target, example_args, budget, offload, solver)
     entry, dyn_vals = planner.prepare(f, args, example_kwargs)
     traced, plan = entry.traced, entry.plan
-    result = Explanation(plan=plan, rows=_rows(traced, plan), predicted_activation_bytes=plan.predicted_activation_bytes,
-                         baseline_activation_bytes=plan.baseline_activation_bytes, budget_meaning=entry.budget_meaning)
+    result = Explanation(
+        plan=plan,
+        rows=_rows(traced, plan),
+        predicted_activation_bytes=plan.predicted_activation_bytes,
+        baseline_activation_bytes=plan.baseline_activation_bytes,
+        budget_meaning=entry.budget_meaning,
+    )
     if measure:
         result.measured = measure_plan(traced, entry.decisions, dyn_vals, segments=entry.segments)
         if result.measured["temp_fraction"] > max(result.predicted_fraction, _budget_fraction(plan)) + TOLERANCE:
@@ -82,7 +103,8 @@ def explain(target: Any, *example_args: Any, measure: bool = False, budget: obje
                 f"remat_kit: the compiled step does not follow the plan: predicted {result.predicted_fraction:.1%} of no-remat "
                 f"activation memory, measured {result.measured['temp_fraction']:.1%} "
                 f"({format_bytes(result.measured['plan_temp_bytes'])} of {format_bytes(result.measured['none_temp_bytes'])} temp).",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning,
+                stacklevel=2,
             )
     if print_table:
         _print(result)
@@ -98,7 +120,11 @@ def _budget_fraction(plan: Plan) -> float:
 
 def _resolve(target: Any, args: tuple, budget: object, offload: bool, solver: str | None):
     found = planner_of(target)
-    planner = found[0] if found is not None and budget is None else Planner(1.0 if budget is None else budget, offload=offload, solver=solver)
+    planner = (
+        found[0]
+        if found is not None and budget is None
+        else Planner(1.0 if budget is None else budget, offload=offload, solver=solver)
+    )
     kind = _target_kind(target)
     if kind == "nnx_instance":
         from flax import nnx
@@ -113,7 +139,9 @@ def _resolve(target: Any, args: tuple, budget: object, offload: bool, solver: st
         return pure, (state, *args), planner
     if kind == "linen_instance":
         if not args:
-            raise ValueError(f"remat_kit.explain({type(target).__name__}(...)): pass the variables first, then the call arguments.")
+            raise ValueError(
+                f"remat_kit.explain({type(target).__name__}(...)): pass the variables first, then the call arguments."
+            )
         return (lambda variables, *a, **kw: target.apply(variables, *a, **kw)), args, planner
     if _is_module_instance(target) or not callable(target):
         raise ValueError(f"remat_kit.explain(target={target!r:.80}): expected a function or a Flax module instance.")
@@ -127,7 +155,9 @@ def _rows(traced: Traced, plan: Plan) -> list[dict]:
     for i in graph.residuals():
         v = graph.values[i]
         key = (graph.block_names[v.block], v.kind.value)
-        row = groups.setdefault(key, dict(layer=key[0], kind=key[1], residual_bytes=0, kept_bytes=0, recomputed_bytes=0, recompute_flops=0))
+        row = groups.setdefault(
+            key, dict(layer=key[0], kind=key[1], residual_bytes=0, kept_bytes=0, recomputed_bytes=0, recompute_flops=0)
+        )
         d = decisions.get(v.name, Decision.SAVE)
         row["residual_bytes"] += v.num_bytes
         if d is Decision.RECOMPUTE:
@@ -163,11 +193,24 @@ def _print(result: Explanation) -> None:
         print(result)
         return
     table = Table(title="remat_kit plan", show_lines=False)
-    for col, justify in (("layer", "left"), ("kind", "left"), ("no remat", "right"), ("kept", "right"), ("recomputed", "right"), ("recompute GFLOP", "right")):
+    for col, justify in (
+        ("layer", "left"),
+        ("kind", "left"),
+        ("no remat", "right"),
+        ("kept", "right"),
+        ("recomputed", "right"),
+        ("recompute GFLOP", "right"),
+    ):
         table.add_column(col, justify=justify)
     for r in result.rows:
-        table.add_row(r["layer"], r["kind"], format_bytes(r["residual_bytes"]), format_bytes(r["kept_bytes"]),
-                      format_bytes(r["recomputed_bytes"]), f"{r['recompute_flops'] / 1e9:.3f}")
+        table.add_row(
+            r["layer"],
+            r["kind"],
+            format_bytes(r["residual_bytes"]),
+            format_bytes(r["kept_bytes"]),
+            format_bytes(r["recomputed_bytes"]),
+            f"{r['recompute_flops'] / 1e9:.3f}",
+        )
     console = Console()
     console.print(table)
     for line in _summary(result):

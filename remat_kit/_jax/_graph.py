@@ -64,7 +64,9 @@ class _Emitter:
     def op(self, op: Any, in_names: list[str | None], base: str, module: str, block: int) -> list[str | None]:
         """Emit values for one op's outputs; `in_names[i]` is None for literals and constants."""
         eqn = op.eqn
-        diff = tuple(n is not None and self.grad.get(n, False) and is_float(eqn.invars[i].aval) for i, n in enumerate(in_names))
+        diff = tuple(
+            n is not None and self.grad.get(n, False) and is_float(eqn.invars[i].aval) for i, n in enumerate(in_names)
+        )
         out_names = [base if j == 0 else f"{base}#{j}" for j in range(len(eqn.outvars))]
         if all(n is None for n in in_names):
             return [None] * len(out_names)  # constant-folded by XLA: no memory of its own
@@ -85,7 +87,11 @@ class _Emitter:
         moved = in_bytes if kind in (OpKind.MATMUL, OpKind.EMBEDDING) else 0
         # Slices, transposes and casts of parameters alone are held like the parameters (and are
         # usually fused into their consumers): not activations a plan decides about.
-        from_params = bool(named) and all(n in self.paramlike for n in named) and (kind is OpKind.VIEW or op.prim == "convert_element_type")
+        from_params = (
+            bool(named)
+            and all(n in self.paramlike for n in named)
+            and (kind is OpKind.VIEW or op.prim == "convert_element_type")
+        )
         for j, (name, var) in enumerate(zip(out_names, eqn.outvars)):
             self.div[op.outs[j]] = self.div.get(op.outs[j], div)  # a sharding constraint's own split wins
             size = nbytes(var.aval) // self.div[op.outs[j]]
@@ -94,14 +100,23 @@ class _Emitter:
                 self.grad[name] = is_float(var.aval)
                 self.paramlike.add(name)
                 continue
-            self.rows.append(dict(
-                name=name, num_bytes=size, kind=kind, flops=flops, deps=deps,
-                # an output may name only itself and earlier outputs (forward order)
-                bwd_reads=tuple(dict.fromkeys(in_reads + [out_names[k] for k in reads_out if k <= j])),
-                bytes_moved=moved + size if moved else 0,
-                module=module, block=block, requires_grad=is_float(var.aval) and any(diff),
-                act_act=op.prim == "dot_general" and sum(n in self.acts and n not in self.paramlike for n in named) == 2,
-            ))
+            self.rows.append(
+                dict(
+                    name=name,
+                    num_bytes=size,
+                    kind=kind,
+                    flops=flops,
+                    deps=deps,
+                    # an output may name only itself and earlier outputs (forward order)
+                    bwd_reads=tuple(dict.fromkeys(in_reads + [out_names[k] for k in reads_out if k <= j])),
+                    bytes_moved=moved + size if moved else 0,
+                    module=module,
+                    block=block,
+                    requires_grad=is_float(var.aval) and any(diff),
+                    act_act=op.prim == "dot_general"
+                    and sum(n in self.acts and n not in self.paramlike for n in named) == 2,
+                )
+            )
             self.grad[name] = is_float(var.aval) and any(diff)
             self.acts.add(name)
         return out_names
@@ -150,8 +165,16 @@ def build(fn: FlatFn, out_tree: Any, roles: list[Role], divisors: dict[int, int]
         info.blocks = [renumber.get(b, -1) for b in info.blocks]
     vals = [value(**{k: v for k, v in r.items() if k != "act_act"}) for r in em.rows]
     graph = CostGraph(vals, block_names=[block_names[b] for b in used] or None)
-    return Traced(fn=fn, out_tree=out_tree, graph=graph, names=names, op_block=op_block, out_names=out_names, scans=scans,
-                  pieces=pieces)
+    return Traced(
+        fn=fn,
+        out_tree=out_tree,
+        graph=graph,
+        names=names,
+        op_block=op_block,
+        out_names=out_names,
+        scans=scans,
+        pieces=pieces,
+    )
 
 
 def _runs(fn: FlatFn) -> list[tuple[str, list[int]]]:
@@ -172,7 +195,7 @@ def _emit_scan(em: _Emitter, op: Any, base: str, env: dict, block_names: list[st
     body, length, nc, ncarry = op.body, p["length"], p["num_consts"], p["num_carry"]
     body_names = op_names(body)
     outer = [None if isinstance(a, Lit) else env[a] for a in op.ins]
-    carry = outer[nc:nc + ncarry]
+    carry = outer[nc : nc + ncarry]
     ys: list[list[str | None]] = [[] for _ in range(len(op.outs) - ncarry)]
     info = ScanInfo(body_names=body_names, blocks=[], iter_names=[])
     order = range(length - 1, -1, -1) if p.get("reverse") else range(length)
@@ -185,18 +208,24 @@ def _emit_scan(em: _Emitter, op: Any, base: str, env: dict, block_names: list[st
         blk = len(block_names)
         block_names.append(f"{base}[{it}]")
         benv: dict[int, str | None] = {vid: None for vid in body.consts}
-        benv.update(zip(body.invars, outer[:nc] + carry + outer[nc + ncarry:]))
+        benv.update(zip(body.invars, outer[:nc] + carry + outer[nc + ncarry :]))
         names: dict[tuple[int, int], str] = {}
         for m, bop in enumerate(body.ops):
             module = f"{base}[{it}]" + (f"/{bop.scope}" if bop.scope else "")
-            outs = em.op(bop, [None if isinstance(a, Lit) else benv[a] for a in bop.ins], f"{base}[{it}]/{body_names[m]}", module, blk)
+            outs = em.op(
+                bop,
+                [None if isinstance(a, Lit) else benv[a] for a in bop.ins],
+                f"{base}[{it}]/{body_names[m]}",
+                module,
+                blk,
+            )
             for j, (vid, n) in enumerate(zip(bop.outs, outs)):
                 benv[vid] = n
                 if n is not None:
                     names[(m, j)] = n
         res = [None if isinstance(a, Lit) else benv[a] for a in body.outvars]
         out_div = [1 if isinstance(a, Lit) else em.div.get(a, 1) for a in body.outvars]
-        in_div[nc:nc + ncarry] = out_div[:ncarry]
+        in_div[nc : nc + ncarry] = out_div[:ncarry]
         carry = res[:ncarry]
         for j, n in enumerate(res[ncarry:]):
             ys[j].append(n)
@@ -213,9 +242,18 @@ def _emit_scan(em: _Emitter, op: Any, base: str, env: dict, block_names: list[st
             env[vid] = None
             continue
         name = f"{base}/ys{j}"
-        em.rows.append(dict(name=name, num_bytes=nbytes(op.eqn.outvars[ncarry + j].aval) // em.div.get(vid, 1),
-                            kind=OpKind.VIEW, deps=tuple(deps), bwd_reads=(), module=base, block=len(block_names) - 1,
-                            requires_grad=any(em.grad.get(d, False) for d in deps)))
+        em.rows.append(
+            dict(
+                name=name,
+                num_bytes=nbytes(op.eqn.outvars[ncarry + j].aval) // em.div.get(vid, 1),
+                kind=OpKind.VIEW,
+                deps=tuple(deps),
+                bwd_reads=(),
+                module=base,
+                block=len(block_names) - 1,
+                requires_grad=any(em.grad.get(d, False) for d in deps),
+            )
+        )
         em.grad[name] = any(em.grad.get(d, False) for d in deps)
         env[vid] = name
     return info
@@ -251,11 +289,17 @@ def _layers(fn: FlatFn, ops: list[int]) -> tuple[list[list[int]], bool]:
     segments, start = [], 0
     pos = {k: i for i, k in enumerate(ops)}
     for k in cuts:
-        segments.append(ops[start:pos[k] + 1])
+        segments.append(ops[start : pos[k] + 1])
         start = pos[k] + 1
     if start < len(ops):
         segments.append(ops[start:])
-    sigs = [tuple((fn.ops[k].prim, tuple(tuple(fn.avals[v].shape) for v in fn.ops[k].outs if hasattr(fn.avals[v], "shape"))) for k in seg) for seg in segments]
+    sigs = [
+        tuple(
+            (fn.ops[k].prim, tuple(tuple(fn.avals[v].shape) for v in fn.ops[k].outs if hasattr(fn.avals[v], "shape")))
+            for k in seg
+        )
+        for seg in segments
+    ]
     with_matmul = [s for s in sigs if any(p in ("dot_general", "conv_general_dilated") for p, _ in s)]
     common = Counter(with_matmul).most_common(1)
     if not common or common[0][1] < 2:
@@ -264,7 +308,7 @@ def _layers(fn: FlatFn, ops: list[int]) -> tuple[list[list[int]], bool]:
     period = min(b - a for a, b in zip(starts, starts[1:]))
     bounds = [0] + [s for s in starts if s > 0] + [starts[-1] + period]
     blocks = [sum(segments[a:b], []) for a, b in zip(bounds, bounds[1:]) if a < b]
-    tail = sum(segments[bounds[-1]:], [])
+    tail = sum(segments[bounds[-1] :], [])
     return [b for b in blocks + [tail] if b], True
 
 

@@ -19,7 +19,14 @@ import jax
 from jax.extend import core as jcore
 
 # jax renamed `pjit` to `jit` in the jaxpr (0.7); both spellings are inlined.
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr"}
+_CALLS = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "checkpoint": "jaxpr",
+    "remat": "jaxpr",
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,11 +32,14 @@ def auto_flops_unrolled(wrapped: Any, params: Any, batch: Any) -> float:
     entry, dyn_vals = planner.prepare(f, (params, batch), {})[:2]
     num_params = len(jax.tree.leaves(params))
     if len(dyn_vals) != num_params + len(jax.tree.leaves(batch)):
-        raise ValueError("auto_flops_unrolled: auto's traced inputs do not line up with (params, batch); "
-                         "pass the function auto wrapped, called as wrapped(params, batch)")
+        raise ValueError(
+            "auto_flops_unrolled: auto's traced inputs do not line up with (params, batch); "
+            "pass the function auto wrapped, called as wrapped(params, batch)"
+        )
 
     def loss(param_leaves: list, batch_leaves: list) -> jax.Array:
-        return run_planned(entry.traced, entry.decisions, [*param_leaves, *batch_leaves], segments=entry.segments,
-                           unroll_scans=True)[0]
+        return run_planned(
+            entry.traced, entry.decisions, [*param_leaves, *batch_leaves], segments=entry.segments, unroll_scans=True
+        )[0]
 
     return compiled_flops(jax.jit(jax.value_and_grad(loss)).lower(dyn_vals[:num_params], dyn_vals[num_params:]))

@@ -56,8 +56,13 @@ def program_key(traced: Any, specs: Sequence[Any], **options: Any) -> str | None
     if cache_dir() is None:
         return None
     h = hashlib.sha256()
-    for part in (f"schema {SCHEMA}", _environment(), traced.graph.fingerprint(), _ops_text(traced.fn),
-                 repr(sorted(options.items()))):
+    for part in (
+        f"schema {SCHEMA}",
+        _environment(),
+        traced.graph.fingerprint(),
+        _ops_text(traced.fn),
+        repr(sorted(options.items())),
+    ):
         h.update(part.encode())
         h.update(b"\0")
     for s in specs:
@@ -73,8 +78,11 @@ def load_plan(key: str | None, graph: Any) -> Plan | InfeasibleBudgetError | Non
     try:
         if "error" in data:
             err = data["error"]
-            return InfeasibleBudgetError(str(err["message"]), smallest_fraction=float(err["smallest_fraction"]),
-                                         smallest_bytes=int(err["smallest_bytes"]))
+            return InfeasibleBudgetError(
+                str(err["message"]),
+                smallest_fraction=float(err["smallest_fraction"]),
+                smallest_bytes=int(err["smallest_bytes"]),
+            )
         plan = Plan.from_json(data["plan"])
         plan.check_graph(graph)
         for name, _ in plan.decisions:  # KeyError on a name the graph lacks
@@ -86,8 +94,16 @@ def load_plan(key: str | None, graph: Any) -> Plan | InfeasibleBudgetError | Non
 
 def store_plan(key: str | None, verdict: Plan | InfeasibleBudgetError) -> None:
     if isinstance(verdict, InfeasibleBudgetError):
-        _write(key, {"error": {"message": str(verdict), "smallest_fraction": verdict.smallest_fraction,
-                               "smallest_bytes": verdict.smallest_bytes}})
+        _write(
+            key,
+            {
+                "error": {
+                    "message": str(verdict),
+                    "smallest_fraction": verdict.smallest_fraction,
+                    "smallest_bytes": verdict.smallest_bytes,
+                }
+            },
+        )
     else:
         _write(key, {"plan": verdict.to_json()})
 
@@ -141,8 +157,17 @@ def _environment() -> str:
     import jaxlib
 
     dev = jax.devices()[0]
-    return "|".join([jax.__version__, getattr(jaxlib, "__version__", "?"), dev.platform, str(getattr(dev, "device_kind", "")),
-                     str(jax.device_count()), _code_hash(), os.environ.get("XLA_FLAGS", "")])
+    return "|".join(
+        [
+            jax.__version__,
+            getattr(jaxlib, "__version__", "?"),
+            dev.platform,
+            str(getattr(dev, "device_kind", "")),
+            str(jax.device_count()),
+            _code_hash(),
+            os.environ.get("XLA_FLAGS", ""),
+        ]
+    )
 
 
 @functools.lru_cache(maxsize=1)

@@ -30,12 +30,20 @@ import math
 from remat_kit._core import chain_dp
 from remat_kit._core.budget import format_bytes, parse_budget
 from remat_kit._core.graph import DeviceSpec
-from remat_kit._jax._device import default_device
+from remat_kit._core.milp import solve_milp
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import baseline_activation_bytes
-from remat_kit._core.milp import solve_milp
-from remat_kit._core.solve import (Costs, InfeasibleBudgetError, _codes_from_milp, block_menus, op_level_work,
-                                   segment_cap, segment_options, solve)
+from remat_kit._core.solve import (
+    Costs,
+    InfeasibleBudgetError,
+    _codes_from_milp,
+    block_menus,
+    op_level_work,
+    segment_cap,
+    segment_options,
+    solve,
+)
+from remat_kit._jax._device import default_device
 from remat_kit._jax._graph import Traced
 
 _NAMES = {0: Decision.SAVE, 1: Decision.RECOMPUTE, 2: Decision.OFFLOAD}
@@ -51,8 +59,17 @@ def scan_groups(num_layers: int) -> list[int]:
     return [g for g in range(2, segment_cap(num_layers) + 1) if num_layers % g == 0]
 
 
-def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool, device: DeviceSpec | None = None,
-           max_segment_blocks: int | None = None, scan_group: int | None = None, per_call: bool = False) -> Plan:
+def choose(
+    traced: Traced,
+    budget: object,
+    *,
+    solver: str | None,
+    offload: bool,
+    device: DeviceSpec | None = None,
+    max_segment_blocks: int | None = None,
+    scan_group: int | None = None,
+    per_call: bool = False,
+) -> Plan:
     """The plan for `traced` under `budget` (see the module doc). `max_segment_blocks` overrides
     `segment_cap` on unrolled chains (the verifier asks for coarser segments with it);
     `scan_group` g restricts scans to g layers per loop step (1: per-layer plans only);
@@ -69,7 +86,11 @@ def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool,
     if graph.num_blocks >= 2 or parsed.kind == "bytes" or not per_call:
         span = 1
         if solver in (None, "dp") and not traced.scans:
-            span = segment_cap(graph.num_blocks) if max_segment_blocks is None else max(1, min(max_segment_blocks, graph.num_blocks))
+            span = (
+                segment_cap(graph.num_blocks)
+                if max_segment_blocks is None
+                else max(1, min(max_segment_blocks, graph.num_blocks))
+            )
             if traced.pieces and max_segment_blocks is None:
                 # Pieces are already ~√n ops each, so one checkpoint per piece is the √n layout;
                 # longer segments of distinct pieces would each be simulated on their own (no
@@ -79,8 +100,9 @@ def choose(traced: Traced, budget: object, *, solver: str | None, offload: bool,
     return _one_layer(traced, parsed, budget, offload, device)
 
 
-def _plan_from_codes(traced: Traced, codes: dict[int, int], parsed, label: str,
-                     segments: list[list[str]] | None = None) -> Plan:
+def _plan_from_codes(
+    traced: Traced, codes: dict[int, int], parsed, label: str, segments: list[list[str]] | None = None
+) -> Plan:
     graph = traced.graph
     target = graph.regroup(segments) if segments and any(len(seg) > 1 for seg in segments) else graph
     free = set(target.free_values)
@@ -104,13 +126,16 @@ def _one_layer(traced: Traced, parsed, raw, offload: bool, device: DeviceSpec) -
             f"budget={raw!r} is below the smallest feasible budget {need:g} for this layer: even full "
             f"recompute keeps {format_bytes(smallest)} of the {format_bytes(keep_all)} no remat keeps per call "
             f"(its inputs and outputs); raise it" + ("" if offload else " or pass offload=True") + ".",
-            smallest_fraction=smallest / keep_all, smallest_bytes=smallest,
+            smallest_fraction=smallest / keep_all,
+            smallest_bytes=smallest,
         )
     best = min(fits, key=lambda o: (o.cost, o.num_ops, o.kept_bytes))
     return _plan_from_codes(traced, dict(best.codes), parsed, f"auto:layer:{best.label}")
 
 
-def _uniform_scans(traced: Traced, scans, parsed, raw, offload: bool, device: DeviceSpec, scan_group: int | None = None) -> Plan:
+def _uniform_scans(
+    traced: Traced, scans, parsed, raw, offload: bool, device: DeviceSpec, scan_group: int | None = None
+) -> Plan:
     graph = traced.graph
     costs = Costs(graph, device)
     menus = block_menus(graph, costs, offload)
@@ -126,8 +151,11 @@ def _uniform_scans(traced: Traced, scans, parsed, raw, offload: bool, device: De
                 return _translate(traced, s, opt, costs)
             return {b: opt.at(graph, b, graph.block_members[b][0] - graph.block_members[b0][0]) for b in s.blocks}
 
-        groups = scan_groups(len(s.blocks)) if scan_group is None else (
-            [scan_group] if scan_group > 1 and len(s.blocks) % scan_group == 0 else [])
+        groups = (
+            scan_groups(len(s.blocks))
+            if scan_group is None
+            else ([scan_group] if scan_group > 1 and len(s.blocks) % scan_group == 0 else [])
+        )
         options = _grouped(graph, costs, s, groups)
         if scan_group in (None, 1) or not options:  # per-layer plans (also where a group size does not fit the scan)
             options = [uniform(o) for o in menus[b0]] + options
@@ -153,19 +181,25 @@ def _uniform_scans(traced: Traced, scans, parsed, raw, offload: bool, device: De
             best = ((cost, ops), trial, choice)
     if best is None:
         fraction = (smallest or 0) / baseline if baseline else 1.0
-        need = f"{math.ceil(fraction * 1000) / 1000:g}" if parsed.kind == "fraction" else format_bytes((smallest or 0) + graph.constant_bytes)
+        need = (
+            f"{math.ceil(fraction * 1000) / 1000:g}"
+            if parsed.kind == "fraction"
+            else format_bytes((smallest or 0) + graph.constant_bytes)
+        )
         raise InfeasibleBudgetError(
             f"budget={raw!r} is below the smallest feasible budget {need} ({format_bytes(smallest or 0)} of activations, "
             f"{fraction:.1%} of no remat, with one plan for every layer, or group of layers, of the scan); raise it"
-            + ("" if offload else " or pass offload=True") + ".",
-            smallest_fraction=fraction, smallest_bytes=(smallest or 0) + graph.constant_bytes,
+            + ("" if offload else " or pass offload=True")
+            + ".",
+            smallest_fraction=fraction,
+            smallest_bytes=(smallest or 0) + graph.constant_bytes,
         )
     _, trial, choice = best
     codes: dict[int, int] = {}
     segments = []
     for b, c in choice:
         codes.update(dict(trial[b][c].codes))
-        segments.append(list(graph.block_names[b:b + trial[b][c].span]))
+        segments.append(list(graph.block_names[b : b + trial[b][c].span]))
     grouped = any(len(seg) > 1 for seg in segments)
     return _plan_from_codes(traced, codes, parsed, "auto:scan:grouped" if grouped else "auto:scan", segments)
 
@@ -224,8 +258,15 @@ def _refined(graph, menus, scan, b0: int, costs: Costs, offload: bool, limit: in
     sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
 
     def option_at(cap: int):
-        res = solve_milp(sub, limit=None, rec_cost=sub_rec, off_cost=sub_off if offload else None,
-                         blocks=[b0 - offset], kept_cap=cap, backward_bytes=win.earlier_seed_bytes)
+        res = solve_milp(
+            sub,
+            limit=None,
+            rec_cost=sub_rec,
+            off_cost=sub_off if offload else None,
+            blocks=[b0 - offset],
+            kept_cap=cap,
+            backward_bytes=win.earlier_seed_bytes,
+        )
         if res is None:
             return None
         codes = {back[j]: c for j, c in enumerate(_codes_from_milp(sub, res)) if back.get(j) in free}

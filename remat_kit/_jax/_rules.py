@@ -20,12 +20,38 @@ if Tracer is None:  # pragma: no cover - depends on the jax version
     from jax._src.core import Tracer
 
 _VIEW = {
-    "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "slice", "dynamic_slice",
-    "copy", "copy_p", "name", "concatenate", "pad", "rev", "reduce_precision", "sharding_constraint",
-    "optimization_barrier", "stop_gradient",
+    "reshape",
+    "broadcast_in_dim",
+    "transpose",
+    "squeeze",
+    "expand_dims",
+    "slice",
+    "dynamic_slice",
+    "copy",
+    "copy_p",
+    "name",
+    "concatenate",
+    "pad",
+    "rev",
+    "reduce_precision",
+    "sharding_constraint",
+    "optimization_barrier",
+    "stop_gradient",
 }
 _RNG = {"random_bits", "random_split", "random_fold_in", "random_wrap", "random_unwrap", "random_seed", "threefry2x32"}
-_REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "cumsum", "cumlogsumexp", "cummax", "reduce_and", "reduce_or"}
+_REDUCE = {
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_prod",
+    "argmax",
+    "argmin",
+    "cumsum",
+    "cumlogsumexp",
+    "cummax",
+    "reduce_and",
+    "reduce_or",
+}
 _SUBJAXPRS = ("call_jaxpr", "fun_jaxpr", "jaxpr", "branches", "cond_jaxpr", "body_jaxpr")
 
 

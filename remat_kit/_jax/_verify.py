@@ -27,7 +27,8 @@ differently: the zoo's tiny MLP compiled 17% smaller than the user's step, a pla
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,12 +60,18 @@ def compile_for_memory(lowered: Any) -> Any:
     return lowered.compile(compiler_options=MEMORY_OPTIONS if cpu else None)
 
 
-def vjp_step(traced: Traced, decisions: dict, *, segments: Sequence[Sequence[str]] = (), unroll: bool = False) -> Callable:
+def vjp_step(
+    traced: Traced, decisions: dict, *, segments: Sequence[Sequence[str]] = (), unroll: bool = False
+) -> Callable:
     """One forward+backward of the traced function under `decisions` (ones as output cotangents),
     differentiated, as a training step is, with respect to the parameters alone where it has
     any: an input's cotangent is one more buffer the user's `jax.grad(loss)` never makes (one
     batch-sized temp buffer more or less, 2.5% of no remat on a data-parallel MLP)."""
-    wrt = [i for i, n in enumerate(traced.fn.invars) if traced.graph.values[traced.graph.index(f"arg{i}")].role is Role.PARAM]
+    wrt = [
+        i
+        for i, n in enumerate(traced.fn.invars)
+        if traced.graph.values[traced.graph.index(f"arg{i}")].role is Role.PARAM
+    ]
     seeded = seeded_outputs(traced)
 
     def fwd(*vals):
@@ -75,6 +82,7 @@ def vjp_step(traced: Traced, decisions: dict, *, segments: Sequence[Sequence[str
         if not wrt:
             out, vjp, aux = jax.vjp(fwd, *vals, has_aux=True)
         else:
+
             def of_params(*params):
                 full = list(vals)
                 for i, v in zip(wrt, params):
@@ -134,9 +142,17 @@ def can_verify(traced: Traced) -> bool:
     return not any(isinstance(c, Tracer) for c in traced.fn.consts.values())
 
 
-def verified(traced: Traced, plan: Plan | None, budget: object, replan: Callable[..., Plan], dyn_vals: Sequence[Any],
-             *, layer: bool = False, below_floor: InfeasibleBudgetError | None = None,
-             shardings: Sequence[Any] | None = None) -> Plan:
+def verified(
+    traced: Traced,
+    plan: Plan | None,
+    budget: object,
+    replan: Callable[..., Plan],
+    dyn_vals: Sequence[Any],
+    *,
+    layer: bool = False,
+    below_floor: InfeasibleBudgetError | None = None,
+    shardings: Sequence[Any] | None = None,
+) -> Plan:
     """`plan`, or another, whose compiled memory fits the budget (see the module doc). `plan`
     None: a whole step under a fractional budget, planned at the calibrated target from the start.
 
@@ -159,15 +175,18 @@ def verified(traced: Traced, plan: Plan | None, budget: object, replan: Callable
     # The model's no-remat bytes over the compiled ones: the calibration's first slope (`_fit`).
     baseline = baseline_activation_bytes(traced.graph)
     slope = baseline / none if not layer and none and baseline else 1.0
-    search = Search(measure=measure, model_fraction=model_fraction, replan=replan, none_bytes=none, goal_bytes=goal,
-                    slope=slope)
+    search = Search(
+        measure=measure, model_fraction=model_fraction, replan=replan, none_bytes=none, goal_bytes=goal, slope=slope
+    )
     fitting = fit(search, plan)
     floors: list[int] = []  # measured least-memory plans: a budget at their smallest finds one again
     if fitting is None and not layer:
         for candidate in floor_plans(traced, replan):
             measured = search.measured(candidate)
             floors.append(measured)
-            if measured <= goal and (fitting is None or candidate.predicted_recompute_seconds < fitting.predicted_recompute_seconds):
+            if measured <= goal and (
+                fitting is None or candidate.predicted_recompute_seconds < fitting.predicted_recompute_seconds
+            ):
                 fitting = candidate
     if fitting is not None:
         return dataclasses.replace(fitting, budget=str(parsed))
@@ -183,20 +202,25 @@ def _measures(traced: Traced, specs: Sequence[Any], kind: str, layer: bool):
     one more call adds, temp of the layer chained three times minus twice, the steady state of a
     deep stack that a layer budget speaks of. None where there is nothing to measure."""
     if not layer:
-        return (lambda p: temp_bytes(traced, p.as_dict(), specs, segments=p.segments)), (lambda p: p.activation_fraction)
+        return (lambda p: temp_bytes(traced, p.as_dict(), specs, segments=p.segments)), (
+            lambda p: p.activation_fraction
+        )
     carry = _carry_position(traced)
     if carry is None or kind != "fraction":
         return None
 
     def measure(p: Plan) -> int:
         decisions = p.as_dict()
-        return chained_temp_bytes(traced, decisions, specs, carry, 3) - chained_temp_bytes(traced, decisions, specs, carry, 2)
+        return chained_temp_bytes(traced, decisions, specs, carry, 3) - chained_temp_bytes(
+            traced, decisions, specs, carry, 2
+        )
 
     return measure, _kept_fraction(traced)
 
 
-def none_figures(traced: Traced, specs: Sequence[Any], measure: Callable[[Plan], int], *, layer: bool,
-                 sharded: bool) -> tuple[int, int]:
+def none_figures(
+    traced: Traced, specs: Sequence[Any], measure: Callable[[Plan], int], *, layer: bool, sharded: bool
+) -> tuple[int, int]:
     """No remat's measure and the constant bytes beside it: compiled once per program, kept for
     the process and in the on-disk cache (several budgets, or a second run, compile it once)."""
     key = (layer, traced.graph.fingerprint(), tuple((s.shape, str(s.dtype), s.sharding) for s in specs))
@@ -212,8 +236,14 @@ def none_figures(traced: Traced, specs: Sequence[Any], measure: Callable[[Plan],
     return figures
 
 
-def _infeasible(budget: object, smallest: int, none: int, constant_bytes: int, num_tried: int,
-                below_floor: InfeasibleBudgetError | None) -> InfeasibleBudgetError:
+def _infeasible(
+    budget: object,
+    smallest: int,
+    none: int,
+    constant_bytes: int,
+    num_tried: int,
+    below_floor: InfeasibleBudgetError | None,
+) -> InfeasibleBudgetError:
     """No plan's compiled step fits: the error names the least measured plan's figure in the
     user's unit (a byte budget is the whole step on one device: temp plus parameters, their
     gradients and the inputs)."""
@@ -221,14 +251,18 @@ def _infeasible(budget: object, smallest: int, none: int, constant_bytes: int, n
     smallest_bytes = smallest + constant_bytes
     need = smallest_budget_text(budget, fraction=fraction, num_bytes=smallest_bytes)
     model = f" The cost model alone said: {below_floor}" if below_floor is not None else ""
-    least = (f"no plan of {num_tried} tried measures less than no remat's temp ({format_bytes(none)})" if smallest >= none else
-             f"the least-memory plan of {num_tried} tried measures {fraction:.1%} of no remat's temp "
-             f"({format_bytes(smallest)} of {format_bytes(none)})")
+    least = (
+        f"no plan of {num_tried} tried measures less than no remat's temp ({format_bytes(none)})"
+        if smallest >= none
+        else f"the least-memory plan of {num_tried} tried measures {fraction:.1%} of no remat's temp "
+        f"({format_bytes(smallest)} of {format_bytes(none)})"
+    )
     return InfeasibleBudgetError(
         f"budget={budget!r} is below the smallest feasible budget {need} as compiled (per device): {least}; "
         f"parameters, their gradients and the inputs take {format_bytes(constant_bytes)} more. Raise it or pass "
         f"offload=True.{model}",
-        smallest_fraction=fraction, smallest_bytes=smallest_bytes,
+        smallest_fraction=fraction,
+        smallest_bytes=smallest_bytes,
     )
 
 

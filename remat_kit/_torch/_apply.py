@@ -19,18 +19,30 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from remat_kit._core.budget import Budget, format_bytes, parse_budget
+from remat_kit._core.graph import CostGraph
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import simulate
-from remat_kit._core.graph import CostGraph
-from remat_kit._core.solve import (Costs, InfeasibleBudgetError, block_menus, segment_cap, smallest_activation_bytes,
-                                   solve)
+from remat_kit._core.solve import (
+    Costs,
+    InfeasibleBudgetError,
+    block_menus,
+    segment_cap,
+    smallest_activation_bytes,
+    solve,
+)
 from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
+from remat_kit._torch._layerplan import (
+    as_run,
+    cheapest_layer_seconds,
+    fastest_whole_layer_plan,
+    mode_op_seconds,
+    plain_when_faster,
+    predicted_seconds,
+)
 from remat_kit._torch._profile import AUTOCAST_TAG, Profile, profile, user_tools_paused
-from remat_kit._torch._layerplan import (as_run, cheapest_layer_seconds, fastest_whole_layer_plan, mode_op_seconds,
-                                         plain_when_faster, predicted_seconds)
-from remat_kit._torch._replicate import profile_replicated
 from remat_kit._torch._replay import OpSequenceError, Region, SegmentRun, decisions_for_torch, regions, run_region
+from remat_kit._torch._replicate import profile_replicated
 
 _STATE = "_remat_kit_state"
 _CLASS = "_remat_kit_class"
@@ -90,8 +102,9 @@ def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = Non
         # FSDP2's unshard/reshard hooks keep state across calls; a fake run leaves fake
         # unsharded parameters behind. Profile with real tensors (one forward's memory, once),
         # and no backward there (it would reduce-scatter gradients).
-        return profile(module, args, kwargs, fake=False, call=call, layers=layers,
-                       measure_backward=not _uses_fsdp(module))
+        return profile(
+            module, args, kwargs, fake=False, call=call, layers=layers, measure_backward=not _uses_fsdp(module)
+        )
     if mode == "replicate":
         found = profile_replicated(module, args, kwargs, call=call, real_prologue=True)
         if found is not None:
@@ -122,8 +135,9 @@ def _floor(tg: TorchGraph) -> Plan:
     return Plan.from_decisions(g, dict.fromkeys(names, Decision.RECOMPUTE), solver="full")
 
 
-def _infeasible(module: torch.nn.Module, budget: object, tg: TorchGraph, offload: bool, least: int,
-                grouped: bool) -> ValueError:
+def _infeasible(
+    module: torch.nn.Module, budget: object, tg: TorchGraph, offload: bool, least: int, grouped: bool
+) -> ValueError:
     """The error for a budget below `least` activation bytes, the least this planner reaches
     (with layers checkpointed together where that is smaller: `grouped`)."""
     held = autocast_cast_bytes(tg.graph)  # in both figures, as in solve_torch's limit
@@ -140,7 +154,8 @@ def _infeasible(module: torch.nn.Module, budget: object, tg: TorchGraph, offload
             "the whole forward is one region, and its recompute runs at the start of its own backward, next to "
             f"what that backward needs. Raise the budget to at least {need:g}, or hold the layers in an "
             "nn.ModuleList (or decorate the layer class: then the budget bounds what each call keeps).",
-            smallest_fraction=fraction, smallest_bytes=least + tg.graph.constant_bytes,
+            smallest_fraction=fraction,
+            smallest_bytes=least + tg.graph.constant_bytes,
         )
     return InfeasibleBudgetError(
         f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__} at this "
@@ -170,8 +185,12 @@ def _segment_spans(module: torch.nn.Module, tg: TorchGraph, solver: str | None) 
     runs between them: no root code and no module hooks (FSDP's unshard) between layers.
     """
     layers = [s for s in tg.segments if s.module is not None]
-    if (solver not in (None, "dp") or len(layers) < 3 or _uses_fsdp(module)
-            or any(s.module is None and s.name.startswith("between") for s in tg.segments)):
+    if (
+        solver not in (None, "dp")
+        or len(layers) < 3
+        or _uses_fsdp(module)
+        or any(s.module is None and s.name.startswith("between") for s in tg.segments)
+    ):
         return 1, frozenset()
     names = [s.name for s in tg.segments[: len(tg.graph.block_names)]]
     return segment_cap(len(layers)), frozenset(s.name for s in tg.segments if s.module is None and s.name in names)
@@ -186,8 +205,16 @@ def _segment_spans(module: torch.nn.Module, tg: TorchGraph, solver: str | None) 
 SAFETY_MARGIN = 0.02
 
 
-def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: object, *, offload: bool,
-                solver: str | None, per_call: bool = False) -> Plan:
+def solve_torch(
+    module: torch.nn.Module,
+    tg: TorchGraph,
+    prof: Profile,
+    budget: object,
+    *,
+    offload: bool,
+    solver: str | None,
+    per_call: bool = False,
+) -> Plan:
     """The least-recompute plan that fits `budget` and that the replay modes run exactly.
 
     The budget bounds the step's activation peak, whatever layers were found; only for one
@@ -215,8 +242,12 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
         # rarely beat per-layer plans there.)
         span, fixed_blocks = _segment_spans(module, tg, solver)
         if span > 1:
-            floor = min(floor, smallest_activation_bytes(tg.solver_graph, offload=offload, max_segment_blocks=span,
-                                                         fixed_blocks=fixed_blocks))
+            floor = min(
+                floor,
+                smallest_activation_bytes(
+                    tg.solver_graph, offload=offload, max_segment_blocks=span, fixed_blocks=fixed_blocks
+                ),
+            )
     if one_region:
         # Its recompute runs at the start of its own backward: the floor is the least peak of
         # any plan, not that of recomputing everything (about no remat's own peak).
@@ -227,19 +258,34 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
     def adjusted(aim: int) -> Plan | None:
         """The solver's plan for `aim`, adjusted to what the replay runs exactly (None: none)."""
         try:
-            raw = solve(tg.solver_graph, Budget("bytes", float(graph.constant_bytes + aim)), solver=solver,
-                        offload=offload, max_segment_blocks=span, fixed_blocks=fixed_blocks, device=default_device(module))
+            raw = solve(
+                tg.solver_graph,
+                Budget("bytes", float(graph.constant_bytes + aim)),
+                solver=solver,
+                offload=offload,
+                max_segment_blocks=span,
+                fixed_blocks=fixed_blocks,
+                device=default_device(module),
+            )
         except InfeasibleBudgetError:
             return None
-        fixed = Plan.from_decisions(raw.graph_for(graph), decisions_for_torch(tg, raw, prof), budget=str(parsed),
-                                    solver=raw.solver, device=default_device(module))
+        fixed = Plan.from_decisions(
+            raw.graph_for(graph),
+            decisions_for_torch(tg, raw, prof),
+            budget=str(parsed),
+            solver=raw.solver,
+            device=default_device(module),
+        )
         return None if set(simulate(graph, fixed).recomputed) & tg.pinned else fixed
 
     def measured_as(plan: Plan) -> Plan:
         # Its predictions then speak of what is measured: the casts in both figures; no remat's
         # figure is the one the budget was taken of (see TorchGraph.baseline_bytes).
-        return dataclasses.replace(plan, predicted_activation_bytes=plan.predicted_activation_bytes + held,
-                                   baseline_activation_bytes=tg.baseline_bytes + held)
+        return dataclasses.replace(
+            plan,
+            predicted_activation_bytes=plan.predicted_activation_bytes + held,
+            baseline_activation_bytes=tg.baseline_bytes + held,
+        )
 
     for _ in range(6):
         fixed = adjusted(aim)
@@ -256,8 +302,10 @@ def solve_torch(module: torch.nn.Module, tg: TorchGraph, prof: Profile, budget: 
     # may keep a value an in-place op rewrites later, which the replay recomputes: ViT's dropout
     # masks, named floor 0.313 refused when passed back, 0.324 reached), or every layer
     # recomputed. The error names it, and a budget at it returns it here.
-    least = min((p for p in (adjusted(floor), dataclasses.replace(_floor(tg), budget=str(parsed))) if p is not None),
-                key=lambda p: p.predicted_activation_bytes)
+    least = min(
+        (p for p in (adjusted(floor), dataclasses.replace(_floor(tg), budget=str(parsed))) if p is not None),
+        key=lambda p: p.predicted_activation_bytes,
+    )
     if least.predicted_activation_bytes <= limit:
         return measured_as(least)
     raise _infeasible(module, budget, tg, offload, least.predicted_activation_bytes, grouped=span > 1 or one_region)
@@ -279,8 +327,9 @@ def _by_time(module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan,
 
     def make(decisions: dict[str, Decision]) -> Plan:
         raw = Plan.from_decisions(tg.graph, decisions)
-        return Plan.from_decisions(tg.graph, decisions_for_torch(tg, raw, prof), budget=str(parsed),
-                                   solver="whole layers", device=device)
+        return Plan.from_decisions(
+            tg.graph, decisions_for_torch(tg, raw, prof), budget=str(parsed), solver="whole layers", device=device
+        )
 
     layered = fastest_whole_layer_plan(tg, make, limit, device)
     if layered is None or set(simulate(tg.graph, layered).recomputed) & tg.pinned:
@@ -289,8 +338,9 @@ def _by_time(module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan,
     return layered if faster else plan
 
 
-def _solve_one_region(module: torch.nn.Module, tg: TorchGraph, prof: Profile, parsed: Budget, budget: object,
-                      offload: bool) -> Plan:
+def _solve_one_region(
+    module: torch.nn.Module, tg: TorchGraph, prof: Profile, parsed: Budget, budget: object, offload: bool
+) -> Plan:
     """A module without repeated layers is one checkpoint region, planned op by op.
 
     Its recompute runs at the start of its own backward, so no plan lowers the peak of this
@@ -308,8 +358,9 @@ def _solve_one_region(module: torch.nn.Module, tg: TorchGraph, prof: Profile, pa
         if option.kept_bytes > limit:
             continue
         raw = Plan.from_decisions(graph, {graph.values[i].name: names[c] for i, c in option.codes})
-        plan = Plan.from_decisions(graph, decisions_for_torch(tg, raw, prof), budget=str(parsed),
-                                   solver=f"one region: {option.label}")
+        plan = Plan.from_decisions(
+            graph, decisions_for_torch(tg, raw, prof), budget=str(parsed), solver=f"one region: {option.label}"
+        )
         if simulate(graph, plan).kept_bytes_by_block[0] <= limit:
             return plan
     smallest = min(o.kept_bytes for o in menu)
@@ -319,13 +370,23 @@ def _solve_one_region(module: torch.nn.Module, tg: TorchGraph, prof: Profile, pa
         f"repeated layers, so it is one region and the budget bounds what it keeps for its backward "
         f"({format_bytes(keep_all)} with no remat, at least {format_bytes(smallest)} with full recompute). "
         f"Raise the budget to at least {need:g}.",
-        smallest_fraction=smallest / keep_all if keep_all else 1.0, smallest_bytes=smallest,
+        smallest_fraction=smallest / keep_all if keep_all else 1.0,
+        smallest_bytes=smallest,
     )
 
 
-def compile_plan(module: torch.nn.Module, args: tuple, kwargs: dict, budget: object, *, offload: bool = False,
-                 solver: str | None = None, call: Any = None, mode: str = "replicate",
-                 per_call: bool = False) -> Compiled:
+def compile_plan(
+    module: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    budget: object,
+    *,
+    offload: bool = False,
+    solver: str | None = None,
+    call: Any = None,
+    mode: str = "replicate",
+    per_call: bool = False,
+) -> Compiled:
     """Profile `module` on these inputs (through `call`, default the module itself) and plan it."""
     prof = _profile(module, args, kwargs, call, mode)
     tg = build_graph(prof, segment(module, prof, whole_model=not per_call))
@@ -385,8 +446,9 @@ def install_blocks(module: torch.nn.Module, state: _State, compiled: Compiled) -
 
 
 @torch._dynamo.disable  # planning is Python bookkeeping and a solver: never traced by torch.compile
-def _plan_for(module: torch.nn.Module, state: _State, original: Any, args: tuple, kwargs: dict,
-              mode: str = "replicate") -> tuple[Compiled, tuple]:
+def _plan_for(
+    module: torch.nn.Module, state: _State, original: Any, args: tuple, kwargs: dict, mode: str = "replicate"
+) -> tuple[Compiled, tuple]:
     key = signature(module, args, kwargs)
     compiled = state.plans.get(key)
     if compiled is None:
@@ -400,10 +462,22 @@ def _plan_for(module: torch.nn.Module, state: _State, original: Any, args: tuple
             # draw from the default generators, and the step that follows must draw what it would
             # have drawn without remat (the same dropout masks).
             cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
-            with user_tools_paused(), torch.profiler.record_function("remat_kit.plan"), \
-                    torch.random.fork_rng(devices=cuda):
-                compiled = compile_plan(module, args, kwargs, state.budget, offload=state.offload,
-                                        solver=state.solver, call=original, mode=mode, per_call=state.per_call)
+            with (
+                user_tools_paused(),
+                torch.profiler.record_function("remat_kit.plan"),
+                torch.random.fork_rng(devices=cuda),
+            ):
+                compiled = compile_plan(
+                    module,
+                    args,
+                    kwargs,
+                    state.budget,
+                    offload=state.offload,
+                    solver=state.solver,
+                    call=original,
+                    mode=mode,
+                    per_call=state.per_call,
+                )
         finally:
             state.profiling = False
         state.plans[key] = compiled
@@ -440,10 +514,15 @@ class _RootForward:
                 prof = compiled.profile
                 if not prof.fake:
                     raise
-                mode, what = ("fake", "the whole forward under FakeTensorMode") if prof.replicated_from else (
-                    "real", "a real profile (uses one forward's memory once)")
-            warnings.warn(f"remat_kit: {type(module).__name__}'s op sequence differs from its profile; re-planning "
-                          f"from {what}.", stacklevel=2)
+                mode, what = (
+                    ("fake", "the whole forward under FakeTensorMode")
+                    if prof.replicated_from
+                    else ("real", "a real profile (uses one forward's memory once)")
+                )
+            warnings.warn(
+                f"remat_kit: {type(module).__name__}'s op sequence differs from its profile; re-planning from {what}.",
+                stacklevel=2,
+            )
             compiled, key = _plan_for(module, state, original, args, kwargs, mode=mode)
             _restore_rng(rng)
 
@@ -506,8 +585,11 @@ def auto(target: Any, budget: object, *, offload: bool = False, solver: str | No
     # cross-attention fills in the forward and reads back in the recompute). unwrap restores them.
     configs = kv_cache_configs(target)
     if configs:
-        warnings.warn(f"remat_kit.auto: setting {type(target).__name__}.config.use_cache=False (a KV cache "
-                      "cannot be replayed); pass use_cache=True explicitly for generation.", stacklevel=3)
+        warnings.warn(
+            f"remat_kit.auto: setting {type(target).__name__}.config.use_cache=False (a KV cache "
+            "cannot be replayed); pass use_cache=True explicitly for generation.",
+            stacklevel=3,
+        )
         for c in configs:
             c.use_cache = False
         state.restore_use_cache = configs
@@ -518,7 +600,9 @@ def auto(target: Any, budget: object, *, offload: bool = False, solver: str | No
 
 def kv_cache_configs(module: torch.nn.Module) -> list[Any]:
     """The Hugging Face configs of `module` and its submodules (each once) with use_cache on."""
-    configs = {id(c): c for m in module.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
+    configs = {
+        id(c): c for m in module.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True
+    }
     return list(configs.values())
 
 

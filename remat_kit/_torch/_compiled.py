@@ -53,7 +53,7 @@ FORCE_EAGER = os.environ.get("REMAT_KIT_COMPILE_EAGER") == "1"
 # id(region) -> reason the region runs eagerly. Read by traced code: dynamo guards on it, so a
 # region found unmappable while tracing is recompiled onto the eager path at the next call.
 EAGER_REGIONS: dict[int, str] = {}
-_POLICIES: dict[int, "RegionPolicy"] = {}  # by id(region); dropped when the region is
+_POLICIES: dict[int, RegionPolicy] = {}  # by id(region); dropped when the region is
 _PENDING: dict[int, str] = {}
 
 
@@ -101,8 +101,24 @@ def _run_policy(steps: list[Any], names: list[str]) -> CheckpointPolicy | None:
 
 
 def _is_view_name(func: str) -> bool:
-    return _base(func) in {"view", "reshape", "expand", "transpose", "t", "permute", "unsqueeze", "squeeze", "split",
-                           "unbind", "slice", "select", "alias", "as_strided", "detach", "chunk"}
+    return _base(func) in {
+        "view",
+        "reshape",
+        "expand",
+        "transpose",
+        "t",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "split",
+        "unbind",
+        "slice",
+        "select",
+        "alias",
+        "as_strided",
+        "detach",
+        "chunk",
+    }
 
 
 def align(steps: tuple[Any, ...], names: list[str]) -> tuple[list[CheckpointPolicy] | None, str]:
@@ -127,8 +143,10 @@ def align(steps: tuple[Any, ...], names: list[str]) -> tuple[list[CheckpointPoli
         tag = _run_policy(list(steps[i0:i1]), names[j0:j1])
         if tag is None:
             kept = [s.func for s in steps[i0:i1] if s.action == "cache"]
-            return None, (f"the plan keeps outputs of eager ops {kept} that the compiled trace computes as "
-                          f"{names[j0:j1] or 'nothing'}")
+            return None, (
+                f"the plan keeps outputs of eager ops {kept} that the compiled trace computes as "
+                f"{names[j0:j1] or 'nothing'}"
+            )
         # A run kept whole is kept as its last op's outputs (what the ops after it read); the
         # run's intermediates, which the eager plan never held, are recomputed from its inputs.
         tags.extend([RECOMPUTE] * (j1 - j0 - 1) + [tag] * (j1 > j0))
@@ -160,9 +178,11 @@ class RegionPolicy:
             _PENDING[self.key] = why
             if _move_pending not in torch._dynamo.callback_handler.end_callbacks:
                 torch._dynamo.callback_handler.register_end_callback(_move_pending)
-            warnings.warn(f"remat_kit: layer `{self.module or 'the model'}` runs eagerly under torch.compile "
-                          f"(a graph break) from the next call on: {why}. Its plan is applied exactly there.",
-                          stacklevel=2)
+            warnings.warn(
+                f"remat_kit: layer `{self.module or 'the model'}` runs eagerly under torch.compile "
+                f"(a graph break) from the next call on: {why}. Its plan is applied exactly there.",
+                stacklevel=2,
+            )
         self.tags = None
 
     def __call__(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -192,7 +212,7 @@ def _forget(key: int) -> None:
 
 
 def _trace_kind() -> str:
-    """"record" while AOTAutograd records a graph, "fake" in its metadata pass, "eager" when the
+    """ "record" while AOTAutograd records a graph, "fake" in its metadata pass, "eager" when the
     captured region runs on real tensors (backend="eager", `torch._dynamo.explain`)."""
     from torch._C import _get_dispatch_mode, _TorchDispatchModeKey
 

@@ -79,7 +79,9 @@ def measure(dev: torch.device) -> Measurement:
 
     op_seconds = _least_seconds(chain, dev) / TINY_OPS
     return Measurement(
-        matmul_flops=2.0 * n**3, matmul_seconds=matmul_seconds,
-        copy_bytes=2.0 * x.numel() * x.element_size(), copy_seconds=copy_seconds,
+        matmul_flops=2.0 * n**3,
+        matmul_seconds=matmul_seconds,
+        copy_bytes=2.0 * x.numel() * x.element_size(),
+        copy_seconds=copy_seconds,
         op_overhead_seconds=op_seconds,
     )

@@ -62,8 +62,16 @@ def _rows(compiled: Compiled) -> tuple[list[dict[str, Any]], list[dict[str, Any]
             what = "full recompute"
         else:
             what = f"selective ({len(rec)} ops)"
-        blocks.append(dict(block=seg.name, ops=seg.stop - seg.start, no_remat_bytes=base.kept_bytes_by_block[b],
-                           kept_bytes=kept, recompute_flops=sum(graph.values[i].flops for i in rec), plan=what))
+        blocks.append(
+            dict(
+                block=seg.name,
+                ops=seg.stop - seg.start,
+                no_remat_bytes=base.kept_bytes_by_block[b],
+                kept_bytes=kept,
+                recompute_flops=sum(graph.values[i].flops for i in rec),
+                plan=what,
+            )
+        )
     # The block that recomputes most (first of equals) gets an op-by-op table.
     busiest = max(range(len(blocks)), key=lambda b: (blocks[b]["recompute_flops"], -b), default=None)
     ops = []
@@ -95,9 +103,17 @@ def plan_of(target: Any) -> list[Plan] | None:
     return None if state is None else [compiled.plan for compiled in state.plans.values()]
 
 
-def explain(model: torch.nn.Module, *example_inputs: Any, measure: bool = False, budget: object = None,
-            loss_fn: Callable[[Any], torch.Tensor] | None = None, solver: str | None = None,
-            offload: bool | None = None, print_table: bool = True, **forward_kwargs: Any) -> Explanation:
+def explain(
+    model: torch.nn.Module,
+    *example_inputs: Any,
+    measure: bool = False,
+    budget: object = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    solver: str | None = None,
+    offload: bool | None = None,
+    print_table: bool = True,
+    **forward_kwargs: Any,
+) -> Explanation:
     """Plan `model` on these example inputs (with its `auto` budget, or `budget=`) and print the plan.
 
     `measure=True` also runs one forward + backward without and with the plan and prints measured
@@ -125,8 +141,9 @@ def explain(model: torch.nn.Module, *example_inputs: Any, measure: bool = False,
         compiled = state.plans.get(key) if state is not None and budget == state.budget else None
         if compiled is None:
             call = _original_forward(model)
-            compiled = compile_plan(model, args, kwargs, budget, offload=offload, solver=solver, call=call,
-                                    per_call=per_call)
+            compiled = compile_plan(
+                model, args, kwargs, budget, offload=offload, solver=solver, call=call, per_call=per_call
+            )
         seconds = time.perf_counter() - start
         blocks, ops = _rows(compiled)
         measured_none = measured_plan = None
@@ -135,8 +152,15 @@ def explain(model: torch.nn.Module, *example_inputs: Any, measure: bool = False,
     finally:
         model.train(was_training)
     one_region = len(compiled.tg.segments) == 1 and compiled.tg.segments[0].module is not None
-    result = Explanation(compiled, seconds, tuple(blocks), tuple(ops), measured_none, measured_plan,
-                         budget_meaning=budget_meaning(per_call and one_region))
+    result = Explanation(
+        compiled,
+        seconds,
+        tuple(blocks),
+        tuple(ops),
+        measured_none,
+        measured_plan,
+        budget_meaning=budget_meaning(per_call and one_region),
+    )
     if print_table:
         _print(model, result)
     return result
@@ -205,7 +229,13 @@ def _print(model: torch.nn.Module, ex: Explanation) -> None:
     op_cols = ("value", "kind", "bytes", "flops", "decision")
 
     def cell(key: str, val: Any) -> str:
-        return format_bytes(val) if key.endswith("bytes") or key == "bytes" else f"{val:,}" if isinstance(val, int) else str(val)
+        return (
+            format_bytes(val)
+            if key.endswith("bytes") or key == "bytes"
+            else f"{val:,}"
+            if isinstance(val, int)
+            else str(val)
+        )
 
     if Console is None:
         print(title)
@@ -219,10 +249,15 @@ def _print(model: torch.nn.Module, ex: Explanation) -> None:
     console.print(f"[bold]{title}[/bold]")
     for line in summary:
         console.print(line)
-    for label, cols, rows in (("blocks", block_cols, ex.block_rows), ("ops of the block that recomputes most", op_cols, ex.op_rows)):
+    for label, cols, rows in (
+        ("blocks", block_cols, ex.block_rows),
+        ("ops of the block that recomputes most", op_cols, ex.op_rows),
+    ):
         table = Table(title=label)
         for c in cols:
-            table.add_column(c.replace("_", " "), justify="left" if c in ("block", "value", "kind", "plan", "decision") else "right")
+            table.add_column(
+                c.replace("_", " "), justify="left" if c in ("block", "value", "kind", "plan", "decision") else "right"
+            )
         for r in rows:
             table.add_row(*(cell(c, r[c]) for c in cols))
         console.print(table)

@@ -153,11 +153,13 @@ def _module_chain(root: torch.nn.Module, profile: Profile) -> list[Segment] | No
     """The forward cut at module boundaries: the root's entries (None skipped, lists flattened)
     that run once each, in order, as regions, the code between them pinned; an entry running
     most of the forward is replaced by its own entries while they still make a chain."""
+
     def usable(path: str) -> bool:
         mod = root.get_submodule(path)
         # Ops in a module's own hooks sit inside its call but outside the forward a region runs.
         return profile.module_calls.get(path, 0) == 1 and not (
-            mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks)
+            mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
+        )
 
     units = [u for u in _entries("", root) if usable(u)]
     best = _owner_segments(profile, units, by_stack=True) if units else None
@@ -167,7 +169,7 @@ def _module_chain(root: torch.nn.Module, profile: Profile) -> list[Segment] | No
             break
         inner = [u for u in _entries(big.module, root.get_submodule(big.module)) if usable(u)]
         k = units.index(big.module)
-        trial = units[:k] + inner + units[k + 1:]
+        trial = units[:k] + inner + units[k + 1 :]
         segs = _owner_segments(profile, trial, by_stack=True) if inner else None
         if segs is None:
             break
@@ -217,9 +219,21 @@ def _held_by_callers(profile: Profile, segments: list[Segment], values: list[Val
     if not held:
         return []
     last = max(block_of.values())
-    return [Value(name=HELD, num_bytes=0, role=Role.ACTIVATION, kind=OpKind.OTHER, flops=0,
-                  deps=tuple(dict.fromkeys(held)), bwd_reads=(), bytes_moved=0, module="", block=last,
-                  requires_grad=False)]
+    return [
+        Value(
+            name=HELD,
+            num_bytes=0,
+            role=Role.ACTIVATION,
+            kind=OpKind.OTHER,
+            flops=0,
+            deps=tuple(dict.fromkeys(held)),
+            bwd_reads=(),
+            bytes_moved=0,
+            module="",
+            block=last,
+            requires_grad=False,
+        )
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +272,5 @@ def build_graph(profile: Profile, segments: list[Segment]) -> TorchGraph:
     # far from overflowing on large models (a 7B-parameter stack at seq 4096 overflowed at 1000x).
     big_flops = 2 * sum(v.flops for v in values) + 1
     big_bytes = 2 * sum(v.bytes_moved for v in values) + 1
-    priced = [dataclasses.replace(v, flops=big_flops, bytes_moved=big_bytes) if v.name in pinned else v
-              for v in values]
+    priced = [dataclasses.replace(v, flops=big_flops, bytes_moved=big_bytes) if v.name in pinned else v for v in values]
     return TorchGraph(graph, CostGraph(priced, block_names=names), tuple(segments), frozenset(pinned), baseline)

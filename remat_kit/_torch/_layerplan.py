@@ -50,8 +50,7 @@ def plain_when_faster(device: DeviceSpec, op_seconds: float) -> Callable[[Region
 def predicted_seconds(plan: Plan, regions: dict[str, Region], device: DeviceSpec, op_seconds: float) -> float:
     """A plan's predicted extra step time as run: its recompute, what plain regions run beyond
     it, and the modes' cost in the others."""
-    extra = sum(plain_extra(r, device)[1] if r.plain else region_modes_seconds(r, op_seconds)
-                for r in regions.values())
+    extra = sum(plain_extra(r, device)[1] if r.plain else region_modes_seconds(r, op_seconds) for r in regions.values())
     return plan.predicted_recompute_seconds + extra
 
 
@@ -63,8 +62,11 @@ def as_run(plan: Plan, regions: dict[str, Region], device: DeviceSpec) -> Plan:
         if region.plain:
             f, t = plain_extra(region, device)
             flops, seconds = flops + f, seconds + t
-    return dataclasses.replace(plan, predicted_recompute_flops=plan.predicted_recompute_flops + int(flops),
-                               predicted_recompute_seconds=plan.predicted_recompute_seconds + seconds)
+    return dataclasses.replace(
+        plan,
+        predicted_recompute_flops=plan.predicted_recompute_flops + int(flops),
+        predicted_recompute_seconds=plan.predicted_recompute_seconds + seconds,
+    )
 
 
 def whole_layer_decisions(tg: TorchGraph, recomputed: set[str]) -> dict[str, Decision]:
@@ -88,13 +90,17 @@ def cheapest_layer_seconds(tg: TorchGraph, device: DeviceSpec) -> float:
     frees memory pays at least (so a selective plan predicted below it needs no search)."""
     g = tg.graph
     layers = {s.name for s in tg.segments if s.module is not None}
-    costs = [sum(device.op_seconds(g.values[i].flops, g.values[i].bytes_moved) for i in g.block_members[b])
-             for b, name in enumerate(g.block_names) if name in layers]
+    costs = [
+        sum(device.op_seconds(g.values[i].flops, g.values[i].bytes_moved) for i in g.block_members[b])
+        for b, name in enumerate(g.block_names)
+        if name in layers
+    ]
     return min(costs, default=0.0)
 
 
-def fastest_whole_layer_plan(tg: TorchGraph, make: Callable[[dict[str, Decision]], Plan], limit: int,
-                             device: DeviceSpec) -> Plan | None:
+def fastest_whole_layer_plan(
+    tg: TorchGraph, make: Callable[[dict[str, Decision]], Plan], limit: int, device: DeviceSpec
+) -> Plan | None:
     """The whole-layer plan with the least predicted recompute time whose activation bytes fit
     `limit` (None: none fits). Candidates: the first k layers recomputed, or k spread evenly; for
     each pattern the least k that fits (found by bisection: more layers recomputed never holds

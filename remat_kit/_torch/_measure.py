@@ -60,7 +60,8 @@ class LiveStorageTracker(TorchDispatchMode):
             target = out.untyped_storage()
             if target._cdata in self.current:
                 self.summed.setdefault(self.current[target._cdata], []).extend(
-                    self._ids_of_same_size(list(args[1:2]), target.nbytes()))
+                    self._ids_of_same_size(list(args[1:2]), target.nbytes())
+                )
         if any(r.alias_info is not None for r in func._schema.returns):
             return out  # views and in-place ops allocate nothing (and may alias a parameter)
         for t in tree_flatten(out)[0]:
@@ -83,8 +84,11 @@ class LiveStorageTracker(TorchDispatchMode):
     def peak_bytes(self, exclude: Any = ()) -> int:
         """Peak live bytes, leaving out the storages of the tensors in `exclude` (alive now) and the
         partial sums added into them (see the class doc)."""
-        skip = {self.current[t.untyped_storage()._cdata] for t in exclude
-                if t is not None and t.untyped_storage()._cdata in self.current}
+        skip = {
+            self.current[t.untyped_storage()._cdata]
+            for t in exclude
+            if t is not None and t.untyped_storage()._cdata in self.current
+        }
         todo = list(skip)
         while todo:
             for part in self.summed.get(todo.pop(), ()):
@@ -122,8 +126,14 @@ def default_loss(out: Any) -> torch.Tensor:
     return sum(t.float().sum() for t in tensors)
 
 
-def measure_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-                 loss_fn: Callable[[Any], torch.Tensor] | None = None, *, count_flops: bool = True) -> StepMeasurement:
+def measure_step(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    *,
+    count_flops: bool = True,
+) -> StepMeasurement:
     """Run forward + backward once and measure it. Parameter gradients are zeroed first."""
     kwargs = kwargs or {}
     loss_fn = loss_fn or default_loss

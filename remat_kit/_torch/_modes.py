@@ -87,14 +87,20 @@ class Region:
     def skipped_but_run(self) -> tuple[Step, ...]:
         """Steps the modes skip that a plain checkpoint's recompute runs: every SKIP before the last
         step the replay runs or hands back (checkpoint's early stop ends the recompute there)."""
-        return tuple(s for s in self.steps[:self.last_replayed + 1] if s.action == SKIP)
+        return tuple(s for s in self.steps[: self.last_replayed + 1] if s.action == SKIP)
 
     @functools.cached_property
     def last_replayed(self) -> int:
         """Index of the last step whose output the replay computes or hands back (views, which
         own no value, left out): the recompute's early stop comes after it."""
-        return max((k for k, s in enumerate(self.steps)
-                    if s.action == CACHE or (s.action == RUN and (s.flops or s.bytes_moved))), default=-1)
+        return max(
+            (
+                k
+                for k, s in enumerate(self.steps)
+                if s.action == CACHE or (s.action == RUN and (s.flops or s.bytes_moved))
+            ),
+            default=-1,
+        )
 
     @functools.cached_property
     def table(self) -> _Table:
@@ -115,8 +121,9 @@ class _Table:
         self.funcs: list[Any] = [None] * len(steps)
         self.plain_forward = [not (s.cache or s.restore_rng or s.explicit_generator) for s in steps]
         self.plain_replay = [s.action == RUN and not s.explicit_generator for s in steps]
-        self.single = [len(s.out_leaves) == 1 and s.out_spec.is_leaf() and _is_tensor_leaf(s.out_leaves[0])
-                       for s in steps]
+        self.single = [
+            len(s.out_leaves) == 1 and s.out_spec.is_leaf() and _is_tensor_leaf(s.out_leaves[0]) for s in steps
+        ]
         self.scratch_bytes: dict[torch.device, int] = {}
         for s in steps:
             if s.action == RUN or s.written or s.inplace:  # in-place ones return their target
@@ -204,8 +211,9 @@ class _State:
                 if best is None or best() is None or st.nbytes() > best().nbytes():
                     self._kept[t.device] = weakref.ref(st)
 
-    def placeholder(self, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype,
-                    device: torch.device, shared: bool) -> torch.Tensor:
+    def placeholder(
+        self, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype, device: torch.device, shared: bool
+    ) -> torch.Tensor:
         """An uninitialised tensor of this layout; `shared` ones are views of the scratch buffer."""
         if not shared or _extent_bytes(shape, stride, dtype) == 0:
             return torch.empty_strided(shape, stride, dtype=dtype, device=device)
@@ -228,7 +236,8 @@ class _State:
         if self.table.match(k, func):
             return False
         return not any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments) and any(
-            r.alias_info is not None for r in func._schema.returns)
+            r.alias_info is not None for r in func._schema.returns
+        )
 
     def step(self, k: int, func: Any, phase: str) -> Step:
         steps = self.region.steps
@@ -248,8 +257,9 @@ def _generators(args: tuple, kwargs: dict) -> list[torch.Generator]:
     return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Generator)]
 
 
-def _with_generator_states(gens: list[torch.Generator], drawn: list[torch.Tensor], func: Any, args: tuple,
-                           kwargs: dict) -> Any:
+def _with_generator_states(
+    gens: list[torch.Generator], drawn: list[torch.Tensor], func: Any, args: tuple, kwargs: dict
+) -> Any:
     """Run `func` from the generator states it drew from in the forward, then put back the states
     the generators have now (the user may have drawn from them since)."""
     now = [g.get_state() for g in gens]
@@ -289,7 +299,9 @@ class _ForwardMode(TorchDispatchMode):
             self.state.generators[k] = [g.get_state() for g in _generators(args, kwargs)]
         out = func(*args, **kwargs)
         if step.cache:
-            tensors = [out] if self.table.single[k] else [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            tensors = (
+                [out] if self.table.single[k] else [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            )
             kept = []
             for j in step.cache:
                 # An in-place op may write part of its storage (mambapy's pscan adds into slices
@@ -350,8 +362,10 @@ class _ReplayMode(TorchDispatchMode):
             # The storage this op allocated, as the in-place ops after it left it: the kept one.
             _, shape, stride, dtype, device = step.out_leaves[0]
             kept = state.cache[step.alias_of][0].to(device, non_blocking=True)
-            return tree_unflatten([torch.empty(0, dtype=dtype, device=device).set_(
-                kept.untyped_storage(), 0, shape, stride)], step.out_spec)
+            return tree_unflatten(
+                [torch.empty(0, dtype=dtype, device=device).set_(kept.untyped_storage(), 0, shape, stride)],
+                step.out_spec,
+            )
         cached = dict(zip(step.cache, state.cache.pop(k, [])))
         if step.inplace:  # autograd returns the mutated argument; give its storage the kept contents
             target = _mutated_arg(func, args, kwargs)

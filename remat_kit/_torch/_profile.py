@@ -32,20 +32,72 @@ from torch.utils.flop_counter import flop_registry
 from remat_kit._core.graph import OpKind, Role, Value, value
 
 # Ops whose tensor inputs are read for their metadata only: recomputing them needs no real input.
-_SHAPE_ONLY_PREFIXES = ("aten.empty_like", "aten.zeros_like", "aten.ones_like", "aten.full_like",
-                        "aten.rand_like", "aten.randn_like", "aten.randint_like", "aten.new_")
+_SHAPE_ONLY_PREFIXES = (
+    "aten.empty_like",
+    "aten.zeros_like",
+    "aten.ones_like",
+    "aten.full_like",
+    "aten.rand_like",
+    "aten.randn_like",
+    "aten.randint_like",
+    "aten.new_",
+)
 _SCALAR_READS = ("aten._local_scalar_dense", "aten.equal", "aten.is_nonzero", "aten.item")
 _KINDS = (
-    (("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.matmul", "aten.convolution",
-      "aten._convolution", "aten.linear", "aten.addbmm"), OpKind.MATMUL),
-    (("aten._scaled_dot_product", "aten.scaled_dot_product", "aten._flash_attention",
-      "aten._efficient_attention", "aten._softmax", "aten.softmax", "aten._safe_softmax",
-      "aten._log_softmax"), OpKind.ATTENTION),
-    (("aten.native_layer_norm", "aten.native_group_norm", "aten.native_batch_norm",
-      "aten._fused_rms_norm", "aten.rsqrt", "aten._native_batch_norm"), OpKind.NORM),
+    (
+        (
+            "aten.mm",
+            "aten.addmm",
+            "aten.bmm",
+            "aten.baddbmm",
+            "aten.matmul",
+            "aten.convolution",
+            "aten._convolution",
+            "aten.linear",
+            "aten.addbmm",
+        ),
+        OpKind.MATMUL,
+    ),
+    (
+        (
+            "aten._scaled_dot_product",
+            "aten.scaled_dot_product",
+            "aten._flash_attention",
+            "aten._efficient_attention",
+            "aten._softmax",
+            "aten.softmax",
+            "aten._safe_softmax",
+            "aten._log_softmax",
+        ),
+        OpKind.ATTENTION,
+    ),
+    (
+        (
+            "aten.native_layer_norm",
+            "aten.native_group_norm",
+            "aten.native_batch_norm",
+            "aten._fused_rms_norm",
+            "aten.rsqrt",
+            "aten._native_batch_norm",
+        ),
+        OpKind.NORM,
+    ),
     (("aten.embedding",), OpKind.EMBEDDING),
-    (("aten.sum", "aten.mean", "aten.amax", "aten.max", "aten.min", "aten.var", "aten.std",
-      "aten.nll_loss", "aten.norm", "aten.linalg_vector_norm"), OpKind.REDUCTION),
+    (
+        (
+            "aten.sum",
+            "aten.mean",
+            "aten.amax",
+            "aten.max",
+            "aten.min",
+            "aten.var",
+            "aten.std",
+            "aten.nll_loss",
+            "aten.norm",
+            "aten.linalg_vector_norm",
+        ),
+        OpKind.REDUCTION,
+    ),
 )
 
 
@@ -152,9 +204,20 @@ class _Recorder(TorchDispatchMode):
         self.owner[key] = name
         self.roles[name] = role
         self.keepalive.append(t)
-        self.values.append(dict(name=name, num_bytes=t.untyped_storage().nbytes(), role=role,
-                                requires_grad=bool(t.requires_grad), deps=(), kind=OpKind.OTHER,
-                                flops=0, bytes_moved=0, module="", stack=()))
+        self.values.append(
+            dict(
+                name=name,
+                num_bytes=t.untyped_storage().nbytes(),
+                role=role,
+                requires_grad=bool(t.requires_grad),
+                deps=(),
+                kind=OpKind.OTHER,
+                flops=0,
+                bytes_moved=0,
+                module="",
+                stack=(),
+            )
+        )
 
     def _value_of(self, t: torch.Tensor) -> str:
         key = storage_key(t)
@@ -241,14 +304,22 @@ class _Recorder(TorchDispatchMode):
             vname = f"{module or 'model'}/{packet}.{occurrence}"
             if sum(isinstance(x, torch.Tensor) for x in leaves) > 1:
                 vname += f":{len(out_tensors) - 1}"
-            self.values.append(dict(
-                name=vname, num_bytes=leaf.untyped_storage().nbytes(), role=Role.ACTIVATION,
-                tensor=leaf, deps=deps,
-                # The op's FLOPs go to its first output; the replay runs an op when any of its
-                # outputs is recomputed, and decisions_for_torch recomputes all of them then.
-                kind=op_kind(name, is_rng), flops=flops if primary is None else 0,
-                bytes_moved=in_bytes + sum(t.numel() * t.element_size() for t in out_tensors),
-                module=module, stack=tuple(self.stack)))
+            self.values.append(
+                dict(
+                    name=vname,
+                    num_bytes=leaf.untyped_storage().nbytes(),
+                    role=Role.ACTIVATION,
+                    tensor=leaf,
+                    deps=deps,
+                    # The op's FLOPs go to its first output; the replay runs an op when any of its
+                    # outputs is recomputed, and decisions_for_torch recomputes all of them then.
+                    kind=op_kind(name, is_rng),
+                    flops=flops if primary is None else 0,
+                    bytes_moved=in_bytes + sum(t.numel() * t.element_size() for t in out_tensors),
+                    module=module,
+                    stack=tuple(self.stack),
+                )
+            )
             primary = primary or vname
             self.owner[key] = vname
             self.value_op[vname] = index
@@ -257,14 +328,24 @@ class _Recorder(TorchDispatchMode):
         self.keepalive.append(out)
         self.op_io[index] = io
         self.pending_nodes.append((index, out_tensors))
-        self.ops.append(OpRecord(
-            index=index, func=name, module=module, stack=tuple(self.stack), regions=tuple(self.regions),
-            outputs=tuple(outputs),
-            inplace=inplace, is_rng=is_rng, reads_scalar=name.startswith(_SCALAR_READS),
-            out_spec=spec, out_leaves=tuple(out_leaves),
-            creator=self.creator.get(storage_key(out_tensors[0])) if inplace and out_tensors else None,
-            inputs=tuple(dict.fromkeys(in_values)),
-            draws_explicit_generator=any(isinstance(g, torch.Generator) for g in (*args, *kwargs.values()))))
+        self.ops.append(
+            OpRecord(
+                index=index,
+                func=name,
+                module=module,
+                stack=tuple(self.stack),
+                regions=tuple(self.regions),
+                outputs=tuple(outputs),
+                inplace=inplace,
+                is_rng=is_rng,
+                reads_scalar=name.startswith(_SCALAR_READS),
+                out_spec=spec,
+                out_leaves=tuple(out_leaves),
+                creator=self.creator.get(storage_key(out_tensors[0])) if inplace and out_tensors else None,
+                inputs=tuple(dict.fromkeys(in_values)),
+                draws_explicit_generator=any(isinstance(g, torch.Generator) for g in (*args, *kwargs.values())),
+            )
+        )
         return out
 
 
@@ -377,10 +458,12 @@ def _saved_tensors(node: Any) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _module_hooks(root: torch.nn.Module, rec: _Recorder, calls: dict[str, int], layers: list[str],
-                  on_layer: Any = None):
+def _module_hooks(
+    root: torch.nn.Module, rec: _Recorder, calls: dict[str, int], layers: list[str], on_layer: Any = None
+):
     handles = []
     for path, mod in root.named_modules():
+
         def pre(_m, _a, path=path):
             rec.stack.append(path)
             calls[path] = calls.get(path, 0) + 1
@@ -447,8 +530,20 @@ def state_values(root: torch.nn.Module) -> list[Value]:
     """The values `profile` registers for `root`'s parameters and buffers, in its order."""
     rec = _Recorder(None)
     register_state(rec, root)
-    return [value(v["name"], v["num_bytes"], kind=v["kind"], flops=0, deps=(), bwd_reads=(), bytes_moved=0,
-                  role=v["role"], requires_grad=None) for v in rec.values]
+    return [
+        value(
+            v["name"],
+            v["num_bytes"],
+            kind=v["kind"],
+            flops=0,
+            deps=(),
+            bwd_reads=(),
+            bytes_moved=0,
+            role=v["role"],
+            requires_grad=None,
+        )
+        for v in rec.values
+    ]
 
 
 class _FakeFromFirstLayer:
@@ -480,8 +575,14 @@ class _FakeFromFirstLayer:
 
 # Module-level hooks that every module's call runs: torch's own tools (ModTracker under MemTracker,
 # ModuleTracker under FlopCounterMode) install theirs here.
-_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_always_called",
-                 "_global_forward_hooks_with_kwargs", "_global_backward_pre_hooks", "_global_backward_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_forward_hooks_with_kwargs",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
 
 
 @contextlib.contextmanager
@@ -516,8 +617,17 @@ def user_tools_paused():
             _push_mode(m)
 
 
-def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = True, call: Any = None,
-            layers: list[str] | None = None, real_prologue: bool = False, measure_backward: bool = True) -> Profile:
+def profile(
+    root: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    fake: bool = True,
+    call: Any = None,
+    layers: list[str] | None = None,
+    real_prologue: bool = False,
+    measure_backward: bool = True,
+) -> Profile:
     """Run `root(*args, **kwargs)` once under the recorder and return its ops and values.
 
     Needs grad mode on (what `auto` plans is a training step). With `fake=True` the run is under
@@ -530,16 +640,41 @@ def profile(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool = Tr
     with user_tools_paused():
         if fake and real_prologue and layers and not any(p.is_meta for p in root.parameters()):
             try:
-                return _profile_once(root, args, kwargs, fake=True, call=call, layers=layers, real_prologue=True,
-                                     measure_backward=measure_backward)
+                return _profile_once(
+                    root,
+                    args,
+                    kwargs,
+                    fake=True,
+                    call=call,
+                    layers=layers,
+                    real_prologue=True,
+                    measure_backward=measure_backward,
+                )
             except Exception:  # noqa: BLE001 - a prologue that reads values it cannot have: run it all fake
                 pass
-        return _profile_once(root, args, kwargs, fake=fake, call=call, layers=layers, real_prologue=False,
-                             measure_backward=measure_backward)
+        return _profile_once(
+            root,
+            args,
+            kwargs,
+            fake=fake,
+            call=call,
+            layers=layers,
+            real_prologue=False,
+            measure_backward=measure_backward,
+        )
 
 
-def _profile_once(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: bool, call: Any,
-                  layers: list[str] | None, real_prologue: bool, measure_backward: bool) -> Profile:
+def _profile_once(
+    root: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    fake: bool,
+    call: Any,
+    layers: list[str] | None,
+    real_prologue: bool,
+    measure_backward: bool,
+) -> Profile:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
@@ -585,10 +720,16 @@ def _profile_once(root: torch.nn.Module, args: tuple, kwargs: dict, *, fake: boo
             del out
     # Autocast caches parameter casts per region; the ones made here are fake tensors.
     torch.clear_autocast_cache()
-    return Profile(ops=rec.ops, values=values, value_op=rec.value_op,
-                   mutated_later=rec.mutated_later, module_calls=calls, returned=rec.returned,
-                   fake=fake and (late is None or late.switched),  # never switched: it all ran for real
-                   real_prologue=late is not None and late.switched)
+    return Profile(
+        ops=rec.ops,
+        values=values,
+        value_op=rec.value_op,
+        mutated_later=rec.mutated_later,
+        module_calls=calls,
+        returned=rec.returned,
+        fake=fake and (late is None or late.switched),  # never switched: it all ran for real
+        real_prologue=late is not None and late.switched,
+    )
 
 
 def _finish(rec: _Recorder, workspace: dict[int, int], returned: set[str]) -> list[Value]:
@@ -638,8 +779,11 @@ def _finish(rec: _Recorder, workspace: dict[int, int], returned: set[str]) -> li
         ordered.append(v)
         op = rec.value_op.get(v["name"])
         k = len(ordered) - 1
-        while k > 0 and op is not None and rec.value_op.get(ordered[k - 1]["name"]) == op and (
-            ordered[k - 1]["tensor"].requires_grad and not ordered[k]["tensor"].requires_grad
+        while (
+            k > 0
+            and op is not None
+            and rec.value_op.get(ordered[k - 1]["name"]) == op
+            and (ordered[k - 1]["tensor"].requires_grad and not ordered[k]["tensor"].requires_grad)
         ):
             ordered[k - 1], ordered[k] = ordered[k], ordered[k - 1]
             k -= 1
@@ -650,13 +794,23 @@ def _finish(rec: _Recorder, workspace: dict[int, int], returned: set[str]) -> li
         own_pos = position[v["name"]]
         bwd = tuple(r for r in reads.get(v["name"], ()) if position[r] <= own_pos)
         deps = tuple(dict.fromkeys((*v["deps"], *(d for d in extra_deps.get(v["name"], ()) if position[d] < own_pos))))
-        out.append(value(
-            v["name"], v["num_bytes"], kind=v["kind"], flops=v["flops"], deps=deps, bwd_reads=bwd,
-            bytes_moved=v["bytes_moved"], module=v["module"], role=v["role"],
-            # Autograd marks outputs after dispatch returns: read the flag now, after the forward.
-            requires_grad=bool(v["tensor"].requires_grad or v["name"] in differentiable)
-            if v["role"] is Role.ACTIVATION else None,
-        ))
+        out.append(
+            value(
+                v["name"],
+                v["num_bytes"],
+                kind=v["kind"],
+                flops=v["flops"],
+                deps=deps,
+                bwd_reads=bwd,
+                bytes_moved=v["bytes_moved"],
+                module=v["module"],
+                role=v["role"],
+                # Autograd marks outputs after dispatch returns: read the flag now, after the forward.
+                requires_grad=bool(v["tensor"].requires_grad or v["name"] in differentiable)
+                if v["role"] is Role.ACTIVATION
+                else None,
+            )
+        )
         if v["name"] in spent:
             out[-1] = dataclasses.replace(out[-1], bwd_workspace_bytes=spent[v["name"]])
     rewrites = {n for op in rec.ops if op.inplace for n in op.outputs if n is not None}
@@ -674,5 +828,9 @@ def _dangling_dropped(values: list[Value], candidates: set[str]) -> list[Value]:
     in-place ops after them, still count until then.) Only in-place results: a value an op makes
     anew is left an output, an upper bound."""
     read = {n for v in values for n in (*v.deps, *v.bwd_reads)}
-    return [dataclasses.replace(v, num_bytes=0, requires_grad=False, bwd_workspace_bytes=0)
-            if v.is_activation and v.name in candidates and v.name not in read else v for v in values]
+    return [
+        dataclasses.replace(v, num_bytes=0, requires_grad=False, bwd_workspace_bytes=0)
+        if v.is_activation and v.name in candidates and v.name not in read
+        else v
+        for v in values
+    ]

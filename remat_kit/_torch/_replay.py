@@ -26,8 +26,21 @@ from remat_kit._torch._graph import Segment, TorchGraph
 from remat_kit._torch._modes import CACHE, RUN, SKIP, OpSequenceError, Region, Step, _ForwardMode, _ReplayMode, _State
 from remat_kit._torch._profile import Profile
 
-__all__ = ["CACHE", "RUN", "SKIP", "OpSequenceError", "Region", "SegmentRun", "Step", "_ForwardMode", "_ReplayMode",
-           "_State", "decisions_for_torch", "regions", "run_region"]
+__all__ = [
+    "CACHE",
+    "RUN",
+    "SKIP",
+    "OpSequenceError",
+    "Region",
+    "SegmentRun",
+    "Step",
+    "_ForwardMode",
+    "_ReplayMode",
+    "_State",
+    "decisions_for_torch",
+    "regions",
+    "run_region",
+]
 _OFFLOAD_CODE = 2
 
 
@@ -43,8 +56,9 @@ def _units(tg: TorchGraph, plan: Plan) -> list[tuple[int, Segment, list[Segment]
     return out
 
 
-def regions(tg: TorchGraph, plan: Plan, profile: Profile,
-            plain: Callable[[Region], bool] | None = None) -> dict[str, Region]:
+def regions(
+    tg: TorchGraph, plan: Plan, profile: Profile, plain: Callable[[Region], bool] | None = None
+) -> dict[str, Region]:
     """The checkpoint regions a plan needs, keyed by (first) module path; regions that keep all are
     left out. A region that keeps nothing inside it runs as plain checkpoint where `plain(region)`
     says so (default: always)."""
@@ -55,8 +69,10 @@ def regions(tg: TorchGraph, plan: Plan, profile: Profile,
     # Only what a region's own backward ops or recomputed ops read is handed back: a layer's
     # output read by the next layer (or the head) is held there. Kept in the cache, it would
     # live on until this region's backward ends, past the backward that last reads it.
-    readers = [{vals[r].block for r in graph.bwd_readers[i]}
-               | {vals[c].block for c in graph.consumers[i] if recomputed[c]} for i in range(len(graph))]
+    readers = [
+        {vals[r].block for r in graph.bwd_readers[i]} | {vals[c].block for c in graph.consumers[i] if recomputed[c]}
+        for i in range(len(graph))
+    ]
     out: dict[str, Region] = {}
     for block, seg, segs in _units(tg, plan):
         if any(s.module is None for s in segs):
@@ -65,16 +81,20 @@ def regions(tg: TorchGraph, plan: Plan, profile: Profile,
         # for real at replay, with everything they are computed from (placeholders would flip
         # the branch).
         real: set[str] = set()
-        for op in reversed(profile.ops[seg.start:seg.stop]):
+        for op in reversed(profile.ops[seg.start : seg.stop]):
             if op.reads_scalar or any(o in real for o in op.outputs if o is not None):
                 real.update(n for n in op.inputs if graph[n].is_activation)
         steps, active = [], False
-        for op in profile.ops[seg.start:seg.stop]:
+        for op in profile.ops[seg.start : seg.stop]:
             idx = [graph.index(o) if o is not None else None for o in op.outputs]
             owned = [(j, i) for j, i in enumerate(idx) if i is not None]
             cache, offload = [], []
-            if not owned or any(recomputed[i] for _, i in owned) or op.reads_scalar or (
-                    real and any(graph.values[i].name in real for _, i in owned)):
+            if (
+                not owned
+                or any(recomputed[i] for _, i in owned)
+                or op.reads_scalar
+                or (real and any(graph.values[i].name in real for _, i in owned))
+            ):
                 action = RUN
             else:
                 for j, i in owned:
@@ -84,14 +104,24 @@ def regions(tg: TorchGraph, plan: Plan, profile: Profile,
                             offload.append(j)
                 action = CACHE if cache else SKIP
             active |= any(recomputed[i] or (needed[i] and codes[i] == _OFFLOAD_CODE) for _, i in owned)
-            steps.append(Step(op.func, action, tuple(cache), tuple(offload), op.is_rng and action != RUN,
-                              op.inplace, op.out_spec, op.out_leaves,
-                              explicit_generator=op.is_rng and op.draws_explicit_generator,
-                              flops=sum(vals[i].flops for _, i in owned),
-                              bytes_moved=sum(vals[i].bytes_moved for _, i in owned)))
+            steps.append(
+                Step(
+                    op.func,
+                    action,
+                    tuple(cache),
+                    tuple(offload),
+                    op.is_rng and action != RUN,
+                    op.inplace,
+                    op.out_spec,
+                    op.out_leaves,
+                    explicit_generator=op.is_rng and op.draws_explicit_generator,
+                    flops=sum(vals[i].flops for _, i in owned),
+                    bytes_moved=sum(vals[i].bytes_moved for _, i in owned),
+                )
+            )
         # A kept value written in place (dropout's mask: empty_like, bernoulli_, div_) is handed
         # back where its storage is first allocated, so the replay holds one copy, not two.
-        for k, op in enumerate(profile.ops[seg.start:seg.stop]):
+        for k, op in enumerate(profile.ops[seg.start : seg.stop]):
             first = op.creator - seg.start if op.inplace and op.creator is not None else -1
             if not 0 <= first < k:
                 continue
@@ -158,7 +188,11 @@ class SegmentRun:
         return self._gen is not None
 
     def expects(self, path: str) -> bool:
-        return self.open and len(self.forwards) < len(self.region.members) and self.region.members[len(self.forwards)] == path
+        return (
+            self.open
+            and len(self.forwards) < len(self.region.members)
+            and self.region.members[len(self.forwards)] == path
+        )
 
     @torch._dynamo.disable
     def start(self, fn: Any, args: tuple, kwargs: dict) -> Any:
@@ -176,8 +210,15 @@ class SegmentRun:
         for li, leaf in enumerate(leaves):
             hit = None
             if isinstance(leaf, torch.Tensor):
-                hit = next(((k, j) for k, outs in enumerate(self._outputs) for j, ref in enumerate(outs)
-                            if ref is not None and ref() is leaf), None)
+                hit = next(
+                    (
+                        (k, j)
+                        for k, outs in enumerate(self._outputs)
+                        for j, ref in enumerate(outs)
+                        if ref is not None and ref() is leaf
+                    ),
+                    None,
+                )
             if hit is None:
                 kept.append(leaf)
             else:
@@ -193,8 +234,7 @@ class SegmentRun:
             self.close()
             raise
         self.forwards.append(fn)
-        self._outputs.append([weakref.ref(t) if isinstance(t, torch.Tensor) else None
-                              for t in tree_flatten(out)[0]])
+        self._outputs.append([weakref.ref(t) if isinstance(t, torch.Tensor) else None for t in tree_flatten(out)[0]])
         if len(self.forwards) == len(self.region.members):
             self._outputs = []
             gen, self._gen = self._gen, None

@@ -37,8 +37,9 @@ MIN_LAYERS = 8  # below this the saving is small next to the solve
 _PROFILED = 4
 
 
-def profile_replicated(root: torch.nn.Module, args: tuple, kwargs: dict, *, call: Any = None,
-                       real_prologue: bool = False) -> Profile | None:
+def profile_replicated(
+    root: torch.nn.Module, args: tuple, kwargs: dict, *, call: Any = None, real_prologue: bool = False
+) -> Profile | None:
     """A fake-tensor profile of `root` built from four of its repeated layers, or None."""
     found = _identical_container(root)
     if found is None:
@@ -50,8 +51,9 @@ def profile_replicated(root: torch.nn.Module, args: tuple, kwargs: dict, *, call
     saved = container._modules
     container._modules = OrderedDict((str(k), children[i][1]) for k, i in enumerate(keep))
     try:
-        small = profile(root, args, kwargs, fake=True, call=call, layers=_layer_paths(root),
-                        real_prologue=real_prologue)
+        small = profile(
+            root, args, kwargs, fake=True, call=call, layers=_layer_paths(root), real_prologue=real_prologue
+        )
     except Exception:  # the forward needs all its layers (indexes them by a config count, say)
         return None
     finally:
@@ -113,8 +115,9 @@ def _describe(layer: torch.nn.Module) -> list[tuple[tuple, Any]]:
             items.append(((sub_path, "param", k), (tuple(p.shape), p.dtype, p.requires_grad, p.device.type)))
         for k, b in mod.named_buffers(recurse=False):
             items.append(((sub_path, "buffer", k), (tuple(b.shape), b.dtype, b.device.type)))
-        items.append(((sub_path, "<hooks>"), (len(mod._forward_hooks), len(mod._forward_pre_hooks),
-                                              len(mod._backward_hooks))))
+        items.append(
+            ((sub_path, "<hooks>"), (len(mod._forward_hooks), len(mod._forward_pre_hooks), len(mod._backward_hooks)))
+        )
     return items
 
 
@@ -123,7 +126,7 @@ def _split(path: str, prefix: str) -> tuple[int, str] | None:
     """(child index, rest of the path) for a module path inside the container at `prefix`."""
     if not path.startswith(prefix):
         return None
-    head, _, rest = path[len(prefix):].partition(".")
+    head, _, rest = path[len(prefix) :].partition(".")
     return (int(head), rest) if head.isdigit() else None
 
 
@@ -131,7 +134,7 @@ def _module_part(name: str) -> tuple[str, str, str]:
     """A value name as (tag, module path, rest): "param:" + path, or path + "/aten.mm.0"."""
     for tag in (f"{AUTOCAST_TAG}param:", "param:", "buffer:"):
         if name.startswith(tag):
-            return tag, name[len(tag):], ""
+            return tag, name[len(tag) :], ""
     module, slash, rest = name.partition("/")
     return ("", module, slash + rest) if slash else ("", "", name)
 
@@ -162,22 +165,40 @@ def _renamer(prefix: str, names: list[str], mapping: dict[int, int]) -> Callable
     return name_
 
 
-def _render(ops: list[OpRecord], intro: dict[int, list[Value]], ren: Callable[[str], str],
-            index_of: Callable[[int], int | None], start: int) -> tuple[list[OpRecord], list[Value]]:
+def _render(
+    ops: list[OpRecord],
+    intro: dict[int, list[Value]],
+    ren: Callable[[str], str],
+    index_of: Callable[[int], int | None],
+    start: int,
+) -> tuple[list[OpRecord], list[Value]]:
     """Ops (and the values each introduces) renamed, re-indexed from `start`."""
     path = ren.path  # type: ignore[attr-defined]
     out_ops, out_values = [], []
     for k, op in enumerate(ops):
         creator = None if op.creator is None else index_of(op.creator)
-        out_ops.append(dataclasses.replace(
-            op, index=start + k, module=path(op.module), stack=tuple(path(p) for p in op.stack),
-            regions=tuple(path(p) for p in op.regions),
-            outputs=tuple(None if o is None else ren(o) for o in op.outputs),
-            inputs=tuple(ren(i) for i in op.inputs), creator=creator))
+        out_ops.append(
+            dataclasses.replace(
+                op,
+                index=start + k,
+                module=path(op.module),
+                stack=tuple(path(p) for p in op.stack),
+                regions=tuple(path(p) for p in op.regions),
+                outputs=tuple(None if o is None else ren(o) for o in op.outputs),
+                inputs=tuple(ren(i) for i in op.inputs),
+                creator=creator,
+            )
+        )
         for v in intro.get(op.index, ()):
-            out_values.append(dataclasses.replace(
-                v, name=ren(v.name), deps=tuple(ren(d) for d in v.deps),
-                bwd_reads=tuple(ren(r) for r in v.bwd_reads), module=path(v.module)))
+            out_values.append(
+                dataclasses.replace(
+                    v,
+                    name=ren(v.name),
+                    deps=tuple(ren(d) for d in v.deps),
+                    bwd_reads=tuple(ren(r) for r in v.bwd_reads),
+                    module=path(v.module),
+                )
+            )
     return out_ops, out_values
 
 
@@ -223,17 +244,19 @@ def _expand(small: Profile, root: torch.nn.Module, prefix: str, names: list[str]
                     j = mapping.get(k, 0 if k == 0 else None)
                     return None if j is None else starts[j] + (i - r.start)
             return i if i < span[0].start else after + (i - span[3].stop)
+
         return index_of
 
     def layer_ops(k: int) -> list[OpRecord]:
-        return small.ops[span[k].start:span[k].stop]
+        return small.ops[span[k].start : span[k].stop]
 
     # The check: profiled layer 2 is layer 1 renamed 1 -> 2, 0 -> 1.
     check = {1: 2, 0: 1}
     ren_check = _renamer(prefix, [str(i) for i in range(_PROFILED)], check)
     small_starts = [span[k].start for k in range(_PROFILED)]
-    check_ops, check_values = _render(layer_ops(1), intro, ren_check, index_map(check, small_starts, span[3].stop),
-                                      span[2].start)
+    check_ops, check_values = _render(
+        layer_ops(1), intro, ren_check, index_map(check, small_starts, span[3].stop), span[2].start
+    )
     want_ops = layer_ops(2)
     want_values = [v for op in want_ops for v in intro.get(op.index, ())]
     if check_ops != want_ops or check_values != want_values:
@@ -258,13 +281,13 @@ def _expand(small: Profile, root: torch.nn.Module, prefix: str, names: list[str]
         values.extend(new_values)
 
     if pre:
-        emit(small.ops[pre[0].start:pre[0].stop], stretch({}))
+        emit(small.ops[pre[0].start : pre[0].stop], stretch({}))
     emit(layer_ops(0), stretch({0: 0}))
     for how in middle:
         emit(layer_ops(1), how)
     emit(layer_ops(3), last)
     if post:
-        emit(small.ops[post[0].start:post[0].stop], last)
+        emit(small.ops[post[0].start : post[0].stop], last)
 
     # Names and module paths of profiled layer 1 stand for every middle layer; layer 2 was the check.
     def spread(name: str) -> list[Callable[[str], str]]:
@@ -274,13 +297,28 @@ def _expand(small: Profile, root: torch.nn.Module, prefix: str, names: list[str]
         return [] if k == 2 else [last[1]]
 
     mutated = {ren(name) for name in small.mutated_later for ren in spread(name)}
-    calls = {ren.path(path): count for path, count in small.module_calls.items()  # type: ignore[attr-defined]
-             for ren in spread(path)}
-    returned = {ren.path(path): tuple(ren(n) for n in names)  # type: ignore[attr-defined]
-                for path, names in small.returned.items() for ren in spread(path)}
+    calls = {
+        ren.path(path): count
+        for path, count in small.module_calls.items()  # type: ignore[attr-defined]
+        for ren in spread(path)
+    }
+    returned = {
+        ren.path(path): tuple(ren(n) for n in names)  # type: ignore[attr-defined]
+        for path, names in small.returned.items()
+        for ren in spread(path)
+    }
     value_op = {o: op.index for op in ops for o in op.outputs if o is not None}
-    return Profile(ops=ops, values=state_values(root) + head + values, value_op=value_op, mutated_later=mutated,
-                   module_calls=calls, returned=returned, fake=small.fake, replicated_from=_PROFILED, real_prologue=small.real_prologue)
+    return Profile(
+        ops=ops,
+        values=state_values(root) + head + values,
+        value_op=value_op,
+        mutated_later=mutated,
+        module_calls=calls,
+        returned=returned,
+        fake=small.fake,
+        replicated_from=_PROFILED,
+        real_prologue=small.real_prologue,
+    )
 
 
 def _mutated(small: Profile, prefix: str, k: int) -> set[str]:

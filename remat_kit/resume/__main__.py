@@ -13,8 +13,9 @@ from remat_kit.resume._listing import format_table, list_steps, to_json
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m remat_kit.resume",
-                                     description="Inspect remat_kit.resume checkpoint directories.")
+    parser = argparse.ArgumentParser(
+        prog="python -m remat_kit.resume", description="Inspect remat_kit.resume checkpoint directories."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     ls = commands.add_parser("ls", help="list steps: status, size, files, creation time, metrics, best")
     ls.add_argument("directory")

@@ -156,8 +156,14 @@ class Encoder:
         if _torch_arrays.is_dtensor(obj) and not self.per_process:
             key = f"{_DTENSOR_PREFIX}{len(self.dtensors)}"
             self.dtensors[key] = obj
-            return {"t": "array", "kind": "dtensor", "key": key, "dtype": _torch_arrays.dtype_name(obj.dtype),
-                    "shape": list(obj.shape), "crc32": None}
+            return {
+                "t": "array",
+                "kind": "dtensor",
+                "key": key,
+                "dtype": _torch_arrays.dtype_name(obj.dtype),
+                "shape": list(obj.shape),
+                "crc32": None,
+            }
         if _torch_arrays.is_tensor(obj):
             host, extra = _torch_arrays.to_numpy(obj, path, copy=self.copy_host)
             return self._array(host, path, extra)
@@ -184,21 +190,29 @@ class Encoder:
             extra = {"kind": "jax_key", "impl": str(jax.random.key_impl(obj))}
             obj = jax.random.key_data(obj)  # stays on its devices
         if self.per_process and not obj.is_fully_addressable:
-            raise ValueError(f"{path} is a jax.Array sharded across processes inside PerProcess; "
-                             "global arrays are saved once for all processes: move it out of PerProcess.")
+            raise ValueError(
+                f"{path} is a jax.Array sharded across processes inside PerProcess; "
+                "global arrays are saved once for all processes: move it out of PerProcess."
+            )
         if self.per_process or (obj.is_fully_addressable and jax.process_count() > 1):
             # An array that lives on one process of a multi-process job (a PRNG key, a step
             # counter made with jnp) is host state like any other: process 0's copy is saved.
             return self._array(np.asarray(obj).copy(), path, extra)
         if obj.size == 0:
-            return {"t": "array", "dtype": obj.dtype.name, "shape": list(obj.shape), "key": None, "crc32": 0,
-                    **extra}
+            return {"t": "array", "dtype": obj.dtype.name, "shape": list(obj.shape), "key": None, "crc32": 0, **extra}
         key = f"{_JAX_PREFIX}{len(self.jax_arrays)}"
         self.jax_arrays[key] = obj
         # A JAX array's checksum is its device fingerprint, stored apart (host/fingerprints.json)
         # because it is computed while the save goes on (see _fingerprint, _host_item).
-        return {"t": "array", "dtype": obj.dtype.name, "shape": list(obj.shape), "key": key, "crc32": None,
-                "sharding": repr(obj.sharding), **extra}
+        return {
+            "t": "array",
+            "dtype": obj.dtype.name,
+            "shape": list(obj.shape),
+            "key": key,
+            "crc32": None,
+            "sharding": repr(obj.sharding),
+            **extra,
+        }
 
     def _array(self, host: np.ndarray, path: str, extra: dict[str, Any]) -> dict[str, Any]:
         if host.dtype.kind in "OUSMm":
@@ -261,4 +275,3 @@ def jax_nodes(spec: Any) -> list[dict[str, Any]]:
 
     walk(spec)
     return found
-

@@ -49,9 +49,16 @@ HostReader = Callable[[str, np.dtype, list, bool], np.ndarray]  # (key, dtype, s
 
 
 class _Decoder:
-    def __init__(self, step: int | None, *, host: HostReader | None = None, jax_arrays: Mapping[str, Any] = None,
-                 dtensors: Mapping[str, Any] = None, local_specs: list[Any] | None = None,
-                 planning: bool = False) -> None:
+    def __init__(
+        self,
+        step: int | None,
+        *,
+        host: HostReader | None = None,
+        jax_arrays: Mapping[str, Any] = None,
+        dtensors: Mapping[str, Any] = None,
+        local_specs: list[Any] | None = None,
+        planning: bool = False,
+    ) -> None:
         self.host = host
         self.jax_arrays = jax_arrays or {}
         self.dtensors = dtensors or {}
@@ -75,7 +82,9 @@ class _Decoder:
         if kind in ("json", "float"):
             value = node["v"] if kind == "json" else float(node["v"])
             if has_template and not (template is None or isinstance(template, (bool, int, float, str))):
-                return self.differ(path, f"saved a Python {type(value).__name__}, template has {type(template).__name__}")
+                return self.differ(
+                    path, f"saved a Python {type(value).__name__}, template has {type(template).__name__}"
+                )
             return value
         if kind == "dict":
             return self._dict(node, template, path)
@@ -141,8 +150,9 @@ class _Decoder:
         template_keys = [jax.tree_util.keystr(p) for p, _ in children]
         if template_keys != node["keys"]:
             return self.differ(
-                path, f"saved a {node['type']} with children {node['keys']}, template "
-                f"{type(template).__qualname__} has {template_keys}"
+                path,
+                f"saved a {node['type']} with children {node['keys']}, template "
+                f"{type(template).__qualname__} has {template_keys}",
             )
         values = [self.decode(c, t, f"{path}{k}") for k, c, (_, t) in zip(node["keys"], node["items"], children)]
         return jax.tree_util.tree_unflatten(treedef, values)
@@ -150,8 +160,11 @@ class _Decoder:
     def _per_process(self, node: dict[str, Any], template: Any, path: str) -> Any:
         if template is not _NO_TEMPLATE:
             if not isinstance(template, PerProcess):
-                return self.differ(path, f"saved a PerProcess part, template has {type(template).__name__}; "
-                                         "wrap that part of the template in resume.PerProcess(...)")
+                return self.differ(
+                    path,
+                    f"saved a PerProcess part, template has {type(template).__name__}; "
+                    "wrap that part of the template in resume.PerProcess(...)",
+                )
             template = template.value
         if self.local_specs is None:
             self.corrupt.append(f"{path}: this process has no saved PerProcess part")
@@ -189,9 +202,12 @@ class _Decoder:
         if node["kind"] == "dtensor":
             if self.planning:
                 if template is _NO_TEMPLATE or not _torch_arrays.is_tensor(template):
-                    self.differ(path, "saved a torch DTensor (sharded through torch.distributed.checkpoint); "
-                                      "the template must hold a tensor there to load it into, e.g. from "
-                                      "torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer)")
+                    self.differ(
+                        path,
+                        "saved a torch DTensor (sharded through torch.distributed.checkpoint); "
+                        "the template must hold a tensor there to load it into, e.g. from "
+                        "torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer)",
+                    )
                 else:
                     self.dtensor_targets[key] = template
                 return None
@@ -353,8 +369,9 @@ def _report(decoder: _Decoder, step: int | None) -> None:
         )
 
 
-def plan(spec: dict[str, Any], template: Any, *, local_specs: list[Any] | None,
-         step: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def plan(
+    spec: dict[str, Any], template: Any, *, local_specs: list[Any] | None, step: int | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Checks the template against the spec without reading data; returns where each JAX array
     (key -> template sharding or None) and each DTensor (key -> template tensor) goes."""
     decoder = _Decoder(step, local_specs=local_specs, planning=True)
@@ -363,9 +380,16 @@ def plan(spec: dict[str, Any], template: Any, *, local_specs: list[Any] | None,
     return decoder.jax_targets, decoder.dtensor_targets
 
 
-def decode(spec: dict[str, Any], template: Any = _NO_TEMPLATE, *, host: HostReader,
-           jax_arrays: Mapping[str, Any] | None = None, dtensors: Mapping[str, Any] | None = None,
-           local_specs: list[Any] | None = None, step: int | None = None) -> Any:
+def decode(
+    spec: dict[str, Any],
+    template: Any = _NO_TEMPLATE,
+    *,
+    host: HostReader,
+    jax_arrays: Mapping[str, Any] | None = None,
+    dtensors: Mapping[str, Any] | None = None,
+    local_specs: list[Any] | None = None,
+    step: int | None = None,
+) -> Any:
     """Rebuilds the state; raises CorruptCheckpointError or TemplateMismatchError listing all problems."""
     decoder = _Decoder(step, host=host, jax_arrays=jax_arrays, dtensors=dtensors, local_specs=local_specs)
     result = decoder.decode(spec, template, "state")

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 from orbax.checkpoint import args as ocp_args
-from orbax.checkpoint import handlers as ocp_handlers
 from orbax.checkpoint import future as ocp_future
+from orbax.checkpoint import handlers as ocp_handlers
 
 from remat_kit.resume._inspect import HOST_ITEM as HOST_ITEM
 
@@ -53,8 +53,10 @@ def read_array(directory: Path, key: str, dtype: np.dtype, shape: list[int]) -> 
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise ValueError(f"{key}.npy holds {raw.dtype}{list(raw.shape)}, not raw bytes")
     if raw.size != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-        raise ValueError(f"{key}.npy holds {raw.size} bytes, {dtype}{shape} needs "
-                         f"{dtype.itemsize * int(np.prod(shape, dtype=np.int64))}")
+        raise ValueError(
+            f"{key}.npy holds {raw.size} bytes, {dtype}{shape} needs "
+            f"{dtype.itemsize * int(np.prod(shape, dtype=np.int64))}"
+        )
     return raw.view(dtype).reshape(shape)
 
 
@@ -73,7 +75,7 @@ def read_local_spec(directory: Path, index: int) -> Any:
 class HostHandler(ocp_handlers.AsyncCheckpointHandler):
     """Writes `HostSave` in Orbax's background thread; restore is `read_array` (plain files)."""
 
-    async def _write(self, directory: Any, args: "HostSave") -> None:
+    async def _write(self, directory: Any, args: HostSave) -> None:
         path = Path(str(directory))
         path.mkdir(parents=True, exist_ok=True)
         if args.staged is not None:
@@ -97,8 +99,9 @@ class HostHandler(ocp_handlers.AsyncCheckpointHandler):
             write_local(path, args.process_index, *args.local)
 
     async def async_save(self, directory: Any, args: HostSave) -> list[Any]:
-        return [ocp_future.CommitFutureAwaitingContractedSignals(self._write(directory, args),
-                                                                  name="remat_kit_host_save")]
+        return [
+            ocp_future.CommitFutureAwaitingContractedSignals(self._write(directory, args), name="remat_kit_host_save")
+        ]
 
     def save(self, directory: Any, args: HostSave) -> None:
         asyncio.run(self._write(directory, args))

@@ -107,7 +107,7 @@ def foreign_reason(step_dir: Path) -> str:
 
 
 def quick_check(step_dir: Path) -> str:
-    """"" if the step looks whole, else what is wrong. Reads metadata and stats files only."""
+    """ "" if the step looks whole, else what is wrong. Reads metadata and stats files only."""
     try:
         orbax_meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
         if not orbax_meta.get("commit_timestamp_nsecs"):
@@ -121,8 +121,11 @@ def quick_check(step_dir: Path) -> str:
     v1 = meta.get("format") == FORMAT_V1
     if meta.get("num_arrays" if v1 else "num_jax_arrays", 0) and not (step_dir / ARRAYS_ITEM).is_dir():
         return f"{ARRAYS_ITEM}/ is missing"
-    if not v1 and (meta.get("num_arrays") or meta.get("per_process") or meta.get("dtensors")) and not (
-            step_dir / HOST_ITEM).is_dir():
+    if (
+        not v1
+        and (meta.get("num_arrays") or meta.get("per_process") or meta.get("dtensors"))
+        and not (step_dir / HOST_ITEM).is_dir()
+    ):
         return f"{HOST_ITEM}/ is missing"
     if not is_sealed(step_dir):
         return ""  # committed but not yet sealed: a full restore (CRC32s) is the check
@@ -144,10 +147,10 @@ def quick_check(step_dir: Path) -> str:
 def _created(step_dir: Path) -> datetime.datetime | None:
     try:
         nsecs = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())["commit_timestamp_nsecs"]
-        return datetime.datetime.fromtimestamp(nsecs / 1e9, tz=datetime.timezone.utc)
+        return datetime.datetime.fromtimestamp(nsecs / 1e9, tz=datetime.UTC)
     except (OSError, ValueError, KeyError, TypeError):
         try:
-            return datetime.datetime.fromtimestamp(step_dir.stat().st_mtime, tz=datetime.timezone.utc)
+            return datetime.datetime.fromtimestamp(step_dir.stat().st_mtime, tz=datetime.UTC)
         except OSError:
             return None
 
@@ -174,8 +177,19 @@ def scan(directory: Path, *, deep_check: Any = None) -> list[StepInfo]:
     for step, paths in torn.items():
         for path in paths:
             files = _walk_files(path)
-            infos.append(StepInfo(step, path, "incomplete", "save was interrupted before commit",
-                                  sum(files.values()), len(files), _created(path), None, False))
+            infos.append(
+                StepInfo(
+                    step,
+                    path,
+                    "incomplete",
+                    "save was interrupted before commit",
+                    sum(files.values()),
+                    len(files),
+                    _created(path),
+                    None,
+                    False,
+                )
+            )
     best_spec = None
     for step, path in committed.items():
         foreign = foreign_reason(path)
@@ -189,8 +203,11 @@ def scan(directory: Path, *, deep_check: Any = None) -> list[StepInfo]:
                 reason = deep_check(step)
         files = _walk_files(path)
         status = "foreign" if foreign else "corrupt" if reason else "complete"
-        infos.append(StepInfo(step, path, status, reason, sum(files.values()),
-                              len(files), _created(path), metrics, is_sealed(path)))
+        infos.append(
+            StepInfo(
+                step, path, status, reason, sum(files.values()), len(files), _created(path), metrics, is_sealed(path)
+            )
+        )
     infos.sort(key=lambda info: (info.step, info.status != "complete"))
     best = best_step(infos, best_spec)
     return [dataclasses.replace(i, is_best=(i.step == best and i.status == "complete")) for i in infos]
@@ -201,8 +218,11 @@ def best_step(infos: list[StepInfo], keep_best: list[str] | tuple[str, str] | No
     if not keep_best:
         return None
     metric, mode = keep_best
-    scored = [(i.metrics[metric], i.step) for i in infos
-              if i.status == "complete" and i.metrics and isinstance(i.metrics.get(metric), (int, float))]
+    scored = [
+        (i.metrics[metric], i.step)
+        for i in infos
+        if i.status == "complete" and i.metrics and isinstance(i.metrics.get(metric), (int, float))
+    ]
     if not scored:
         return None
     sign = 1 if mode == "max" else -1

@@ -44,8 +44,9 @@ class ShuffledIterator(Iterator[Any]):
       seed: shuffle seed.
     """
 
-    def __init__(self, data: Sequence[Any] | np.ndarray | int, *, batch_size: int, seed: int = 0,
-                 drop_last: bool = True) -> None:
+    def __init__(
+        self, data: Sequence[Any] | np.ndarray | int, *, batch_size: int, seed: int = 0, drop_last: bool = True
+    ) -> None:
         num_examples = data if isinstance(data, int) else len(data)
         if not isinstance(batch_size, int) or not 0 < batch_size <= max(num_examples, 1):
             raise ValueError(
@@ -85,8 +86,13 @@ class ShuffledIterator(Iterator[Any]):
         return [self.data[int(i)] for i in indices]
 
     def get_state(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position,
-                "num_examples": self.num_examples, "batch_size": self.batch_size}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_examples": self.num_examples,
+            "batch_size": self.batch_size,
+        }
 
     def set_state(self, state: dict[str, int]) -> None:
         for key in ("num_examples", "batch_size"):

@@ -57,14 +57,37 @@ def format_table(infos: list[StepInfo]) -> str:
     for info in infos:
         created = info.created.strftime("%Y-%m-%d %H:%M:%S") if info.created else "?"
         status = info.status if info.status == "complete" else f"{info.status}: {info.reason}"
-        rows.append((str(info.step), status, _size(info.size_bytes), str(info.num_files), created,
-                     "*" if info.is_best else "", _metrics_text(info.metrics)))
+        rows.append(
+            (
+                str(info.step),
+                status,
+                _size(info.size_bytes),
+                str(info.num_files),
+                created,
+                "*" if info.is_best else "",
+                _metrics_text(info.metrics),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
 
 
 def to_json(infos: list[StepInfo]) -> str:
-    return json.dumps([{"step": i.step, "path": str(i.path), "status": i.status, "reason": i.reason,
-                        "size_bytes": i.size_bytes, "num_files": i.num_files,
-                        "created": i.created.isoformat() if i.created else None, "metrics": i.metrics,
-                        "sealed": i.sealed, "is_best": i.is_best} for i in infos], indent=2)
+    return json.dumps(
+        [
+            {
+                "step": i.step,
+                "path": str(i.path),
+                "status": i.status,
+                "reason": i.reason,
+                "size_bytes": i.size_bytes,
+                "num_files": i.num_files,
+                "created": i.created.isoformat() if i.created else None,
+                "metrics": i.metrics,
+                "sealed": i.sealed,
+                "is_best": i.is_best,
+            }
+            for i in infos
+        ],
+        indent=2,
+    )

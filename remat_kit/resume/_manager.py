@@ -63,8 +63,12 @@ def _positive_int(name: str, value: Any, *, allow_none: bool) -> int | None:
 def _check_keep_best(keep_best: Any) -> tuple[str, str] | None:
     if keep_best is None:
         return None
-    if (not isinstance(keep_best, (tuple, list)) or len(keep_best) != 2 or not isinstance(keep_best[0], str)
-            or keep_best[1] not in ("min", "max")):
+    if (
+        not isinstance(keep_best, (tuple, list))
+        or len(keep_best) != 2
+        or not isinstance(keep_best[0], str)
+        or keep_best[1] not in ("min", "max")
+    ):
         raise ValueError(
             f"keep_best={keep_best!r} is not allowed; pass (metric_name, 'min' | 'max'), "
             "e.g. keep_best=('val_loss', 'min'), or None."
@@ -95,8 +99,14 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
-    for module, dist in (("jax", "jax"), ("torch", "torch"), ("numpy", "numpy"), ("orbax", "orbax-checkpoint"),
-                         ("flax", "flax"), ("remat_kit", "remat_kit")):
+    for module, dist in (
+        ("jax", "jax"),
+        ("torch", "torch"),
+        ("numpy", "numpy"),
+        ("orbax", "orbax-checkpoint"),
+        ("flax", "flax"),
+        ("remat_kit", "remat_kit"),
+    ):
         if module in sys.modules or module in ("numpy", "orbax"):
             try:
                 versions[dist] = metadata.version(dist)
@@ -121,9 +131,17 @@ class Resumable:
         if `jax.process_count() > 1`, else one process), or "single", "jax", "torch".
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3, keep_best: tuple[str, str] | None = None,
-                 save_every: int | None = None, async_save: bool = True, verify: bool = False,
-                 processes: str = "auto") -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep: int = 3,
+        keep_best: tuple[str, str] | None = None,
+        save_every: int | None = None,
+        async_save: bool = True,
+        verify: bool = False,
+        processes: str = "auto",
+    ) -> None:
         self.directory = _check_directory(directory)
         self.keep = _positive_int("keep", keep, allow_none=False)
         self.keep_best = _check_keep_best(keep_best)
@@ -135,8 +153,11 @@ class Resumable:
             self.directory.mkdir(parents=True, exist_ok=True)
             _, torn = _inspect.step_dirs(self.directory)
             for step, paths in sorted(torn.items()):
-                log.warning("found an incomplete save of step %d (interrupted before commit); removing %s",
-                            step, ", ".join(p.name for p in paths))
+                log.warning(
+                    "found an incomplete save of step %d (interrupted before commit); removing %s",
+                    step,
+                    ", ".join(p.name for p in paths),
+                )
             _inspect.empty_trash(self.directory)
             _writing.clear_staging(self.directory)
         self.processes.barrier("init")
@@ -162,9 +183,15 @@ class Resumable:
             best_mode=self.keep_best[1] if self.keep_best else "max",
             preservation_policy=self._policy,
         )
-        return ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            _inspect.ARRAYS_ITEM: ocp.StandardCheckpointHandler(), _inspect.META_ITEM: ocp.JsonCheckpointHandler(),
-            _inspect.HOST_ITEM: HostHandler()})
+        return ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                _inspect.ARRAYS_ITEM: ocp.StandardCheckpointHandler(),
+                _inspect.META_ITEM: ocp.JsonCheckpointHandler(),
+                _inspect.HOST_ITEM: HostHandler(),
+            },
+        )
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -194,8 +221,15 @@ class Resumable:
 
     # -- save ------------------------------------------------------------------------------
 
-    def save(self, step: int, state: Any, *, metrics: Mapping[str, float] | None = None,
-             metadata: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
         """Saves `state` as `step`; returns False when skipped by `save_every` or already saved.
 
         `state` may hold JAX pytrees, numpy arrays, torch tensors, objects with `state_dict()`
@@ -209,8 +243,10 @@ class Resumable:
             try:
                 json.dumps(dict(metadata))
             except (TypeError, ValueError) as error:
-                raise TypeError(f"metadata={metadata!r} must be a JSON-serializable dict (str keys; dict, list, "
-                                f"str, number, bool, None values): {error}") from error
+                raise TypeError(
+                    f"metadata={metadata!r} must be a JSON-serializable dict (str keys; dict, list, "
+                    f"str, number, bool, None values): {error}"
+                ) from error
         if not force and self.save_every is not None and step % self.save_every:
             return False
         latest = self.latest_step()  # includes a step still being written
@@ -227,10 +263,15 @@ class Resumable:
         sync = not self.async_save or self.verify or self.processes.kind == "torch"
         encoded = _writing.encode(state, copy_host=not sync)
         self._finish_pending()
-        meta = {"format": _inspect.FORMAT, "step": step, "metrics": metrics,
-                "metadata": dict(metadata) if metadata is not None else None,
-                "keep_best": list(self.keep_best) if self.keep_best else None, "versions": _versions(),
-                "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        meta = {
+            "format": _inspect.FORMAT,
+            "step": step,
+            "metrics": metrics,
+            "metadata": dict(metadata) if metadata is not None else None,
+            "keep_best": list(self.keep_best) if self.keep_best else None,
+            "versions": _versions(),
+            "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
+        }
         orbax_metrics = metrics if self.keep_best and metrics and self.keep_best[0] in metrics else None
         if orbax_metrics is not None and not math.isfinite(orbax_metrics[self.keep_best[0]]):
             orbax_metrics = None  # a NaN loss must not rank as best
@@ -288,9 +329,14 @@ class Resumable:
         if self._manager is None:
             return
         steps = sorted(self._manager.all_steps())
-        infos = [StepRecord(
-            step=s, time=datetime.datetime.now(datetime.timezone.utc),
-            metrics=self._manager.metrics(s) if self.keep_best else None) for s in steps]
+        infos = [
+            StepRecord(
+                step=s,
+                time=datetime.datetime.now(datetime.UTC),
+                metrics=self._manager.metrics(s) if self.keep_best else None,
+            )
+            for s in steps
+        ]
         preserve = self._policy.should_preserve(infos, context=checkpoint_managers.PreservationContext())
         for step, keep in zip(steps, preserve):
             if not keep:
@@ -331,10 +377,14 @@ class Resumable:
                 self.processes.barrier("quarantine")
                 if self._manager is not None:
                     self._manager.reload()
-                where = (f"Moved it to {moved}" if moved else "It is gone from disk") if self.processes.is_primary \
+                where = (
+                    (f"Moved it to {moved}" if moved else "It is gone from disk")
+                    if self.processes.is_primary
                     else "Process 0 moved it aside"
-                warnings.warn(f"{error} {where}; falling back to an older step.", CorruptCheckpointWarning,
-                              stacklevel=2)
+                )
+                warnings.warn(
+                    f"{error} {where}; falling back to an older step.", CorruptCheckpointWarning, stacklevel=2
+                )
         return None
 
     def _read(self, step: int, template: Any) -> Any:
@@ -377,9 +427,11 @@ class Resumable:
             log.exception("while closing %s after an error", self.directory)
 
     def __repr__(self) -> str:
-        return (f"Resumable({str(self.directory)!r}, keep={self.keep}, keep_best={self.keep_best}, "
-                f"save_every={self.save_every}, async_save={self.async_save}, verify={self.verify}, "
-                f"processes={self.processes.kind!r})")
+        return (
+            f"Resumable({str(self.directory)!r}, keep={self.keep}, keep_best={self.keep_best}, "
+            f"save_every={self.save_every}, async_save={self.async_save}, verify={self.verify}, "
+            f"processes={self.processes.kind!r})"
+        )
 
     @staticmethod
     def _wait_at_exit(ref: weakref.ref) -> None:

@@ -45,8 +45,10 @@ class PreemptionHandler:
 
     def __init__(self, signals: tuple[int, ...] = DEFAULT_SIGNALS, *, exit_code: int = EXIT_PREEMPTED) -> None:
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionHandler() must be created in the main thread: Python delivers "
-                               "signals only there. Create it before starting worker threads.")
+            raise RuntimeError(
+                "PreemptionHandler() must be created in the main thread: Python delivers "
+                "signals only there. Create it before starting worker threads."
+            )
         if not isinstance(exit_code, int) or not 0 <= exit_code <= 255:
             raise ValueError(f"exit_code={exit_code!r} must be an int in [0, 255] (a process exit status).")
         names = []
@@ -75,11 +77,16 @@ class PreemptionHandler:
         self._signalled_here = True
         if self.received is None:  # not yet learned from another process
             self.received, self.received_at = signum, time.monotonic()
-        print(f"[remat_kit.resume] received {signal.Signals(signum).name}: will save after this step and "
-              f"exit with code {self.exit_code}", file=sys.stderr, flush=True)
+        print(
+            f"[remat_kit.resume] received {signal.Signals(signum).name}: will save after this step and "
+            f"exit with code {self.exit_code}",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    def exit_if_requested(self, checkpointer: Any, step: int, state: Any, *,
-                          metrics: Any = None, metadata: Any = None) -> None:
+    def exit_if_requested(
+        self, checkpointer: Any, step: int, state: Any, *, metrics: Any = None, metadata: Any = None
+    ) -> None:
         """If a signal arrived (here or, for a multi-process `Resumable`, on any process): save
         `state` as `step` (unless already saved), wait for the write to commit, close
         `checkpointer`, and raise SystemExit(exit_code). Otherwise return.
@@ -91,15 +98,23 @@ class PreemptionHandler:
             first = next((s for s in signals if s is not None), None)
             if first is not None and self.received is None:
                 self.received, self.received_at = first, time.monotonic()
-                print(f"[remat_kit.resume] another process received {signal.Signals(first).name}: saving "
-                      f"after this step with every process", file=sys.stderr, flush=True)
+                print(
+                    f"[remat_kit.resume] another process received {signal.Signals(first).name}: saving "
+                    f"after this step with every process",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if not self.requested:
             return
         checkpointer.save(step, state, metrics=metrics, metadata=metadata, force=True)
         checkpointer.close()
         waited = time.monotonic() - (self.received_at or time.monotonic())
-        print(f"[remat_kit.resume] saved step {step} {waited:.1f}s after {signal.Signals(self.received).name}; "
-              f"exiting with code {self.exit_code} (resubmit to resume)", file=sys.stderr, flush=True)
+        print(
+            f"[remat_kit.resume] saved step {step} {waited:.1f}s after {signal.Signals(self.received).name}; "
+            f"exiting with code {self.exit_code} (resubmit to resume)",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(self.exit_code)
 
     def uninstall(self) -> None:

@@ -101,8 +101,10 @@ def detect(kind: str = "auto") -> Processes:
     world = _torch_world()
     if kind == "torch" or (kind == "auto" and world is not None):
         if world is None:
-            raise ValueError("processes='torch' needs torch.distributed.init_process_group() to have run with "
-                             "more than one rank; call it first, or pass processes='auto'.")
+            raise ValueError(
+                "processes='torch' needs torch.distributed.init_process_group() to have run with "
+                "more than one rank; call it first, or pass processes='auto'."
+            )
         return Processes("torch", world.get_rank(), world.get_world_size())
     if kind == "jax" or (kind == "auto" and _jax_process_count() > 1):
         import jax

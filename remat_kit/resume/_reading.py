@@ -21,8 +21,11 @@ from remat_kit.resume import _decode, _host_item, _inspect
 from remat_kit.resume._errors import CorruptCheckpointError, ResumeError, TemplateMismatchError
 from remat_kit.resume._processes import Processes, detect
 
-_ERRORS = {"CorruptCheckpointError": CorruptCheckpointError, "TemplateMismatchError": TemplateMismatchError,
-           "ResumeError": ResumeError}
+_ERRORS = {
+    "CorruptCheckpointError": CorruptCheckpointError,
+    "TemplateMismatchError": TemplateMismatchError,
+    "ResumeError": ResumeError,
+}
 
 
 def _agree(processes: Processes, step: int, stage: Callable[[], Any]) -> Any:
@@ -53,8 +56,9 @@ def _default_sharding() -> Any:
 
     if jax.process_count() == 1:
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)),
-                                      jax.sharding.PartitionSpec())
+    return jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()), ("all",)), jax.sharding.PartitionSpec()
+    )
 
 
 def _restore_jax(step_dir: Path, meta: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
@@ -90,8 +94,11 @@ def _check_fingerprints(meta: dict[str, Any], arrays: dict[str, Any], saved: dic
     got = dict(zip(keys, fingerprints([arrays[k] for k in keys])))
     bad = [key for key in keys if got[key] != saved.get(key)]
     if bad:
-        raise CorruptCheckpointError(meta["step"], f"the fingerprint of JAX array(s) {bad[:5]} restored from "
-                                                   f"{_inspect.ARRAYS_ITEM}/ does not match the one saved")
+        raise CorruptCheckpointError(
+            meta["step"],
+            f"the fingerprint of JAX array(s) {bad[:5]} restored from "
+            f"{_inspect.ARRAYS_ITEM}/ does not match the one saved",
+        )
 
 
 def _load_dtensors(step_dir: Path, targets: dict[str, Any]) -> dict[str, Any]:
@@ -113,16 +120,19 @@ def _local_specs(step_dir: Path, meta: dict[str, Any], processes: Processes) -> 
     if processes.index >= saved:
         raise TemplateMismatchError(
             f"step {meta['step']} was saved by {saved} process(es); process {processes.index} has no "
-            "PerProcess part to restore. Resume with at most as many processes, or move that part out of PerProcess.")
+            "PerProcess part to restore. Resume with at most as many processes, or move that part out of PerProcess."
+        )
     try:
         return _host_item.read_local_spec(step_dir / _host_item.HOST_ITEM, processes.index)
     except (OSError, ValueError, KeyError) as error:
-        raise CorruptCheckpointError(meta["step"], f"process {processes.index}'s PerProcess spec is unreadable "
-                                                   f"({error})") from error
+        raise CorruptCheckpointError(
+            meta["step"], f"process {processes.index}'s PerProcess spec is unreadable ({error})"
+        ) from error
 
 
-def read_step(step_dir: Path, step: int, template: Any = _decode._NO_TEMPLATE,
-              processes: Processes | None = None) -> Any:
+def read_step(
+    step_dir: Path, step: int, template: Any = _decode._NO_TEMPLATE, processes: Processes | None = None
+) -> Any:
     """Reads one committed step directory; raises CorruptCheckpointError naming what is wrong
     (on every process, when any process found it)."""
     processes = processes or detect()
@@ -131,7 +141,8 @@ def read_step(step_dir: Path, step: int, template: Any = _decode._NO_TEMPLATE,
         return _agree(processes, step, lambda: _read_v1(step_dir, step, meta, template))
     local_specs = _agree(processes, step, lambda: _local_specs(step_dir, meta, processes))
     jax_targets, dtensor_targets = _agree(
-        processes, step, lambda: _decode.plan(meta["spec"], template, local_specs=local_specs, step=step))
+        processes, step, lambda: _decode.plan(meta["spec"], template, local_specs=local_specs, step=step)
+    )
 
     def orbax_read() -> dict[str, Any]:
         try:
@@ -147,8 +158,9 @@ def read_step(step_dir: Path, step: int, template: Any = _decode._NO_TEMPLATE,
         try:
             return _load_dtensors(step_dir, dtensor_targets)
         except Exception as error:  # DCP raises CheckpointException / OSError on torn or missing files
-            raise CorruptCheckpointError(step, f"torch.distributed.checkpoint could not read the DTensors "
-                                               f"({_first_line(error)})") from error
+            raise CorruptCheckpointError(
+                step, f"torch.distributed.checkpoint could not read the DTensors ({_first_line(error)})"
+            ) from error
 
     dtensors = _agree(processes, step, dcp_read)
     host_dir = step_dir / _host_item.HOST_ITEM
@@ -160,14 +172,28 @@ def read_step(step_dir: Path, step: int, template: Any = _decode._NO_TEMPLATE,
     return _agree(processes, step, lambda: _decode_step(meta, template, host, jax_arrays, dtensors, local_specs))
 
 
-def _decode_step(meta: dict[str, Any], template: Any, host: Any, jax_arrays: dict[str, Any],
-                 dtensors: dict[str, Any], local_specs: list[Any] | None) -> Any:
+def _decode_step(
+    meta: dict[str, Any],
+    template: Any,
+    host: Any,
+    jax_arrays: dict[str, Any],
+    dtensors: dict[str, Any],
+    local_specs: list[Any] | None,
+) -> Any:
     try:
-        return _decode.decode(meta["spec"], template, host=host, jax_arrays=jax_arrays, dtensors=dtensors,
-                              local_specs=local_specs, step=meta["step"])
+        return _decode.decode(
+            meta["spec"],
+            template,
+            host=host,
+            jax_arrays=jax_arrays,
+            dtensors=dtensors,
+            local_specs=local_specs,
+            step=meta["step"],
+        )
     except (KeyError, IndexError, TypeError, AttributeError) as error:  # valid JSON, wrong content
-        raise CorruptCheckpointError(meta["step"], f"{_inspect.META_ITEM}/metadata holds a malformed spec "
-                                                   f"({error!r})") from error
+        raise CorruptCheckpointError(
+            meta["step"], f"{_inspect.META_ITEM}/metadata holds a malformed spec ({error!r})"
+        ) from error
 
 
 def _first_line(error: BaseException) -> str:
@@ -177,8 +203,10 @@ def _first_line(error: BaseException) -> str:
 def _read_meta(step_dir: Path, step: int) -> dict[str, Any]:
     foreign = _inspect.foreign_reason(step_dir)
     if foreign:
-        raise ResumeError(f"step {step} in {step_dir.parent} is {foreign}; it is left untouched. Use a new "
-                          "directory for remat_kit.resume, or read it with orbax.checkpoint directly.")
+        raise ResumeError(
+            f"step {step} in {step_dir.parent} is {foreign}; it is left untouched. Use a new "
+            "directory for remat_kit.resume, or read it with orbax.checkpoint directly."
+        )
     reason = _inspect.quick_check(step_dir)
     if reason:
         raise CorruptCheckpointError(step, reason)
@@ -194,8 +222,9 @@ def _read_v1(step_dir: Path, step: int, meta: dict[str, Any], template: Any) -> 
         restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in keys}
         try:
             with ocp.PyTreeCheckpointer() as checkpointer:
-                arrays = checkpointer.restore(step_dir / _inspect.ARRAYS_ITEM,
-                                              args=ocp.args.PyTreeRestore(restore_args=restore_args))
+                arrays = checkpointer.restore(
+                    step_dir / _inspect.ARRAYS_ITEM, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+                )
         except Exception as error:
             raise CorruptCheckpointError(step, f"Orbax could not read the arrays ({_first_line(error)})") from error
 
@@ -206,4 +235,3 @@ def _read_v1(step_dir: Path, step: int, meta: dict[str, Any], template: Any) -> 
         return array
 
     return _decode_step(meta, template, host, {}, {}, None)
-

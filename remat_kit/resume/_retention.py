@@ -35,8 +35,9 @@ class NewestSealed:
 
     directory: Path
 
-    def should_preserve(self, checkpoints: Sequence[cm.PolicyCheckpointInfo], *,
-                        context: cm.PreservationContext) -> Sequence[bool]:
+    def should_preserve(
+        self, checkpoints: Sequence[cm.PolicyCheckpointInfo], *, context: cm.PreservationContext
+    ) -> Sequence[bool]:
         newest = None
         for index in range(len(checkpoints) - 1, -1, -1):
             if _inspect.is_sealed(self.directory / str(checkpoints[index].step)):
@@ -51,6 +52,12 @@ def preservation_policy(directory: Path, keep: int, keep_best: tuple[str, str] |
         metric, mode = keep_best
         # BestN sorts ascending and keeps the tail: "min" needs reverse=True. Steps saved without
         # the metric (e.g. a preemption save) are not candidates; LatestN governs them.
-        policies.append(cm.BestN(get_metric_fn=lambda metrics: metrics[metric], reverse=(mode == "min"), n=1,
-                                 keep_checkpoints_without_metrics=False))
+        policies.append(
+            cm.BestN(
+                get_metric_fn=lambda metrics: metrics[metric],
+                reverse=(mode == "min"),
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
     return cm.AnyPreservationPolicy(policies)

@@ -61,8 +61,10 @@ def clear_staging(directory: Path) -> None:
     if staging.is_dir():
         torn = sorted(entry.name for entry in staging.iterdir())
         if torn:
-            log.warning("found staged files of uncommitted save(s) of step(s) %s (a rank died mid-save); "
-                        "removing them", ", ".join(torn))
+            log.warning(
+                "found staged files of uncommitted save(s) of step(s) %s (a rank died mid-save); removing them",
+                ", ".join(torn),
+            )
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -83,13 +85,20 @@ def _stage(directory: Path, step: int, encoded: Encoded, processes: Processes) -
     return staged
 
 
-def save_args(directory: Path, step: int, encoded: Encoded, meta: dict[str, Any],
-              processes: Processes) -> ocp.args.Composite:
+def save_args(
+    directory: Path, step: int, encoded: Encoded, meta: dict[str, Any], processes: Processes
+) -> ocp.args.Composite:
     """The Composite args for `CheckpointManager.save` (only used on processes that run Orbax)."""
-    meta = {**meta, "spec": encoded.spec, "num_arrays": len(encoded.arrays),
-            "num_jax_arrays": len(encoded.jax_arrays), "num_processes": processes.count,
-            "processes": processes.kind, "per_process": encoded.local is not None,
-            "dtensors": bool(encoded.dtensors)}
+    meta = {
+        **meta,
+        "spec": encoded.spec,
+        "num_arrays": len(encoded.arrays),
+        "num_jax_arrays": len(encoded.jax_arrays),
+        "num_processes": processes.count,
+        "processes": processes.kind,
+        "per_process": encoded.local is not None,
+        "dtensors": bool(encoded.dtensors),
+    }
     staged = None
     if processes.kind == "torch" or encoded.dtensors:
         staged = _stage(directory, step, encoded, processes)
@@ -97,9 +106,12 @@ def save_args(directory: Path, step: int, encoded: Encoded, meta: dict[str, Any]
     items: dict[str, Any] = {
         _inspect.META_ITEM: ocp.args.JsonSave(meta),
         _inspect.HOST_ITEM: _host_item.HostSave(
-            shared=encoded.arrays if processes.is_primary else None, local=local,
+            shared=encoded.arrays if processes.is_primary else None,
+            local=local,
             fingerprints=encoded.fingerprints if processes.is_primary else None,
-            process_index=processes.index, staged=str(staged) if staged and processes.is_primary else None),
+            process_index=processes.index,
+            staged=str(staged) if staged and processes.is_primary else None,
+        ),
     }
     if encoded.jax_arrays:  # Orbax rejects an empty item ("Found empty item")
         items[_inspect.ARRAYS_ITEM] = ocp.args.StandardSave(encoded.jax_arrays)

@@ -41,15 +41,30 @@ def test_suite_covers_the_outside_models_issue_11_names() -> None:
     torch_sources = " ".join(case.source for fw, case in CASES.values() if fw == "torch")
     jax_packages = {case.source.split()[0] for fw, case in CASES.values() if fw == "jax"}
     assert len(CASES) >= 12
-    for needed in ("ForCausalLM", "BertFor", "ConditionalGeneration", "ViT", "Mixtral", "Gemma3", "x_transformers",
-                   "mambapy"):
+    for needed in (
+        "ForCausalLM",
+        "BertFor",
+        "ConditionalGeneration",
+        "ViT",
+        "Mixtral",
+        "Gemma3",
+        "x_transformers",
+        "mambapy",
+    ):
         assert needed in torch_sources, needed
     assert len(jax_packages) >= 3, jax_packages
 
 
 def _cell(**fields) -> dict:
-    row = dict(budget=0.5, fraction=0.5, activation_bytes=500, none_bytes=1000, grad_rel_err=0.0,
-               names_unchanged=True, names_diff="")
+    row = dict(
+        budget=0.5,
+        fraction=0.5,
+        activation_bytes=500,
+        none_bytes=1000,
+        grad_rel_err=0.0,
+        names_unchanged=True,
+        names_diff="",
+    )
     row.update(fields)
     return row
 

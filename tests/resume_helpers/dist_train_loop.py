@@ -14,8 +14,6 @@ together and exit with `resume.EXIT_PREEMPTED`.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import time
 
 import numpy as np
@@ -36,15 +34,19 @@ def torch_loop(args: argparse.Namespace, ckpt: resume.Resumable, preemption: res
     import torch
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(NUM_FEATURES, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3),
-                                torch.nn.Linear(16, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(NUM_FEATURES, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1)
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     x, y = shard(args.rank)
     data = resume.ShuffledIterator(NUM_EXAMPLES, batch_size=BATCH, seed=args.rank)
     torch.manual_seed(1000 + args.rank)  # each rank its own dropout masks
-    state = {"model": model, "optimizer": optimizer, "rank": resume.PerProcess({"data": data,
-                                                                                "rng": resume.GlobalRNG()})}
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "rank": resume.PerProcess({"data": data, "rng": resume.GlobalRNG()}),
+    }
     restored = ckpt.restore_latest(state)
     start = 0 if restored is None else restored[0] + 1
     for step in range(start, args.num_steps):
@@ -68,8 +70,10 @@ def jax_loop(args: argparse.Namespace, ckpt: resume.Resumable, preemption: resum
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     optimizer = optax.adam(1e-2)
     rng = np.random.default_rng(0)
-    params = {"w1": rng.normal(size=(NUM_FEATURES, 16)).astype(np.float32) * 0.3,
-              "w2": rng.normal(size=(16, 1)).astype(np.float32) * 0.3}
+    params = {
+        "w1": rng.normal(size=(NUM_FEATURES, 16)).astype(np.float32) * 0.3,
+        "w2": rng.normal(size=(16, 1)).astype(np.float32) * 0.3,
+    }
     params = jax.device_put(params, replicated)
     opt_state = jax.device_put(optimizer.init(params), replicated)
 
@@ -100,8 +104,9 @@ def jax_loop(args: argparse.Namespace, ckpt: resume.Resumable, preemption: resum
         params, opt_state = train_step(state["params"], state["opt"], step_key, xb, yb)
         state = {"params": params, "opt": opt_state, "key": key, "rank": state["rank"]}
         after_step(args, ckpt, preemption, step, state)
-    return np.concatenate([np.asarray(v.addressable_data(0)).reshape(-1) for v in
-                           (state["params"]["w1"], state["params"]["w2"])])
+    return np.concatenate(
+        [np.asarray(v.addressable_data(0)).reshape(-1) for v in (state["params"]["w1"], state["params"]["w2"])]
+    )
 
 
 def after_step(args, ckpt, preemption, step, state) -> None:
@@ -127,8 +132,9 @@ def main() -> None:
     if args.framework == "torch":
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"tcp://localhost:{args.port}", rank=args.rank,
-                                world_size=args.world)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://localhost:{args.port}", rank=args.rank, world_size=args.world
+        )
     else:
         import jax
 

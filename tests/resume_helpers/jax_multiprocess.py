@@ -47,16 +47,27 @@ def state_at(step: int) -> dict:
     iterator = resume.ShuffledIterator(16, batch_size=2, seed=process_id)  # each process its own shard order
     for _ in range(step + process_id):
         next(iterator)
-    return {"params": {"w": global_array(v["w"], NamedSharding(rows, P("data", None))),
-                       "b": global_array(v["b"], NamedSharding(rows, P()))},
-            "key": jax.random.key(step), "step": step, "data": resume.PerProcess(iterator)}
+    return {
+        "params": {
+            "w": global_array(v["w"], NamedSharding(rows, P("data", None))),
+            "b": global_array(v["b"], NamedSharding(rows, P())),
+        },
+        "key": jax.random.key(step),
+        "step": step,
+        "data": resume.PerProcess(iterator),
+    }
 
 
 def template() -> dict:
-    return {"params": {"w": jax.ShapeDtypeStruct((64, 6), np.float32, sharding=NamedSharding(grid, P("y", "x"))),
-                       "b": jax.ShapeDtypeStruct((4,), np.float32, sharding=NamedSharding(grid, P("x")))},
-            "key": jax.random.key(0), "step": 0,
-            "data": resume.PerProcess(resume.ShuffledIterator(16, batch_size=2, seed=process_id))}
+    return {
+        "params": {
+            "w": jax.ShapeDtypeStruct((64, 6), np.float32, sharding=NamedSharding(grid, P("y", "x"))),
+            "b": jax.ShapeDtypeStruct((4,), np.float32, sharding=NamedSharding(grid, P("x"))),
+        },
+        "key": jax.random.key(0),
+        "step": 0,
+        "data": resume.PerProcess(resume.ShuffledIterator(16, batch_size=2, seed=process_id)),
+    }
 
 
 def check(step: int, restored: dict) -> None:

@@ -27,8 +27,13 @@ def model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimiz
     return model, torch.optim.Adam(model.parameters(), lr=0.01)
 
 
-def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, iterator: resume.ShuffledIterator,
-          data: torch.Tensor, steps: int) -> None:
+def train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    iterator: resume.ShuffledIterator,
+    data: torch.Tensor,
+    steps: int,
+) -> None:
     for _ in range(steps):
         batch = data[torch.as_tensor(next(iterator))]
         optimizer.zero_grad()
@@ -121,14 +126,18 @@ def restore_phase(directory: Path, rank: int, world: int) -> None:
     check_fsdp(directory, expected)
     fresh, fresh_opt = model_and_optimizer(1)
     with resume.Resumable(directory / "ddp") as ckpt:
-        ckpt.restore_latest({"model": fresh, "optimizer": fresh_opt,
-                             "data": resume.PerProcess(resume.ShuffledIterator(32, batch_size=4, seed=rank))})
+        ckpt.restore_latest(
+            {
+                "model": fresh,
+                "optimizer": fresh_opt,
+                "data": resume.PerProcess(resume.ShuffledIterator(32, batch_size=4, seed=rank)),
+            }
+        )
     assert_equal(full(fresh.state_dict()), expected["ddp"])
 
 
 def main(rank: int, world: int, directory: str, phase: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{directory}/init-{phase}-{world}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{directory}/init-{phase}-{world}", rank=rank, world_size=world)
     (save_phase if phase == "save" else restore_phase)(Path(directory), rank, world)
     print(f"rank {rank}/{world}: {phase} ok", flush=True)
     dist.barrier()  # both ranks past their last collective before either tears gloo down

@@ -77,8 +77,9 @@ def torch_loop(args: argparse.Namespace, x: np.ndarray, y: np.ndarray):
     import torch
 
     torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(NUM_FEATURES, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3),
-                                torch.nn.Linear(16, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(NUM_FEATURES, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
     batches = resume.ShuffledIterator(NUM_EXAMPLES, batch_size=BATCH, seed=7)
@@ -95,8 +96,13 @@ def torch_loop(args: argparse.Namespace, x: np.ndarray, y: np.ndarray):
         return state, loss
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": batches, "rng": rng}
-    return (state, lambda s: s, lambda restored: restored, run_step,
-            lambda s: {k: v.detach().numpy().copy() for k, v in model.state_dict().items()})
+    return (
+        state,
+        lambda s: s,
+        lambda restored: restored,
+        run_step,
+        lambda s: {k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
+    )
 
 
 def main() -> None:
