@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar, overload
 
 from remat_kit._core.budget import BudgetLike, parse_budget
 from remat_kit._core.plan import Plan
-from remat_kit._core.solve import _check_solver
+from remat_kit._core.solve import check_solver
 
 _T = TypeVar("_T")
 
@@ -82,7 +82,7 @@ def auto(target: Any = None, /, budget: Any = None, *, offload: bool = False, so
             "(e.g. auto(budget=0.7)) or bytes per device (e.g. auto(budget='12GiB'))."
         )
     parse_budget(budget)  # fail at decoration time, not at the first step
-    _check_solver(solver)
+    check_solver(solver)
     if not isinstance(offload, bool):
         raise ValueError(f"offload={offload!r} must be True or False.")
 

@@ -47,13 +47,6 @@ FRAMEWORKS = ("jax", "jaxlib", "torch", "flax")
 # any violation not listed here, and on an entry that no longer occurs (delete it then).
 ALLOWED: frozenset[str] = frozenset(
     {
-        # the core's solver-name check: needs a public name in _core/solve.py (e.g. `check_solver`)
-        "remat_kit/_auto.py: remat_kit._core.solve._check_solver",
-        "remat_kit/_jax/_api.py: remat_kit._core.solve._check_solver",
-        # decision codes: need one public decision-code map in the core
-        "remat_kit/_jax/_planner.py: remat_kit._core.solve._codes_from_milp",
-        "remat_kit/_torch/_explain.py: remat_kit._core.simulate._needed_and_recomputed",
-        "remat_kit/_torch/_replay.py: remat_kit._core.simulate._needed_and_recomputed",
         # benchmarks still on adapter internals / core modules instead of remat_kit and remat_kit.measure
         "benchmarks/jax_bench.py: remat_kit._core.analytic.megatron_bytes_per_layer",
         "benchmarks/jax_bench.py: remat_kit._core.presets.megatron_selective",

@@ -13,7 +13,7 @@ import remat_kit as rk
 from remat_kit._core import chain_dp
 from remat_kit._core.milp import solve_milp
 from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run, baseline_activation_bytes, shared_with_own_block
-from remat_kit._core.solve import Costs, _codes_from_milp
+from remat_kit._core.solve import Costs, codes_from_milp
 from tests.graphs import all_codes, brute_force, brute_min_peak, random_chain
 
 FRACTIONS = (0.2, 0.35, 0.5, 0.7, 0.9, 1.0)
@@ -34,7 +34,7 @@ def test_milp_matches_brute_force(seed, offload):
             assert res is None
             continue
         assert res is not None, f"MILP infeasible where brute force found {best[0]} at limit {limit}"
-        codes = _codes_from_milp(graph, res)
+        codes = codes_from_milp(graph, res)
         assert _run(graph, codes, False)[0] <= limit
         assert costs.of(codes) == best[0]
 
@@ -405,7 +405,7 @@ def test_solvers_never_exceed_the_budget_where_values_are_shared_with_later_bloc
         res = solve_milp(graph, limit=limit, rec_cost=costs.recompute)
         for codes in (
             None if found is None else _path_codes(graph, menus, found[0]),
-            None if res is None else _codes_from_milp(graph, res),
+            None if res is None else codes_from_milp(graph, res),
         ):
             if codes is None:
                 assert brute_force(graph, limit - shared_bytes, costs) is None

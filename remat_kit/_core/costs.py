@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from remat_kit._core.graph import CostGraph, DeviceSpec
-from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _needed_and_recomputed
+from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, needed_and_recomputed
 
 
 class Costs:
@@ -28,7 +28,7 @@ class Costs:
         price thousands of options on graphs of thousands of values)."""
         if isinstance(codes, Mapping):
             return self._of_sparse(codes)
-        needed, recomputed = _needed_and_recomputed(self.graph, list(codes))
+        needed, recomputed = needed_and_recomputed(self.graph, list(codes))
         cost, ops = 0, 0
         for i in self.graph.activations:
             if recomputed[i]:

@@ -74,7 +74,7 @@ def decision_codes(graph: CostGraph, plan: Plan | Mapping[str, Decision | str] |
     return codes
 
 
-def _needed_and_recomputed(graph: CostGraph, codes: list[int]) -> tuple[list[bool], list[bool]]:
+def needed_and_recomputed(graph: CostGraph, codes: list[int]) -> tuple[list[bool], list[bool]]:
     st = _static(graph)
     needed = list(st.needed0)
     recomputed = [False] * len(needed)
@@ -140,7 +140,7 @@ def simulate(
         graph = plan.graph_for(graph)
     codes = decision_codes(graph, plan)
     peak, moment, kept_by_block, trace = _run(graph, codes, timeline)
-    needed, recomputed = _needed_and_recomputed(graph, codes)
+    needed, recomputed = needed_and_recomputed(graph, codes)
     rec = [i for i in graph.activations if recomputed[i]]
     off = [i for i in graph.activations if needed[i] and codes[i] == _OFFLOAD]
     vals = graph.values
@@ -206,7 +206,7 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared
     n = len(vals)
     st = _static(graph)
     size, block_of, deps, bwd_reads = st.size, st.block, st.deps, st.bwd_reads
-    needed, recomputed = _needed_and_recomputed(graph, codes)
+    needed, recomputed = needed_and_recomputed(graph, codes)
     kept = [st.is_act[i] and needed[i] and codes[i] == _SAVE for i in range(n)]
     offloaded = [st.is_act[i] and needed[i] and codes[i] == _OFFLOAD for i in range(n)]
 

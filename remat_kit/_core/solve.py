@@ -48,6 +48,7 @@ __all__ = [  # re-exported for the adapters, which import them from here
     "Costs",
     "InfeasibleBudgetError",
     "block_menus",
+    "check_solver",
     "codes_from_milp",
     "op_level_blocks",
     "op_level_work",
@@ -64,7 +65,6 @@ _NAMES = {_SAVE: Decision.SAVE, _RECOMPUTE: Decision.RECOMPUTE, _OFFLOAD: Decisi
 # long in HiGHS. Past either the DP's answer stands alone (96-layer stacks plan in the DP's time).
 WHOLE_GRAPH_WORK = 16_000
 WHOLE_GRAPH_SECONDS = 1.0
-_codes_from_milp = codes_from_milp  # the JAX planner's name for it
 
 
 class InfeasibleBudgetError(ValueError):
@@ -107,7 +107,7 @@ def solve(
         reaches; the message names the smallest feasible budget.
     """
     parsed = parse_budget(budget)
-    solver = _check_solver(solver)
+    solver = check_solver(solver)
     if not isinstance(offload, bool):
         raise ValueError(f"offload={offload!r} must be True or False.")
     if not isinstance(max_segment_blocks, int) or isinstance(max_segment_blocks, bool) or max_segment_blocks < 1:
@@ -150,7 +150,7 @@ def solve(
     return plan
 
 
-def _check_solver(solver: str | None) -> str:
+def check_solver(solver: str | None) -> str:
     if solver is None:
         return "dp"
     if solver not in SOLVERS:

@@ -14,7 +14,7 @@ import numpy as np
 from remat_kit._core.budget import budget_meaning, parse_budget
 from remat_kit._core.graph import DeviceSpec, Role
 from remat_kit._core.plan import Decision, Plan
-from remat_kit._core.solve import InfeasibleBudgetError, _check_solver
+from remat_kit._core.solve import InfeasibleBudgetError, check_solver
 from remat_kit._jax import _plancache
 from remat_kit._jax._apply import run_planned
 from remat_kit._jax._fit import at_floor
@@ -55,7 +55,7 @@ class Planner:
         layer_class: bool = False,
     ):
         parse_budget(budget)  # raises ValueError naming `budget`
-        _check_solver(solver)
+        check_solver(solver)
         for name, flag in (("offload", offload), ("verify", verify)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name}={flag!r} must be True or False.")

@@ -36,8 +36,8 @@ from remat_kit._core.simulate import baseline_activation_bytes
 from remat_kit._core.solve import (
     Costs,
     InfeasibleBudgetError,
-    _codes_from_milp,
     block_menus,
+    codes_from_milp,
     op_level_work,
     segment_cap,
     segment_options,
@@ -269,7 +269,7 @@ def _refined(graph, menus, scan, b0: int, costs: Costs, offload: bool, limit: in
         )
         if res is None:
             return None
-        codes = {back[j]: c for j, c in enumerate(_codes_from_milp(sub, res)) if back.get(j) in free}
+        codes = {back[j]: c for j, c in enumerate(codes_from_milp(sub, res)) if back.get(j) in free}
         return chain_dp.measure_option(graph, b0, codes, costs.of, f"selective (kept <= {cap} bytes)")
 
     def fits(opt) -> bool:

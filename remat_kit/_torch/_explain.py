@@ -17,7 +17,7 @@ import torch
 
 from remat_kit._core.budget import budget_meaning, format_bytes
 from remat_kit._core.plan import Plan
-from remat_kit._core.simulate import _needed_and_recomputed, decision_codes, simulate
+from remat_kit._core.simulate import decision_codes, needed_and_recomputed, simulate
 from remat_kit._torch._apply import Compiled, auto, compile_plan, install_blocks, signature, state_of, unwrap
 from remat_kit._torch._measure import StepMeasurement, measure_step
 from remat_kit._torch._replay import _units
@@ -44,7 +44,7 @@ def _rows(compiled: Compiled) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     plan = compiled.plan
     graph = plan.graph_for(compiled.tg.graph)  # one block per checkpoint region (several layers in a segment)
     codes = decision_codes(graph, plan)
-    needed, recomputed = _needed_and_recomputed(graph, codes)
+    needed, recomputed = needed_and_recomputed(graph, codes)
     sim = simulate(graph, plan)
     base = simulate(graph)
     blocks = []

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import noop_context_fn
 
 from remat_kit._core.plan import Decision, Plan
-from remat_kit._core.simulate import _needed_and_recomputed, decision_codes
+from remat_kit._core.simulate import decision_codes, needed_and_recomputed
 from remat_kit._torch._compiled import run_compiled
 from remat_kit._torch._graph import Segment, TorchGraph
 from remat_kit._torch._modes import CACHE, RUN, SKIP, OpSequenceError, Region, Step, _ForwardMode, _ReplayMode, _State
@@ -64,7 +64,7 @@ def regions(
     says so (default: always)."""
     graph = plan.graph_for(tg.graph)
     codes = decision_codes(graph, plan)
-    needed, recomputed = _needed_and_recomputed(graph, codes)
+    needed, recomputed = needed_and_recomputed(graph, codes)
     vals = graph.values
     # Only what a region's own backward ops or recomputed ops read is handed back: a layer's
     # output read by the next layer (or the head) is held there. Kept in the cache, it would
@@ -282,7 +282,7 @@ def decisions_for_torch(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[st
     free = {graph.values[i].name for i in graph.free_values}
     for _ in range(3):  # coupling can cascade through shared deps; a few rounds settle it
         codes = decision_codes(graph, {n: d for n, d in dec.items() if n in free})
-        _, recomputed = _needed_and_recomputed(graph, codes)
+        _, recomputed = needed_and_recomputed(graph, codes)
         changed = False
         for op in profile.ops:
             owned = [o for o in op.outputs if o is not None]
