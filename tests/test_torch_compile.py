@@ -26,7 +26,7 @@ def _selective_plans(monkeypatch):
     # These tests map selective plans onto compiled regions: price the eager replay modes at
     # nothing, so auto keeps the solver's selective plan (on these small layers the modes' per-op
     # cost would make it pick whole layers, which compile as plain checkpoints).
-    monkeypatch.setattr("remat_kit._torch._apply.mode_op_seconds", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr("remat_kit._torch._layerplan.mode_op_seconds", lambda *args, **kwargs: 0.0)
 
 
 def _gpt() -> tuple[torch.nn.Module, tuple, dict]:

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens
 
 import remat_kit as rk
-import remat_kit._torch._apply as apply_mod
+import remat_kit._torch._layerplan as layerplan_mod
 from remat_kit._torch._apply import state_of
 from remat_kit._torch._layerplan import whole_layer_decisions
 from remat_kit._torch._measure import measure_step
@@ -53,7 +53,7 @@ class _Spy:
 
 
 def _auto_with_mode_cost(model, budget, monkeypatch, op_seconds: float):
-    monkeypatch.setattr(apply_mod, "mode_op_seconds", lambda *a, **k: op_seconds)
+    monkeypatch.setattr(layerplan_mod, "mode_op_seconds", lambda *a, **k: op_seconds)
     return rk.auto(model, budget)
 
 

@@ -1,0 +1,374 @@
+"""Plan one input signature of a module: profile it, build its graph, solve for the budget.
+
+`compile_plan` is what `auto` (_apply.py) calls once per input signature; `solve_torch` asks the
+core's solver for the least-recompute plan that fits, adjusts it to what the replay runs exactly,
+and (`_by_time`) weighs it against the fastest plan of whole layers (_layerplan.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from remat_kit._core.budget import Budget, format_bytes, parse_budget
+from remat_kit._core.graph import CostGraph
+from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.simulate import simulate
+from remat_kit._core.solve import (
+    Costs,
+    InfeasibleBudgetError,
+    block_menus,
+    segment_cap,
+    smallest_activation_bytes,
+    solve,
+)
+from remat_kit._torch import _layerplan
+from remat_kit._torch._device import default_device, device_of
+from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
+from remat_kit._torch._layerplan import (
+    as_run,
+    cheapest_layer_seconds,
+    fastest_whole_layer_plan,
+    plain_when_faster,
+    predicted_seconds,
+)
+from remat_kit._torch._profile import AUTOCAST_TAG, Profile, profile
+from remat_kit._torch._replay import Region, decisions_for_torch, regions
+from remat_kit._torch._replicate import profile_replicated
+
+
+@dataclasses.dataclass
+class Compiled:
+    """Everything planned for one input signature."""
+
+    plan: Plan
+    tg: TorchGraph
+    profile: Profile
+    regions: dict[str, Region]
+    signature: tuple
+
+
+def signature(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What a plan depends on besides the module: input shapes, dtypes, flags, autocast."""
+    leaves, spec = tree_flatten((args, kwargs))
+    sig: list[Any] = [str(spec), module.training]
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            sig.append(("T", tuple(x.shape), x.dtype, x.device, x.requires_grad))
+        elif x is None or isinstance(x, (bool, int, float, str)):
+            sig.append(x)
+        else:
+            sig.append(type(x).__name__)
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            sig.append(("autocast", device_type, torch.get_autocast_dtype(device_type)))
+    return tuple(sig)
+
+
+def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = None, mode: str = "replicate") -> Profile:
+    """Profile under FakeTensorMode, the code before the layers on real tensors where it can (so
+    masks and checks on values take the real step's path); `mode` "replicate" (from four layers
+    of a long identical stack when it can, see _replicate.py), "fake" (every op) or "real" (real
+    tensors)."""
+    layers = candidate_layers(module)
+    if mode == "real" or _uses_fsdp(module):
+        # FSDP2's unshard/reshard hooks keep state across calls; a fake run leaves fake
+        # unsharded parameters behind. Profile with real tensors (one forward's memory, once),
+        # and no backward there (it would reduce-scatter gradients).
+        return profile(
+            module, args, kwargs, fake=False, call=call, layers=layers, measure_backward=not _uses_fsdp(module)
+        )
+    if mode == "replicate":
+        found = profile_replicated(module, args, kwargs, call=call, real_prologue=True)
+        if found is not None:
+            return found
+    try:
+        return profile(module, args, kwargs, fake=True, call=call, layers=layers, real_prologue=True)
+    except Exception as e:  # an op without a fake kernel: profile with real tensors instead
+        warnings.warn(
+            f"remat_kit: profiling {type(module).__name__} under FakeTensorMode failed ({type(e).__name__}: "
+            f"{str(e)[:200]}); profiling with real tensors once instead (uses the memory of one forward).",
+            stacklevel=3,
+        )
+        return profile(module, args, kwargs, fake=False, call=call, layers=layers)
+
+
+def _uses_fsdp(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def _floor(tg: TorchGraph) -> Plan:
+    """Every checkpointable value recomputed; pinned values kept. Feasible by construction."""
+    g = tg.graph
+    names = [g.values[i].name for i in g.free_values if g.values[i].name not in tg.pinned]
+    return Plan.from_decisions(g, dict.fromkeys(names, Decision.RECOMPUTE), solver="full")
+
+
+def _infeasible(
+    module: torch.nn.Module, budget: object, tg: TorchGraph, offload: bool, least: int, grouped: bool
+) -> ValueError:
+    """The error for a budget below `least` activation bytes, the least this planner reaches
+    (with layers checkpointed together where that is smaller: `grouped`)."""
+    held = autocast_cast_bytes(tg.graph)  # in both figures, as in solve_torch's limit
+    baseline = tg.baseline_bytes + held
+    least += held
+    fraction = least / baseline if baseline else 1.0
+    pinned = sum(tg.graph[n].num_bytes for n in tg.pinned if tg.graph.is_residual[tg.graph.index(n)])
+    need = math.ceil(fraction * 1000) / 1000
+    if len(tg.segments) == 1 and tg.segments[0].module is not None:
+        return InfeasibleBudgetError(
+            f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__} at this "
+            f"input: {format_bytes(least)} of activations ({fraction:.1%} of no remat). remat_kit found no layers to "
+            "checkpoint apart (no ModuleList / Sequential of layers, no submodules called once each in order), so "
+            "the whole forward is one region, and its recompute runs at the start of its own backward, next to "
+            f"what that backward needs. Raise the budget to at least {need:g}, or hold the layers in an "
+            "nn.ModuleList (or decorate the layer class: then the budget bounds what each call keeps).",
+            smallest_fraction=fraction,
+            smallest_bytes=least + tg.graph.constant_bytes,
+        )
+    return InfeasibleBudgetError(
+        f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__} at this "
+        f"input: {format_bytes(least)} of activations ({fraction:.1%} of no remat) with every layer recomputed"
+        f"{' (consecutive layers checkpointed together where that is smaller)' if grouped else ''}, "
+        f"of which {format_bytes(pinned)} are saved outside the repeated layers (embeddings, head, loss) and "
+        f"cannot be recomputed"
+        f"{f', and {format_bytes(held)} are autocast casts of the parameters (alive until the forward ends)' if held else ''}"
+        f". Raise the budget to at least {need:g}{'' if offload else ' or pass offload=True'}, "
+        "or use a smaller batch.",
+        smallest_fraction=fraction,
+        smallest_bytes=least + tg.graph.constant_bytes,
+    )
+
+
+def autocast_cast_bytes(graph: CostGraph) -> int:
+    """Bytes of autocast's casts of parameters in a profile made under autocast. The plan treats
+    them as constants (the autocast cache decides when they are cast, not the plan), but they are
+    memory of the step: every one is alive when the forward ends, with or without remat."""
+    return sum(v.num_bytes for v in graph.values if v.name.startswith(AUTOCAST_TAG))
+
+
+def _segment_spans(module: torch.nn.Module, tg: TorchGraph, solver: str | None) -> tuple[int, frozenset[str]]:
+    """(max layers per checkpoint region, blocks that join none) for the chain DP.
+
+    Consecutive layers can share one checkpoint region (their boundaries recomputed) when nothing
+    runs between them: no root code and no module hooks (FSDP's unshard) between layers.
+    """
+    layers = [s for s in tg.segments if s.module is not None]
+    if (
+        solver not in (None, "dp")
+        or len(layers) < 3
+        or _uses_fsdp(module)
+        or any(s.module is None and s.name.startswith("between") for s in tg.segments)
+    ):
+        return 1, frozenset()
+    names = [s.name for s in tg.segments[: len(tg.graph.block_names)]]
+    return segment_cap(len(layers)), frozenset(s.name for s in tg.segments if s.module is None and s.name in names)
+
+
+# Measured against the simulator on 7 models x 7 budgets (tests/test_torch_memory_gap.py), the
+# live-storage peak of a step is at most a few bytes above the prediction, now that replay
+# placeholders share one buffer and regions hand back only what their own backward reads; the
+# simulator errs on the high side elsewhere (layer-norm statistics, one gradient buffer per
+# residual-add input). Plans still aim a little under the budget for what a CPU tracker cannot
+# see on a GPU: allocator rounding, kernel workspaces.
+SAFETY_MARGIN = 0.02
+
+
+def solve_torch(
+    module: torch.nn.Module,
+    tg: TorchGraph,
+    prof: Profile,
+    budget: object,
+    *,
+    offload: bool,
+    solver: str | None,
+    per_call: bool = False,
+) -> Plan:
+    """The least-recompute plan that fits `budget` and that the replay modes run exactly.
+
+    The budget bounds the step's activation peak, whatever layers were found; only for one
+    decorated layer class (`per_call`) planned as one region does it bound the kept bytes."""
+    parsed = parse_budget(budget)
+    graph = tg.graph
+    if parsed.kind == "fraction" and parsed.value >= 1.0:
+        return Plan.from_decisions(graph, {}, budget=str(parsed), solver="none")
+    one_region = len(tg.segments) == 1 and tg.segments[0].module is not None
+    if one_region and per_call:
+        return _solve_one_region(module, tg, prof, parsed, budget, offload)
+    baseline = tg.baseline_bytes
+    limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
+    held = autocast_cast_bytes(graph)
+    if parsed.kind == "fraction" and held:
+        # The measured step holds autocast's parameter casts too, whatever the plan: the budget
+        # is a fraction of no remat *with* them, so the plan's own share shrinks by their bytes.
+        limit = math.floor(parsed.value * (baseline + held)) - held
+        baseline += held  # (for the margin below)
+    floor = _floor(tg).predicted_activation_bytes
+    span, fixed_blocks = 1, frozenset()
+    if limit < floor:
+        # Below what one checkpoint per layer reaches only regions over several layers can fit.
+        # (Above it they are left out: their options cost seconds to measure on deep stacks and
+        # rarely beat per-layer plans there.)
+        span, fixed_blocks = _segment_spans(module, tg, solver)
+        if span > 1:
+            floor = min(
+                floor,
+                smallest_activation_bytes(
+                    tg.solver_graph, offload=offload, max_segment_blocks=span, fixed_blocks=fixed_blocks
+                ),
+            )
+    if one_region:
+        # Its recompute runs at the start of its own backward: the floor is the least peak of
+        # any plan, not that of recomputing everything (about no remat's own peak).
+        floor = min(floor, smallest_activation_bytes(tg.solver_graph, offload=offload))
+    # Aim under the budget by the margin, but never under the least reachable (which is feasible).
+    aim = wish = min(limit, max(limit - int(SAFETY_MARGIN * baseline), floor))
+
+    def adjusted(aim: int) -> Plan | None:
+        """The solver's plan for `aim`, adjusted to what the replay runs exactly (None: none)."""
+        try:
+            raw = solve(
+                tg.solver_graph,
+                Budget("bytes", float(graph.constant_bytes + aim)),
+                solver=solver,
+                offload=offload,
+                max_segment_blocks=span,
+                fixed_blocks=fixed_blocks,
+                device=default_device(module),
+            )
+        except InfeasibleBudgetError:
+            return None
+        fixed = Plan.from_decisions(
+            raw.graph_for(graph),
+            decisions_for_torch(tg, raw, prof),
+            budget=str(parsed),
+            solver=raw.solver,
+            device=default_device(module),
+        )
+        return None if set(simulate(graph, fixed).recomputed) & tg.pinned else fixed
+
+    def measured_as(plan: Plan) -> Plan:
+        # Its predictions then speak of what is measured: the casts in both figures; no remat's
+        # figure is the one the budget was taken of (see TorchGraph.baseline_bytes).
+        return dataclasses.replace(
+            plan,
+            predicted_activation_bytes=plan.predicted_activation_bytes + held,
+            baseline_activation_bytes=tg.baseline_bytes + held,
+        )
+
+    for _ in range(6):
+        fixed = adjusted(aim)
+        if fixed is None:
+            if aim < limit:  # the margin is a wish, the budget is the contract
+                aim = limit
+                continue
+            break
+        if fixed.predicted_activation_bytes <= limit:
+            return measured_as(_by_time(module, tg, prof, fixed, wish, parsed))
+        # The adjustments for torch pushed the plan over: ask the solver for a little less.
+        aim -= fixed.predicted_activation_bytes - limit + max(1, limit // 50)
+    # The least this planner reaches: the solver's least plan as the replay runs it (the solver
+    # may keep a value an in-place op rewrites later, which the replay recomputes: ViT's dropout
+    # masks, named floor 0.313 refused when passed back, 0.324 reached), or every layer
+    # recomputed. The error names it, and a budget at it returns it here.
+    least = min(
+        (p for p in (adjusted(floor), dataclasses.replace(_floor(tg), budget=str(parsed))) if p is not None),
+        key=lambda p: p.predicted_activation_bytes,
+    )
+    if least.predicted_activation_bytes <= limit:
+        return measured_as(least)
+    raise _infeasible(module, budget, tg, offload, least.predicted_activation_bytes, grouped=span > 1 or one_region)
+
+
+def _by_time(module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan, limit: int, parsed: Budget) -> Plan:
+    """`plan`, or the fastest plan of whole layers that fits `limit` where that is predicted faster
+    once the replay modes' per-op cost is counted (see _layerplan.py)."""
+    device, op_seconds = default_device(module), _layerplan.mode_op_seconds(device_of(module).type)
+    if op_seconds == 0.0:  # modes priced at nothing: the solver's plan is the fastest it knows
+        return plan
+    choose = plain_when_faster(device, op_seconds)
+    regs = regions(tg, plan, prof, choose)
+    if all(r.plain for r in regs.values()):
+        return plan
+    selective = predicted_seconds(plan, regs, device, op_seconds)
+    if selective <= cheapest_layer_seconds(tg, device):  # no plan of whole layers can be faster
+        return plan
+
+    def make(decisions: dict[str, Decision]) -> Plan:
+        raw = Plan.from_decisions(tg.graph, decisions)
+        return Plan.from_decisions(
+            tg.graph, decisions_for_torch(tg, raw, prof), budget=str(parsed), solver="whole layers", device=device
+        )
+
+    layered = fastest_whole_layer_plan(tg, make, limit, device)
+    if layered is None or set(simulate(tg.graph, layered).recomputed) & tg.pinned:
+        return plan
+    faster = predicted_seconds(layered, regions(tg, layered, prof, choose), device, op_seconds) < selective
+    return layered if faster else plan
+
+
+def _solve_one_region(
+    module: torch.nn.Module, tg: TorchGraph, prof: Profile, parsed: Budget, budget: object, offload: bool
+) -> Plan:
+    """A module without repeated layers is one checkpoint region, planned op by op.
+
+    Its recompute runs at the start of its own backward, so no plan lowers the peak of this
+    module alone much below its no-remat peak; what remat changes is what the module *keeps*
+    from its forward to its backward, and that is what adds up when such modules are stacked
+    (a decorated layer class). So here the budget bounds the kept bytes: a fraction of what no
+    remat keeps, or bytes per call.
+    """
+    graph = tg.graph
+    menu = block_menus(graph, Costs(graph, default_device(module)), offload)[0]
+    keep_all = max(o.kept_bytes for o in menu)
+    limit = math.floor(parsed.value * keep_all) if parsed.kind == "fraction" else int(parsed.value)
+    names = {0: Decision.SAVE, 1: Decision.RECOMPUTE, 2: Decision.OFFLOAD}
+    for option in sorted(menu, key=lambda o: (o.cost, o.num_ops)):
+        if option.kept_bytes > limit:
+            continue
+        raw = Plan.from_decisions(graph, {graph.values[i].name: names[c] for i, c in option.codes})
+        plan = Plan.from_decisions(
+            graph, decisions_for_torch(tg, raw, prof), budget=str(parsed), solver=f"one region: {option.label}"
+        )
+        if simulate(graph, plan).kept_bytes_by_block[0] <= limit:
+            return plan
+    smallest = min(o.kept_bytes for o in menu)
+    need = math.ceil(smallest / keep_all * 1000) / 1000 if keep_all else 1.0
+    raise InfeasibleBudgetError(
+        f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__}: it has no "
+        f"repeated layers, so it is one region and the budget bounds what it keeps for its backward "
+        f"({format_bytes(keep_all)} with no remat, at least {format_bytes(smallest)} with full recompute). "
+        f"Raise the budget to at least {need:g}.",
+        smallest_fraction=smallest / keep_all if keep_all else 1.0,
+        smallest_bytes=smallest,
+    )
+
+
+def compile_plan(
+    module: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    budget: object,
+    *,
+    offload: bool = False,
+    solver: str | None = None,
+    call: Any = None,
+    mode: str = "replicate",
+    per_call: bool = False,
+) -> Compiled:
+    """Profile `module` on these inputs (through `call`, default the module itself) and plan it."""
+    prof = _profile(module, args, kwargs, call, mode)
+    tg = build_graph(prof, segment(module, prof, whole_model=not per_call))
+    plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver, per_call=per_call)
+    device = default_device(module)
+    regs = regions(tg, plan, prof, plain_when_faster(device, _layerplan.mode_op_seconds(device_of(module).type)))
+    return Compiled(as_run(plan, regs, device), tg, prof, regs, signature(module, args, kwargs))
