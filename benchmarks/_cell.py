@@ -18,9 +18,11 @@ import ctypes
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 from benchmarks._cells import Cell
 
@@ -66,6 +68,39 @@ def _limit_threads(n: int, framework: str) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+def time_with_none(
+    one_step: Callable[[], None], none_step: Callable[[], None] | None, *, steps: int, warmup: int
+) -> dict[str, float | int]:
+    """The cell's step times, each timed step right after a step of `none` (the same model without
+    remat, built in this process): `step_time_vs_none` is the ratio of the two medians, so load that
+    comes and goes between the sweep's cell processes does not tilt a ratio. `none_step=None`: the
+    cell is `none` itself (ratio 1). Both steps must synchronize."""
+    for _ in range(warmup):
+        if none_step is not None:
+            none_step()
+        one_step()
+    mine, base = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        if none_step is not None:
+            none_step()
+        t1 = time.perf_counter()
+        one_step()
+        mine.append(time.perf_counter() - t1)
+        base.append(t1 - t0)
+    q = statistics.quantiles(mine, n=4) if len(mine) >= 2 else [mine[0]] * 3
+    median = statistics.median(mine)
+    none_median = statistics.median(base) if none_step is not None else median
+    return {
+        "step_time_s": median,
+        "step_time_iqr_s": q[2] - q[0],
+        "step_time_min_s": min(mine),
+        "num_steps": steps,
+        "none_step_time_s": none_median,
+        "step_time_vs_none": median / none_median,
+    }
 
 
 def measure(cell: Cell, steps: int, warmup: int, ref_path: str | None = None, solver: str | None = None) -> dict:

@@ -11,7 +11,9 @@ from collections.abc import Iterable
 from benchmarks.models import SIZES, TRANSFORMERS, models_for
 
 FRAMEWORKS = ("jax", "torch")
-DEFAULT_BUDGETS = (0.3, 0.5, 0.7)
+# Every default budget is feasible on every default model: 0.3 is below the floor of the torch tiny
+# GPT (every layer recomputed, embeddings/head/loss kept), which the `infeasible` suite shows.
+DEFAULT_BUDGETS = (0.35, 0.5, 0.7)
 
 # name -> (frameworks, takes a budget, transformers only, what it is)
 STRATEGIES: dict[str, tuple[tuple[str, ...], bool, bool, str]] = {
@@ -23,15 +25,33 @@ STRATEGIES: dict[str, tuple[tuple[str, ...], bool, bool, str]] = {
     "dots_saveable": (("jax",), False, False, "jax.checkpoint_policies.dots_saveable per block"),
     "dots_no_batch": (("jax",), False, False, "jax.checkpoint_policies.dots_with_no_batch_dims_saveable per block"),
     "sac_mm": (("torch",), False, False, "torchtitan-style selective AC: save matmul outputs, recompute the rest"),
-    "compile_budget": (("torch",), True, False, "torch.compile with torch._functorch.config.activation_memory_budget"),
     "auto": (FRAMEWORKS, True, False, "remat_kit.auto(model, budget=b)"),
+    "compile+auto": (("torch",), True, False, "torch.compile of remat_kit.auto(model, budget=b)"),
+    "compile+checkpoint": (("torch",), False, False, "torch.compile, every block checkpointed"),
+    "compile+sac_mm": (("torch",), False, False, "torch.compile, torchtitan-style SAC saving matmul outputs"),
+    "compile_budget": (("torch",), True, False, "torch.compile with torch._functorch.config.activation_memory_budget"),
 }
+# Timed against compiled none, memory as saved-for-backward bytes (see benchmarks/_compiled_cell.py).
+COMPILED = ("compile+auto", "compile+checkpoint", "compile+sac_mm", "compile_budget")
 GROUPS = {
     "presets": ("attn_core", "every_2", "sqrt_n"),
     "peers": ("dots_saveable", "dots_no_batch", "sac_mm", "compile_budget"),
+    "compiled": COMPILED,
 }
 DEFAULT_STRATEGIES = ("none", "all", "attn_core", "sqrt_n", "dots_saveable", "sac_mm", "auto")
 DEFAULT_MODELS = ("gpt", "mlp")
+# --suite NAME: defaults for the settings not given on the command line.
+SUITES: dict[str, dict[str, tuple]] = {
+    "quick": {},
+    # auto below the tiny torch GPT's floor: the cell must be an InfeasibleBudgetError naming it.
+    "infeasible": {
+        "frameworks": ("torch",),
+        "models": ("gpt",),
+        "strategies": ("none", "all", "auto"),
+        "budgets": (0.2, 0.3),
+    },
+    "compiled": {"frameworks": ("torch",), "strategies": ("none", "compiled")},
+}
 
 
 @dataclasses.dataclass(frozen=True, order=True)

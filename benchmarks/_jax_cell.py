@@ -15,8 +15,9 @@ from typing import Any
 
 import jax
 
+from benchmarks._cell import time_with_none
 from benchmarks._cells import Cell
-from benchmarks._measure import max_rel_err, reference_grads, rss_peak_bytes, time_steps
+from benchmarks._measure import max_rel_err, reference_grads, rss_peak_bytes
 from benchmarks.models.jax_zoo import NON_CORE_NAMES, JaxModel, Layout, build
 from remat_kit import measure as rk_measure
 
@@ -109,7 +110,14 @@ def run(
     def one_step() -> None:
         jax.block_until_ready(compiled(params, batch))
 
-    times = time_steps(one_step, steps=steps, warmup=warmup)
+    none_step = None
+    if cell.strategy != "none":  # no remat compiled in this process: the time ratio's base
+        none_compiled = jax.jit(jax.value_and_grad(model.loss())).lower(params, batch).compile()
+
+        def none_step() -> None:
+            jax.block_until_ready(none_compiled(params, batch))
+
+    times = time_with_none(one_step, none_step, steps=steps, warmup=warmup)
     rss = rss_peak_bytes(one_step)
     value, grads = compiled(params, batch)
 

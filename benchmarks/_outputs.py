@@ -7,6 +7,8 @@ import math
 import pathlib
 from typing import Any
 
+from benchmarks._cells import COMPILED, DEFAULT_BUDGETS
+
 COLUMNS = [  # the issue's required columns first, then the rest
     "framework",
     "model",
@@ -21,6 +23,8 @@ COLUMNS = [  # the issue's required columns first, then the rest
     "flops",
     "predicted_activation_bytes",
     "grad_ok",
+    "step_time_vs_none",
+    "none_step_time_s",
     "step_time_iqr_s",
     "step_time_min_s",
     "num_steps",
@@ -29,6 +33,9 @@ COLUMNS = [  # the issue's required columns first, then the rest
     "device",
     "device_peak_bytes",
     "saved_bytes",
+    "none_saved_bytes",
+    "saved_vs_none",
+    "graph_breaks",
     "memory_note",
     "flops_source",
     "cell_id",
@@ -56,16 +63,18 @@ def frame(rows: list[dict[str, Any]]) -> Any:
 
 
 def with_ratios(df: Any) -> Any:
-    """Adds `<metric>_ratio`: each ok cell over its group's `none` cell (same run, same process kind)."""
+    """Adds `<metric>_ratio`: each ok cell's memory and FLOPs over its group's `none` cell (exact
+    figures, comparable across processes), and `step_time_ratio`, only ever the cell's own
+    `step_time_vs_none`: timed interleaved with `none` in the cell's process (compiled cells: with
+    compiled none), never one process's time over another's."""
     df = df.copy()
     base = df[(df.strategy == "none") & (df.status == "ok")].set_index(GROUP)
-    for metric in ("activation_bytes", "peak_bytes", "flops", "step_time_s"):
+    for metric in ("activation_bytes", "peak_bytes", "flops"):
         ref = df.set_index(GROUP).index.map(
             lambda k, m=metric: base[m].get(k, math.nan) if k in base.index else math.nan
         )
-        df[f"{metric.removesuffix('_s').removesuffix('_bytes')}_ratio"] = df[metric].astype(float) / list(ref)
-    if "step_time_vs_none" in df.columns:  # timed interleaved with none in the cell's own process (torch)
-        df["step_time_ratio"] = df.step_time_vs_none.astype(float).fillna(df.step_time_ratio)
+        df[f"{metric.removesuffix('_bytes')}_ratio"] = df[metric].astype(float) / list(ref)
+    df["step_time_ratio"] = df.step_time_vs_none.astype(float)
     df["predicted_error"] = (
         df.predicted_activation_bytes.astype(float) - df.activation_bytes.astype(float)
     ) / df.activation_bytes.astype(float)
@@ -117,7 +126,9 @@ def report(df: Any, meta: dict[str, Any]) -> str:
         "",
         "Memory is exact and allocator-level (JAX: `memory_analysis().temp_size_in_bytes` of the compiled "
         "step; PyTorch: live storages under a TorchDispatchMode); ratios are to `none` of the same model. "
-        "Time is the median of the timed steps; on a CPU only its ratio means much. "
+        "`time` is the median step time over `none`'s median, both timed interleaved (a step of `none`, then "
+        "a step of the cell) in the cell's own process, so every time ratio comes from one run; on a CPU only "
+        "the ratio means much. "
         "FLOPs include recompute (JAX, scanned layers: counted on the program with its scan unrolled, "
         "before XLA optimizes it, because `cost_analysis` counts a loop body once). `pred. err` is auto's "
         "predicted activation memory against the measured; `over budget` marks a budgeted cell whose measured "
@@ -132,50 +143,72 @@ def report(df: Any, meta: dict[str, Any]) -> str:
             + [""]
         )
     for key, g in df.groupby(GROUP, sort=False):
-        out += [
-            f"## {'/'.join(key)}",
-            "",
-            "| strategy | status | act. MiB | act. | peak | FLOPs | time | "
-            "time IQR | RSS MiB | predicted MiB | pred. err | grad |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-        ]
-        for r in g.itertuples():
-            status = "ok" if r.status == "ok" else r.status.split(":")[0]
-            grad = "" if r.status != "ok" else ("ok" if r.grad_ok else f"**differs {r.grad_max_rel_err:.1e}**")
-            if r.status == "ok" and _has_budget(r) and r.activation_ratio > r.budget + 1e-9:
-                status = f"**over budget {r.budget:g}**"
-            out.append(
-                f"| {_label(r)} | {status} | {_mib(r.activation_bytes)} | {_fmt(r.activation_ratio)} | "
-                f"{_fmt(r.peak_ratio)} | {_fmt(r.flops_ratio)} | {_fmt(r.step_time_ratio)} | "
-                f"{_fmt(r.step_time_iqr_s * 1e3 if r.step_time_iqr_s == r.step_time_iqr_s and r.step_time_iqr_s is not None else None, '.1f')}ms | "
-                f"{_mib(r.rss_peak_bytes)} | {_mib(r.predicted_activation_bytes)} | {_fmt(r.predicted_error, '+.0%')} | {grad} |"
-            )
-        out += ["", _cheapest(g)] + _notes(g) + [""]
+        compiled = g.strategy.isin(COMPILED)
+        out += [f"## {'/'.join(key)}", ""]
+        if (~compiled).any():
+            out += _eager_table(g[~compiled]) + ["", _cheapest(g[~compiled]), ""]
+        if compiled.any():
+            out += _compiled_table(g[compiled]) + [""]
     return "\n".join(out).replace("| ms |", "|  |") + "\n"
 
 
-def _notes(g: Any) -> list[str]:
-    """Cells measured another way (torch.compile on CPU): their saved-for-backward bytes against none's."""
-    if "memory_note" not in g.columns or "saved_bytes" not in g.columns:
-        return []
-    none = g[(g.strategy == "none") & (g.status == "ok")]
-    base = float(none.saved_bytes.iloc[0]) if len(none) and none.saved_bytes.notna().iloc[0] else math.nan
-    out = []
-    for r in g[g.memory_note.fillna("").astype(bool) & (g.status == "ok")].itertuples():
+def _iqr_ms(r: Any) -> Any:
+    return r.step_time_iqr_s * 1e3 if r.step_time_iqr_s is not None and r.step_time_iqr_s == r.step_time_iqr_s else None
+
+
+def _grad(r: Any) -> str:
+    return "" if r.status != "ok" else ("ok" if r.grad_ok else f"**differs {r.grad_max_rel_err:.1e}**")
+
+
+def _eager_table(g: Any) -> list[str]:
+    out = [
+        "| strategy | status | act. MiB | act. | peak | FLOPs | time | "
+        "time IQR | RSS MiB | predicted MiB | pred. err | grad |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in g.itertuples():
+        status = "ok" if r.status == "ok" else r.status.split(":")[0]
+        if r.status == "ok" and _has_budget(r) and r.activation_ratio > r.budget + 1e-9:
+            status = f"**over budget {r.budget:g}**"
         out.append(
-            f"\n`{_label(r)}`: {r.memory_note}: saved for backward {_mib(r.saved_bytes)} MiB "
-            f"(none: {_mib(base)} MiB, ratio {_fmt(float(r.saved_bytes) / base)})."
+            f"| {_label(r)} | {status} | {_mib(r.activation_bytes)} | {_fmt(r.activation_ratio)} | "
+            f"{_fmt(r.peak_ratio)} | {_fmt(r.flops_ratio)} | {_fmt(r.step_time_ratio)} | "
+            f"{_fmt(_iqr_ms(r), '.1f')}ms | {_mib(r.rss_peak_bytes)} | {_mib(r.predicted_activation_bytes)} | "
+            f"{_fmt(r.predicted_error, '+.0%')} | {_grad(r)} |"
+        )
+    return out
+
+
+def _compiled_table(g: Any) -> list[str]:
+    """torch.compile cells: what the compiled forward saves for backward and the step time, each
+    against compiled none measured in the cell's own process."""
+    out = [
+        "torch.compile (inductor) cells, each against compiled none in its own process: `saved` is the bytes "
+        "the compiled forward saves for backward (`saved_tensors_hooks`, parameters and inputs left out), "
+        "`time` compiled step time over compiled none's (interleaved). FLOPs are not counted: a counting "
+        "dispatch mode would make dynamo run the step eagerly.",
+        "",
+        "| strategy | status | saved MiB | compiled none MiB | saved / none | time | time IQR | graph breaks | "
+        "predicted MiB | grad |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in g.itertuples():
+        status = "ok" if r.status == "ok" else r.status.split(":")[0]
+        out.append(
+            f"| {_label(r)} | {status} | {_mib(r.saved_bytes)} | {_mib(r.none_saved_bytes)} | "
+            f"{_fmt(r.saved_vs_none)} | {_fmt(r.step_time_ratio)} | {_fmt(_iqr_ms(r), '.1f')}ms | "
+            f"{_fmt(r.graph_breaks, '.0f')} | {_mib(r.predicted_activation_bytes)} | {_grad(r)} |"
         )
     return out
 
 
 def _cheapest(g: Any) -> str:
-    """For each budget, the fitting strategy with the fewest FLOPs (deterministic; time breaks ties)."""
+    """For each budget, the fitting strategy with the fewest FLOPs (deterministic; the time ratio breaks ties)."""
     ok = g[(g.status == "ok") & g.activation_ratio.notna()]
-    budgets = sorted({float(b) for b in g.budget.dropna()}) or [0.3, 0.5, 0.7]
+    budgets = sorted({float(b) for b in g.budget.dropna()}) or list(DEFAULT_BUDGETS)
     parts = []
     for b in budgets:
-        fits = ok[ok.activation_ratio <= b + 1e-9].sort_values(["flops", "step_time_s"])
+        fits = ok[ok.activation_ratio <= b + 1e-9].sort_values(["flops", "step_time_ratio"])
         parts.append(
             f"≤{b:g}: "
             + (f"`{_label(fits.iloc[0])}` (FLOPs ×{fits.iloc[0].flops_ratio:.2f})" if len(fits) else "nothing fits")

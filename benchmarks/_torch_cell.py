@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import statistics
-import time
 import weakref
 from typing import Any
 
@@ -26,8 +24,9 @@ from torch.utils.checkpoint import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks._cells import Cell
-from benchmarks._measure import max_rel_err, reference_grads, rss_peak_bytes, time_steps
+from benchmarks._cell import time_with_none
+from benchmarks._cells import COMPILED, Cell
+from benchmarks._measure import max_rel_err, reference_grads, rss_peak_bytes
 from benchmarks.models.torch_zoo import ZooModel, build
 
 _MATMULS = {
@@ -103,11 +102,6 @@ def apply(model: ZooModel, cell: Cell, solver: str | None = None) -> Any:
     elif s == "attn_core":
         for block in model.blocks:
             block.attn.checkpoint_core = True
-    elif s == "compile_budget":
-        import torch._functorch.config as functorch_config
-
-        functorch_config.activation_memory_budget = cell.budget
-        return torch.compile(model)
     elif s == "auto":
         import remat_kit as rk
 
@@ -154,14 +148,8 @@ def _reference(cell: Cell, device: str) -> tuple[float, list]:
     return loss.item(), [p.grad.cpu().numpy() for p in ref_model.parameters()]
 
 
-def _interleaved_with_none(cell: Cell, device: str, one_step: Any, *, steps: int, warmup: int) -> dict[str, Any]:
-    """The cell's step times (the keys `time_steps` gives), each timed step right after a step of no
-    remat on a copy of the same model in this process: `step_time_vs_none` is the ratio of the two medians, so a
-    machine that is busier while one cell runs than while another does not tilt the comparison
-    (the sweep's cells run in separate processes, at separate times)."""
-    if cell.strategy == "none":
-        out = time_steps(one_step, steps=steps, warmup=warmup)
-        return {**out, "none_step_time_s": out["step_time_s"], "step_time_vs_none": 1.0}
+def _none_step(cell: Cell, device: str) -> Any:
+    """A step of no remat on a copy of the cell's model, built in this process: the time ratio's base."""
     none_model, (inputs, targets) = build(cell.model, cell.size)
     none_model, inputs, targets = none_model.to(device), inputs.to(device), targets.to(device)
 
@@ -171,33 +159,16 @@ def _interleaved_with_none(cell: Cell, device: str, one_step: Any, *, steps: int
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        none_step()
-    for _ in range(warmup):
-        one_step()
-    mine, none_times = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        none_step()
-        t1 = time.perf_counter()
-        one_step()
-        mine.append(time.perf_counter() - t1)
-        none_times.append(t1 - t0)
-    q = statistics.quantiles(mine, n=4) if len(mine) >= 2 else [mine[0]] * 3
-    none_median = statistics.median(none_times)
-    return {
-        "step_time_s": statistics.median(mine),
-        "step_time_iqr_s": q[2] - q[0],
-        "step_time_min_s": min(mine),
-        "num_steps": steps,
-        "none_step_time_s": none_median,
-        "step_time_vs_none": statistics.median(mine) / none_median,
-    }
+    return none_step
 
 
 def run(
     cell: Cell, *, steps: int, warmup: int, grad_tol: float, ref_path: str | None = None, solver: str | None = None
 ) -> dict[str, Any]:
+    if cell.strategy in COMPILED:
+        from benchmarks import _compiled_cell
+
+        return _compiled_cell.run(cell, steps=steps, warmup=warmup, grad_tol=grad_tol, ref_path=ref_path, solver=solver)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, (inputs, targets) = build(cell.model, cell.size)
     model, inputs, targets = model.to(device), inputs.to(device), targets.to(device)
@@ -222,31 +193,23 @@ def run(
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    activation = flops = peak = None
-    note = ""
-    if cell.strategy == "compile_budget":
-        # Dynamo runs a frame eagerly while a TorchDispatchMode (our tracker, FlopCounterMode) is
-        # active, so those would measure eager PyTorch, not the compiled step: measured 100% of
-        # none's FLOPs at budget 0.3 on the tiny mlp. Only saved-for-backward bytes are honest here.
-        note = "torch.compile: tracker and FlopCounterMode would run it eagerly; see saved_bytes"
-    else:
-        tracker = LiveBytes()
-        with tracker:
-            fn(inputs, targets).backward()
-        activation = tracker.peak_bytes(exclude=_grads(model))
-        peak = activation + 2 * params + inputs.nbytes + targets.nbytes
-        counter = FlopCounterMode(display=False)
-        with counter:
-            fn(inputs, targets).backward()
-        flops = float(counter.get_total_flops())
+    tracker = LiveBytes()
+    with tracker:
+        fn(inputs, targets).backward()
+    activation = tracker.peak_bytes(exclude=_grads(model))
+    peak = activation + 2 * params + inputs.nbytes + targets.nbytes
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(inputs, targets).backward()
+    flops = float(counter.get_total_flops())
     saved = _saved_bytes(fn, inputs, targets)
-    times = _interleaved_with_none(cell, device, one_step, steps=steps, warmup=warmup)
+    none_step = None if cell.strategy == "none" else _none_step(cell, device)
+    times = time_with_none(one_step, none_step, steps=steps, warmup=warmup)
     return {
         "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name()}",
         "activation_bytes": activation,
         "peak_bytes": peak,
         "saved_bytes": saved,
-        "memory_note": note,
         "param_bytes": int(params),
         "flops": flops,
         "predicted_activation_bytes": _predicted(model, cell),

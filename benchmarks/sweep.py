@@ -1,11 +1,14 @@
 """Measure every remat strategy on the model zoo, in JAX and PyTorch, side by side.
 
     python -m benchmarks.sweep                      # quick CPU suite (tiny models), ~5 min on 2 cores
+    python -m benchmarks.sweep --suite compiled     # torch.compile cells against compiled none
+    python -m benchmarks.sweep --suite infeasible   # budgets below the floor: InfeasibleBudgetError cells
     python -m benchmarks.sweep --models gpt vit --size small --strategies none all presets peers auto
     python -m benchmarks.sweep --shard 2/4 --out runs/s2   # one of 4 machines; then:
     python -m benchmarks.sweep merge runs/s1 runs/s2 runs/s3 runs/s4 --out runs/all
 
-Each cell (framework, model, size, strategy, budget) runs in its own process with a timeout; a
+Each cell (framework, model, size, strategy, budget) runs in its own process with a timeout, and
+times its step interleaved with a step of `none` built in that process (the time ratio); a
 crash, out-of-memory kill or timeout is recorded in `status` and the sweep goes on. Progress is
 committed after every cell (remat_kit.resume): SIGTERM or Ctrl-C stops, saves and prints the
 command that resumes; after `kill -9` the same command continues. `--fresh` starts over.
@@ -29,7 +32,7 @@ from importlib import metadata
 from typing import Any
 
 from benchmarks import _cells, _outputs
-from benchmarks._cells import DEFAULT_BUDGETS, DEFAULT_MODELS, DEFAULT_STRATEGIES, FRAMEWORKS, Cell
+from benchmarks._cells import DEFAULT_BUDGETS, DEFAULT_MODELS, DEFAULT_STRATEGIES, FRAMEWORKS, SUITES, Cell
 from benchmarks._report import ROOT, machine
 
 
@@ -38,17 +41,29 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", default="runs/sweep", help="run directory (default: runs/sweep)")
-    p.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="gpt gpt_unrolled vit mlp convnet")
+    p.add_argument(
+        "--suite",
+        default="quick",
+        choices=tuple(SUITES),
+        help="defaults for the settings not given: quick (default), compiled (torch.compile cells), "
+        "infeasible (budgets below the tiny torch GPT's floor)",
+    )
+    p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, help=f"default: {' '.join(FRAMEWORKS)}")
+    p.add_argument(
+        "--models", nargs="+", help=f"gpt gpt_unrolled vit mlp convnet (default: {' '.join(DEFAULT_MODELS)})"
+    )
     p.add_argument("--size", nargs="+", default=["tiny"], help="tiny small medium")
     p.add_argument(
         "--strategies",
         nargs="+",
-        default=list(DEFAULT_STRATEGIES),
-        help=f"from {', '.join(_cells.STRATEGIES)}; groups: presets, peers, all-strategies",
+        help=f"from {', '.join(_cells.STRATEGIES)}; groups: {', '.join(_cells.GROUPS)}, all-strategies "
+        f"(default: {' '.join(DEFAULT_STRATEGIES)})",
     )
     p.add_argument(
-        "--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS), help="for auto and compile_budget"
+        "--budgets",
+        nargs="+",
+        type=float,
+        help=f"for auto, compile+auto and compile_budget (default: {' '.join(map(str, DEFAULT_BUDGETS))})",
     )
     p.add_argument("--steps", type=int, default=10, help="timed steps per cell (median and IQR reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
@@ -63,6 +78,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard", help="K/N: run the K-th of N deterministic slices of the cells")
     p.add_argument("--fresh", action="store_true", help="discard saved progress in --out and start over")
     args = p.parse_args(argv)
+    defaults = {
+        "frameworks": FRAMEWORKS,
+        "models": DEFAULT_MODELS,
+        "strategies": DEFAULT_STRATEGIES,
+        "budgets": DEFAULT_BUDGETS,
+    }
+    for name, value in {**defaults, **SUITES[args.suite]}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, list(value))
     for name in ("steps", "timeout"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} {getattr(args, name)!r}: must be positive.")

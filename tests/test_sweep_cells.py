@@ -53,3 +53,82 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_bad_shard_is_named(spec):
     with pytest.raises(ValueError, match=f"--shard {spec!r}"):
         shard([], spec)
+
+
+def test_jax_cell_times_against_none_in_its_own_process():
+    """A JAX cell's row carries none's median from its own process and the ratio of the two medians
+    (structure only: no wall-clock value is asserted)."""
+    pytest.importorskip("jax")
+    from benchmarks._cell import measure
+    from benchmarks._cells import Cell
+
+    row = measure(Cell("jax", "mlp", "tiny", "all"), steps=2, warmup=0)
+    assert row["num_steps"] == 2 and row["none_step_time_s"] > 0
+    assert row["step_time_vs_none"] == pytest.approx(row["step_time_s"] / row["none_step_time_s"])
+    none = measure(Cell("jax", "mlp", "tiny", "none"), steps=2, warmup=0)
+    assert none["step_time_vs_none"] == 1.0 and none["none_step_time_s"] == none["step_time_s"]
+
+
+def test_time_ratio_comes_only_from_the_cells_own_process():
+    """Memory and FLOPs ratios divide by the `none` row; the time ratio never divides one process's
+    time by another's: a row without a same-process ratio shows none (was: none's row's time)."""
+    import math
+
+    from benchmarks._outputs import frame, with_ratios
+
+    base = {"framework": "jax", "model": "mlp", "size": "tiny", "status": "ok", "budget": None}
+    rows = [
+        {
+            **base,
+            "strategy": "none",
+            "activation_bytes": 100,
+            "flops": 10.0,
+            "step_time_s": 2.0,
+            "step_time_vs_none": 1,
+        },
+        {
+            **base,
+            "strategy": "all",
+            "activation_bytes": 40,
+            "flops": 12.0,
+            "step_time_s": 1.0,
+            "step_time_vs_none": 1.3,
+        },
+        {**base, "strategy": "sqrt_n", "activation_bytes": 50, "flops": 12.0, "step_time_s": 1.0},
+    ]
+    df = with_ratios(frame(rows)).set_index("strategy")
+    assert df.activation_ratio["all"] == pytest.approx(0.4) and df.flops_ratio["sqrt_n"] == pytest.approx(1.2)
+    assert df.step_time_ratio["all"] == pytest.approx(1.3)
+    assert math.isnan(df.step_time_ratio["sqrt_n"])
+
+
+def test_default_budgets_are_feasible_and_the_infeasible_suite_is_not():
+    """The default sweep's first run shows no error cell: the lowest default budget is above the floor
+    of the torch tiny GPT (the zoo model with the highest floor); the `infeasible` suite's are below it."""
+    pytest.importorskip("torch")
+    import remat_kit as rk
+    from benchmarks._cells import DEFAULT_BUDGETS, SUITES
+    from benchmarks.models.torch_zoo import build
+
+    def plan(budget):
+        model, (inputs, targets) = build("gpt", "tiny")
+        rk.auto(model, budget=budget)(inputs, targets).backward()
+
+    plan(min(DEFAULT_BUDGETS))
+    for budget in SUITES["infeasible"]["budgets"]:
+        with pytest.raises(rk.InfeasibleBudgetError):
+            plan(budget)
+
+
+@pytest.mark.slow  # inductor compiles two models (~30 s on 2 CPUs)
+def test_compiled_cell_measures_saved_bytes_and_time_against_compiled_none():
+    pytest.importorskip("torch")
+    from benchmarks._cell import measure
+    from benchmarks._cells import Cell
+
+    row = measure(Cell("torch", "mlp", "tiny", "compile+checkpoint"), steps=2, warmup=0)
+    assert row["grad_ok"] and row["graph_breaks"] == 0
+    assert 0 < row["saved_bytes"] < row["none_saved_bytes"]  # checkpointed blocks save only their inputs
+    assert row["saved_vs_none"] == pytest.approx(row["saved_bytes"] / row["none_saved_bytes"])
+    assert row["step_time_vs_none"] == pytest.approx(row["step_time_s"] / row["none_step_time_s"])
+    assert "flops" not in row  # a counting dispatch mode would have measured the eager step

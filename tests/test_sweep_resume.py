@@ -110,7 +110,7 @@ def test_fresh_starts_over_and_other_settings_are_refused(tmp_path):
     assert all(r["status"].startswith("error: RuntimeError: fault injected") for r in rows(out))
     other = sweep(out, "--budgets", "0.4")
     assert other.returncode == 2
-    assert "budgets: saved [0.3, 0.5, 0.7], now [0.4]" in other.output and "--fresh" in other.output
+    assert "budgets: saved [0.35, 0.5, 0.7], now [0.4]" in other.output and "--fresh" in other.output
     # Measured again, not kept: each cell now fails another way (evidence from the rows, not the clock).
     fresh = sweep(out, "--fresh", fault="jax/=crash")
     assert fresh.returncode == 0, fresh.output
