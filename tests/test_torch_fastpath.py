@@ -17,8 +17,9 @@ from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens
 
 import remat_kit as rk
 import remat_kit._torch._layerplan as layerplan_mod
+import remat_kit._torch._replay as replay_mod
 from remat_kit._torch._apply import state_of
-from remat_kit._torch._layerplan import whole_layer_decisions
+from remat_kit._torch._layerplan import RegionCost, whole_layer_decisions
 from remat_kit._torch._measure import measure_step
 from remat_kit._torch._modes import Region, Step
 
@@ -174,3 +175,56 @@ def test_whole_layer_plan_compiles_exactly(model_and_inputs, monkeypatch, backen
     assert max_rel_err(got, want) <= 1e-6
     torch.manual_seed(1)
     assert graph_breaks(lambda: step(idx, tgt).backward()) == 0
+
+
+def test_priced_regions_pick_one_checkpoint_over_several_layers(model_and_inputs, monkeypatch) -> None:
+    # Each checkpoint region priced at a second: the fastest plan of whole layers recomputes its
+    # layers as one region over consecutive layers (a plan segment, as sqrt(n) does), run as one
+    # plain checkpoint held open across the parent's loop. Before, only single layers were
+    # candidates (issue 12: the tiny models stepped slower than sqrt(n) under auto).
+    model, (idx, tgt) = model_and_inputs
+    want = grads(fresh(model), idx, tgt)
+    none = measure_step(fresh(model), (idx, tgt), loss_fn=lambda loss: loss, count_flops=False).activation_bytes
+    rematted = fresh(model)
+    spy = _Spy(rematted, monkeypatch)
+    monkeypatch.setattr(layerplan_mod, "checkpoint_region_cost", lambda *a, **k: RegionCost(frame_seconds=1.0))
+    _auto_with_mode_cost(rematted, 0.7, monkeypatch, 1e-3)
+    generators: list[object] = []
+    real = replay_mod._checkpoint_generator
+
+    def generator(fn, preserve_rng_state, context_fn, *rest, **kwargs):
+        generators.append(context_fn)
+        return real(fn, preserve_rng_state, context_fn, *rest, **kwargs)
+
+    monkeypatch.setattr(replay_mod, "_checkpoint_generator", generator)
+    got = grads(rematted, idx, tgt)
+    (compiled,) = state_of(rematted).plans.values()
+    assert compiled.plan.solver == "whole layers"
+    (region,) = compiled.regions.values()
+    assert len(region.members) > 1 and region.plain
+    assert any(len(seg) > 1 for seg in compiled.plan.segments)
+    spy.calls.clear()
+    spy.checkpoints.clear()
+    generators.clear()
+    grads(rematted, idx, tgt)
+    assert generators == [tuc.noop_context_fn] and spy.checkpoints == []  # one plain region, nothing else
+    for k in range(4):  # the segment's layers run twice (forward, recompute), never under a mode
+        mine = [mode for j, mode in spy.calls if j == k]
+        assert mine == [False] * (2 if f"h.{k}" in region.members else 1), (k, mine)
+    assert max_rel_err(got, want) == 0.0
+    measured = measure_step(rematted, (idx, tgt), loss_fn=lambda loss: loss, count_flops=False).activation_bytes
+    assert measured <= 0.7 * none
+
+
+def test_region_cost_is_nothing_when_calibration_is_off(monkeypatch) -> None:
+    layerplan_mod.checkpoint_region_cost.cache_clear()
+    monkeypatch.setenv("REMAT_KIT_CALIBRATE", "0")
+    assert layerplan_mod.checkpoint_region_cost("cpu") == RegionCost()
+    monkeypatch.setenv("REMAT_KIT_CALIBRATE", "1")
+    cost = layerplan_mod.checkpoint_region_cost("cpu", repeats=2)
+    layerplan_mod.checkpoint_region_cost.cache_clear()
+    # checkpoint's frame does work the same chain without it never does (saving its inputs and
+    # RNG state, installing the saved-tensor hooks, starting the recompute).
+    assert cost.frame_seconds > 0.0 and cost.op_seconds >= 0.0
+    region = Region("b", "b", (Step("aten::tanh", "run", (), (), False, False, None, ()),) * 3)
+    assert cost.of(region) == pytest.approx(cost.frame_seconds + 3 * cost.op_seconds)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from remat_kit._core.graph import DeviceSpec
+from remat_kit._core.graph import CostGraph, DeviceSpec
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._torch._graph import TorchGraph
 from remat_kit._torch._modes import Region
@@ -47,10 +47,26 @@ def plain_when_faster(device: DeviceSpec, op_seconds: float) -> Callable[[Region
     return lambda region: plain_extra(region, device)[1] <= region_modes_seconds(region, op_seconds)
 
 
-def predicted_seconds(plan: Plan, regions: dict[str, Region], device: DeviceSpec, op_seconds: float) -> float:
+@dataclasses.dataclass(frozen=True)
+class RegionCost:
+    """What a checkpoint region costs besides the ops it recomputes (`checkpoint_region_cost`)."""
+
+    frame_seconds: float = 0.0  # entering and leaving the region, and starting its recompute
+    op_seconds: float = 0.0  # per op inside: the pack / unpack hooks of what the op saves
+
+    def of(self, region: Region) -> float:
+        return self.frame_seconds + self.op_seconds * len(region.steps)
+
+
+def predicted_seconds(
+    plan: Plan, regions: dict[str, Region], device: DeviceSpec, op_seconds: float, cost: RegionCost = RegionCost()
+) -> float:
     """A plan's predicted extra step time as run: its recompute, what plain regions run beyond
-    it, and the modes' cost in the others."""
-    extra = sum(plain_extra(r, device)[1] if r.plain else region_modes_seconds(r, op_seconds) for r in regions.values())
+    it, the modes' cost in the others, and each region's own cost."""
+    extra = sum(
+        (plain_extra(r, device)[1] if r.plain else region_modes_seconds(r, op_seconds)) + cost.of(r)
+        for r in regions.values()
+    )
     return plan.predicted_recompute_seconds + extra
 
 
@@ -69,20 +85,22 @@ def as_run(plan: Plan, regions: dict[str, Region], device: DeviceSpec) -> Plan:
     )
 
 
-def whole_layer_decisions(tg: TorchGraph, recomputed: set[str]) -> dict[str, Decision]:
-    """Every free value of the layers named in `recomputed` RECOMPUTE, the rest SAVE (pinned kept)."""
-    g = tg.graph
+def whole_layer_decisions(tg: TorchGraph, recomputed: set[str], graph: CostGraph | None = None) -> dict[str, Decision]:
+    """Every free value of the layers named in `recomputed` RECOMPUTE, the rest SAVE (pinned kept).
+    `graph`: `tg.graph` regrouped into segments (the boundaries inside a segment are free there)."""
+    g = graph or tg.graph
     out = {}
     for i in g.free_values:
         v = g.values[i]
         if v.name not in tg.pinned:
-            out[v.name] = Decision.RECOMPUTE if g.block_names[v.block] in recomputed else Decision.SAVE
+            layer = tg.graph.block_names[tg.graph.values[i].block]
+            out[v.name] = Decision.RECOMPUTE if layer in recomputed else Decision.SAVE
     return out
 
 
-def _spread(layers: list[str], k: int) -> set[str]:
-    """`k` of `layers` spaced evenly (every other layer for half of them)."""
-    return {layers[(j * len(layers)) // k] for j in range(k)} if k else set()
+def _spread(num: int, k: int) -> list[int]:
+    """`k` of `range(num)` spaced evenly (every other one for half of them)."""
+    return [(j * num) // k for j in range(k)] if k else []
 
 
 def cheapest_layer_seconds(tg: TorchGraph, device: DeviceSpec) -> float:
@@ -98,28 +116,58 @@ def cheapest_layer_seconds(tg: TorchGraph, device: DeviceSpec) -> float:
     return min(costs, default=0.0)
 
 
+def _segments(block_names: tuple[str, ...], chosen: list[list[str]]) -> tuple[tuple[str, ...], ...]:
+    """The graph's blocks with each group of `chosen` (consecutive layers) as one segment."""
+    first = {group[0]: tuple(group) for group in chosen if len(group) > 1}
+    out: list[tuple[str, ...]] = []
+    skip = 0
+    for name in block_names:
+        if skip:
+            skip -= 1
+            continue
+        group = first.get(name, (name,))
+        out.append(group)
+        skip = len(group) - 1
+    return tuple(out)
+
+
 def fastest_whole_layer_plan(
-    tg: TorchGraph, make: Callable[[dict[str, Decision]], Plan], limit: int, device: DeviceSpec
+    tg: TorchGraph,
+    make: Callable[[set[str], tuple[tuple[str, ...], ...]], Plan],
+    limit: int,
+    price: Callable[[Plan], float],
+    max_span: int = 1,
 ) -> Plan | None:
-    """The whole-layer plan with the least predicted recompute time whose activation bytes fit
-    `limit` (None: none fits). Candidates: the first k layers recomputed, or k spread evenly; for
-    each pattern the least k that fits (found by bisection: more layers recomputed never holds
-    more). `make` turns decisions into a plan as the replay runs it."""
-    layers = [s.name for s in tg.segments if s.module is not None and s.name in tg.graph.block_names]
+    """The whole-layer plan with the least predicted time (`price`) whose activation bytes fit
+    `limit` (None: none fits). Layers are recomputed in groups of `span` consecutive layers
+    (1..`max_span`), each group one checkpoint region (Chen et al.'s segments: fewer regions,
+    each paying checkpoint's own cost once); the groups recomputed are the first k or k spread
+    evenly, for each pattern the least k that fits (bisection: more groups recomputed never holds
+    more). `make(layers, segments)` is the plan recomputing `layers` whole, as the replay runs it."""
+    names = tg.graph.block_names
+    layers = [s.name for s in tg.segments if s.module is not None and s.name in names]
     if not layers:
         return None
-    best: Plan | None = None
-    for pattern in (lambda k: set(layers[:k]), lambda k: _spread(layers, k)):
-        lo, hi, found = 1, len(layers), None
-        while lo <= hi:
-            k = (lo + hi) // 2
-            plan = make(whole_layer_decisions(tg, pattern(k)))
-            if plan.predicted_activation_bytes <= limit:
-                found, hi = plan, k - 1
-            else:
-                lo = k + 1
-        if found is not None and (best is None or found.predicted_recompute_seconds < best.predicted_recompute_seconds):
-            best = found
+    best, best_seconds = None, float("inf")
+    for span in range(1, max(1, max_span) + 1):
+        groups = [layers[i : i + span] for i in range(0, len(layers), span)]
+        # A segment spans consecutive blocks of the graph: nothing may run between its layers.
+        if any(names.index(g[-1]) - names.index(g[0]) != len(g) - 1 for g in groups):
+            continue
+        if span > 1 and len(groups) < 2:
+            continue
+        for pattern in (lambda k: list(range(k)), lambda k: _spread(len(groups), k)):
+            lo, hi, found = 1, len(groups), None
+            while lo <= hi:
+                k = (lo + hi) // 2
+                chosen = [groups[j] for j in pattern(k)]
+                plan = make({n for g in chosen for n in g}, _segments(names, chosen))
+                if plan.predicted_activation_bytes <= limit:
+                    found, hi = plan, k - 1
+                else:
+                    lo = k + 1
+            if found is not None and (seconds := price(found)) < best_seconds:
+                best, best_seconds = found, seconds
     return best
 
 
@@ -141,15 +189,12 @@ def mode_op_seconds(device_type: str = "cpu", repeats: int = 7) -> float:
     for every op of its forward and of its replay; a plain checkpoint never does.
 
     0 when calibration is off (``REMAT_KIT_CALIBRATE=0``: plans then price recompute alone)."""
-    import os
     import statistics
     import time
 
     import torch.nn.functional as F
 
-    if os.environ.get("REMAT_KIT_CALIBRATE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return 0.0
-    if device_type == "meta":  # a model planned from shapes only: no device to measure
+    if _calibration_off(device_type):
         return 0.0
     device = torch.device(device_type) if device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
     # Constant inputs: calibration draws no random numbers of its own (its dropout draws are
@@ -178,3 +223,58 @@ def mode_op_seconds(device_type: str = "cpu", repeats: int = 7) -> float:
     with_mode = timed(counter)
     without = timed(None)
     return max(0.0, (with_mode - without) / max(1, counter.num_ops // (repeats + 1)))
+
+
+def _calibration_off(device_type: str) -> bool:
+    import os
+
+    off = os.environ.get("REMAT_KIT_CALIBRATE", "1").strip().lower() in ("0", "false", "no", "off")
+    return off or device_type == "meta"  # meta: a model planned from shapes only, no device to time
+
+
+@functools.cache
+def checkpoint_region_cost(device_type: str = "cpu", repeats: int = 7, num_ops: int = 9) -> RegionCost:
+    """What one plain non-reentrant checkpoint region costs beyond the forward it recomputes,
+    measured once on tiny tensors: a chain of 1 and of `num_ops` ops, each trained with and without
+    checkpoint and run forward once more (the recompute), least of `repeats`. The difference
+    between the two chains' extra time is the per-op part (checkpoint's pack and unpack hooks of
+    each saved tensor), the rest is the region's frame. On a small model a region's frame is a
+    layer's worth of time (issue 12: sqrt(n)'s few regions stepped faster than `auto`'s many).
+
+    Nothing when calibration is off (``REMAT_KIT_CALIBRATE=0``)."""
+    import time
+
+    from torch.utils.checkpoint import checkpoint
+
+    if _calibration_off(device_type):
+        return RegionCost()
+    device = torch.device(device_type) if device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
+    x = torch.linspace(-1, 1, 8, device=device).requires_grad_()
+
+    def chain(h: torch.Tensor, n: int) -> torch.Tensor:
+        for _ in range(n):
+            h = h.tanh()
+        return h
+
+    def timed(n: int, how: str) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first one warms up
+            start = time.perf_counter()
+            for _ in range(10):
+                if how == "forward":
+                    chain(x, n)
+                elif how == "plain":
+                    chain(x, n).sum().backward()
+                else:
+                    checkpoint(chain, x, n, use_reentrant=False).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - start) / 10)
+        return min(times[1:])  # the least disturbed by other processes (a 2-core box is loaded)
+
+    def extra(n: int) -> float:
+        return timed(n, "checkpoint") - timed(n, "plain") - timed(n, "forward")
+
+    one, many = extra(1), extra(num_ops)
+    per_op = max(0.0, (many - one) / (num_ops - 1))
+    return RegionCost(frame_seconds=max(0.0, one - per_op), op_seconds=per_op)

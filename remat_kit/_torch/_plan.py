@@ -31,11 +31,13 @@ from remat_kit._torch import _layerplan
 from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
 from remat_kit._torch._layerplan import (
+    RegionCost,
     as_run,
     cheapest_layer_seconds,
     fastest_whole_layer_plan,
     plain_when_faster,
     predicted_seconds,
+    whole_layer_decisions,
 )
 from remat_kit._torch._profile import AUTOCAST_TAG, Profile, profile
 from remat_kit._torch._replay import Region, decisions_for_torch, regions
@@ -290,30 +292,38 @@ def solve_torch(
 
 
 def _by_time(module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan, limit: int, parsed: Budget) -> Plan:
-    """`plan`, or the fastest plan of whole layers that fits `limit` where that is predicted faster
-    once the replay modes' per-op cost is counted (see _layerplan.py)."""
-    device, op_seconds = default_device(module), _layerplan.mode_op_seconds(device_of(module).type)
-    if op_seconds == 0.0:  # modes priced at nothing: the solver's plan is the fastest it knows
+    """`plan`, or the fastest plan of whole layers (alone or several to a checkpoint region) that
+    fits `limit` where that is predicted faster once the replay modes' per-op cost and each
+    checkpoint region's own cost are counted (see _layerplan.py)."""
+    device, device_type = default_device(module), device_of(module).type
+    op_seconds = _layerplan.mode_op_seconds(device_type)
+    cost = _layerplan.checkpoint_region_cost(device_type)
+    if op_seconds == 0.0 and cost == RegionCost():  # running a plan priced at nothing: the solver's is fastest
         return plan
     choose = plain_when_faster(device, op_seconds)
-    regs = regions(tg, plan, prof, choose)
-    if all(r.plain for r in regs.values()):
-        return plan
-    selective = predicted_seconds(plan, regs, device, op_seconds)
-    if selective <= cheapest_layer_seconds(tg, device):  # no plan of whole layers can be faster
-        return plan
 
-    def make(decisions: dict[str, Decision]) -> Plan:
-        raw = Plan.from_decisions(tg.graph, decisions)
+    def price(p: Plan) -> float:
+        return predicted_seconds(p, regions(tg, p, prof, choose), device, op_seconds, cost)
+
+    selective = price(plan)
+    if selective <= cheapest_layer_seconds(tg, device) + cost.frame_seconds:  # no whole-layer plan is faster
+        return plan
+    grouped: dict[tuple, CostGraph] = {}
+
+    def make(layers: set[str], segments: tuple[tuple[str, ...], ...]) -> Plan:
+        if segments != tg.graph.segments and segments not in grouped:
+            grouped[segments] = tg.graph.regroup(segments)
+        graph = grouped.get(segments, tg.graph)
+        raw = Plan.from_decisions(graph, whole_layer_decisions(tg, layers, graph))
         return Plan.from_decisions(
-            tg.graph, decisions_for_torch(tg, raw, prof), budget=str(parsed), solver="whole layers", device=device
+            graph, decisions_for_torch(tg, raw, prof), budget=str(parsed), solver="whole layers", device=device
         )
 
-    layered = fastest_whole_layer_plan(tg, make, limit, device)
+    span = _segment_spans(module, tg, None)[0]
+    layered = fastest_whole_layer_plan(tg, make, limit, price, max_span=span)
     if layered is None or set(simulate(tg.graph, layered).recomputed) & tg.pinned:
         return plan
-    faster = predicted_seconds(layered, regions(tg, layered, prof, choose), device, op_seconds) < selective
-    return layered if faster else plan
+    return layered if price(layered) < selective else plan
 
 
 def _solve_one_region(
