@@ -228,3 +228,42 @@ def test_region_cost_is_nothing_when_calibration_is_off(monkeypatch) -> None:
     assert cost.frame_seconds > 0.0 and cost.op_seconds >= 0.0
     region = Region("b", "b", (Step("aten::tanh", "run", (), (), False, False, None, ()),) * 3)
     assert cost.of(region) == pytest.approx(cost.frame_seconds + 3 * cost.op_seconds)
+
+
+def test_compiled_plan_keeps_regions_to_one_layer(model_and_inputs, monkeypatch) -> None:
+    # A region over several layers is entered and left in separate layer calls, which dynamo
+    # cannot trace (a graph break). Planned under torch.compile, the whole-layer plan keeps to
+    # one layer per region even where regions are priced high; the eager plan is kept apart.
+    from benchmarks.compile_bench import graph_breaks
+
+    model, (idx, tgt) = model_and_inputs
+    monkeypatch.setattr(layerplan_mod, "checkpoint_region_cost", lambda *a, **k: RegionCost(frame_seconds=1.0))
+    torch._dynamo.reset()
+    want = grads(torch.compile(fresh(model), backend="eager"), idx, tgt)
+    rematted = _auto_with_mode_cost(fresh(model), 0.7, monkeypatch, 1e-3)
+    step = torch.compile(rematted, backend="eager")
+    got = grads(step, idx, tgt)  # plans under compile
+    (compiled,) = state_of(rematted).plans.values()
+    assert compiled.plan.solver == "whole layers" and not compiled.plan.segments
+    assert compiled.regions and all(r.plain and not r.members for r in compiled.regions.values())
+    assert max_rel_err(got, want) <= 1e-6
+    torch.manual_seed(1)
+    assert graph_breaks(lambda: step(idx, tgt).backward()) == 0
+
+
+def test_eager_plan_with_a_grouped_region_gets_a_compiled_sibling(model_and_inputs, monkeypatch) -> None:
+    from benchmarks.compile_bench import graph_breaks
+
+    model, (idx, tgt) = model_and_inputs
+    monkeypatch.setattr(layerplan_mod, "checkpoint_region_cost", lambda *a, **k: RegionCost(frame_seconds=1.0))
+    rematted = _auto_with_mode_cost(fresh(model), 0.7, monkeypatch, 1e-3)
+    grads(rematted, idx, tgt)  # plans eagerly: one region over several layers
+    (eager,) = state_of(rematted).plans.values()
+    assert any(r.members for r in eager.regions.values())
+    torch._dynamo.reset()
+    step = torch.compile(rematted, backend="eager")
+    grads(step, idx, tgt)
+    plans = list(state_of(rematted).plans.values())
+    assert len(plans) == 2 and not any(r.members for r in plans[1].regions.values())
+    torch.manual_seed(1)
+    assert graph_breaks(lambda: step(idx, tgt).backward()) == 0

@@ -93,12 +93,27 @@ def install_blocks(module: torch.nn.Module, state: _State, compiled: Compiled) -
         state.wrapped_blocks[path] = (block, previous)
 
 
+def _grouped_whole_layers(compiled: Compiled) -> bool:
+    return compiled.plan.solver == "whole layers" and any(r.members for r in compiled.regions.values())
+
+
 @torch._dynamo.disable  # planning is Python bookkeeping and a solver: never traced by torch.compile
 def _plan_for(
-    module: torch.nn.Module, state: _State, original: Any, args: tuple, kwargs: dict, mode: str = "replicate"
+    module: torch.nn.Module,
+    state: _State,
+    original: Any,
+    args: tuple,
+    kwargs: dict,
+    mode: str = "replicate",
+    compiling: bool = False,
 ) -> tuple[Compiled, tuple]:
     key = signature(module, args, kwargs)
     compiled = state.plans.get(key)
+    if compiling and compiled is not None and _grouped_whole_layers(compiled):
+        # Under torch.compile a region over several layers runs eagerly (a graph break): an eager
+        # plan that chose one over regions of one layer each gets a compiled sibling without.
+        key = (*key, "torch.compile")
+        compiled = state.plans.get(key)
     if compiled is None:
         state.profiling = True
         try:
@@ -125,6 +140,7 @@ def _plan_for(
                     call=original,
                     mode=mode,
                     per_call=state.per_call,
+                    segments=not compiling,
                 )
         finally:
             state.profiling = False
@@ -147,7 +163,10 @@ class _RootForward:
         module, state, original = self.module, self.state, self.original
         if state.active is not None or state.profiling or not _needs_remat(module, args, kwargs):
             return original(*args, **kwargs)  # eval / no_grad: no remat cost at all
-        compiled, key = _plan_for(module, state, original, args, kwargs)
+        # Dynamo skips this frame but leaves its callback set for the frames it calls: set here
+        # means torch.compile is tracing the caller.
+        compiling = torch._C._dynamo.eval_frame.get_eval_frame_callback() not in (None, False)
+        compiled, key = _plan_for(module, state, original, args, kwargs, compiling=compiling)
         rng = _rng_states(module)
         # A profile written out from four layers can miss a layer that differs only deep in the
         # stack, and a fake-tensor profile can take another path than real tensors (e.g. an SDPA
@@ -171,7 +190,7 @@ class _RootForward:
                 f"remat_kit: {type(module).__name__}'s op sequence differs from its profile; re-planning from {what}.",
                 stacklevel=2,
             )
-            compiled, key = _plan_for(module, state, original, args, kwargs, mode=mode)
+            compiled, key = _plan_for(module, state, original, args, kwargs, mode=mode, compiling=compiling)
             _restore_rng(rng)
 
     def _run(self, compiled: Compiled, args: tuple, kwargs: dict) -> Any:

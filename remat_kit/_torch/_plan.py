@@ -194,6 +194,7 @@ def solve_torch(
     offload: bool,
     solver: str | None,
     per_call: bool = False,
+    segments: bool = True,
 ) -> Plan:
     """The least-recompute plan that fits `budget` and that the replay modes run exactly.
 
@@ -275,7 +276,7 @@ def solve_torch(
                 continue
             break
         if fixed.predicted_activation_bytes <= limit:
-            return measured_as(_by_time(module, tg, prof, fixed, wish, parsed))
+            return measured_as(_by_time(module, tg, prof, fixed, wish, parsed, segments))
         # The adjustments for torch pushed the plan over: ask the solver for a little less.
         aim -= fixed.predicted_activation_bytes - limit + max(1, limit // 50)
     # The least this planner reaches: the solver's least plan as the replay runs it (the solver
@@ -291,10 +292,13 @@ def solve_torch(
     raise _infeasible(module, budget, tg, offload, least.predicted_activation_bytes, grouped=span > 1 or one_region)
 
 
-def _by_time(module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan, limit: int, parsed: Budget) -> Plan:
+def _by_time(
+    module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan, limit: int, parsed: Budget, segments: bool
+) -> Plan:
     """`plan`, or the fastest plan of whole layers (alone or several to a checkpoint region) that
     fits `limit` where that is predicted faster once the replay modes' per-op cost and each
-    checkpoint region's own cost are counted (see _layerplan.py)."""
+    checkpoint region's own cost are counted (see _layerplan.py). Not several layers to a region
+    under torch.compile (`segments` False): such a region runs eagerly there, a graph break."""
     device, device_type = default_device(module), device_of(module).type
     op_seconds = _layerplan.mode_op_seconds(device_type)
     cost = _layerplan.checkpoint_region_cost(device_type)
@@ -319,7 +323,7 @@ def _by_time(module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan,
             graph, decisions_for_torch(tg, raw, prof), budget=str(parsed), solver="whole layers", device=device
         )
 
-    span = _segment_spans(module, tg, None)[0]
+    span = _segment_spans(module, tg, None)[0] if segments else 1
     layered = fastest_whole_layer_plan(tg, make, limit, price, max_span=span)
     if layered is None or set(simulate(tg.graph, layered).recomputed) & tg.pinned:
         return plan
@@ -374,11 +378,12 @@ def compile_plan(
     call: Any = None,
     mode: str = "replicate",
     per_call: bool = False,
+    segments: bool = True,
 ) -> Compiled:
     """Profile `module` on these inputs (through `call`, default the module itself) and plan it."""
     prof = _profile(module, args, kwargs, call, mode)
     tg = build_graph(prof, segment(module, prof, whole_model=not per_call))
-    plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver, per_call=per_call)
+    plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver, per_call=per_call, segments=segments)
     device = default_device(module)
     regs = regions(tg, plan, prof, plain_when_faster(device, _layerplan.mode_op_seconds(device_of(module).type)))
     return Compiled(as_run(plan, regs, device), tg, prof, regs, signature(module, args, kwargs))
