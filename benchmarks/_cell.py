@@ -70,26 +70,36 @@ def _limit_threads(n: int, framework: str) -> None:
         torch.set_num_threads(n)
 
 
+MIN_TIMED_SECONDS = 1.0  # per cell: a 1 ms step timed 10 times gives a median one preemption can move
+MAX_ROUNDS_PER_STEP = 20
+
+
 def time_with_none(
     one_step: Callable[[], None], none_step: Callable[[], None] | None, *, steps: int, warmup: int
 ) -> dict[str, float | int]:
-    """The cell's step times, each timed step right after a step of `none` (the same model without
-    remat, built in this process): `step_time_vs_none` is the ratio of the two medians, so load that
-    comes and goes between the sweep's cell processes does not tilt a ratio. `none_step=None`: the
-    cell is `none` itself (ratio 1). Both steps must synchronize."""
+    """The cell's step times, each timed step paired with a step of `none` (the same model without
+    remat, built in this process), which of the two goes first alternating by round:
+    `step_time_vs_none` is the ratio of the two medians, so load that comes and goes between the
+    sweep's cell processes does not tilt a ratio. At least `steps` rounds, more (up to
+    MAX_ROUNDS_PER_STEP * steps) until the cell's steps add up to MIN_TIMED_SECONDS, so that a
+    millisecond step gets a median of more than a handful of samples. `none_step=None`: the cell is
+    `none` itself (ratio 1). Both steps must synchronize."""
     for _ in range(warmup):
         if none_step is not None:
             none_step()
         one_step()
-    mine, base = [], []
-    for _ in range(steps):
+    mine: list[float] = []
+    base: list[float] = []
+
+    def timed(step: Callable[[], None], into: list[float]) -> None:
         t0 = time.perf_counter()
-        if none_step is not None:
-            none_step()
-        t1 = time.perf_counter()
-        one_step()
-        mine.append(time.perf_counter() - t1)
-        base.append(t1 - t0)
+        step()
+        into.append(time.perf_counter() - t0)
+
+    while len(mine) < steps or (sum(mine) < MIN_TIMED_SECONDS and len(mine) < MAX_ROUNDS_PER_STEP * steps):
+        pair = [(one_step, mine)] + ([(none_step, base)] if none_step is not None else [])
+        for step, into in pair[:: 1 if len(mine) % 2 else -1]:
+            timed(step, into)
     q = statistics.quantiles(mine, n=4) if len(mine) >= 2 else [mine[0]] * 3
     median = statistics.median(mine)
     none_median = statistics.median(base) if none_step is not None else median
@@ -97,7 +107,7 @@ def time_with_none(
         "step_time_s": median,
         "step_time_iqr_s": q[2] - q[0],
         "step_time_min_s": min(mine),
-        "num_steps": steps,
+        "num_steps": len(mine),
         "none_step_time_s": none_median,
         "step_time_vs_none": median / none_median,
     }
