@@ -13,7 +13,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from remat_kit import resume  # noqa: E402
-from remat_kit.resume._decode import decode  # noqa: E402
+from remat_kit.resume._decode import decode, plan  # noqa: E402
 from remat_kit.resume._writing import encode  # noqa: E402
 
 
@@ -24,12 +24,18 @@ def saved(state):
     spec = json.loads(json.dumps(encoded.spec))  # exactly what the JSON item stores
     copies = {k: v.copy() for k, v in encoded.arrays.items()}
 
-    def host(key, dtype, shape, local):
-        return copies[key]
+    def host(key, dtype, shape, local, out=None):
+        if out is None:
+            return copies[key]
+        out[...] = copies[key]
+        return out
 
     def restore(template=None):
         kwargs = {"host": host, "jax_arrays": encoded.jax_arrays}
-        return decode(spec, **kwargs) if template is None else decode(spec, template, **kwargs)
+        if template is None:
+            return decode(spec, **kwargs)
+        plan(spec, template, local_specs=None, step=None)  # as read_step: nothing is read before it passes
+        return decode(spec, template, **kwargs)
 
     return restore
 
@@ -300,3 +306,46 @@ def test_importing_remat_kit_resume_does_not_import_torch_and_without_orbax_says
         assert result.returncode == 0, result.stderr[-2000:]
     assert outputs[0] == "ok"
     assert outputs[1].startswith("remat_kit.resume needs orbax-checkpoint") and "pip install" in outputs[1]
+
+
+def test_torch_restore_loads_into_the_templates_tensors_without_new_storage(tmp_path):
+    """Like dcp.load: a template's tensors receive the data (no new tensor, no whole-state host
+    copy); a non-contiguous or non-numpy template tensor is filled through a leaf buffer."""
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(3, 4)
+    state = {
+        "w": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+        "b": torch.arange(6, dtype=torch.bfloat16),
+        "t": torch.arange(6, dtype=torch.float64).reshape(2, 3),
+        "m": model,
+    }
+    with resume.Resumable(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, state)
+        template = {
+            "w": torch.zeros(3, 4),
+            "b": torch.zeros(6, dtype=torch.bfloat16),
+            "t": torch.zeros(3, 2, dtype=torch.float64).T,  # not contiguous
+            "m": torch.nn.Linear(3, 4),
+        }
+        pointers = {k: template[k].data_ptr() for k in ("w", "b", "t")}
+        weight = template["m"].weight
+        weight_pointer = weight.data_ptr()
+        restored = ckpt.restore(0, template)
+    for key in ("w", "b", "t"):
+        assert restored[key] is template[key] and restored[key].data_ptr() == pointers[key]
+        assert torch.equal(restored[key], state[key])
+    assert restored["m"].weight is weight and weight.data_ptr() == weight_pointer
+    assert torch.equal(weight, model.weight) and torch.equal(restored["m"].bias, model.bias)
+
+
+def test_a_truncated_host_array_is_reported_not_read_short(tmp_path):
+    from remat_kit.resume import _host_item
+
+    _host_item.write_arrays(tmp_path, {"a0": np.arange(10, dtype=np.float32)})
+    path = tmp_path / "a0.npy"
+    path.write_bytes(path.read_bytes()[:-4])
+    out = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match="truncated"):
+        _host_item.read_array(tmp_path, "a0", np.dtype(np.float32), [10], out)
+    with pytest.raises(ValueError, match="truncated"):
+        _host_item.read_array(tmp_path, "a0", np.dtype(np.float32), [10])

@@ -5,7 +5,9 @@ as dicts, since rebuilding an arbitrary class from a name would be pickle by ano
 arrays in the framework they were saved from. With a template, the result has the template's
 types, JAX shardings and torch devices, objects in the template (`nn.Module`, optimizers,
 iterators, generators) are loaded in place, and every structural difference is reported at once.
-In-place loads run only after the whole tree matched, so a failed restore changes nothing.
+A mismatched template changes nothing (`plan` reports it before any data is read). Template
+tensors (a module's too) receive the data as it is read, as with `dcp.load`: a step found
+corrupt while reading may leave them partly written. Other in-place loads run after the read.
 
 A restore walks the spec twice: `plan` (no data read) checks the template and collects where
 each JAX array and DTensor goes (the template's sharding, the template tensor), so Orbax and
@@ -23,10 +25,9 @@ import numpy as np
 
 from remat_kit.resume import _torch_arrays
 from remat_kit.resume._codec import PerProcess, _is_checkpointable, _is_jax_array, _is_stateful, _jax, checksum
-from remat_kit.resume._errors import CorruptCheckpointError, TemplateMismatchError
+from remat_kit.resume._errors import TemplateMismatchError, report_problems
 
 _NO_TEMPLATE = object()
-_MAX_REPORTED = 20
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -45,7 +46,7 @@ def _template_dtype_name(template: Any) -> str | None:
     return str(dtype).removeprefix("torch.")
 
 
-HostReader = Callable[[str, np.dtype, list, bool], np.ndarray]  # (key, dtype, shape, per_process)
+HostReader = Callable[..., np.ndarray]  # (key, dtype, shape, per_process, out=None): out is filled when given
 
 
 class _Decoder:
@@ -180,14 +181,15 @@ class _Decoder:
         finally:
             self._local = False
 
-    def _host_array(self, node: dict[str, Any], path: str) -> np.ndarray | None:
+    def _host_array(self, node: dict[str, Any], path: str, out: np.ndarray | None = None) -> np.ndarray | None:
         dtype, shape = _np_dtype(node["dtype"]), tuple(node["shape"])
         if node["key"] is None:
             return np.zeros(shape, dtype)
         if self.planning:
             return None
         try:
-            host = self.host(node["key"], dtype, list(shape), self._local)
+            args = (node["key"], dtype, list(shape), self._local)
+            host = self.host(*args) if out is None else self.host(*args, out=out)
         except (OSError, ValueError, KeyError) as error:
             self.corrupt.append(f"{path}: array {node['key']} could not be read ({error})")
             return None
@@ -213,7 +215,10 @@ class _Decoder:
                 return None
             return self.dtensors[key]
         if self.planning:
-            self.jax_targets[key] = None if template is _NO_TEMPLATE else getattr(template, "sharding", None)
+            # An uncommitted template leaf (optax's step count) may meet arrays on any devices in a
+            # jit: it gets the default placement (every device, when the job spans processes).
+            committed = template is not _NO_TEMPLATE and getattr(template, "committed", True)
+            self.jax_targets[key] = getattr(template, "sharding", None) if committed else None
             return None
         array = self.jax_arrays[key]
         if node["kind"] == "jax_key":
@@ -232,6 +237,8 @@ class _Decoder:
             return None
         if node["key"] is not None and node["key"][0] != "a" and not self._local:
             return self._stored_array(node, template, path)
+        if kind != "torch_generator" and _template_kind(template) == "torch":
+            return self._into_tensor(node, template, path)
         host = self._host_array(node, path)
         if host is None:
             return None
@@ -258,6 +265,22 @@ class _Decoder:
         if target == "numpy_scalar":
             return host[()]
         return host
+
+    def _into_tensor(self, node: dict[str, Any], template: Any, path: str) -> Any:
+        """Reads a host array into the template's tensor (straight into its memory when it can)."""
+        if self.planning:
+            return None
+        view = _torch_arrays.host_view(template)
+        host = self._host_array(node, path, out=view)
+        if host is not None and view is None:
+            meta = node if node["kind"] == "torch" else {**node, "torch_dtype": node["dtype"], "device": "cpu"}
+            _torch_arrays.copy_into(template, _torch_arrays.from_numpy(host, meta, template))
+        return None if host is None else template
+
+    @staticmethod
+    def _module_state(template: Any, node: dict[str, Any]) -> Any:
+        own = _torch_arrays.module_state(template, [k for k, _ in node["items"]] if node["t"] == "dict" else None)
+        return _NO_TEMPLATE if own is None else own  # no template: load_state_dict says what differs
 
     def _array_matches(self, node: dict[str, Any], template: Any, path: str) -> bool:
         kind = _template_kind(template)
@@ -294,7 +317,7 @@ class _Decoder:
         if not (_is_stateful(template) or _is_checkpointable(template)):
             # Saved an object, the template holds its state (e.g. model.state_dict()).
             return self.decode(inner, template, path)
-        state = self.decode(inner, _NO_TEMPLATE, path)
+        state = self.decode(inner, self._module_state(template, inner), path)
 
         def load() -> None:
             try:
@@ -355,20 +378,6 @@ def _template_kind(template: Any) -> str | None:
     return None
 
 
-def _report(decoder: _Decoder, step: int | None) -> None:
-    if decoder.corrupt:
-        raise CorruptCheckpointError(step, "; ".join(decoder.corrupt[:_MAX_REPORTED]))
-    if decoder.mismatches:
-        shown = "\n  ".join(decoder.mismatches[:_MAX_REPORTED])
-        more = len(decoder.mismatches) - _MAX_REPORTED
-        raise TemplateMismatchError(
-            f"template does not match the checkpoint saved at step {step} "
-            f"({len(decoder.mismatches)} difference(s)):\n  {shown}"
-            + (f"\n  ... and {more} more" if more > 0 else "")
-            + "\nPass a template with the structure you saved, or template=None to get the saved tree as is."
-        )
-
-
 def plan(
     spec: dict[str, Any], template: Any, *, local_specs: list[Any] | None, step: int | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -376,7 +385,7 @@ def plan(
     (key -> template sharding or None) and each DTensor (key -> template tensor) goes."""
     decoder = _Decoder(step, local_specs=local_specs, planning=True)
     decoder.decode(spec, template, "state")
-    _report(decoder, step)
+    report_problems(step, decoder.corrupt, decoder.mismatches)
     return decoder.jax_targets, decoder.dtensor_targets
 
 
@@ -393,7 +402,7 @@ def decode(
     """Rebuilds the state; raises CorruptCheckpointError or TemplateMismatchError listing all problems."""
     decoder = _Decoder(step, host=host, jax_arrays=jax_arrays, dtensors=dtensors, local_specs=local_specs)
     result = decoder.decode(spec, template, "state")
-    _report(decoder, step)
+    report_problems(step, decoder.corrupt, decoder.mismatches)
     for load in decoder.in_place:
         load()
     return result

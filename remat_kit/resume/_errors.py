@@ -34,3 +34,21 @@ class AsyncSaveError(ResumeError):
 
 class CorruptCheckpointWarning(UserWarning):
     """restore_latest() skipped a corrupt or incomplete checkpoint and fell back to an older one."""
+
+
+_MAX_REPORTED = 20
+
+
+def report_problems(step: int | None, corrupt: list[str], mismatches: list[str]) -> None:
+    """Raises for what a restore found wrong: corruption first, then every template difference."""
+    if corrupt:
+        raise CorruptCheckpointError(step, "; ".join(corrupt[:_MAX_REPORTED]))
+    if mismatches:
+        shown = "\n  ".join(mismatches[:_MAX_REPORTED])
+        more = len(mismatches) - _MAX_REPORTED
+        raise TemplateMismatchError(
+            f"template does not match the checkpoint saved at step {step} "
+            f"({len(mismatches)} difference(s)):\n  {shown}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + "\nPass a template with the structure you saved, or template=None to get the saved tree as is."
+        )

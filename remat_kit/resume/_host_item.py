@@ -47,17 +47,31 @@ def write_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
         np.save(directory / f"{key}.npy", raw, allow_pickle=False)
 
 
-def read_array(directory: Path, key: str, dtype: np.dtype, shape: list[int]) -> np.ndarray:
-    """Raises OSError / ValueError on a missing or truncated file."""
-    raw = np.load(directory / f"{key}.npy", allow_pickle=False)
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise ValueError(f"{key}.npy holds {raw.dtype}{list(raw.shape)}, not raw bytes")
-    if raw.size != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-        raise ValueError(
-            f"{key}.npy holds {raw.size} bytes, {dtype}{shape} needs "
-            f"{dtype.itemsize * int(np.prod(shape, dtype=np.int64))}"
-        )
-    return raw.view(dtype).reshape(shape)
+def read_array(
+    directory: Path, key: str, dtype: np.dtype, shape: list[int], out: np.ndarray | None = None
+) -> np.ndarray:
+    """The array stored as `key`, read into `out` (a C-contiguous array of that dtype and shape,
+    e.g. a view of the template's tensor) when given, so no second host copy is made. Raises
+    OSError / ValueError on a missing or truncated file."""
+    size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    with open(directory / f"{key}.npy", "rb") as file:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            raw_shape, _, raw_dtype = np.lib.format.read_array_header_1_0(file)
+        elif version == (2, 0):
+            raw_shape, _, raw_dtype = np.lib.format.read_array_header_2_0(file)
+        else:
+            raise ValueError(f"{key}.npy has .npy format version {version}, not 1.0 or 2.0")
+        if raw_dtype != np.uint8 or len(raw_shape) != 1:
+            raise ValueError(f"{key}.npy holds {raw_dtype}{list(raw_shape)}, not raw bytes")
+        if raw_shape[0] != size:
+            raise ValueError(f"{key}.npy holds {raw_shape[0]} bytes, {dtype}{shape} needs {size}")
+        target = np.empty(shape, dtype) if out is None else out
+        # readinto fills the target's own pages: np.load would allocate (and fault in) a new array.
+        read = file.readinto(memoryview(target.reshape(-1).view(np.uint8))) if size else 0
+        if read != size:
+            raise ValueError(f"{key}.npy is truncated: {read} of {size} bytes")
+    return target
 
 
 def write_local(directory: Path, index: int, spec: Any, arrays: dict[str, np.ndarray]) -> None:

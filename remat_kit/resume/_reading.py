@@ -104,11 +104,10 @@ def _check_fingerprints(meta: dict[str, Any], arrays: dict[str, Any], saved: dic
 def _load_dtensors(step_dir: Path, targets: dict[str, Any]) -> dict[str, Any]:
     if not targets:
         return {}
-    import torch
     import torch.distributed.checkpoint as dcp
 
-    # Fresh tensors with the template's placement: the template itself is left as it was.
-    loaded = {key: torch.empty_like(tensor) for key, tensor in targets.items()}
+    # Into the template's own tensors, as dcp.load does: no second copy of the sharded state.
+    loaded = dict(targets)
     dcp.load(loaded, checkpoint_id=str(step_dir / _host_item.HOST_ITEM / _host_item.DCP_DIR))
     return loaded
 
@@ -165,9 +164,9 @@ def read_step(
     dtensors = _agree(processes, step, dcp_read)
     host_dir = step_dir / _host_item.HOST_ITEM
 
-    def host(key: str, dtype: np.dtype, shape: list, local: bool) -> np.ndarray:
+    def host(key: str, dtype: np.dtype, shape: list, local: bool, out: np.ndarray | None = None) -> np.ndarray:
         directory = host_dir / _host_item.process_dir(processes.index) if local else host_dir
-        return _host_item.read_array(directory, key, dtype, shape)
+        return _host_item.read_array(directory, key, dtype, shape, out)
 
     return _agree(processes, step, lambda: _decode_step(meta, template, host, jax_arrays, dtensors, local_specs))
 
@@ -228,10 +227,13 @@ def _read_v1(step_dir: Path, step: int, meta: dict[str, Any], template: Any) -> 
         except Exception as error:
             raise CorruptCheckpointError(step, f"Orbax could not read the arrays ({_first_line(error)})") from error
 
-    def host(key: str, dtype: np.dtype, shape: list, local: bool) -> np.ndarray:
+    def host(key: str, dtype: np.dtype, shape: list, local: bool, out: np.ndarray | None = None) -> np.ndarray:
         array = np.asarray(arrays[key])
         if array.dtype != dtype or list(array.shape) != list(shape):
             raise ValueError(f"stored {array.dtype}{list(array.shape)}, spec says {dtype}{list(shape)}")
+        if out is not None:
+            out[...] = array
+            return out
         return array
 
     return _decode_step(meta, template, host, {}, {}, None)

@@ -118,6 +118,45 @@ def from_numpy(array: np.ndarray, node: dict[str, Any], template: Any = None) ->
     return host.to(_device(node["device"], template))
 
 
+def host_view(tensor: Any) -> np.ndarray | None:
+    """A numpy array sharing `tensor`'s memory (bytes in the saved dtype), or None when the
+    tensor is not a plain contiguous CPU tensor (another device, a view with conj/neg bits)."""
+    torch = _torch()
+    if (
+        tensor.device.type != "cpu"
+        or not tensor.is_contiguous()
+        or tensor.is_conj()
+        or tensor.is_neg()
+        or tensor.layout != torch.strided
+        or is_dtensor(tensor)
+    ):
+        return None
+    name = _dtype_name(tensor.dtype)
+    plain = tensor.detach()
+    try:
+        if name in _VIEW_DTYPES:
+            import ml_dtypes
+
+            return plain.view(getattr(torch, _VIEW_DTYPES[name])).numpy().view(getattr(ml_dtypes, name))
+        return plain.numpy()
+    except (TypeError, RuntimeError):  # no numpy equivalent: the caller copies through a buffer
+        return None
+
+
+def copy_into(tensor: Any, value: Any) -> None:
+    with _torch().no_grad():
+        tensor.copy_(value)
+
+
+def module_state(template: Any, keys: list[str] | None) -> Any:
+    """`template.state_dict()` when `template` is a torch module whose state has exactly `keys`."""
+    torch = _torch()
+    if torch is None or keys is None or not isinstance(template, torch.nn.Module):
+        return None
+    own = template.state_dict()
+    return own if list(own) == keys else None
+
+
 def generator_state(generator: Any) -> tuple[np.ndarray, dict[str, Any]]:
     state = generator.get_state().numpy().copy()
     return state, {"kind": "torch_generator", "device": str(generator.device)}
