@@ -55,6 +55,16 @@ class PerProcess:
         return isinstance(other, PerProcess) and other.value == self.value
 
 
+def np_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a saved dtype name (ml_dtypes for bfloat16, float8)."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
 def checksum(array: np.ndarray) -> int:
     """CRC32 of an array's bytes (C order); the same value Orbax-restored data must give."""
     flat = np.ascontiguousarray(array).reshape(-1)

@@ -24,19 +24,18 @@ from typing import Any
 import numpy as np
 
 from remat_kit.resume import _torch_arrays
-from remat_kit.resume._codec import PerProcess, _is_checkpointable, _is_jax_array, _is_stateful, _jax, checksum
+from remat_kit.resume._codec import (
+    PerProcess,
+    _is_checkpointable,
+    _is_jax_array,
+    _is_stateful,
+    _jax,
+    checksum,
+    np_dtype,
+)
 from remat_kit.resume._errors import TemplateMismatchError, report_problems
 
 _NO_TEMPLATE = object()
-
-
-def _np_dtype(name: str) -> np.dtype:
-    try:
-        return np.dtype(name)
-    except TypeError:
-        import ml_dtypes
-
-        return np.dtype(getattr(ml_dtypes, name))
 
 
 def _template_dtype_name(template: Any) -> str | None:
@@ -182,7 +181,7 @@ class _Decoder:
             self._local = False
 
     def _host_array(self, node: dict[str, Any], path: str, out: np.ndarray | None = None) -> np.ndarray | None:
-        dtype, shape = _np_dtype(node["dtype"]), tuple(node["shape"])
+        dtype, shape = np_dtype(node["dtype"]), tuple(node["shape"])
         if node["key"] is None:
             return np.zeros(shape, dtype)
         if self.planning:

@@ -64,13 +64,13 @@ def _default_sharding() -> Any:
 def _restore_jax(step_dir: Path, meta: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
     import jax
 
-    from remat_kit.resume._codec import jax_nodes
+    from remat_kit.resume._codec import jax_nodes, np_dtype
 
     nodes = {node["key"]: node for node in jax_nodes(meta["spec"])}
     abstract = {}
     for key, sharding in targets.items():
         node = nodes[key]
-        dtype = _decode._np_dtype(node["dtype"])
+        dtype = np_dtype(node["dtype"])
         abstract[key] = jax.ShapeDtypeStruct(tuple(node["shape"]), dtype, sharding=sharding or _default_sharding())
     if not abstract:
         return {}
