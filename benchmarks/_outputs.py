@@ -126,8 +126,8 @@ def report(df: Any, meta: dict[str, Any]) -> str:
         "",
         "Memory is exact and allocator-level (JAX: `memory_analysis().temp_size_in_bytes` of the compiled "
         "step; PyTorch: live storages under a TorchDispatchMode); ratios are to `none` of the same model. "
-        "`time` is the median step time over `none`'s median, both timed interleaved (a step of `none`, then "
-        "a step of the cell) in the cell's own process, so every time ratio comes from one run; on a CPU only "
+        "`time` is the median step time over `none`'s median, both timed interleaved (each step of the cell "
+        "paired with one of `none`, the pair's order alternating) in the cell's own process, so every time ratio comes from one run; on a CPU only "
         "the ratio means much. "
         "FLOPs include recompute (JAX, scanned layers: counted on the program with its scan unrolled, "
         "before XLA optimizes it, because `cost_analysis` counts a loop body once). `pred. err` is auto's "
@@ -228,19 +228,26 @@ def pareto(df: Any, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
     markers = dict(zip(sorted(set(df.strategy)), "os^vD<>phX*P8"))
     for ax, (key, g) in zip(axes.flat, groups):
-        ok = g[(g.status == "ok") & g.activation_ratio.notna() & g.step_time_ratio.notna()]
+        # Compiled cells: saved-for-backward bytes over compiled none's, time over compiled none's.
+        memory = g.activation_ratio.where(~g.strategy.isin(COMPILED), g.saved_vs_none.astype(float))
+        ok = g[(g.status == "ok") & memory.notna() & g.step_time_ratio.notna()]
         for r in ok.itertuples():
-            ax.scatter(r.activation_ratio, r.step_time_ratio, marker=markers.get(r.strategy, "o"), s=40)
+            x = memory[r.Index]
+            ax.scatter(x, r.step_time_ratio, marker=markers.get(r.strategy, "o"), s=40)
             ax.annotate(
                 _label(r),
-                (r.activation_ratio, r.step_time_ratio),
+                (x, r.step_time_ratio),
                 fontsize=6,
                 xytext=(3, 2),
                 textcoords="offset points",
             )
         ax.set_title("/".join(key), fontsize=9)
-        ax.set_xlabel("activation memory / none")
-        ax.set_ylabel("step time / none")
+        ax.set_xlabel(
+            "activation memory / none"
+            + (" (compile*: saved / compiled none)" if g.strategy.isin(COMPILED).any() else ""),
+            fontsize=7,
+        )
+        ax.set_ylabel("step time / none (same process)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
