@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import math
+import pickle
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +87,83 @@ def test_auto_validates_the_budget_at_decoration_time():
         rk.auto()
     with pytest.raises(ValueError, match="solver='fast'"):
         rk.auto(budget=0.5, solver="fast")
+
+
+def _below(budget, per_call=False):
+    return rk.InfeasibleBudgetError.below(
+        budget,
+        smallest_activation_bytes=612_000,
+        baseline_activation_bytes=1_000_000,
+        constant_bytes=0 if per_call else 3 * 2**20,
+        per_call=per_call,
+        where=" for this test",
+        why="a made-up floor",
+        remedies=["pass offload=True"],
+    )
+
+
+def test_infeasible_budget_error_fields_mean_one_thing():
+    whole = _below(0.5)
+    assert whole.smallest_fraction == 0.612
+    assert whole.smallest_bytes == 612_000 + 3 * 2**20  # the whole step: activations and constant bytes
+    assert (whole.budget, whole.per_call, whole.constant_bytes) == (0.5, False, 3 * 2**20)
+    assert str(whole) == (
+        "budget=0.5 is below the smallest feasible budget 0.612 for this test: a made-up floor; "
+        "raise it, or pass offload=True."
+    )
+    per_call = _below(0.5, per_call=True)
+    assert per_call.smallest_fraction == 0.612 and per_call.smallest_bytes is None  # no whole step to name
+    assert per_call.constant_bytes == 0
+    # the smallest budget is named in the unit the budget was given in, and the whole step's bytes
+    # only where a byte budget bounds the whole step
+    assert "smallest feasible budget '61.2%' for" in str(_below("50%"))
+    assert f"smallest feasible budget {612_000 + 3 * 2**20} (3.58MiB) for" in str(_below(2**20))
+    assert f"smallest feasible budget '3.584MiB' ({612_000 + 3 * 2**20} bytes) for" in str(_below("1MiB"))
+    assert "smallest feasible budget '597.66KiB' (612000 bytes) for" in str(_below("100KiB", per_call=True))
+
+
+def test_infeasible_budget_error_survives_json_for_another_spelling_of_the_budget():
+    err = _below(0.5)
+    back = rk.InfeasibleBudgetError.from_json(json.loads(json.dumps(err.to_json())), "50%")
+    assert str(back).startswith("budget='50%' is below the smallest feasible budget '61.2%' for this test")
+    assert (back.smallest_bytes, back.smallest_fraction) == (err.smallest_bytes, err.smallest_fraction)
+    again = pickle.loads(pickle.dumps(back))  # a process pool hands errors back pickled
+    assert (str(again), again.budget, again.to_json()) == (str(back), "50%", back.to_json())
+    for bad in ({"message": "old", "smallest_fraction": 0.6, "smallest_bytes": 10}, {**err.to_json(), "per_call": 1}):
+        with pytest.raises((KeyError, TypeError, ValueError)):
+            rk.InfeasibleBudgetError.from_json(bad, 0.5)
+
+
+def test_the_library_builds_infeasible_budget_errors_in_one_place():
+    """Every site goes through `InfeasibleBudgetError.below`, so `smallest_bytes` cannot come to
+    mean per-call bytes at one site and the whole step at another again."""
+    root = Path(rk.__file__).parent
+    calls = [
+        f"{path.relative_to(root)}:{node.lineno}"
+        for path in sorted(root.rglob("*.py"))
+        if path.relative_to(root).as_posix() != "_core/budget.py"  # where it is defined (and unpickled)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "InfeasibleBudgetError"
+    ]
+    assert calls == [], f"build it with InfeasibleBudgetError.below(...): {calls}"
+
+
+def test_jax_plan_cache_rebuilds_an_infeasible_verdict_for_the_budget_as_written(tmp_path, monkeypatch):
+    """The cache is keyed by the parsed budget, so ``0.5`` and ``'50%'`` share an entry; the error
+    it gives back echoes the budget of this call, in its unit (it echoed the first call's)."""
+    pytest.importorskip("jax")
+    from remat_kit._jax import _plancache
+
+    monkeypatch.setenv("REMAT_KIT_PLAN_CACHE", "1")
+    monkeypatch.setenv("REMAT_KIT_CACHE_DIR", str(tmp_path))
+    key = "0" * 64
+    _plancache.store_plan(key, _below(0.5))
+    found = _plancache.load_plan(key, None, "50%")
+    assert isinstance(found, rk.InfeasibleBudgetError)
+    assert str(found).startswith("budget='50%' is below the smallest feasible budget '61.2%'")
+    # an entry of the earlier schema (the message alone) is a miss, not a wrong verdict
+    old = {"schema": 1, "error": {"message": "budget=0.5 is below", "smallest_fraction": 0.6, "smallest_bytes": 1}}
+    (tmp_path / "plans" / f"{key}.json").write_text(json.dumps(old))
+    assert _plancache.load_plan(key, None, 0.5) is None
+    (tmp_path / "plans" / f"{key}.json").write_text(json.dumps({**old, "schema": _plancache.SCHEMA}))
+    assert _plancache.load_plan(key, None, 0.5) is None

@@ -6,7 +6,8 @@ import dataclasses
 import math
 import numbers
 import re
-from typing import TypeAlias
+from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 _UNITS = {
     "b": 1,
@@ -133,3 +134,145 @@ def budget_meaning(per_call: bool) -> str:
             "(a decorated layer class or a scan body, called many times by the model around it)"
         )
     return "the whole step: the activation memory of one forward+backward of this function or model"
+
+
+class InfeasibleBudgetError(ValueError):
+    """The budget is below the smallest activation memory any plan reaches.
+
+    Built by `below`, the one constructor the library uses; every field has one meaning:
+
+    * ``budget``: the budget as the user passed it (its unit is the unit of the message).
+    * ``per_call``: the budget bounds what one call of a repeated layer keeps for its backward
+      (a decorated layer class, a scan body), not one whole training step.
+    * ``smallest_activation_bytes`` / ``baseline_activation_bytes``: activation bytes of the
+      least-memory plan and of no remat: the step's activation peak, or, with `per_call`, what
+      one call keeps.
+    * ``smallest_fraction``: the first over the second: the smallest feasible fractional budget.
+    * ``constant_bytes``: parameters, their gradients and the inputs beside the activations of
+      the whole step (0 with `per_call`).
+    * ``smallest_bytes``: the smallest feasible byte budget for the whole step (activations plus
+      `constant_bytes`); None with `per_call`, where a byte budget bounds
+      `smallest_activation_bytes` itself.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget: object,
+        smallest_activation_bytes: int,
+        baseline_activation_bytes: int,
+        constant_bytes: int,
+        per_call: bool,
+        parts: dict[str, Any] | None = None,
+    ):
+        super().__init__(message)
+        self.budget = budget
+        self.smallest_activation_bytes = int(smallest_activation_bytes)
+        self.baseline_activation_bytes = int(baseline_activation_bytes)
+        self.constant_bytes = 0 if per_call else int(constant_bytes)
+        self.per_call = bool(per_call)
+        self._parts = parts or {}
+
+    @property
+    def smallest_fraction(self) -> float:
+        baseline = self.baseline_activation_bytes
+        return self.smallest_activation_bytes / baseline if baseline else 1.0
+
+    @property
+    def smallest_bytes(self) -> int | None:
+        return None if self.per_call else self.smallest_activation_bytes + self.constant_bytes
+
+    @classmethod
+    def below(
+        cls,
+        budget: object,
+        *,
+        smallest_activation_bytes: int,
+        baseline_activation_bytes: int,
+        constant_bytes: int = 0,
+        per_call: bool = False,
+        where: str = "",
+        why: str,
+        remedies: Sequence[str] = (),
+        note: str = "",
+    ) -> InfeasibleBudgetError:
+        """The error for `budget` below the least plan's `smallest_activation_bytes`.
+
+        The message reads ``budget=<as given> is below the smallest feasible budget <in the
+        user's unit><where>: <why>; raise it[, or <remedy>]...<note>``. The smallest budget is
+        rounded up so that passing it back is feasible (`smallest_budget_text`).
+        """
+        parts = dict(where=where, why=why, remedies=list(remedies), note=note)
+        err = cls(
+            "",
+            budget=budget,
+            smallest_activation_bytes=smallest_activation_bytes,
+            baseline_activation_bytes=baseline_activation_bytes,
+            constant_bytes=constant_bytes,
+            per_call=per_call,
+            parts=parts,
+        )
+        whole = err.smallest_activation_bytes if per_call else err.smallest_bytes
+        need = smallest_budget_text(budget, fraction=err.smallest_fraction, num_bytes=int(whole or 0))
+        advice = "raise it" + "".join(f", or {r}" for r in remedies)
+        err.args = (f"budget={budget!r} is below the smallest feasible budget {need}{where}: {why}; {advice}.{note}",)
+        return err
+
+    def for_budget(self, budget: object) -> InfeasibleBudgetError:
+        """The same verdict for `budget`, an equal budget written another way (``0.5``, ``'50%'``):
+        the message echoes it and names the smallest budget in its unit."""
+        return type(self).below(
+            budget,
+            smallest_activation_bytes=self.smallest_activation_bytes,
+            baseline_activation_bytes=self.baseline_activation_bytes,
+            constant_bytes=self.constant_bytes,
+            per_call=self.per_call,
+            **self._parts,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The verdict as JSON data (the JAX plan cache stores it); `from_json` reads it back."""
+        return dict(
+            smallest_activation_bytes=self.smallest_activation_bytes,
+            baseline_activation_bytes=self.baseline_activation_bytes,
+            constant_bytes=self.constant_bytes,
+            per_call=self.per_call,
+            **self._parts,
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keyword-only fields: pickle's default passes `args` alone
+        return (_unpickle, (str(self), self.budget, self.to_json()))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], budget: object) -> InfeasibleBudgetError:
+        """The verdict `to_json` wrote, for `budget`. Raises KeyError, TypeError or ValueError on
+        data of another shape."""
+        if set(data) != set(_JSON_FIELDS):
+            raise ValueError(f"an InfeasibleBudgetError's data has fields {sorted(data)}, not {sorted(_JSON_FIELDS)}")
+        ints = {k: data[k] for k in ("smallest_activation_bytes", "baseline_activation_bytes", "constant_bytes")}
+        texts = {k: data[k] for k in ("where", "why", "note")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints.values()):
+            raise TypeError(f"byte counts must be ints: {ints!r}")
+        if not all(isinstance(v, str) for v in [*texts.values(), *data["remedies"]]):
+            raise TypeError(f"texts must be strings: {texts!r}, remedies={data['remedies']!r}")
+        if not isinstance(data["per_call"], bool):
+            raise TypeError(f"per_call={data['per_call']!r} must be a bool")
+        return cls.below(budget, per_call=data["per_call"], remedies=list(data["remedies"]), **ints, **texts)
+
+
+def _unpickle(message: str, budget: object, data: dict[str, Any]) -> InfeasibleBudgetError:
+    parts: dict[str, Any] = {k: data.pop(k) for k in ("where", "why", "remedies", "note") if k in data}
+    return InfeasibleBudgetError(message, budget=budget, parts=parts or None, **data)
+
+
+_JSON_FIELDS = (
+    "smallest_activation_bytes",
+    "baseline_activation_bytes",
+    "constant_bytes",
+    "per_call",
+    "where",
+    "why",
+    "remedies",
+    "note",
+)

@@ -18,11 +18,10 @@ never returned.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 
 from remat_kit._core import chain_dp
-from remat_kit._core.budget import Budget, format_bytes, parse_budget
+from remat_kit._core.budget import InfeasibleBudgetError, format_bytes, parse_budget
 from remat_kit._core.costs import Costs
 from remat_kit._core.graph import CostGraph, DeviceSpec
 from remat_kit._core.menus import (
@@ -65,15 +64,6 @@ _NAMES = {_SAVE: Decision.SAVE, _RECOMPUTE: Decision.RECOMPUTE, _OFFLOAD: Decisi
 # long in HiGHS. Past either the DP's answer stands alone (96-layer stacks plan in the DP's time).
 WHOLE_GRAPH_WORK = 16_000
 WHOLE_GRAPH_SECONDS = 1.0
-
-
-class InfeasibleBudgetError(ValueError):
-    """The budget is below the smallest activation memory any plan reaches."""
-
-    def __init__(self, message: str, *, smallest_fraction: float, smallest_bytes: int):
-        super().__init__(message)
-        self.smallest_fraction = smallest_fraction
-        self.smallest_bytes = smallest_bytes
 
 
 def solve(
@@ -138,7 +128,7 @@ def solve(
     else:
         codes = _solve_greedy(graph, limit, costs)
     if codes is None:
-        raise _infeasible(graph, parsed, budget, costs, offload, baseline, spans)
+        raise _infeasible(graph, budget, costs, offload, baseline, spans)
     target = graph if segments is None else graph.regroup(segments)
     decisions = {target.values[i].name: _NAMES[codes[i]] for i in target.free_values}
     plan = Plan.from_decisions(target, decisions, device=device, budget=str(parsed), solver=solver)
@@ -282,7 +272,6 @@ def _offload_all(graph: CostGraph, costs: Costs, blk: int) -> list[chain_dp.Bloc
 
 def _infeasible(
     graph: CostGraph,
-    parsed: Budget,
     raw: object,
     costs: Costs,
     offload: bool,
@@ -290,30 +279,27 @@ def _infeasible(
     spans: tuple[int, frozenset[str]],
 ) -> InfeasibleBudgetError:
     max_span, fixed = spans
-    smallest = chain_dp.min_peak(_dp_options(graph, costs, offload, spans))
-    fraction = smallest / baseline if baseline else 1.0
-    smallest_total = smallest + graph.constant_bytes
-    if parsed.kind == "fraction":
-        need = f"{math.ceil(fraction * 1000) / 1000:g}"
-    else:
-        need = f"{format_bytes(smallest_total)} ({smallest_total} bytes)"
-    hint = "raise it"
     options = _dp_options(graph, costs, offload, spans)
-    # The hints are checked on cheap options only (every block offloaded; segments where the
+    smallest = chain_dp.min_peak(options)
+    # The remedies are checked on cheap options only (every block offloaded; segments where the
     # chain repeats, so their options are shared): on hundreds of distinct blocks a full check
     # would cost more than the plan itself. What is not checked is said as a possibility.
     if not offload and chain_dp.min_peak([m + _offload_all(graph, costs, b) for b, m in enumerate(options)]) < smallest:
-        hint += " or pass offload=True"
+        remedy = "pass offload=True"
     elif max_span == 1 and len(set(chain_dp.block_signature(graph, b) for b in range(graph.num_blocks))) > 16:
-        hint += ", let segments span blocks (max_segment_blocks=4 or more), which may go lower"
+        remedy = "let segments span blocks (max_segment_blocks=4 or more), which may go lower"
     elif max_span == 1 and chain_dp.min_peak(_dp_options(graph, costs, offload, (4, fixed))) < smallest:
-        hint += " or let segments span blocks (max_segment_blocks=4)"
+        remedy = "let segments span blocks (max_segment_blocks=4)"
     else:
-        hint += ", or make the blocks smaller (their boundaries and one block's backward are the floor)"
-    return InfeasibleBudgetError(
-        f"budget={raw!r} is below the smallest feasible budget {need} "
-        f"({format_bytes(smallest)} of activations, {fraction:.1%} of no remat, "
-        f"{format_bytes(graph.constant_bytes)} of parameters, gradients and inputs); {hint}.",
-        smallest_fraction=fraction,
-        smallest_bytes=smallest_total,
+        remedy = "make the blocks smaller (their boundaries and one block's backward are the floor)"
+    fraction = smallest / baseline if baseline else 1.0
+    return InfeasibleBudgetError.below(
+        raw,
+        smallest_activation_bytes=smallest,
+        baseline_activation_bytes=baseline,
+        constant_bytes=graph.constant_bytes,
+        where=f" ({format_bytes(smallest)} of activations, {fraction:.1%} of no remat, "
+        f"{format_bytes(graph.constant_bytes)} of parameters, gradients and inputs)",
+        why="no plan of these blocks goes lower",
+        remedies=[remedy],
     )

@@ -120,7 +120,7 @@ class Planner:
             per_call=per_call,
             device=repr(self.device),
         )
-        found = _plancache.load_plan(key, traced.graph)
+        found = _plancache.load_plan(key, traced.graph, self.budget)
         if isinstance(found, InfeasibleBudgetError):
             raise found
         if found is not None:

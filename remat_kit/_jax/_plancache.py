@@ -35,7 +35,7 @@ from remat_kit._core.solve import InfeasibleBudgetError
 
 ENV_DIR = "REMAT_KIT_CACHE_DIR"  # shared with the core's device calibration (`_core/calibration.py`)
 ENV_SWITCH = "REMAT_KIT_PLAN_CACHE"
-SCHEMA = 1
+SCHEMA = 2  # 2: an infeasible verdict is stored as `InfeasibleBudgetError.to_json` (1 held its message)
 _OFF = {"0", "off", "false", "no"}
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # reprs of callables in equation params differ per process
 
@@ -70,19 +70,16 @@ def program_key(traced: Any, specs: Sequence[Any], **options: Any) -> str | None
     return h.hexdigest()
 
 
-def load_plan(key: str | None, graph: Any) -> Plan | InfeasibleBudgetError | None:
-    """The verdict stored under `key`: a plan for `graph`, the error the budget got, or None."""
+def load_plan(key: str | None, graph: Any, budget: object) -> Plan | InfeasibleBudgetError | None:
+    """The verdict stored under `key`: a plan for `graph`, the error the budget got (its message
+    echoing `budget` as this call wrote it: the key holds the parsed budget, so ``0.5`` and
+    ``'50%'`` share an entry), or None."""
     data = _read(key)
     if data is None:
         return None
     try:
         if "error" in data:
-            err = data["error"]
-            return InfeasibleBudgetError(
-                str(err["message"]),
-                smallest_fraction=float(err["smallest_fraction"]),
-                smallest_bytes=int(err["smallest_bytes"]),
-            )
+            return InfeasibleBudgetError.from_json(data["error"], budget)
         plan = Plan.from_json(data["plan"])
         plan.check_graph(graph)
         for name, _ in plan.decisions:  # KeyError on a name the graph lacks
@@ -94,16 +91,7 @@ def load_plan(key: str | None, graph: Any) -> Plan | InfeasibleBudgetError | Non
 
 def store_plan(key: str | None, verdict: Plan | InfeasibleBudgetError) -> None:
     if isinstance(verdict, InfeasibleBudgetError):
-        _write(
-            key,
-            {
-                "error": {
-                    "message": str(verdict),
-                    "smallest_fraction": verdict.smallest_fraction,
-                    "smallest_bytes": verdict.smallest_bytes,
-                }
-            },
-        )
+        _write(key, {"error": verdict.to_json()})
     else:
         _write(key, {"plan": verdict.to_json()})
 

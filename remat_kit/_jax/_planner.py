@@ -121,13 +121,15 @@ def _one_layer(traced: Traced, parsed, raw, offload: bool, device: DeviceSpec) -
     fits = [o for o in menu if o.kept_bytes <= limit]
     if not fits:
         smallest = min(o.kept_bytes for o in menu)
-        need = math.ceil(smallest / keep_all * 1000) / 1000
-        raise InfeasibleBudgetError(
-            f"budget={raw!r} is below the smallest feasible budget {need:g} for this layer: even full "
-            f"recompute keeps {format_bytes(smallest)} of the {format_bytes(keep_all)} no remat keeps per call "
-            f"(its inputs and outputs); raise it" + ("" if offload else " or pass offload=True") + ".",
-            smallest_fraction=smallest / keep_all,
-            smallest_bytes=smallest,
+        raise InfeasibleBudgetError.below(
+            raw,
+            smallest_activation_bytes=smallest,
+            baseline_activation_bytes=keep_all,
+            per_call=True,
+            where=" for this layer",
+            why=f"even full recompute keeps {format_bytes(smallest)} of the {format_bytes(keep_all)} no remat keeps "
+            "per call (its inputs and outputs)",
+            remedies=[] if offload else ["pass offload=True"],
         )
     best = min(fits, key=lambda o: (o.cost, o.num_ops, o.kept_bytes))
     return _plan_from_codes(traced, dict(best.codes), parsed, f"auto:layer:{best.label}")
@@ -180,19 +182,15 @@ def _uniform_scans(
         if best is None or (cost, ops) < best[0]:
             best = ((cost, ops), trial, choice)
     if best is None:
-        fraction = (smallest or 0) / baseline if baseline else 1.0
-        need = (
-            f"{math.ceil(fraction * 1000) / 1000:g}"
-            if parsed.kind == "fraction"
-            else format_bytes((smallest or 0) + graph.constant_bytes)
-        )
-        raise InfeasibleBudgetError(
-            f"budget={raw!r} is below the smallest feasible budget {need} ({format_bytes(smallest or 0)} of activations, "
-            f"{fraction:.1%} of no remat, with one plan for every layer, or group of layers, of the scan); raise it"
-            + ("" if offload else " or pass offload=True")
-            + ".",
-            smallest_fraction=fraction,
-            smallest_bytes=(smallest or 0) + graph.constant_bytes,
+        least = smallest or 0
+        raise InfeasibleBudgetError.below(
+            raw,
+            smallest_activation_bytes=least,
+            baseline_activation_bytes=baseline,
+            constant_bytes=graph.constant_bytes,
+            where=f" ({format_bytes(least)} of activations, {least / baseline if baseline else 1.0:.1%} of no remat)",
+            why="no plan goes lower with one plan for every layer, or group of layers, of the scan",
+            remedies=[] if offload else ["pass offload=True"],
         )
     _, trial, choice = best
     codes: dict[int, int] = {}

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from remat_kit._core.budget import format_bytes, parse_budget, smallest_budget_text
+from remat_kit._core.budget import format_bytes, parse_budget
 from remat_kit._core.graph import Role
 from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import baseline_activation_bytes, simulate
@@ -248,21 +248,21 @@ def _infeasible(
     user's unit (a byte budget is the whole step on one device: temp plus parameters, their
     gradients and the inputs)."""
     fraction = smallest / max(none, 1)
-    smallest_bytes = smallest + constant_bytes
-    need = smallest_budget_text(budget, fraction=fraction, num_bytes=smallest_bytes)
-    model = f" The cost model alone said: {below_floor}" if below_floor is not None else ""
     least = (
         f"no plan of {num_tried} tried measures less than no remat's temp ({format_bytes(none)})"
         if smallest >= none
         else f"the least-memory plan of {num_tried} tried measures {fraction:.1%} of no remat's temp "
         f"({format_bytes(smallest)} of {format_bytes(none)})"
     )
-    return InfeasibleBudgetError(
-        f"budget={budget!r} is below the smallest feasible budget {need} as compiled (per device): {least}; "
-        f"parameters, their gradients and the inputs take {format_bytes(constant_bytes)} more. Raise it or pass "
-        f"offload=True.{model}",
-        smallest_fraction=fraction,
-        smallest_bytes=smallest_bytes,
+    return InfeasibleBudgetError.below(
+        budget,
+        smallest_activation_bytes=smallest,
+        baseline_activation_bytes=none,
+        constant_bytes=constant_bytes,
+        where=" as compiled (per device)",
+        why=f"{least}; parameters, their gradients and the inputs take {format_bytes(constant_bytes)} more",
+        remedies=["pass offload=True"],
+        note=f" The cost model alone said: {below_floor}" if below_floor is not None else "",
     )
 
 

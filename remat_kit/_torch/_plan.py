@@ -125,29 +125,34 @@ def _infeasible(
     least += held
     fraction = least / baseline if baseline else 1.0
     pinned = sum(tg.graph[n].num_bytes for n in tg.pinned if tg.graph.is_residual[tg.graph.index(n)])
-    need = math.ceil(fraction * 1000) / 1000
+    figures = dict(
+        smallest_activation_bytes=least, baseline_activation_bytes=baseline, constant_bytes=tg.graph.constant_bytes
+    )
+    where = f" for {type(module).__name__} at this input"
     if len(tg.segments) == 1 and tg.segments[0].module is not None:
-        return InfeasibleBudgetError(
-            f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__} at this "
-            f"input: {format_bytes(least)} of activations ({fraction:.1%} of no remat). remat_kit found no layers to "
+        return InfeasibleBudgetError.below(
+            budget,
+            **figures,
+            where=where,
+            why=f"{format_bytes(least)} of activations ({fraction:.1%} of no remat). remat_kit found no layers to "
             "checkpoint apart (no ModuleList / Sequential of layers, no submodules called once each in order), so "
             "the whole forward is one region, and its recompute runs at the start of its own backward, next to "
-            f"what that backward needs. Raise the budget to at least {need:g}, or hold the layers in an "
-            "nn.ModuleList (or decorate the layer class: then the budget bounds what each call keeps).",
-            smallest_fraction=fraction,
-            smallest_bytes=least + tg.graph.constant_bytes,
+            "what that backward needs",
+            remedies=[
+                "hold the layers in an nn.ModuleList (or decorate the layer class: then the budget bounds "
+                "what each call keeps)"
+            ],
         )
-    return InfeasibleBudgetError(
-        f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__} at this "
-        f"input: {format_bytes(least)} of activations ({fraction:.1%} of no remat) with every layer recomputed"
+    casts = f", and {format_bytes(held)} are autocast casts of the parameters (alive until the forward ends)"
+    return InfeasibleBudgetError.below(
+        budget,
+        **figures,
+        where=where,
+        why=f"{format_bytes(least)} of activations ({fraction:.1%} of no remat) with every layer recomputed"
         f"{' (consecutive layers checkpointed together where that is smaller)' if grouped else ''}, "
         f"of which {format_bytes(pinned)} are saved outside the repeated layers (embeddings, head, loss) and "
-        f"cannot be recomputed"
-        f"{f', and {format_bytes(held)} are autocast casts of the parameters (alive until the forward ends)' if held else ''}"
-        f". Raise the budget to at least {need:g}{'' if offload else ' or pass offload=True'}, "
-        "or use a smaller batch.",
-        smallest_fraction=fraction,
-        smallest_bytes=least + tg.graph.constant_bytes,
+        f"cannot be recomputed{casts if held else ''}",
+        remedies=[*([] if offload else ["pass offload=True"]), "use a smaller batch"],
     )
 
 
@@ -356,14 +361,14 @@ def _solve_one_region(
         if simulate(graph, plan).kept_bytes_by_block[0] <= limit:
             return plan
     smallest = min(o.kept_bytes for o in menu)
-    need = math.ceil(smallest / keep_all * 1000) / 1000 if keep_all else 1.0
-    raise InfeasibleBudgetError(
-        f"budget={budget!r} is below the smallest feasible budget {need:g} for {type(module).__name__}: it has no "
-        f"repeated layers, so it is one region and the budget bounds what it keeps for its backward "
-        f"({format_bytes(keep_all)} with no remat, at least {format_bytes(smallest)} with full recompute). "
-        f"Raise the budget to at least {need:g}.",
-        smallest_fraction=smallest / keep_all if keep_all else 1.0,
-        smallest_bytes=smallest,
+    raise InfeasibleBudgetError.below(
+        budget,
+        smallest_activation_bytes=smallest,
+        baseline_activation_bytes=keep_all,
+        per_call=True,
+        where=f" for {type(module).__name__}",
+        why="it has no repeated layers, so it is one region and the budget bounds what it keeps for its backward "
+        f"({format_bytes(keep_all)} with no remat, at least {format_bytes(smallest)} with full recompute)",
     )
 
 
