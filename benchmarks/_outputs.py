@@ -146,7 +146,8 @@ def report(df: Any, meta: dict[str, Any]) -> str:
         compiled = g.strategy.isin(COMPILED)
         out += [f"## {'/'.join(key)}", ""]
         if (~compiled).any():
-            out += _eager_table(g[~compiled]) + ["", _cheapest(g[~compiled]), ""]
+            eager = g[~compiled]
+            out += _eager_table(eager) + [""] + ([_cheapest(eager), ""] if (eager.strategy != "none").any() else [])
         if compiled.any():
             out += _compiled_table(g[compiled]) + [""]
     return "\n".join(out).replace("| ms |", "|  |") + "\n"
