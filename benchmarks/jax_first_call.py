@@ -97,22 +97,41 @@ def worker(cfg: Config, budget: float, flops: bool) -> dict:
     return out
 
 
-def run(cfg: Config, budgets: list[float], reps: int, quick: bool) -> dict:
-    runs: dict[float, dict[str, list[dict]]] = {b: {"cold": [], "warm": []} for b in budgets}
+def run(
+    cfg: Config,
+    budgets: list[float],
+    reps: int,
+    quick: bool,
+    trees: dict[str, str],
+    states: list[str],
+    cpus: int | None,
+) -> dict[str, dict]:
+    """One result per label of `trees` (label -> source tree whose worker runs), measured
+    interleaved: every repetition runs each budget on each tree in turn."""
+    runs = {t: {b: {s: [] for s in ("cold", "warm")} for b in budgets} for t in trees}
     root = tempfile.mkdtemp(prefix="remat_kit_first_call_")  # the device calibration stays; plans/ goes
     try:
+        # The first worker would measure the device calibration (its own microbenchmark
+        # compiles) into the shared cache: done once beforehand, outside the figures.
+        _spawn(0.5, True, root, False, next(iter(trees.values())), cpus)  # feasible on the quick model
         for rep in range(reps):
             for b in budgets:
-                shutil.rmtree(os.path.join(root, "plans"), ignore_errors=True)
-                for state in ("cold", "warm"):
-                    runs[b][state].append(_spawn(b, quick, root, flops=rep == 0 and state == "cold"))
-                    print(
-                        f"auto@{b} {state}: {runs[b][state][-1]['ratio_cpu']:.2f}x CPU, "
-                        f"{runs[b][state][-1]['auto']['compiles']} compiles",
-                        flush=True,
-                    )
+                for label, tree in trees.items():
+                    shutil.rmtree(os.path.join(root, "plans"), ignore_errors=True)
+                    for state in states:
+                        row = _spawn(b, quick, root, rep == 0 and state == "cold", tree, cpus)
+                        runs[label][b][state].append(row)
+                        print(
+                            f"{label} auto@{b} {state}: {row['ratio_wall']:.2f}x wall, {row['ratio_cpu']:.2f}x CPU, "
+                            f"{row['auto']['compiles']} compiles",
+                            flush=True,
+                        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return {label: _result(cfg, budgets, by_budget) for label, by_budget in runs.items()}
+
+
+def _result(cfg: Config, budgets: list[float], runs: dict) -> dict:
     params, batch = _inputs(cfg)
     plain = [r["before"] for b in budgets for r in runs[b]["cold"]]
     none_temp = plain[0]["temp_bytes"]
@@ -145,24 +164,26 @@ def run(cfg: Config, budgets: list[float], reps: int, quick: bool) -> dict:
     return result
 
 
-def _spawn(budget: float, quick: bool, root: str, flops: bool) -> dict:
+def _spawn(budget: float, quick: bool, root: str, flops: bool, tree: str, cpus: int | None) -> dict:
     cmd = (
         [sys.executable, "-m", "benchmarks.jax_first_call", "--worker", str(budget)]
         + ["--quick"] * quick
         + ["--flops"] * flops
+        + ["--cpus", str(cpus)] * (cpus is not None)
     )
-    out = subprocess.run(
-        cmd, env={**os.environ, "REMAT_KIT_CACHE_DIR": root}, capture_output=True, text=True, check=False
-    )
+    env = {**os.environ, "REMAT_KIT_CACHE_DIR": root, "PYTHONPATH": tree}
+    out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"worker {cmd} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"worker {cmd} in {tree} failed:\n{out.stderr[-3000:]}")
     row = json.loads(out.stdout.strip().splitlines()[-1])
     for k in ("wall", "cpu"):
         row[f"ratio_{k}"] = row["auto"][f"{k}_s"] / ((row["before"][f"{k}_s"] + row["after"][f"{k}_s"]) / 2)
     return row
 
 
-def _summary(rows: list[dict]) -> dict:
+def _summary(rows: list[dict]) -> dict | None:
+    if not rows:
+        return None
     return {
         "wall_ratio": statistics.median(r["ratio_wall"] for r in rows),
         "cpu_ratio": statistics.median(r["ratio_cpu"] for r in rows),
@@ -181,10 +202,10 @@ def write(result: dict, out_dir: str, label: str) -> str:
     return path
 
 
-def report(out_dir: str) -> None:
-    """reports/jax/first_call.md from the first_call_*.json beside it (before, after, ...)."""
+def report(out_dir: str, labels: list[str]) -> None:
+    """`out_dir`/first_call.md from the first_call_<label>.json beside it."""
     runs = {}
-    for label in ("before", "after"):
+    for label in labels:
         path = os.path.join(out_dir, f"first_call_{label}.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -207,6 +228,7 @@ def report(out_dir: str) -> None:
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for b, a in r["auto"].items():
+            a["warm"] = a["warm"] or {"wall_ratio": float("nan"), "cpu_ratio": float("nan"), "compiles": float("nan")}
             lines.append(
                 f"| {b} | {a['cold']['wall_ratio']:.2f}x | {a['cold']['cpu_ratio']:.2f}x | {a['cold']['compiles']:g} | "
                 f"{a['warm']['wall_ratio']:.2f}x | {a['warm']['cpu_ratio']:.2f}x | {a['warm']['compiles']:g} | "
@@ -232,23 +254,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="reports/jax")
     ap.add_argument("--worker", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="a source tree (e.g. `git archive` of an older commit) measured as 'before', interleaved",
+    )
+    ap.add_argument("--states", nargs="+", default=["cold", "warm"], choices=["cold", "warm"])
+    ap.add_argument("--cpus", type=int, default=None, help="pin each worker to this many CPUs (1: a one-core machine)")
     args = ap.parse_args(argv)
     cfg = _config(args.quick)
     if args.worker is not None:
+        if args.cpus is not None:
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
         print(json.dumps(worker(cfg, args.worker, args.flops)))
         return
     dev = jax.devices()[0]
-    result = run(cfg, args.budgets, args.reps, args.quick)
-    result.update(
-        command=" ".join(["python -m benchmarks.jax_first_call", *(argv if argv is not None else sys.argv[1:])]),
-        device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-        jax=jax.__version__,
-        reps=args.reps,
-        config=str(cfg),
-        commit=args.commit,
-    )
-    print(write(result, args.out, args.label))
-    report(args.out)
+    trees = {"before": os.path.abspath(args.baseline)} if args.baseline else {}
+    trees[args.label] = os.getcwd()
+    results = run(cfg, args.budgets, args.reps, args.quick, trees, args.states, args.cpus)
+    for label, result in results.items():
+        result.update(
+            command=" ".join(["python -m benchmarks.jax_first_call", *(argv if argv is not None else sys.argv[1:])]),
+            device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+            jax=jax.__version__,
+            reps=args.reps,
+            config=str(cfg),
+            commit=args.commit if label == args.label else f"the tree at {args.baseline}",
+            cpus=args.cpus or len(os.sched_getaffinity(0)),
+        )
+        print(write(result, args.out, label))
+    report(args.out, list(results))
 
 
 if __name__ == "__main__":

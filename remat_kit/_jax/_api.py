@@ -15,7 +15,7 @@ from remat_kit._core.budget import budget_meaning, parse_budget
 from remat_kit._core.graph import DeviceSpec, Role
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.solve import InfeasibleBudgetError, check_solver
-from remat_kit._jax import _plancache
+from remat_kit._jax import _plancache, _planner
 from remat_kit._jax._apply import run_planned
 from remat_kit._jax._fit import at_floor
 from remat_kit._jax._graph import Traced, build
@@ -141,7 +141,9 @@ class Planner:
             # Every plan under such a budget recomputes something, so it is verified, and the
             # verifier asks the model at its calibrated target: a plan at the raw budget first
             # would be one more solve, thrown away.
-            return verified(traced, None, self.budget, self._replan(traced), dyn_vals, shardings=shardings)
+            return verified(
+                traced, None, self.budget, self._replan(traced), dyn_vals, shardings=shardings, warm=self._warm(traced)
+            )
         try:
             plan = choose(
                 traced, self.budget, solver=self.solver, offload=self.offload, device=self.device, per_call=per_call
@@ -155,15 +157,48 @@ class Planner:
                 floor = at_floor(replan, below)
             except InfeasibleBudgetError:
                 raise below from None
-            return verified(traced, floor, self.budget, replan, dyn_vals, below_floor=below, shardings=shardings)
+            return verified(
+                traced,
+                floor,
+                self.budget,
+                replan,
+                dyn_vals,
+                below_floor=below,
+                shardings=shardings,
+                warm=self._warm(traced),
+            )
         # A byte budget is checked even on a plan that keeps everything: the model's no-remat
         # figure is not the compiled step's (XLA adds buffers of its own).
         saves = plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD)
         if not (saves or parse_budget(self.budget).kind == "bytes"):
             return plan
         return verified(
-            traced, plan, self.budget, self._replan(traced, per_call), dyn_vals, layer=per_call, shardings=shardings
+            traced,
+            plan,
+            self.budget,
+            self._replan(traced, per_call),
+            dyn_vals,
+            layer=per_call,
+            shardings=shardings,
+            warm=self._warm(traced),
         )
+
+    def _warm(self, traced: Traced) -> Callable[[], None]:
+        """The solve's budget-independent work (cost menus per block, a scan's grouped options),
+        cached on the graph, for `verified` to run while no remat compiles on another thread. The
+        device's calibration is resolved here, before that compile starts: a microbenchmark timed
+        beside a compile would measure the machine half-busy."""
+        device = self.device or _planner.default_device()
+
+        def warm() -> None:
+            graph = traced.graph
+            costs = _planner.Costs(graph, device)
+            _planner.block_menus(graph, costs, self.offload)
+            for scan in traced.scans.values():
+                if len(scan.blocks) > 1 and min(scan.blocks) >= 0:
+                    _planner._grouped(graph, costs, scan, _planner.scan_groups(len(scan.blocks)))
+
+        return warm
 
     def _replan(self, traced: Traced, per_call: bool = False) -> Callable[..., Plan]:
         def replan(fraction: float, max_segment_blocks: int | None = None, scan_group: int | None = None) -> Plan:

@@ -26,6 +26,7 @@ differently: the zoo's tiny MLP compiled 17% smaller than the user's step, a pla
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -123,18 +124,36 @@ def temp_bytes(traced: Traced, decisions: dict, specs: Sequence[Any], *, segment
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def step_figures(traced: Traced, specs: Sequence[Any]) -> tuple[int, int]:
-    """No remat's compiled temp, and the bytes one device holds of the parameters, their gradients
-    and the inputs, as the SPMD-partitioned step lays them out: a gradient's layout is the
-    partitioner's choice (FSDP parameters' gradients may come out whole), not its parameter's."""
-    compiled = compile_for_memory(jax.jit(vjp_step(traced, {})).lower(*specs))
+def step_figures(
+    traced: Traced, specs: Sequence[Any], *, sharded: bool, meanwhile: Callable[[], Any] | None
+) -> tuple[int, int]:
+    """No remat's compiled temp, and the bytes one device holds beside it: for a sharded step the
+    parameters, their gradients and the inputs as the SPMD partitioner lays them out (a gradient's
+    layout is the partitioner's choice: FSDP parameters' gradients may come out whole, not as their
+    parameter's), else the graph's constant bytes.
+
+    The compile runs on a second thread while `meanwhile()` (the solve's budget-independent work)
+    runs on this one: XLA releases the GIL while it compiles, so on two cores the two overlap, and
+    on one they cost what they cost in turn. Lowering stays on this thread, under the caller's
+    tracing contexts (mesh, device) that a new thread would not see."""
+    lowered = jax.jit(vjp_step(traced, {})).lower(*specs)
+    if meanwhile is None:
+        compiled = compile_for_memory(lowered)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="remat_kit-none") as pool:
+            pending = pool.submit(compile_for_memory, lowered)
+            meanwhile()
+            compiled = pending.result()
+    temp = int(compiled.memory_analysis().temp_size_in_bytes)
+    if not sharded:
+        return temp, traced.graph.constant_bytes
     graph = traced.graph
     params = [i for i in range(len(specs)) if graph.values[graph.index(f"arg{i}")].role is Role.PARAM]
     held = sum(nbytes(s) // divisor(s.sharding, s.shape) for s in specs)
     for i, out in zip(params, jax.tree_util.tree_leaves(compiled.output_shardings)):
         if is_float(specs[i]):
             held += nbytes(specs[i]) // divisor(out, specs[i].shape)
-    return int(compiled.memory_analysis().temp_size_in_bytes), held
+    return temp, held
 
 
 def can_verify(traced: Traced) -> bool:
@@ -152,6 +171,7 @@ def verified(
     layer: bool = False,
     below_floor: InfeasibleBudgetError | None = None,
     shardings: Sequence[Any] | None = None,
+    warm: Callable[[], Any] | None = None,
 ) -> Plan:
     """`plan`, or another, whose compiled memory fits the budget (see the module doc). `plan`
     None: a whole step under a fractional budget, planned at the calibrated target from the start.
@@ -161,7 +181,8 @@ def verified(
     and quotes `below_floor`. `shardings`: the arguments' (`_sharding.input_shardings`), for a
     per-device measure. For a whole model the measure is the step's temp memory; for one layer
     (`layer=True`) what one more call adds (`_measures`). `replan(fraction,
-    max_segment_blocks=None, scan_group=None)` re-solves against a model target.
+    max_segment_blocks=None, scan_group=None)` re-solves against a model target; `warm()` does
+    its budget-independent work, overlapped with no remat's compile where that runs (`step_figures`).
     """
     parsed = parse_budget(budget)
     specs = specs_of(dyn_vals, shardings)
@@ -170,7 +191,7 @@ def verified(
         return plan  # not a residual-stream layer (or a per-call byte budget): the model alone decides
     measure, model_fraction = found
     sharded = not layer and any(s is not None for s in (shardings or ()))
-    none, constant_bytes = none_figures(traced, specs, measure, layer=layer, sharded=sharded)
+    none, constant_bytes = none_figures(traced, specs, measure, layer=layer, sharded=sharded, meanwhile=warm)
     goal = parsed.value * none if parsed.kind == "fraction" else parsed.value - constant_bytes
     # The model's no-remat bytes over the compiled ones: the calibration's first slope (`_fit`).
     baseline = baseline_activation_bytes(traced.graph)
@@ -219,7 +240,13 @@ def _measures(traced: Traced, specs: Sequence[Any], kind: str, layer: bool):
 
 
 def none_figures(
-    traced: Traced, specs: Sequence[Any], measure: Callable[[Plan], int], *, layer: bool, sharded: bool
+    traced: Traced,
+    specs: Sequence[Any],
+    measure: Callable[[Plan], int],
+    *,
+    layer: bool,
+    sharded: bool,
+    meanwhile: Callable[[], Any] | None = None,
 ) -> tuple[int, int]:
     """No remat's measure and the constant bytes beside it: compiled once per program, kept for
     the process and in the on-disk cache (several budgets, or a second run, compile it once)."""
@@ -229,8 +256,10 @@ def none_figures(
     disk_key = _plancache.program_key(traced, specs, what="none", layer=layer)
     figures = _plancache.load_figures(disk_key)
     if figures is None:
-        none_plan = Plan.from_decisions(traced.graph, {})
-        figures = step_figures(traced, specs) if sharded else (measure(none_plan), traced.graph.constant_bytes)
+        if layer:
+            figures = (measure(Plan.from_decisions(traced.graph, {})), traced.graph.constant_bytes)
+        else:
+            figures = step_figures(traced, specs, sharded=sharded, meanwhile=meanwhile)
         _plancache.store_figures(disk_key, figures)
     _NONE_CACHE[key] = figures
     return figures
