@@ -71,6 +71,7 @@ def main() -> None:
                 ckpt.save(step, state(), metrics={"loss": loss.item()})
             preemption.exit_if_requested(ckpt, step, state())  # a collective: every rank, every step
     print(f"rank {rank}: trained to step {args.steps - 1}", flush=True)
+    dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
 
 
