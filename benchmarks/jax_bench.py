@@ -30,13 +30,9 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 import remat_kit
-from remat_kit._core.analytic import megatron_bytes_per_layer
-from remat_kit._core.presets import megatron_selective
-from remat_kit._core.simulate import simulate
-from remat_kit._jax._api import Planner, auto
-from remat_kit._jax._apply import run_planned
-from remat_kit._jax._explain import compiled_flops
-from remat_kit._jax._planner import choose
+from remat_kit import auto, megatron_bytes_per_layer, simulate
+from remat_kit.measure import jax_flops, jax_trace
+from remat_kit.presets import megatron_selective
 
 POL = jax.checkpoint_policies
 # MaxText `get_remat_policy` name presets (src/maxtext/layers/decoders.py), on our tag names.
@@ -142,8 +138,8 @@ def measure(loss, count_loss, args, *, steps: int, num_layers: int) -> dict:
     t0 = time.perf_counter()
     compiled = jax.jit(jax.grad(loss)).lower(*args).compile()
     row = {"compile_s": time.perf_counter() - t0, "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
-    f1 = compiled_flops(compiled)
-    f2 = compiled_flops(jax.jit(jax.grad(count_loss)).lower(*args).compile())
+    f1 = jax_flops(compiled)
+    f2 = jax_flops(jax.jit(jax.grad(count_loss)).lower(*args).compile())
     per_layer = (f2 - f1) / (1 + num_layers % 2)  # an odd length peels one more copy
     row["flops"] = f1 + (num_layers - 1) * per_layer
     dev = jax.devices()[0]
@@ -175,17 +171,6 @@ def time_interleaved(rows: dict[str, dict], steps: int) -> None:
             rows[name]["step_ratio_to_none"] = statistics.median(t / n for t, n in zip(ts, times["none"]))
 
 
-def plan_loss(entry, decisions: dict, *, unroll: int = 1):
-    """The traced loss run under a plan (the same machinery `auto` uses), as `loss(params, tokens, key)`."""
-
-    def loss(*args):
-        return run_planned(
-            entry.traced, decisions, jax.tree.leaves(args), unroll_scans=unroll if unroll > 1 else False
-        )[0]
-
-    return loss
-
-
 def run_main(cfg: Config, budgets: list[float], steps: int) -> dict:
     params = init(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq), 0, cfg.vocab)
@@ -198,15 +183,15 @@ def run_main(cfg: Config, budgets: list[float], steps: int) -> dict:
         )
         _say(name, rows[name])
 
-    # Planning alone: trace + cost graph + solve, without auto's verification compiles.
+    # Planning alone: trace + cost graph, as auto's first call does, without its verification compiles.
     t0 = time.perf_counter()
-    entry, _ = Planner(1.0, offload=False, solver=None, verify=False).prepare(make_loss(cfg), args, {})
+    step = jax_trace(make_loss(cfg), *args)
     planning_s = time.perf_counter() - t0
-    graph = entry.traced.graph
+    graph = step.graph
     mega = megatron_selective(graph)
     rows["megatron_selective"] = measure(
-        plan_loss(entry, mega.as_dict()),
-        plan_loss(entry, mega.as_dict(), unroll=2),
+        step.run(mega),
+        step.run(mega, unroll=2),
         args,
         steps=steps,
         num_layers=cfg.layers,
@@ -221,7 +206,7 @@ def run_main(cfg: Config, budgets: list[float], steps: int) -> dict:
         jax.jit(jax.grad(wrapped)).lower(*args)  # the first trace: plan, then verify by compiling
         first_trace_s = time.perf_counter() - t0
         plan = remat_kit.plan_of(wrapped)[0]
-        row = measure(wrapped, plan_loss(entry, plan.as_dict(), unroll=2), args, steps=steps, num_layers=cfg.layers)
+        row = measure(wrapped, step.run(plan, unroll=2), args, steps=steps, num_layers=cfg.layers)
         row.update(
             predicted_fraction=plan.activation_fraction,
             predicted_recompute_flops=plan.predicted_recompute_flops,
@@ -264,19 +249,18 @@ def paper_check(steps: int) -> dict:
     params = init(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq), 0, cfg.vocab)
     args = (params, tokens, jax.random.key(2))
-    entry, _ = Planner(1.0, offload=False, solver=None, verify=False).prepare(make_loss(cfg), args, {})
-    graph = entry.traced.graph
-    scan = next(iter(entry.traced.scans.values()))
+    step = jax_trace(make_loss(cfg), *args)
+    graph = step.graph
     kept = simulate(graph).kept_bytes_by_block
-    per_layer = [kept[b] for b in scan.blocks]
+    per_layer = [kept[b] for b in step.scan_blocks[0]]
     formula = megatron_bytes_per_layer(seq_len=cfg.seq, batch=cfg.batch, hidden=cfg.d, num_heads=cfg.heads)
     mega = megatron_selective(graph)
     L = cfg.layers
     measured = {
         "none": measure(make_loss(cfg), make_loss(cfg, unroll=2), args, steps=steps, num_layers=L),
         "megatron_selective": measure(
-            plan_loss(entry, mega.as_dict()),
-            plan_loss(entry, mega.as_dict(), unroll=2),
+            step.run(mega),
+            step.run(mega, unroll=2),
             args,
             steps=steps,
             num_layers=L,
@@ -287,10 +271,10 @@ def paper_check(steps: int) -> dict:
     wrapped = auto(make_loss(cfg), same_memory)
     jax.jit(jax.grad(wrapped)).lower(*args)
     plan = remat_kit.plan_of(wrapped)[0]
-    measured["auto"] = measure(wrapped, plan_loss(entry, plan.as_dict(), unroll=2), args, steps=steps, num_layers=L)
+    measured["auto"] = measure(wrapped, step.run(plan, unroll=2), args, steps=steps, num_layers=L)
     time_interleaved(measured, steps)
     # and on the model alone: auto at Megatron's predicted memory
-    model_plan = choose(entry.traced, max(mega.activation_fraction, 1e-6), solver=None, offload=False)
+    model_plan = step.plan(max(mega.activation_fraction, 1e-6))
     return {
         "config": dataclasses.asdict(cfg),
         "5as_over_h": 5 * cfg.heads * cfg.seq / cfg.d,

@@ -4,7 +4,7 @@ Model: the GPT-2-like decoder of benchmarks/models/torch_gpt.py (nanoGPT layout;
 d 512, 8 heads, seq 512, dropout 0.1, vocab 8192 so the head does not dominate), batch 1, fp32, on
 CPU (or the GPU if there is one).
 For each strategy one training step is measured: activation memory by the live-storage tracker
-(remat_kit._torch._measure; on a GPU also torch.cuda.max_memory_allocated), FLOPs by
+(remat_kit.measure.torch_step; on a GPU also torch.cuda.max_memory_allocated), FLOPs by
 FlopCounterMode (recompute included), gradients against no remat (same seed, same dropout masks).
 Then every strategy is timed interleaved with no remat in this process: `--repeats` steps, each
 right after a step of none, ratio of medians (wall and process CPU time).
@@ -44,12 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import remat_kit
-import remat_kit._torch as rt
-import remat_kit._torch._apply
 from benchmarks.models.torch_gpt import GPT, Block
-from remat_kit._core.budget import format_bytes
-from remat_kit._torch._apply import compile_plan
-from remat_kit._torch._measure import measure_step
+from remat_kit.measure import format_bytes, torch_plan, torch_profile, torch_step
 
 
 # -- peers ------------------------------------------------------------------------------------
@@ -185,7 +181,7 @@ def measure(name: str, model: nn.Module, args: tuple, reference: list[torch.Tens
     # One step measures memory and leaves the gradients (seed 1: the reference's dropout masks);
     # a second counts FLOPs. Time is measured afterwards, interleaved with none (interleaved_ratios).
     torch.manual_seed(1)
-    mem = measure_step(model, args, loss_fn=lambda loss: loss, count_flops=False)
+    mem = torch_step(model, args, loss_fn=lambda loss: loss, count_flops=False)
     grads = [p.grad.detach().clone() for p in model.parameters()]
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -267,7 +263,7 @@ def hf_rows(layers: int, d: int, heads: int, seq: int, vocab: int, repeats: int,
     ]
     for budget in budgets:
         name = f"HF GPT-2: remat_kit {budget}"
-        auto = Loss(rt.auto(copy.deepcopy(model), budget))
+        auto = Loss(remat_kit.auto(copy.deepcopy(model), budget))
         try:
             step_grads(auto, (idx,))  # plans on this first call (kept out of the measured step)
         except ValueError as e:
@@ -331,18 +327,18 @@ def planning_time(layers: int, d: int, heads: int, seq: int, vocab: int, repeats
                 times, profile_times = [], []
                 for _ in range(repeats):
                     start = time.perf_counter()
-                    compiled = compile_plan(model, args, kwargs, 0.5, mode=mode)
+                    planned = torch_plan(model, args, kwargs, budget=0.5, profile=mode)
                     times.append(time.perf_counter() - start)
                     start = time.perf_counter()
-                    rt._apply._profile(model, args, kwargs, mode=mode)
+                    torch_profile(model, args, kwargs, profile=mode)
                     profile_times.append(time.perf_counter() - start)
                 row[f"{mode}_seconds"] = statistics.median(times)
                 row[f"{mode}_profile_seconds"] = statistics.median(profile_times)
-                row[f"{mode}_fraction"] = compiled.plan.activation_fraction
-                row[f"{mode}_replicated_from"] = compiled.profile.replicated_from
+                row[f"{mode}_fraction"] = planned.plan.activation_fraction
+                row[f"{mode}_replicated_from"] = planned.replicated_from
             row.update(
-                num_ops=len(compiled.profile.ops),
-                num_values=len(compiled.tg.graph),
+                num_ops=planned.num_ops,
+                num_values=planned.num_values,
                 same_plan=row["replicate_fraction"] == row["fake_fraction"],
             )
             print(
@@ -388,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, m in peers.items():
         rows.append(measure(name, m, inputs, reference))
     for b in args.budgets:
-        m = rt.auto(copy.deepcopy(model), b)
+        m = remat_kit.auto(copy.deepcopy(model), b)
         start = time.perf_counter()
         try:
             step_grads(m, inputs)  # plans on this first call

@@ -8,9 +8,14 @@ framework's adapter on first use: `import remat_kit.measure` works without jax o
   (a `TorchDispatchMode` storage tracker, parameters, inputs and parameter gradients left out, as
   the budget defines it) and its FLOPs, recompute included (`FlopCounterMode`); on a GPU also
   `torch.cuda.max_memory_allocated` over the step. `hf_kv_cache_configs` finds the Hugging Face
-  configs `auto` runs with the KV cache off.
+  configs `auto` runs with the KV cache off. `torch_plan` plans a module on one input as `auto`'s
+  first call does, without running a step, and `torch_profile` only profiles it (a benchmark
+  times the two to split planning time).
 - JAX: `jax_flops` reads XLA's cost analysis; `jax_auto_flops_unrolled` counts the FLOPs of the
-  plan `auto` made with its scans unrolled (XLA counts a scan body once).
+  plan `auto` made with its scans unrolled (XLA counts a scan body once). `jax_trace` traces a
+  function as `auto` does and gives its cost graph, the cost model's plan at a budget (no
+  verifying compile) and the function run under any plan (a preset's, such as
+  `remat_kit.presets.megatron_selective(step.graph)`, or `auto`'s from `remat_kit.plan_of`).
 - Either: `rel_err` is the gradient check the benchmarks report and the tests assert on.
 """
 
@@ -27,9 +32,20 @@ from remat_kit._core.budget import format_bytes
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from remat_kit._torch import StepMeasurement
+    from remat_kit._jax import TracedStep
+    from remat_kit._torch import Planning, StepMeasurement
 
-__all__ = ["format_bytes", "hf_kv_cache_configs", "jax_auto_flops_unrolled", "jax_flops", "rel_err", "torch_step"]
+__all__ = [
+    "format_bytes",
+    "hf_kv_cache_configs",
+    "jax_auto_flops_unrolled",
+    "jax_flops",
+    "jax_trace",
+    "rel_err",
+    "torch_plan",
+    "torch_profile",
+    "torch_step",
+]
 
 
 def rel_err(got: Any, want: Any) -> float:
@@ -118,3 +134,39 @@ def jax_auto_flops_unrolled(wrapped: Any, params: Any, batch: Any) -> float:
     from remat_kit import _jax
 
     return _jax.auto_flops_unrolled(wrapped, params, batch)
+
+
+def torch_plan(
+    model: Any, args: tuple = (), kwargs: dict | None = None, *, budget: object, profile: str = "replicate"
+) -> Planning:
+    """Profile `model` on these inputs and plan it under `budget` as `auto`'s first call does,
+    without running a step: a `Planning` of the `plan`, `num_ops` profiled, `num_values` in its
+    cost graph and `replicated_from` (>0: the profile was built from that many layers of a long
+    identical stack). `profile`: "replicate" (as auto does), "fake" (every op under
+    FakeTensorMode; a model on the meta device plans from shapes) or "real".
+
+    Raises:
+      InfeasibleBudgetError: as `auto` would, naming the smallest feasible budget.
+    """
+    from remat_kit import _torch
+
+    return _torch.plan_inputs(model, args, kwargs, budget, profile=profile)
+
+
+def torch_profile(model: Any, args: tuple = (), kwargs: dict | None = None, *, profile: str = "replicate") -> int:
+    """Profile `model` on these inputs as `torch_plan` does, and nothing more; the number of ops."""
+    from remat_kit import _torch
+
+    return _torch.profile_ops(model, args, kwargs, profile=profile)
+
+
+def jax_trace(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TracedStep:
+    """Trace ``fn(*args, **kwargs)`` (its first argument the parameters) as `auto` does. The
+    `TracedStep` has the cost `graph`, `scan_blocks` (per scan over layers, the graph block of
+    each iteration), ``plan(budget)``: the cost model's plan, before `auto` verifies it by
+    compiling, and ``run(plan, unroll=1)``: `fn` run under a plan made for that graph, called
+    with the same arguments (`unroll` > 1 runs that many layers per loop step, for counting
+    FLOPs: XLA's cost analysis counts a loop body once)."""
+    from remat_kit import _jax
+
+    return _jax.trace_step(fn, args, kwargs)

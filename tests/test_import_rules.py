@@ -42,28 +42,6 @@ UNITS = (
 )
 FRAMEWORKS = ("jax", "jaxlib", "torch", "flax")
 
-# Known violations left in files other people were rewriting when this test landed (issue 14,
-# 11-29). Each entry is "path: imported module[.name]". The list only shrinks: the test fails on
-# any violation not listed here, and on an entry that no longer occurs (delete it then).
-ALLOWED: frozenset[str] = frozenset(
-    {
-        # benchmarks still on adapter internals / core modules instead of remat_kit and remat_kit.measure
-        "benchmarks/jax_bench.py: remat_kit._core.analytic.megatron_bytes_per_layer",
-        "benchmarks/jax_bench.py: remat_kit._core.presets.megatron_selective",
-        "benchmarks/jax_bench.py: remat_kit._core.simulate.simulate",
-        "benchmarks/jax_bench.py: remat_kit._jax._api.Planner",
-        "benchmarks/jax_bench.py: remat_kit._jax._api.auto",
-        "benchmarks/jax_bench.py: remat_kit._jax._apply.run_planned",
-        "benchmarks/jax_bench.py: remat_kit._jax._explain.compiled_flops",
-        "benchmarks/jax_bench.py: remat_kit._jax._planner.choose",
-        "benchmarks/torch_bench.py: remat_kit._torch",
-        "benchmarks/torch_bench.py: remat_kit._torch._apply",
-        "benchmarks/torch_bench.py: remat_kit._core.budget.format_bytes",
-        "benchmarks/torch_bench.py: remat_kit._torch._apply.compile_plan",
-        "benchmarks/torch_bench.py: remat_kit._torch._measure.measure_step",
-    }
-)
-
 
 def unit_of(module: str) -> str | None:
     return next((u for u in UNITS if module == u or module.startswith(u + ".")), None)
@@ -150,17 +128,11 @@ def walk() -> dict[str, str]:
 
 
 def test_no_private_imports_across_packages():
-    found = walk()
-    new = {k: v for k, v in found.items() if k not in ALLOWED}
+    new = walk()
     assert not new, (
         "imports across package lines that reach for private names (see this file's docstring):\n"
         + "\n".join(f"  {k} ({v})" for k, v in sorted(new.items()))
     )
-
-
-def test_allow_list_only_shrinks():
-    gone = sorted(ALLOWED - set(walk()))
-    assert not gone, "allow-listed violations that no longer occur; delete them from ALLOWED:\n  " + "\n  ".join(gone)
 
 
 def test_the_walk_catches_each_kind():

@@ -10,7 +10,18 @@ from remat_kit._jax._api import auto as auto
 from remat_kit._jax._api import plan_of as plan_of
 from remat_kit._jax._api import unwrap as unwrap
 from remat_kit._jax._explain import explain as explain
+from remat_kit._jax._measure import TracedStep as TracedStep
 from remat_kit._jax._measure import auto_flops_unrolled as auto_flops_unrolled
 from remat_kit._jax._measure import compiled_flops as compiled_flops
+from remat_kit._jax._measure import trace_step as trace_step
 
-__all__ = ["auto", "auto_flops_unrolled", "compiled_flops", "explain", "plan_of", "unwrap"]
+__all__ = [
+    "TracedStep",
+    "auto",
+    "auto_flops_unrolled",
+    "compiled_flops",
+    "explain",
+    "plan_of",
+    "trace_step",
+    "unwrap",
+]

@@ -6,12 +6,17 @@ The JAX counterpart of `_torch/_measure.py`; `remat_kit.measure` is the public d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from remat_kit._jax._api import planner_of
+from remat_kit._core.graph import CostGraph
+from remat_kit._core.plan import Plan
+from remat_kit._jax._api import Planner, _is_array, planner_of
 from remat_kit._jax._apply import run_planned
+from remat_kit._jax._graph import Traced
+from remat_kit._jax._planner import choose
 
 
 def compiled_flops(stage: Any) -> float:
@@ -43,3 +48,46 @@ def auto_flops_unrolled(wrapped: Any, params: Any, batch: Any) -> float:
         )[0]
 
     return compiled_flops(jax.jit(jax.value_and_grad(loss)).lower(dyn_vals[:num_params], dyn_vals[num_params:]))
+
+
+class TracedStep:
+    """A JAX function traced as `auto` traces it, so plans can be compared on it on equal terms:
+    its cost graph, the cost model's plan at a budget (no verifying compile) and the function run
+    under any plan made for that graph (`remat_kit.measure.jax_trace`)."""
+
+    def __init__(self, traced: Traced):
+        self._traced = traced
+
+    @property
+    def graph(self) -> CostGraph:
+        return self._traced.graph
+
+    @property
+    def scan_blocks(self) -> list[list[int]]:
+        """Per scan over layers, the graph block of each of its iterations."""
+        return [list(s.blocks) for s in self._traced.scans.values() if min(s.blocks, default=-1) >= 0]
+
+    def plan(self, budget: object, *, solver: str | None = None, offload: bool = False) -> Plan:
+        """The plan `auto` starts from under `budget`: the cost model's alone, before its compiles
+        verify it (`auto` may go on to a smaller fraction that compiles under the budget)."""
+        return choose(self._traced, budget, solver=solver, offload=offload)
+
+    def run(self, plan: Plan, *, unroll: int = 1) -> Callable[..., Any]:
+        """The traced function under `plan`, taking the arguments it was traced with; `unroll` > 1
+        runs that many layers per loop step (XLA's cost analysis counts a loop body once)."""
+        plan.check_graph(self.graph)
+        decisions, segments = plan.as_dict(), plan.segments
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            flat = [x for x in jax.tree.leaves((args, kwargs)) if _is_array(x)]  # as `Planner.prepare` flattens
+            return run_planned(
+                self._traced, decisions, flat, segments=segments, unroll_scans=unroll if unroll > 1 else False
+            )[0]
+
+        return run
+
+
+def trace_step(fn: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> TracedStep:
+    """Trace ``fn(*args, **kwargs)`` (its first argument the parameters) as `auto` does."""
+    entry = Planner(1.0, offload=False, solver=None, verify=False).prepare(fn, args, kwargs or {})[0]
+    return TracedStep(entry.traced)

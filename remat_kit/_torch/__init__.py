@@ -11,7 +11,21 @@ from remat_kit._torch._apply import kv_cache_configs as kv_cache_configs
 from remat_kit._torch._apply import unwrap as unwrap
 from remat_kit._torch._explain import explain as explain
 from remat_kit._torch._explain import plan_of as plan_of
+from remat_kit._torch._measure import Planning as Planning
 from remat_kit._torch._measure import StepMeasurement as StepMeasurement
 from remat_kit._torch._measure import measure_step as measure_step
+from remat_kit._torch._measure import plan_inputs as plan_inputs
+from remat_kit._torch._measure import profile_ops as profile_ops
 
-__all__ = ["StepMeasurement", "auto", "explain", "kv_cache_configs", "measure_step", "plan_of", "unwrap"]
+__all__ = [
+    "Planning",
+    "StepMeasurement",
+    "auto",
+    "explain",
+    "kv_cache_configs",
+    "measure_step",
+    "plan_inputs",
+    "plan_of",
+    "profile_ops",
+    "unwrap",
+]

@@ -20,6 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from remat_kit._core.plan import Plan
+from remat_kit._torch._plan import _profile, compile_plan
+
 
 class LiveStorageTracker(TorchDispatchMode):
     """Timeline of storages allocated under the mode: (alloc id, +bytes) and (alloc id, -bytes).
@@ -165,3 +168,40 @@ def measure_step(
         flops = counter.get_total_flops()
         model.zero_grad(set_to_none=True)
     return StepMeasurement(activation_bytes, flops, cuda_peak)
+
+
+@dataclasses.dataclass(frozen=True)
+class Planning:
+    """What planning a module on one input made, as `auto` plans it (`remat_kit.measure.torch_plan`)."""
+
+    plan: Plan
+    num_ops: int  # ops in the profile the plan was made from
+    num_values: int  # values in its cost graph
+    replicated_from: int  # >0: the profile was built from this many layers (see _replicate.py)
+
+
+def plan_inputs(
+    module: torch.nn.Module, args: tuple, kwargs: dict | None, budget: object, *, profile: str = "replicate"
+) -> Planning:
+    """Profile `module` on these inputs and plan it under `budget`, as `auto`'s first call does,
+    without running a step. `profile`: "replicate" (from four layers of a long identical stack
+    where it can, as auto does), "fake" (every op under FakeTensorMode) or "real"."""
+    compiled = compile_plan(module, args, kwargs or {}, budget, mode=_profile_mode(profile))
+    return Planning(
+        plan=compiled.plan,
+        num_ops=len(compiled.profile.ops),
+        num_values=len(compiled.tg.graph),
+        replicated_from=compiled.profile.replicated_from,
+    )
+
+
+def profile_ops(module: torch.nn.Module, args: tuple, kwargs: dict | None, *, profile: str = "replicate") -> int:
+    """Profile `module` on these inputs as `plan_inputs` does, and nothing more: the number of ops
+    profiled (a benchmark times this to split planning into profiling and solving)."""
+    return len(_profile(module, args, kwargs or {}, mode=_profile_mode(profile)).ops)
+
+
+def _profile_mode(profile: str) -> str:
+    if profile not in ("replicate", "fake", "real"):
+        raise ValueError(f"profile={profile!r} must be 'replicate', 'fake' or 'real'.")
+    return profile
