@@ -230,6 +230,7 @@ def test_no_remat_compiles_beside_the_solve(cache, monkeypatch):
         menus_started.set()
         return block_menus(*args, **kwargs)
 
+    monkeypatch.setattr(_verify, "usable_cpus", lambda: 2)  # whatever the CI runner has
     monkeypatch.setattr(_verify, "compile_for_memory", compile_watching)
     monkeypatch.setattr(_planner, "block_menus", menus_watching)
     loss, params, x = _model()
@@ -243,3 +244,22 @@ def test_no_remat_compiles_beside_the_solve(cache, monkeypatch):
     monkeypatch.setattr(_api.Planner, "_warm", lambda self, traced: None)  # in turn, on one thread
     _, _, alone = _first_call(loss, 0.5, params, x)
     assert alone.as_dict() == plan.as_dict()  # the overlap changes when, not what
+
+
+def test_one_cpu_compiles_in_turn(cache, monkeypatch):
+    """With one usable CPU there is nothing to overlap: no remat compiles on the caller's thread."""
+    import threading
+
+    seen = []
+    compile_for_memory = _verify.compile_for_memory
+    monkeypatch.setattr(_verify, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(
+        _verify,
+        "compile_for_memory",
+        lambda lowered: (
+            seen.append(threading.current_thread() is threading.main_thread()) or compile_for_memory(lowered)
+        ),
+    )
+    loss, params, x = _model()
+    _first_call(loss, 0.5, params, x)
+    assert seen and all(seen)

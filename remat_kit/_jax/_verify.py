@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -137,7 +138,7 @@ def step_figures(
     on one they cost what they cost in turn. Lowering stays on this thread, under the caller's
     tracing contexts (mesh, device) that a new thread would not see."""
     lowered = jax.jit(vjp_step(traced, {})).lower(*specs)
-    if meanwhile is None:
+    if meanwhile is None or usable_cpus() < 2:  # one core: nothing to overlap, the solve warms itself
         compiled = compile_for_memory(lowered)
     else:
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="remat_kit-none") as pool:
@@ -154,6 +155,12 @@ def step_figures(
         if is_float(specs[i]):
             held += nbytes(specs[i]) // divisor(out, specs[i].shape)
     return temp, held
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS says, else the machine's)."""
+    getter = getattr(os, "sched_getaffinity", None)
+    return len(getter(0)) if getter else (os.cpu_count() or 1)
 
 
 def can_verify(traced: Traced) -> bool:
