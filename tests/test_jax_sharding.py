@@ -50,7 +50,9 @@ SCRIPT = textwrap.dedent(
     num = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
     den = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(want))
     plan = next(iter(planner_of(planned)[0].cache.values()))
-    out.update(rel_err=num / den, budget_bytes=budget_bytes, predicted_peak=plan.predicted_peak_bytes,
+    with jax.set_mesh(mesh):
+        temp = jax.jit(jax.grad(planned)).lower(ws, x).compile().memory_analysis().temp_size_in_bytes
+    out.update(rel_err=num / den, budget_bytes=budget_bytes, compiled_peak=graph.constant_bytes + temp,
                recomputed=len(plan.names("recompute")))
     print("RESULT", json.dumps(out))
     """
@@ -69,7 +71,9 @@ def test_per_device_bytes_and_byte_budget():
     assert out["elementwise_bytes"] == [b // 8 for b in out["whole_bytes"]]
     assert out["rel_err"] <= 1e-6
     assert out["recomputed"] > 0
-    assert out["predicted_peak"] <= out["budget_bytes"]
+    # the byte budget holds per device as compiled (params, gradients, inputs + the step's temp);
+    # the plan aims at the cost model's figure that compiles within it, which can be above it
+    assert out["compiled_peak"] <= out["budget_bytes"]
 
 
 CASE5 = textwrap.dedent(
