@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from remat_kit._core import chain_dp, ladder
 from remat_kit._core.budget import format_bytes
@@ -30,6 +30,39 @@ def codes_from_milp(graph: CostGraph, res: MilpResult) -> list[int]:
     for i in res.offload:
         codes[i] = _OFFLOAD
     return codes
+
+
+def block_program(
+    graph: CostGraph, blk: int, costs: Costs, offload: bool
+) -> Callable[[int, int | None], dict[int, int] | None]:
+    """Plan one block under a cap: a function (kept-bytes cap, local peak limit or None) -> the
+    cheapest decision codes for the block's free values, or None where nothing fits.
+
+    It is the op-level 0-1 program on the block's window (the block and its neighbours), which has
+    the same local memory as the whole graph (see chain_dp.window) and is much smaller.
+    """
+    free = {i for i in graph.block_members[blk] if not graph.is_forced[i]}
+    win = chain_dp.window(graph, blk)
+    sub, offset = win.graph, win.offset
+    back = {j: i for i, j in win.index_map.items()}
+    sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
+    sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
+
+    def solve(cap: int, local_limit: int | None = None) -> dict[int, int] | None:
+        res = solve_milp(
+            sub,
+            limit=local_limit,
+            rec_cost=sub_rec,
+            off_cost=sub_off if offload else None,
+            blocks=[blk - offset],
+            kept_cap=cap,
+            backward_bytes=win.earlier_seed_bytes,
+        )
+        if res is None:
+            return None
+        return {back[j]: c for j, c in enumerate(codes_from_milp(sub, res)) if back.get(j) in free}
+
+    return solve
 
 
 def block_menus(graph: CostGraph, costs: Costs, offload: bool) -> list[list[chain_dp.BlockOption]]:
@@ -115,27 +148,12 @@ def _menu_for_block(
                 candidates[k] = label
                 measured.append(_measure(graph, blk, codes, costs, label))
     if free and hi > lo and exact:
-        # The block's program runs on its window (the block and its neighbours), which has the
-        # same local memory as the whole graph (see chain_dp.window) and is much smaller.
-        win = chain_dp.window(graph, blk)
-        sub, offset = win.graph, win.offset
-        back = {j: i for i, j in win.index_map.items()}
-        sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
-        sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
+        program = block_program(graph, blk, costs, offload)
 
         def solve_block(cap: int, local_limit: int | None) -> chain_dp.BlockOption | None:
-            res = solve_milp(
-                sub,
-                limit=local_limit,
-                rec_cost=sub_rec,
-                off_cost=sub_off if offload else None,
-                blocks=[blk - offset],
-                kept_cap=cap,
-                backward_bytes=win.earlier_seed_bytes,
-            )
-            if res is None:
+            codes = program(cap, local_limit)
+            if codes is None:
                 return None
-            codes = {back[j]: c for j, c in enumerate(codes_from_milp(sub, res)) if back.get(j) in free_set}
             key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
             if key not in candidates:
                 candidates[key] = f"selective (kept <= {format_bytes(cap)})"

@@ -30,14 +30,13 @@ import math
 from remat_kit._core import chain_dp
 from remat_kit._core.budget import format_bytes, parse_budget
 from remat_kit._core.graph import DeviceSpec
-from remat_kit._core.milp import solve_milp
+from remat_kit._core.menus import block_program
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import baseline_activation_bytes
 from remat_kit._core.solve import (
     Costs,
     InfeasibleBudgetError,
     block_menus,
-    codes_from_milp,
     op_level_work,
     segment_cap,
     segment_options,
@@ -249,25 +248,12 @@ def _refined(graph, menus, scan, b0: int, costs: Costs, offload: bool, limit: in
     free = {i for i in graph.block_members[b0] if not graph.is_forced[i]}
     if not free or op_level_work(graph, b0) > MAX_REFINE_WORK:  # a program that size takes minutes
         return []
-    win = chain_dp.window(graph, b0)
-    sub, offset = win.graph, win.offset
-    back = {j: i for i, j in win.index_map.items()}
-    sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
-    sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
+    program = block_program(graph, b0, costs, offload)
 
     def option_at(cap: int):
-        res = solve_milp(
-            sub,
-            limit=None,
-            rec_cost=sub_rec,
-            off_cost=sub_off if offload else None,
-            blocks=[b0 - offset],
-            kept_cap=cap,
-            backward_bytes=win.earlier_seed_bytes,
-        )
-        if res is None:
+        codes = program(cap, None)
+        if codes is None:
             return None
-        codes = {back[j]: c for j, c in enumerate(codes_from_milp(sub, res)) if back.get(j) in free}
         return chain_dp.measure_option(graph, b0, codes, costs.of, f"selective (kept <= {cap} bytes)")
 
     def fits(opt) -> bool:
