@@ -304,6 +304,8 @@ def _by_time(
     fits `limit` where that is predicted faster once the replay modes' per-op cost and each
     checkpoint region's own cost are counted (see _layerplan.py). Not several layers to a region
     under torch.compile (`segments` False): such a region runs eagerly there, a graph break."""
+    if prof.replicated_from:  # every region keeps the replay's check (see `fast_regions`)
+        return plan
     device, device_type = default_device(module), device_of(module).type
     op_seconds = _layerplan.mode_op_seconds(device_type)
     cost = _layerplan.checkpoint_region_cost(device_type)
@@ -372,6 +374,19 @@ def _solve_one_region(
     )
 
 
+def fast_regions(module: torch.nn.Module, tg: TorchGraph, plan: Plan, prof: Profile, device: Any) -> dict:
+    """The plan's checkpoint regions, plain checkpoint where that is faster than the replay.
+
+    Not with a profile written out from a few profiled layers (`prof.replicated_from`): the replay
+    checks each layer's op sequence against the profile, and a layer that differs from the ones
+    profiled is caught there and the model re-planned from its whole forward. Plain checkpoint
+    checks nothing, so a differing layer's memory would go unplanned.
+    """
+    if prof.replicated_from:
+        return regions(tg, plan, prof, lambda region: False)
+    return regions(tg, plan, prof, plain_when_faster(device, _layerplan.mode_op_seconds(device_of(module).type)))
+
+
 def compile_plan(
     module: torch.nn.Module,
     args: tuple,
@@ -390,5 +405,5 @@ def compile_plan(
     tg = build_graph(prof, segment(module, prof, whole_model=not per_call))
     plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver, per_call=per_call, segments=segments)
     device = default_device(module)
-    regs = regions(tg, plan, prof, plain_when_faster(device, _layerplan.mode_op_seconds(device_of(module).type)))
+    regs = fast_regions(module, tg, plan, prof, device)
     return Compiled(as_run(plan, regs, device), tg, prof, regs, signature(module, args, kwargs))
