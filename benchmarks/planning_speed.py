@@ -20,6 +20,16 @@ import remat_kit as rk
 from benchmarks._report import write
 
 
+def _random_op(rng: random.Random, name: str, deps: list[str], block: int, module: str) -> rk.Value:
+    """One op of a random program reading `deps`: its kind, size, FLOPs and backward reads drawn
+    from `rng` (in this order, so a seed gives the same graph)."""
+    kind = rng.choice(["matmul", "elementwise", "norm", "attention", "rng", "view"])
+    size = 0 if kind == "view" else rng.choice([1, 2, 4, 8]) * 4096
+    reads = [d for d in deps if d != "w" and rng.random() < 0.8] + ([name] if rng.random() < 0.2 else [])
+    flops = rng.randint(1, 64) * 4096 * (64 if kind == "matmul" else 1)
+    return rk.value(name, size, kind=kind, flops=flops, deps=deps, bwd_reads=reads, block=block, module=module)
+
+
 def repeated_block_chain(num_blocks: int, per_block: int, seed: int, *, identical: bool) -> rk.CostGraph:
     """A chain whose blocks are random DAGs of `per_block` values (the same DAG in every block
     when `identical`, as in a transformer; a different one per block otherwise)."""
@@ -31,21 +41,7 @@ def repeated_block_chain(num_blocks: int, per_block: int, seed: int, *, identica
         for k in range(per_block - 1):
             deps = rng.sample(local[-4:], min(len(local[-4:]), rng.randint(1, 2))) + ["w"]
             name = f"blocks.{b}.op{k}"
-            kind = rng.choice(["matmul", "elementwise", "norm", "attention", "rng", "view"])
-            size = 0 if kind == "view" else rng.choice([1, 2, 4, 8]) * 4096
-            reads = [d for d in deps if d != "w" and rng.random() < 0.8] + ([name] if rng.random() < 0.2 else [])
-            vals.append(
-                rk.value(
-                    name,
-                    size,
-                    kind=kind,
-                    flops=rng.randint(1, 64) * 4096 * (64 if kind == "matmul" else 1),
-                    deps=deps,
-                    bwd_reads=reads,
-                    block=b,
-                    module=f"blocks.{b}",
-                )
-            )
+            vals.append(_random_op(rng, name, deps, b, f"blocks.{b}"))
             local.append(name)
         out = f"blocks.{b}.out"
         vals.append(
@@ -72,21 +68,7 @@ def unrepeated_chain(num_values: int, seed: int) -> rk.CostGraph:
         if k % piece == piece - 1:
             deps = [local[-1], stream]  # the piece ends by adding into the stream
         name = f"op{k}"
-        kind = rng.choice(["matmul", "elementwise", "norm", "attention", "rng", "view"])
-        size = 0 if kind == "view" else rng.choice([1, 2, 4, 8]) * 4096
-        reads = [d for d in deps if d != "w" and rng.random() < 0.8] + ([name] if rng.random() < 0.2 else [])
-        vals.append(
-            rk.value(
-                name,
-                size,
-                kind=kind,
-                flops=rng.randint(1, 64) * 4096 * (64 if kind == "matmul" else 1),
-                deps=deps,
-                bwd_reads=reads,
-                block=blk,
-                module=f"piece{blk}",
-            )
-        )
+        vals.append(_random_op(rng, name, deps, blk, f"piece{blk}"))
         local.append(name)
         if k % piece == piece - 1:
             stream = name
