@@ -22,7 +22,7 @@ Packages. The units are `remat_kit` (its top-level modules: `__init__`, `_auto`,
    import `tests` (test oracles stay on the test side; tests may import benchmarks to test them).
 4. Tests may reach into the internals they test: they are not walked.
 
-Dynamic imports by constant string (`importlib.import_module("remat_kit._torch._apply")`) count.
+Dynamic imports by constant string (`importlib.import_module("remat_kit._torch._api")`) count.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_the_walk_catches_each_kind():
     """The rule on made-up imports, so the walk cannot pass by matching nothing."""
     assert violation("remat_kit._jax._api", "remat_kit._core.solve:_check_solver")
     assert violation("remat_kit._torch._explain", "remat_kit._jax._api:Planner")
-    assert violation("remat_kit._auto", "remat_kit._torch._apply")
+    assert violation("remat_kit._auto", "remat_kit._torch._api")
     assert violation("remat_kit._core.solve", "jax.numpy")
     assert violation("remat_kit._core.solve", "remat_kit._jax")
     assert violation("remat_kit.measure", "benchmarks.models")
@@ -162,7 +162,7 @@ def test_the_walk_catches_each_kind():
 def test_relative_and_module_imports_are_resolved():
     src = (
         "from . import _cells\nfrom remat_kit import _torch\nimport remat_kit._jax._api\n"
-        "from remat_kit._core.solve import solve\nimportlib.import_module('remat_kit._torch._apply')\n"
+        "from remat_kit._core.solve import solve\nimportlib.import_module('remat_kit._torch._api')\n"
     )
     got = [t for _, t in sorted(imports(src, "benchmarks"))]
     assert got == [
@@ -170,5 +170,5 @@ def test_relative_and_module_imports_are_resolved():
         "remat_kit._torch",
         "remat_kit._jax._api",
         "remat_kit._core.solve:solve",
-        "remat_kit._torch._apply",
+        "remat_kit._torch._api",
     ]

@@ -217,7 +217,7 @@ def test_explain_measures(small, capsys):
 def test_unrolled_recompute_waits_for_the_backward(data):
     """The XLA:CPU fact: per-layer jax.checkpoint of unrolled layers saves nothing (the scheduler
     runs the recompute during the forward); ordered_remat's cotangent dependence fixes it."""
-    from remat_kit._jax._apply import ordered_remat
+    from remat_kit._jax._run import ordered_remat
 
     params, x = data
     layers = per_layer(params)
@@ -244,7 +244,7 @@ def test_offload_decisions_run_and_keep_gradients(small):
     """OFFLOAD decisions go through save_and_offload_only_these_names to pinned host memory."""
     from remat_kit._core.plan import Decision
     from remat_kit._jax._api import Planner
-    from remat_kit._jax._apply import run_planned
+    from remat_kit._jax._run import run_planned
 
     params, x = small
     entry, _ = Planner(1.0, offload=True, solver=None).prepare(scanned, (params, x), {})

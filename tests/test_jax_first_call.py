@@ -216,11 +216,11 @@ def test_no_remat_compiles_beside_the_solve(cache, monkeypatch):
     compile waits until the menus have started, which it could not if the two ran in turn."""
     import threading
 
-    from remat_kit._jax import _api, _planner
+    from remat_kit._jax import _api, _plan
 
     menus_started = threading.Event()
     seen = []
-    compile_for_memory, block_menus = _verify.compile_for_memory, _planner.block_menus
+    compile_for_memory, block_menus = _verify.compile_for_memory, _plan.block_menus
 
     def compile_watching(lowered):
         seen.append((threading.current_thread() is threading.main_thread(), menus_started.wait(timeout=30)))
@@ -232,12 +232,12 @@ def test_no_remat_compiles_beside_the_solve(cache, monkeypatch):
 
     monkeypatch.setattr(_verify, "usable_cpus", lambda: 2)  # whatever the CI runner has
     monkeypatch.setattr(_verify, "compile_for_memory", compile_watching)
-    monkeypatch.setattr(_planner, "block_menus", menus_watching)
+    monkeypatch.setattr(_plan, "block_menus", menus_watching)
     loss, params, x = _model()
     _, compiled, plan = _first_call(loss, 0.5, params, x)
     assert seen[0] == (False, True)  # no remat: off the main thread, beside the menus
     assert all(main for main, _ in seen[1:])  # the plans' compiles: on the caller's thread
-    monkeypatch.setattr(_planner, "block_menus", block_menus)
+    monkeypatch.setattr(_plan, "block_menus", block_menus)
     monkeypatch.setattr(_verify, "compile_for_memory", compile_for_memory)
     _verify._NONE_CACHE.clear()
     monkeypatch.setenv("REMAT_KIT_PLAN_CACHE", "0")

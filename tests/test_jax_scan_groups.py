@@ -17,7 +17,7 @@ import remat_kit as rk
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._jax import _api
 from remat_kit._jax._api import planner_of
-from remat_kit._jax._apply import run_planned
+from remat_kit._jax._run import run_planned
 
 NUM_LAYERS, WIDTH, BATCH = 8, 64, 512
 
@@ -140,7 +140,7 @@ def test_auto_below_the_measured_per_layer_floor_fits_with_a_grouped_scan():
 
 
 def test_planner_offers_grouped_options_priced_by_the_core():
-    from remat_kit._jax._planner import choose, scan_groups
+    from remat_kit._jax._plan import choose, scan_groups
 
     loss, params, x = _model()
     entry = _entry(loss, params, x)
@@ -159,7 +159,7 @@ def test_a_budget_below_the_models_floor_is_measured_before_it_is_refused():
     refused; a budget below every compiled plan is refused with the measured floor."""
     from benchmarks.models.jax_zoo import build
     from remat_kit._core.solve import InfeasibleBudgetError
-    from remat_kit._jax._planner import choose
+    from remat_kit._jax._plan import choose
 
     model = build("mlp", "tiny")
     loss, params, batch = model.loss(), model.params, model.batch

@@ -18,7 +18,7 @@ import remat_kit as rk
 from remat_kit._core import presets
 from remat_kit._core.plan import Decision
 from remat_kit._jax._api import planner_of
-from remat_kit._jax._apply import run_planned
+from remat_kit._jax._run import run_planned
 
 NUM_BLOCKS, WIDTH, BATCH = 16, 64, 512
 

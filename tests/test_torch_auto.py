@@ -10,7 +10,7 @@ from torch_helpers import Block, TinyGPT, fresh, grads, max_rel_err, tokens
 
 import remat_kit._torch as rt
 from remat_kit._core.simulate import simulate
-from remat_kit._torch._apply import state_of
+from remat_kit._torch._api import state_of
 from remat_kit._torch._measure import measure_step
 
 BUDGETS = (1.0, 0.7, 0.5, 0.3)

@@ -76,8 +76,9 @@ def _selective(model, args, kwargs, save_kinds=("matmul", "rng")):
     dropout masks, recompute the rest of every layer), so the policy path is exercised whatever
     the planner prefers for this model."""
     from remat_kit._core.plan import Decision, Plan
-    from remat_kit._torch._apply import install_blocks, state_of
+    from remat_kit._torch._api import state_of
     from remat_kit._torch._replay import decisions_for_torch, regions
+    from remat_kit._torch._run import install_blocks
 
     remat_kit.auto(model, 0.7)
     _loss(model(*args, **kwargs)).backward()

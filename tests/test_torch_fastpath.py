@@ -18,7 +18,7 @@ from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens
 import remat_kit as rk
 import remat_kit._torch._layerplan as layerplan_mod
 import remat_kit._torch._replay as replay_mod
-from remat_kit._torch._apply import state_of
+from remat_kit._torch._api import state_of
 from remat_kit._torch._layerplan import RegionCost, whole_layer_decisions
 from remat_kit._torch._measure import measure_step
 from remat_kit._torch._modes import Region, Step
@@ -124,7 +124,7 @@ def test_whole_layer_regions_need_no_modes(model_and_inputs) -> None:
     # The op table of a layer whose values are all recomputed keeps nothing; one whose values are
     # all kept is no region at all.
     from remat_kit._core.plan import Plan
-    from remat_kit._torch._apply import _profile
+    from remat_kit._torch._api import _profile
     from remat_kit._torch._graph import build_graph, segment
     from remat_kit._torch._replay import decisions_for_torch, regions
 

@@ -14,7 +14,7 @@ import torch
 from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens
 
 import remat_kit._torch as rt
-from remat_kit._torch._apply import autocast_cast_bytes, kv_cache_configs, state_of
+from remat_kit._torch._api import autocast_cast_bytes, kv_cache_configs, state_of
 from remat_kit._torch._measure import measure_step
 
 

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import remat_kit
-from remat_kit._torch._apply import state_of
+from remat_kit._torch._api import state_of
 from remat_kit._torch._measure import LiveStorageTracker
 
 MemTracker = pytest.importorskip("torch.distributed._tools.mem_tracker").MemTracker

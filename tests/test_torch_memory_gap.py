@@ -17,9 +17,11 @@ from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens
 import remat_kit._torch as rt
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import simulate
-from remat_kit._torch._apply import compile_plan, install_blocks, signature, state_of
+from remat_kit._torch._api import state_of
 from remat_kit._torch._measure import measure_step
+from remat_kit._torch._plan import compile_plan, signature
 from remat_kit._torch._replay import CACHE, decisions_for_torch, regions
+from remat_kit._torch._run import install_blocks
 
 # What the tracker sees beyond the model: the loss scalar and its seed gradient (8 bytes), well
 # under this share of no remat.
@@ -50,7 +52,7 @@ class MLP(nn.Module):
 
 
 def _with_plan(model: nn.Module, inputs: tuple, choose) -> tuple[nn.Module, object]:
-    """`model` rematted with the plan `choose(graph, pinned) -> {value: Decision}`, and its Compiled."""
+    """`model` rematted with the plan `choose(graph, pinned) -> {value: Decision}`, and its Entry."""
     base = compile_plan(model, inputs, {}, 1.0)
     tg, prof = base.tg, base.profile
     raw = Plan.from_decisions(tg.graph, choose(tg.graph, tg.pinned))

@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import remat_kit
-from remat_kit._torch._apply import compile_plan
 from remat_kit._torch._measure import measure_step
+from remat_kit._torch._plan import compile_plan
 from tests.torch_helpers import max_rel_err
 
 D, SEQ, BATCH = 16, 16, 2
@@ -175,7 +175,7 @@ class _Gather(nn.Module):
 
 
 def test_backward_workspace_of_a_gather() -> None:
-    from remat_kit._torch._profile import profile
+    from remat_kit._torch._trace import profile
 
     x = torch.randn(BATCH, SEQ, D)
     prof = profile(_Gather(), (x,), {}, fake=True)

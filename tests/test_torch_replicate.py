@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import remat_kit
-from remat_kit._torch._apply import compile_plan
 from remat_kit._torch._graph import candidate_layers
-from remat_kit._torch._profile import profile
+from remat_kit._torch._plan import compile_plan
 from remat_kit._torch._replicate import MIN_LAYERS, profile_replicated
+from remat_kit._torch._trace import profile
 from tests.torch_helpers import TinyGPT, grads, max_rel_err, tokens
 
 transformers = pytest.importorskip("transformers")
@@ -163,7 +163,7 @@ def test_a_difference_deep_in_the_stack_is_caught_by_the_replay_and_replanned():
     with pytest.warns(UserWarning, match="differs from its profile; re-planning from the whole forward"):
         got = grads(rematted, x)
     assert max_rel_err(got, want) <= 1e-6
-    (compiled,) = remat_kit._torch._apply.state_of(rematted).plans.values()
+    (compiled,) = remat_kit._torch._api.state_of(rematted).plans.values()
     assert compiled.profile.replicated_from == 0 and compiled.profile.fake
 
 
@@ -215,7 +215,7 @@ def test_auto_on_a_long_hugging_face_stack_plans_from_four_layers_with_exact_gra
         got = [p.grad for p in _step(rematted, ids)]
     assert max_rel_err(got, want) <= 1e-6
     (plan,) = remat_kit.plan_of(rematted)
-    (compiled,) = remat_kit._torch._apply.state_of(rematted).plans.values()
+    (compiled,) = remat_kit._torch._api.state_of(rematted).plans.values()
     assert compiled.profile.replicated_from == 4 and plan.num_recomputed_ops > 0
     assert compiled.profile.fake and compiled.profile.real_prologue
     assert not [w for w in seen if "re-planning" in str(w.message)]

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import remat_kit
-from remat_kit._torch._apply import _floor, state_of
+from remat_kit._torch._api import _floor, state_of
 from remat_kit._torch._measure import measure_step
 from tests.torch_helpers import grads, max_rel_err
 

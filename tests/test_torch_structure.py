@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import remat_kit
-from remat_kit._torch._apply import state_of
+from remat_kit._torch._api import state_of
 from remat_kit._torch._measure import measure_step
 from tests.torch_helpers import max_rel_err
 

@@ -15,14 +15,14 @@ from remat_kit._core.budget import budget_meaning, parse_budget
 from remat_kit._core.graph import DeviceSpec, Role
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.solve import InfeasibleBudgetError, check_solver
-from remat_kit._jax import _plancache, _planner
-from remat_kit._jax._apply import run_planned
+from remat_kit._jax import _plan, _plancache
 from remat_kit._jax._fit import at_floor
 from remat_kit._jax._graph import Traced, build
-from remat_kit._jax._ir import trace
-from remat_kit._jax._planner import choose
+from remat_kit._jax._plan import choose
 from remat_kit._jax._rules import Tracer
+from remat_kit._jax._run import run_planned
 from remat_kit._jax._sharding import divisor, input_shardings
+from remat_kit._jax._trace import trace
 from remat_kit._jax._verify import can_verify, specs_of, verified
 
 _ATTR = "__remat_kit_auto__"
@@ -188,15 +188,15 @@ class Planner:
         cached on the graph, for `verified` to run while no remat compiles on another thread. The
         device's calibration is resolved here, before that compile starts: a microbenchmark timed
         beside a compile would measure the machine half-busy."""
-        device = self.device or _planner.default_device()
+        device = self.device or _plan.default_device()
 
         def warm() -> None:
             graph = traced.graph
-            costs = _planner.Costs(graph, device)
-            _planner.block_menus(graph, costs, self.offload)
+            costs = _plan.Costs(graph, device)
+            _plan.block_menus(graph, costs, self.offload)
             for scan in traced.scans.values():
                 if len(scan.blocks) > 1 and min(scan.blocks) >= 0:
-                    _planner._grouped(graph, costs, scan, _planner.scan_groups(len(scan.blocks)))
+                    _plan._grouped(graph, costs, scan, _plan.scan_groups(len(scan.blocks)))
 
         return warm
 

@@ -27,7 +27,7 @@ from remat_kit._core import presets
 from remat_kit._core.plan import Plan
 from remat_kit._core.solve import InfeasibleBudgetError
 from remat_kit._jax._graph import Traced
-from remat_kit._jax._planner import scan_groups
+from remat_kit._jax._plan import scan_groups
 
 MAX_ROUNDS = 3  # plan compiles per budget, past no remat's
 AIM = 0.02  # of no remat: where under the budget the line aims

@@ -19,9 +19,9 @@ from collections import Counter
 from typing import Any
 
 from remat_kit._core.graph import CostGraph, OpKind, Role, value
-from remat_kit._jax._ir import FlatFn, Lit, op_names
 from remat_kit._jax._rules import backward_reads, eqn_flops, is_float, nbytes, op_kind
 from remat_kit._jax._sharding import divisors as stated_divisors
+from remat_kit._jax._trace import FlatFn, Lit, op_names
 
 MIN_PIECE_OPS = 16  # a function without repeated layers shorter than twice this is one block
 

@@ -14,9 +14,9 @@ import jax
 from remat_kit._core.graph import CostGraph
 from remat_kit._core.plan import Plan
 from remat_kit._jax._api import Planner, _is_array, planner_of
-from remat_kit._jax._apply import run_planned
 from remat_kit._jax._graph import Traced
-from remat_kit._jax._planner import choose
+from remat_kit._jax._plan import choose
+from remat_kit._jax._run import run_planned
 
 
 def compiled_flops(stage: Any) -> float:

@@ -162,7 +162,7 @@ _READS_CACHE: dict[Any, tuple[tuple[int, ...], tuple[int, ...], bool]] = {}
 
 
 def _reads(eqn: Any, diff: tuple[bool, ...]):
-    from remat_kit._jax._ir import Op, bind
+    from remat_kit._jax._trace import Op, bind
 
     n_in, n_out = len(eqn.invars), len(eqn.outvars)
     everything = (tuple(range(n_in)), tuple(range(n_out)), False)

@@ -28,8 +28,8 @@ from typing import Any
 
 import jax
 
-from remat_kit._jax._ir import FlatFn
 from remat_kit._jax._rules import Tracer
+from remat_kit._jax._trace import FlatFn
 
 
 def input_shardings(vals: Sequence[Any]) -> list[Any]:

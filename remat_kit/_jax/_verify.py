@@ -42,12 +42,12 @@ from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import baseline_activation_bytes, simulate
 from remat_kit._core.solve import InfeasibleBudgetError
 from remat_kit._jax import _plancache
-from remat_kit._jax._apply import run_planned
 from remat_kit._jax._fit import Search, at_floor, fit, floor_plans
 from remat_kit._jax._graph import Traced
-from remat_kit._jax._ir import Lit
 from remat_kit._jax._rules import Tracer, is_float, nbytes
+from remat_kit._jax._run import run_planned
 from remat_kit._jax._sharding import divisor, input_shardings, spec
+from remat_kit._jax._trace import Lit
 
 __all__ = ["at_floor", "can_verify", "verified"]  # at_floor: `_api` plans at a floor the model names
 

@@ -16,18 +16,19 @@ from typing import Any
 import torch
 
 from remat_kit._core.budget import budget_meaning, format_bytes
-from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import decision_codes, needed_and_recomputed, simulate
-from remat_kit._torch._apply import Compiled, auto, compile_plan, install_blocks, signature, state_of, unwrap
+from remat_kit._torch._api import auto, state_of, unwrap
 from remat_kit._torch._measure import StepMeasurement, measure_step
+from remat_kit._torch._plan import Entry, compile_plan, signature
 from remat_kit._torch._replay import _units
+from remat_kit._torch._run import install_blocks
 
 
 @dataclasses.dataclass(frozen=True)
 class Explanation:
     """What `explain` printed, as data."""
 
-    compiled: Compiled = dataclasses.field(repr=False)  # the whole op table: too long to print
+    compiled: Entry = dataclasses.field(repr=False)  # the whole op table: too long to print
     planning_seconds: float
     block_rows: tuple[dict[str, Any], ...]
     op_rows: tuple[dict[str, Any], ...]
@@ -40,7 +41,7 @@ class Explanation:
         return self.compiled.plan
 
 
-def _rows(compiled: Compiled) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _rows(compiled: Entry) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     plan = compiled.plan
     graph = plan.graph_for(compiled.tg.graph)  # one block per checkpoint region (several layers in a segment)
     codes = decision_codes(graph, plan)
@@ -88,19 +89,6 @@ def _rows(compiled: Compiled) -> tuple[list[dict[str, Any]], list[dict[str, Any]
                 decision = "-"  # nobody's backward reads it: freed after its last forward use
             ops.append(dict(value=v.name, kind=v.kind.value, bytes=v.num_bytes, flops=v.flops, decision=decision))
     return blocks, ops
-
-
-def plan_of(target: Any) -> list[Plan] | None:
-    """The plans `auto` made for a module instance, one per input signature in the order they were
-    made (a re-plan moves to the end); None when `target` is not rematted (the front door says so)."""
-    if isinstance(target, type):
-        raise ValueError(
-            f"remat_kit.plan_of(target={target.__name__}): a torch module class has no plans; each instance is "
-            f"planned on its own first training calls. Pass the instance, e.g. remat_kit.plan_of(model) for "
-            f"model = {target.__name__}(...)."
-        )
-    state = state_of(target) if isinstance(target, torch.nn.Module) else None
-    return None if state is None else [compiled.plan for compiled in state.plans.values()]
 
 
 def explain(
@@ -173,7 +161,7 @@ def _original_forward(model: torch.nn.Module) -> Any:
     return state.original_forward or type(model).forward.__get__(model)
 
 
-def _measure(model: torch.nn.Module, compiled: Compiled, args: tuple, kwargs: dict, loss_fn: Any):
+def _measure(model: torch.nn.Module, compiled: Entry, args: tuple, kwargs: dict, loss_fn: Any):
     """Measure no remat, then the plan, on the same module; leave `auto` as it was."""
     old = state_of(model)
     if old is not None:

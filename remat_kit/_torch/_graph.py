@@ -16,7 +16,7 @@ import torch
 
 from remat_kit._core.graph import CostGraph, OpKind, Role, Value
 from remat_kit._core.simulate import simulate
-from remat_kit._torch._profile import Profile
+from remat_kit._torch._trace import Profile
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,10 +21,15 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from remat_kit._core.budget import Budget
 from remat_kit._core.graph import CostGraph, DeviceSpec
 from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.simulate import simulate
+from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph
 from remat_kit._torch._modes import Region
+from remat_kit._torch._replay import decisions_for_torch, regions
+from remat_kit._torch._trace import Profile
 
 
 def region_modes_seconds(region: Region, op_seconds: float) -> float:
@@ -278,3 +283,55 @@ def checkpoint_region_cost(device_type: str = "cpu", repeats: int = 7, num_ops: 
     one, many = extra(1), extra(num_ops)
     per_op = max(0.0, (many - one) / (num_ops - 1))
     return RegionCost(frame_seconds=max(0.0, one - per_op), op_seconds=per_op)
+
+
+def by_time(
+    module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan, limit: int, parsed: Budget, span: int
+) -> Plan:
+    """`plan`, or the fastest plan of whole layers (alone or several to a checkpoint region) that
+    fits `limit` where that is predicted faster once the replay modes' per-op cost and each
+    checkpoint region's own cost are counted. Regions span at most `span` layers (1 under
+    torch.compile, where a region over several layers runs eagerly: a graph break)."""
+    if prof.replicated_from:  # every region keeps the replay's check (see `fast_regions`)
+        return plan
+    device, device_type = default_device(module), device_of(module).type
+    op_seconds = mode_op_seconds(device_type)
+    cost = checkpoint_region_cost(device_type)
+    if op_seconds == 0.0 and cost == RegionCost():  # running a plan priced at nothing: the solver's is fastest
+        return plan
+    choose = plain_when_faster(device, op_seconds)
+
+    def price(p: Plan) -> float:
+        return predicted_seconds(p, regions(tg, p, prof, choose), device, op_seconds, cost)
+
+    selective = price(plan)
+    if selective <= cheapest_layer_seconds(tg, device) + cost.frame_seconds:  # no whole-layer plan is faster
+        return plan
+    grouped: dict[tuple, CostGraph] = {}
+
+    def make(layers: set[str], segments: tuple[tuple[str, ...], ...]) -> Plan:
+        if segments != tg.graph.segments and segments not in grouped:
+            grouped[segments] = tg.graph.regroup(segments)
+        graph = grouped.get(segments, tg.graph)
+        raw = Plan.from_decisions(graph, whole_layer_decisions(tg, layers, graph))
+        return Plan.from_decisions(
+            graph, decisions_for_torch(tg, raw, prof), budget=str(parsed), solver="whole layers", device=device
+        )
+
+    layered = fastest_whole_layer_plan(tg, make, limit, price, max_span=span)
+    if layered is None or set(simulate(tg.graph, layered).recomputed) & tg.pinned:
+        return plan
+    return layered if price(layered) < selective else plan
+
+
+def fast_regions(module: torch.nn.Module, tg: TorchGraph, plan: Plan, prof: Profile, device: Any) -> dict:
+    """The plan's checkpoint regions, plain checkpoint where that is faster than the replay.
+
+    Not with a profile written out from a few profiled layers (`prof.replicated_from`): the replay
+    checks each layer's op sequence against the profile, and a layer that differs from the ones
+    profiled is caught there and the model re-planned from its whole forward. Plain checkpoint
+    checks nothing, so a differing layer's memory would go unplanned.
+    """
+    if prof.replicated_from:
+        return regions(tg, plan, prof, lambda region: False)
+    return regions(tg, plan, prof, plain_when_faster(device, mode_op_seconds(device_of(module).type)))

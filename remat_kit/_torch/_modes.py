@@ -37,7 +37,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from remat_kit._torch._profile import ignored
+from remat_kit._torch._trace import ignored
 
 RUN, CACHE, SKIP = "run", "cache", "skip"
 
@@ -142,7 +142,7 @@ class _Table:
         if self.names[k] != str(func):
             return False
         # An autocast cast of a parameter is the same OpOverload as a planned cast but not an op
-        # of the plan (see _profile.ignored): such ops are matched by name, after that check.
+        # of the plan (see _trace.ignored): such ops are matched by name, after that check.
         if func is not _TO_COPY:
             self.funcs[k] = func
         return True

@@ -1,8 +1,8 @@
 """Plan one input signature of a module: profile it, build its graph, solve for the budget.
 
-`compile_plan` is what `auto` (_apply.py) calls once per input signature; `solve_torch` asks the
+`compile_plan` is what `auto` (_api.py) calls once per input signature; `solve_torch` asks the
 core's solver for the least-recompute plan that fits, adjusts it to what the replay runs exactly,
-and (`_by_time`) weighs it against the fastest plan of whole layers (_layerplan.py).
+and (`_layerplan.by_time`) weighs it against the fastest plan of whole layers (_layerplan.py).
 """
 
 from __future__ import annotations
@@ -27,25 +27,16 @@ from remat_kit._core.solve import (
     smallest_activation_bytes,
     solve,
 )
-from remat_kit._torch import _layerplan
-from remat_kit._torch._device import default_device, device_of
+from remat_kit._torch._device import default_device
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
-from remat_kit._torch._layerplan import (
-    RegionCost,
-    as_run,
-    cheapest_layer_seconds,
-    fastest_whole_layer_plan,
-    plain_when_faster,
-    predicted_seconds,
-    whole_layer_decisions,
-)
-from remat_kit._torch._profile import AUTOCAST_TAG, Profile, profile
-from remat_kit._torch._replay import Region, decisions_for_torch, regions
+from remat_kit._torch._layerplan import as_run, by_time, fast_regions
+from remat_kit._torch._replay import Region, decisions_for_torch
 from remat_kit._torch._replicate import profile_replicated
+from remat_kit._torch._trace import AUTOCAST_TAG, Profile, profile
 
 
 @dataclasses.dataclass
-class Compiled:
+class Entry:
     """Everything planned for one input signature."""
 
     plan: Plan
@@ -281,7 +272,8 @@ def solve_torch(
                 continue
             break
         if fixed.predicted_activation_bytes <= limit:
-            return measured_as(_by_time(module, tg, prof, fixed, wish, parsed, segments))
+            span_by_time = _segment_spans(module, tg, None)[0] if segments else 1
+            return measured_as(by_time(module, tg, prof, fixed, wish, parsed, span_by_time))
         # The adjustments for torch pushed the plan over: ask the solver for a little less.
         aim -= fixed.predicted_activation_bytes - limit + max(1, limit // 50)
     # The least this planner reaches: the solver's least plan as the replay runs it (the solver
@@ -295,46 +287,6 @@ def solve_torch(
     if least.predicted_activation_bytes <= limit:
         return measured_as(least)
     raise _infeasible(module, budget, tg, offload, least.predicted_activation_bytes, grouped=span > 1 or one_region)
-
-
-def _by_time(
-    module: torch.nn.Module, tg: TorchGraph, prof: Profile, plan: Plan, limit: int, parsed: Budget, segments: bool
-) -> Plan:
-    """`plan`, or the fastest plan of whole layers (alone or several to a checkpoint region) that
-    fits `limit` where that is predicted faster once the replay modes' per-op cost and each
-    checkpoint region's own cost are counted (see _layerplan.py). Not several layers to a region
-    under torch.compile (`segments` False): such a region runs eagerly there, a graph break."""
-    if prof.replicated_from:  # every region keeps the replay's check (see `fast_regions`)
-        return plan
-    device, device_type = default_device(module), device_of(module).type
-    op_seconds = _layerplan.mode_op_seconds(device_type)
-    cost = _layerplan.checkpoint_region_cost(device_type)
-    if op_seconds == 0.0 and cost == RegionCost():  # running a plan priced at nothing: the solver's is fastest
-        return plan
-    choose = plain_when_faster(device, op_seconds)
-
-    def price(p: Plan) -> float:
-        return predicted_seconds(p, regions(tg, p, prof, choose), device, op_seconds, cost)
-
-    selective = price(plan)
-    if selective <= cheapest_layer_seconds(tg, device) + cost.frame_seconds:  # no whole-layer plan is faster
-        return plan
-    grouped: dict[tuple, CostGraph] = {}
-
-    def make(layers: set[str], segments: tuple[tuple[str, ...], ...]) -> Plan:
-        if segments != tg.graph.segments and segments not in grouped:
-            grouped[segments] = tg.graph.regroup(segments)
-        graph = grouped.get(segments, tg.graph)
-        raw = Plan.from_decisions(graph, whole_layer_decisions(tg, layers, graph))
-        return Plan.from_decisions(
-            graph, decisions_for_torch(tg, raw, prof), budget=str(parsed), solver="whole layers", device=device
-        )
-
-    span = _segment_spans(module, tg, None)[0] if segments else 1
-    layered = fastest_whole_layer_plan(tg, make, limit, price, max_span=span)
-    if layered is None or set(simulate(tg.graph, layered).recomputed) & tg.pinned:
-        return plan
-    return layered if price(layered) < selective else plan
 
 
 def _solve_one_region(
@@ -374,19 +326,6 @@ def _solve_one_region(
     )
 
 
-def fast_regions(module: torch.nn.Module, tg: TorchGraph, plan: Plan, prof: Profile, device: Any) -> dict:
-    """The plan's checkpoint regions, plain checkpoint where that is faster than the replay.
-
-    Not with a profile written out from a few profiled layers (`prof.replicated_from`): the replay
-    checks each layer's op sequence against the profile, and a layer that differs from the ones
-    profiled is caught there and the model re-planned from its whole forward. Plain checkpoint
-    checks nothing, so a differing layer's memory would go unplanned.
-    """
-    if prof.replicated_from:
-        return regions(tg, plan, prof, lambda region: False)
-    return regions(tg, plan, prof, plain_when_faster(device, _layerplan.mode_op_seconds(device_of(module).type)))
-
-
 def compile_plan(
     module: torch.nn.Module,
     args: tuple,
@@ -399,11 +338,11 @@ def compile_plan(
     mode: str = "replicate",
     per_call: bool = False,
     segments: bool = True,
-) -> Compiled:
+) -> Entry:
     """Profile `module` on these inputs (through `call`, default the module itself) and plan it."""
     prof = _profile(module, args, kwargs, call, mode)
     tg = build_graph(prof, segment(module, prof, whole_model=not per_call))
     plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver, per_call=per_call, segments=segments)
     device = default_device(module)
     regs = fast_regions(module, tg, plan, prof, device)
-    return Compiled(as_run(plan, regs, device), tg, prof, regs, signature(module, args, kwargs))
+    return Entry(as_run(plan, regs, device), tg, prof, regs, signature(module, args, kwargs))

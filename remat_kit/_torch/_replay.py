@@ -24,7 +24,7 @@ from remat_kit._core.simulate import decision_codes, needed_and_recomputed
 from remat_kit._torch._compiled import run_compiled
 from remat_kit._torch._graph import Segment, TorchGraph
 from remat_kit._torch._modes import CACHE, RUN, SKIP, OpSequenceError, Region, Step, _ForwardMode, _ReplayMode, _State
-from remat_kit._torch._profile import Profile
+from remat_kit._torch._trace import Profile
 
 __all__ = [
     "CACHE",

@@ -31,7 +31,7 @@ import torch
 
 from remat_kit._core.graph import Value
 from remat_kit._torch._graph import _candidates, _owner_segments, candidate_layers
-from remat_kit._torch._profile import AUTOCAST_TAG, OpRecord, Profile, profile, state_values
+from remat_kit._torch._trace import AUTOCAST_TAG, OpRecord, Profile, profile, state_values
 
 MIN_LAYERS = 8  # below this the saving is small next to the solve
 _PROFILED = 4

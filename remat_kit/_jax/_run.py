@@ -32,8 +32,8 @@ from jax.ad_checkpoint import checkpoint_name
 from remat_kit._core.graph import Role
 from remat_kit._core.plan import Decision
 from remat_kit._jax._graph import Traced
-from remat_kit._jax._ir import FlatFn, Lit, read_outs, run
 from remat_kit._jax._rules import is_float
+from remat_kit._jax._trace import FlatFn, Lit, read_outs, run
 
 
 def policy_for(saved: Sequence[str], offloaded: Sequence[str]) -> Any:
@@ -239,7 +239,7 @@ def _run_scan(
     g layers per loop step under one checkpoint (the plan's segments of g iterations): the scanned
     inputs are reshaped to (L/g, g, ...), the step runs its g layers in a Python loop, and its
     outputs are reshaped back, so gradients w.r.t. stacked inputs come back as (L, ...)."""
-    from remat_kit._jax._ir import bind
+    from remat_kit._jax._trace import bind
 
     info = traced.scans[k]
     p = op.eqn.params

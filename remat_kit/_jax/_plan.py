@@ -9,10 +9,10 @@ Three cases, by the structure `_graph.build` found:
   grouped options: g layers per loop step (g dividing L, up to `segment_cap(L)`), each group one
   segment recomputed from its input carry (the core's `segment_options` of span g at starts
   b0, b0 + g, ...), which drops the L - L/g kept carries a per-layer plan cannot go below;
-  `_apply` runs them by regrouping the scan (as the √n layout of scanned layers does);
+  `_run` runs them by regrouping the scan (as the √n layout of scanned layers does);
 * several blocks without a scan (unrolled layers): the core's `solve`, whose chain DP may also
   checkpoint up to `segment_cap(n)` consecutive blocks as one segment (their inner boundaries
-  recomputed, as √n checkpointing and rotor do; `_apply` runs a segment as one region). On a
+  recomputed, as √n checkpointing and rotor do; `_run` runs a segment as one region). On a
   chain of small blocks the kept boundaries are the floor of one checkpoint per block, and only
   segments go below it;
 * one layer its caller repeats (`per_call`: a decorated layer class or a scan body, one block):

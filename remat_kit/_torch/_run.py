@@ -1,32 +1,24 @@
-"""`auto` and `unwrap` for torch nn.Module: plan per input signature, apply per repeated layer.
+"""Run a planned module: the root's and each planned layer's forward, swapped in by `auto`.
 
-`auto(model, budget)` replaces `model.forward` (an instance attribute, so `state_dict` keys and
-parameter identity do not change) with a wrapper that, on a training call (grad enabled,
-`model.training`), profiles the forward once per input signature, solves for the budget and
-runs each planned layer as a non-reentrant checkpoint driven by the plan's op table
-(_replay.py). Under `torch.no_grad()` or `model.eval()` the original forward runs untouched.
+On a training call (grad enabled, `model.training`) the root's forward plans once per input
+signature (`_plan.compile_plan`) and runs each planned layer as its region says: kept whole as
+written, plain non-reentrant checkpoint, the op-indexed replay (_replay.py), or a selective-
+checkpoint policy under torch.compile (_compiled.py). Under `torch.no_grad()` or `model.eval()`
+the original forward runs untouched. The JAX counterpart is `_jax/_run.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten
 
-from remat_kit._core.budget import parse_budget
-from remat_kit._torch._plan import Compiled, compile_plan, signature
-from remat_kit._torch._plan import _floor as _floor  # (tests reach it here)
-from remat_kit._torch._plan import _profile as _profile  # (benchmarks/torch_bench.py profiles through it)
-from remat_kit._torch._plan import autocast_cast_bytes as autocast_cast_bytes
-from remat_kit._torch._profile import user_tools_paused
+from remat_kit._torch._plan import Entry, compile_plan, signature
 from remat_kit._torch._replay import OpSequenceError, SegmentRun, run_region
-
-_STATE = "_remat_kit_state"
-_CLASS = "_remat_kit_class"
+from remat_kit._torch._trace import user_tools_paused
 
 
 @dataclasses.dataclass
@@ -35,8 +27,8 @@ class _State:
     offload: bool
     solver: str | None
     original_forward: Any  # the instance attribute `forward` had before (None: the class's)
-    plans: dict[tuple, Compiled] = dataclasses.field(default_factory=dict)
-    active: Compiled | None = None
+    plans: dict[tuple, Entry] = dataclasses.field(default_factory=dict)
+    active: Entry | None = None
     profiling: bool = False
     restore_use_cache: list[Any] = dataclasses.field(default_factory=list)  # configs whose use_cache auto turned off
     wrapped_blocks: dict[str, tuple[torch.nn.Module, Any]] = dataclasses.field(default_factory=dict)
@@ -44,7 +36,6 @@ class _State:
     per_call: bool = False  # an instance of a decorated layer class: see _solve_one_region
 
 
-# -- applying ---------------------------------------------------------------------------------
 def _needs_remat(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
     if not (torch.is_grad_enabled() and module.training):
         return False
@@ -83,7 +74,7 @@ class _BlockForward:
         return run_region(region, self.original, args, kwargs)
 
 
-def install_blocks(module: torch.nn.Module, state: _State, compiled: Compiled) -> None:
+def install_blocks(module: torch.nn.Module, state: _State, compiled: Entry) -> None:
     for path in {p for key, region in compiled.regions.items() for p in (region.members or (key,))}:
         if path == "" or path in state.wrapped_blocks:
             continue
@@ -93,7 +84,7 @@ def install_blocks(module: torch.nn.Module, state: _State, compiled: Compiled) -
         state.wrapped_blocks[path] = (block, previous)
 
 
-def _grouped_whole_layers(compiled: Compiled) -> bool:
+def _grouped_whole_layers(compiled: Entry) -> bool:
     return compiled.plan.solver == "whole layers" and any(r.members for r in compiled.regions.values())
 
 
@@ -106,7 +97,7 @@ def _plan_for(
     kwargs: dict,
     mode: str = "replicate",
     compiling: bool = False,
-) -> tuple[Compiled, tuple]:
+) -> tuple[Entry, tuple]:
     key = signature(module, args, kwargs)
     compiled = state.plans.get(key)
     if compiling and compiled is not None and _grouped_whole_layers(compiled):
@@ -193,7 +184,7 @@ class _RootForward:
             compiled, key = _plan_for(module, state, original, args, kwargs, mode=mode, compiling=compiling)
             _restore_rng(rng)
 
-    def _run(self, compiled: Compiled, args: tuple, kwargs: dict) -> Any:
+    def _run(self, compiled: Entry, args: tuple, kwargs: dict) -> Any:
         state, original = self.state, self.original
         if not compiled.regions:
             return original(*args, **kwargs)
@@ -229,96 +220,3 @@ def _restore_rng(states: list[tuple[Any, torch.Tensor]]) -> None:
             torch.set_rng_state(st)
         else:
             torch.get_device_module(device.type).set_rng_state(st, device)
-
-
-def auto(target: Any, budget: object, *, offload: bool = False, solver: str | None = None) -> Any:
-    """Remat a module instance in place (returned), or every instance of a module class (decorator)."""
-    parse_budget(budget)
-    if isinstance(target, type) and issubclass(target, torch.nn.Module):
-        return _decorate_class(target, budget, offload, solver)
-    if not isinstance(target, torch.nn.Module):
-        raise ValueError(
-            f"remat_kit.auto(target={target!r:.80}): expected a torch.nn.Module instance or subclass, got "
-            f"{type(target).__name__}."
-        )
-    if hasattr(target, _STATE):
-        unwrap(target)  # re-applying replaces the old budget
-    original = target.__dict__.get("forward")
-    state = _State(budget, offload, solver, original)
-    # A Hugging Face KV cache is updated by each layer's forward, so a replay would see a
-    # different cache than the forward did (as with any activation checkpointing; HF turns it off
-    # under gradient_checkpointing_enable too). Submodules may hold configs of their own (T5's
-    # decoder stack has a copy, whose use_cache=True made the decoder build a cache that its
-    # cross-attention fills in the forward and reads back in the recompute). unwrap restores them.
-    configs = kv_cache_configs(target)
-    if configs:
-        warnings.warn(
-            f"remat_kit.auto: setting {type(target).__name__}.config.use_cache=False (a KV cache "
-            "cannot be replayed); pass use_cache=True explicitly for generation.",
-            stacklevel=3,
-        )
-        for c in configs:
-            c.use_cache = False
-        state.restore_use_cache = configs
-    object.__setattr__(target, _STATE, state)
-    target.forward = _RootForward(target, state, target.forward)
-    return target
-
-
-def kv_cache_configs(module: torch.nn.Module) -> list[Any]:
-    """The Hugging Face configs of `module` and its submodules (each once) with use_cache on."""
-    configs = {
-        id(c): c for m in module.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True
-    }
-    return list(configs.values())
-
-
-def _decorate_class(cls: type, budget: object, offload: bool, solver: str | None) -> type:
-    if _CLASS in cls.__dict__:
-        cls.__init__ = cls.__dict__[_CLASS]
-    original_init = cls.__init__
-
-    @functools.wraps(original_init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        original_init(self, *args, **kwargs)
-        if type(self) is cls or not hasattr(self, _STATE):
-            auto(self, budget, offload=offload, solver=solver)
-            getattr(self, _STATE).per_call = True  # one layer of a caller's stack: see _solve_one_region
-
-    cls.__init__ = __init__
-    setattr(cls, _CLASS, original_init)
-    return cls
-
-
-def unwrap(target: Any) -> Any:
-    """Undo `auto`: restore the original forward of the module (and its layers), or of a class."""
-    if isinstance(target, type):
-        if _CLASS not in target.__dict__:
-            raise ValueError(f"remat_kit.unwrap({target.__name__}): this class was not decorated with remat_kit.auto.")
-        target.__init__ = target.__dict__[_CLASS]
-        delattr(target, _CLASS)
-        return target
-    state = getattr(target, _STATE, None) if isinstance(target, torch.nn.Module) else None
-    if state is None:
-        raise ValueError(
-            f"remat_kit.unwrap(target={target!r:.80}): not a module rematted by remat_kit.auto; pass the module "
-            "instance (or class) that auto returned."
-        )
-    for block, previous in state.wrapped_blocks.values():
-        _restore_forward(block, previous)
-    _restore_forward(target, state.original_forward)
-    for config in state.restore_use_cache:
-        config.use_cache = True
-    object.__delattr__(target, _STATE)
-    return target
-
-
-def _restore_forward(module: torch.nn.Module, previous: Any) -> None:
-    if previous is None:
-        module.__dict__.pop("forward", None)
-    else:
-        module.forward = previous
-
-
-def state_of(module: torch.nn.Module) -> _State | None:
-    return getattr(module, _STATE, None)
