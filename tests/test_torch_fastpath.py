@@ -267,3 +267,30 @@ def test_eager_plan_with_a_grouped_region_gets_a_compiled_sibling(model_and_inpu
     assert len(plans) == 2 and not any(r.members for r in plans[1].regions.values())
     torch.manual_seed(1)
     assert graph_breaks(lambda: step(idx, tgt).backward()) == 0
+
+
+def test_a_written_out_profile_checks_each_plain_region_once_then_runs_it_plain(monkeypatch) -> None:
+    # A stack of at least MIN_LAYERS layers is planned from four profiled ones (replicated_from):
+    # the plan holds for a layer only if it runs the profiled ops. A plain region checks nothing,
+    # so each runs under the replay's check on its first call and plainly after (before, every
+    # region of such a stack paid the modes on every step).
+    torch.manual_seed(0)
+    # (No dropout: a kept mask would make every region selective. Near the floor, 0.228, the
+    # solver recomputes every layer whole.)
+    model = TinyGPT(layers=8, d=32, heads=4, vocab=32, p=0.0).train()
+    idx, tgt = tokens(batch=2, seq=32)
+    want = grads(fresh(model), idx, tgt)
+    rematted = fresh(model)
+    spy = _Spy(rematted, monkeypatch)
+    _auto_with_mode_cost(rematted, 0.25, monkeypatch, 1e-3)
+    got = grads(rematted, idx, tgt)
+    (entry,) = state_of(rematted).plans.values()
+    assert entry.profile.replicated_from > 0
+    plain = sum(r.plain for r in entry.regions.values())
+    assert plain > 0
+    first = spy.checkpoints.count(tuc.noop_context_fn)
+    assert first == len(entry.regions) - plain  # the plain ones ran under the modes: none noop
+    spy.checkpoints.clear()
+    assert max_rel_err(grads(rematted, idx, tgt), want) == 0.0
+    assert spy.checkpoints.count(tuc.noop_context_fn) == plain
+    assert max_rel_err(got, want) == 0.0

@@ -292,7 +292,10 @@ def by_time(
     fits `limit` where that is predicted faster once the replay modes' per-op cost and each
     checkpoint region's own cost are counted. Regions span at most `span` layers (1 under
     torch.compile, where a region over several layers runs eagerly: a graph break)."""
-    if prof.replicated_from:  # every region keeps the replay's check (see `fast_regions`)
+    # A layer a whole-layer plan keeps runs as written, outside any region, so with a profile
+    # written out from a few layers nothing would check that it runs the profiled ops (a region
+    # is checked on its first call: `_run._checked_once`). The solver's plan is kept there.
+    if prof.replicated_from:
         return plan
     device, device_type = default_device(module), device_of(module).type
     op_seconds = mode_op_seconds(device_type)
@@ -327,11 +330,7 @@ def by_time(
 def fast_regions(module: torch.nn.Module, tg: TorchGraph, plan: Plan, prof: Profile, device: Any) -> dict:
     """The plan's checkpoint regions, plain checkpoint where that is faster than the replay.
 
-    Not with a profile written out from a few profiled layers (`prof.replicated_from`): the replay
-    checks each layer's op sequence against the profile, and a layer that differs from the ones
-    profiled is caught there and the model re-planned from its whole forward. Plain checkpoint
-    checks nothing, so a differing layer's memory would go unplanned.
+    With a profile written out from a few layers (`prof.replicated_from`) a plain region still
+    runs under the replay's check on its first call (`_run._checked_once`).
     """
-    if prof.replicated_from:
-        return regions(tg, plan, prof, lambda region: False)
     return regions(tg, plan, prof, plain_when_faster(device, mode_op_seconds(device_of(module).type)))

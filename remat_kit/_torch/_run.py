@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
+from remat_kit._torch._modes import Region
 from remat_kit._torch._plan import Entry, compile_plan, signature
 from remat_kit._torch._replay import OpSequenceError, SegmentRun, run_region
 from remat_kit._torch._trace import user_tools_paused
@@ -34,6 +35,7 @@ class _State:
     wrapped_blocks: dict[str, tuple[torch.nn.Module, Any]] = dataclasses.field(default_factory=dict)
     segment: SegmentRun | None = None  # the multi-layer checkpoint region the forward is inside
     per_call: bool = False  # an instance of a decorated layer class: see _solve_one_region
+    checked: set[tuple[int, str]] = dataclasses.field(default_factory=set)  # see _checked_once
 
 
 def _needs_remat(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -68,10 +70,31 @@ class _BlockForward:
         region = compiled.regions.get(self.path) if compiled is not None else None
         if region is None:
             return self.original(*args, **kwargs)
+        region = _checked_once(state, compiled, self.path, region)
         if region.members:
             state.segment = SegmentRun(region)
             return state.segment.start(self.original, args, kwargs)
         return run_region(region, self.original, args, kwargs)
+
+
+def _checked_once(state: _State, entry: Entry, path: str, region: Region) -> Region:
+    """`region`, or on its first call the same region under the replay modes.
+
+    A plan made from a profile written out from a few layers (`Profile.replicated_from`) holds
+    for a layer only if that layer runs the ops the profile says. The replay modes check each op
+    against the plan and raise `OpSequenceError` before a wrong one is applied (the root forward
+    then re-plans from the whole forward); plain checkpoint checks nothing. So a region that runs
+    as plain checkpoint runs once under the modes, which recompute exactly what plain checkpoint
+    would need (plain is chosen only for regions that keep nothing inside), and plainly after.
+    Under torch.compile the region is a selective-checkpoint policy whatever `plain` says.
+    """
+    if not region.plain or not entry.profile.replicated_from or torch.compiler.is_compiling():
+        return region
+    mark = (id(entry), path)
+    if mark in state.checked:
+        return region
+    state.checked.add(mark)
+    return dataclasses.replace(region, plain=False)
 
 
 def install_blocks(module: torch.nn.Module, state: _State, compiled: Entry) -> None:
@@ -191,7 +214,10 @@ class _RootForward:
         state.active = compiled
         try:
             root = compiled.regions.get("")
-            out = run_region(root, original, args, kwargs) if root is not None else original(*args, **kwargs)
+            if root is not None:
+                out = run_region(_checked_once(state, compiled, "", root), original, args, kwargs)
+            else:
+                out = original(*args, **kwargs)
             if state.segment is not None and state.segment.open:
                 raise OpSequenceError(
                     f"remat_kit: the forward ended inside the checkpoint region of layers "
