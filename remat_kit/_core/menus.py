@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from remat_kit._core import chain_dp, ladder
 from remat_kit._core.budget import format_bytes
+from remat_kit._core.constraints import NO_CONSTRAINTS, PlanConstraints
 from remat_kit._core.costs import Costs
 from remat_kit._core.graph import CostGraph
 from remat_kit._core.milp import MilpResult, solve_milp
@@ -22,9 +23,13 @@ MILP_MENU_WORK = 1_000  # (free values)² of the unrepeated blocks given op-leve
 MILP_LAYER_WORK = 20_000  # (free values)² up to which a repeated block (a layer) gets op-level menus
 
 
-def codes_from_milp(graph: CostGraph, res: MilpResult) -> list[int]:
-    """Per-value decision codes of an op-level program's answer."""
+def codes_from_milp(graph: CostGraph, res: MilpResult, constraints: PlanConstraints | None = None) -> list[int]:
+    """Per-value decision codes of an op-level program's answer (a value the answer does not
+    need is SAVE, or RECOMPUTE where `constraints` say it must never be kept)."""
     codes = [_SAVE] * len(graph)
+    if constraints:
+        for i in constraints.on(graph).recompute:
+            codes[i] = _RECOMPUTE
     for i in res.recompute:
         codes[i] = _RECOMPUTE
     for i in res.offload:
@@ -33,10 +38,11 @@ def codes_from_milp(graph: CostGraph, res: MilpResult) -> list[int]:
 
 
 def block_program(
-    graph: CostGraph, blk: int, costs: Costs, offload: bool
+    graph: CostGraph, blk: int, costs: Costs, offload: bool, constraints: PlanConstraints | None = None
 ) -> Callable[[int, int | None], dict[int, int] | None]:
     """Plan one block under a cap: a function (kept-bytes cap, local peak limit or None) -> the
-    cheapest decision codes for the block's free values, or None where nothing fits.
+    cheapest decision codes for the block's free values that honour `constraints`, or None where
+    nothing fits.
 
     It is the op-level 0-1 program on the block's window (the block and its neighbours), which has
     the same local memory as the whole graph (see chain_dp.window) and is much smaller.
@@ -57,22 +63,27 @@ def block_program(
             blocks=[blk - offset],
             kept_cap=cap,
             backward_bytes=win.earlier_seed_bytes,
+            constraints=constraints,
         )
         if res is None:
             return None
-        return {back[j]: c for j, c in enumerate(codes_from_milp(sub, res)) if back.get(j) in free}
+        return {back[j]: c for j, c in enumerate(codes_from_milp(sub, res, constraints)) if back.get(j) in free}
 
     return solve
 
 
-def block_menus(graph: CostGraph, costs: Costs, offload: bool) -> list[list[chain_dp.BlockOption]]:
-    """Per-block option menus; blocks with the same signature share one (shifted) menu."""
-    key = ("menus", offload, tuple(costs.recompute))
+def block_menus(
+    graph: CostGraph, costs: Costs, offload: bool, constraints: PlanConstraints | None = None
+) -> list[list[chain_dp.BlockOption]]:
+    """Per-block option menus, every option honouring `constraints`; blocks with the same
+    signature share one (shifted) menu."""
+    constraints = constraints or NO_CONSTRAINTS
+    key = ("menus", offload, tuple(costs.recompute)) + ((constraints,) if constraints else ())
     if key in graph._cache:
         return graph._cache[key]
     menus: list[list[chain_dp.BlockOption]] = []
     by_signature: dict[tuple, tuple[int, list[chain_dp.BlockOption]]] = {}
-    sigs = [chain_dp.block_signature(graph, blk) for blk in range(graph.num_blocks)]
+    sigs = signatures(graph, constraints)
     exact = op_level_blocks(graph, sigs)
     for blk, sig in enumerate(sigs):
         if sig in by_signature:
@@ -80,11 +91,21 @@ def block_menus(graph: CostGraph, costs: Costs, offload: bool) -> list[list[chai
             shift = graph.block_members[blk][0] - graph.block_members[rep][0]
             menus.append([o.at(graph, blk, shift) for o in menu])
             continue
-        menu = _menu_for_block(graph, blk, costs, offload, blk in exact)
+        menu = _menu_for_block(graph, blk, costs, offload, blk in exact, constraints)
         by_signature[sig] = (blk, menu)
         menus.append(menu)
     graph._cache[key] = menus
     return menus
+
+
+def signatures(graph: CostGraph, constraints: PlanConstraints | None = None) -> list[tuple]:
+    """Per block: its `chain_dp.block_signature`, with what `constraints` say of it where they say
+    anything (blocks alike in both share one menu)."""
+    sigs = [chain_dp.block_signature(graph, blk) for blk in range(graph.num_blocks)]
+    if not constraints:
+        return sigs
+    bound = constraints.on(graph)
+    return [(sig, bound.tags(graph, blk)) for blk, sig in enumerate(sigs)]
 
 
 def op_level_work(graph: CostGraph, blk: int) -> int:
@@ -119,63 +140,86 @@ def op_level_blocks(graph: CostGraph, sigs: Sequence[tuple] | None = None) -> se
 
 
 def _menu_for_block(
-    graph: CostGraph, blk: int, costs: Costs, offload: bool, exact: bool = True
+    graph: CostGraph,
+    blk: int,
+    costs: Costs,
+    offload: bool,
+    exact: bool = True,
+    constraints: PlanConstraints = NO_CONSTRAINTS,
 ) -> list[chain_dp.BlockOption]:
     free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
+    bound = constraints.on(graph)
     candidates: dict[tuple, str] = {}
+    measured: list[chain_dp.BlockOption] = []
 
-    def add(codes: dict[int, int], label: str) -> None:
+    def add(codes: dict[int, int], label: str) -> chain_dp.BlockOption | None:
+        """The option of `codes` (settled to the constraints where it is a rule's plan), measured
+        once; None where the constraints leave no such plan."""
+        if bound:
+            settled = bound.settle(graph, codes, graph.block_members[blk])
+            if settled is None:
+                return None
+            codes = settled
         key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
-        candidates.setdefault(key, label)
+        if key not in candidates:
+            candidates[key] = label
+            measured.append(_measure(graph, blk, dict(key), costs, label))
+        return next(o for o in measured if o.codes == key)
 
     add({}, "keep all")
-    add({i: _RECOMPUTE for i in free}, "full recompute")
+    kept_together = bound.saved_groups  # a group with a must-save value is kept whole
+    add({i: _RECOMPUTE for i in free if i not in kept_together}, "full recompute")
     if offload:
         add({i: _OFFLOAD for i in free if graph.is_residual[i]}, "offload all")
-    measured = [_measure(graph, blk, dict(k), costs, label) for k, label in candidates.items()]
-    lo = min(o.kept_bytes for o in measured)
-    hi = max(o.kept_bytes for o in measured)
-    min_local = min(o.local_peak for o in measured)
-    free_set = set(free)
     if not exact:
         # Only where no program runs: the cheapest-per-byte rungs are mostly elementwise values
         # that XLA fuses into the backward and never stores, so next to the programs' options they
         # win in the model and buy nothing compiled (Flax lm1b at 0.5: 0.444 of no remat with the
         # programs' menus, no plan under 0.58 with the rungs added).
-        for codes, label in ladder.ladder(graph, range(blk, blk + 1), costs.recompute, free_set.__contains__):
-            k = tuple(sorted(codes.items()))
-            if k not in candidates:
-                candidates[k] = label
-                measured.append(_measure(graph, blk, codes, costs, label))
-    if free and hi > lo and exact:
-        program = block_program(graph, blk, costs, offload)
-
-        def solve_block(cap: int, local_limit: int | None) -> chain_dp.BlockOption | None:
-            codes = program(cap, local_limit)
-            if codes is None:
-                return None
-            key = tuple(sorted((i, c) for i, c in codes.items() if c != _SAVE))
-            if key not in candidates:
-                candidates[key] = f"selective (kept <= {format_bytes(cap)})"
-                measured.append(_measure(graph, blk, codes, costs, candidates[key]))
-            return next(o for o in measured if o.codes == key)
-
-        # Caps from loose to tight. The optimum under a looser cap that also fits a tighter one is
-        # the optimum there too, so it is reused instead of solved again. Under each cap: the
-        # cheapest plan, and if its local peak is above the least any option reaches, also the
-        # cheapest under both caps (that matters for the block where the peak is).
-        last: dict[int | None, chain_dp.BlockOption | None] = {}
-        for step in reversed(range(1, NUM_CAPS)):
-            cap = lo + (hi - lo) * step // NUM_CAPS
-            for local_limit in (None, min_local):
-                earlier = last.get(local_limit)
-                if local_limit in last and (earlier is None or earlier.kept_bytes <= cap):
-                    option = earlier  # infeasible stays infeasible; a fitting optimum stays optimal
-                else:
-                    option = last[local_limit] = solve_block(cap, local_limit)
-                if option is not None and option.local_peak <= min_local:
-                    break
+        for codes, label in ladder.ladder(graph, range(blk, blk + 1), costs.recompute, set(free).__contains__):
+            add(codes, label)
+    if free and exact:
+        _add_program_options(graph, blk, costs, offload, constraints, measured, add)
     return _pareto(measured)
+
+
+def _add_program_options(
+    graph: CostGraph,
+    blk: int,
+    costs: Costs,
+    offload: bool,
+    constraints: PlanConstraints,
+    measured: list[chain_dp.BlockOption],
+    add: Callable[[dict[int, int], str], chain_dp.BlockOption | None],
+) -> None:
+    """The op-level program's plans of one block under kept-bytes caps from its rule options'
+    least to most, added to its menu by `add`."""
+    lo = min(o.kept_bytes for o in measured)
+    hi = max(o.kept_bytes for o in measured)
+    if hi <= lo:
+        return
+    min_local = min(o.local_peak for o in measured)
+    program = block_program(graph, blk, costs, offload, constraints)
+
+    def solve_block(cap: int, local_limit: int | None) -> chain_dp.BlockOption | None:
+        codes = program(cap, local_limit)
+        return None if codes is None else add(codes, f"selective (kept <= {format_bytes(cap)})")
+
+    # Caps from loose to tight. The optimum under a looser cap that also fits a tighter one is
+    # the optimum there too, so it is reused instead of solved again. Under each cap: the
+    # cheapest plan, and if its local peak is above the least any option reaches, also the
+    # cheapest under both caps (that matters for the block where the peak is).
+    last: dict[int | None, chain_dp.BlockOption | None] = {}
+    for step in reversed(range(1, NUM_CAPS)):
+        cap = lo + (hi - lo) * step // NUM_CAPS
+        for local_limit in (None, min_local):
+            earlier = last.get(local_limit)
+            if local_limit in last and (earlier is None or earlier.kept_bytes <= cap):
+                option = earlier  # infeasible stays infeasible; a fitting optimum stays optimal
+            else:
+                option = last[local_limit] = solve_block(cap, local_limit)
+            if option is not None and option.local_peak <= min_local:
+                break
 
 
 def _measure(graph: CostGraph, blk: int, codes: dict[int, int], costs: Costs, label: str) -> chain_dp.BlockOption:
@@ -214,17 +258,21 @@ def segment_cap(num_blocks: int) -> int:
 
 
 def segment_options(
-    graph: CostGraph, costs: Costs, max_span: int, fixed: frozenset[str] = frozenset()
+    graph: CostGraph,
+    costs: Costs,
+    max_span: int,
+    fixed: frozenset[str] = frozenset(),
+    constraints: PlanConstraints | None = None,
 ) -> list[list[chain_dp.BlockOption]]:
     """Per start block: full recompute of 2..max_span consecutive blocks merged into one segment
-    (blocks named in `fixed` join none).
+    (blocks named in `fixed` join none), honouring `constraints`.
 
     The boundaries inside a segment are dropped and recomputed from the segment's input, as in
     Chen et al.'s √n checkpointing and rotor's DP: less kept memory, a bigger backward transient.
     """
     out: list[list[chain_dp.BlockOption]] = [[] for _ in range(graph.num_blocks)]
     seen: dict[tuple, tuple[int, chain_dp.BlockOption]] = {}
-    sigs = [chain_dp.block_signature(graph, b) for b in range(graph.num_blocks)]
+    sigs = signatures(graph, constraints)
     for first in range(graph.num_blocks):
         if graph.block_names[first] in fixed:
             continue
@@ -237,16 +285,10 @@ def segment_options(
                 base, option = seen[key]
                 out[first].append(option.at(graph, first, members[0] - base))
                 continue
-            inside = set(members)
-            codes = {
-                i: _RECOMPUTE
-                for i in members
-                if not graph.is_output[i] and all(c in inside for c in (*graph.consumers[i], *graph.bwd_readers[i]))
-            }
             option = chain_dp.measure_option(
                 graph,
                 first,
-                codes,
+                _segment_codes(graph, members, constraints),
                 costs.of,
                 f"segment of {last - first + 1} blocks",
                 last=last,
@@ -254,3 +296,21 @@ def segment_options(
             seen[key] = (members[0], option)
             out[first].append(option)
     return out
+
+
+def _segment_codes(graph: CostGraph, members: list[int], constraints: PlanConstraints | None) -> dict[int, int]:
+    """Full recompute of a segment's values that nothing outside it reads. Under `constraints`
+    must-save values and the groups holding one are kept (then no member of theirs is recomputed),
+    and every other value of the segment is recomputed, so the constraints hold as they come."""
+    inside = set(members)
+    kept: frozenset[int] = frozenset()
+    if constraints:
+        names = constraints.must_save | {n for g in constraints.same_fate if g & constraints.must_save for n in g}
+        kept = frozenset(i for i in members if graph.values[i].name in names)
+    return {
+        i: _RECOMPUTE
+        for i in members
+        if i not in kept
+        and not graph.is_output[i]
+        and all(c in inside for c in (*graph.consumers[i], *graph.bwd_readers[i]))
+    }

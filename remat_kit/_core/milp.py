@@ -19,11 +19,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
+from remat_kit._core.constraints import NO_CONSTRAINTS, BoundConstraints, PlanConstraints
 from remat_kit._core.graph import CostGraph
 from remat_kit._core.simulate import shared_with_own_block
 
@@ -78,52 +80,29 @@ def solve_milp(
     backward_bytes: int = 0,
     time_limit: float = 60.0,
     warn: bool = True,
+    constraints: PlanConstraints | None = None,
 ) -> MilpResult | None:
     """Least-cost decisions for the values of `blocks` (default all) keeping memory <= `limit`.
 
     With all blocks, `limit` bounds the simulator's activation peak. With a subset (one block,
     as the chain DP asks), memory is counted relative to the bytes the earlier blocks keep,
     and `kept_cap` bounds the bytes the block itself keeps; `backward_bytes` is a constant alive in
-    every backward moment (gradient seeds of outputs outside a window). Returns None when infeasible
-    (or when `time_limit` passed before any plan was found); `warn`: warn when the time limit
-    stops HiGHS with a plan that may not be optimal (callers comparing it with another plan don't).
+    every backward moment (gradient seeds of outputs outside a window). `constraints` (values that
+    must be saved or recomputed, groups sharing one fate) hold exactly in the answer. Returns None
+    when infeasible (or when `time_limit` passed before any plan was found); `warn`: warn when the
+    time limit stops HiGHS with a plan that may not be optimal (callers comparing it with another
+    plan don't).
     """
     blocks = tuple(range(graph.num_blocks)) if blocks is None else tuple(blocks)
-    whole = len(blocks) == graph.num_blocks
     b = _Builder(graph, blocks, off_cost is not None)
     size = [v.num_bytes for v in graph.values]
-    members = [i for blk in blocks for i in graph.block_members[blk]]
-    free = [i for i in members if not graph.is_forced[i]]
-    for i in free:
-        b.new_var(("s", i), True)
-        b.new_var(("r", i), True)
-        if b.allow_offload:
-            b.new_var(("o", i), True)
-    cost = np.zeros(b.num_vars)
-    for i in free:
-        cost[b.var[("r", i)]] = rec_cost[i]
-        if off_cost is not None:  # exactly when b.allow_offload
-            cost[b.var[("o", i)]] = off_cost[i]
-    # Tie-break: fewer recomputed ops, worth less than one cost unit in total.
-    tiny = 1.0 / (len(free) + 2)
-    for i in free:
-        cost[b.var[("r", i)]] += tiny
-
-    # Coverage: a needed value is kept, recomputed or offloaded. Residuals are always needed;
-    # other values are needed when a consumer is recomputed.
-    for i in free:
-        cover = {b.var[("s", i)]: 1.0, b.var[("r", i)]: 1.0}
-        if b.allow_offload:
-            cover[b.var[("o", i)]] = 1.0
-        if graph.is_residual[i]:
-            b.add(cover, lo=1.0)
-        else:
-            for w in _rc_consumers(graph, i, graph.values[i].block):
-                row = dict(cover)
-                _add(row, b.var[("r", w)], -1.0)
-                b.add(row, lo=0.0)
-
-    prefix_vars = _prefix_vars(b, whole, size)
+    free = [i for blk in blocks for i in graph.block_members[blk] if not graph.is_forced[i]]
+    bound = (constraints or NO_CONSTRAINTS).on(graph)
+    _decision_vars(b, free, bound)
+    cost = _objective(b, free, rec_cost, off_cost)
+    _coverage_rows(b, free)
+    _group_rows(b, bound, set(free))
+    prefix_vars = _prefix_vars(b, len(blocks) == graph.num_blocks, size)
     for blk in blocks:
         _forward_rows(b, blk, size, prefix_vars.get(blk), limit)
         _backward_rows(b, blk, size, prefix_vars.get(blk), limit, backward_bytes)
@@ -131,32 +110,12 @@ def solve_milp(
         for blk in blocks:
             expr, const = _kept_expr(b, blk, size)
             b.add(expr, hi=kept_cap - const)
-
-    cost = np.concatenate([cost, np.zeros(b.num_vars - len(cost))])
     if b.num_vars > MAX_VARIABLES:
         raise ValueError(
             f"solver='milp': the program has {b.num_vars} variables (max {MAX_VARIABLES}); use solver='dp' "
             "(per-block programs chained by dynamic programming) for a graph this size."
         )
-    rows, cols, data, lo, hi = [], [], [], [], []
-    for r, (coefs, rlo, rhi) in enumerate(b.rows):
-        for j, c in coefs.items():
-            rows.append(r)
-            cols.append(j)
-            data.append(c)
-        lo.append(rlo)
-        hi.append(rhi)
-    constraints = []
-    if b.rows:
-        a = coo_matrix((data, (rows, cols)), shape=(len(b.rows), b.num_vars)).tocsr()
-        constraints.append(LinearConstraint(a, np.array(lo), np.array(hi)))
-    res = milp(
-        cost,
-        constraints=constraints,
-        integrality=np.array(b.integral),
-        bounds=Bounds(np.zeros(b.num_vars), np.array(b.upper)),
-        options={"mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True},
-    )
+    res = _highs(b, np.concatenate([cost, np.zeros(b.num_vars - len(cost))]), time_limit)
     if res.x is None:
         return None
     if res.status != 0 and warn:  # stopped by the time limit with an incumbent: feasible, maybe not optimal
@@ -171,6 +130,82 @@ def solve_milp(
     off = frozenset(i for i in free if b.allow_offload and x[b.var[("o", i)]] and i not in keep)
     rec = frozenset(i for i in free if x[b.var[("r", i)]] and i not in keep and i not in off)
     return MilpResult(keep, rec, off, float(res.fun), optimal=res.status == 0)
+
+
+def _decision_vars(b: _Builder, free: Sequence[int], bound: BoundConstraints) -> None:
+    """s, r (and o) per free value; what the constraints forbid is bounded to 0."""
+    for i in free:
+        b.new_var(("s", i), True, 0.0 if i in bound.recompute else 1.0)
+        b.new_var(("r", i), True, 0.0 if i in bound.save else 1.0)
+        if b.allow_offload:
+            b.new_var(("o", i), True, 0.0 if i in bound.save or i in bound.recompute else 1.0)
+
+
+def _objective(
+    b: _Builder, free: Sequence[int], rec_cost: Sequence[int], off_cost: Sequence[int] | None
+) -> np.ndarray:
+    cost = np.zeros(b.num_vars)
+    # Tie-break: fewer recomputed ops, worth less than one cost unit in total.
+    tiny = 1.0 / (len(free) + 2)
+    for i in free:
+        cost[b.var[("r", i)]] = rec_cost[i] + tiny
+        if off_cost is not None:  # exactly when b.allow_offload
+            cost[b.var[("o", i)]] = off_cost[i]
+    return cost
+
+
+def _coverage_rows(b: _Builder, free: Sequence[int]) -> None:
+    """A needed value is kept, recomputed or offloaded. Residuals are always needed; other values
+    are needed when a consumer is recomputed."""
+    graph = b.graph
+    for i in free:
+        cover = {b.var[("s", i)]: 1.0, b.var[("r", i)]: 1.0}
+        if b.allow_offload:
+            cover[b.var[("o", i)]] = 1.0
+        if graph.is_residual[i]:
+            b.add(cover, lo=1.0)
+        else:
+            for w in _rc_consumers(graph, i, graph.values[i].block):
+                row = dict(cover)
+                _add(row, b.var[("r", w)], -1.0)
+                b.add(row, lo=0.0)
+
+
+def _group_rows(b: _Builder, bound: BoundConstraints, free: set[int]) -> None:
+    """Outputs of one op share a fate: no member is recomputed while another is kept or offloaded
+    (r_u + s_v + o_v <= 1). A member nothing needs takes no variable at the optimum, so it is free."""
+    for g in bound.groups:
+        if not all(u in free for u in g):
+            continue  # a group of another block than those planned here
+        for u in g:
+            for v in g:
+                if u != v:
+                    row = {b.var[("r", u)]: 1.0, b.var[("s", v)]: 1.0}
+                    if b.allow_offload:
+                        row[b.var[("o", v)]] = 1.0
+                    b.add(row, hi=1.0)
+
+
+def _highs(b: _Builder, cost: np.ndarray, time_limit: float) -> Any:
+    rows, cols, data, lo, hi = [], [], [], [], []
+    for r, (coefs, rlo, rhi) in enumerate(b.rows):
+        for j, c in coefs.items():
+            rows.append(r)
+            cols.append(j)
+            data.append(c)
+        lo.append(rlo)
+        hi.append(rhi)
+    constraints = []
+    if b.rows:
+        a = coo_matrix((data, (rows, cols)), shape=(len(b.rows), b.num_vars)).tocsr()
+        constraints.append(LinearConstraint(a, np.array(lo), np.array(hi)))
+    return milp(
+        cost,
+        constraints=constraints,
+        integrality=np.array(b.integral),
+        bounds=Bounds(np.zeros(b.num_vars), np.array(b.upper)),
+        options={"mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True},
+    )
 
 
 def _kept_expr(b: _Builder, blk: int, size: list[int]) -> tuple[dict[int, float], float]:
@@ -253,43 +288,28 @@ def _backward_rows(
     g = b.graph
     vals = g.values
     members = g.block_members[blk]
-    pos = {t: k for k, t in enumerate(members)}
     n = len(members)
     # Moments inside the block: 0 = reload, 1 + k = recompute of members[k],
     # 1 + n + k = backward of members[n - 1 - k]. Moments the simulator skips (nothing to
     # recompute, no gradient) are dominated by the moment before them, so they are harmless.
     bw_moment = {t: 1 + n + k for k, t in enumerate(reversed(members))}
     num_moments = 1 + 2 * n
-    after_block = num_moments
-
-    shared = shared_with_own_block(g)
-
-    def static_last(u: int) -> int:
-        if vals[u].block < blk and shared[u]:
-            return after_block  # its own block may still need it: counted alive (see simulate.shared_with_own_block)
-        last = -1
-        for r in g.bwd_readers[u]:
-            if vals[r].block == blk:
-                last = max(last, bw_moment[r])
-            elif vals[r].block < blk:
-                return after_block
-        if g.is_forced[u]:
-            pseudo = _pseudo_block(g, u)
-            if pseudo == blk:
-                last = max(last, 0)
-            elif pseudo < blk:
-                return after_block
-        return last
-
     inputs = [i for i in g.activations if vals[i].block < blk and g.is_forced[i] and _pseudo_block(g, i) == blk]
     grads = _static_grads(g, blk, num_moments, bw_moment)
     for t in members:  # a backward op's workspace is held at its moment whatever the plan (simulate)
         if g.gets_grad[t]:
             grads[bw_moment[t]] += vals[t].bwd_workspace_bytes
-    info = []
-    for u in (*members, *inputs):
-        info.append((u, static_last(u), _rc_consumers(g, u, blk), vals[u].block < blk, not g.is_forced[u]))
-
+    info = [
+        (
+            u,
+            _static_last(g, u, blk, bw_moment, num_moments),
+            _rc_consumers(g, u, blk),
+            vals[u].block < blk,
+            not g.is_forced[u],
+        )
+        for u in (*members, *inputs)
+    ]
+    pos = {t: k for k, t in enumerate(members)}
     for m in range(num_moments):
         t_rc = members[m - 1] if 1 <= m <= n else None
         expr: dict[int, float] = {}
@@ -307,23 +327,51 @@ def _backward_rows(
                 else:
                     const += size[u]
                 continue
-            own_rc = free_u and t_rc == u
             later = [w for w in consumers if m == 0 or (t_rc is not None and m <= n and pos[w] >= pos[t_rc])]
-            if not later and not own_rc:
-                continue
-            a = b.new_var(("a", b.num_vars), False)
-            _add(expr, a, size[u])
-            if own_rc:
-                b.add({a: 1.0, b.var[("r", u)]: -1.0}, lo=0.0)
-            for w in later:
-                rw = b.var[("r", w)]
-                if before_own:  # alive before its own recompute only if kept or offloaded
-                    b.add({a: 1.0, rw: -1.0, b.var[("s", u)]: -1.0}, lo=-1.0)
-                    if b.allow_offload:
-                        b.add({a: 1.0, rw: -1.0, b.var[("o", u)]: -1.0}, lo=-1.0)
-                else:
-                    b.add({a: 1.0, rw: -1.0}, lo=0.0)
+            _alive_for_recompute(b, expr, u, size[u], later, free_u and t_rc == u, before_own)
         _limit_row(b, expr, const, prefix, limit)
+
+
+def _static_last(g: CostGraph, u: int, blk: int, bw_moment: dict[int, int], num_moments: int) -> int:
+    """The last moment of block `blk` at which `u` is alive whatever the plan (-1: none;
+    `num_moments`: past the block)."""
+    vals = g.values
+    if vals[u].block < blk and shared_with_own_block(g)[u]:
+        return num_moments  # its own block may still need it: counted alive (see simulate.shared_with_own_block)
+    last = -1
+    for r in g.bwd_readers[u]:
+        if vals[r].block == blk:
+            last = max(last, bw_moment[r])
+        elif vals[r].block < blk:
+            return num_moments
+    if g.is_forced[u]:
+        pseudo = _pseudo_block(g, u)
+        if pseudo == blk:
+            last = max(last, 0)
+        elif pseudo < blk:
+            return num_moments
+    return last
+
+
+def _alive_for_recompute(
+    b: _Builder, expr: dict[int, float], u: int, size: int, later: list[int], own_rc: bool, before_own: bool
+) -> None:
+    """`u`'s bytes at a moment where only the plan keeps it alive: an auxiliary a >= r_w for each
+    consumer w recomputed at or after the moment (and >= r_u at its own recompute)."""
+    if not later and not own_rc:
+        return
+    a = b.new_var(("a", b.num_vars), False)
+    _add(expr, a, size)
+    if own_rc:
+        b.add({a: 1.0, b.var[("r", u)]: -1.0}, lo=0.0)
+    for w in later:
+        rw = b.var[("r", w)]
+        if before_own:  # alive before its own recompute only if kept or offloaded
+            b.add({a: 1.0, rw: -1.0, b.var[("s", u)]: -1.0}, lo=-1.0)
+            if b.allow_offload:
+                b.add({a: 1.0, rw: -1.0, b.var[("o", u)]: -1.0}, lo=-1.0)
+        else:
+            b.add({a: 1.0, rw: -1.0}, lo=0.0)
 
 
 def _static_grads(g: CostGraph, blk: int, num_moments: int, bw_moment: dict[int, int]) -> list[int]:

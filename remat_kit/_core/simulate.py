@@ -23,10 +23,10 @@ import dataclasses
 from collections.abc import Mapping
 
 from remat_kit._core.graph import CostGraph, DeviceSpec
-from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.plan import Decision, DecisionCode, Plan
 
-_SAVE, _RECOMPUTE, _OFFLOAD = 0, 1, 2
-_CODES = {Decision.SAVE: _SAVE, Decision.RECOMPUTE: _RECOMPUTE, Decision.OFFLOAD: _OFFLOAD}
+# Plain ints in the event loop's arrays (`DecisionCode` is the one map to decisions).
+_SAVE, _RECOMPUTE, _OFFLOAD = (int(c) for c in DecisionCode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ def decision_codes(graph: CostGraph, plan: Plan | Mapping[str, Decision | str] |
         items = tuple((name, Decision(d)) for name, d in plan.items())
     for name, d in items:
         i = graph.index(name)
-        code = _CODES[Decision(d)]
+        code = int(DecisionCode.of(d))
         if code != _SAVE and not graph.values[i].is_activation:
             raise ValueError(
                 f"plan: {name!r} is a {graph.values[i].role.value}, only activations can be {Decision(d).value}d."

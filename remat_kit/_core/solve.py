@@ -22,6 +22,7 @@ from collections.abc import Collection
 
 from remat_kit._core import chain_dp
 from remat_kit._core.budget import InfeasibleBudgetError, format_bytes, parse_budget
+from remat_kit._core.constraints import NO_CONSTRAINTS, PlanConstraints, honours
 from remat_kit._core.costs import Costs
 from remat_kit._core.graph import CostGraph, DeviceSpec
 from remat_kit._core.menus import (
@@ -36,7 +37,7 @@ from remat_kit._core.menus import (
     segment_options,
 )
 from remat_kit._core.milp import solve_milp
-from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.plan import DecisionCode, Plan
 from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run, baseline_activation_bytes
 
 __all__ = [  # re-exported for the adapters, which import them from here
@@ -46,6 +47,7 @@ __all__ = [  # re-exported for the adapters, which import them from here
     "SOLVERS",
     "Costs",
     "InfeasibleBudgetError",
+    "PlanConstraints",
     "block_menus",
     "check_solver",
     "codes_from_milp",
@@ -58,7 +60,6 @@ __all__ = [  # re-exported for the adapters, which import them from here
 ]
 
 SOLVERS = ("dp", "milp", "greedy")
-_NAMES = {_SAVE: Decision.SAVE, _RECOMPUTE: Decision.RECOMPUTE, _OFFLOAD: Decision.OFFLOAD}
 # The default solver's whole-graph program: up to this much work (sum over blocks of (free
 # values)², what building the program costs; a 12-layer transformer_graph is ~4,300) and this
 # long in HiGHS. Past either the DP's answer stands alone (96-layer stacks plan in the DP's time).
@@ -75,6 +76,7 @@ def solve(
     device: DeviceSpec | None = None,
     max_segment_blocks: int = 1,
     fixed_blocks: Collection[str] = (),
+    constraints: PlanConstraints | None = None,
 ) -> Plan:
     """The plan with the least recompute time whose activation memory fits `budget`.
 
@@ -90,14 +92,65 @@ def solve(
         do). The plan's `segments` then says which blocks go together; 1 = one block each.
       fixed_blocks: names of blocks that never join a multi-block segment (code a framework runs
         outside any checkpoint region: embeddings, head, loss).
+      constraints: values the plan must save or recompute and groups of values that share one
+        fate (`PlanConstraints`); every solver's plan honours them as it comes.
 
     Raises:
-      ValueError: a malformed budget or solver name.
+      ValueError: a malformed budget, solver name or constraint.
       InfeasibleBudgetError: the budget is below what full recompute (and offload, if allowed)
-        reaches; the message names the smallest feasible budget.
+        reaches under the constraints; the message names the smallest feasible budget.
     """
     parsed = parse_budget(budget)
     solver = check_solver(solver)
+    spans = _check_args(graph, solver, offload, max_segment_blocks, fixed_blocks, constraints)
+    constraints = constraints or NO_CONSTRAINTS
+    device = device or DeviceSpec()
+    costs = Costs(graph, device)
+    baseline = baseline_activation_bytes(graph)
+    limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
+    segments = None
+    codes: list[int] | None
+    if parsed.kind == "fraction" and parsed.value == 1.0 and not constraints:
+        codes = [_SAVE] * len(graph)  # no remat fits its own memory by definition
+    elif solver == "dp":
+        found = _solve_default(graph, limit, costs, offload, spans, constraints)
+        codes, segments = found if found is not None else (None, None)
+    elif solver == "milp":
+        res = solve_milp(
+            graph,
+            limit=limit,
+            rec_cost=costs.recompute,
+            off_cost=costs.offload if offload else None,
+            constraints=constraints,
+        )
+        codes = None if res is None else codes_from_milp(graph, res, constraints)
+    else:
+        codes = _solve_greedy(graph, limit, costs, constraints)
+    if codes is None:
+        raise _infeasible(graph, budget, costs, offload, baseline, spans, constraints)
+    target = graph if segments is None else graph.regroup(segments)
+    decisions = {target.values[i].name: DecisionCode(codes[i]).decision for i in target.free_values}
+    plan = Plan.from_decisions(target, decisions, device=device, budget=str(parsed), solver=solver)
+    # The solvers' contract; never hand out an over-budget plan, nor one the framework cannot run.
+    broken = honours(target, codes, constraints)
+    if plan.predicted_activation_bytes > limit or broken is not None:
+        raise RuntimeError(
+            f"solver {solver!r} returned a plan of {plan.predicted_activation_bytes} activation bytes (limit "
+            f"{limit}){'' if broken is None else ' that breaks its constraints: ' + broken}; this is a remat_kit "
+            "bug, please report it with the graph."
+        )
+    return plan
+
+
+def _check_args(
+    graph: CostGraph,
+    solver: str,
+    offload: object,
+    max_segment_blocks: object,
+    fixed_blocks: Collection[str],
+    constraints: object,
+) -> tuple[int, frozenset[str]]:
+    """Validate `solve`'s arguments; (max blocks per segment, fixed blocks)."""
     if not isinstance(offload, bool):
         raise ValueError(f"offload={offload!r} must be True or False.")
     if not isinstance(max_segment_blocks, int) or isinstance(max_segment_blocks, bool) or max_segment_blocks < 1:
@@ -110,34 +163,11 @@ def solve(
             f"fixed_blocks={sorted(fixed_blocks)!r} names blocks the graph does not have: {sorted(unknown)!r} "
             f"(blocks: {list(graph.block_names)!r})."
         )
-    spans = (max_segment_blocks, frozenset(fixed_blocks))
-    device = device or DeviceSpec()
-    costs = Costs(graph, device)
-    baseline = baseline_activation_bytes(graph)
-    segments = None
-    limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
-    codes: list[int] | None
-    if parsed.kind == "fraction" and parsed.value == 1.0:
-        codes = [_SAVE] * len(graph)  # no remat fits its own memory by definition
-    elif solver == "dp":
-        found = _solve_default(graph, limit, costs, offload, spans)
-        codes, segments = found if found is not None else (None, None)
-    elif solver == "milp":
-        res = solve_milp(graph, limit=limit, rec_cost=costs.recompute, off_cost=costs.offload if offload else None)
-        codes = None if res is None else codes_from_milp(graph, res)
-    else:
-        codes = _solve_greedy(graph, limit, costs)
-    if codes is None:
-        raise _infeasible(graph, budget, costs, offload, baseline, spans)
-    target = graph if segments is None else graph.regroup(segments)
-    decisions = {target.values[i].name: _NAMES[codes[i]] for i in target.free_values}
-    plan = Plan.from_decisions(target, decisions, device=device, budget=str(parsed), solver=solver)
-    if plan.predicted_activation_bytes > limit:  # the solvers' contract; never hand out an over-budget plan
-        raise RuntimeError(
-            f"solver {solver!r} returned a plan of {plan.predicted_activation_bytes} activation bytes over the "
-            f"limit {limit}; this is a remat_kit bug, please report it with the graph."
-        )
-    return plan
+    if constraints is not None:
+        if not isinstance(constraints, PlanConstraints):
+            raise ValueError(f"constraints={constraints!r} must be a PlanConstraints or None.")
+        constraints.check(graph)
+    return max_segment_blocks, frozenset(fixed_blocks)
 
 
 def check_solver(solver: str | None) -> str:
@@ -154,7 +184,14 @@ def whole_graph_work(graph: CostGraph) -> int:
     return sum(op_level_work(graph, blk) for blk in range(graph.num_blocks))
 
 
-def _solve_default(graph: CostGraph, limit: int, costs: Costs, offload: bool, spans: tuple[int, frozenset[str]]):
+def _solve_default(
+    graph: CostGraph,
+    limit: int,
+    costs: Costs,
+    offload: bool,
+    spans: tuple[int, frozenset[str]],
+    constraints: PlanConstraints = NO_CONSTRAINTS,
+):
     """(codes, segments or None) of the cheaper of the whole-graph program's answer (where it is
     affordable) and the chain DP's, or None when neither fits.
 
@@ -171,15 +208,16 @@ def _solve_default(graph: CostGraph, limit: int, costs: Costs, offload: bool, sp
             off_cost=costs.offload if offload else None,
             time_limit=WHOLE_GRAPH_SECONDS,
             warn=False,
+            constraints=constraints,
         )
         # The program leaves out what the simulator adds on some traced graphs (backward
         # workspaces, values read across several blocks); its answer counts only where the
         # simulator confirms it fits.
-        if res is not None and _run(graph, codes_from_milp(graph, res), False)[0] <= limit:
-            whole = codes_from_milp(graph, res)
+        if res is not None and _run(graph, codes_from_milp(graph, res, constraints), False)[0] <= limit:
+            whole = codes_from_milp(graph, res, constraints)
             if res.optimal and spans[0] == 1:
                 return whole, None
-    found = _solve_dp(graph, limit, costs, offload, spans)
+    found = _solve_dp(graph, limit, costs, offload, spans, constraints)
     if whole is None:
         return found
     if found is None or costs.of(whole) <= costs.of(found[0]):
@@ -187,9 +225,16 @@ def _solve_default(graph: CostGraph, limit: int, costs: Costs, offload: bool, sp
     return found
 
 
-def _solve_dp(graph: CostGraph, limit: int, costs: Costs, offload: bool, spans: tuple[int, frozenset[str]]):
+def _solve_dp(
+    graph: CostGraph,
+    limit: int,
+    costs: Costs,
+    offload: bool,
+    spans: tuple[int, frozenset[str]],
+    constraints: PlanConstraints = NO_CONSTRAINTS,
+):
     """(codes, segments or None) of the least-cost path, or None when nothing fits."""
-    options = _dp_options(graph, costs, offload, spans)
+    options = _dp_options(graph, costs, offload, spans, constraints)
     found = chain_dp.solve_chain(options, limit)
     if found is None:
         return None
@@ -206,31 +251,48 @@ def _solve_dp(graph: CostGraph, limit: int, costs: Costs, offload: bool, spans: 
 
 
 def _dp_options(
-    graph: CostGraph, costs: Costs, offload: bool, spans: tuple[int, frozenset[str]]
+    graph: CostGraph,
+    costs: Costs,
+    offload: bool,
+    spans: tuple[int, frozenset[str]],
+    constraints: PlanConstraints = NO_CONSTRAINTS,
 ) -> list[list[chain_dp.BlockOption]]:
-    """Block menus, plus segment options when `spans` = (max blocks per segment, fixed blocks) allows."""
+    """Block menus, plus segment options when `spans` = (max blocks per segment, fixed blocks)
+    allows; every option honours `constraints`."""
     max_span, fixed = spans
-    menus = block_menus(graph, costs, offload)
+    menus = block_menus(graph, costs, offload, constraints)
     if max_span <= 1:
         return menus
-    key = ("segments", max_span, fixed, tuple(costs.recompute))
+    key = ("segments", max_span, fixed, tuple(costs.recompute)) + ((constraints,) if constraints else ())
     if key not in graph._cache:
-        graph._cache[key] = segment_options(graph, costs, max_span, fixed)
+        graph._cache[key] = segment_options(graph, costs, max_span, fixed, constraints)
     return [menu + extra for menu, extra in zip(menus, graph._cache[key])]
 
 
 # -- greedy -----------------------------------------------------------------------------------
-def _solve_greedy(graph: CostGraph, limit: int, costs: Costs) -> list[int] | None:
-    """Recompute the top-k residuals by bytes per cost; the least k that fits (binary search)."""
+def _solve_greedy(
+    graph: CostGraph, limit: int, costs: Costs, constraints: PlanConstraints = NO_CONSTRAINTS
+) -> list[int] | None:
+    """Recompute the top-k residuals by bytes per cost; the least k that fits (binary search).
+    Under `constraints` each prefix is settled to them (must-save values and their groups never
+    join it; a recomputed value's group joins with it)."""
+    bound = constraints.on(graph)
+    kept = bound.save | bound.saved_groups
     order = sorted(
-        (i for i in graph.free_values if graph.is_residual[i]),
+        (i for i in graph.free_values if graph.is_residual[i] and i not in kept),
         key=lambda i: (-graph.values[i].num_bytes / (costs.recompute[i] + 1), i),
     )
 
     def codes_for(k: int) -> list[int]:
         codes = [_SAVE] * len(graph)
-        for i in order[:k]:
-            codes[i] = _RECOMPUTE
+        chosen = {i: _RECOMPUTE for i in order[:k]}
+        if bound:
+            settled = bound.settle(graph, chosen, graph.activations)
+            if settled is None:  # unreachable: nothing chosen shares a group with a must-save value
+                raise RuntimeError("greedy: a prefix cannot be settled; this is a remat_kit bug")
+            chosen = settled
+        for i, c in chosen.items():
+            codes[i] = c
         return codes
 
     def fits(k: int) -> bool:
@@ -258,16 +320,25 @@ def smallest_activation_bytes(
     device: DeviceSpec | None = None,
     max_segment_blocks: int = 1,
     fixed_blocks: Collection[str] = (),
+    constraints: PlanConstraints | None = None,
 ) -> int:
     """The least activation peak remat_kit's plans reach (keep-all, full recompute, selective,
-    offload, segments of up to `max_segment_blocks` blocks)."""
+    offload, segments of up to `max_segment_blocks` blocks) under `constraints`."""
     costs = Costs(graph, device or DeviceSpec())
-    return chain_dp.min_peak(_dp_options(graph, costs, offload, (max_segment_blocks, frozenset(fixed_blocks))))
+    spans = (max_segment_blocks, frozenset(fixed_blocks))
+    return chain_dp.min_peak(_dp_options(graph, costs, offload, spans, constraints or NO_CONSTRAINTS))
 
 
-def _offload_all(graph: CostGraph, costs: Costs, blk: int) -> list[chain_dp.BlockOption]:
-    residuals = {i: _OFFLOAD for i in graph.block_members[blk] if graph.is_residual[i] and not graph.is_forced[i]}
-    return [chain_dp.measure_option(graph, blk, residuals, costs.of, "offload all")] if residuals else []
+def _offload_all(
+    graph: CostGraph, costs: Costs, blk: int, constraints: PlanConstraints
+) -> list[chain_dp.BlockOption]:
+    members = graph.block_members[blk]
+    codes: dict[int, int] | None = {
+        i: _OFFLOAD for i in members if graph.is_residual[i] and not graph.is_forced[i]
+    }
+    if codes and constraints:
+        codes = constraints.on(graph).settle(graph, codes, members)
+    return [chain_dp.measure_option(graph, blk, codes, costs.of, "offload all")] if codes else []
 
 
 def _infeasible(
@@ -277,18 +348,19 @@ def _infeasible(
     offload: bool,
     baseline: int,
     spans: tuple[int, frozenset[str]],
+    constraints: PlanConstraints = NO_CONSTRAINTS,
 ) -> InfeasibleBudgetError:
     max_span, fixed = spans
-    options = _dp_options(graph, costs, offload, spans)
+    options = _dp_options(graph, costs, offload, spans, constraints)
     smallest = chain_dp.min_peak(options)
     # The remedies are checked on cheap options only (every block offloaded; segments where the
     # chain repeats, so their options are shared): on hundreds of distinct blocks a full check
     # would cost more than the plan itself. What is not checked is said as a possibility.
-    if not offload and chain_dp.min_peak([m + _offload_all(graph, costs, b) for b, m in enumerate(options)]) < smallest:
+    if not offload and chain_dp.min_peak([m + _offload_all(graph, costs, b, constraints) for b, m in enumerate(options)]) < smallest:
         remedy = "pass offload=True"
     elif max_span == 1 and len(set(chain_dp.block_signature(graph, b) for b in range(graph.num_blocks))) > 16:
         remedy = "let segments span blocks (max_segment_blocks=4 or more), which may go lower"
-    elif max_span == 1 and chain_dp.min_peak(_dp_options(graph, costs, offload, (4, fixed))) < smallest:
+    elif max_span == 1 and chain_dp.min_peak(_dp_options(graph, costs, offload, (4, fixed), constraints)) < smallest:
         remedy = "let segments span blocks (max_segment_blocks=4)"
     else:
         remedy = "make the blocks smaller (their boundaries and one block's backward are the floor)"
