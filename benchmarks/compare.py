@@ -4,8 +4,9 @@
     python -m benchmarks.compare base_bench.json cur_bench.json     # pytest-benchmark JSON
 
 Memory and FLOPs are deterministic on one platform: any increase beyond --mem-tol (relative) is a
-regression. Time is compared as the ratio of the fastest step to `none`'s in the same run, so a slower
-or busier machine cancels out; a ratio that grows by more than --time-tol is a regression (with
+regression. Time is compared as the cell's step time over `none`'s, measured interleaved in the
+cell's own process (`step_time_vs_none`; runs older than that figure: fastest step over the `none`
+cell's fastest), so a slower or busier machine cancels out; a ratio that grows by more than --time-tol is a regression (with
 --confirm RERUN, only where a second run of the same cells shows it too: `benchmarks/ci_perf.sh`
 reruns the sweep once when the first comparison fails).
 A cell that stopped working or whose gradients stopped matching is a regression; cells missing
@@ -73,16 +74,30 @@ def _num(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def time_ratio(rows: dict[str, dict], cell_id: str) -> float | None:
-    """The cell's fastest step over its group's `none` cell's fastest, same run. The minimum, not
-    the median: other processes only ever add time, so the minimum moves least between runs."""
+def time_ratio(rows: dict[str, dict], cell_id: str, *, interleaved: bool = True) -> float | None:
+    """The cell's step time over `none`'s, same run.
+
+    `interleaved`: the ratio the cell measured in its own process, its steps alternating with a
+    `none` step built there (`step_time_vs_none`): load that comes and goes between cell processes
+    does not tilt it. Otherwise (runs older than that figure) the cell's fastest step over its
+    group's `none` cell's fastest, timed in another process: the minimum, since other processes
+    only ever add time. Compare like with like: `judge` uses the interleaved ratio only where
+    every run compared has it."""
     r = rows[cell_id]
+    if interleaved:
+        return _num(r.get("step_time_vs_none")) if cell_id.rsplit("/", 1)[1] != "none" else 1.0
     none = rows.get(f"{cell_id.rsplit('/', 1)[0]}/none")
     if none is None:
         return None
     key = "step_time_min_s" if _num(r.get("step_time_min_s")) and _num(none.get("step_time_min_s")) else "step_time_s"
     t, t0 = _num(r.get(key)), _num(none.get(key))
     return t / t0 if t is not None and t0 else None
+
+
+def _has_interleaved(*runs: dict[str, dict] | None) -> bool:
+    return all(
+        any(_num(r.get("step_time_vs_none")) is not None for r in run.values()) for run in runs if run is not None
+    )
 
 
 def judge(
@@ -116,13 +131,14 @@ def judge(
             v.regressions.append(f"{name} {change:+.1%}")
         elif change < -mem_tol:
             v.improvements.append(f"{name} {change:+.1%}")
-    r0, r1 = time_ratio(base, cell_id), time_ratio(cur, cell_id)
+    inter = _has_interleaved(base, cur, confirm)
+    r0, r1 = time_ratio(base, cell_id, interleaved=inter), time_ratio(cur, cell_id, interleaved=inter)
     if r0 is not None and r1 is not None:
         v.cells["time"] = f"{r0:.2f}→{r1:.2f}"
         if r1 > r0 * (1 + time_tol):
             # With a confirming rerun, a slowdown counts only if the rerun shows it too: on a shared
             # CPU one run's millisecond steps can be 2-3x off with nothing changed.
-            r2 = time_ratio(confirm, cell_id) if confirm is not None and cell_id in confirm else None
+            r2 = time_ratio(confirm, cell_id, interleaved=inter) if confirm is not None and cell_id in confirm else None
             if confirm is None:
                 v.regressions.append(f"time/none {r0:.2f}→{r1:.2f}")
             elif r2 is not None and r2 > r0 * (1 + time_tol):

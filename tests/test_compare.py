@@ -83,6 +83,13 @@ def test_worse_plan_fails_and_names_the_cell(baseline, tmp_path):
     assert md.read_text() == result.stdout.rstrip("\n") + "\n"
 
 
+def _slower(row: dict, factor: float) -> None:
+    """The cell's steps `factor` times slower against the `none` steps timed beside them."""
+    row["step_time_s"] *= factor
+    row["step_time_min_s"] *= factor
+    row["step_time_vs_none"] *= factor
+
+
 def test_rerun_with_only_timing_noise_passes(baseline, tmp_path):
     again = run_sweep(tmp_path / "again")
     # Memory and FLOPs are exact, so equal; the real rerun's time ratios move with machine load.
@@ -92,18 +99,19 @@ def test_rerun_with_only_timing_noise_passes(baseline, tmp_path):
 
     rng = random.Random(0)
 
-    def noisy(data):  # a 3x slower machine, plus +-25% per cell
+    def noisy(data):  # a 3x slower machine, plus +-25% per cell process (its own none too)
         for row in data["rows"]:
             factor = 3.0 * rng.uniform(0.8, 1.25)
             row["step_time_s"] *= factor
             row["step_time_min_s"] *= factor
+            row["none_step_time_s"] = row["none_step_time_s"] and row["none_step_time_s"] * factor
 
     assert compare(baseline, edited(baseline, tmp_path / "noisy", noisy)).returncode == 0
 
     def slower_all(data):
         for row in data["rows"]:
-            row["step_time_s"] *= 3.0 if row["strategy"] == "all" else 1.0
-            row["step_time_min_s"] *= 3.0 if row["strategy"] == "all" else 1.0
+            if row["strategy"] == "all":
+                _slower(row, 3.0)
 
     slow = compare(baseline, edited(baseline, tmp_path / "slow", slower_all))
     assert slow.returncode == 1 and "`jax/mlp/tiny/all`: time/none" in slow.stdout
@@ -165,7 +173,8 @@ def test_pytest_benchmark_json(tmp_path):
 def test_a_slowdown_counts_only_if_the_rerun_confirms_it(baseline, tmp_path):
     def slower_all(data):
         for row in data["rows"]:
-            row["step_time_min_s"] *= 3.0 if row["strategy"] == "all" else 1.0
+            if row["strategy"] == "all":
+                _slower(row, 3.0)
 
     slow = edited(baseline, tmp_path / "slow", slower_all)
     # The rerun is as fast as the baseline: one noisy run, not a regression.
@@ -182,7 +191,7 @@ def test_a_slowdown_counts_only_if_the_rerun_confirms_it(baseline, tmp_path):
         for row in data["rows"]:
             if row["strategy"] == "all":
                 row["activation_bytes"] *= 2
-                row["step_time_min_s"] *= 3.0
+                _slower(row, 3.0)
 
     worse = edited(baseline, tmp_path / "worse", more_memory)
     # Memory is exact: a rerun never excuses it.
