@@ -107,19 +107,9 @@ def explain(
     `measure=True` also runs one forward + backward without and with the plan and prints measured
     activation memory and FLOPs beside the predictions. Extra keyword arguments go to the forward.
     """
-    if not isinstance(model, torch.nn.Module) or isinstance(model, type):
-        raise ValueError(f"explain(model={model!r:.80}): pass a torch.nn.Module instance and example inputs.")
-    if not example_inputs and not forward_kwargs:
-        raise ValueError(
-            f"explain({type(model).__name__}): pass example inputs, e.g. explain(model, input_ids); the plan depends "
-            "on their shapes."
-        )
+    _check_call(model, example_inputs, forward_kwargs)
     state = state_of(model)
-    if budget is None:
-        budget = state.budget if state is not None else 1.0
-    offload = (state.offload if state is not None else False) if offload is None else offload
-    solver = solver if solver is not None else (state.solver if state is not None else None)
-    per_call = state.per_call if state is not None else False
+    budget, offload, solver, per_call = _settings(state, budget, offload, solver)
     args, kwargs = tuple(example_inputs), dict(forward_kwargs)
     was_training = model.training
     model.train()
@@ -152,6 +142,27 @@ def explain(
     if print_table:
         _print(model, result)
     return result
+
+
+def _check_call(model: Any, example_inputs: tuple, forward_kwargs: dict) -> None:
+    if not isinstance(model, torch.nn.Module) or isinstance(model, type):
+        raise ValueError(f"explain(model={model!r:.80}): pass a torch.nn.Module instance and example inputs.")
+    if not example_inputs and not forward_kwargs:
+        raise ValueError(
+            f"explain({type(model).__name__}): pass example inputs, e.g. explain(model, input_ids); the plan depends "
+            "on their shapes."
+        )
+
+
+def _settings(
+    state: Any, budget: object, offload: bool | None, solver: str | None
+) -> tuple[object, bool, str | None, bool]:
+    """budget, offload, solver and per_call: those given, else the model's `auto` settings."""
+    if budget is None:
+        budget = state.budget if state is not None else 1.0
+    offload = (state.offload if state is not None else False) if offload is None else offload
+    solver = solver if solver is not None else (state.solver if state is not None else None)
+    return budget, offload, solver, state.per_call if state is not None else False
 
 
 def _original_forward(model: torch.nn.Module) -> Any:
@@ -188,17 +199,27 @@ def _measure(model: torch.nn.Module, compiled: Entry, args: tuple, kwargs: dict,
     return none, planned
 
 
+_BLOCK_COLS = ("block", "ops", "no_remat_bytes", "kept_bytes", "recompute_flops", "plan")
+_OP_COLS = ("value", "kind", "bytes", "flops", "decision")
+
+
 def _print(model: torch.nn.Module, ex: Explanation) -> None:
     plan = ex.plan
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # rich is optional: plain text keeps explain usable everywhere
-        Console = Table = None
     title = (
         f"remat_kit plan for {type(model).__name__}: budget {plan.budget or '-'}, solver {plan.solver}, "
         f"planned in {ex.planning_seconds:.2f} s"
     )
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is optional: plain text keeps explain usable everywhere
+        _print_plain(title, _summary(ex), ex)
+    else:
+        _print_rich(title, _summary(ex), ex, Console, Table)
+
+
+def _summary(ex: Explanation) -> list[str]:
+    plan = ex.plan
     summary = [
         f"budget {plan.budget or '-'} bounds {ex.budget_meaning}",
         f"activation memory, predicted: {format_bytes(plan.predicted_activation_bytes)} = "
@@ -213,33 +234,32 @@ def _print(model: torch.nn.Module, ex: Explanation) -> None:
             f"{p.activation_bytes / max(1, n.activation_bytes):.1%} of no remat ({format_bytes(n.activation_bytes)})"
         )
         summary.append(f"recompute FLOPs, measured: {(p.flops - n.flops) / 1e9:.4f} GFLOP")
-    block_cols = ("block", "ops", "no_remat_bytes", "kept_bytes", "recompute_flops", "plan")
-    op_cols = ("value", "kind", "bytes", "flops", "decision")
+    return summary
 
-    def cell(key: str, val: Any) -> str:
-        return (
-            format_bytes(val)
-            if key.endswith("bytes") or key == "bytes"
-            else f"{val:,}"
-            if isinstance(val, int)
-            else str(val)
-        )
 
-    if Console is None:
-        print(title)
-        print("\n".join(summary))
-        for cols, rows in ((block_cols, ex.block_rows), (op_cols, ex.op_rows)):
-            print(" | ".join(cols))
-            for r in rows:
-                print(" | ".join(cell(c, r[c]) for c in cols))
-        return
+def _cell(key: str, val: Any) -> str:
+    if key.endswith("bytes"):
+        return format_bytes(val)
+    return f"{val:,}" if isinstance(val, int) else str(val)
+
+
+def _print_plain(title: str, summary: list[str], ex: Explanation) -> None:
+    print(title)
+    print("\n".join(summary))
+    for cols, rows in ((_BLOCK_COLS, ex.block_rows), (_OP_COLS, ex.op_rows)):
+        print(" | ".join(cols))
+        for r in rows:
+            print(" | ".join(_cell(c, r[c]) for c in cols))
+
+
+def _print_rich(title: str, summary: list[str], ex: Explanation, Console: Any, Table: Any) -> None:
     console = Console()
     console.print(f"[bold]{title}[/bold]")
     for line in summary:
         console.print(line)
     for label, cols, rows in (
-        ("blocks", block_cols, ex.block_rows),
-        ("ops of the block that recomputes most", op_cols, ex.op_rows),
+        ("blocks", _BLOCK_COLS, ex.block_rows),
+        ("ops of the block that recomputes most", _OP_COLS, ex.op_rows),
     ):
         table = Table(title=label)
         for c in cols:
@@ -247,5 +267,5 @@ def _print(model: torch.nn.Module, ex: Explanation) -> None:
                 c.replace("_", " "), justify="left" if c in ("block", "value", "kind", "plan", "decision") else "right"
             )
         for r in rows:
-            table.add_row(*(cell(c, r[c]) for c in cols))
+            table.add_row(*(_cell(c, r[c]) for c in cols))
         console.print(table)

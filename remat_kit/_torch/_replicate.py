@@ -202,7 +202,65 @@ def _render(
     return out_ops, out_values
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where the four profiled layers and the code around them sit among the small profile's ops."""
+
+    span: dict[int, range]  # profiled layer k -> its op indexes
+    pre: range | None  # the prologue's ops, if any
+    post: range | None  # the epilogue's ops, if any
+
+    def ops(self, small: Profile, k: int) -> list[OpRecord]:
+        return small.ops[self.span[k].start : self.span[k].stop]
+
+    def full_starts(self, n: int) -> tuple[list[int], int]:
+        """Where full layer j starts in the full profile, and where its last layer ends."""
+        n_pre = len(self.pre) if self.pre is not None else 0
+        len0, len1, len3 = (len(self.span[k]) for k in (0, 1, 3))
+        starts = [n_pre, n_pre + len0] + [n_pre + len0 + (j - 1) * len1 for j in range(2, n)]
+        return starts, starts[n - 1] + len3
+
+    def index_map(self, mapping: dict[int, int], starts: list[int], after: int) -> Callable[[int], int | None]:
+        """Op index in the small profile -> in the rendered one: profiled layer k lands at
+        starts[mapping[k]] (layer 0 at starts[0] unless mapped), the epilogue from `after`."""
+        span = self.span
+
+        def index_of(i: int) -> int | None:
+            for k, r in span.items():
+                if i in r:
+                    j = mapping.get(k, 0 if k == 0 else None)
+                    return None if j is None else starts[j] + (i - r.start)
+            return i if i < span[0].start else after + (i - span[3].stop)
+
+        return index_of
+
+
 def _expand(small: Profile, root: torch.nn.Module, prefix: str, names: list[str]) -> Profile | None:
+    lay = _layout(small, prefix)
+    if lay is None:
+        return None
+    found = _introductions(small)
+    if found is None:
+        return None
+    head, intro = found
+    if not _check_passes(small, lay, intro, prefix):
+        return None
+    ops, values = _written_out(small, lay, intro, prefix, names)
+    mutated, calls, returned = _spread(small, prefix, names)
+    return Profile(
+        ops=ops,
+        values=state_values(root) + head + values,
+        value_op={o: op.index for op in ops for o in op.outputs if o is not None},
+        mutated_later=mutated,
+        module_calls=calls,
+        returned=returned,
+        fake=small.fake,
+        replicated_from=_PROFILED,
+        real_prologue=small.real_prologue,
+    )
+
+
+def _layout(small: Profile, prefix: str) -> _Layout | None:
     profiled = [f"{prefix}{k}" for k in range(_PROFILED)]
     segs = _owner_segments(small, profiled)
     if segs is None or [s.module for s in segs if s.module is not None] != profiled:
@@ -210,16 +268,17 @@ def _expand(small: Profile, root: torch.nn.Module, prefix: str, names: list[str]
     if any(s.name.startswith("between") for s in segs):
         return None  # the root runs ops between layers: its own op names would not repeat
     layer = {s.module: s for s in segs if s.module is not None}
-    pre = [s for s in segs if s.name == "pre"]
-    post = [s for s in segs if s.name == "post"]
-    span = {k: range(layer[p].start, layer[p].stop) for k, p in enumerate(profiled)}
-    n = len(names)
+    pre = next((range(s.start, s.stop) for s in segs if s.name == "pre"), None)
+    post = next((range(s.start, s.stop) for s in segs if s.name == "post"), None)
+    return _Layout({k: range(layer[p].start, layer[p].stop) for k, p in enumerate(profiled)}, pre, post)
 
-    # The values each op introduces: its outputs, and the constants it was the first to read.
+
+def _introductions(small: Profile) -> tuple[list[Value], dict[int, list[Value]]] | None:
+    """The values before the first activation (inputs, constants), and per op index the values
+    it introduces: its outputs, and the constants it was the first to read."""
     state_names = {v.name for v in small.values if v.name.startswith(("param:", "buffer:"))}
     flow = [v for v in small.values if v.name not in state_names]
     first_act = next((i for i, v in enumerate(flow) if v.name in small.value_op), len(flow))
-    head = flow[:first_act]
     intro: dict[int, list[Value]] = {}
     first_reader: dict[str, int] = {}
     for op in small.ops:
@@ -230,95 +289,83 @@ def _expand(small: Profile, root: torch.nn.Module, prefix: str, names: list[str]
         if at is None:
             return None
         intro.setdefault(at, []).append(v)
+    return flow[:first_act], intro
 
-    # Where each profiled op lands in the full profile: full layer j starts at full_start[j].
-    n_pre = pre[0].stop - pre[0].start if pre else 0
-    len0, len1, len3 = len(span[0]), len(span[1]), len(span[3])
-    full_start = [n_pre, n_pre + len0] + [n_pre + len0 + (j - 1) * len1 for j in range(2, n)]
-    end_layers = full_start[n - 1] + len3
 
-    def index_map(mapping: dict[int, int], starts: list[int] | range, after: int) -> Callable[[int], int | None]:
-        def index_of(i: int) -> int | None:
-            for k, r in span.items():
-                if i in r:
-                    j = mapping.get(k, 0 if k == 0 else None)
-                    return None if j is None else starts[j] + (i - r.start)
-            return i if i < span[0].start else after + (i - span[3].stop)
-
-        return index_of
-
-    def layer_ops(k: int) -> list[OpRecord]:
-        return small.ops[span[k].start : span[k].stop]
-
-    # The check: profiled layer 2 is layer 1 renamed 1 -> 2, 0 -> 1.
+def _check_passes(small: Profile, lay: _Layout, intro: dict[int, list[Value]], prefix: str) -> bool:
+    """Profiled layer 2 is profiled layer 1 renamed 1 -> 2, 0 -> 1: ops, values, in-place writes."""
     check = {1: 2, 0: 1}
     ren_check = _renamer(prefix, [str(i) for i in range(_PROFILED)], check)
-    small_starts = [span[k].start for k in range(_PROFILED)]
+    small_starts = [lay.span[k].start for k in range(_PROFILED)]
     check_ops, check_values = _render(
-        layer_ops(1), intro, ren_check, index_map(check, small_starts, span[3].stop), span[2].start
+        lay.ops(small, 1), intro, ren_check, lay.index_map(check, small_starts, lay.span[3].stop), lay.span[2].start
     )
-    want_ops = layer_ops(2)
+    want_ops = lay.ops(small, 2)
     want_values = [v for op in want_ops for v in intro.get(op.index, ())]
     if check_ops != want_ops or check_values != want_values:
-        return None
-    if {ren_check(m) for m in _mutated(small, prefix, 1)} != _mutated(small, prefix, 2):
-        return None
+        return False
+    return {ren_check(m) for m in _mutated(small, prefix, 1)} == _mutated(small, prefix, 2)
 
-    # How each stretch of the full profile is renamed: the prologue and layer 0 as profiled, the
-    # middle layers from profiled layer 1, the last layer and the epilogue from profiled layer 3.
-    def stretch(mapping: dict[int, int]) -> tuple[dict[int, int], Callable[[str], str]]:
-        return mapping, _renamer(prefix, names, mapping)
 
-    middle = [stretch({1: j, 0: j - 1}) for j in range(1, n - 1)]
-    last = stretch({3: n - 1, 2: n - 2, 1: n - 3})
+def _stretch_maps(n: int) -> tuple[list[dict[int, int]], dict[int, int]]:
+    """Profiled layer -> full layer for each middle layer (from profiled layer 1), and for the
+    last layer and the epilogue (from profiled layer 3)."""
+    return [{1: j, 0: j - 1} for j in range(1, n - 1)], {3: n - 1, 2: n - 2, 1: n - 3}
+
+
+def _written_out(
+    small: Profile, lay: _Layout, intro: dict[int, list[Value]], prefix: str, names: list[str]
+) -> tuple[list[OpRecord], list[Value]]:
+    """The full profile's ops and the values they introduce: the prologue and layer 0 as
+    profiled, the middle layers from profiled layer 1, the last layer and the epilogue from
+    profiled layer 3."""
+    middle, last = _stretch_maps(len(names))
+    stretches: list[tuple[list[OpRecord], dict[int, int]]] = []
+    if lay.pre is not None:
+        stretches.append((small.ops[lay.pre.start : lay.pre.stop], {}))
+    stretches.append((lay.ops(small, 0), {0: 0}))
+    stretches += [(lay.ops(small, 1), mapping) for mapping in middle]
+    stretches.append((lay.ops(small, 3), last))
+    if lay.post is not None:
+        stretches.append((small.ops[lay.post.start : lay.post.stop], last))
+    full_start, end_layers = lay.full_starts(len(names))
     ops: list[OpRecord] = []
     values: list[Value] = []
-
-    def emit(src: list[OpRecord], how: tuple[dict[int, int], Callable[[str], str]]) -> None:
-        mapping, ren = how
-        new_ops, new_values = _render(src, intro, ren, index_map(mapping, full_start, end_layers), len(ops))
+    for src, mapping in stretches:
+        ren = _renamer(prefix, names, mapping)
+        new_ops, new_values = _render(src, intro, ren, lay.index_map(mapping, full_start, end_layers), len(ops))
         ops.extend(new_ops)
         values.extend(new_values)
+    return ops, values
 
-    if pre:
-        emit(small.ops[pre[0].start : pre[0].stop], stretch({}))
-    emit(layer_ops(0), stretch({0: 0}))
-    for how in middle:
-        emit(layer_ops(1), how)
-    emit(layer_ops(3), last)
-    if post:
-        emit(small.ops[post[0].start : post[0].stop], last)
 
-    # Names and module paths of profiled layer 1 stand for every middle layer; layer 2 was the check.
-    def spread(name: str) -> list[Callable[[str], str]]:
+def _spread(
+    small: Profile, prefix: str, names: list[str]
+) -> tuple[set[str], dict[str, int], dict[str, tuple[str, ...]]]:
+    """`mutated_later`, `module_calls` and `returned` of the full profile: what profiled layer 1
+    names stands for every middle layer, layer 3's for the last; layer 2 was the check."""
+    middle_maps, last_map = _stretch_maps(len(names))
+    middle = [_renamer(prefix, names, mapping) for mapping in middle_maps]
+    last = _renamer(prefix, names, last_map)
+
+    def renamers(name: str) -> list[Callable[[str], str]]:
         k = _layer_index(name, prefix)
         if k == 1:
-            return [ren for _, ren in middle]
-        return [] if k == 2 else [last[1]]
+            return middle
+        return [] if k == 2 else [last]
 
-    mutated = {ren(name) for name in small.mutated_later for ren in spread(name)}
+    mutated = {ren(name) for name in small.mutated_later for ren in renamers(name)}
     calls = {
-        ren.path(path): count
-        for path, count in small.module_calls.items()  # type: ignore[attr-defined]
-        for ren in spread(path)
+        ren.path(path): count  # type: ignore[attr-defined]
+        for path, count in small.module_calls.items()
+        for ren in renamers(path)
     }
     returned = {
-        ren.path(path): tuple(ren(n) for n in names)  # type: ignore[attr-defined]
-        for path, names in small.returned.items()
-        for ren in spread(path)
+        ren.path(path): tuple(ren(n) for n in outs)  # type: ignore[attr-defined]
+        for path, outs in small.returned.items()
+        for ren in renamers(path)
     }
-    value_op = {o: op.index for op in ops for o in op.outputs if o is not None}
-    return Profile(
-        ops=ops,
-        values=state_values(root) + head + values,
-        value_op=value_op,
-        mutated_later=mutated,
-        module_calls=calls,
-        returned=returned,
-        fake=small.fake,
-        replicated_from=_PROFILED,
-        real_prologue=small.real_prologue,
-    )
+    return mutated, calls, returned
 
 
 def _mutated(small: Profile, prefix: str, k: int) -> set[str]:
