@@ -3,14 +3,23 @@
 Framework test files are collected only when their framework is installed, so they import it at
 the top like any other module (no `pytest.importorskip` ahead of their imports); pytest's header
 says what was left out. `import remat_kit` itself works without either framework, which
-tests/test_import.py checks. Helper modules next to the tests (`jax_helpers`, `torch_helpers`)
-import by name: pytest puts this directory on sys.path (default `prepend` import mode).
+tests/test_import.py checks. Helper modules next to the tests (`jax_helpers`, `torch_helpers`,
+`flax_lm1b`) import by name: pytest puts this directory on sys.path (default `prepend` import
+mode); shared fixtures are here (`sweep_run`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # auto's on-disk plan cache (remat_kit/_jax/_plancache.py) would carry verdicts from one test, or
 # one run, to the next (a test that patches the measure would poison the real program's entry);
@@ -48,3 +57,39 @@ def pytest_report_header(config: object) -> list[str]:
         for pattern, missing in MISSING.items()
         if missing
     ]
+
+
+@pytest.fixture(scope="session")
+def sweep_run() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start `python -m benchmarks.sweep` on the JAX MLP cells (tests/test_compare.py,
+    tests/test_sweep_resume.py): `sweep_run(out, *extra, strategies=..., steps=..., warmup=...,
+    fault="", wait=True, timeout=180)` returns the process; waited for, its stdout and stderr
+    together are `.output`. `fault` is the harness's REMAT_SWEEP_FAULT. A sweep still running
+    when the session ends (a test that failed before it ended one) is killed."""
+    started: list[subprocess.Popen] = []
+
+    def run(
+        out: pathlib.Path,
+        *extra: str,
+        strategies: Sequence[str],
+        steps: int,
+        warmup: int,
+        fault: str = "",
+        wait: bool = True,
+        timeout: float = 180,
+    ) -> subprocess.Popen:
+        cells = ["--frameworks", "jax", "--models", "mlp", "--strategies", *strategies]
+        cmd = [sys.executable, "-m", "benchmarks.sweep", "--out", str(out), *cells]
+        cmd += ["--steps", str(steps), "--warmup", str(warmup), *extra]
+        env = {**os.environ, "REMAT_SWEEP_FAULT": fault}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started.append(proc)
+        if wait:
+            proc.output = proc.communicate(timeout=timeout)[0]  # type: ignore[attr-defined]
+        return proc
+
+    yield run
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -4,7 +4,6 @@ that differs only by timing noise passes; missing and new cells are listed, neve
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import random
 import subprocess
@@ -18,34 +17,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # comparisons of real runs below judge memory, FLOPs and status only (a time tolerance no noise
 # reaches); how time is judged is tested on edited copies of one run, where it is deterministic.
 TIME_NOT_JUDGED = ("--time-tol", "1000")
-SWEEP = [
-    "--frameworks",
-    "jax",
-    "--models",
-    "mlp",
-    "--strategies",
-    "none",
-    "all",
-    "sqrt_n",
-    "--steps",
-    "5",
-    "--warmup",
-    "2",
-]
+SWEEP = dict(strategies=("none", "all", "sqrt_n"), steps=5, warmup=2)
 
 
-def run_sweep(out: pathlib.Path, fault: str = "") -> pathlib.Path:
-    env = {**os.environ, "REMAT_SWEEP_FAULT": fault}
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sweep", "--out", str(out), *SWEEP],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return out
+@pytest.fixture(scope="module")
+def run_sweep(sweep_run):
+    """A sweep of three cells into `out`, which must end well; returns `out`."""
+
+    def run(out: pathlib.Path, fault: str = "") -> pathlib.Path:
+        done = sweep_run(out, **SWEEP, fault=fault, timeout=300)
+        assert done.returncode == 0, done.output
+        return out
+
+    return run
 
 
 def compare(base: pathlib.Path, cur: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
@@ -59,7 +43,7 @@ def compare(base: pathlib.Path, cur: pathlib.Path, *extra: str) -> subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> pathlib.Path:
+def baseline(run_sweep, tmp_path_factory) -> pathlib.Path:
     return run_sweep(tmp_path_factory.mktemp("base") / "run")
 
 
@@ -71,7 +55,7 @@ def edited(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
     return dst
 
 
-def test_worse_plan_fails_and_names_the_cell(baseline, tmp_path):
+def test_worse_plan_fails_and_names_the_cell(run_sweep, baseline, tmp_path):
     # The sqrt_n cell measured with no remat at all: what a broken preset or solver would do.
     worse = run_sweep(tmp_path / "worse", fault="sqrt_n=as:none")
     md = tmp_path / "report.md"
@@ -90,7 +74,7 @@ def _slower(row: dict, factor: float) -> None:
     row["step_time_vs_none"] *= factor
 
 
-def test_rerun_with_only_timing_noise_passes(baseline, tmp_path):
+def test_rerun_with_only_timing_noise_passes(run_sweep, baseline, tmp_path):
     again = run_sweep(tmp_path / "again")
     # Memory and FLOPs are exact, so equal; the real rerun's time ratios move with machine load.
     real = compare(baseline, again, *TIME_NOT_JUDGED)

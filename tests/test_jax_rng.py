@@ -1,11 +1,8 @@
 """Issue 11 case 3: Flax's lm1b decoder block stacked with `nn.scan` (dropout in attention, after
 attention and twice in the MLP; `split_rngs={"params": True, "dropout": True}`) under `auto`.
 
-The model is a small, faithful copy of google/flax examples/lm1b/models.py (commit 18f8f311:
-`MlpBlock`, `EncoderDecoder1DBlock` as `DecoderBlock`, the decoder's embedding, `shift_right`,
-sinusoidal position embedding, final LayerNorm and logits); the logical-partitioning wrappers
-around the initializers are left out (they only box the parameters) and the layer loop is
-`nn.scan` instead of a Python loop.
+The model is tests/flax_lm1b.py (a small, faithful copy of google/flax examples/lm1b/models.py)
+with its layer loop as `nn.scan` instead of a Python loop.
 
 What was seen: at budgets 0.3 / 0.7 one column of the last layer's MLP input kernel gradient
 differed from no remat (max rel err 1.5e-3). Found here: the masks replay exactly (every value
@@ -28,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import struct
-from jax import lax
+from flax_lm1b import Config, MlpBlock, TransformerLM
 from jax_helpers import rel_err
 
 import remat_kit._jax as rj
@@ -39,105 +35,11 @@ from remat_kit._core.solve import InfeasibleBudgetError
 VOCAB, BATCH, SEQ = 32, 2, 32
 
 
-@struct.dataclass
-class TransformerConfig:
-    vocab_size: int = VOCAB
-    emb_dim: int = 32
-    num_heads: int = 4
-    num_layers: int = 4
-    qkv_dim: int = 32
-    mlp_dim: int = 64
-    max_len: int = SEQ
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
-    deterministic: bool = False
-    kernel_init: Any = nn.initializers.xavier_uniform()
-    bias_init: Any = nn.initializers.normal(stddev=1e-6)
+CONFIG = Config(vocab_size=VOCAB, num_heads=4, mlp_dim=64, max_len=SEQ, scan=True)
 
 
-def shift_right(x, axis=1):
-    pad_widths = [(0, 0)] * len(x.shape)
-    pad_widths[axis] = (1, 0)
-    padded = jnp.pad(x, pad_widths, mode="constant", constant_values=x.dtype.type(0))
-    return lax.dynamic_slice_in_dim(padded, 0, padded.shape[axis] - 1, axis)
-
-
-def sinusoidal(max_len: int, d_feature: int, min_scale=1.0, max_scale=10000.0):
-    pe = np.zeros((max_len, d_feature), dtype=np.float32)
-    position = np.arange(0, max_len)[:, np.newaxis]
-    scale_factor = -np.log(max_scale / min_scale) / (d_feature // 2 - 1)
-    div_term = min_scale * np.exp(np.arange(0, d_feature // 2) * scale_factor)
-    pe[:, : d_feature // 2] = np.sin(position * div_term)
-    pe[:, d_feature // 2 : 2 * (d_feature // 2)] = np.cos(position * div_term)
-    return jnp.array(pe[np.newaxis, :, :])
-
-
-class MlpBlock(nn.Module):
-    config: TransformerConfig
-
-    @nn.compact
-    def __call__(self, inputs):
-        config = self.config
-        x = nn.Dense(config.mlp_dim, kernel_init=config.kernel_init, bias_init=config.bias_init)(inputs)
-        x = nn.relu(x)
-        x = nn.Dropout(rate=config.dropout_rate)(x, deterministic=config.deterministic)
-        output = nn.Dense(inputs.shape[-1], kernel_init=config.kernel_init, bias_init=config.bias_init)(x)
-        return nn.Dropout(rate=config.dropout_rate)(output, deterministic=config.deterministic)
-
-
-class DecoderBlock(nn.Module):
-    config: TransformerConfig
-    mlp: Any = MlpBlock  # not in lm1b: lets a test observe the MLP
-
-    @nn.compact
-    def __call__(self, inputs, decoder_mask):
-        config = self.config
-        x = nn.LayerNorm()(inputs)
-        x = nn.MultiHeadDotProductAttention(
-            num_heads=config.num_heads,
-            qkv_features=config.qkv_dim,
-            kernel_init=config.kernel_init,
-            bias_init=config.bias_init,
-            use_bias=False,
-            broadcast_dropout=False,
-            dropout_rate=config.attention_dropout_rate,
-            deterministic=config.deterministic,
-        )(x, mask=decoder_mask)
-        x = nn.Dropout(rate=config.dropout_rate)(x, deterministic=config.deterministic)
-        x = x + inputs
-        z = nn.LayerNorm()(x)
-        z = self.mlp(config=config)(z)
-        return x + z, None
-
-
-class ScannedLM(nn.Module):
-    config: TransformerConfig
-    mlp: Any = MlpBlock
-
-    @nn.compact
-    def __call__(self, inputs):
-        config = self.config
-        decoder_mask = nn.combine_masks(nn.make_attention_mask(inputs > 0, inputs > 0), nn.make_causal_mask(inputs))
-        y = shift_right(inputs.astype("int32"))
-        y = nn.Embed(config.vocab_size, config.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0))(y)
-        y = y + sinusoidal(config.max_len, config.emb_dim)[:, : y.shape[1], :]
-        y = nn.Dropout(rate=config.dropout_rate)(y, deterministic=config.deterministic)
-        stack = nn.scan(
-            DecoderBlock,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=nn.broadcast,
-            length=config.num_layers,
-        )
-        y, _ = stack(config, self.mlp, name="decoder")(y, decoder_mask)
-        y = nn.LayerNorm(name="encoderdecoder_norm")(y)
-        return nn.Dense(
-            config.vocab_size, kernel_init=config.kernel_init, bias_init=config.bias_init, name="logitdense"
-        )(y)
-
-
-def lm1b(config: TransformerConfig, mlp: Any = MlpBlock):
-    model = ScannedLM(config, mlp)
+def lm1b(config: Config, mlp: Any = MlpBlock):
+    model = TransformerLM(config, mlp)
     tokens = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 1, VOCAB)
     params = model.init({"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}, tokens)
 
@@ -152,7 +54,7 @@ def lm1b(config: TransformerConfig, mlp: Any = MlpBlock):
 def test_lm1b_nn_scan_dropout_gradients():
     """The issue's call: `auto(loss)` at 0.3 and 0.7 with a raw `PRNGKey` as lm1b's train step
     passes it (typed keys and the other key routes: tests/test_jax_rng_property.py)."""
-    loss, params, tokens = lm1b(TransformerConfig())
+    loss, params, tokens = lm1b(CONFIG)
     key = jax.random.PRNGKey(3)
     want = jax.jit(jax.grad(loss))(params, tokens, key)
     other = jax.jit(jax.grad(loss))(params, tokens, jax.random.PRNGKey(4))
@@ -198,7 +100,7 @@ def test_recompute_replays_dropout_bit_exact():
             output = nn.Dense(inputs.shape[-1], kernel_init=config.kernel_init, bias_init=config.bias_init)(x)
             return nn.Dropout(rate=config.dropout_rate)(output, deterministic=config.deterministic)
 
-    config = TransformerConfig()
+    config = CONFIG
     loss, params, tokens = lm1b(config, ObservedMlp)
     # verify=False: the plan as the model makes it; what XLA's memory makes of it is not the point here
     jax.jit(jax.grad(rj.auto(loss, 0.5, verify=False)))(params, tokens, jax.random.key(3))

@@ -1,10 +1,8 @@
 """Outside JAX models without a scan: Flax's own lm1b `TransformerLM` (issue 11, case 2) and a
 long program with no repeated layer (deliverable 3).
 
-The lm1b model below is a faithful small copy of google/flax `examples/lm1b/models.py`
-(`TransformerLM` -> `Decoder` -> `EncoderDecoder1DBlock` / `MlpBlock` / `AddPositionEmbs`,
-decoder only, its dropout and its `MultiHeadDotProductAttention` with the padding + causal mask made
-from the integer tokens), without decoding, packing and the logical-partitioning initializers.
+The lm1b model is tests/flax_lm1b.py (a faithful small copy of google/flax
+`examples/lm1b/models.py`, its layers in a Python loop) with Flax's layer initializers.
 Before the fix, the float `decoder_mask` (made from tokens, read by every layer) hid the cuts
 between layers: the whole model was one block, `auto` built one op-level program over it and
 raised "the program has ... variables", and without dropout planned it as a single layer
@@ -13,15 +11,11 @@ raised "the program has ... variables", and without dropout planned it as a sing
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import struct
-from jax import lax
+from flax_lm1b import FLAX_LAYER_INITS, Config, TransformerLM
 from jax_helpers import rel_err
 
 import remat_kit as rk
@@ -29,110 +23,9 @@ import remat_kit._jax as rj
 from remat_kit._jax._api import planner_of
 
 
-@struct.dataclass
-class Config:
-    vocab_size: int = 64
-    emb_dim: int = 32
-    num_heads: int = 2
-    num_layers: int = 4
-    qkv_dim: int = 32
-    mlp_dim: int = 128
-    max_len: int = 64
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
-    deterministic: bool = False
-    dtype: Any = jnp.float32
-
-
-def shift_right(x, axis=1):
-    pad_widths = [(0, 0)] * len(x.shape)
-    pad_widths[axis] = (1, 0)
-    padded = jnp.pad(x, pad_widths, mode="constant", constant_values=x.dtype.type(0))
-    return lax.dynamic_slice_in_dim(padded, 0, padded.shape[axis] - 1, axis)
-
-
-def sinusoidal_init(max_len, min_scale=1.0, max_scale=10000.0):
-    def init(key, shape, dtype=np.float32):
-        d_feature = shape[-1]
-        pe = np.zeros((max_len, d_feature), dtype=np.float32)
-        position = np.arange(0, max_len)[:, np.newaxis]
-        scale_factor = -np.log(max_scale / min_scale) / (d_feature // 2 - 1)
-        div_term = min_scale * np.exp(np.arange(0, d_feature // 2) * scale_factor)
-        pe[:, : d_feature // 2] = np.sin(position * div_term)
-        pe[:, d_feature // 2 : 2 * (d_feature // 2)] = np.cos(position * div_term)
-        return jnp.array(pe[np.newaxis, :, :])
-
-    return init
-
-
-class AddPositionEmbs(nn.Module):
-    config: Config
-
-    @nn.compact
-    def __call__(self, inputs):
-        pos_embedding = sinusoidal_init(max_len=self.config.max_len)(None, (1, self.config.max_len, inputs.shape[-1]))
-        return inputs + pos_embedding[:, : inputs.shape[1], :]
-
-
-class MlpBlock(nn.Module):
-    config: Config
-
-    @nn.compact
-    def __call__(self, inputs):
-        c = self.config
-        x = nn.Dense(c.mlp_dim, dtype=c.dtype)(inputs)
-        x = nn.relu(x)
-        x = nn.Dropout(rate=c.dropout_rate)(x, deterministic=c.deterministic)
-        output = nn.Dense(inputs.shape[-1], dtype=c.dtype)(x)
-        return nn.Dropout(rate=c.dropout_rate)(output, deterministic=c.deterministic)
-
-
-class EncoderDecoder1DBlock(nn.Module):
-    config: Config
-
-    @nn.compact
-    def __call__(self, inputs, decoder_mask=None):
-        c = self.config
-        x = nn.LayerNorm(dtype=c.dtype)(inputs)
-        x = nn.MultiHeadDotProductAttention(
-            num_heads=c.num_heads,
-            dtype=c.dtype,
-            qkv_features=c.qkv_dim,
-            use_bias=False,
-            broadcast_dropout=False,
-            dropout_rate=c.attention_dropout_rate,
-            deterministic=c.deterministic,
-        )(x, mask=decoder_mask)
-        x = nn.Dropout(rate=c.dropout_rate)(x, deterministic=c.deterministic)
-        x = x + inputs
-        z = nn.LayerNorm(dtype=c.dtype)(x)
-        z = MlpBlock(config=c)(z)
-        return x + z
-
-
-class TransformerLM(nn.Module):
-    config: Config
-
-    @nn.compact
-    def __call__(self, inputs):
-        c = self.config
-        decoder_mask = nn.combine_masks(
-            nn.make_attention_mask(inputs > 0, inputs > 0, dtype=c.dtype),
-            nn.make_causal_mask(inputs, dtype=c.dtype),
-        )
-        y = shift_right(inputs.astype("int32"))
-        y = nn.Embed(num_embeddings=c.vocab_size, features=c.emb_dim)(y)
-        y = AddPositionEmbs(config=c, name="posembed_output")(y)
-        y = nn.Dropout(rate=c.dropout_rate)(y, deterministic=c.deterministic)
-        for lyr in range(c.num_layers):
-            y = EncoderDecoder1DBlock(config=c, name=f"encoderdecoderblock_{lyr}")(y, decoder_mask=decoder_mask)
-        y = nn.LayerNorm(dtype=c.dtype, name="encoderdecoder_norm")(y)
-        return nn.Dense(c.vocab_size, dtype=c.dtype, name="logitdense")(y)
-
-
 def lm1b(dropout: bool, batch: int = 2):
     rate = 0.1 if dropout else 0.0
-    config = Config(dropout_rate=rate, attention_dropout_rate=rate, deterministic=not dropout)
+    config = Config(dropout_rate=rate, attention_dropout_rate=rate, deterministic=not dropout, **FLAX_LAYER_INITS)
     model = TransformerLM(config)
     tokens = jax.random.randint(jax.random.key(1), (batch, config.max_len), 1, config.vocab_size)
     params = model.init({"params": jax.random.key(0), "dropout": jax.random.key(2)}, tokens)["params"]

@@ -8,7 +8,6 @@ the tests exercise the sweep's bookkeeping in seconds; one test measures a real 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -19,30 +18,17 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CELLS = [
-    "--frameworks",
-    "jax",
-    "--models",
-    "mlp",
-    "--strategies",
-    "none",
-    "all",
-    "every_2",
-    "sqrt_n",
-    "--steps",
-    "2",
-    "--warmup",
-    "1",
-]
+CELLS = dict(strategies=("none", "all", "every_2", "sqrt_n"), steps=2, warmup=1)
 
 
-def sweep(out: pathlib.Path, *extra: str, fault: str = "jax/=error", wait: bool = True, timeout: float = 180):
-    env = {**os.environ, "REMAT_SWEEP_FAULT": fault}
-    cmd = [sys.executable, "-m", "benchmarks.sweep", "--out", str(out), *CELLS, *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if wait:
-        proc.output = proc.communicate(timeout=timeout)[0]
-    return proc
+@pytest.fixture
+def sweep(sweep_run):
+    """A sweep of the four cells, every cell made to fail fast unless the test says otherwise."""
+
+    def run(out: pathlib.Path, *extra: str, fault: str = "jax/=error", wait: bool = True, timeout: float = 180):
+        return sweep_run(out, *extra, **CELLS, fault=fault, wait=wait, timeout=timeout)
+
+    return run
 
 
 def rows(out: pathlib.Path) -> list[dict]:
@@ -72,7 +58,7 @@ def check_complete(out: pathlib.Path) -> list[dict]:
     return got
 
 
-def test_sigterm_saves_prints_resume_command_and_resumes(tmp_path):
+def test_sigterm_saves_prints_resume_command_and_resumes(sweep, tmp_path):
     out = tmp_path / "run"
     proc = sweep(out, fault="every_2=hang,jax/=error", wait=False)
     wait_for_hang(out, proc, 2)
@@ -89,7 +75,7 @@ def test_sigterm_saves_prints_resume_command_and_resumes(tmp_path):
     assert done[:2] == first  # kept, not measured again
 
 
-def test_kill_9_loses_nothing_and_leaves_no_orphan(tmp_path):
+def test_kill_9_loses_nothing_and_leaves_no_orphan(sweep, tmp_path):
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "run"
     proc = sweep(out, fault="every_2=hang,jax/=error", wait=False)
@@ -104,7 +90,7 @@ def test_kill_9_loses_nothing_and_leaves_no_orphan(tmp_path):
     check_complete(out)
 
 
-def test_fresh_starts_over_and_other_settings_are_refused(tmp_path):
+def test_fresh_starts_over_and_other_settings_are_refused(sweep, tmp_path):
     out = tmp_path / "run"
     assert sweep(out).returncode == 0
     assert all(r["status"].startswith("error: RuntimeError: fault injected") for r in rows(out))
@@ -118,7 +104,7 @@ def test_fresh_starts_over_and_other_settings_are_refused(tmp_path):
 
 
 @pytest.mark.slow  # over 10 s in CI's --durations
-def test_crash_hang_and_error_are_recorded_and_the_sweep_goes_on(tmp_path):
+def test_crash_hang_and_error_are_recorded_and_the_sweep_goes_on(sweep, tmp_path):
     """`none` is measured for real; the other three cells crash, hang past --timeout, and raise."""
     out = tmp_path / "run"
     proc = sweep(out, "--timeout", "20", fault="all=crash,every_2=hang,sqrt_n=error")
@@ -136,7 +122,7 @@ def test_crash_hang_and_error_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert "jax/mlp/tiny/all`: crash: SIGSEGV" in report
 
 
-def test_shards_merge_into_one_sweep(tmp_path):
+def test_shards_merge_into_one_sweep(sweep, tmp_path):
     for k in (1, 2):
         assert sweep(tmp_path / f"s{k}", "--shard", f"{k}/2").returncode == 0
     assert {r["cell_id"] for r in rows(tmp_path / "s1")}.isdisjoint(r["cell_id"] for r in rows(tmp_path / "s2"))

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from hf_tiny import tiny_gpt2, tiny_llama
 
 import remat_kit
 from benchmarks.compile_bench import graph_breaks, saved_bytes
@@ -41,31 +42,9 @@ def _hf(name: str) -> tuple[torch.nn.Module, tuple, dict]:
     tf.logging.set_verbosity_error()
     torch.manual_seed(0)
     if name == "gpt2":
-        model = tf.GPT2LMHeadModel(
-            tf.GPT2Config(
-                n_layer=4,
-                n_embd=32,
-                n_head=4,
-                n_positions=64,
-                vocab_size=64,
-                resid_pdrop=0.1,
-                embd_pdrop=0.1,
-                attn_pdrop=0.1,
-            )
-        )
+        model = tiny_gpt2(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     else:
-        model = tf.LlamaForCausalLM(
-            tf.LlamaConfig(
-                num_hidden_layers=4,
-                hidden_size=32,
-                intermediate_size=64,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=64,
-                max_position_embeddings=64,
-                attention_dropout=0.1,
-            )
-        )
+        model = tiny_llama(max_position_embeddings=64, attention_dropout=0.1)
     model.loss_type = "ForCausalLM"  # GPT-2 has none: HF logs a warning, a graph break of its own
     idx = torch.randint(0, 64, (2, 64))
     return model, (), {"input_ids": idx, "labels": idx}

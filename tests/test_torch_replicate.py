@@ -20,6 +20,7 @@ from remat_kit._torch._graph import candidate_layers
 from remat_kit._torch._plan import compile_plan
 from remat_kit._torch._replicate import MIN_LAYERS, profile_replicated
 from remat_kit._torch._trace import profile
+from tests.hf_tiny import tiny_gpt2, tiny_llama
 from tests.torch_helpers import TinyGPT, grads, max_rel_err, tokens
 
 transformers = pytest.importorskip("transformers")
@@ -45,36 +46,14 @@ def _assert_same_profile(model: nn.Module, args: tuple, kwargs: dict | None = No
 
 
 def _hf(name: str, layers: int):
-    t = transformers
-    common = dict(vocab_size=97)
     if name == "gpt2":
-        return t.GPT2LMHeadModel(
-            t.GPT2Config(
-                n_layer=layers,
-                n_embd=32,
-                n_head=4,
-                n_positions=64,
-                use_cache=False,
-                bos_token_id=0,
-                eos_token_id=0,
-                **common,
-            )
-        )
+        return tiny_gpt2(layers, vocab=97, use_cache=False, bos_token_id=0, eos_token_id=0)
     if name == "llama":
-        return t.LlamaForCausalLM(
-            t.LlamaConfig(
-                num_hidden_layers=layers,
-                hidden_size=32,
-                intermediate_size=64,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                use_cache=False,
-                **common,
-            )
-        )
-    return t.BertForMaskedLM(
-        t.BertConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=4, **common)
+        return tiny_llama(layers, vocab=97, use_cache=False)
+    config = transformers.BertConfig(
+        num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=97
     )
+    return transformers.BertForMaskedLM(config)
 
 
 def test_written_out_profile_equals_the_whole_forward_gpt():
