@@ -152,9 +152,10 @@ def test_the_named_smallest_budget_is_met(seed, span):
     """At the smallest activation bytes the solver names under constraints, it finds a plan."""
     graph, cons, _ = _setup(seed, num_blocks=3)
     smallest = smallest_activation_bytes(graph, constraints=cons, max_segment_blocks=span)
-    assert smallest >= min(
-        _run(graph, c, False)[0] for c in all_codes(graph) if honours(graph, c, cons) is None
-    ) or span > 1
+    assert (
+        smallest >= min(_run(graph, c, False)[0] for c in all_codes(graph) if honours(graph, c, cons) is None)
+        or span > 1
+    )
     plan = rk.solve(
         graph, Budget("bytes", float(graph.constant_bytes + smallest)), constraints=cons, max_segment_blocks=span
     )
@@ -223,9 +224,7 @@ def test_menus_of_constrained_layers_are_shared_and_honour():
         for o in menu:
             assert cons.on(graph).violation(graph, dict(o.codes), layer[blk]) is None
     plan = rk.solve(graph, 0.5, constraints=cons)
-    assert set(plan.names(rk.Decision.RECOMPUTE)) >= {
-        n for n in must_recompute if graph.is_residual[graph.index(n)]
-    }
+    assert set(plan.names(rk.Decision.RECOMPUTE)) >= {n for n in must_recompute if graph.is_residual[graph.index(n)]}
     assert plan.decision(next(iter(must_save))) is rk.Decision.SAVE
 
 
@@ -243,7 +242,9 @@ def test_bad_constraints_raise_naming_the_problem():
     first, last = graph.block_members[0][0], graph.block_members[-1][0]
     if graph.values[first].block != graph.values[last].block:
         with pytest.raises(ValueError, match="one block"):
-            rk.solve(graph, 0.5, constraints=PlanConstraints(same_fate=[{graph.values[first].name, graph.values[last].name}]))
+            rk.solve(
+                graph, 0.5, constraints=PlanConstraints(same_fate=[{graph.values[first].name, graph.values[last].name}])
+            )
     with pytest.raises(ValueError, match="no plan can run it"):
         PlanConstraints(must_save={free[0]}, must_recompute={free[1]}, same_fate=[{free[0], free[1]}])
     with pytest.raises(ValueError, match="in two groups"):

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import remat_kit as rk
 from remat_kit._core import chain_dp
 from remat_kit._core.milp import solve_milp
-from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run, baseline_activation_bytes, shared_with_own_block
+from remat_kit._core.plan import DecisionCode
+from remat_kit._core.simulate import _RECOMPUTE, _SAVE, _run, baseline_activation_bytes, shared_with_own_block
 from remat_kit._core.solve import Costs, codes_from_milp
 from tests.graphs import all_codes, brute_force, brute_min_peak, random_chain
 
@@ -105,10 +106,9 @@ def test_solvers_never_exceed_the_budget(seed, solver, frac):
 
 
 def _codes_of(graph, plan):
-    code = {rk.Decision.SAVE: _SAVE, rk.Decision.RECOMPUTE: _RECOMPUTE, rk.Decision.OFFLOAD: _OFFLOAD}
     codes = [_SAVE] * len(graph)
     for name, d in plan.decisions:
-        codes[graph.index(name)] = code[d]
+        codes[graph.index(name)] = int(DecisionCode.of(d))
     return codes
 
 

@@ -231,22 +231,9 @@ def solve_chain(
     for pos in range(num_blocks + 1):
         if not pending[pos]:
             continue
-        cols = [np.concatenate(col) for col in zip(*pending[pos])]
+        cols = _prune([np.concatenate(col) for col in zip(*pending[pos])])
         pending[pos] = []
         p, cost, ops, peak = cols[:4]
-        rank = _combined_rank(cost, ops)  # one integer ordered as (cost, ops)
-        order = np.lexsort((peak, rank, p))
-        cols = [c[order] for c in cols]
-        p, cost, ops, peak = cols[:4]
-        rank = rank[order]
-        running = np.minimum.accumulate(rank)
-        keep = np.ones(p.size, dtype=bool)
-        keep[1:] = rank[1:] < running[:-1]
-        cols = [c[keep] for c in cols]
-        p, cost, ops, peak = cols[:4]
-        if p.size > MAX_STATES:
-            cols = _thin(cols)
-            p, cost, ops, peak = cols[:4]
         back[pos] = tuple(cols[4:])
         if pos == num_blocks:
             break
@@ -267,7 +254,26 @@ def solve_chain(
     if back[num_blocks] is None:
         return None
     best = int(np.lexsort((ops, cost))[0])
-    result = (int(cost[best]), int(ops[best]), int(peak[best]))
+    return (_path(back, num_blocks, best), int(cost[best]), int(ops[best]), int(peak[best]))
+
+
+def _prune(cols: list[np.ndarray]) -> list[np.ndarray]:
+    """The states at one block boundary sorted by kept bytes, without those another state beats
+    (no more kept bytes and a better (cost, ops)), thinned to MAX_STATES."""
+    p, cost, ops, peak = cols[:4]
+    rank = _combined_rank(cost, ops)  # one integer ordered as (cost, ops)
+    order = np.lexsort((peak, rank, p))
+    cols = [c[order] for c in cols]
+    rank = rank[order]
+    running = np.minimum.accumulate(rank)
+    keep = np.ones(rank.size, dtype=bool)
+    keep[1:] = rank[1:] < running[:-1]
+    cols = [c[keep] for c in cols]
+    return _thin(cols) if cols[0].size > MAX_STATES else cols
+
+
+def _path(back: list[tuple[np.ndarray, ...] | None], num_blocks: int, best: int) -> list[tuple[int, int]]:
+    """[(start block, option index), ...] of the state `best` at the end, by its back-pointers."""
     path, pos, idx = [], num_blocks, best
     while pos > 0:
         step = back[pos]
@@ -276,7 +282,7 @@ def solve_chain(
         parent_pos, parent, ks = step
         path.append((int(parent_pos[idx]), int(ks[idx])))
         pos, idx = int(parent_pos[idx]), int(parent[idx])
-    return (path[::-1], *result)
+    return path[::-1]
 
 
 def _thin(cols: list[np.ndarray]) -> list[np.ndarray]:

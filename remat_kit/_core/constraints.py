@@ -116,14 +116,14 @@ def _bind(c: PlanConstraints, graph: CostGraph) -> BoundConstraints:
     def indices(names: Collection[str]) -> frozenset[int]:
         return frozenset(i for n in names if (i := graph._index.get(n)) is not None and i in free)
 
-    groups = []
-    for g in c.same_fate:
-        members = tuple(sorted(indices(g)))
+    groups: list[tuple[int, ...]] = []
+    for names in c.same_fate:
+        members = tuple(sorted(indices(names)))
         if len(members) > 1:
             groups.append(members)
     by_block: dict[int, list[int]] = {}
-    for k, g in enumerate(groups):
-        by_block.setdefault(graph.values[g[0]].block, []).append(k)
+    for k, members in enumerate(groups):
+        by_block.setdefault(graph.values[members[0]].block, []).append(k)
     return BoundConstraints(
         save=indices(c.must_save),
         recompute=indices(c.must_recompute),
@@ -157,9 +157,7 @@ class BoundConstraints:
         if not self or not members:
             return ()
         base = members[0]
-        marks = tuple(
-            (i - base, 1 if i in self.save else 2) for i in members if i in self.save or i in self.recompute
-        )
+        marks = tuple((i - base, 1 if i in self.save else 2) for i in members if i in self.save or i in self.recompute)
         groups = tuple(tuple(i - base for i in self.groups[k]) for k in self.groups_by_block.get(blk, ()))
         return (marks, groups)
 

@@ -202,52 +202,79 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared
     the chain DP's option measurements read).
     `hold_shared`: values `shared_with_own_block` live at least until their own block's backward
     (the solvers' upper bound; the simulator's own answer is without it)."""
-    vals = graph.values
-    n = len(vals)
+    n = len(graph.values)
     st = _static(graph)
-    size, block_of, deps, bwd_reads = st.size, st.block, st.deps, st.bwd_reads
     needed, recomputed = needed_and_recomputed(graph, codes)
     kept = [st.is_act[i] and needed[i] and codes[i] == _SAVE for i in range(n)]
     offloaded = [st.is_act[i] and needed[i] and codes[i] == _OFFLOAD for i in range(n)]
+    rec = _Recorder(graph, want_trace)
+    kept_by_block = _forward(graph, st, kept, rec)
+    moments, frees_at = _backward_timeline(graph, st, kept, offloaded, recomputed, hold_shared)
+    _backward(graph, st, offloaded, moments, frees_at, rec)
+    return rec.peak, rec.peak_label(), kept_by_block, rec.trace
 
-    live = 0
-    peak, peak_at = 0, None
-    trace: list = []
-    raw = want_trace == "raw"
-    if raw:  # per block: [forward peak, backward peak]
-        trace = [[0, 0] for _ in range(graph.num_blocks)]
-    label = _labeller(graph)
 
-    # Labels are built only where they are read (a new peak, or a full trace): the solvers run
-    # this loop thousands of times, and formatting a label per moment was most of its time.
-    def record(what: str, i: int, block: int) -> None:
-        nonlocal peak, peak_at
-        if raw:
-            side = trace[block]
+class _Recorder:
+    """Live bytes through the step, its peak and where it happens (and a trace where asked).
+
+    Labels are built only where they are read (a new peak, or a full trace): the solvers run the
+    loop thousands of times, and formatting a label per moment was most of its time."""
+
+    def __init__(self, graph: CostGraph, want_trace: bool | str):
+        self.live = 0
+        self.peak = 0
+        self.peak_at: tuple[str, int, int] | None = None
+        self.raw = want_trace == "raw"
+        self.want_trace = want_trace
+        self.trace: list = [[0, 0] for _ in range(graph.num_blocks)] if self.raw else []
+        self.label = _labeller(graph)
+
+    def record(self, what: str, i: int, block: int, live: int) -> None:
+        if self.raw:  # per block: [forward peak, backward peak]
+            side = self.trace[block]
             k = what != "forward"
             if live > side[k]:
                 side[k] = live
-        elif want_trace:
-            trace.append((label(what, i, block), block, live))
-        if live > peak:
-            peak, peak_at = live, (what, i, block)
+        elif self.want_trace:
+            self.trace.append((self.label(what, i, block), block, live))
+        if live > self.peak:
+            self.peak, self.peak_at = live, (what, i, block)
 
-    # -- forward -----------------------------------------------------------------------------
-    free_after: list[list[int]] = [[] for _ in range(n)]
+    def peak_label(self) -> str:
+        return "nothing" if self.peak_at is None else self.label(*self.peak_at)
+
+
+def _forward(graph: CostGraph, st: _Static, kept: list[bool], rec: _Recorder) -> list[int]:
+    """The forward in graph order; returns the bytes each block keeps for its backward."""
+    size, block_of = st.size, st.block
+    free_after: list[list[int]] = [[] for _ in range(len(graph.values))]
     for i in graph.activations:
         if not kept[i]:
             free_after[graph.last_fwd_use[i]].append(i)
     kept_by_block = [0] * graph.num_blocks
+    live, record = rec.live, rec.record
     for t in graph.activations:
         live += size[t]
-        record("forward", t, block_of[t])
+        record("forward", t, block_of[t], live)
         for u in free_after[t]:
             live -= size[u]
         if kept[t]:
             kept_by_block[block_of[t]] += size[t]
+    rec.live = live
+    return kept_by_block
 
-    # -- backward timeline: moments in order, then last uses ---------------------------------
-    moments: list[tuple[str, int, int]] = []  # (what, value index or block, block)
+
+def _backward_timeline(
+    graph: CostGraph,
+    st: _Static,
+    kept: list[bool],
+    offloaded: list[bool],
+    recomputed: list[bool],
+    hold_shared: bool,
+) -> tuple[list[tuple[str, int, int]], list[list[int]]]:
+    """The backward's moments in order (what, value index or block, block), and per moment the
+    values whose last use it is."""
+    moments: list[tuple[str, int, int]] = []
     first_moment_of_block: dict[int, int] = {}
     for b in reversed(range(graph.num_blocks)):
         members = graph.block_members[b]
@@ -255,11 +282,11 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared
         moments.append(("reload", b, b))
         moments.extend(("recompute", t, b) for t in members if recomputed[t])
         moments.extend(("backward", t, b) for t in reversed(members) if graph.gets_grad[t])
-    last_use = [-1] * n
+    last_use = [-1] * len(graph.values)
     for m, (what, t, _b) in enumerate(moments):
         if what == "reload":
             continue
-        for j in deps[t] if what == "recompute" else bwd_reads[t]:
+        for j in st.deps[t] if what == "recompute" else st.bwd_reads[t]:
             last_use[j] = m  # moments are increasing, so the last write wins
     shared = shared_with_own_block(graph) if hold_shared else None
     for i in graph.activations:
@@ -268,15 +295,27 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared
             # (the earliest in forward order) begins; an output until its own block's backward.
             last_use[i] = max(last_use[i], first_moment_of_block[st.later_block[i]])
             if shared is not None and shared[i]:  # through the last moment before its own block's backward
-                last_use[i] = max(last_use[i], first_moment_of_block[block_of[i]] - 1)
-
+                last_use[i] = max(last_use[i], first_moment_of_block[st.block[i]] - 1)
     frees_at: list[list[int]] = [[] for _ in range(len(moments) + 1)]
     for i in graph.activations:
         if kept[i] or offloaded[i] or recomputed[i]:
             frees_at[max(last_use[i], 0)].append(i)
+    return moments, frees_at
 
-    grad_live = [False] * n
+
+def _backward(
+    graph: CostGraph,
+    st: _Static,
+    offloaded: list[bool],
+    moments: list[tuple[str, int, int]],
+    frees_at: list[list[int]],
+    rec: _Recorder,
+) -> None:
+    """Run the backward's moments: reloads, recomputes, and backward ops with their gradients."""
+    size, deps, workspace = st.size, st.deps, st.workspace
+    grad_live = [False] * len(graph.values)
     gets_grad = graph.gets_grad
+    live, record = rec.live, rec.record
     # Cotangent seeds of the outputs that receive gradients, alive from the start of the backward.
     for i in graph.activations:
         if graph.is_output[i] and gets_grad[i]:
@@ -287,23 +326,23 @@ def _run(graph: CostGraph, codes: list[int], want_trace: bool | str, hold_shared
             for i in graph.block_members[t]:
                 if offloaded[i]:
                     live += size[i]
-            record("reload", -1, b)
+            record("reload", -1, b, live)
         elif what == "recompute":
             live += size[t]
-            record("recompute", t, b)
+            record("recompute", t, b, live)
         else:
             for j in deps[t]:
                 if gets_grad[j] and not grad_live[j]:
                     grad_live[j] = True
                     live += size[j]
-            live += st.workspace[t]
-            record("grad", t, b)
-            live -= st.workspace[t]
+            live += workspace[t]
+            record("grad", t, b, live)
+            live -= workspace[t]
             grad_live[t] = False
             live -= size[t]
         for i in frees_at[m]:
             live -= size[i]
-    return peak, ("nothing" if peak_at is None else label(*peak_at)), kept_by_block, trace
+    rec.live = live
 
 
 def _labeller(graph: CostGraph):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from remat_kit._core import chain_dp
-from remat_kit._core.budget import InfeasibleBudgetError, format_bytes, parse_budget
+from remat_kit._core.budget import Budget, InfeasibleBudgetError, format_bytes, parse_budget
 from remat_kit._core.constraints import NO_CONSTRAINTS, PlanConstraints, honours
 from remat_kit._core.costs import Costs
 from remat_kit._core.graph import CostGraph, DeviceSpec
@@ -108,26 +108,10 @@ def solve(
     costs = Costs(graph, device)
     baseline = baseline_activation_bytes(graph)
     limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
-    segments = None
-    codes: list[int] | None
-    if parsed.kind == "fraction" and parsed.value == 1.0 and not constraints:
-        codes = [_SAVE] * len(graph)  # no remat fits its own memory by definition
-    elif solver == "dp":
-        found = _solve_default(graph, limit, costs, offload, spans, constraints)
-        codes, segments = found if found is not None else (None, None)
-    elif solver == "milp":
-        res = solve_milp(
-            graph,
-            limit=limit,
-            rec_cost=costs.recompute,
-            off_cost=costs.offload if offload else None,
-            constraints=constraints,
-        )
-        codes = None if res is None else codes_from_milp(graph, res, constraints)
-    else:
-        codes = _solve_greedy(graph, limit, costs, constraints)
-    if codes is None:
+    found = _solve_codes(graph, solver, parsed, limit, costs, offload, spans, constraints)
+    if found is None:
         raise _infeasible(graph, budget, costs, offload, baseline, spans, constraints)
+    codes, segments = found
     target = graph if segments is None else graph.regroup(segments)
     decisions = {target.values[i].name: DecisionCode(codes[i]).decision for i in target.free_values}
     plan = Plan.from_decisions(target, decisions, device=device, budget=str(parsed), solver=solver)
@@ -140,6 +124,29 @@ def solve(
             "bug, please report it with the graph."
         )
     return plan
+
+
+def _solve_codes(
+    graph: CostGraph,
+    solver: str,
+    parsed: Budget,
+    limit: int,
+    costs: Costs,
+    offload: bool,
+    spans: tuple[int, frozenset[str]],
+    constraints: PlanConstraints,
+) -> tuple[list[int], list[list[str]] | None] | None:
+    """(decision codes, segments or None) of `solver`'s plan within `limit`, or None if none fits."""
+    if parsed.kind == "fraction" and parsed.value == 1.0 and not constraints:
+        return [_SAVE] * len(graph), None  # no remat fits its own memory by definition
+    if solver == "dp":
+        return _solve_default(graph, limit, costs, offload, spans, constraints)
+    if solver == "milp":
+        off_cost = costs.offload if offload else None
+        res = solve_milp(graph, limit=limit, rec_cost=costs.recompute, off_cost=off_cost, constraints=constraints)
+        return None if res is None else (codes_from_milp(graph, res, constraints), None)
+    codes = _solve_greedy(graph, limit, costs, constraints)
+    return None if codes is None else (codes, None)
 
 
 def _check_args(
@@ -329,13 +336,9 @@ def smallest_activation_bytes(
     return chain_dp.min_peak(_dp_options(graph, costs, offload, spans, constraints or NO_CONSTRAINTS))
 
 
-def _offload_all(
-    graph: CostGraph, costs: Costs, blk: int, constraints: PlanConstraints
-) -> list[chain_dp.BlockOption]:
+def _offload_all(graph: CostGraph, costs: Costs, blk: int, constraints: PlanConstraints) -> list[chain_dp.BlockOption]:
     members = graph.block_members[blk]
-    codes: dict[int, int] | None = {
-        i: _OFFLOAD for i in members if graph.is_residual[i] and not graph.is_forced[i]
-    }
+    codes: dict[int, int] | None = {i: _OFFLOAD for i in members if graph.is_residual[i] and not graph.is_forced[i]}
     if codes and constraints:
         codes = constraints.on(graph).settle(graph, codes, members)
     return [chain_dp.measure_option(graph, blk, codes, costs.of, "offload all")] if codes else []
@@ -356,7 +359,11 @@ def _infeasible(
     # The remedies are checked on cheap options only (every block offloaded; segments where the
     # chain repeats, so their options are shared): on hundreds of distinct blocks a full check
     # would cost more than the plan itself. What is not checked is said as a possibility.
-    if not offload and chain_dp.min_peak([m + _offload_all(graph, costs, b, constraints) for b, m in enumerate(options)]) < smallest:
+    if (
+        not offload
+        and chain_dp.min_peak([m + _offload_all(graph, costs, b, constraints) for b, m in enumerate(options)])
+        < smallest
+    ):
         remedy = "pass offload=True"
     elif max_span == 1 and len(set(chain_dp.block_signature(graph, b) for b in range(graph.num_blocks))) > 16:
         remedy = "let segments span blocks (max_segment_blocks=4 or more), which may go lower"

@@ -17,11 +17,12 @@ from torch.utils._pytree import tree_flatten
 
 from remat_kit._core.budget import Budget, format_bytes, parse_budget
 from remat_kit._core.graph import CostGraph
-from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.plan import Decision, DecisionCode, Plan
 from remat_kit._core.simulate import simulate
 from remat_kit._core.solve import (
     Costs,
     InfeasibleBudgetError,
+    PlanConstraints,
     block_menus,
     segment_cap,
     smallest_activation_bytes,
@@ -30,7 +31,7 @@ from remat_kit._core.solve import (
 from remat_kit._torch._device import default_device
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
 from remat_kit._torch._layerplan import as_run, by_time, fast_regions
-from remat_kit._torch._replay import Region, decisions_for_torch
+from remat_kit._torch._replay import Region, constraints_for_torch
 from remat_kit._torch._replicate import profile_replicated
 from remat_kit._torch._trace import AUTOCAST_TAG, Profile, profile
 
@@ -192,105 +193,132 @@ def solve_torch(
     per_call: bool = False,
     segments: bool = True,
 ) -> Plan:
-    """The least-recompute plan that fits `budget` and that the replay modes run exactly.
+    """The least-recompute plan that fits `budget` and that the replay modes run as it comes (the
+    solver takes what they can run as constraints: `constraints_for_torch`).
 
     The budget bounds the step's activation peak, whatever layers were found; only for one
-    decorated layer class (`per_call`) planned as one region does it bound the kept bytes."""
+    decorated layer class (`per_call`) planned as one region does it bound the kept bytes. One
+    solve, aimed a margin under the budget; where the margin leaves nothing, one more at the
+    budget itself."""
     parsed = parse_budget(budget)
     graph = tg.graph
     if parsed.kind == "fraction" and parsed.value >= 1.0:
         return Plan.from_decisions(graph, {}, budget=str(parsed), solver="none")
     one_region = len(tg.segments) == 1 and tg.segments[0].module is not None
+    constraints = constraints_for_torch(tg, prof)
     if one_region and per_call:
-        return _solve_one_region(module, tg, prof, parsed, budget, offload)
-    baseline = tg.baseline_bytes
-    limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
-    held = autocast_cast_bytes(graph)
-    if parsed.kind == "fraction" and held:
-        # The measured step holds autocast's parameter casts too, whatever the plan: the budget
-        # is a fraction of no remat *with* them, so the plan's own share shrinks by their bytes.
-        limit = math.floor(parsed.value * (baseline + held)) - held
-        baseline += held  # (for the margin below)
+        return _solve_one_region(module, tg, parsed, budget, offload, constraints)
+    limit, held, measure = _activation_limit(tg, parsed)
+    core, floor = _configure(module, tg, solver, offload, constraints, limit, one_region)
+    # Aim under the budget by the margin, but never under the least reachable.
+    aim = wish = min(limit, max(limit - int(SAFETY_MARGIN * measure), floor))
+    plan = core.at(aim, parsed)
+    if plan is None and aim < limit:  # the margin is a wish, the budget is the contract
+        plan = core.at(limit, parsed)
+    if plan is None:
+        raise _infeasible(module, budget, tg, offload, core.smallest(), grouped=core.span > 1 or one_region)
+    span_by_time = _segment_spans(module, tg, None)[0] if segments else 1
+    plan = by_time(module, tg, prof, plan, wish, parsed, span_by_time)
+    # Its predictions then speak of what is measured: the casts in both figures; no remat's
+    # figure is the one the budget was taken of (see TorchGraph.baseline_bytes).
+    return dataclasses.replace(
+        plan,
+        predicted_activation_bytes=plan.predicted_activation_bytes + held,
+        baseline_activation_bytes=tg.baseline_bytes + held,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _CoreSolve:
+    """The core's solver as configured for one torch graph: regions of up to `span` layers
+    (`fixed_blocks` join none), the replay's constraints."""
+
+    tg: TorchGraph
+    solver: str | None
+    offload: bool
+    span: int
+    fixed_blocks: frozenset[str]
+    constraints: PlanConstraints
+    device: Any
+
+    def smallest(self) -> int:
+        """The least activation bytes the solver reaches under the same constraints."""
+        return smallest_activation_bytes(
+            self.tg.solver_graph,
+            offload=self.offload,
+            max_segment_blocks=self.span,
+            fixed_blocks=self.fixed_blocks,
+            constraints=self.constraints,
+        )
+
+    def at(self, aim: int, parsed: Budget) -> Plan | None:
+        """The solver's plan within `aim` activation bytes, priced on the true graph (the solver's
+        graph prices pinned values out of reach), or None where none fits."""
+        graph = self.tg.graph
+        try:
+            found = solve(
+                self.tg.solver_graph,
+                Budget("bytes", float(graph.constant_bytes + aim)),
+                solver=self.solver,
+                offload=self.offload,
+                max_segment_blocks=self.span,
+                fixed_blocks=self.fixed_blocks,
+                device=self.device,
+                constraints=self.constraints,
+            )
+        except InfeasibleBudgetError:
+            return None
+        return Plan.from_decisions(
+            found.graph_for(graph), found.as_dict(), budget=str(parsed), solver=found.solver, device=self.device
+        )
+
+
+def _configure(
+    module: torch.nn.Module,
+    tg: TorchGraph,
+    solver: str | None,
+    offload: bool,
+    constraints: PlanConstraints,
+    limit: int,
+    one_region: bool,
+) -> tuple[_CoreSolve, int]:
+    """The solver for this graph and `limit`, and the least activation bytes to aim at."""
     floor = _floor(tg).predicted_activation_bytes
-    span, fixed_blocks = 1, frozenset()
+    span, fixed_blocks = 1, frozenset[str]()
     if limit < floor:
         # Below what one checkpoint per layer reaches only regions over several layers can fit.
         # (Above it they are left out: their options cost seconds to measure on deep stacks and
         # rarely beat per-layer plans there.)
         span, fixed_blocks = _segment_spans(module, tg, solver)
-        if span > 1:
-            floor = min(
-                floor,
-                smallest_activation_bytes(
-                    tg.solver_graph, offload=offload, max_segment_blocks=span, fixed_blocks=fixed_blocks
-                ),
-            )
-    if one_region:
-        # Its recompute runs at the start of its own backward: the floor is the least peak of
-        # any plan, not that of recomputing everything (about no remat's own peak).
-        floor = min(floor, smallest_activation_bytes(tg.solver_graph, offload=offload))
-    # Aim under the budget by the margin, but never under the least reachable (which is feasible).
-    aim = wish = min(limit, max(limit - int(SAFETY_MARGIN * baseline), floor))
+    core = _CoreSolve(tg, solver, offload, span, fixed_blocks, constraints, default_device(module))
+    if span > 1 or one_region:
+        # One region's recompute runs at the start of its own backward: the floor is the least peak
+        # of any plan, not that of recomputing everything (about no remat's own peak).
+        floor = min(floor, core.smallest())
+    return core, floor
 
-    def adjusted(aim: int) -> Plan | None:
-        """The solver's plan for `aim`, adjusted to what the replay runs exactly (None: none)."""
-        try:
-            raw = solve(
-                tg.solver_graph,
-                Budget("bytes", float(graph.constant_bytes + aim)),
-                solver=solver,
-                offload=offload,
-                max_segment_blocks=span,
-                fixed_blocks=fixed_blocks,
-                device=default_device(module),
-            )
-        except InfeasibleBudgetError:
-            return None
-        fixed = Plan.from_decisions(
-            raw.graph_for(graph),
-            decisions_for_torch(tg, raw, prof),
-            budget=str(parsed),
-            solver=raw.solver,
-            device=default_device(module),
-        )
-        return None if set(simulate(graph, fixed).recomputed) & tg.pinned else fixed
 
-    def measured_as(plan: Plan) -> Plan:
-        # Its predictions then speak of what is measured: the casts in both figures; no remat's
-        # figure is the one the budget was taken of (see TorchGraph.baseline_bytes).
-        return dataclasses.replace(
-            plan,
-            predicted_activation_bytes=plan.predicted_activation_bytes + held,
-            baseline_activation_bytes=tg.baseline_bytes + held,
-        )
-
-    for _ in range(6):
-        fixed = adjusted(aim)
-        if fixed is None:
-            if aim < limit:  # the margin is a wish, the budget is the contract
-                aim = limit
-                continue
-            break
-        if fixed.predicted_activation_bytes <= limit:
-            span_by_time = _segment_spans(module, tg, None)[0] if segments else 1
-            return measured_as(by_time(module, tg, prof, fixed, wish, parsed, span_by_time))
-        # The adjustments for torch pushed the plan over: ask the solver for a little less.
-        aim -= fixed.predicted_activation_bytes - limit + max(1, limit // 50)
-    # The least this planner reaches: the solver's least plan as the replay runs it (the solver
-    # may keep a value an in-place op rewrites later, which the replay recomputes: ViT's dropout
-    # masks, named floor 0.313 refused when passed back, 0.324 reached), or every layer
-    # recomputed. The error names it, and a budget at it returns it here.
-    least = min(
-        (p for p in (adjusted(floor), dataclasses.replace(_floor(tg), budget=str(parsed))) if p is not None),
-        key=lambda p: p.predicted_activation_bytes,
-    )
-    if least.predicted_activation_bytes <= limit:
-        return measured_as(least)
-    raise _infeasible(module, budget, tg, offload, least.predicted_activation_bytes, grouped=span > 1 or one_region)
+def _activation_limit(tg: TorchGraph, parsed: Budget) -> tuple[int, int, int]:
+    """(the plan's activation limit, autocast's parameter casts held whatever the plan, no remat's
+    activation bytes as the budget measures them)."""
+    graph = tg.graph
+    limit = parsed.limit_activation_bytes(tg.baseline_bytes, graph.constant_bytes)
+    held = autocast_cast_bytes(graph)
+    if parsed.kind == "fraction" and held:
+        # The measured step holds autocast's parameter casts too, whatever the plan: the budget
+        # is a fraction of no remat *with* them, so the plan's own share shrinks by their bytes.
+        limit = math.floor(parsed.value * (tg.baseline_bytes + held)) - held
+        return limit, held, tg.baseline_bytes + held
+    return limit, held, tg.baseline_bytes
 
 
 def _solve_one_region(
-    module: torch.nn.Module, tg: TorchGraph, prof: Profile, parsed: Budget, budget: object, offload: bool
+    module: torch.nn.Module,
+    tg: TorchGraph,
+    parsed: Budget,
+    budget: object,
+    offload: bool,
+    constraints: PlanConstraints,
 ) -> Plan:
     """A module without repeated layers is one checkpoint region, planned op by op.
 
@@ -298,22 +326,16 @@ def _solve_one_region(
     module alone much below its no-remat peak; what remat changes is what the module *keeps*
     from its forward to its backward, and that is what adds up when such modules are stacked
     (a decorated layer class). So here the budget bounds the kept bytes: a fraction of what no
-    remat keeps, or bytes per call.
+    remat keeps, or bytes per call. The menu's options honour the replay's constraints.
     """
     graph = tg.graph
-    menu = block_menus(graph, Costs(graph, default_device(module)), offload)[0]
-    keep_all = max(o.kept_bytes for o in menu)
+    menu = block_menus(graph, Costs(graph, default_device(module)), offload, constraints)[0]
+    keep_all = _keep_all_bytes(graph)
     limit = math.floor(parsed.value * keep_all) if parsed.kind == "fraction" else int(parsed.value)
-    names = {0: Decision.SAVE, 1: Decision.RECOMPUTE, 2: Decision.OFFLOAD}
     for option in sorted(menu, key=lambda o: (o.cost, o.num_ops)):
-        if option.kept_bytes > limit:
-            continue
-        raw = Plan.from_decisions(graph, {graph.values[i].name: names[c] for i, c in option.codes})
-        plan = Plan.from_decisions(
-            graph, decisions_for_torch(tg, raw, prof), budget=str(parsed), solver=f"one region: {option.label}"
-        )
-        if simulate(graph, plan).kept_bytes_by_block[0] <= limit:
-            return plan
+        if option.kept_bytes <= limit:
+            decisions = {graph.values[i].name: DecisionCode(c).decision for i, c in option.codes}
+            return Plan.from_decisions(graph, decisions, budget=str(parsed), solver=f"one region: {option.label}")
     smallest = min(o.kept_bytes for o in menu)
     raise InfeasibleBudgetError.below(
         budget,
@@ -324,6 +346,11 @@ def _solve_one_region(
         why="it has no repeated layers, so it is one region and the budget bounds what it keeps for its backward "
         f"({format_bytes(keep_all)} with no remat, at least {format_bytes(smallest)} with full recompute)",
     )
+
+
+def _keep_all_bytes(graph: CostGraph) -> int:
+    """What a one-region module keeps for its backward with no remat."""
+    return simulate(graph).kept_bytes_by_block[0]
 
 
 def compile_plan(

@@ -12,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import noop_context_fn
 
-from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.constraints import PlanConstraints
+from remat_kit._core.graph import CostGraph
+from remat_kit._core.plan import Decision, DecisionCode, Plan
 from remat_kit._core.simulate import decision_codes, needed_and_recomputed
 from remat_kit._torch._compiled import run_compiled
 from remat_kit._torch._graph import Segment, TorchGraph
@@ -37,11 +39,12 @@ __all__ = [
     "_ForwardMode",
     "_ReplayMode",
     "_State",
+    "constraints_for_torch",
     "decisions_for_torch",
     "regions",
     "run_region",
 ]
-_OFFLOAD_CODE = 2
+_SAVE, _OFFLOAD = int(DecisionCode.SAVE), int(DecisionCode.OFFLOAD)
 
 
 def _units(tg: TorchGraph, plan: Plan) -> list[tuple[int, Segment, list[Segment]]]:
@@ -73,61 +76,18 @@ def regions(
         {vals[r].block for r in graph.bwd_readers[i]} | {vals[c].block for c in graph.consumers[i] if recomputed[c]}
         for i in range(len(graph))
     ]
+    fates = _Fates(codes, needed, recomputed, readers)
     out: dict[str, Region] = {}
     for block, seg, segs in _units(tg, plan):
         if any(s.module is None for s in segs):
             continue
-        # Values a scalar read (`if x.sum() > 0`) sees decide control flow: they are recomputed
-        # for real at replay, with everything they are computed from (placeholders would flip
-        # the branch).
-        real: set[str] = set()
-        for op in reversed(profile.ops[seg.start : seg.stop]):
-            if op.reads_scalar or any(o in real for o in op.outputs if o is not None):
-                real.update(n for n in op.inputs if graph[n].is_activation)
+        real = _read_by_scalars(graph, profile.ops[seg.start : seg.stop])
         steps, active = [], False
         for op in profile.ops[seg.start : seg.stop]:
-            idx = [graph.index(o) if o is not None else None for o in op.outputs]
-            owned = [(j, i) for j, i in enumerate(idx) if i is not None]
-            cache, offload = [], []
-            if (
-                not owned
-                or any(recomputed[i] for _, i in owned)
-                or op.reads_scalar
-                or (real and any(graph.values[i].name in real for _, i in owned))
-            ):
-                action = RUN
-            else:
-                for j, i in owned:
-                    if needed[i] and block in readers[i]:
-                        cache.append(j)
-                        if codes[i] == _OFFLOAD_CODE:
-                            offload.append(j)
-                action = CACHE if cache else SKIP
-            active |= any(recomputed[i] or (needed[i] and codes[i] == _OFFLOAD_CODE) for _, i in owned)
-            steps.append(
-                Step(
-                    op.func,
-                    action,
-                    tuple(cache),
-                    tuple(offload),
-                    op.is_rng and action != RUN,
-                    op.inplace,
-                    op.out_spec,
-                    op.out_leaves,
-                    explicit_generator=op.is_rng and op.draws_explicit_generator,
-                    flops=sum(vals[i].flops for _, i in owned),
-                    bytes_moved=sum(vals[i].bytes_moved for _, i in owned),
-                )
-            )
-        # A kept value written in place (dropout's mask: empty_like, bernoulli_, div_) is handed
-        # back where its storage is first allocated, so the replay holds one copy, not two.
-        for k, op in enumerate(profile.ops[seg.start : seg.stop]):
-            first = op.creator - seg.start if op.inplace and op.creator is not None else -1
-            if not 0 <= first < k:
-                continue
-            steps[first] = dataclasses.replace(steps[first], written=True)
-            if steps[k].action == CACHE and steps[first].action == SKIP and len(steps[first].out_leaves) == 1:
-                steps[first] = dataclasses.replace(steps[first], alias_of=k)
+            step, runs_planned = _step(graph, op, block, fates, real)
+            steps.append(step)
+            active |= runs_planned
+        _hand_back_where_allocated(steps, profile.ops[seg.start : seg.stop], seg.start)
         if active:
             members = tuple(s.module for s in segs) if len(segs) > 1 else ()
             region = Region(seg.name, seg.module, tuple(steps), members)
@@ -135,6 +95,76 @@ def regions(
                 region = dataclasses.replace(region, plain=True)
             out[seg.module] = region
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fates:
+    """Per value of the plan's graph: its code, whether the backward needs it, whether it is
+    recomputed, and the blocks whose backward or recompute reads it."""
+
+    codes: list[int]
+    needed: list[bool]
+    recomputed: list[bool]
+    readers: list[set[int]]
+
+
+def _read_by_scalars(graph: CostGraph, ops: Sequence[Any]) -> set[str]:
+    """Values a scalar read (`if x.sum() > 0`) sees, with everything they are computed from: they
+    decide control flow, so they are recomputed for real at replay (placeholders would flip the
+    branch)."""
+    real: set[str] = set()
+    for op in reversed(ops):
+        if op.reads_scalar or any(o in real for o in op.outputs if o is not None):
+            real.update(n for n in op.inputs if graph[n].is_activation)
+    return real
+
+
+def _step(graph: CostGraph, op: Any, block: int, fates: _Fates, real: set[str]) -> tuple[Step, bool]:
+    """The replay's step for one op, and whether the plan recomputes or offloads an output of it."""
+    idx = [graph.index(o) if o is not None else None for o in op.outputs]
+    owned = [(j, i) for j, i in enumerate(idx) if i is not None]
+    needed, recomputed, codes = fates.needed, fates.recomputed, fates.codes
+    cache, offload = [], []
+    if (
+        not owned
+        or any(recomputed[i] for _, i in owned)
+        or op.reads_scalar
+        or (real and any(graph.values[i].name in real for _, i in owned))
+    ):
+        action = RUN
+    else:
+        for j, i in owned:
+            if needed[i] and block in fates.readers[i]:
+                cache.append(j)
+                if codes[i] == _OFFLOAD:
+                    offload.append(j)
+        action = CACHE if cache else SKIP
+    step = Step(
+        op.func,
+        action,
+        tuple(cache),
+        tuple(offload),
+        op.is_rng and action != RUN,
+        op.inplace,
+        op.out_spec,
+        op.out_leaves,
+        explicit_generator=op.is_rng and op.draws_explicit_generator,
+        flops=sum(graph.values[i].flops for _, i in owned),
+        bytes_moved=sum(graph.values[i].bytes_moved for _, i in owned),
+    )
+    return step, any(recomputed[i] or (needed[i] and codes[i] == _OFFLOAD) for _, i in owned)
+
+
+def _hand_back_where_allocated(steps: list[Step], ops: Sequence[Any], start: int) -> None:
+    """A kept value written in place (dropout's mask: empty_like, bernoulli_, div_) is handed back
+    where its storage is first allocated, so the replay holds one copy, not two."""
+    for k, op in enumerate(ops):
+        first = op.creator - start if op.inplace and op.creator is not None else -1
+        if not 0 <= first < k:
+            continue
+        steps[first] = dataclasses.replace(steps[first], written=True)
+        if steps[k].action == CACHE and steps[first].action == SKIP and len(steps[first].out_leaves) == 1:
+            steps[first] = dataclasses.replace(steps[first], alias_of=k)
 
 
 # Dynamo cannot trace these dispatch modes. Under torch.compile the plan becomes torch's selective
@@ -263,33 +293,44 @@ class SegmentRun:
             gen.close()
 
 
-def decisions_for_torch(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Decision]:
-    """Adjust a solver's plan to what these modes can run exactly.
+def constraints_for_torch(tg: TorchGraph, profile: Profile) -> PlanConstraints:
+    """What the replay modes can run, as constraints for the solver (so its plan runs as is):
 
-    * All outputs of one op share its fate: if one is recomputed the op runs, so its other needed
-      outputs are recomputed too (the simulator then counts the op's FLOPs once, as torch does).
-    * A value an in-place op rewrites later cannot be kept as it was: recompute it.
-    * Pinned values (outside any checkpoint region) are kept.
+    * pinned values (outside any checkpoint region) are saved: autograd keeps them there;
+    * a value an in-place op rewrites later cannot be kept as it was: it is recomputed;
+    * all outputs of one op share its fate: if one is recomputed the op runs, so its other
+      needed outputs are recomputed too (the simulator counts the op's FLOPs once: they are on
+      its first output).
     """
+    key = ("torch_constraints", id(profile))
+    cached = tg.graph._cache.get(key)
+    if cached is not None and cached[0] is profile:
+        return cached[1]
+    names = {v.name for v in tg.graph.values if v.is_activation}
+    groups = []
+    for op in profile.ops:
+        owned = frozenset(o for o in op.outputs if o is not None and o in names)
+        if len(owned) > 1:
+            groups.append(owned)
+    found = PlanConstraints(
+        must_save=tg.pinned & names,
+        must_recompute=frozenset(n for n in profile.mutated_later if n in names and n not in tg.pinned),
+        same_fate=tuple(groups),
+    )
+    tg.graph._cache[key] = (profile, found)  # the profile held, so its id stays its own
+    return found
+
+
+def decisions_for_torch(tg: TorchGraph, plan: Plan, profile: Profile) -> dict[str, Decision]:
+    """A plan built by rule (whole layers, a test's hand-made plan) settled to what the replay
+    runs (`constraints_for_torch`: pinned values saved, values rewritten in place recomputed, an
+    op's needed outputs recomputed together). The solver's plans honour these as they come."""
     graph = plan.graph_for(tg.graph)
-    dec = {n: d for n, d in plan.decisions}
-    for name in tg.pinned:
-        if dec.get(name) is not None and dec[name] is not Decision.SAVE:
-            dec[name] = Decision.SAVE
-    for name in profile.mutated_later:
-        if name in dec and name not in tg.pinned and dec[name] is not Decision.RECOMPUTE:
-            dec[name] = Decision.RECOMPUTE
-    free = {graph.values[i].name for i in graph.free_values}
-    for _ in range(3):  # coupling can cascade through shared deps; a few rounds settle it
-        codes = decision_codes(graph, {n: d for n, d in dec.items() if n in free})
-        _, recomputed = needed_and_recomputed(graph, codes)
-        changed = False
-        for op in profile.ops:
-            owned = [o for o in op.outputs if o is not None]
-            if len(owned) > 1 and any(recomputed[graph.index(o)] for o in owned):
-                for o in owned:
-                    if o in free and o not in tg.pinned and dec.get(o) is not Decision.RECOMPUTE:
-                        dec[o], changed = Decision.RECOMPUTE, True
-        if not changed:
-            break
-    return {n: d for n, d in dec.items() if n in free}
+    codes = {graph.index(n): int(DecisionCode.of(d)) for n, d in plan.decisions if d is not Decision.SAVE}
+    settled = constraints_for_torch(tg, profile).on(graph).settle(graph, codes, graph.activations)
+    if settled is None:
+        raise ValueError(
+            "decisions_for_torch: the plan recomputes an output of an op whose other output is pinned (saved "
+            "outside any checkpoint region); no plan the replay runs does that."
+        )
+    return {graph.values[i].name: DecisionCode(settled.get(i, _SAVE)).decision for i in graph.free_values}
