@@ -7,9 +7,7 @@ timeout, so a hang fails the test instead of stalling CI.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,35 +19,8 @@ pytest.importorskip("orbax.checkpoint")
 from remat_kit import resume  # noqa: E402
 
 HELPERS = Path(__file__).resolve().parent / "resume_helpers"
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
-def run_processes(argvs: list[list[str]], env: dict[str, str]) -> list[str]:
-    """Starts one process per argv, waits for all (killing all on timeout), returns their outputs."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **env}
-    procs = [
-        subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for argv in argvs
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-            outputs.append(out)
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"{argvs[0]} did not finish within {TIMEOUT_S} s (a hang in a collective?)")
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-4000:]
-    return outputs
+sys.path.insert(0, str(HELPERS))
+from launch import finish, free_port, run_ok, start  # noqa: E402
 
 
 def test_jax_arrays_go_to_orbax_as_they_are_and_carry_a_device_fingerprint():
@@ -86,7 +57,7 @@ def test_a_jax_array_whose_fingerprint_differs_after_restore_is_corrupt_and_skip
 @pytest.mark.slow
 def test_one_process_four_devices_saves_sharded_and_restores_onto_another_mesh(tmp_path):
     for phase in ("save", "torn"):
-        out = run_processes(
+        out = run_ok(
             [[str(HELPERS / "jax_multiprocess.py"), str(tmp_path), "0", "1", "0", phase]],
             {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
         )
@@ -97,7 +68,7 @@ def test_one_process_four_devices_saves_sharded_and_restores_onto_another_mesh(t
 def test_two_jax_processes_save_one_sharded_checkpoint_and_agree_on_restore_and_corruption(tmp_path):
     for phase in ("save", "torn"):
         port = str(free_port())
-        outs = run_processes(
+        outs = run_ok(
             [[str(HELPERS / "jax_multiprocess.py"), str(tmp_path), str(i), "2", port, phase] for i in range(2)],
             {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
         )
@@ -109,7 +80,7 @@ def test_two_jax_processes_save_one_sharded_checkpoint_and_agree_on_restore_and_
 @pytest.mark.slow
 def test_ddp_and_fsdp2_on_two_gloo_ranks_save_together_and_restore_on_two_and_on_one(tmp_path):
     pytest.importorskip("torch")
-    outs = run_processes(
+    outs = run_ok(
         [[str(HELPERS / "torch_distributed.py"), str(tmp_path), "2", "save", str(rank)] for rank in range(2)], {}
     )
     for rank, out in enumerate(outs):
@@ -117,51 +88,17 @@ def test_ddp_and_fsdp2_on_two_gloo_ranks_save_together_and_restore_on_two_and_on
     # FSDP2 shards written by both ranks through torch.distributed.checkpoint, inside the step.
     assert list((tmp_path / "fsdp" / "3" / "host" / "dcp").glob("*.distcp"))
     assert not (tmp_path / "fsdp" / ".staging").exists() or not any((tmp_path / "fsdp" / ".staging").iterdir())
-    out = run_processes([[str(HELPERS / "torch_distributed.py"), str(tmp_path), "1", "restore", "0"]], {})[0]
+    out = run_ok([[str(HELPERS / "torch_distributed.py"), str(tmp_path), "1", "restore", "0"]], {})[0]
     assert "rank 0/1: restore ok" in out, out[-3000:]
 
 
 def _start_loop(framework: str, directory: Path, out: Path, port: int, step_sleep: float) -> list[subprocess.Popen]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-    }
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(HELPERS / "dist_train_loop.py"),
-                framework,
-                str(directory),
-                str(out),
-                str(rank),
-                "2",
-                str(port),
-                "--step-sleep",
-                str(step_sleep),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    script = str(HELPERS / "dist_train_loop.py")
+    argvs = [
+        [script, framework, str(directory), str(out), str(rank), "2", str(port), "--step-sleep", str(step_sleep)]
         for rank in range(2)
     ]
-
-
-def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
-    results = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-            results.append((proc.returncode, out))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"the 2-rank training loop did not finish within {TIMEOUT_S} s")
-    return results
+    return start(argvs, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
 
 
 @pytest.mark.slow
@@ -171,7 +108,7 @@ def test_sigterm_to_some_ranks_saves_one_checkpoint_together_and_the_resumed_run
 ):
     if framework == "torch":
         pytest.importorskip("torch")
-    reference = _finish(_start_loop(framework, tmp_path / "ref", tmp_path / "ref.npz", free_port(), 0.0))
+    reference = finish(_start_loop(framework, tmp_path / "ref", tmp_path / "ref.npz", free_port(), 0.0))
     assert [code for code, _ in reference] == [0, 0], reference[0][1][-3000:] + reference[1][1][-3000:]
 
     procs = _start_loop(framework, tmp_path / "run", tmp_path / "run.npz", free_port(), 0.25)
@@ -182,13 +119,36 @@ def test_sigterm_to_some_ranks_saves_one_checkpoint_together_and_the_resumed_run
         seen += line
     for rank in signalled:
         procs[rank].send_signal(signal.SIGTERM)
-    results = _finish(procs)
+    results = finish(procs)
     assert [code for code, _ in results] == [resume.EXIT_PREEMPTED] * 2, [out[-2000:] for _, out in results]
     infos = resume.list_steps(tmp_path / "run")
     assert infos[-1].status == "complete" and 3 <= infos[-1].step < 9, infos  # one step, saved by both
 
-    resumed = _finish(_start_loop(framework, tmp_path / "run", tmp_path / "run.npz", free_port(), 0.0))
+    resumed = finish(_start_loop(framework, tmp_path / "run", tmp_path / "run.npz", free_port(), 0.0))
     assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-3000:]
     assert f"step {infos[-1].step + 1}" in resumed[0][1] and f"step {infos[-1].step}\n" not in resumed[0][1]
     want, got = np.load(tmp_path / "ref.npz")["params"], np.load(tmp_path / "run.npz")["params"]
     assert want.tobytes() == got.tobytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dies", "hangs"])
+def test_a_rank_lost_mid_save_makes_the_other_exit_with_collective_error_within_the_timeout(tmp_path, mode):
+    pytest.importorskip("torch")
+    timeout_s = 5.0
+    port = str(free_port())
+    procs = start(
+        [[str(HELPERS / "torch_rank_lost.py"), str(tmp_path), str(r), port, mode, str(timeout_s)] for r in range(2)]
+    )
+    # Rank 0 alone (rank 1 is dead, or stuck until killed below). Without the layer's timeout it
+    # waited until the launcher ended the job: here until finish() kills it and fails the test.
+    code, out = finish(procs[:1], timeout_s=90)[0]
+    procs[1].kill()
+    procs[1].communicate()
+    assert code != 0, out[-3000:]
+    line = next((x for x in out.splitlines() if x.startswith("rank 0: CollectiveError after")), None)
+    assert line is not None, out[-3000:]
+    assert "process 0 of 2" in line and "save of step 1" in line and "collective_timeout=5 s" in line, line
+    if mode == "hangs":  # rank 1 is alive: only the timeout can end the wait
+        assert "Timed out" in line or "timed out" in line, line
+    assert [(i.step, i.status) for i in resume.list_steps(tmp_path)] == [(0, "complete")]

@@ -22,6 +22,7 @@ except ImportError as _error:  # say what to install instead of a bare ModuleNot
 from remat_kit.resume._codec import PerProcess as PerProcess
 from remat_kit.resume._errors import EXIT_PREEMPTED as EXIT_PREEMPTED
 from remat_kit.resume._errors import AsyncSaveError as AsyncSaveError
+from remat_kit.resume._errors import CollectiveError as CollectiveError
 from remat_kit.resume._errors import CorruptCheckpointError as CorruptCheckpointError
 from remat_kit.resume._errors import CorruptCheckpointWarning as CorruptCheckpointWarning
 from remat_kit.resume._errors import ResumeError as ResumeError
@@ -40,6 +41,7 @@ __all__ = [
     "EXIT_PREEMPTED",
     "AsyncSaveError",
     "CheckpointableIterator",
+    "CollectiveError",
     "CorruptCheckpointError",
     "CorruptCheckpointWarning",
     "GlobalRNG",

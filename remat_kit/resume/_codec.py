@@ -114,14 +114,25 @@ class Encoder:
 
     def encode(self, obj: Any, path: str = "state") -> dict[str, Any]:
         if isinstance(obj, PerProcess):
-            if self.per_process:
-                raise TypeError(f"{path} is a PerProcess inside a PerProcess; mark the outer part only.")
-            if self.local is None:
-                self.local = Encoder(per_process=True, shared=self, copy_host=self.copy_host)
-            # The shared spec (written by process 0) holds only the index: each process's part
-            # lives in its own file (see _host_item).
-            self.local_specs.append(self.local.encode(obj.value, f"{path}.value"))
-            return {"t": "per_process", "index": len(self.local_specs) - 1}
+            return self._per_process(obj, path)
+        # In this order: np.float64 is a float, a namedtuple a tuple, a tensor may have state_dict().
+        for kind in (self._scalar, self._container, self._rng, self._array_leaf, self._object):
+            node = kind(obj, path)
+            if node is not None:
+                return node
+        return self._pytree_node(obj, path)
+
+    def _per_process(self, obj: PerProcess, path: str) -> dict[str, Any]:
+        if self.per_process:
+            raise TypeError(f"{path} is a PerProcess inside a PerProcess; mark the outer part only.")
+        if self.local is None:
+            self.local = Encoder(per_process=True, shared=self, copy_host=self.copy_host)
+        # The shared spec (written by process 0) holds only the index: each process's part
+        # lives in its own file (see _host_item).
+        self.local_specs.append(self.local.encode(obj.value, f"{path}.value"))
+        return {"t": "per_process", "index": len(self.local_specs) - 1}
+
+    def _scalar(self, obj: Any, path: str) -> dict[str, Any] | None:
         if isinstance(obj, np.generic) and not isinstance(obj, (np.str_, np.bytes_)):
             # before the float check: np.float64 subclasses float, and must come back as np.float64
             return self._array(np.array(obj, copy=True), path, {"kind": "numpy_scalar"})
@@ -130,6 +141,9 @@ class Encoder:
         if isinstance(obj, float):
             # JSON has no inf/nan literal that every reader accepts: keep floats exact as repr.
             return {"t": "float", "v": repr(obj)}
+        return None
+
+    def _container(self, obj: Any, path: str) -> dict[str, Any] | None:
         if isinstance(obj, dict):
             items = []
             for key, value in obj.items():
@@ -150,6 +164,9 @@ class Encoder:
         if isinstance(obj, (list, tuple)):
             kind = "list" if isinstance(obj, list) else "tuple"
             return {"t": kind, "items": [self.encode(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
+        return None
+
+    def _rng(self, obj: Any, path: str) -> dict[str, Any] | None:
         if isinstance(obj, random.Random):
             return {"t": "py_random", "state": self.encode(obj.getstate(), f"{path}.getstate()")}
         if isinstance(obj, np.random.Generator):
@@ -159,6 +176,9 @@ class Encoder:
                 "bit_generator": type(bit_generator).__name__,
                 "state": self.encode(bit_generator.state, f"{path}.bit_generator.state"),
             }
+        return None
+
+    def _array_leaf(self, obj: Any, path: str) -> dict[str, Any] | None:
         if _jax() is not None and (_is_jax_array(obj) or isinstance(obj, _jax().ShapeDtypeStruct)):
             return self._jax_leaf(obj, path)
         if isinstance(obj, np.ndarray):
@@ -180,13 +200,16 @@ class Encoder:
         if _torch_arrays.is_generator(obj):
             host, extra = _torch_arrays.generator_state(obj)
             return self._array(host, path, extra)
+        return None
+
+    def _object(self, obj: Any, path: str) -> dict[str, Any] | None:
         if _is_checkpointable(obj):
             state = obj.get_state()
             return {"t": "checkpointable", "type": _type_name(obj), "state": self.encode(state, f"{path}.get_state()")}
         if _is_stateful(obj):
             state = obj.state_dict()
             return {"t": "stateful", "type": _type_name(obj), "state": self.encode(state, f"{path}.state_dict()")}
-        return self._pytree_node(obj, path)
+        return None
 
     def _jax_leaf(self, obj: Any, path: str) -> dict[str, Any]:
         jax = _jax()
@@ -285,3 +308,26 @@ def jax_nodes(spec: Any) -> list[dict[str, Any]]:
 
     walk(spec)
     return found
+
+
+def template_dtype_name(template: Any) -> str | None:
+    dtype = getattr(template, "dtype", None)
+    if dtype is None:
+        return None
+    return str(dtype).removeprefix("torch.")
+
+
+def template_kind(template: Any) -> str | None:
+    """The saved-node kind a template leaf asks for (None: not an array leaf)."""
+    if _torch_arrays.is_tensor(template):
+        return "torch"
+    if _torch_arrays.is_generator(template):
+        return "torch_generator"
+    jax = _jax()
+    if jax is not None and (_is_jax_array(template) or isinstance(template, jax.ShapeDtypeStruct)):
+        return "jax_key" if jax.dtypes.issubdtype(template.dtype, jax.dtypes.prng_key) else "jax"
+    if isinstance(template, np.ndarray):
+        return "numpy"
+    if isinstance(template, np.generic):
+        return "numpy_scalar"
+    return None

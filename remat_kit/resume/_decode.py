@@ -27,22 +27,16 @@ from remat_kit.resume import _torch_arrays
 from remat_kit.resume._codec import (
     PerProcess,
     _is_checkpointable,
-    _is_jax_array,
     _is_stateful,
     _jax,
     checksum,
     np_dtype,
+    template_dtype_name,
+    template_kind,
 )
 from remat_kit.resume._errors import TemplateMismatchError, report_problems
 
 _NO_TEMPLATE = object()
-
-
-def _template_dtype_name(template: Any) -> str | None:
-    dtype = getattr(template, "dtype", None)
-    if dtype is None:
-        return None
-    return str(dtype).removeprefix("torch.")
 
 
 HostReader = Callable[..., np.ndarray]  # (key, dtype, shape, per_process, out=None): out is filled when given
@@ -223,11 +217,11 @@ class _Decoder:
         if node["kind"] == "jax_key":
             jax = _jax()
             array = jax.random.wrap_key_data(array, impl=node["impl"])
-        if template is not _NO_TEMPLATE and _template_kind(template) in ("torch", "numpy", "numpy_scalar"):
+        if template is not _NO_TEMPLATE and template_kind(template) in ("torch", "numpy", "numpy_scalar"):
             host = np.asarray(array)
-            if _template_kind(template) == "torch":
+            if template_kind(template) == "torch":
                 return _torch_arrays.from_numpy(host, {**node, "torch_dtype": node["dtype"]}, template)
-            return host[()] if _template_kind(template) == "numpy_scalar" else host
+            return host[()] if template_kind(template) == "numpy_scalar" else host
         return array
 
     def _array(self, node: dict[str, Any], template: Any, path: str) -> Any:
@@ -236,12 +230,12 @@ class _Decoder:
             return None
         if node["key"] is not None and node["key"][0] != "a" and not self._local:
             return self._stored_array(node, template, path)
-        if kind != "torch_generator" and _template_kind(template) == "torch":
+        if kind != "torch_generator" and template_kind(template) == "torch":
             return self._into_tensor(node, template, path)
         host = self._host_array(node, path)
         if host is None:
             return None
-        target = kind if template is _NO_TEMPLATE else _template_kind(template)
+        target = kind if template is _NO_TEMPLATE else template_kind(template)
         if target in ("torch", "torch_generator"):
             if kind == "torch_generator":
                 generator = None if template is _NO_TEMPLATE else template
@@ -282,7 +276,7 @@ class _Decoder:
         return _NO_TEMPLATE if own is None else own  # no template: load_state_dict says what differs
 
     def _array_matches(self, node: dict[str, Any], template: Any, path: str) -> bool:
-        kind = _template_kind(template)
+        kind = template_kind(template)
         if kind is None:
             self.differ(path, f"saved an array {node['dtype']}{node['shape']}, template has {type(template).__name__}")
             return False
@@ -294,7 +288,7 @@ class _Decoder:
         if kind == "torch_generator":
             return True
         saved_shape = node["shape"][:-1] if kind == "jax_key" else node["shape"]  # key data: one more dim
-        shape, dtype = list(getattr(template, "shape", ())), _template_dtype_name(template)
+        shape, dtype = list(getattr(template, "shape", ())), template_dtype_name(template)
         saved_dtype = node.get("torch_dtype", node["dtype"])
         if shape != saved_shape or (kind != "jax_key" and dtype != saved_dtype):
             self.differ(path, f"saved {saved_dtype}{saved_shape}, template has {dtype}{shape}")
@@ -360,21 +354,6 @@ class _Decoder:
 
         self.in_place.append(load)
         return template
-
-
-def _template_kind(template: Any) -> str | None:
-    if _torch_arrays.is_tensor(template):
-        return "torch"
-    if _torch_arrays.is_generator(template):
-        return "torch_generator"
-    jax = _jax()
-    if jax is not None and (_is_jax_array(template) or isinstance(template, jax.ShapeDtypeStruct)):
-        return "jax_key" if jax.dtypes.issubdtype(template.dtype, jax.dtypes.prng_key) else "jax"
-    if isinstance(template, np.ndarray):
-        return "numpy"
-    if isinstance(template, np.generic):
-        return "numpy_scalar"
-    return None
 
 
 def plan(

@@ -52,3 +52,21 @@ def report_problems(step: int | None, corrupt: list[str], mismatches: list[str])
             + (f"\n  ... and {more} more" if more > 0 else "")
             + "\nPass a template with the structure you saved, or template=None to get the saved tree as is."
         )
+
+
+class CollectiveError(ResumeError):
+    """A process waited at one of the layer's collectives (a save's or restore's meeting point)
+    and the others did not all arrive within `collective_timeout`, or one left the job."""
+
+    def __init__(
+        self, process: int, count: int, what: str, timeout_s: float, cause: str, waited_s: float | None = None
+    ) -> None:
+        self.process, self.count, self.what, self.timeout_s, self.cause = process, count, what, timeout_s, cause
+        waited = f" after {waited_s:.1f} s" if waited_s is not None else ""
+        super().__init__(
+            f"process {process} of {count} stopped waiting at remat_kit.resume's collective '{what}'{waited}: "
+            f"{cause}. Another process died or hangs (see its log), or did not arrive within "
+            f"collective_timeout={timeout_s:g} s. Steps committed before are intact and a save that did not "
+            "finish is never restored: end the job (exit non-zero) and resubmit it to resume. If a save "
+            "legitimately takes longer, raise Resumable(..., collective_timeout=...)."
+        )

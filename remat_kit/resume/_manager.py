@@ -16,103 +16,23 @@ is visible only once committed (Orbax writes a temporary directory and renames i
 from __future__ import annotations
 
 import datetime
-import json
 import logging
-import math
 import operator
 import os
-import platform
 import warnings
 import weakref
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from remat_kit.resume import _decode, _inspect, _processes, _writing
+from remat_kit.resume import _checks, _decode, _inspect, _processes, _writing
 from remat_kit.resume._errors import AsyncSaveError, CorruptCheckpointError, CorruptCheckpointWarning, ResumeError
 from remat_kit.resume._reading import read_step
 from remat_kit.resume._retention import StepRecord, preservation_policy
 
 log = logging.getLogger("remat_kit.resume")
-
-
-def _check_directory(directory: Any) -> Path:
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory={directory!r} must be a str or os.PathLike path to a directory.")
-    path = Path(directory).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(
-            f"directory={str(directory)!r} is a file, not a directory; checkpoints are step "
-            "subdirectories. Pass a directory path (it is created if missing)."
-        )
-    return path
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "None or an int >= 1" if allow_none else "an int >= 1"
-        raise ValueError(f"{name}={value!r} is not allowed; pass {allowed}.")
-    return value
-
-
-def _check_keep_best(keep_best: Any) -> tuple[str, str] | None:
-    if keep_best is None:
-        return None
-    if (
-        not isinstance(keep_best, (tuple, list))
-        or len(keep_best) != 2
-        or not isinstance(keep_best[0], str)
-        or keep_best[1] not in ("min", "max")
-    ):
-        raise ValueError(
-            f"keep_best={keep_best!r} is not allowed; pass (metric_name, 'min' | 'max'), "
-            "e.g. keep_best=('val_loss', 'min'), or None."
-        )
-    return keep_best[0], keep_best[1]
-
-
-def _check_metrics(metrics: Any) -> dict[str, float | int] | None:
-    if metrics is None:
-        return None
-    if not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics={metrics!r} must be a dict of metric name -> number, or None.")
-    clean = {}
-    for name, value in metrics.items():
-        if hasattr(value, "item") and not isinstance(value, (int, float)):
-            try:
-                value = value.item()  # one-element numpy / jax / torch values
-            except (ValueError, RuntimeError):
-                pass  # more than one element: rejected below
-        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"metrics[{name!r}]={value!r}: metric names must be str, values numbers.")
-        clean[name] = value
-    return clean
-
-
-def _versions() -> dict[str, str]:
-    import sys
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for module, dist in (
-        ("jax", "jax"),
-        ("torch", "torch"),
-        ("numpy", "numpy"),
-        ("orbax", "orbax-checkpoint"),
-        ("flax", "flax"),
-        ("remat_kit", "remat_kit"),
-    ):
-        if module in sys.modules or module in ("numpy", "orbax"):
-            try:
-                versions[dist] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                pass
-    return versions
 
 
 class Resumable:
@@ -129,6 +49,10 @@ class Resumable:
       verify: after each save, wait for it, read it back and compare every array's checksum.
       processes: "auto" (torch.distributed if initialized with > 1 rank, else multi-process JAX
         if `jax.process_count() > 1`, else one process), or "single", "jax", "torch".
+      collective_timeout: seconds a process waits for the others at a save's or restore's meeting
+        points (under torch.distributed also rank 0's whole write: the other ranks wait for its
+        commit). Past it, or as soon as a peer is seen gone, `CollectiveError` is raised naming
+        the process and the step, so a job whose rank died ends instead of hanging.
     """
 
     def __init__(
@@ -141,14 +65,15 @@ class Resumable:
         async_save: bool = True,
         verify: bool = False,
         processes: str = "auto",
+        collective_timeout: float = _processes.DEFAULT_TIMEOUT_S,
     ) -> None:
-        self.directory = _check_directory(directory)
-        self.keep = _positive_int("keep", keep, allow_none=False)
-        self.keep_best = _check_keep_best(keep_best)
-        self.save_every = _positive_int("save_every", save_every, allow_none=True)
+        self.directory = _checks.check_directory(directory)
+        self.keep = _checks.positive_int("keep", keep, allow_none=False)
+        self.keep_best = _checks.check_keep_best(keep_best)
+        self.save_every = _checks.positive_int("save_every", save_every, allow_none=True)
         self.async_save = bool(async_save)
         self.verify = bool(verify)
-        self.processes = _processes.detect(processes)
+        self.processes = _processes.detect(processes, collective_timeout)
         if self.processes.is_primary:
             self.directory.mkdir(parents=True, exist_ok=True)
             _, torn = _inspect.step_dirs(self.directory)
@@ -160,7 +85,7 @@ class Resumable:
                 )
             _inspect.empty_trash(self.directory)
             _writing.clear_staging(self.directory)
-        self.processes.barrier("init")
+        self.processes.barrier("Resumable() start")
         self._policy = preservation_policy(self.directory, self.keep, self.keep_best)
         self._manager = self._new_manager() if self.processes.runs_orbax else None
         self._unsealed: list[int] = []
@@ -199,7 +124,7 @@ class Resumable:
         """Committed steps, oldest first (a step being written asynchronously is included);
         process 0's view, the same on every process."""
         steps = sorted(self._manager.all_steps()) if self._manager is not None else []
-        return steps if self.processes.kind == "single" else self.processes.broadcast(steps)
+        return steps if self.processes.kind == "single" else self.processes.broadcast(steps, "the list of saved steps")
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None. `restore_latest` may fall back from a corrupt one."""
@@ -238,15 +163,8 @@ class Resumable:
         """
         self._check_open()
         step = self._check_step(step)
-        metrics = _check_metrics(metrics)
-        if metadata is not None:
-            try:
-                json.dumps(dict(metadata))
-            except (TypeError, ValueError) as error:
-                raise TypeError(
-                    f"metadata={metadata!r} must be a JSON-serializable dict (str keys; dict, list, "
-                    f"str, number, bool, None values): {error}"
-                ) from error
+        metrics = _checks.check_metrics(metrics)
+        metadata = _checks.check_metadata(metadata)
         if not force and self.save_every is not None and step % self.save_every:
             return False
         latest = self.latest_step()  # includes a step still being written
@@ -263,21 +181,10 @@ class Resumable:
         sync = not self.async_save or self.verify or self.processes.kind == "torch"
         encoded = _writing.encode(state, copy_host=not sync)
         self._finish_pending()
-        meta = {
-            "format": _inspect.FORMAT,
-            "step": step,
-            "metrics": metrics,
-            "metadata": dict(metadata) if metadata is not None else None,
-            "keep_best": list(self.keep_best) if self.keep_best else None,
-            "versions": _versions(),
-            "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
-        }
-        orbax_metrics = metrics if self.keep_best and metrics and self.keep_best[0] in metrics else None
-        if orbax_metrics is not None and not math.isfinite(orbax_metrics[self.keep_best[0]]):
-            orbax_metrics = None  # a NaN loss must not rank as best
+        meta = _checks.step_meta(step, metrics, metadata, self.keep_best, _inspect.FORMAT)
         args = _writing.save_args(self.directory, step, encoded, meta, self.processes)
         if self._manager is not None:
-            self._manager.save(step, args=args, metrics=orbax_metrics, force=True)
+            self._manager.save(step, args=args, metrics=_checks.orbax_metrics(metrics, self.keep_best), force=True)
         self._unsealed.append(step)
         if sync:  # torch ranks other than 0 learn of the commit only through the barrier in here
             self._finish_pending()
@@ -297,7 +204,7 @@ class Resumable:
         except Exception as caught:
             error = caught
         if self.processes.kind == "torch":  # rank 0 alone commits: every rank learns how it went
-            if not self.processes.all_true(error is None) and error is None:
+            if not self.processes.all_true(error is None, f"commit of step(s) {self._unsealed}") and error is None:
                 error = ResumeError("rank 0 failed to commit the step")
         if error is not None:
             failed = list(self._unsealed)
@@ -320,7 +227,7 @@ class Resumable:
                 self._verify(step)
             if self.processes.is_primary and step_dir.is_dir():
                 _inspect.seal(step_dir)
-            self.processes.barrier("seal")
+            self.processes.barrier(f"seal of step {step}")
             self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -374,7 +281,7 @@ class Resumable:
             except CorruptCheckpointError as error:
                 # Moved aside, not left in place: Orbax would refuse new saves at steps <= it.
                 moved = _inspect.quarantine(self.directory / str(step)) if self.processes.is_primary else None
-                self.processes.barrier("quarantine")
+                self.processes.barrier(f"setting corrupt step {step} aside")
                 if self._manager is not None:
                     self._manager.reload()
                 where = (
@@ -400,7 +307,7 @@ class Resumable:
         self._require_step(step)
         if self._manager is not None:
             self._manager.delete(step)
-        self.processes.barrier("delete")
+        self.processes.barrier(f"delete of step {step}")
 
     def close(self) -> None:
         """Waits for a pending save (raising its error) and releases Orbax's threads."""

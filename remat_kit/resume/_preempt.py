@@ -94,7 +94,7 @@ class PreemptionHandler:
         Every process of a multi-process job must call it after every step (it is a collective)."""
         processes = getattr(checkpointer, "processes", None)
         if processes is not None and processes.kind != "single":
-            signals = processes.gather(self.received)
+            signals = processes.gather(self.received, f"preemption check after step {step}")
             first = next((s for s in signals if s is not None), None)
             if first is not None and self.received is None:
                 self.received, self.received_at = first, time.monotonic()

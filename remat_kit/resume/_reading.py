@@ -39,7 +39,7 @@ def _agree(processes: Processes, step: int, stage: Callable[[], Any]) -> Any:
         result = None
         kind = type(error).__name__ if type(error).__name__ in _ERRORS else "ResumeError"
         failure = [kind, error.reason if isinstance(error, CorruptCheckpointError) else str(error)]
-    failures = processes.gather(failure)
+    failures = processes.gather(failure, f"restore of step {step}")
     for index, failed in enumerate(failures):
         if failed is not None:
             kind, message = failed
@@ -101,14 +101,14 @@ def _check_fingerprints(meta: dict[str, Any], arrays: dict[str, Any], saved: dic
         )
 
 
-def _load_dtensors(step_dir: Path, targets: dict[str, Any]) -> dict[str, Any]:
+def _load_dtensors(step_dir: Path, targets: dict[str, Any], group: Any) -> dict[str, Any]:
     if not targets:
         return {}
     import torch.distributed.checkpoint as dcp
 
     # Into the template's own tensors, as dcp.load does: no second copy of the sharded state.
     loaded = dict(targets)
-    dcp.load(loaded, checkpoint_id=str(step_dir / _host_item.HOST_ITEM / _host_item.DCP_DIR))
+    dcp.load(loaded, checkpoint_id=str(step_dir / _host_item.HOST_ITEM / _host_item.DCP_DIR), process_group=group)
     return loaded
 
 
@@ -155,7 +155,7 @@ def read_step(
 
     def dcp_read() -> dict[str, Any]:
         try:
-            return _load_dtensors(step_dir, dtensor_targets)
+            return _load_dtensors(step_dir, dtensor_targets, processes.group)
         except Exception as error:  # DCP raises CheckpointException / OSError on torn or missing files
             raise CorruptCheckpointError(
                 step, f"torch.distributed.checkpoint could not read the DTensors ({_first_line(error)})"

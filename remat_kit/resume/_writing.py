@@ -73,15 +73,15 @@ def _stage(directory: Path, step: int, encoded: Encoded, processes: Processes) -
     if processes.is_primary:
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
-    processes.barrier(f"stage-{step}")
+    processes.barrier(f"save of step {step}: staging")
     if processes.kind == "torch" and encoded.local is not None:
         _host_item.write_local(staged, processes.index, *encoded.local)
     if encoded.dtensors:
         import torch.distributed.checkpoint as dcp
 
         # Collective over the default process group: each rank writes the shards it holds.
-        dcp.save(encoded.dtensors, checkpoint_id=str(staged / _host_item.DCP_DIR))
-    processes.barrier(f"staged-{step}")
+        dcp.save(encoded.dtensors, checkpoint_id=str(staged / _host_item.DCP_DIR), process_group=processes.group)
+    processes.barrier(f"save of step {step}: staged")
     return staged
 
 
