@@ -9,7 +9,7 @@ Both adapters have the same shape, one module per role, in the order a first cal
 
 | role | JAX (`_jax/`) | PyTorch (`_torch/`) |
 | --- | --- | --- |
-| trace the step into ops | `_trace.py` (flat jaxpr) | `_trace.py` (dispatch-mode profile) |
+| trace the step into ops | `_trace.py` (flat jaxpr) | `_trace.py` (dispatch-mode profile; + `_trace_ops.py`, `_trace_recorder.py`, `_trace_backward.py`, `_trace_user.py`) |
 | ops -> the core's `CostGraph` | `_graph.py` (+ `_rules.py`, `_sharding.py`) | `_graph.py` (+ `_replicate.py`) |
 | graph + budget -> `Plan` | `_plan.py` (+ `_fit.py`, `_verify.py`, `_plancache.py`) | `_plan.py` (+ `_layerplan.py`) |
 | run the planned step | `_run.py` | `_run.py` (+ `_replay.py`, `_modes.py`, `_compiled.py`) |
