@@ -1,8 +1,9 @@
 """Plan one input signature of a module: profile it, build its graph, solve for the budget.
 
 `compile_plan` is what `auto` (_api.py) calls once per input signature; `solve_torch` asks the
-core's solver for the least-recompute plan that fits, adjusts it to what the replay runs exactly,
-and (`_layerplan.by_time`) weighs it against the fastest plan of whole layers (_layerplan.py).
+core's solver for the least-recompute plan that fits under what the replay can run (its
+constraints, `_replay.constraints_for_torch`), and (`_layerplan.by_time`) weighs it against the
+fastest plan of whole layers (_layerplan.py).
 """
 
 from __future__ import annotations
