@@ -141,9 +141,7 @@ def _decision_vars(b: _Builder, free: Sequence[int], bound: BoundConstraints) ->
             b.new_var(("o", i), True, 0.0 if i in bound.save or i in bound.recompute else 1.0)
 
 
-def _objective(
-    b: _Builder, free: Sequence[int], rec_cost: Sequence[int], off_cost: Sequence[int] | None
-) -> np.ndarray:
+def _objective(b: _Builder, free: Sequence[int], rec_cost: Sequence[int], off_cost: Sequence[int] | None) -> np.ndarray:
     cost = np.zeros(b.num_vars)
     # Tie-break: fewer recomputed ops, worth less than one cost unit in total.
     tiny = 1.0 / (len(free) + 2)
