@@ -18,6 +18,7 @@ from remat_kit._core.analytic import transformer_graph as transformer_graph
 from remat_kit._core.budget import Budget as Budget
 from remat_kit._core.budget import BudgetLike as BudgetLike
 from remat_kit._core.budget import parse_budget as parse_budget
+from remat_kit._core.constraints import PlanConstraints as PlanConstraints
 from remat_kit._core.graph import CostGraph as CostGraph
 from remat_kit._core.graph import DeviceSpec as DeviceSpec
 from remat_kit._core.graph import OpKind as OpKind
@@ -76,6 +77,7 @@ __all__ = [
     "DeviceSpec",
     "OpKind",
     "Plan",
+    "PlanConstraints",
     "Role",
     "SimResult",
     "Value",
