@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from remat_kit._core.budget import budget_meaning, format_bytes
+from remat_kit._core.plan import DecisionCode
 from remat_kit._core.simulate import decision_codes, needed_and_recomputed, simulate
 from remat_kit._torch._api import auto, state_of, unwrap
 from remat_kit._torch._measure import StepMeasurement, measure_step
@@ -57,7 +58,7 @@ def _rows(compiled: Entry) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             what = "pinned (outside layers)"
         elif len(segs) > 1:
             what = f"one region over {len(segs)} layers, recomputed"
-        elif not rec and not any(needed[i] and codes[i] == 2 for i in members):
+        elif not rec and not any(needed[i] and codes[i] == DecisionCode.OFFLOAD for i in members):
             what = "keep all"
         elif all(recomputed[i] or not needed[i] or graph.is_forced[i] for i in members):
             what = "full recompute"
@@ -81,7 +82,7 @@ def _rows(compiled: Entry) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             v = graph.values[i]
             if recomputed[i]:
                 decision = "recompute"
-            elif needed[i] and codes[i] == 2:
+            elif needed[i] and codes[i] == DecisionCode.OFFLOAD:
                 decision = "offload"
             elif graph.is_residual[i] or graph.is_forced[i]:
                 decision = "save"

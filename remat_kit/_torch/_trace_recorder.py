@@ -247,7 +247,7 @@ class Recorder(TorchDispatchMode):
                 tensor=leaf,
                 deps=op.deps,
                 # The op's FLOPs go to its first output; the replay runs an op when any of its
-                # outputs is recomputed, and decisions_for_torch recomputes all of them then.
+                # outputs is recomputed, and its outputs share one fate (the solver's same_fate constraint).
                 kind=op_kind(op.name, op.is_rng),
                 flops=op.flops if first else 0,
                 bytes_moved=op.in_bytes + sum(t.numel() * t.element_size() for t in out_tensors),
