@@ -152,3 +152,22 @@ def test_a_rank_lost_mid_save_makes_the_other_exit_with_collective_error_within_
     if mode == "hangs":  # rank 1 is alive: only the timeout can end the wait
         assert "Timed out" in line or "timed out" in line, line
     assert [(i.step, i.status) for i in resume.list_steps(tmp_path)] == [(0, "complete")]
+
+
+@pytest.mark.slow
+def test_a_jax_process_lost_at_the_seal_makes_the_other_raise_collective_error_and_exit(tmp_path):
+    pytest.importorskip("jax")
+    port = str(free_port())
+    script = str(HELPERS / "jax_rank_lost.py")
+    procs = start(
+        [[script, str(tmp_path), str(i), port, "dies", "5", "seal"] for i in range(2)],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+    # Before collective_timeout the layer's agreements were device collectives with no timeout.
+    code, out = finish(procs[:1], timeout_s=90)[0]
+    procs[1].kill()
+    procs[1].communicate()
+    assert code != 0, out[-3000:]
+    line = next((x for x in out.splitlines() if x.startswith("process 0: CollectiveError after")), None)
+    assert line is not None, out[-3000:]
+    assert "process 0 of 2" in line and "'seal of step 1'" in line and "collective_timeout=5 s" in line, line
