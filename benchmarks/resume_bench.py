@@ -1,6 +1,13 @@
 """remat_kit.resume against plain Orbax and torch.distributed.checkpoint on the same state.
 
     python -m benchmarks.resume_bench --mib 256 --repeats 3     # writes reports/resume.{json,md}
+    python -m benchmarks.resume_bench --cells jax2 --baseline /tmp/old_tree --out resume_overhead
+
+`--baseline TREE` also measures the layer as it is in TREE (an older checkout: `git archive`),
+as "remat_kit@baseline", interleaved with the others in every repeat: before/after figures
+from one run. `--cells` picks cells (jax1, jax2, torch1); `--out NAME` writes reports/NAME.*.
+`--reduce-pass` adds "reduce" to the JAX cells: one jitted reduction over the state and nothing
+else, the least a check of every saved array on its devices costs (shown in both time columns).
 
 One fresh process per (implementation, repeat), implementations interleaved within each
 repeat, medians over repeats. Each process builds the state, then times a save (waited until
@@ -62,6 +69,21 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
     }
     jax.block_until_ready(state)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in state.items()}
+    if impl == "reduce":  # one jitted pass over the state, as the layer's JAX fingerprint makes
+        import jax.numpy as jnp
+
+        reduce = jax.jit(lambda x: jnp.sum(jax.lax.bitcast_convert_type(x, jnp.uint32), dtype=jnp.uint32))
+        for leaf in state.values():
+            jax.block_until_ready(reduce(leaf))
+        start = time.perf_counter()
+        jax.block_until_ready([reduce(leaf) for leaf in state.values()])
+        pass_s = time.perf_counter() - start
+        return {
+            "save_s": pass_s,
+            "restore_s": pass_s,
+            "extra_rss_bytes": 0,
+            "state_bytes": 4 * rows * 1024 * NUM_LEAVES,
+        }
     if impl == "remat_kit":
         from remat_kit import resume
 
@@ -163,16 +185,17 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def _cell(framework: str, impl: str, mib: int, processes: int) -> dict:
+def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         devices = 4 // processes if framework == "jax" else 1
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": f"{tree}{os.pathsep}{ROOT}",  # the layer from `tree`, this worker
             "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         }
-        base = [sys.executable, "-m", "benchmarks.resume_bench", "--worker", framework, impl, f"{tmp}/ckpt", str(mib)]
+        worker = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+        base = [*worker, framework, impl.split("@")[0], f"{tmp}/ckpt", str(mib)]
         port = str(_port())
         argvs = [base] if processes == 1 else [base + [str(i), str(processes), port] for i in range(processes)]
         procs = [
@@ -193,6 +216,7 @@ def _cell(framework: str, impl: str, mib: int, processes: int) -> dict:
 
 
 CELLS = [("jax", 1, ["orbax", "remat_kit"]), ("jax", 2, ["orbax", "remat_kit"]), ("torch", 1, ["dcp", "remat_kit"])]
+CELL_NAMES = {"jax1": 0, "jax2": 1, "torch1": 2}
 
 
 def main() -> None:
@@ -202,20 +226,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cells", nargs="+", choices=sorted(CELL_NAMES), default=sorted(CELL_NAMES))
+    parser.add_argument("--baseline", type=Path, help="a tree whose remat_kit is measured too, as 'before'")
+    parser.add_argument("--out", default="resume", help="reports/OUT.json and reports/OUT.md")
+    parser.add_argument(
+        "--reduce-pass", action="store_true", help="JAX cells: also time one jitted pass over the state"
+    )
     args = parser.parse_args()
+    if args.baseline is not None and not (args.baseline / "remat_kit" / "resume").is_dir():
+        raise SystemExit(f"--baseline {args.baseline}: no remat_kit/resume/ in it; pass an older checkout")
+    cells = [CELLS[CELL_NAMES[name]] for name in sorted(set(args.cells), key=CELL_NAMES.get)]
     raw: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
-        for framework, processes, impls in CELLS:
-            for impl in impls:  # interleaved within a repeat
+        for framework, processes, impls in cells:
+            extra = (["remat_kit@baseline"] if args.baseline else []) + (
+                ["reduce"] if args.reduce_pass and framework == "jax" else []
+            )
+            for impl in impls + extra:  # interleaved
                 key = f"{framework} x{processes} {impl}"
-                raw.setdefault(key, []).append(_cell(framework, impl, args.mib, processes))
+                tree = args.baseline if impl.endswith("@baseline") else ROOT
+                raw.setdefault(key, []).append(_cell(framework, impl, args.mib, processes, tree))
                 print(key, raw[key][-1], flush=True)
     medians = {key: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for key, runs in raw.items()}
-    command = f"python -m benchmarks.resume_bench --mib {args.mib} --repeats {args.repeats}"
-    (ROOT / "reports" / "resume.json").write_text(
+    command = " ".join(["python -m benchmarks.resume_bench", *sys.argv[1:]])
+    if args.baseline is None and args.out == "resume" and not args.reduce_pass and len(cells) == len(CELLS):
+        command = f"python -m benchmarks.resume_bench --mib {args.mib} --repeats {args.repeats}"
+    (ROOT / "reports" / f"{args.out}.json").write_text(
         json.dumps({"command": command, "medians": medians, "raw": raw}, indent=1)
     )
-    _write_markdown(command, medians, args.mib)
+    if args.out == "resume" and args.baseline is None and not args.reduce_pass and len(cells) == len(CELLS):
+        _write_markdown(command, medians, args.mib)
+    else:
+        _write_comparison(args.out, command, medians, cells, args.mib)
+
+
+def _write_comparison(out: str, command: str, medians: dict, cells: list, mib: int) -> None:
+    lines = [
+        f"# remat_kit.resume against the plain library, {mib} MiB state",
+        "",
+        f"Command: `{command}` (CPU only; medians over repeats, one fresh process per run, all",
+        "implementations interleaved in every repeat; ratios are to the plain library's median).",
+        "",
+        "| cell | implementation | save (s) | save / plain | restore (s) | restore / plain | extra RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for framework, processes, (plain, *_) in cells:
+        base = medians[f"{framework} x{processes} {plain}"]
+        for key, row in medians.items():
+            if key.startswith(f"{framework} x{processes} "):
+                lines.append(
+                    f"| {framework}, {processes} process(es) | {key.split(' ', 2)[2]} | {row['save_s']:.3f} | "
+                    f"{row['save_s'] / base['save_s']:.2f} | {row['restore_s']:.3f} | "
+                    f"{row['restore_s'] / base['restore_s']:.2f} | {row['extra_rss_bytes'] / 2**20:.0f} |"
+                )
+    (ROOT / "reports" / f"{out}.md").write_text("\n".join(lines) + "\n")
 
 
 def _write_markdown(command: str, medians: dict, mib: int) -> None:
