@@ -171,3 +171,12 @@ def test_a_jax_process_lost_at_the_seal_makes_the_other_raise_collective_error_a
     line = next((x for x in out.splitlines() if x.startswith("process 0: CollectiveError after")), None)
     assert line is not None, out[-3000:]
     assert "process 0 of 2" in line and "'seal of step 1'" in line and "collective_timeout=5 s" in line, line
+
+
+@pytest.mark.slow
+def test_torch_async_save_returns_before_the_commit_and_keeps_the_values_of_the_call(tmp_path):
+    pytest.importorskip("torch")
+    port = str(free_port())
+    outs = run_ok([[str(HELPERS / "torch_async.py"), str(tmp_path), str(rank), port] for rank in range(2)])
+    for rank, out in enumerate(outs):
+        assert f"rank {rank}: async ok" in out, out[-3000:]

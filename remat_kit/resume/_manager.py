@@ -45,7 +45,10 @@ class Resumable:
         `metrics[metric]` passed to `save`.
       save_every: `save(step, ...)` writes only when `step % save_every == 0` (or `force=True`).
       async_save: write in a background thread; `save` returns once host arrays are copied and
-        Orbax has started its device-to-host copy of the JAX arrays.
+        Orbax has started its device-to-host copy of the JAX arrays. None (the default): async,
+        except under torch.distributed, where it is opt-in as `dcp.async_save` is: there
+        `async_save=True` makes rank 0 copy the host state and write it while training goes on;
+        the other ranks learn of the commit at their next save, `wait()` or `close()`.
       verify: after each save, wait for it, read it back and compare every array's checksum.
       processes: "auto" (torch.distributed if initialized with > 1 rank, else multi-process JAX
         if `jax.process_count() > 1`, else one process), or "single", "jax", "torch".
@@ -62,7 +65,7 @@ class Resumable:
         keep: int = 3,
         keep_best: tuple[str, str] | None = None,
         save_every: int | None = None,
-        async_save: bool = True,
+        async_save: bool | None = None,
         verify: bool = False,
         processes: str = "auto",
         collective_timeout: float = _processes.DEFAULT_TIMEOUT_S,
@@ -71,9 +74,9 @@ class Resumable:
         self.keep = _checks.positive_int("keep", keep, allow_none=False)
         self.keep_best = _checks.check_keep_best(keep_best)
         self.save_every = _checks.positive_int("save_every", save_every, allow_none=True)
-        self.async_save = bool(async_save)
         self.verify = bool(verify)
         self.processes = _processes.detect(processes, collective_timeout)
+        self.async_save = self.processes.kind != "torch" if async_save is None else bool(async_save)
         if self.processes.is_primary:
             self.directory.mkdir(parents=True, exist_ok=True)
             _, torn = _inspect.step_dirs(self.directory)
@@ -175,18 +178,18 @@ class Resumable:
                 f"step={step} is older than the latest saved step {latest} in {self.directory}; steps must "
                 f"increase. To continue from step {step}, delete newer steps with delete(step) or use a new directory."
             )
-        # Host copies only when the write outlives this call (async): torch optimizers update
-        # tensors in place. A synchronous save (torch ranks always wait for rank 0's commit)
-        # writes them before returning, so it shares them.
-        sync = not self.async_save or self.verify or self.processes.kind == "torch"
-        encoded = _writing.encode(state, copy_host=not sync)
+        # Host copies only when the write outlives this call (async, and only where Orbax runs:
+        # other torch ranks write their files before `save` returns): torch optimizers update
+        # tensors in place. A synchronous save writes them before returning, so it shares them.
+        sync = not self.async_save or self.verify
+        encoded = _writing.encode(state, copy_host=not sync and self.processes.runs_orbax)
         self._finish_pending()
         meta = _checks.step_meta(step, metrics, metadata, self.keep_best, _inspect.FORMAT)
         args = _writing.save_args(self.directory, step, encoded, meta, self.processes)
         if self._manager is not None:
             self._manager.save(step, args=args, metrics=_checks.orbax_metrics(metrics, self.keep_best), force=True)
         self._unsealed.append(step)
-        if sync:  # torch ranks other than 0 learn of the commit only through the barrier in here
+        if sync:  # torch ranks other than 0 learn of the commit through the agreement in here
             self._finish_pending()
         return True
 
