@@ -212,36 +212,37 @@ def test_key_names_what_the_verdict_depends_on(cache):
 
 def test_no_remat_compiles_beside_the_solve(cache, monkeypatch):
     """No remat's measuring compile runs on a second thread while this one builds the solve's
-    menus (the budget-independent work), so two cores overlap them. Structural, not timed: the
-    compile waits until the menus have started, which it could not if the two ran in turn."""
+    budget-independent work (the model's floor: block menus, segment options), so two cores
+    overlap them. Structural, not timed: the compile waits until that work has started, which
+    it could not if the two ran in turn."""
     import threading
 
     from remat_kit._jax import _api, _plan
 
     menus_started = threading.Event()
     seen = []
-    compile_for_memory, block_menus = _verify.compile_for_memory, _plan.block_menus
+    compile_for_memory, floor = _verify.compile_for_memory, _plan.floor
 
     def compile_watching(lowered):
         seen.append((threading.current_thread() is threading.main_thread(), menus_started.wait(timeout=30)))
         return compile_for_memory(lowered)
 
-    def menus_watching(*args, **kwargs):
+    def floor_watching(*args, **kwargs):
         menus_started.set()
-        return block_menus(*args, **kwargs)
+        return floor(*args, **kwargs)
 
     monkeypatch.setattr(_verify, "usable_cpus", lambda: 2)  # whatever the CI runner has
     monkeypatch.setattr(_verify, "compile_for_memory", compile_watching)
-    monkeypatch.setattr(_plan, "block_menus", menus_watching)
+    monkeypatch.setattr(_plan, "floor", floor_watching)
     loss, params, x = _model()
     _, compiled, plan = _first_call(loss, 0.5, params, x)
     assert seen[0] == (False, True)  # no remat: off the main thread, beside the menus
     assert all(main for main, _ in seen[1:])  # the plans' compiles: on the caller's thread
-    monkeypatch.setattr(_plan, "block_menus", block_menus)
+    monkeypatch.setattr(_plan, "floor", floor)
     monkeypatch.setattr(_verify, "compile_for_memory", compile_for_memory)
     _verify._NONE_CACHE.clear()
     monkeypatch.setenv("REMAT_KIT_PLAN_CACHE", "0")
-    monkeypatch.setattr(_api.Planner, "_warm", lambda self, traced: None)  # in turn, on one thread
+    monkeypatch.setattr(_api.Planner, "_warm", staticmethod(lambda model: None))  # in turn, on one thread
     _, _, alone = _first_call(loss, 0.5, params, x)
     assert alone.as_dict() == plan.as_dict()  # the overlap changes when, not what
 

@@ -16,7 +16,6 @@ from remat_kit._core.graph import DeviceSpec, Role
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.solve import InfeasibleBudgetError, check_solver
 from remat_kit._jax import _plan, _plancache
-from remat_kit._jax._fit import at_floor
 from remat_kit._jax._graph import Traced, build
 from remat_kit._jax._plan import choose
 from remat_kit._jax._rules import Tracer
@@ -137,83 +136,40 @@ class Planner:
         """Plan, then verify by compiling (`_verify.py`) unless the plan keeps everything under a
         fractional budget."""
         parsed = parse_budget(self.budget)
+        model = self._model(traced, per_call)
+        verify = functools.partial(
+            verified, traced, budget=self.budget, model=model, dyn_vals=dyn_vals, shardings=shardings
+        )
         if not per_call and parsed.kind == "fraction" and parsed.value < 1.0:
             # Every plan under such a budget recomputes something, so it is verified, and the
             # verifier asks the model at its calibrated target: a plan at the raw budget first
             # would be one more solve, thrown away.
-            return verified(
-                traced, None, self.budget, self._replan(traced), dyn_vals, shardings=shardings, warm=self._warm(traced)
-            )
-        try:
-            plan = choose(
-                traced, self.budget, solver=self.solver, offload=self.offload, device=self.device, per_call=per_call
-            )
-        except InfeasibleBudgetError as below:
-            if per_call:
-                raise
+            return verify(None, warm=self._warm(model))
+        floor = model.floor("bytes") if not per_call and parsed.kind == "bytes" else None
+        if floor is not None and not floor.admits(parsed, traced.graph.constant_bytes):
             # Below the model's floor: what XLA compiles may still fit (see _verify's doc).
-            replan = self._replan(traced)
-            try:
-                floor = at_floor(replan, below)
-            except InfeasibleBudgetError:
-                raise below from None
-            return verified(
-                traced,
-                floor,
-                self.budget,
-                replan,
-                dyn_vals,
-                below_floor=below,
-                shardings=shardings,
-                warm=self._warm(traced),
-            )
+            return verify(model.least_memory(), below_floor=floor, warm=self._warm(model))
+        plan = model.plan(self.budget)  # per call, below the floor: the model's verdict is the answer
         # A byte budget is checked even on a plan that keeps everything: the model's no-remat
         # figure is not the compiled step's (XLA adds buffers of its own).
         saves = plan.names(Decision.RECOMPUTE) + plan.names(Decision.OFFLOAD)
-        if not (saves or parse_budget(self.budget).kind == "bytes"):
+        if not (saves or parsed.kind == "bytes"):
             return plan
-        return verified(
-            traced,
-            plan,
-            self.budget,
-            self._replan(traced, per_call),
-            dyn_vals,
-            layer=per_call,
-            shardings=shardings,
-            warm=self._warm(traced),
-        )
+        return verify(plan, layer=per_call, warm=self._warm(model))
 
-    def _warm(self, traced: Traced) -> Callable[[], None]:
-        """The solve's budget-independent work (cost menus per block, a scan's grouped options),
-        cached on the graph, for `verified` to run while no remat compiles on another thread. The
-        device's calibration is resolved here, before that compile starts: a microbenchmark timed
-        beside a compile would measure the machine half-busy."""
+    @staticmethod
+    def _warm(model: _plan.Model) -> Callable[[], object]:
+        """The solve's budget-independent work for `verified` to run while no remat compiles on
+        another thread: the model's floor, which builds what every later solve reuses (block
+        menus, segment options, a scan's grouped options and its menu applied to every layer),
+        cached on the graph and the model."""
+        return model.floor
+
+    def _model(self, traced: Traced, per_call: bool = False) -> _plan.Model:
+        # The device's calibration is resolved here, before no remat's compile starts (`_warm`):
+        # a microbenchmark timed beside a compile would measure the machine half-busy.
         device = self.device or _plan.default_device()
-
-        def warm() -> None:
-            graph = traced.graph
-            costs = _plan.Costs(graph, device)
-            _plan.block_menus(graph, costs, self.offload)
-            for scan in traced.scans.values():
-                if len(scan.blocks) > 1 and min(scan.blocks) >= 0:
-                    _plan._grouped(graph, costs, scan, _plan.scan_groups(len(scan.blocks)))
-
-        return warm
-
-    def _replan(self, traced: Traced, per_call: bool = False) -> Callable[..., Plan]:
-        def replan(fraction: float, max_segment_blocks: int | None = None, scan_group: int | None = None) -> Plan:
-            return choose(
-                traced,
-                fraction,
-                solver=self.solver,
-                offload=self.offload,
-                device=self.device,
-                max_segment_blocks=max_segment_blocks,
-                scan_group=scan_group,
-                per_call=per_call,
-            )
-
-        return replan
+        return _plan.Model(traced, solver=self.solver, offload=self.offload, device=device, per_call=per_call)
 
     def call(self, f: Callable, args: tuple, kwargs: dict, num_param_args: int = 1) -> Any:
         entry, dyn_vals = self.prepare(f, args, kwargs, num_param_args)

@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 from remat_kit._core.graph import CostGraph, OpKind, Role, value
+from remat_kit._jax._compat import scan_counts
 from remat_kit._jax._rules import backward_reads, eqn_flops, is_float, nbytes, op_kind
 from remat_kit._jax._sharding import divisors as stated_divisors
 from remat_kit._jax._trace import FlatFn, Lit, op_names
@@ -191,8 +192,9 @@ def _runs(fn: FlatFn) -> list[tuple[str, list[int]]]:
 
 
 def _emit_scan(em: _Emitter, op: Any, base: str, env: dict, block_names: list[str]) -> ScanInfo:
+    """Emit a top-level scan unrolled, one block per iteration, and its stacked outputs."""
     p = op.eqn.params
-    body, length, nc, ncarry = op.body, p["length"], p["num_consts"], p["num_carry"]
+    (nc, ncarry), body, length = scan_counts(p), op.body, p["length"]
     body_names = op_names(body)
     outer = [None if isinstance(a, Lit) else env[a] for a in op.ins]
     carry = outer[nc : nc + ncarry]
@@ -203,27 +205,14 @@ def _emit_scan(em: _Emitter, op: Any, base: str, env: dict, block_names: list[st
     # seeded from the operands' (a carry's from the previous iteration's output).
     outer_div, body_div = em.div, stated_divisors(body)
     in_div = [1 if isinstance(a, Lit) else outer_div.get(a, 1) for a in op.ins]
+    out_div: list[int] = []
     for it in order:
         em.div = {**dict(zip(body.invars, in_div)), **body_div}
         blk = len(block_names)
         block_names.append(f"{base}[{it}]")
-        benv: dict[int, str | None] = {vid: None for vid in body.consts}
-        benv.update(zip(body.invars, outer[:nc] + carry + outer[nc + ncarry :]))
-        names: dict[tuple[int, int], str] = {}
-        for m, bop in enumerate(body.ops):
-            module = f"{base}[{it}]" + (f"/{bop.scope}" if bop.scope else "")
-            outs = em.op(
-                bop,
-                [None if isinstance(a, Lit) else benv[a] for a in bop.ins],
-                f"{base}[{it}]/{body_names[m]}",
-                module,
-                blk,
-            )
-            for j, (vid, n) in enumerate(zip(bop.outs, outs)):
-                benv[vid] = n
-                if n is not None:
-                    names[(m, j)] = n
-        res = [None if isinstance(a, Lit) else benv[a] for a in body.outvars]
+        names, res = _emit_iteration(
+            em, body, body_names, f"{base}[{it}]", blk, outer[:nc] + carry + outer[nc + ncarry :]
+        )
         out_div = [1 if isinstance(a, Lit) else em.div.get(a, 1) for a in body.outvars]
         in_div[nc : nc + ncarry] = out_div[:ncarry]
         carry = res[:ncarry]
@@ -237,26 +226,50 @@ def _emit_scan(em: _Emitter, op: Any, base: str, env: dict, block_names: list[st
     for vid, n in zip(op.outs[:ncarry], carry):
         env[vid] = n
     for j, vid in enumerate(op.outs[ncarry:]):
-        deps = [n for n in ys[j] if n is not None]
-        if not deps:
-            env[vid] = None
-            continue
-        name = f"{base}/ys{j}"
-        em.rows.append(
-            dict(
-                name=name,
-                num_bytes=nbytes(op.eqn.outvars[ncarry + j].aval) // em.div.get(vid, 1),
-                kind=OpKind.VIEW,
-                deps=tuple(deps),
-                bwd_reads=(),
-                module=base,
-                block=len(block_names) - 1,
-                requires_grad=any(em.grad.get(d, False) for d in deps),
-            )
-        )
-        em.grad[name] = any(em.grad.get(d, False) for d in deps)
-        env[vid] = name
+        env[vid] = _emit_stacked(em, op, f"{base}/ys{j}", ncarry + j, ys[j], base, len(block_names) - 1)
     return info
+
+
+def _emit_iteration(
+    em: _Emitter, body: Any, body_names: list[str], prefix: str, blk: int, invals: list[str | None]
+) -> tuple[dict[tuple[int, int], str], list[str | None]]:
+    """One iteration of a scan body as block `blk`: its values' names by (body op, output), and
+    the names of the body's outputs."""
+    benv: dict[int, str | None] = {vid: None for vid in body.consts}
+    benv.update(zip(body.invars, invals))
+    names: dict[tuple[int, int], str] = {}
+    for m, bop in enumerate(body.ops):
+        module = prefix + (f"/{bop.scope}" if bop.scope else "")
+        ins = [None if isinstance(a, Lit) else benv[a] for a in bop.ins]
+        for j, (vid, n) in enumerate(zip(bop.outs, em.op(bop, ins, f"{prefix}/{body_names[m]}", module, blk))):
+            benv[vid] = n
+            if n is not None:
+                names[(m, j)] = n
+    return names, [None if isinstance(a, Lit) else benv[a] for a in body.outvars]
+
+
+def _emit_stacked(
+    em: _Emitter, op: Any, name: str, k: int, deps: list[str | None], module: str, block: int
+) -> str | None:
+    """The scan's output `k`, the per-iteration `deps` stacked: a view of them (None if none is a value)."""
+    deps = [n for n in deps if n is not None]
+    if not deps:
+        return None
+    vid = op.outs[k]
+    em.rows.append(
+        dict(
+            name=name,
+            num_bytes=nbytes(op.eqn.outvars[k].aval) // em.div.get(vid, 1),
+            kind=OpKind.VIEW,
+            deps=tuple(deps),
+            bwd_reads=(),
+            module=module,
+            block=block,
+            requires_grad=any(em.grad.get(d, False) for d in deps),
+        )
+    )
+    em.grad[name] = any(em.grad.get(d, False) for d in deps)
+    return name
 
 
 def _layers(fn: FlatFn, ops: list[int]) -> tuple[list[list[int]], bool]:

@@ -31,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from remat_kit._core.graph import Role
 from remat_kit._core.plan import Decision
+from remat_kit._jax._compat import scan_counts
 from remat_kit._jax._graph import Traced
 from remat_kit._jax._rules import is_float
 from remat_kit._jax._trace import FlatFn, Lit, read_outs, run
@@ -243,32 +244,14 @@ def _run_scan(
 
     info = traced.scans[k]
     p = op.eqn.params
-    first = info.iter_names[0]  # in a group, the first iteration's carry out is an inner boundary
-    graph = traced.graph
-    body_decisions = {
-        info.body_names[m] + (f"#{j}" if j else ""): decisions.get(name, Decision.SAVE)
-        for (m, j), name in first.items()
-    }
-    rematted = group > 1 or any(d is not Decision.SAVE for d in body_decisions.values())
-    # Slices and casts of the scanned parameters are not activations (the graph holds them as
-    # inputs): a checkpointed body re-slices them in its backward rather than saving them, which
-    # would stack a copy of every layer's parameters as residuals (measured on 8 scanned MLP
-    # layers: 1 MiB of 2.4 MiB temp under full recompute).
-    body_decisions.update(
-        {
-            info.body_names[m] + (f"#{j}" if j else ""): Decision.RECOMPUTE
-            for (m, j), name in first.items()
-            if rematted and not graph[name].is_activation
-        }
-    )
+    body_decisions, rematted = _body_decisions(traced, info, decisions, group)
     if not rematted and not unroll:
         return bind(op, invals)
     body = op.body
-    local_names = {(m, j): info.body_names[m] + (f"#{j}" if j else "") for (m, j) in first}
-    saved = [n for n in local_names.values() if body_decisions[n] is Decision.SAVE]
-    offloaded = [n for n in local_names.values() if body_decisions[n] is Decision.OFFLOAD]
-    tag = _tagger(local_names, body_decisions)
-    nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
+    tag = _tagger(
+        {key: info.body_names[key[0]] + (f"#{key[1]}" if key[1] else "") for key in info.iter_names[0]}, body_decisions
+    )
+    (nc, ncarry), length = scan_counts(p), p["length"]
     consts, init, xs = invals[:nc], invals[nc : nc + ncarry], invals[nc + ncarry :]
 
     def layer(carry, x, consts=consts):
@@ -280,23 +263,61 @@ def _run_scan(
     if group > 1:  # size-1 axes dropped: XLA:CPU gives (L/g, g, 1, ...) a layout that copies the stacked gradients
         xs = [jnp.reshape(a, (length // group, group, *(d for d in jnp.shape(a)[1:] if d != 1))) for a in xs]
     if rematted:
-        policy = policy_for(saved, offloaded)
-        # Unrolled for counting FLOPs, or by the user (penzai's LayerStack scans with unroll=True):
-        # straight-line code, where XLA would run a plain checkpoint's recompute in the forward, as on
-        # unrolled layers (see the module doc; penzai's Llama stack compiled to 1.00 of no remat).
-        user_unroll = p.get("unroll", 1)
-        if unroll is True or (
-            not unroll and (user_unroll is True or (not isinstance(user_unroll, bool) and user_unroll > 1))
-        ):
-            step = _flat_ordered(step, policy, ncarry, consts)
-        else:  # inside a scan the loop orders the recompute; no CSE prevention needed
-            step = jax.checkpoint(step, policy=policy, prevent_cse=group > 1)
+        step = _checkpointed_step(step, body_decisions, p.get("unroll", 1), unroll, ncarry, consts, group)
     # `unroll` True: fully; an int k > 1: k layers per loop step (FLOPs by difference, see benchmarks)
     steps = p.get("unroll", 1) if not unroll else (unroll if unroll is True else max(1, unroll // group))
     carry, ys = jax.lax.scan(step, list(init), list(xs), length=length // group, reverse=p["reverse"], unroll=steps)
     if group > 1:
         ys = [jnp.reshape(y, (length, *jnp.shape(y)[2:])) for y in ys]
     return list(carry) + list(ys)
+
+
+def _body_decisions(
+    traced: Traced, info: Any, decisions: dict[str, Decision], group: int
+) -> tuple[dict[str, Decision], bool]:
+    """The scan body's decisions by body-local name (the first iteration's: the plan is uniform;
+    in a group, the first iteration's carry out is an inner boundary), and whether the body is
+    checkpointed at all."""
+    first = info.iter_names[0]
+    graph = traced.graph
+
+    def local(m: int, j: int) -> str:
+        return info.body_names[m] + (f"#{j}" if j else "")
+
+    body = {local(m, j): decisions.get(name, Decision.SAVE) for (m, j), name in first.items()}
+    rematted = group > 1 or any(d is not Decision.SAVE for d in body.values())
+    if rematted:
+        # Slices and casts of the scanned parameters are not activations (the graph holds them as
+        # inputs): a checkpointed body re-slices them in its backward rather than saving them, which
+        # would stack a copy of every layer's parameters as residuals.
+        body.update(
+            {local(m, j): Decision.RECOMPUTE for (m, j), name in first.items() if not graph[name].is_activation}
+        )
+    return body, rematted
+
+
+def _checkpointed_step(
+    step: Any,
+    body_decisions: dict[str, Decision],
+    user_unroll: bool | int,
+    unroll: bool | int,
+    ncarry: int,
+    consts: Sequence[Any],
+    group: int,
+) -> Any:
+    """The loop step under the body's plan: unrolled (for counting FLOPs, or by the user, as
+    penzai's LayerStack scans with unroll=True), straight-line code where XLA would run a plain
+    checkpoint's recompute in the forward, as on unrolled layers (see the module doc), so it
+    is ordered; inside a rolled scan the loop orders the recompute and no CSE prevention is
+    needed."""
+    saved = [n for n, d in body_decisions.items() if d is Decision.SAVE]
+    offloaded = [n for n, d in body_decisions.items() if d is Decision.OFFLOAD]
+    policy = policy_for(saved, offloaded)
+    if unroll is True or (
+        not unroll and (user_unroll is True or (not isinstance(user_unroll, bool) and user_unroll > 1))
+    ):
+        return _flat_ordered(step, policy, ncarry, consts)
+    return jax.checkpoint(step, policy=policy, prevent_cse=group > 1)
 
 
 def _grouped_step(layer: Any, group: int, reverse: bool, shapes: Sequence[tuple]) -> Any:

@@ -42,14 +42,15 @@ from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import baseline_activation_bytes, simulate
 from remat_kit._core.solve import InfeasibleBudgetError
 from remat_kit._jax import _plancache
-from remat_kit._jax._fit import Search, at_floor, fit, floor_plans
+from remat_kit._jax._fit import Search, fit, floor_plans
 from remat_kit._jax._graph import Traced
+from remat_kit._jax._plan import Floor, Model
 from remat_kit._jax._rules import Tracer, is_float, nbytes
 from remat_kit._jax._run import run_planned
 from remat_kit._jax._sharding import divisor, input_shardings, spec
 from remat_kit._jax._trace import Lit
 
-__all__ = ["at_floor", "can_verify", "verified"]  # at_floor: `_api` plans at a floor the model names
+__all__ = ["can_verify", "verified"]
 
 _NONE_CACHE: dict = {}  # (layer, graph fingerprint, input specs) -> (no-remat temp bytes, constant bytes)
 # Cheap code generation for measuring compiles on CPU (see the module doc); elsewhere the default.
@@ -172,24 +173,24 @@ def verified(
     traced: Traced,
     plan: Plan | None,
     budget: object,
-    replan: Callable[..., Plan],
+    model: Model,
     dyn_vals: Sequence[Any],
     *,
     layer: bool = False,
-    below_floor: InfeasibleBudgetError | None = None,
+    below_floor: Floor | None = None,
     shardings: Sequence[Any] | None = None,
     warm: Callable[[], Any] | None = None,
 ) -> Plan:
     """`plan`, or another, whose compiled memory fits the budget (see the module doc). `plan`
     None: a whole step under a fractional budget, planned at the calibrated target from the start.
 
-    `below_floor`: the budget is below the cost model's floor (this error) and `plan` is the
+    `below_floor`: the budget is below the cost model's floor (this one) and `plan` is the
     model's least-memory plan; if nothing measured fits, the error names the measured figures
-    and quotes `below_floor`. `shardings`: the arguments' (`_sharding.input_shardings`), for a
-    per-device measure. For a whole model the measure is the step's temp memory; for one layer
-    (`layer=True`) what one more call adds (`_measures`). `replan(fraction,
-    max_segment_blocks=None, scan_group=None)` re-solves against a model target; `warm()` does
-    its budget-independent work, overlapped with no remat's compile where that runs (`step_figures`).
+    and quotes the model's floor. `shardings`: the arguments' (`_sharding.input_shardings`), for
+    a per-device measure. For a whole model the measure is the step's temp memory; for one layer
+    (`layer=True`) what one more call adds (`_measures`). `model` plans at a target
+    (`_plan.Model`); `warm()` does its budget-independent work, overlapped with no remat's
+    compile where that runs (`step_figures`).
     """
     parsed = parse_budget(budget)
     specs = specs_of(dyn_vals, shardings)
@@ -204,18 +205,12 @@ def verified(
     baseline = baseline_activation_bytes(traced.graph)
     slope = baseline / none if not layer and none and baseline else 1.0
     search = Search(
-        measure=measure, model_fraction=model_fraction, replan=replan, none_bytes=none, goal_bytes=goal, slope=slope
+        measure=measure, model_fraction=model_fraction, model=model, none_bytes=none, goal_bytes=goal, slope=slope
     )
     fitting = fit(search, plan)
     floors: list[int] = []  # measured least-memory plans: a budget at their smallest finds one again
     if fitting is None and not layer:
-        for candidate in floor_plans(traced, replan):
-            measured = search.measured(candidate)
-            floors.append(measured)
-            if measured <= goal and (
-                fitting is None or candidate.predicted_recompute_seconds < fitting.predicted_recompute_seconds
-            ):
-                fitting = candidate
+        fitting, floors = _fitting_floor(traced, search)
     if fitting is not None:
         return dataclasses.replace(fitting, budget=str(parsed))
     # No remat itself is a plan that fits its own figure: where every plan measures more (XLA's
@@ -223,6 +218,20 @@ def verified(
     # ResNet), the smallest feasible budget is no remat's, never a number above 1.
     smallest = min(min(floors or search.tried.values()), none)
     raise _infeasible(budget, smallest, none, constant_bytes, len(search.tried), below_floor)
+
+
+def _fitting_floor(traced: Traced, search: Search) -> tuple[Plan | None, list[int]]:
+    """The cheapest of the model's least-memory plans (`_fit.floor_plans`) that compiles within
+    the goal, or None; and every one's measured bytes."""
+    fitting, floors = None, []
+    for candidate in floor_plans(traced, search.model):
+        measured = search.measured(candidate)
+        floors.append(measured)
+        if measured <= search.goal_bytes and (
+            fitting is None or candidate.predicted_recompute_seconds < fitting.predicted_recompute_seconds
+        ):
+            fitting = candidate
+    return fitting, floors
 
 
 def _measures(traced: Traced, specs: Sequence[Any], kind: str, layer: bool):
@@ -278,7 +287,7 @@ def _infeasible(
     none: int,
     constant_bytes: int,
     num_tried: int,
-    below_floor: InfeasibleBudgetError | None,
+    below_floor: Floor | None,
 ) -> InfeasibleBudgetError:
     """No plan's compiled step fits: the error names the least measured plan's figure in the
     user's unit (a byte budget is the whole step on one device: temp plus parameters, their
@@ -298,7 +307,12 @@ def _infeasible(
         where=" as compiled (per device)",
         why=f"{least}; parameters, their gradients and the inputs take {format_bytes(constant_bytes)} more",
         remedies=["pass offload=True"],
-        note=f" The cost model alone said: {below_floor}" if below_floor is not None else "",
+        note=(
+            f" The cost model alone puts the floor at {below_floor.fraction:.3f} of its no-remat activations "
+            f"({format_bytes(below_floor.smallest)} of {format_bytes(below_floor.baseline)})."
+            if below_floor is not None
+            else ""
+        ),
     )
 
 
