@@ -228,11 +228,13 @@ def report(out_dir: str, labels: list[str]) -> None:
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for b, a in r["auto"].items():
-            a["warm"] = a["warm"] or {"wall_ratio": float("nan"), "cpu_ratio": float("nan"), "compiles": float("nan")}
+            warm = a["warm"]  # None where the run measured cold workers only (--states cold)
+            second = (
+                f"{warm['wall_ratio']:.2f}x | {warm['cpu_ratio']:.2f}x | {warm['compiles']:g}" if warm else "- | - | -"
+            )
             lines.append(
                 f"| {b} | {a['cold']['wall_ratio']:.2f}x | {a['cold']['cpu_ratio']:.2f}x | {a['cold']['compiles']:g} | "
-                f"{a['warm']['wall_ratio']:.2f}x | {a['warm']['cpu_ratio']:.2f}x | {a['warm']['compiles']:g} | "
-                f"{a['fraction']:.3f} | {a['model_fraction']:.3f} | {a['extra_flops']:+.2%} |"
+                f"{second} | {a['fraction']:.3f} | {a['model_fraction']:.3f} | {a['extra_flops']:+.2%} |"
             )
         lines.append("")
     lines += [
