@@ -92,3 +92,15 @@ def test_no_infeasible_error_as_control_flow():
                 reraises = any(isinstance(n, ast.Raise) and n.exc is None for n in ast.walk(node))
                 catches.append((path.name, node.lineno, reraises))
     assert all(reraises for _, _, reraises in catches), catches
+
+
+def test_solves_sharing_a_graph_plan_as_fresh_ones():
+    """The scan memo (`_scanplan._ScanMemo`: menus applied to every layer, body options by cap)
+    is shared by every solve on a graph whatever the budget: solves in a row on one graph give
+    the plans that solves on freshly traced graphs give."""
+    budgets = (0.9, 0.5, 0.75, 0.6)
+    shared = _traced(_scanned)
+    in_a_row = [choose(shared, b, solver=None, offload=False).as_dict() for b in budgets]
+    fresh = [choose(_traced(_scanned), b, solver=None, offload=False).as_dict() for b in budgets]
+    assert in_a_row == fresh
+    assert len({tuple(sorted(d.items())) for d in fresh}) > 1  # the budgets asked for different plans
