@@ -11,7 +11,7 @@ Both adapters have the same shape, one module per role, in the order a first cal
 | --- | --- | --- |
 | trace the step into ops | `_trace.py` (flat jaxpr) | `_trace.py` (dispatch-mode profile; + `_trace_ops.py`, `_trace_recorder.py`, `_trace_backward.py`, `_trace_user.py`) |
 | ops -> the core's `CostGraph` | `_graph.py` (+ `_rules.py`, `_sharding.py`) | `_graph.py` (+ `_replicate.py`) |
-| graph + budget -> `Plan` | `_plan.py` (+ `_fit.py`, `_verify.py`, `_plancache.py`) | `_plan.py` (+ `_layerplan.py`) |
+| graph + budget -> `Plan` | `_plan.py` (+ `_scanplan.py`, `_fit.py`, `_verify.py`, `_plancache.py`) | `_plan.py` (+ `_layerplan.py`) |
 | run the planned step | `_run.py` | `_run.py` (+ `_replay.py`, `_modes.py`, `_compiled.py`) |
 | measure a step | `_measure.py` | `_measure.py` |
 | the front door: `auto`, `unwrap`, `plan_of` | `_api.py` | `_api.py` |
