@@ -1,5 +1,6 @@
 """Block menus for the chain DP: per block, the options (keep all, full recompute, the op-level
-program's plans under several kept-bytes caps, ladder rungs) and multi-block segments.
+program's plans at the vertices of the block's (kept bytes, cost) hull, ladder rungs) and
+multi-block segments; and the denser menus around a DP answer that refine it (`fill_options`).
 
 Blocks with the same signature (a transformer's layers) share one menu, shifted.
 """
@@ -10,17 +11,16 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from remat_kit._core import chain_dp, ladder
-from remat_kit._core.budget import format_bytes
+from remat_kit._core import chain_dp, frontier, ladder
 from remat_kit._core.constraints import NO_CONSTRAINTS, PlanConstraints
 from remat_kit._core.costs import Costs
 from remat_kit._core.graph import CostGraph
 from remat_kit._core.milp import MilpResult, solve_milp
 from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE
 
-NUM_CAPS = 8  # kept-bytes levels per block menu
 MILP_MENU_WORK = 1_000  # (free values)² of the unrepeated blocks given op-level menus (op_level_blocks): ~0.3 s
 MILP_LAYER_WORK = 20_000  # (free values)² up to which a repeated block (a layer) gets op-level menus
+MAX_FILL_PROGRAMS = 16  # programs per signature when the DP's answer is refined (fill_options)
 
 
 def codes_from_milp(graph: CostGraph, res: MilpResult, constraints: PlanConstraints | None = None) -> list[int]:
@@ -39,9 +39,10 @@ def codes_from_milp(graph: CostGraph, res: MilpResult, constraints: PlanConstrai
 
 def block_program(
     graph: CostGraph, blk: int, costs: Costs, offload: bool, constraints: PlanConstraints | None = None
-) -> Callable[[int, int | None], dict[int, int] | None]:
-    """Plan one block under a cap: a function (kept-bytes cap, local peak limit or None) -> the
-    cheapest decision codes for the block's free values that honour `constraints`, or None where
+) -> Callable[..., dict[int, int] | None]:
+    """Plan one block under a cap: a function (kept-bytes cap or None, local peak limit or None,
+    kept_price=0.0) -> the cheapest decision codes for the block's free values that honour
+    `constraints` (cost plus `kept_price` per byte kept, where one is given), or None where
     nothing fits.
 
     It is the op-level 0-1 program on the block's window (the block and its neighbours), which has
@@ -54,7 +55,7 @@ def block_program(
     sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
     sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
 
-    def solve(cap: int, local_limit: int | None = None) -> dict[int, int] | None:
+    def solve(cap: int | None, local_limit: int | None = None, kept_price: float = 0.0) -> dict[int, int] | None:
         res = solve_milp(
             sub,
             limit=local_limit,
@@ -62,6 +63,7 @@ def block_program(
             off_cost=sub_off if offload else None,
             blocks=[blk - offset],
             kept_cap=cap,
+            kept_price=kept_price,
             backward_bytes=win.earlier_seed_bytes,
             constraints=constraints,
         )
@@ -147,6 +149,9 @@ def _menu_for_block(
     exact: bool = True,
     constraints: PlanConstraints = NO_CONSTRAINTS,
 ) -> list[chain_dp.BlockOption]:
+    """One block's menu: rule options, then (where `exact`) the op-level program's plans at the
+    vertices of the lower convex hull of the block's (kept bytes, cost) trade-off (frontier.py);
+    elsewhere ladder rungs."""
     free = [i for i in graph.block_members[blk] if not graph.is_forced[i]]
     bound = constraints.on(graph)
     candidates: dict[tuple, str] = {}
@@ -179,47 +184,74 @@ def _menu_for_block(
         for codes, label in ladder.ladder(graph, range(blk, blk + 1), costs.recompute, set(free).__contains__):
             add(codes, label)
     if free and exact:
-        _add_program_options(graph, blk, costs, offload, constraints, measured, add)
+        frontier.add_hull_options(block_program(graph, blk, costs, offload, constraints), measured, add)
     return _pareto(measured)
 
 
-def _add_program_options(
+def fill_options(
     graph: CostGraph,
-    blk: int,
     costs: Costs,
     offload: bool,
     constraints: PlanConstraints,
-    measured: list[chain_dp.BlockOption],
-    add: Callable[[dict[int, int], str], chain_dp.BlockOption | None],
-) -> None:
-    """The op-level program's plans of one block under kept-bytes caps from its rule options'
-    least to most, added to its menu by `add`."""
-    lo = min(o.kept_bytes for o in measured)
-    hi = max(o.kept_bytes for o in measured)
-    if hi <= lo:
-        return
-    min_local = min(o.local_peak for o in measured)
-    program = block_program(graph, blk, costs, offload, constraints)
+    chosen: Sequence[tuple[int, chain_dp.BlockOption]],
+) -> dict[int, list[chain_dp.BlockOption]]:
+    """Narrower, denser menus around the options the DP chose ((start block, option) pairs of its
+    path), for the blocks of each signature with an op-level menu where the frontier adds plans:
+    its options between the menu's kept-bytes levels next below and above those chosen, and the
+    frontier plans between them (`frontier.walk`, at most `MAX_FILL_PROGRAMS` programs), shifted
+    to each block of that signature. The chosen options stay, so the DP over them does no worse;
+    the options left out keep its second run about as cheap as its first."""
+    sigs = signatures(graph, constraints)
+    exact = op_level_blocks(graph, sigs)
+    menus = block_menus(graph, costs, offload, constraints)
+    first: dict[tuple, int] = {}
+    for blk, sig in enumerate(sigs):
+        first.setdefault(sig, blk)
+    kept_by_sig: dict[tuple, list[int]] = {}
+    for start, option in chosen:
+        if option.span == 1 and first[sigs[start]] in exact:
+            kept_by_sig.setdefault(sigs[start], []).append(option.kept_bytes)
+    out: dict[int, list[chain_dp.BlockOption]] = {}
+    for sig, kept in kept_by_sig.items():
+        rep = first[sig]
+        menu = sorted(menus[rep], key=lambda o: (-o.kept_bytes, o.cost))
+        above = min((o.kept_bytes for o in menu if o.kept_bytes > max(kept)), default=max(kept))
+        below = max((o.kept_bytes for o in menu if o.kept_bytes < min(kept)), default=min(kept))
+        found = _walked(graph, costs, offload, constraints, rep, above, below, {o.codes for o in menu})
+        if not found:
+            continue
+        for blk, other in enumerate(sigs):
+            if other == sig:
+                shift = graph.block_members[blk][0] - graph.block_members[rep][0]
+                near = [o for o in menus[blk] if below <= o.kept_bytes <= above]
+                out[blk] = near + [o.at(graph, blk, shift) for o in found]
+    return out
 
-    def solve_block(cap: int, local_limit: int | None) -> chain_dp.BlockOption | None:
-        codes = program(cap, local_limit)
-        return None if codes is None else add(codes, f"selective (kept <= {format_bytes(cap)})")
 
-    # Caps from loose to tight. The optimum under a looser cap that also fits a tighter one is
-    # the optimum there too, so it is reused instead of solved again. Under each cap: the
-    # cheapest plan, and if its local peak is above the least any option reaches, also the
-    # cheapest under both caps (that matters for the block where the peak is).
-    last: dict[int | None, chain_dp.BlockOption | None] = {}
-    for step in reversed(range(1, NUM_CAPS)):
-        cap = lo + (hi - lo) * step // NUM_CAPS
-        for local_limit in (None, min_local):
-            earlier = last.get(local_limit)
-            if local_limit in last and (earlier is None or earlier.kept_bytes <= cap):
-                option = earlier  # infeasible stays infeasible; a fitting optimum stays optimal
-            else:
-                option = last[local_limit] = solve_block(cap, local_limit)
-            if option is not None and option.local_peak <= min_local:
-                break
+def _walked(
+    graph: CostGraph,
+    costs: Costs,
+    offload: bool,
+    constraints: PlanConstraints,
+    rep: int,
+    above: int,
+    below: int,
+    known: set[tuple],
+) -> list[chain_dp.BlockOption]:
+    """`frontier.walk` of block `rep` between kept bytes `above` and `below`, the plans not in
+    `known`; cached on the graph (a later budget often walks the same range)."""
+    key = ("walk", offload, tuple(costs.recompute), rep, above, below) + ((constraints,) if constraints else ())
+    if key not in graph._cache:
+        program = block_program(graph, rep, costs, offload, constraints)
+        options: list[chain_dp.BlockOption] = []
+
+        def add(codes: dict[int, int], label: str) -> chain_dp.BlockOption:
+            options.append(_measure(graph, rep, codes, costs, label))
+            return options[-1]
+
+        frontier.walk(program, above, below, MAX_FILL_PROGRAMS, add)
+        graph._cache[key] = options
+    return [o for o in graph._cache[key] if o.codes not in known]
 
 
 def _measure(graph: CostGraph, blk: int, codes: dict[int, int], costs: Costs, label: str) -> chain_dp.BlockOption:

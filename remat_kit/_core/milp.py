@@ -77,6 +77,7 @@ def solve_milp(
     off_cost: Sequence[int] | None = None,
     blocks: Sequence[int] | None = None,
     kept_cap: int | None = None,
+    kept_price: float = 0.0,
     backward_bytes: int = 0,
     time_limit: float = 60.0,
     warn: bool = True,
@@ -86,7 +87,9 @@ def solve_milp(
 
     With all blocks, `limit` bounds the simulator's activation peak. With a subset (one block,
     as the chain DP asks), memory is counted relative to the bytes the earlier blocks keep,
-    and `kept_cap` bounds the bytes the block itself keeps; `backward_bytes` is a constant alive in
+    and `kept_cap` bounds the bytes the block itself keeps; `kept_price` adds that many cost units
+    per byte the blocks keep to the objective (a Lagrangian price: the chain DP's menus read the
+    lower convex hull of a block's (kept bytes, cost) trade off it); `backward_bytes` is a constant alive in
     every backward moment (gradient seeds of outputs outside a window). `constraints` (values that
     must be saved or recomputed, groups sharing one fate) hold exactly in the answer. Returns None
     when infeasible (or when `time_limit` passed before any plan was found); `warn`: warn when the
@@ -110,6 +113,10 @@ def solve_milp(
         for blk in blocks:
             expr, const = _kept_expr(b, blk, size)
             b.add(expr, hi=kept_cap - const)
+    if kept_price:
+        for blk in blocks:
+            for j, c in _kept_expr(b, blk, size)[0].items():
+                cost[j] += kept_price * c
     if b.num_vars > MAX_VARIABLES:
         raise ValueError(
             f"solver='milp': the program has {b.num_vars} variables (max {MAX_VARIABLES}); use solver='dp' "
