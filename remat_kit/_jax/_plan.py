@@ -29,11 +29,11 @@ below the model's floor) ask for it rather than catch `choose`'s `InfeasibleBudg
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from remat_kit._core import chain_dp
 from remat_kit._core.budget import format_bytes, parse_budget
 from remat_kit._core.graph import DeviceSpec
+from remat_kit._core.percall import cheapest_within
 from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import baseline_activation_bytes
 from remat_kit._core.solve import (
@@ -219,9 +219,8 @@ def _one_layer(traced: Traced, parsed, raw, offload: bool, device: DeviceSpec) -
     keep_all = max((o.kept_bytes for o in menu), default=0)
     if keep_all == 0:
         return Plan.from_decisions(graph, {}, budget=str(parsed), solver="none")
-    limit = math.floor(parsed.value * keep_all)
-    fits = [o for o in menu if o.kept_bytes <= limit]
-    if not fits:
+    best = cheapest_within(menu, parsed, keep_all)
+    if best is None:
         smallest = min(o.kept_bytes for o in menu)
         raise InfeasibleBudgetError.below(
             raw,
@@ -233,5 +232,4 @@ def _one_layer(traced: Traced, parsed, raw, offload: bool, device: DeviceSpec) -
             "per call (its inputs and outputs)",
             remedies=[] if offload else ["pass offload=True"],
         )
-    best = min(fits, key=lambda o: (o.cost, o.num_ops, o.kept_bytes))
     return plan_from_codes(traced, dict(best.codes), parsed, f"auto:layer:{best.label}")

@@ -5,21 +5,9 @@
 offers the rest of remat_kit is what it exports here: other packages import nothing from its
 private modules (tests/test_import_rules.py).
 
-Both adapters have the same shape, one module per role, in the order a first call runs them:
-
-| role | JAX (`_jax/`) | PyTorch (`_torch/`) |
-| --- | --- | --- |
-| trace the step into ops | `_trace.py` (flat jaxpr) | `_trace.py` (dispatch-mode profile; + `_trace_ops.py`, `_trace_recorder.py`, `_trace_backward.py`, `_trace_user.py`) |
-| ops -> the core's `CostGraph` | `_graph.py` (+ `_rules.py`, `_sharding.py`) | `_graph.py` (+ `_replicate.py`) |
-| graph + budget -> `Plan` | `_plan.py` (+ `_scanplan.py`, `_fit.py`, `_verify.py`, `_plancache.py`) | `_plan.py` (+ `_layerplan.py`) |
-| run the planned step | `_run.py` | `_run.py` (+ `_replay.py`, `_modes.py`, `_compiled.py`) |
-| measure a step | `_measure.py` | `_measure.py` |
-| the front door: `auto`, `unwrap`, `plan_of` | `_api.py` | `_api.py` |
-| `explain` | `_explain.py` | `_explain.py` |
-| time constants of the device | `_device.py` | `_device.py` |
-
-The helpers in brackets are what only one framework needs: JAX checks a plan against what XLA
-compiles; torch finds repeated layers in a Python forward and replays regions op by op.
+Both adapters have the same shape: one module per role (trace, graph, plan, run, measure, the
+front door `_api.py`, `explain`, the device's time constants), the same file name for the same
+role in `_jax/` and `_torch/`; the table is in docs/contributing.md ("Code layout").
 """
 
 from remat_kit._torch._api import auto as auto

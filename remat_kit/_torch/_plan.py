@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from remat_kit._core.budget import Budget, format_bytes, parse_budget
 from remat_kit._core.graph import CostGraph
+from remat_kit._core.percall import cheapest_within
 from remat_kit._core.plan import Decision, DecisionCode, Plan
 from remat_kit._core.simulate import simulate
 from remat_kit._core.solve import (
@@ -332,11 +333,10 @@ def _solve_one_region(
     graph = tg.graph
     menu = block_menus(graph, Costs(graph, default_device(module)), offload, constraints)[0]
     keep_all = _keep_all_bytes(graph)
-    limit = math.floor(parsed.value * keep_all) if parsed.kind == "fraction" else int(parsed.value)
-    for option in sorted(menu, key=lambda o: (o.cost, o.num_ops)):
-        if option.kept_bytes <= limit:
-            decisions = {graph.values[i].name: DecisionCode(c).decision for i, c in option.codes}
-            return Plan.from_decisions(graph, decisions, budget=str(parsed), solver=f"one region: {option.label}")
+    option = cheapest_within(menu, parsed, keep_all)
+    if option is not None:
+        decisions = {graph.values[i].name: DecisionCode(c).decision for i, c in option.codes}
+        return Plan.from_decisions(graph, decisions, budget=str(parsed), solver=f"one region: {option.label}")
     smallest = min(o.kept_bytes for o in menu)
     raise InfeasibleBudgetError.below(
         budget,
