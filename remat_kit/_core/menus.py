@@ -196,7 +196,8 @@ def fill_options(
     chosen: Sequence[tuple[int, chain_dp.BlockOption]],
 ) -> dict[int, list[chain_dp.BlockOption]]:
     """Narrower, denser menus around the options the DP chose ((start block, option) pairs of its
-    path), for the blocks of each signature with an op-level menu where the frontier adds plans:
+    path), for the blocks of each signature with an op-level menu (each that repeats, where any
+    does) where the frontier adds plans:
     its options between the menu's kept-bytes levels next below and above those chosen, and the
     frontier plans between them (`frontier.walk`, at most `MAX_FILL_PROGRAMS` programs), shifted
     to each block of that signature. The chosen options stay, so the DP over them does no worse;
@@ -211,6 +212,10 @@ def fill_options(
     for start, option in chosen:
         if option.span == 1 and first[sigs[start]] in exact:
             kept_by_sig.setdefault(sigs[start], []).append(option.kept_bytes)
+    if any(len(kept) > 1 for kept in kept_by_sig.values()):
+        # What the hull's vertices leave to round is about one block's step; a layer's denser menu
+        # serves it on any of the layer's copies, so blocks found once (first, last) go unwalked.
+        kept_by_sig = {sig: kept for sig, kept in kept_by_sig.items() if len(kept) > 1}
     out: dict[int, list[chain_dp.BlockOption]] = {}
     for sig, kept in kept_by_sig.items():
         rep = first[sig]

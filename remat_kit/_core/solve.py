@@ -3,7 +3,8 @@
 * ``"dp"`` (default): the whole-graph op-level 0-1 program where the graph is small enough for it
   to finish quickly (`WHOLE_GRAPH_WORK`, `WHOLE_GRAPH_SECONDS`), and the chain DP over per-block
   menus (menus.py, chain_dp.py); the cheaper of the two answers wins. The program is exact under
-  the same model; the DP runs where it would not finish in time (deep stacks) and where
+  the same model (also tried on larger graphs of mostly distinct blocks, `UNREPEATED_WORK`); the
+  DP runs where it would not finish in time (deep stacks) and where
   multi-block segments are allowed (the program does not model them). The DP's menus hold each
   block's (kept bytes, cost) hull vertices, and an answer a Lagrangian bound does not prove within
   `WITHIN_OPTIMUM` of the optimum is refined once over denser menus around it (frontier.py); so
@@ -20,6 +21,7 @@ never returned.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection
 
 from remat_kit._core import chain_dp, frontier
@@ -37,6 +39,7 @@ from remat_kit._core.menus import (
     op_level_work,
     segment_cap,
     segment_options,
+    signatures,
 )
 from remat_kit._core.milp import solve_milp
 from remat_kit._core.plan import DecisionCode, Plan
@@ -63,9 +66,13 @@ __all__ = [  # re-exported for the adapters, which import them from here
 SOLVERS = ("dp", "milp", "greedy")
 # The default solver's whole-graph program: up to this much work (sum over blocks of (free
 # values)², what building the program costs; a 12-layer transformer_graph is ~4,300) and this
-# long in HiGHS. Past either the DP's answer stands alone (96-layer stacks plan in the DP's time).
+# long in HiGHS. Past either the DP's answer stands alone (a 96-layer stack is ~35,000: its DP is
+# as good and faster, reports/solver_quality.md).
 WHOLE_GRAPH_WORK = 16_000
 WHOLE_GRAPH_SECONDS = 1.0
+# ... and up to this much where most blocks do not repeat (_whole_graph_affordable): 4,000 ops
+# with no repeated layer are ~170,000 (the program's variables are ~0.2x this; milp.MAX_VARIABLES).
+UNREPEATED_WORK = 200_000
 # The chain DP's answer is refined around its options unless a lower bound on the optimum
 # (frontier.lower_bound) puts it within this factor of it: issue 12's target is 1.02, and the
 # bound holds only where menus hold their blocks' hull vertices (op-level menus), so half the slack.
@@ -212,7 +219,7 @@ def _solve_default(
     model, and a program stopped by its time limit holds an incumbent only, so then both run.
     """
     whole = None
-    if whole_graph_work(graph) <= WHOLE_GRAPH_WORK:
+    if _whole_graph_affordable(graph, constraints):
         res = solve_milp(
             graph,
             limit=limit,
@@ -235,6 +242,21 @@ def _solve_default(
     if found is None or costs.of(whole) <= costs.of(found[0]):
         return whole, None
     return found
+
+
+def _whole_graph_affordable(graph: CostGraph, constraints: PlanConstraints) -> bool:
+    """Whether the default tries the whole-graph program: up to `WHOLE_GRAPH_WORK`, or up to
+    `UNREPEATED_WORK` where most blocks are unlike any other. There the DP's menus are mostly
+    ladders (op-level menus are affordable for repeated blocks only), 1.2x the optimum on 96
+    distinct blocks (reports/planning_speed.md), while the program solved them in about a second;
+    a stack of repeated layers plans faster and as well with the DP (hull-vertex menus)."""
+    work = whole_graph_work(graph)
+    if work <= WHOLE_GRAPH_WORK:
+        return True
+    if work > UNREPEATED_WORK:
+        return False
+    count = Counter(signatures(graph, constraints))
+    return sum(n for n in count.values() if n > 1) * 2 < graph.num_blocks
 
 
 def _solve_dp(
