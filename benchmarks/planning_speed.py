@@ -1,5 +1,5 @@
 """How long planning takes: 96-block chains of ~20-30 values per block, and 4,000 ops with no
-repeated layer (goal: 2 s).
+repeated layer (goal: 2 s; 1 s for the 96-layer GPT, issue 12).
 
     python -m benchmarks.planning_speed [--repeats 5] [--optimum-check]
 
@@ -136,16 +136,19 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Planning speed",
         "",
-        "The default solver (`rk.solve(graph, budget)`), fresh graph per repeat. On these graphs (past",
-        "`WHOLE_GRAPH_WORK`) it is the chain DP alone. Block menus: the op-level 0-1",
-        "program (HiGHS) for repeated blocks and a few small ones, a ladder of cheapest-per-byte recompute",
-        "sets for the other blocks (`remat_kit/_core/ladder.py`); then the DP. Median of "
+        "The default solver (`rk.solve(graph, budget)`), fresh graph per repeat. These graphs are past",
+        "`WHOLE_GRAPH_WORK`: on the stacks of repeated layers the default is the chain DP alone (block menus",
+        "of each layer's (kept bytes, cost) hull vertices from the op-level 0-1 program, refined around the",
+        "DP's answer where a Lagrangian bound does not put it within 1.01x); on the chains of distinct blocks",
+        "(`heterogeneous_96x30`, `unrepeated_4000`: under `UNREPEATED_WORK`) it is the whole-graph program,",
+        "with the DP over ladder menus (`remat_kit/_core/ladder.py`) where HiGHS proves no optimum in 1 s. Median of "
         f"{args.repeats} repeats, wall and CPU time. Goal: 2 s for 96 distinct blocks and for 4,000 unrepeated ops.",
         "`unrepeated_4000`: 4,000 ops with no repeated layer, cut into ~√n pieces at single-value cuts",
         "as the JAX adapter cuts such a program. `recompute s`: the plan's predicted recompute time;",
         "`milp`: the whole-graph 0-1 program's recompute (the optimum of the same model) and its",
-        "planning time, where measured (`--optimum-check`). The default runs that program itself on",
-        "graphs up to `WHOLE_GRAPH_WORK` (a 12-layer transformer; these are all past it).",
+        "planning time, where measured (`--optimum-check`). Before (commit 4964fb0: menus of eight evenly",
+        "spaced kept-bytes caps, the DP alone on all four cases) the default was 0.15-0.64 s and 1.00-1.25x",
+        "the program's recompute (3.0x on `identical_96x30` at 0.3).",
         "",
         "| case | blocks | values | budget | median s | min s | max s | CPU s | activation fraction | recompute s | milp recompute s | milp s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
