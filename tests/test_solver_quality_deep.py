@@ -97,14 +97,17 @@ def _budget(graph: rk.CostGraph, share: float) -> float:
     num_blocks=st.integers(8, 14),
     per_block=st.integers(6, 12),
     share=st.sampled_from([0.05, 0.2, 0.4, 0.6, 0.8]),
+    span=st.sampled_from([1, 3]),
 )
-def test_dp_is_within_2_percent_of_the_whole_graph_optimum_on_repeated_blocks(seed, num_blocks, per_block, share):
+def test_dp_is_within_2_percent_of_the_whole_graph_optimum_on_repeated_blocks(seed, num_blocks, per_block, share, span):
+    """`span`: segments of up to that many blocks allowed (as the torch adapter plans layer
+    stacks); the DP may then go below the program, which does not model them."""
     graph = repeated_chain(seed, num_blocks, per_block)
     frac = _budget(graph, share)
     best = rk.solve(graph, frac, solver="milp")
     with pytest.MonkeyPatch.context() as mp:
         _dp_alone(mp)
-        plan = rk.solve(graph, frac)
+        plan = rk.solve(graph, frac, max_segment_blocks=span)
     limit = math.floor(frac * baseline_activation_bytes(graph))
     assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes <= limit
     assert _cost(graph, plan) <= TOLERANCE * _cost(graph, best)

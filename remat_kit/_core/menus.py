@@ -197,11 +197,11 @@ def fill_options(
 ) -> dict[int, list[chain_dp.BlockOption]]:
     """Narrower, denser menus around the options the DP chose ((start block, option) pairs of its
     path), for the blocks of each signature with an op-level menu (each that repeats, where any
-    does) where the frontier adds plans:
-    its options between the menu's kept-bytes levels next below and above those chosen, and the
-    frontier plans between them (`frontier.walk`, at most `MAX_FILL_PROGRAMS` programs), shifted
-    to each block of that signature. The chosen options stay, so the DP over them does no worse;
-    the options left out keep its second run about as cheap as its first."""
+    does) where the frontier adds plans: its options between the menu's kept-bytes levels next
+    below and above those chosen, and the frontier plans between them (`frontier.walk`, at most
+    `MAX_FILL_PROGRAMS` programs), shifted to each block of that signature. The chosen options
+    stay, so the DP over them does no worse; the options left out keep its second run about as
+    cheap as its first."""
     sigs = signatures(graph, constraints)
     exact = op_level_blocks(graph, sigs)
     menus = block_menus(graph, costs, offload, constraints)

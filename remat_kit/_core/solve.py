@@ -269,16 +269,18 @@ def _solve_dp(
 ):
     """(codes, segments or None) of the least-cost path, or None when nothing fits.
 
-    With one block per segment, a path over the block menus that a Lagrangian bound
-    (`frontier.lower_bound`) does not prove within `WITHIN_OPTIMUM` of the optimum is refined
-    once: the frontier plans around the options it chose join the menus (`fill_options`) and the
-    DP runs again over them.
+    A path over the block menus that a Lagrangian bound on the whole-graph program's optimum
+    (`frontier.lower_bound`) does not prove within `WITHIN_OPTIMUM` of it is refined once: the
+    frontier plans around the options it chose join the menus (`fill_options`) and the DP runs
+    again over them.
     """
     options = _dp_options(graph, costs, offload, spans, constraints)
     found = chain_dp.solve_chain(options, limit)
     if found is None:
         return None
-    if spans[0] == 1 and found[1] > WITHIN_OPTIMUM * frontier.lower_bound(options, limit):
+    # The bound is over plans of one block each, the whole-graph program's: segments may go below.
+    per_block = [[o for o in menu if o.span == 1] for menu in options]
+    if found[1] > WITHIN_OPTIMUM * frontier.lower_bound(per_block, limit):
         found, options = _refined(graph, limit, costs, offload, constraints, options, found)
     path = found[0]
     codes = [_SAVE] * len(graph)
@@ -301,13 +303,15 @@ def _refined(
     options: list[list[chain_dp.BlockOption]],
     found: tuple,
 ) -> tuple[tuple, list[list[chain_dp.BlockOption]]]:
-    """(answer, options it indexes): `found` (a chain DP answer over `options`, one block each),
-    or the DP's answer where some blocks' menus are the denser ones `fill_options` builds around
-    the options `found` chose, where cheaper."""
+    """(answer, options it indexes): `found` (a chain DP answer over `options`), or the DP's
+    answer where some blocks' one-block menus are the denser ones `fill_options` builds around
+    the options `found` chose (their segment options stay), where cheaper."""
     denser = fill_options(graph, costs, offload, constraints, [(start, options[start][k]) for start, k in found[0]])
     if not denser:
         return found, options
-    local = [denser.get(blk, menu) for blk, menu in enumerate(options)]
+    local = [
+        [*denser[blk], *(o for o in menu if o.span > 1)] if blk in denser else menu for blk, menu in enumerate(options)
+    ]
     refined = chain_dp.solve_chain(local, limit)
     if refined is None or refined[1:3] >= found[1:3]:  # (cost, ops); `found` is a path of `local` too
         return found, options
