@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 import remat_kit as rk
 from benchmarks.planning_speed import repeated_block_chain
-from remat_kit._core import chain_dp, frontier, menus
-from remat_kit._core import solve as solve_module
+from remat_kit._core import chain_dp, default_solver, frontier, menus
+from remat_kit._core.default_solver import whole_graph_work
 from remat_kit._core.simulate import baseline_activation_bytes
-from remat_kit._core.solve import Costs, smallest_activation_bytes, whole_graph_work
+from remat_kit._core.solve import Costs, smallest_activation_bytes
 from tests.test_solvers import _codes_of
 
 TOLERANCE = 1.02
@@ -76,9 +76,10 @@ def repeated_chain(seed: int, num_blocks: int, per_block: int) -> rk.CostGraph:
 
 
 def _dp_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default planner as it runs past `WHOLE_GRAPH_WORK`: the chain DP without the
-    whole-graph program."""
-    monkeypatch.setattr(solve_module, "WHOLE_GRAPH_WORK", -1)
+    """The default planner as it runs past `WHOLE_GRAPH_WORK` on repeated blocks: the chain DP
+    without the whole-graph program."""
+    monkeypatch.setattr(default_solver, "WHOLE_GRAPH_WORK", -1)
+    monkeypatch.setattr(default_solver, "UNREPEATED_WORK", -1)
 
 
 def _cost(graph: rk.CostGraph, plan: rk.Plan) -> int:
@@ -183,7 +184,7 @@ def test_default_reaches_the_optimum_on_a_long_chain_of_distinct_blocks(frac):
     each would cost more than the plan): the DP alone was 1.23x the optimum here at 0.5 (1.25x on
     96 such blocks). The default now tries the whole-graph program on such graphs."""
     graph = repeated_block_chain(48, 25, 7, identical=False)
-    assert whole_graph_work(graph) > solve_module.WHOLE_GRAPH_WORK
+    assert whole_graph_work(graph) > default_solver.WHOLE_GRAPH_WORK
     best = rk.solve(graph, frac, solver="milp")
     plan = rk.solve(graph, frac)
     assert _cost(graph, plan) <= TOLERANCE * _cost(graph, best)

@@ -458,8 +458,7 @@ def test_ladder_menus_never_exceed_the_budget(seed, frac):
     """With no op-level program at all (every block past the work limit), every plan still fits
     and is no cheaper than the brute-force optimum; infeasibility is never claimed wrongly below
     what the menus reach."""
-    from remat_kit._core import menus
-    from remat_kit._core import solve as solve_mod
+    from remat_kit._core import default_solver, menus
 
     graph = random_chain(seed)
     costs = Costs(graph, rk.DeviceSpec())
@@ -469,7 +468,8 @@ def test_ladder_menus_never_exceed_the_budget(seed, frac):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(menus, "MILP_MENU_WORK", 0)
             mp.setattr(menus, "MILP_LAYER_WORK", 0)
-            mp.setattr(solve_mod, "WHOLE_GRAPH_WORK", -1)  # the DP alone, on ladder menus
+            mp.setattr(default_solver, "WHOLE_GRAPH_WORK", -1)  # the DP alone, on ladder menus
+            mp.setattr(default_solver, "UNREPEATED_WORK", -1)
             plan = rk.solve(graph, frac)
     except rk.InfeasibleBudgetError as e:
         assert e.smallest_bytes - graph.constant_bytes > limit  # what it names does not fit either
