@@ -109,14 +109,7 @@ def solve_milp(
     for blk in blocks:
         _forward_rows(b, blk, size, prefix_vars.get(blk), limit)
         _backward_rows(b, blk, size, prefix_vars.get(blk), limit, backward_bytes)
-    if kept_cap is not None:
-        for blk in blocks:
-            expr, const = _kept_expr(b, blk, size)
-            b.add(expr, hi=kept_cap - const)
-    if kept_price:
-        for blk in blocks:
-            for j, c in _kept_expr(b, blk, size)[0].items():
-                cost[j] += kept_price * c
+    _kept_terms(b, size, cost, kept_cap, kept_price)
     if b.num_vars > MAX_VARIABLES:
         raise ValueError(
             f"solver='milp': the program has {b.num_vars} variables (max {MAX_VARIABLES}); use solver='dp' "
@@ -137,6 +130,19 @@ def solve_milp(
     off = frozenset(i for i in free if b.allow_offload and x[b.var[("o", i)]] and i not in keep)
     rec = frozenset(i for i in free if x[b.var[("r", i)]] and i not in keep and i not in off)
     return MilpResult(keep, rec, off, float(res.fun), optimal=res.status == 0)
+
+
+def _kept_terms(b: _Builder, size: list[int], cost: np.ndarray, kept_cap: int | None, kept_price: float) -> None:
+    """The bytes each planned block keeps: at most `kept_cap` (a row per block), and priced at
+    `kept_price` per byte in `cost`."""
+    if kept_cap is None and not kept_price:
+        return
+    for blk in b.blocks:
+        expr, const = _kept_expr(b, blk, size)
+        if kept_cap is not None:
+            b.add(expr, hi=kept_cap - const)
+        for j, c in expr.items():
+            cost[j] += kept_price * c
 
 
 def _decision_vars(b: _Builder, free: Sequence[int], bound: BoundConstraints) -> None:
