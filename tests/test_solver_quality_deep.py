@@ -175,7 +175,8 @@ def test_lagrangian_bound_is_below_the_optimum(seed, num_blocks, share):
     best = rk.solve(graph, frac, solver="milp")
     costs = Costs(graph, rk.DeviceSpec())
     limit = math.floor(frac * baseline_activation_bytes(graph))
-    assert frontier.lower_bound(menus.block_menus(graph, costs, False), limit) <= _cost(graph, best) + 1e-6
+    bound, _ = frontier.lower_bound(menus.block_menus(graph, costs, False), limit)
+    assert bound <= _cost(graph, best) + 1e-6
 
 
 @pytest.mark.parametrize("frac", [0.5, 0.7])
@@ -187,4 +188,18 @@ def test_default_reaches_the_optimum_on_a_long_chain_of_distinct_blocks(frac):
     assert whole_graph_work(graph) > default_solver.WHOLE_GRAPH_WORK
     best = rk.solve(graph, frac, solver="milp")
     plan = rk.solve(graph, frac)
+    assert _cost(graph, plan) <= TOLERANCE * _cost(graph, best)
+
+
+def test_refinement_reaches_plans_the_dp_left_at_a_hull_vertex():
+    """Found by the property test: the DP put the first block at full recompute and the last at a
+    vertex; the optimum moves both between two vertices of their hulls (1.02x). The first block's
+    denser menu must span the vertices next to the one the bound's price supports, not only the
+    levels next to the DP's choice, and blocks found once are walked too."""
+    graph = repeated_chain(7, 8, 7)
+    frac = _budget(graph, 0.05)
+    best = rk.solve(graph, frac, solver="milp")
+    with pytest.MonkeyPatch.context() as mp:
+        _dp_alone(mp)
+        plan = rk.solve(graph, frac)
     assert _cost(graph, plan) <= TOLERANCE * _cost(graph, best)

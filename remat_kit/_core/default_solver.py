@@ -124,8 +124,9 @@ def solve_dp(
         return None
     # The bound is over plans of one block each, the whole-graph program's: segments may go below.
     per_block = [[o for o in menu if o.span == 1] for menu in options]
-    if found[1] > WITHIN_OPTIMUM * frontier.lower_bound(per_block, limit):
-        found, options = _refined(graph, limit, costs, offload, constraints, options, found)
+    bound, price = frontier.lower_bound(per_block, limit)
+    if found[1] > WITHIN_OPTIMUM * bound:
+        found, options = _refined(graph, limit, (costs, offload, constraints), options, found, price)
     path = found[0]
     codes = [_SAVE] * len(graph)
     segments = []
@@ -141,16 +142,18 @@ def solve_dp(
 def _refined(
     graph: CostGraph,
     limit: int,
-    costs: Costs,
-    offload: bool,
-    constraints: PlanConstraints,
+    setting: tuple[Costs, bool, PlanConstraints],
     options: list[list[chain_dp.BlockOption]],
     found: tuple,
+    price: float,
 ) -> tuple[tuple, list[list[chain_dp.BlockOption]]]:
     """(answer, options it indexes): `found` (a chain DP answer over `options`), or the DP's
     answer where some blocks' one-block menus are the denser ones `fill_options` builds around
-    the options `found` chose (their segment options stay), where cheaper."""
-    denser = fill_options(graph, costs, offload, constraints, [(start, options[start][k]) for start, k in found[0]])
+    the options `found` chose and the hull vertices `price` supports (their segment options
+    stay), where cheaper. `setting`: (costs, offload allowed, constraints)."""
+    costs, offload, constraints = setting
+    chosen = [(start, options[start][k]) for start, k in found[0]]
+    denser = fill_options(graph, costs, offload, constraints, chosen, price)
     if not denser:
         return found, options
     local = [

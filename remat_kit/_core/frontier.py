@@ -80,7 +80,7 @@ def walk(program: Program, above: int, below: int, max_programs: int, add: Add) 
     return out
 
 
-def lower_bound(options: Sequence[Sequence[BlockOption]], limit: int) -> float:
+def lower_bound(options: Sequence[Sequence[BlockOption]], limit: int) -> tuple[float, float]:
     """A Lagrangian lower bound on the cost of any path of `options` (one block each) whose peak
     fits `limit`, and on any per-block plan where each menu holds its block's hull vertices,
     its least local peak and its least kept bytes.
@@ -90,7 +90,8 @@ def lower_bound(options: Sequence[Sequence[BlockOption]], limit: int) -> float:
     sum_{j<b} min(cost + λ·kept) + sum_{j>=b} min(cost) - λ·(limit - min L_b) <= the optimum. The
     best λ is a slope of some menu's hull (the function is concave and piecewise linear in λ), so
     those are the ones tried, for every b. On identical blocks it misses the optimum by about one
-    block moved between two hull vertices.
+    block moved between two hull vertices. Returns (the bound, the λ that gives it): the optimum's
+    blocks sit at or near the hull vertices that λ supports (`support_range`).
     """
     num = len(options)
     width = max(len(m) for m in options)
@@ -107,12 +108,29 @@ def lower_bound(options: Sequence[Sequence[BlockOption]], limit: int) -> float:
     least = np.min(cost, axis=1)
     after = np.cumsum(least[::-1])[::-1]
     bounds = before + after[None, :] - prices[:, None] * (limit - least_local)[None, :]
-    return max(float(bounds.max()), float(least.sum()))
+    best = np.unravel_index(int(np.argmax(bounds)), bounds.shape)
+    if float(bounds[best]) <= float(least.sum()):
+        return float(least.sum()), 0.0
+    return float(bounds[best]), float(prices[best[0]])
+
+
+def support_range(menu: Sequence[BlockOption], price: float) -> tuple[int, int]:
+    """(kept bytes below, above): the menu's hull vertices next to the one cheapest at `price` per
+    kept byte, where a block of the optimum sits when λ = `price` (lower_bound)."""
+    hull = _hull(menu)
+    i = min(range(len(hull)), key=lambda k: hull[k][1] + price * hull[k][0])
+    return hull[min(i + 1, len(hull) - 1)][0], hull[max(i - 1, 0)][0]
 
 
 def _hull_slopes(menu: Sequence[BlockOption]) -> np.ndarray:
     """Slopes (cost per kept byte given up) of the edges of the lower convex hull of a menu's
     (kept bytes, cost) points."""
+    hull = _hull(menu)
+    return np.array([(b[1] - a[1]) / (a[0] - b[0]) for a, b in zip(hull, hull[1:]) if a[0] > b[0] and b[1] > a[1]])
+
+
+def _hull(menu: Sequence[BlockOption]) -> list[tuple[int, int]]:
+    """The lower convex hull of a menu's (kept bytes, cost) points, most kept first."""
     cheapest: dict[int, int] = {}
     for o in menu:
         cheapest[o.kept_bytes] = min(o.cost, cheapest.get(o.kept_bytes, o.cost))
@@ -122,7 +140,7 @@ def _hull_slopes(menu: Sequence[BlockOption]) -> np.ndarray:
         while len(hull) >= 2 and _turns_down(hull[-2], hull[-1], p):
             hull.pop()
         hull.append(p)
-    return np.array([(b[1] - a[1]) / (a[0] - b[0]) for a, b in zip(hull, hull[1:]) if a[0] > b[0] and b[1] > a[1]])
+    return hull
 
 
 def _turns_down(a: tuple[int, int], b: tuple[int, int], c: tuple[int, int]) -> bool:

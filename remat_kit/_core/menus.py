@@ -194,14 +194,20 @@ def fill_options(
     offload: bool,
     constraints: PlanConstraints,
     chosen: Sequence[tuple[int, chain_dp.BlockOption]],
+    price: float,
 ) -> dict[int, list[chain_dp.BlockOption]]:
     """Narrower, denser menus around the options the DP chose ((start block, option) pairs of its
-    path), for the blocks of each signature with an op-level menu (each that repeats, where any
-    does) where the frontier adds plans: its options between the menu's kept-bytes levels next
-    below and above those chosen, and the frontier plans between them (`frontier.walk`, at most
-    `MAX_FILL_PROGRAMS` programs), shifted to each block of that signature. The chosen options
-    stay, so the DP over them does no worse; the options left out keep its second run about as
-    cheap as its first."""
+    path), for the blocks of each signature with an op-level menu where the frontier adds plans.
+
+    The range of kept bytes per signature: from the menu's level next below those chosen to the
+    one next above, widened to the hull vertices next to the one `price` supports (the λ of
+    `frontier.lower_bound`: the optimum may move a block the DP left at full recompute to a plan
+    between two vertices). The new menu: the options in that range and the frontier plans between
+    (`frontier.walk`: at most `MAX_FILL_PROGRAMS` programs for a signature that repeats, a quarter
+    of that for one block), shifted to each block of that signature. The chosen options stay, so
+    the DP over them does no worse; the options left out keep its second run about as cheap as
+    its first.
+    """
     sigs = signatures(graph, constraints)
     exact = op_level_blocks(graph, sigs)
     menus = block_menus(graph, costs, offload, constraints)
@@ -212,17 +218,16 @@ def fill_options(
     for start, option in chosen:
         if option.span == 1 and first[sigs[start]] in exact:
             kept_by_sig.setdefault(sigs[start], []).append(option.kept_bytes)
-    if any(len(kept) > 1 for kept in kept_by_sig.values()):
-        # What the hull's vertices leave to round is about one block's step; a layer's denser menu
-        # serves it on any of the layer's copies, so blocks found once (first, last) go unwalked.
-        kept_by_sig = {sig: kept for sig, kept in kept_by_sig.items() if len(kept) > 1}
+    count = Counter(sigs)
     out: dict[int, list[chain_dp.BlockOption]] = {}
     for sig, kept in kept_by_sig.items():
         rep = first[sig]
-        menu = sorted(menus[rep], key=lambda o: (-o.kept_bytes, o.cost))
-        above = min((o.kept_bytes for o in menu if o.kept_bytes > max(kept)), default=max(kept))
-        below = max((o.kept_bytes for o in menu if o.kept_bytes < min(kept)), default=min(kept))
-        found = _walked(graph, costs, offload, constraints, rep, above, below, {o.codes for o in menu})
+        menu = menus[rep]
+        low, high = frontier.support_range(menu, price)
+        above = max(high, min((o.kept_bytes for o in menu if o.kept_bytes > max(kept)), default=max(kept)))
+        below = min(low, max((o.kept_bytes for o in menu if o.kept_bytes < min(kept)), default=min(kept)))
+        budget = MAX_FILL_PROGRAMS if count[sig] > 1 else MAX_FILL_PROGRAMS // 4
+        found = _walked(graph, costs, offload, constraints, rep, (above, below, budget), {o.codes for o in menu})
         if not found:
             continue
         for blk, other in enumerate(sigs):
@@ -239,13 +244,12 @@ def _walked(
     offload: bool,
     constraints: PlanConstraints,
     rep: int,
-    above: int,
-    below: int,
+    span: tuple[int, int, int],
     known: set[tuple],
 ) -> list[chain_dp.BlockOption]:
-    """`frontier.walk` of block `rep` between kept bytes `above` and `below`, the plans not in
-    `known`; cached on the graph (a later budget often walks the same range)."""
-    key = ("walk", offload, tuple(costs.recompute), rep, above, below) + ((constraints,) if constraints else ())
+    """`frontier.walk` of block `rep` over `span` = (kept bytes above, below, most programs), the
+    plans not in `known`; cached on the graph (a later budget often walks the same range)."""
+    key = ("walk", offload, tuple(costs.recompute), rep, span) + ((constraints,) if constraints else ())
     if key not in graph._cache:
         program = block_program(graph, rep, costs, offload, constraints)
         options: list[chain_dp.BlockOption] = []
@@ -254,7 +258,8 @@ def _walked(
             options.append(_measure(graph, rep, codes, costs, label))
             return options[-1]
 
-        frontier.walk(program, above, below, MAX_FILL_PROGRAMS, add)
+        above, below, most = span
+        frontier.walk(program, above, below, most, add)
         graph._cache[key] = options
     return [o for o in graph._cache[key] if o.codes not in known]
 
