@@ -2,9 +2,10 @@
 deliverable 4): past `WHOLE_GRAPH_WORK` the default planner is the DP over block menus, and its
 predicted recompute time must stay within 1.02x of the whole-graph 0-1 program's.
 
-Before the menus held the vertices of each repeated block's (kept bytes, cost) hull, the DP's
-menus held a few evenly spaced kept-bytes caps and missed the optimum by 1.04-1.34x on 24-96-layer
-`transformer_graph`s and by up to 3x on a random 96-block chain (reports/solver_quality.md).
+Before the menus held the vertices of each block's (kept bytes, cost) hull, they held eight
+evenly spaced kept-bytes caps, and the DP alone missed the optimum by up to 1.34x on 48-96-layer
+`transformer_graph`s (1.55x on 24 layers) and by 3x on a random 96-block chain
+(reports/solver_quality.md, reports/planning_speed.md).
 """
 
 from __future__ import annotations

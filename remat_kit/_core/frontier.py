@@ -5,8 +5,8 @@ menu holds the per-block plans that optimum uses. On a deep stack of identical l
 spreads the budget over the layers: most sit on a vertex of the lower convex hull of the layer's
 (kept bytes, cost) plans, on each side of budget / layers, and a few off the hull fill the rest.
 Caps spaced evenly in kept bytes miss both (a transformer layer's trade-off has dozens of steps,
-one per norm or mask): the DP over such menus was 1.04-1.34x the whole-graph optimum on 24-96-layer
-`transformer_graph`s (reports/solver_quality.md).
+one per norm or mask): the DP over such menus was up to 1.34x the whole-graph optimum on 48-96-layer
+`transformer_graph`s, 1.55x on 24 layers (reports/solver_quality.md).
 
 * `add_hull_options`: the hull's vertices, each the cheapest plan at one price per kept byte (the
   slope of a chord between two known vertices: Aneja & Nair's dichotomic search, about two
