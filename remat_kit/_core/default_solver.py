@@ -35,6 +35,10 @@ WHOLE_GRAPH_SECONDS = 1.0
 # ... and up to this much where most blocks do not repeat (_whole_graph_affordable): 4,000 ops
 # with no repeated layer are ~170,000 (the program's variables are ~0.2x this; milp.MAX_VARIABLES).
 UNREPEATED_WORK = 200_000
+# Building the program also reads every value once per block (the gradient buffers alive in each
+# block's backward, milp._static_grads): blocks x values of 4.3 M (600 distinct blocks of 12) took
+# seconds; the chains of distinct blocks in reports/planning_speed.md are ~0.27 M.
+UNREPEATED_SCAN = 1_000_000
 # The chain DP's answer is refined around its options unless a lower bound on the optimum
 # (frontier.lower_bound) puts it within this factor of it: issue 12's target is 1.02, and the
 # bound holds only where menus hold their blocks' hull vertices (op-level menus), so half the slack.
@@ -97,7 +101,7 @@ def _whole_graph_affordable(graph: CostGraph, constraints: PlanConstraints) -> b
     work = whole_graph_work(graph)
     if work <= WHOLE_GRAPH_WORK:
         return True
-    if work > UNREPEATED_WORK:
+    if work > UNREPEATED_WORK or graph.num_blocks * len(graph.activations) > UNREPEATED_SCAN:
         return False
     count = Counter(signatures(graph, constraints))
     return sum(n for n in count.values() if n > 1) * 2 < graph.num_blocks

@@ -25,6 +25,7 @@ import numpy as np
 from remat_kit._core.chain_dp import BlockOption
 
 MAX_HULL_PROGRAMS = 40  # programs per hull search
+MAX_PRICES = 512  # prices per kept byte tried by lower_bound (its arrays are prices x blocks x options)
 Program = Callable[..., "dict[int, int] | None"]  # menus.block_program's (cap, local limit, kept_price=)
 Add = Callable[[dict[int, int], str], "BlockOption | None"]  # measure a plan, add it to the menu
 
@@ -102,6 +103,8 @@ def lower_bound(options: Sequence[Sequence[BlockOption]], limit: int) -> tuple[f
         cost[j, : len(menu)] = [o.cost for o in menu]
     least_local = np.array([min(o.local_peak for o in m) for m in options], dtype=float)
     prices = np.unique(np.concatenate([[0.0], *(_hull_slopes(m) for m in options)]))
+    if prices.size > MAX_PRICES:  # any λ gives a bound; a chain of thousands of distinct blocks
+        prices = np.unique(np.quantile(prices, np.linspace(0.0, 1.0, MAX_PRICES)))  # needs no more
     # (prices, blocks): the least priced cost of each block, then its sum over the blocks before b.
     priced = np.min(cost[None, :, :] + prices[:, None, None] * np.where(np.isinf(kept), 0, kept)[None], axis=2)
     before = np.concatenate([np.zeros((prices.size, 1)), np.cumsum(priced, axis=1)[:, :-1]], axis=1)
