@@ -13,7 +13,9 @@ Where an argument's sharding is found, first match wins:
   are read from that `jit`'s trace (`_enclosing_jit`), for the arguments that are that `jit`'s
   own inputs (through `grad` / `vjp` tracers). jax keeps those in locals of
   `jax._src.pjit._trace_for_jit` and `jax._src.interpreters.partial_eval.trace_to_jaxpr` (jax
-  0.10); if a release moves them, arguments count whole, as before this module.
+  0.10, 0.11; `trace_to_jaxpr_nocache` under 0.12's tracing cache); if a release moves them,
+  arguments count whole, and `_verify`'s compiles, which then measure global shapes, are the
+  only check left (`tests/test_jax_sharding.py` catches such a move).
 
 Inside the function, `with_sharding_constraint` states a value's sharding; other values take
 the largest split of their operands (`_graph`).
@@ -106,13 +108,17 @@ def _base(x: Any, known: dict[int, Any]) -> Any:
     return x
 
 
+# jax 0.12 wraps `trace_to_jaxpr` in a cache; the frame that holds `in_tracers` is the wrapped one.
+_TRACE_FRAMES = ("trace_to_jaxpr", "trace_to_jaxpr_nocache")
+
+
 def _enclosing_jit() -> dict[int, Any]:
     """id(input tracer) -> sharding, for the innermost `jax.jit` being traced (see the module doc)."""
     frame = sys._getframe(1)
     tracers = None
     while frame is not None:
         code, names = frame.f_code, frame.f_globals.get("__name__", "")
-        if tracers is None and code.co_name == "trace_to_jaxpr" and names.endswith("partial_eval"):
+        if tracers is None and code.co_name in _TRACE_FRAMES and names.endswith("partial_eval"):
             tracers = getattr(frame.f_locals.get("in_tracers"), "vals", None)
         elif code.co_name == "_trace_for_jit" and names.endswith("pjit"):
             local = frame.f_locals
