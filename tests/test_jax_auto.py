@@ -215,8 +215,10 @@ def test_explain_measures(small, capsys):
 
 
 def test_unrolled_recompute_waits_for_the_backward(data):
-    """The XLA:CPU fact: per-layer jax.checkpoint of unrolled layers saves nothing (the scheduler
-    runs the recompute during the forward); ordered_remat's cotangent dependence fixes it."""
+    """The XLA:CPU fact up to jax 0.10: per-layer jax.checkpoint of unrolled layers saves nothing
+    (the scheduler runs the recompute during the forward); ordered_remat's cotangent dependence
+    fixes it. From jax 0.11 XLA:CPU keeps a plain checkpoint's recompute in the backward (0.08 of
+    no remat here, against 1.00 on 0.10); ordered_remat must hold either way (GPU: jax-ml/jax#20763)."""
     from remat_kit._jax._run import ordered_remat
 
     params, x = data
@@ -234,7 +236,10 @@ def test_unrolled_recompute_waits_for_the_backward(data):
     none = temp_bytes(unrolled, layers, x)
     plain = temp_bytes(with_checkpoint(lambda f: jax.checkpoint(f, policy=nothing)), layers, x)
     ordered = temp_bytes(with_checkpoint(lambda f: ordered_remat(f, nothing, [True, False])), layers, x)
-    assert plain > 0.8 * none  # the compiler undid jax.checkpoint (if this starts failing, XLA fixed it)
+    if jax.__version_info__ < (0, 11):
+        assert plain > 0.8 * none  # the compiler undid jax.checkpoint
+    else:
+        assert plain < 0.5 * none  # XLA:CPU no longer does (if this starts failing, it does again)
     assert ordered < 0.5 * none
     got = jax.jit(jax.grad(with_checkpoint(lambda f: ordered_remat(f, nothing, [True, False]))))(layers, x)
     assert rel_err(got, jax.jit(jax.grad(unrolled))(layers, x)) <= 1e-6
