@@ -21,6 +21,11 @@ from remat_kit._jax import _plancache, _verify
 
 NUM_LAYERS, WIDTH, BATCH = 8, 64, 512
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# A budget every jax this project supports compiles under on `_model`. Not 0.5: from jax 0.11
+# XLA:CPU compiles no remat to 2.64 MB where 0.10 took 3.69 MB, while the plans keep their bytes,
+# so the least-memory plan remat_kit makes (two layers per loop step) measures 0.509 of no remat
+# there and `auto(0.5)` rightly raises InfeasibleBudgetError naming 0.51.
+BUDGET = 0.55
 
 
 def _model():
@@ -108,12 +113,12 @@ def test_first_call_adds_no_remat_and_the_plans_it_measures(cache, monkeypatch):
 
     monkeypatch.setenv("REMAT_KIT_PLAN_CACHE", "0")  # the in-process figures alone
     loss, params, x = _model()
-    cold, compiled, _ = _first_call(loss, 0.5, params, x)
+    cold, compiled, _ = _first_call(loss, BUDGET, params, x)
     assert 3 <= cold <= 2 + MAX_ROUNDS
-    again, compiled, _ = _first_call(loss, 0.5, params, x)  # a new wrapper: planned and verified again
+    again, compiled, _ = _first_call(loss, BUDGET, params, x)  # a new wrapper: planned and verified again
     assert again == cold - 1  # ... without no remat's compile
     none = _temp(jax.jit(jax.grad(loss)).lower(params, x).compile())
-    assert _temp(compiled) <= 0.5 * none
+    assert _temp(compiled) <= BUDGET * none
 
 
 def test_second_run_in_a_fresh_process_compiles_only_the_users_step(tmp_path):
@@ -125,7 +130,7 @@ def test_second_run_in_a_fresh_process_compiles_only_the_users_step(tmp_path):
         import jax, remat_kit as rk
         from test_jax_first_call import COMPILES, _model
         loss, params, x = _model()
-        wrapped = rk.auto(loss, 0.5)
+        wrapped = rk.auto(loss, {BUDGET})
         with COMPILES as seen:
             compiled = jax.jit(jax.grad(wrapped)).lower(params, x).compile()
         plan = rk.plan_of(wrapped)[0]
@@ -146,7 +151,7 @@ def test_second_run_in_a_fresh_process_compiles_only_the_users_step(tmp_path):
 
 def test_corrupted_or_foreign_entries_are_ignored(cache):
     loss, params, x = _model()
-    _, _, plan = _first_call(loss, 0.5, params, x)
+    _, _, plan = _first_call(loss, BUDGET, params, x)
     entries = sorted(cache.glob("*.json"))
     assert len(entries) == 2  # no remat's figures and the verdict
     broken = [
@@ -158,7 +163,7 @@ def test_corrupted_or_foreign_entries_are_ignored(cache):
     for i, path in enumerate(entries):
         path.write_text(broken[i % len(broken)], errors="surrogateescape")
     _verify._NONE_CACHE.clear()
-    count, _, again = _first_call(loss, 0.5, params, x)
+    count, _, again = _first_call(loss, BUDGET, params, x)
     assert count >= 3  # measured again ...
     assert again.as_dict() == plan.as_dict()  # ... to the same plan
     assert all(json.loads(p.read_text())["schema"] == _plancache.SCHEMA for p in entries)  # and rewritten
@@ -169,7 +174,7 @@ def test_corrupted_or_foreign_entries_are_ignored(cache):
     other["decisions"] = {"no such value": "recompute"}
     key.write_text(json.dumps({**data, "plan": json.dumps(other)}))
     _verify._NONE_CACHE.clear()
-    _, _, third = _first_call(loss, 0.5, params, x)
+    _, _, third = _first_call(loss, BUDGET, params, x)
     assert third.as_dict() == plan.as_dict()
 
 
@@ -188,7 +193,7 @@ def test_infeasible_verdict_is_cached_and_raised_again(cache):
 def test_cache_off_writes_nothing(cache, monkeypatch):
     monkeypatch.setenv("REMAT_KIT_PLAN_CACHE", "0")
     loss, params, x = _model()
-    _first_call(loss, 0.5, params, x)
+    _first_call(loss, BUDGET, params, x)
     assert not cache.exists() or not any(cache.iterdir())
 
 
@@ -235,7 +240,7 @@ def test_no_remat_compiles_beside_the_solve(cache, monkeypatch):
     monkeypatch.setattr(_verify, "compile_for_memory", compile_watching)
     monkeypatch.setattr(_plan, "floor", floor_watching)
     loss, params, x = _model()
-    _, compiled, plan = _first_call(loss, 0.5, params, x)
+    _, compiled, plan = _first_call(loss, BUDGET, params, x)
     assert seen[0] == (False, True)  # no remat: off the main thread, beside the menus
     assert all(main for main, _ in seen[1:])  # the plans' compiles: on the caller's thread
     monkeypatch.setattr(_plan, "floor", floor)
@@ -243,7 +248,7 @@ def test_no_remat_compiles_beside_the_solve(cache, monkeypatch):
     _verify._NONE_CACHE.clear()
     monkeypatch.setenv("REMAT_KIT_PLAN_CACHE", "0")
     monkeypatch.setattr(_api.Planner, "_warm", staticmethod(lambda model: None))  # in turn, on one thread
-    _, _, alone = _first_call(loss, 0.5, params, x)
+    _, _, alone = _first_call(loss, BUDGET, params, x)
     assert alone.as_dict() == plan.as_dict()  # the overlap changes when, not what
 
 
@@ -262,5 +267,5 @@ def test_one_cpu_compiles_in_turn(cache, monkeypatch):
         ),
     )
     loss, params, x = _model()
-    _first_call(loss, 0.5, params, x)
+    _first_call(loss, BUDGET, params, x)
     assert seen and all(seen)
