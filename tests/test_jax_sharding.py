@@ -149,3 +149,25 @@ def test_jit_in_shardings_budget_is_per_device():
             assert "per device" in row["error"] and f"smallest feasible budget {row['named']:g}" in row["error"]
     # the graph is per device: the batch-sharded activations count 1/8 of their global size
     assert out["elementwise_bytes"] == [b // 8 for b in out["whole_bytes"]]
+
+
+def test_enclosing_jit_in_shardings_are_found_in_process():
+    """A canary for the frames `_sharding._enclosing_jit` reads (jax internals): under
+    `jax.jit(in_shardings=...)` each input tracer, seen through `grad`, maps to its sharding. jax
+    0.12 renamed the frame holding the tracers (`trace_to_jaxpr_nocache`), and this returned
+    nothing: `auto` then planned on global shapes, 0.88 of no remat per device at budget 0.5."""
+    import jax
+    import jax.numpy as jnp
+
+    from remat_kit._jax import _sharding
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    seen = {}
+
+    def loss(w, x):
+        found = _sharding._enclosing_jit()
+        seen["shardings"] = [found.get(id(_sharding._base(v, found))) for v in (w, x)]
+        return jnp.sum(jnp.tanh(x @ w))
+
+    jax.jit(jax.grad(loss), in_shardings=(one, one)).lower(jnp.ones((4, 4)), jnp.ones((2, 4)))
+    assert seen["shardings"] == [one, one]
