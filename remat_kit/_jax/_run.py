@@ -8,11 +8,12 @@ iterations (`scan_group`) regroup the loop: the scanned inputs are reshaped to (
 each loop step runs g layers under one checkpoint, and the stacked outputs are reshaped back
 (their gradients come back in the (L, ...) layout by the reshape's transpose).
 
-Why blocks outside a scan get a custom VJP: on XLA:CPU, `jax.checkpoint` of unrolled layers
-shows no memory drop, because the recompute has no data dependence on the backward pass and
-the scheduler runs it early, during the forward (its `optimization_barrier` is expanded away
-before scheduling; the GPU scheduler has the same problem, jax-ml/jax#20763). Measured here:
-8 unrolled layers 52.0 MB with or without `jax.checkpoint`, 26.25 MB with the fix below. The fix
+Why blocks outside a scan get a custom VJP: up to jax 0.10, XLA:CPU ran a plain
+`jax.checkpoint`'s recompute of unrolled layers early, during the forward (it has no data
+dependence on the backward pass, and its `optimization_barrier` is expanded away before
+scheduling), so it freed no memory; from jax 0.11 the CPU scheduler keeps it in the backward
+(tests/test_jax_auto.py checks both), but the GPU scheduler has the same problem
+(jax-ml/jax#20763), so the ordering is kept on every version. The fix
 makes every residual the recompute starts from depend on the block's output cotangent
 (``r + 0 * ct[0]``; XLA keeps ``x * 0`` for floats because of NaN semantics), so the recompute
 of block b cannot start before the backward reaches block b. Inside `scan`, the loop already
