@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 import remat_kit
 from benchmarks.models.torch_gpt import GPT, Block
-from remat_kit.measure import format_bytes, torch_plan, torch_profile, torch_step
+from remat_kit.measure import format_bytes, rel_err, torch_plan, torch_profile, torch_step
 
 
 # -- peers ------------------------------------------------------------------------------------
@@ -123,10 +123,6 @@ def sqrt_n(model: GPT) -> GPT:
     m = copy.deepcopy(model)
     m.h = nn.ModuleList([_Sequential(m.h, max(1, round(math.sqrt(len(m.h)))))])
     return m
-
-
-def rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, want))
 
 
 def step_grads(model: nn.Module, args: tuple) -> list[torch.Tensor]:
