@@ -17,12 +17,11 @@ from remat_kit._core import chain_dp
 from remat_kit._core.budget import format_bytes
 from remat_kit._core.graph import DeviceSpec
 from remat_kit._core.menus import block_program
-from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.plan import DecisionCode, Plan
 from remat_kit._core.simulate import baseline_activation_bytes
 from remat_kit._core.solve import Costs, InfeasibleBudgetError, block_menus, op_level_work, segment_cap, segment_options
 from remat_kit._jax._graph import Traced
 
-_NAMES = {0: Decision.SAVE, 1: Decision.RECOMPUTE, 2: Decision.OFFLOAD}
 MAX_SCAN_COMBOS = 64
 MAX_REFINE_WORK = 40_000  # (free values)² of a scan body past which it is not refined by op-level programs
 NUM_REFINE = 8  # bisection steps on the per-layer kept-bytes cap of a scan body
@@ -40,7 +39,7 @@ def plan_from_codes(
     graph = traced.graph
     target = graph.regroup(segments) if segments and any(len(seg) > 1 for seg in segments) else graph
     free = set(target.free_values)
-    decisions = {graph.values[i].name: _NAMES[c] for i, c in codes.items() if c and i in free}
+    decisions = {graph.values[i].name: DecisionCode(c).decision for i, c in codes.items() if c and i in free}
     return Plan.from_decisions(target, decisions, budget=str(parsed), solver=label)
 
 
