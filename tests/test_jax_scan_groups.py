@@ -153,7 +153,7 @@ def test_auto_below_the_measured_per_layer_floor_fits_with_a_grouped_scan():
     except rk.InfeasibleBudgetError as e:
         refused = e
     groups = [
-        p for p in floor_plans(entry.traced, planner._replan(entry.traced)) if max(map(len, p.segments), default=1) > 1
+        p for p in floor_plans(entry.traced, planner._model(entry.traced)) if max(map(len, p.segments), default=1) > 1
     ]
     assert groups
     grouped = min(temp(planned(p)) for p in groups) / none
