@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from hf_tiny import tiny_llama
 from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens
 
 import remat_kit._torch as rt
@@ -71,18 +72,8 @@ def test_hf_gpt2_from_config():
 
 
 def test_hf_llama_from_config():
-    tf = _hf()
-    config = tf.LlamaConfig(
-        num_hidden_layers=6,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(config)
+    model = tiny_llama(6, max_position_embeddings=64)
     idx = tokens(seq=64, vocab=64)[0]
     _check(model, 0.6, input_ids=idx, labels=idx)
 
