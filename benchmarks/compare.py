@@ -6,7 +6,8 @@
 Memory and FLOPs are deterministic on one platform: any increase beyond --mem-tol (relative) is a
 regression. Time is compared as the cell's step time over `none`'s, measured interleaved in the
 cell's own process (`step_time_vs_none`; runs older than that figure: fastest step over the `none`
-cell's fastest), so a slower or busier machine cancels out; a ratio that grows by more than --time-tol is a regression (with
+cell's fastest), so a slower or busier machine cancels out; a ratio that grows by more than
+--time-tol is a regression (with
 --confirm RERUN, only where a second run of the same cells shows it too: `benchmarks/ci_perf.sh`
 reruns the sweep once when the first comparison fails).
 A cell that stopped working or whose gradients stopped matching is a regression; cells missing
@@ -107,7 +108,10 @@ def judge(
     mem_tol: float,
     time_tol: float,
     confirm: dict[str, dict] | None = None,
+    *,
+    inter: bool,
 ) -> Verdict:
+    """`inter`: whether every compared run has interleaved time ratios (see `time_ratio`)."""
     b, c = base[cell_id], cur[cell_id]
     v = Verdict(cell_id)
     if b["status"] == "ok" and c["status"] != "ok":
@@ -131,7 +135,6 @@ def judge(
             v.regressions.append(f"{name} {change:+.1%}")
         elif change < -mem_tol:
             v.improvements.append(f"{name} {change:+.1%}")
-    inter = _has_interleaved(base, cur, confirm)
     r0, r1 = time_ratio(base, cell_id, interleaved=inter), time_ratio(cur, cell_id, interleaved=inter)
     if r0 is not None and r1 is not None:
         v.cells["time"] = f"{r0:.2f}→{r1:.2f}"
@@ -159,7 +162,8 @@ def judge(
 def compare_sweeps(
     base: dict, cur: dict, mem_tol: float, time_tol: float, confirm: dict | None = None
 ) -> tuple[list[Verdict], list[str], list[str]]:
-    verdicts = [judge(k, base, cur, mem_tol, time_tol, confirm) for k in base if k in cur]
+    inter = _has_interleaved(base, cur, confirm)  # once for all cells: like is compared with like
+    verdicts = [judge(k, base, cur, mem_tol, time_tol, confirm, inter=inter) for k in base if k in cur]
     return verdicts, [k for k in base if k not in cur], [k for k in cur if k not in base]
 
 
