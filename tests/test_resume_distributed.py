@@ -23,9 +23,9 @@ sys.path.insert(0, str(HELPERS))
 from launch import finish, free_port, run_ok, start  # noqa: E402
 
 
-def test_jax_arrays_go_to_orbax_as_they_are_and_carry_a_device_fingerprint():
+def test_jax_arrays_go_to_orbax_as_they_are_and_carry_a_fingerprint():
     jax = pytest.importorskip("jax")
-    from remat_kit.resume._fingerprint import fingerprints
+    from remat_kit.resume._fingerprint import fingerprints, part
     from remat_kit.resume._writing import encode
 
     w = jax.numpy.arange(12.0).reshape(3, 4)
@@ -33,10 +33,50 @@ def test_jax_arrays_go_to_orbax_as_they_are_and_carry_a_device_fingerprint():
     assert encoded.jax_arrays["j0"] is w  # no host copy: the array object itself goes to Orbax
     assert list(encoded.arrays) == ["a0"]  # only the numpy array was copied to host
     base = fingerprints([w])[0]
-    assert int(encoded.fingerprints["j0"]) == base  # dispatched at save, read by the writer thread
+    assert part(encoded.fingerprints["j0"]) == base  # begun at save, read by the writer thread
     for index in np.ndindex(3, 4):  # any single changed element changes the fingerprint
         assert fingerprints([w.at[index].add(1.0)])[0] != base
     assert fingerprints([w.T])[0] != base and fingerprints([w.reshape(4, 3)])[0] == base  # C order
+
+
+@pytest.mark.parametrize(
+    "dtype", ["float32", "bfloat16", "float16", "int8", "bool", "uint32", "complex64", "float64", "int64"]
+)
+def test_the_host_fingerprint_of_any_split_into_shards_adds_up_to_the_device_reduction(dtype, monkeypatch):
+    jax = pytest.importorskip("jax")
+    from remat_kit.resume import _fingerprint
+
+    monkeypatch.setattr(_fingerprint, "_BLOCK", 7)  # blocks of rows and of columns, as on large shards
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(np.dtype(jax.numpy.dtype(dtype)).itemsize == 8):
+        for shape in [(), (0, 3), (7,), (6, 10), (4, 6, 5)]:
+            values = np.asarray(rng.normal(size=shape) * 100).astype(jax.numpy.dtype(dtype))
+            want = int(_fingerprint._on_device(jax.numpy.asarray(values)))
+            # Boxes as shards are: split every dim in two at a random point (a 2x..x2 grid).
+            cuts = [sorted({0, int(rng.integers(0, n + 1)), n}) for n in shape]
+            got = 0
+            for box in np.ndindex(*[len(c) - 1 for c in cuts]):
+                index = tuple(slice(c[b], c[b + 1]) for c, b in zip(cuts, box))
+                start = tuple(c[b] for c, b in zip(cuts, box))
+                got += _fingerprint._box_sum(*_fingerprint._host_bits(values[index], start, shape))
+            assert got % 2**32 == want, (shape, cuts)
+            assert _fingerprint.fingerprints([jax.numpy.asarray(values)]) == [want]
+
+
+def test_a_save_of_cpu_arrays_runs_no_device_reduction_for_the_fingerprint(tmp_path, monkeypatch):
+    # Before, every save ran one jitted pass per JAX array: on CPU slower than Orbax's whole
+    # save (reports/resume.md). The fingerprint is now read from the shards' own buffers.
+    jax = pytest.importorskip("jax")
+    from remat_kit.resume import _fingerprint
+
+    def refuse(x):
+        raise AssertionError("device reduction run for a CPU array")
+
+    monkeypatch.setattr(_fingerprint, "_on_device", refuse)
+    with resume.Resumable(tmp_path) as ckpt:
+        ckpt.save(1, {"w": jax.numpy.arange(12.0).reshape(3, 4)})
+        step, state = ckpt.restore_latest()
+    assert step == 1 and float(state["w"][2, 3]) == 11.0
 
 
 def test_a_jax_array_whose_fingerprint_differs_after_restore_is_corrupt_and_skipped(tmp_path):

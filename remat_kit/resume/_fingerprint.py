@@ -1,32 +1,49 @@
-"""A checksum of JAX arrays computed where they live, so a save never copies them to host for it.
+"""A checksum of JAX arrays that needs no copy of them and can be summed across processes.
 
 The host arrays of a state keep their CRC32 (`_codec.checksum`). JAX arrays go to Orbax as they
 are, sharded across devices and processes; a CRC32 of their bytes would need the whole array
-on one host. Instead each array gets a position-weighted sum of its bits, mod 2**32,
-computed by one jitted reduction over the (possibly sharded) global array:
+on one host. Instead each array gets a position-weighted sum of its bits, mod 2**32:
 
-    fingerprint(x) = sum_i bits(x)_i * (2 i + 1)   (uint32 arithmetic)
+    fingerprint(x) = sum_i bits(x)_i * (2 i + 1)   (uint32 arithmetic, i the C-order index)
 
 Every weight is odd, hence invertible mod 2**32, so changing any single element always
 changes the fingerprint; swapped or shifted blocks change it unless the bit patterns conspire.
-It is computed after restore in the template's sharding and compared with the saved one, so a
-checkpoint resharded onto another mesh is checked as well.
+A sum over elements splits over shards: each process adds the shards it holds (replica 0 of
+each), and the parts add up to the same value however the array is laid out. So it is checked
+after restore in the template's sharding, a checkpoint resharded onto another mesh included.
+
+Where it is computed:
+
+* arrays on CPU devices: with NumPy over the shards' own buffers (`np.asarray(shard.data)` is
+  a view there, as it is for Orbax's own write), in cache-sized blocks. At save this runs on
+  the host item's writer thread, alongside Orbax's write (NumPy releases the GIL);
+* arrays on accelerators: one jitted reduction on their devices (at memory bandwidth, and a
+  host computation would need a device-to-host copy of its own).
+
+Both give the same value, so a checkpoint saved on one platform is checked on the other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 _UINT_OF_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+# Elements per NumPy block: the block's product with its weights stays in L2 cache.
+_BLOCK = 1 << 18
+_MOD = 2**32
 
 
 def _bits_u32(x: jax.Array) -> jax.Array:
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):  # bitcast refuses complex: (real, imag) pairs
+        pairs = _bits_u32(jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1))
+        return pairs.reshape(x.shape + (x.dtype.itemsize // 4,))
     size = x.dtype.itemsize
     if size in _UINT_OF_SIZE:
         return jax.lax.bitcast_convert_type(x, _UINT_OF_SIZE[size]).astype(jnp.uint32)
@@ -41,29 +58,109 @@ def _one(x: jax.Array) -> jax.Array:
     index = jnp.zeros(bits.shape, jnp.uint32)
     stride = 1
     for dim in reversed(range(bits.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim) * jnp.uint32(stride % 2**32)
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim) * jnp.uint32(stride % _MOD)
         stride *= bits.shape[dim]
     return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
-_fingerprint = jax.jit(_one)
+_on_device = jax.jit(_one)
 
 
-def dispatch(arrays: Sequence[jax.Array]) -> list[jax.Array]:
-    """Starts the fingerprint computations and returns at once (JAX dispatches asynchronously):
-    a save does not wait for them; the host item's writer thread reads the values (`value`)."""
-    return [_fingerprint(x) for x in arrays]
+# -- on host: NumPy over the shards' buffers --------------------------------------------------
 
 
-def value(out: jax.Array) -> int:
-    # A scalar reduced over a sharded array is replicated: any local copy holds the value.
-    return int(np.asarray(out.addressable_data(0)))
+def _host_bits(data: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> tuple[np.ndarray, tuple, tuple]:
+    """`data` as unsigned integers with the bits `_bits_u32` reads (same shape, or a trailing
+    dim of uint32 words for wider dtypes), with its start and the global shape to match."""
+    data = np.require(data, requirements="C")  # (ascontiguousarray would make a 0-d array 1-d)
+    size = data.dtype.itemsize
+    if data.dtype == np.bool_ or size in (1, 2, 4):
+        return data.view(np.dtype(f"<u{size}")), start, shape
+    words = data.reshape(data.shape + (1,)).view(np.dtype("<u4"))
+    return words, start + (0,), shape + (size // 4,)
 
 
-def fingerprints(arrays: Sequence[jax.Array]) -> list[int]:
-    """One uint32 fingerprint per array; a collective when the arrays span processes (every
-    process must call it with the same arrays). Waits for the arrays to be computed."""
-    # One jitted call per array (compiled once per shape and sharding): XLA:CPU materialises
-    # the converted bits before reducing, so one call over the whole state would hold a
-    # temporary as large as the state; per array it is at most the largest leaf.
-    return [value(out) for out in dispatch(arrays)]
+def _box_sum(bits: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    """sum of bits * (2 i + 1) over a box of the global array starting at `start`, mod 2**32."""
+    if bits.size == 0:
+        return 0
+    if bits.ndim == 0:
+        return int(bits) % _MOD
+    # The box is R rows of L elements contiguous in the global C order: dims `last..` of the
+    # box, where every dim after `last` spans the whole array.
+    last = bits.ndim - 1
+    while last > 0 and bits.shape[last] == shape[last]:
+        last -= 1
+    strides = [int(np.prod(shape[d + 1 :], dtype=np.int64)) for d in range(len(shape))]
+    num_rows = int(np.prod(bits.shape[:last], dtype=np.int64))
+    length = bits.size // num_rows
+    table = bits.reshape(num_rows, length)
+    cols = min(length, _BLOCK)
+    rows = max(1, _BLOCK // length)
+    weights = np.arange(1, 2 * cols, 2, dtype=np.uint32)  # 2 j + 1
+    scratch = np.empty(rows * cols, np.uint32)
+    offset = start[last] * strides[last]
+    total = 0
+    for r0 in range(0, num_rows, rows):
+        r1 = min(num_rows, r0 + rows)
+        index = np.unravel_index(np.arange(r0, r1), bits.shape[:last]) if last else ()
+        base = np.full(r1 - r0, offset, np.uint64)
+        for d, i in enumerate(index):
+            base += (i.astype(np.uint64) + np.uint64(start[d])) * np.uint64(strides[d])
+        base = (base % np.uint64(_MOD)).astype(np.uint32)
+        for c0 in range(0, length, cols):
+            block = table[r0:r1, c0 : c0 + cols]
+            product = scratch[: block.size].reshape(block.shape)
+            np.multiply(block, weights[: block.shape[1]], out=product)
+            weighted = product.sum(axis=1, dtype=np.uint32)
+            plain = block.sum(axis=1, dtype=np.uint32)
+            # weight of element (r, c0 + j) = 2 j + 1 + 2 (base_r + c0)
+            shift = (base + np.uint32(c0 % _MOD)) * np.uint32(2)
+            total += int((weighted + shift * plain).sum(dtype=np.uint32))
+    return total % _MOD
+
+
+def _on_host(x: jax.Array) -> bool:
+    return all(device.platform == "cpu" for device in x.sharding.device_set)
+
+
+def _host_boxes(x: jax.Array) -> list[tuple[np.ndarray, tuple, tuple]]:
+    """Views of the shards this process holds (replica 0 of each, so each element counts once)."""
+    boxes = []
+    for shard in x.addressable_shards:
+        if shard.replica_id == 0:
+            start = tuple(s.indices(n)[0] for s, n in zip(shard.index, x.shape))
+            boxes.append(_host_bits(np.asarray(shard.data), start, tuple(x.shape)))
+    return boxes
+
+
+# -- the API: start at save, read the part later ------------------------------------------------
+
+
+def start(arrays: Sequence[jax.Array]) -> list[Any]:
+    """Begins each array's fingerprint and returns at once. Host arrays: views of their shards
+    (held until the part is read; Orbax holds the same views while it writes); device arrays:
+    the jitted reduction, dispatched asynchronously (a collective when they span processes, so
+    every process calls this with the same arrays). Read each with `part`."""
+    return [_host_boxes(x) if _on_host(x) else _on_device(x) for x in arrays]
+
+
+def part(pending: Any) -> int:
+    """This process's share of a fingerprint begun by `start`; the shares of all processes add
+    up (mod 2**32) to the fingerprint. Blocks until computed."""
+    if isinstance(pending, list):
+        return sum(_box_sum(*box) for box in pending) % _MOD
+    # A scalar reduced over the whole array is replicated: process 0 counts it, once.
+    return int(np.asarray(pending.addressable_data(0))) if jax.process_index() == 0 else 0
+
+
+def fingerprints(
+    arrays: Sequence[jax.Array], gather: Callable[[list[int]], list[list[int]]] | None = None
+) -> list[int]:
+    """One uint32 fingerprint per array. When the arrays span processes, every process calls
+    this with the same arrays and `gather` exchanges the processes' parts (each process's list,
+    in process order)."""
+    parts = [part(pending) for pending in start(arrays)]
+    if gather is None:
+        return parts
+    return [sum(column) % _MOD for column in zip(*gather(parts))]

@@ -4,7 +4,8 @@
     host/process_<i>/spec.json    process i's PerProcess parts: their spec and arrays
     host/process_<i>/a<k>.npy
     host/dcp/                     torch.distributed.checkpoint files of the DTensors (all ranks)
-    host/fingerprints.json        JAX array key -> device fingerprint (process 0)
+    host/fingerprints.json        JAX array key -> process 0's part of its fingerprint
+    host/fingerprints_<i>.json    process i's part (multi-process JAX; the parts add up)
 
 An Orbax handler, so the files are written inside Orbax's temporary step directory and become
 visible only with Orbax's commit. Files that other ranks wrote before the commit (the DTensor
@@ -38,6 +39,11 @@ FINGERPRINTS = "fingerprints.json"
 
 def process_dir(index: int) -> str:
     return f"process_{index}"
+
+
+def fingerprints_file(index: int) -> str:
+    # Process 0's name is the one steps saved before the parts were split hold the whole value in.
+    return FINGERPRINTS if index == 0 else f"fingerprints_{index}.json"
 
 
 def write_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -101,14 +107,14 @@ class HostHandler(ocp_handlers.AsyncCheckpointHandler):
 
     @staticmethod
     def _write_files(path: Path, args: HostSave) -> None:
+        if args.fingerprints:
+            from remat_kit.resume._fingerprint import part
+
+            # On this writer thread, not the training loop's, while Orbax writes the arrays.
+            values = {key: part(pending) for key, pending in args.fingerprints.items()}
+            (path / fingerprints_file(args.process_index)).write_text(json.dumps(values))
         if args.shared:
             write_arrays(path, args.shared)
-        if args.fingerprints:
-            from remat_kit.resume._fingerprint import value
-
-            # Blocks this writer thread, not the training loop, until the device computed them.
-            values = {key: value(out) for key, out in args.fingerprints.items()}
-            (path / FINGERPRINTS).write_text(json.dumps(values))
         if args.local is not None:
             write_local(path, args.process_index, *args.local)
 

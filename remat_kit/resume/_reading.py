@@ -3,8 +3,8 @@ through torch.distributed.checkpoint into the template's tensors, host arrays fr
 
 Every stage that can fail on one process but not another (a truncated shard file is read by
 the process that needs it) ends in an agreement: each process reports its error, and if any
-failed, all raise the same error. The collectives that follow (Orbax's, the fingerprint
-reduction, DCP's) are therefore entered by all processes or by none.
+failed, all raise the same error. The collectives that follow (Orbax's, the fingerprints
+exchange, DCP's) are therefore entered by all processes or by none.
 """
 
 from __future__ import annotations
@@ -79,20 +79,34 @@ def _restore_jax(step_dir: Path, meta: dict[str, Any], targets: dict[str, Any]) 
 
 
 def _saved_fingerprints(step_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
+    """The JAX arrays' fingerprints: the sum of the parts each saving process stored."""
     if not meta.get("num_jax_arrays"):
         return {}
+    total: dict[str, int] = {}
     try:
-        return json.loads((step_dir / _host_item.HOST_ITEM / _host_item.FINGERPRINTS).read_text())
-    except (OSError, ValueError) as error:
+        for index in range(meta.get("fingerprint_parts", 1)):
+            path = step_dir / _host_item.HOST_ITEM / _host_item.fingerprints_file(index)
+            for key, value in json.loads(path.read_text()).items():
+                total[key] = (total.get(key, 0) + int(value)) % 2**32
+    except (OSError, ValueError, TypeError, AttributeError) as error:
         raise CorruptCheckpointError(meta["step"], f"the JAX arrays' fingerprints are unreadable ({error})") from error
+    return total
 
 
-def _check_fingerprints(meta: dict[str, Any], arrays: dict[str, Any], saved: dict[str, int]) -> None:
+def _restored_fingerprints(arrays: dict[str, Any], processes: Processes) -> dict[str, int]:
+    """The fingerprints of the restored arrays; a collective in a multi-process JAX job (every
+    process adds the shards it holds)."""
     from remat_kit.resume._fingerprint import fingerprints
 
     keys = sorted(arrays)
-    got = dict(zip(keys, fingerprints([arrays[k] for k in keys])))
-    bad = [key for key in keys if got[key] != saved.get(key)]
+    gather = None
+    if processes.kind == "jax":
+        gather = lambda parts: processes.gather(parts, "the restored arrays' fingerprints")  # noqa: E731
+    return dict(zip(keys, fingerprints([arrays[k] for k in keys], gather)))
+
+
+def _check_fingerprints(meta: dict[str, Any], got: dict[str, int], saved: dict[str, int]) -> None:
+    bad = [key for key in sorted(got) if got[key] != saved.get(key)]
     if bad:
         raise CorruptCheckpointError(
             meta["step"],
@@ -151,7 +165,8 @@ def read_step(
 
     jax_arrays = _agree(processes, step, orbax_read)
     saved = _agree(processes, step, lambda: _saved_fingerprints(step_dir, meta))
-    _agree(processes, step, lambda: _check_fingerprints(meta, jax_arrays, saved))
+    got = _restored_fingerprints(jax_arrays, processes)
+    _agree(processes, step, lambda: _check_fingerprints(meta, got, saved))
 
     def dcp_read() -> dict[str, Any]:
         try:

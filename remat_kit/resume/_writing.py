@@ -34,19 +34,20 @@ class Encoded:
     jax_arrays: dict[str, Any]
     dtensors: dict[str, Any]
     local: tuple[list[Any], dict[str, Any]] | None  # (PerProcess specs, their host arrays)
-    fingerprints: dict[str, Any]  # JAX array key -> its fingerprint, still being computed on device
+    fingerprints: dict[str, Any]  # JAX array key -> its fingerprint begun (_fingerprint.start)
 
 
 def encode(state: Any, *, copy_host: bool = True) -> Encoded:
     """Walks the state: host copies of host arrays, JAX arrays and DTensors kept as they are.
-    The JAX fingerprints are dispatched on device here (a collective in a multi-process JAX
-    job) and not waited for: the host item's writer thread stores them."""
+    The JAX fingerprints are begun here (views of CPU shards, or a device reduction dispatched:
+    a collective in a multi-process JAX job) and computed by the host item's writer thread,
+    alongside Orbax's write."""
     encoder = _codec.encode(state, copy_host=copy_host)
     fingerprints: dict[str, Any] = {}
     if encoder.jax_arrays:
-        from remat_kit.resume._fingerprint import dispatch
+        from remat_kit.resume._fingerprint import start
 
-        fingerprints = dict(zip(encoder.jax_arrays, dispatch(list(encoder.jax_arrays.values()))))
+        fingerprints = dict(zip(encoder.jax_arrays, start(list(encoder.jax_arrays.values()))))
     local = (encoder.local_specs, encoder.local.arrays) if encoder.local is not None else None
     return Encoded(encoder.spec, encoder.arrays, encoder.jax_arrays, encoder.dtensors, local, fingerprints)
 
@@ -98,6 +99,8 @@ def save_args(
         "processes": processes.kind,
         "per_process": encoded.local is not None,
         "dtensors": bool(encoded.dtensors),
+        # Processes whose host item stores a part of the JAX fingerprints (they add up).
+        "fingerprint_parts": processes.count if processes.kind == "jax" else 1,
     }
     staged = None
     if processes.kind == "torch" or encoded.dtensors:
@@ -108,7 +111,7 @@ def save_args(
         _inspect.HOST_ITEM: _host_item.HostSave(
             shared=encoded.arrays if processes.is_primary else None,
             local=local,
-            fingerprints=encoded.fingerprints if processes.is_primary else None,
+            fingerprints=encoded.fingerprints if processes.kind == "jax" or processes.is_primary else None,
             process_index=processes.index,
             staged=str(staged) if staged and processes.is_primary else None,
         ),

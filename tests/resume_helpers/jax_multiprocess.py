@@ -85,7 +85,21 @@ def check(step: int, restored: dict) -> None:
     assert next(restored["data"].value).tolist() == next(expected).tolist()
 
 
+def fingerprint_check() -> None:
+    """Each process adds up the shards it holds; the parts exchanged equal the device reduction."""
+    from remat_kit.resume import _fingerprint, _processes
+
+    processes = _processes.detect()
+    gather = processes.gather if num_processes > 1 else None
+    w = values_at(1)["w"]
+    for spec in (P("data", None), P("y", "x"), P(None, "x"), P()):
+        x = global_array(w, NamedSharding(rows if "data" in spec else grid, spec))
+        want = int(np.asarray(_fingerprint._on_device(x).addressable_data(0)))
+        assert _fingerprint.fingerprints([x], gather) == [want], spec
+
+
 def save_phase() -> None:
+    fingerprint_check()
     with resume.Resumable(directory, keep=3) as ckpt:
         for step in (1, 2, 3):
             ckpt.save(step, state_at(step))
