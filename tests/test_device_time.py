@@ -78,7 +78,7 @@ def test_calibration_can_be_turned_off_and_refreshed(fresh_cache, monkeypatch):
     spec = calibration.calibrated_spec("k", measure)
     assert calibration.calibrated_spec("k", measure) is spec and len(calls) == 1  # once per process
     assert not list(fresh_cache.glob("*.json"))  # the disk cache neither written
-    (fresh_cache / "device-k2.json").write_text(json.dumps(dataclasses.asdict(rk.DeviceSpec(name="stale"))))
+    calibration.cache_path("k2").write_text(json.dumps(dataclasses.asdict(rk.DeviceSpec(name="stale"))))
     assert calibration.calibrated_spec("k2", measure).name == "k2" and len(calls) == 2  # nor read
     assert spec.op_overhead_seconds == pytest.approx(1e-5, rel=0.1)
     monkeypatch.setenv(calibration.ENV_CALIBRATE, "sometimes")
@@ -87,10 +87,10 @@ def test_calibration_can_be_turned_off_and_refreshed(fresh_cache, monkeypatch):
 
 
 def test_a_corrupt_disk_cache_is_measured_again(fresh_cache):
-    (fresh_cache / "device-k.json").write_text("{not json")
+    calibration.cache_path("k").write_text("{not json")
     spec = calibration.calibrated_spec("k", lambda: calibration.Measurement(2e9, 1e-2, 1e8, 1e-2, 0.0))
     _positive_finite(spec)
-    assert rk.DeviceSpec(**json.loads((fresh_cache / "device-k.json").read_text())) == spec
+    assert rk.DeviceSpec(**json.loads(calibration.cache_path("k").read_text())) == spec
 
 
 def test_overhead_must_be_non_negative():

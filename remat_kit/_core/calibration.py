@@ -30,6 +30,9 @@ from remat_kit._core.graph import DeviceSpec
 ENV_CALIBRATE = "REMAT_KIT_CALIBRATE"
 ENV_CACHE_DIR = "REMAT_KIT_CACHE_DIR"
 STEPS_PER_DECADE = 16  # measured rates are rounded to 10^(1/16) (~15%) steps: see `quantize`
+# Bumped when what is measured changes, so a cache written by an older version (without the
+# per-kind rates, say) is measured again rather than read back incomplete.
+CACHE_VERSION = 2
 _IN_PROCESS: dict[str, DeviceSpec] = {}
 
 
@@ -42,6 +45,9 @@ class Measurement:
     copy_bytes: float
     copy_seconds: float
     op_overhead_seconds: float  # one tiny op, end to end: dispatch / launch
+    # (op kind, bytes read and written, seconds) of one representative op per kind that a copy's
+    # rate misprices (random draws, softmax): see DeviceSpec.kind_bandwidth
+    kind_ops: tuple[tuple[str, float, float], ...] = ()
 
     def spec(self, name: str) -> DeviceSpec:
         return quantize(
@@ -52,6 +58,7 @@ class Measurement:
                 copy_bytes=self.copy_bytes,
                 copy_seconds=self.copy_seconds,
                 op_overhead_seconds=max(self.op_overhead_seconds, 0.0),
+                kind_ops=self.kind_ops,
             )
         )
 
@@ -69,6 +76,7 @@ def quantize(spec: DeviceSpec) -> DeviceSpec:
         memory_bandwidth=step(spec.memory_bandwidth),
         host_bandwidth=step(spec.host_bandwidth),
         op_overhead_seconds=step(spec.op_overhead_seconds),
+        kind_bandwidth=tuple((kind, step(rate)) for kind, rate in spec.kind_bandwidth),
     )
 
 
@@ -78,6 +86,11 @@ def cache_dir() -> pathlib.Path:
         return pathlib.Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache") / "remat_kit"
+
+
+def cache_path(key: str) -> pathlib.Path:
+    """Where the disk cache keeps the constants measured for `key`."""
+    return cache_dir() / f"device-v{CACHE_VERSION}-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', key)}.json"
 
 
 def calibrated_spec(key: str, measure: Callable[[], Measurement]) -> DeviceSpec:
@@ -90,7 +103,7 @@ def calibrated_spec(key: str, measure: Callable[[], Measurement]) -> DeviceSpec:
         raise ValueError(f"{ENV_CALIBRATE}={mode!r}: pass 0 (no measurement), 1 (measure once, cached) or 'fresh'.")
     if key in _IN_PROCESS:
         return _IN_PROCESS[key]
-    path = cache_dir() / f"device-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', key)}.json"
+    path = cache_path(key)
     spec = _read(path) if mode != "fresh" else None
     if spec is None:
         spec = measure().spec(key)

@@ -1,8 +1,9 @@
 """What a plan costs: integer recompute and offload time per value, as the solvers compare plans.
 
-Recompute time of a value is its roofline time plus the device's per-op launch / dispatch
-overhead (`DeviceSpec.op_seconds`): on an eager framework a recomputed norm or GELU costs a
-dispatch whatever its FLOPs, so a plan of many small recomputes is not free (issue 12).
+Recompute time of a value is its roofline time at its op kind's rate plus the device's per-op
+launch / dispatch overhead (`DeviceSpec.value_seconds`): on an eager framework a recomputed norm
+or GELU costs a dispatch whatever its FLOPs, so a plan of many small recomputes is not free, and
+a dropout mask's random draws cost far more than their bytes at copy speed (issue 12).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class Costs:
     def __init__(self, graph: CostGraph, device: DeviceSpec):
         self.graph = graph
         vals = graph.values
-        self.recompute = [round(device.op_seconds(v.flops, v.bytes_moved) * 1e12) for v in vals]
+        self.recompute = [round(device.value_seconds(v) * 1e12) for v in vals]
         self.offload = [round(2 * v.num_bytes / device.host_bandwidth * 1e12) for v in vals]
 
     def of(self, codes: Sequence[int] | Mapping[int, int]) -> tuple[int, int]:

@@ -78,7 +78,7 @@ def score_layers(
                 num_values=len(vals),
                 saved_bytes=sum(v.num_bytes for v in vals),
                 recompute_flops=sum(v.flops for v in vals),
-                recompute_seconds=sum(device.op_seconds(v.flops, v.bytes_moved) for v in vals),
+                recompute_seconds=sum(device.value_seconds(v) for v in vals),
                 **extra,
             )
         )

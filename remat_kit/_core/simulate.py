@@ -145,7 +145,7 @@ def simulate(
     off = [i for i in graph.activations if needed[i] and codes[i] == _OFFLOAD]
     vals = graph.values
     flops = sum(vals[i].flops for i in rec)
-    seconds = sum(device.op_seconds(vals[i].flops, vals[i].bytes_moved) for i in rec)
+    seconds = sum(device.value_seconds(vals[i]) for i in rec)
     offload_bytes = sum(vals[i].num_bytes for i in off)
     seconds += 2 * offload_bytes / device.host_bandwidth
     if plan is None or not any(codes):

@@ -1,8 +1,9 @@
 """The time constants `auto` plans with on torch: measured on the device the model runs on.
 
 A short microbenchmark (a matmul, an elementwise op over a large tensor, a chain of tiny ops with
-autograd recording) gives the roofline rates and the per-op dispatch cost every recomputed op
-pays in eager mode; `remat_kit._core.calibration` caches the result in the process and on disk
+autograd recording, and one op per kind a copy's rate misprices: dropout's random draws, the
+masked softmax of torch's attention, a layer norm) gives the roofline rates, the per-kind rates
+and the per-op dispatch cost every recomputed op pays in eager mode; `remat_kit._core.calibration` caches the result in the process and on disk
 (``REMAT_KIT_CALIBRATE=0`` turns measuring off). Eager CPU recompute of norms, GELU and dropout
 costs time that FLOPs do not show (issue 12); these constants are what prices it.
 """
@@ -84,4 +85,36 @@ def measure(dev: torch.device) -> Measurement:
         copy_bytes=2.0 * x.numel() * x.element_size(),
         copy_seconds=copy_seconds,
         op_overhead_seconds=op_seconds,
+        kind_ops=kind_ops(dev),
     )
+
+
+def kind_ops(dev: torch.device) -> tuple[tuple[str, float, float], ...]:
+    """(op kind, bytes read and written as the trace counts them, least seconds) of one op per
+    kind whose time a copy's rate does not describe (reports/step_time_model.md):
+
+    * rng: `bernoulli_` in place, what dropout runs (a mask's random draws are per-element work:
+      on a CPU tens of times a copy's time per byte);
+    * attention: the masked softmax torch's own attention runs (`_safe_softmax`, the math path of
+      `scaled_dot_product_attention`; `softmax` where a release lacks it);
+    * norm: `layer_norm` over the last dimension.
+
+    Random draws use a generator of their own: calibration leaves the default one untouched."""
+    gpu = dev.type == "cuda"
+    rows, width = (2**14 if gpu else 2**11), 512
+    gen = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        x = torch.linspace(-4, 4, rows * width, device=dev).reshape(rows, width)
+        mask = torch.empty_like(x)
+        weight, bias = torch.ones(width, device=dev), torch.zeros(width, device=dev)
+        softmax = getattr(torch.ops.aten, "_safe_softmax", None)
+        attention = (lambda: softmax(x, -1)) if softmax is not None else (lambda: x.softmax(-1))
+        timed = {
+            "rng": _least_seconds(lambda: mask.bernoulli_(0.9, generator=gen), dev),
+            "attention": _least_seconds(attention, dev),
+            "norm": _least_seconds(lambda: torch.nn.functional.layer_norm(x, (width,), weight, bias), dev),
+        }
+    # Every one of these reads one tensor of x's size and writes one (the norm's statistics and
+    # parameters are a row's worth, left out).
+    num_bytes = 2.0 * x.numel() * x.element_size()
+    return tuple((kind, num_bytes, seconds) for kind, seconds in timed.items())
