@@ -214,6 +214,27 @@ def test_a_jax_process_lost_at_the_seal_makes_the_other_raise_collective_error_a
 
 
 @pytest.mark.slow
+def test_a_jax_process_hung_in_orbax_write_makes_the_other_raise_collective_error_within_the_timeout(tmp_path):
+    pytest.importorskip("jax")
+    port = str(free_port())
+    script = str(HELPERS / "jax_rank_lost.py")
+    procs = start(
+        [[script, str(tmp_path), str(i), port, "hangs", "5", "write"] for i in range(2)],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+    # Before, Orbax's commit barrier waited AsyncOptions' default 20 min for the hung process
+    # (alive, so JAX's heartbeat never declared it lost): here until finish() failed the test.
+    code, out = finish(procs[:1], timeout_s=90)[0]
+    procs[1].kill()
+    procs[1].communicate()
+    assert code != 0, out[-3000:]
+    line = next((x for x in out.splitlines() if x.startswith("process 0: CollectiveError after")), None)
+    assert line is not None, out[-3000:]
+    assert "'commit of step(s) [1]'" in line and "collective_timeout=5 s" in line, line
+    assert [i.step for i in resume.list_steps(tmp_path) if i.status != "incomplete"] == [0]
+
+
+@pytest.mark.slow
 def test_torch_async_save_returns_before_the_commit_and_keeps_the_values_of_the_call(tmp_path):
     pytest.importorskip("torch")
     port = str(free_port())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import operator
 import os
 import warnings
@@ -28,7 +29,12 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from remat_kit.resume import _checks, _decode, _inspect, _processes, _writing
-from remat_kit.resume._errors import AsyncSaveError, CorruptCheckpointError, CorruptCheckpointWarning, ResumeError
+from remat_kit.resume._errors import (
+    AsyncSaveError,
+    CorruptCheckpointError,
+    CorruptCheckpointWarning,
+    ResumeError,
+)
 from remat_kit.resume._reading import read_step
 from remat_kit.resume._retention import StepRecord, preservation_policy
 
@@ -54,7 +60,7 @@ class Resumable:
         if `jax.process_count() > 1`, else one process), or "single", "jax", "torch".
       collective_timeout: seconds a process waits for the others at a save's or restore's meeting
         points (under torch.distributed also rank 0's whole write: the other ranks wait for its
-        commit). Past it, or as soon as a peer is seen gone, `CollectiveError` is raised naming
+        commit; under multi-process JAX also Orbax's background write and commit). Past it, or as soon as a peer is seen gone, `CollectiveError` is raised naming
         the process and the step, so a job whose rank died ends instead of hanging.
     """
 
@@ -100,8 +106,15 @@ class Resumable:
         from remat_kit.resume._host_item import HostHandler
 
         metric = self.keep_best[0] if self.keep_best else None
+        # Multi-process JAX: Orbax's background wait for every process's write and commit (its
+        # barriers through JAX's coordination service) ends after AsyncOptions.timeout_secs, 20 min
+        # by default: that is the save's last meeting point, so it gets the layer's timeout.
+        async_options = None
+        if self.processes.kind == "jax":
+            async_options = ocp.AsyncOptions(timeout_secs=math.ceil(self.processes.timeout_s))
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=self.async_save,
+            async_options=async_options,
             cleanup_tmp_directories=True,
             # Deleting = one rename into the trash, then rmtree: a kill mid-delete never leaves a
             # half-deleted step that looks like a checkpoint.
@@ -212,14 +225,22 @@ class Resumable:
         if error is not None:
             failed = list(self._unsealed)
             self._unsealed.clear()
+            lost = None
+            if self.processes.kind == "jax" and isinstance(error, TimeoutError):
+                # Orbax's commit barrier timed out, or saw a process gone: the job is broken.
+                lost = self.processes.fail(f"commit of step(s) {failed}", error)
             # Orbax re-raises a failed finalize at every later call; a fresh manager reports the
             # failure once and lets the caller decide (retry, or stop), with earlier steps intact.
+            # A job that lost a process gets none: creating one is a barrier Orbax would wait at,
+            # and every later call fails at its first collective anyway.
             if self._manager is not None:
                 try:
                     self._manager.close()
                 except Exception:
                     pass
-                self._manager = self._new_manager()
+                self._manager = self._new_manager() if lost is None else None
+            if lost is not None:
+                raise lost from error
             raise AsyncSaveError(f"saving step(s) {failed} to {self.directory} failed: {error!r}") from error
         if self.processes.is_primary:
             _inspect.empty_trash(self.directory)

@@ -110,6 +110,13 @@ class Processes:
         """Process 0's JSON-able `value`, on every process."""
         return self.gather(value, what)[0]
 
+    def fail(self, what: str, error: BaseException, waited_s: float | None = None) -> CollectiveError:
+        """Marks the job broken by `error` met at `what` (every later collective fails at once)
+        and returns the CollectiveError to raise."""
+        cause = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+        self.broken = CollectiveError(self.index, self.count, what, self.timeout_s, cause, waited_s)
+        return self.broken
+
     def _collective(self, what: str, run: Any) -> Any:
         if self.broken is not None:
             raise CollectiveError(
@@ -120,9 +127,7 @@ class Processes:
         try:
             return run(key)
         except Exception as error:  # gloo's / the JAX client's timeout or lost-peer errors
-            cause = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-            self.broken = CollectiveError(self.index, self.count, what, self.timeout_s, cause, time.monotonic() - start)
-            raise self.broken from error
+            raise self.fail(what, error, time.monotonic() - start) from error
 
     def _barrier(self, key: str) -> None:
         if self.kind == "torch":

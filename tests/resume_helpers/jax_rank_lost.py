@@ -2,9 +2,9 @@
 
 Two processes (2 CPU devices each) save step 0 of a state sharded over the 4-device mesh, then
 step 1: process 1 kills itself with SIGKILL ("dies") or sleeps ("hangs") at WHERE, "write" (in
-Orbax's background write, writing its PerProcess part) or "seal" (at the layer's seal
-barrier, after Orbax committed). Process 0 must leave with an error within bounded time and exit non-zero; step 0
-stays the newest committed step.
+Orbax's background write, writing its PerProcess part: process 0 then waits at Orbax's commit
+barrier) or "seal" (at the layer's seal barrier, after Orbax committed). Process 0 must leave
+with an error within bounded time and exit non-zero; step 0 stays the newest committed step.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def main() -> None:
             ckpt.wait()
         except resume.CollectiveError as error:
             print(f"process {index}: CollectiveError after {time.monotonic() - started:.1f} s: {error}", flush=True)
+            if mode == "hangs":  # JAX's shutdown at exit would wait for the hung peer: what a launcher ends
+                os._exit(1)
             raise
     print(f"process {index}: saved step 1 (unexpected)", flush=True)
 
