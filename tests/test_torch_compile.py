@@ -20,6 +20,7 @@ import remat_kit
 from benchmarks.compile_bench import graph_breaks, saved_bytes
 from benchmarks.models.torch_gpt import GPT
 from remat_kit._torch import _compiled
+from remat_kit._torch._modecost import ModeCost
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +28,7 @@ def _selective_plans(monkeypatch):
     # These tests map selective plans onto compiled regions: price the eager replay modes at
     # nothing, so auto keeps the solver's selective plan (on these small layers the modes' per-op
     # cost would make it pick whole layers, which compile as plain checkpoints).
-    monkeypatch.setattr("remat_kit._torch._layerplan.mode_op_seconds", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr("remat_kit._torch._layerplan.mode_cost", lambda *args, **kwargs: ModeCost())
 
 
 def _gpt() -> tuple[torch.nn.Module, tuple, dict]:

@@ -21,6 +21,7 @@ import remat_kit._torch._replay as replay_mod
 from remat_kit._torch._api import state_of
 from remat_kit._torch._layerplan import RegionCost, whole_layer_decisions
 from remat_kit._torch._measure import measure_step
+from remat_kit._torch._modecost import ModeCost
 from remat_kit._torch._modes import Region, Step
 
 
@@ -53,8 +54,11 @@ class _Spy:
         monkeypatch.setattr(tuc, "checkpoint", checkpoint)
 
 
-def _auto_with_mode_cost(model, budget, monkeypatch, op_seconds: float):
-    monkeypatch.setattr(layerplan_mod, "mode_op_seconds", lambda *a, **k: op_seconds)
+def _auto_with_mode_cost(model, budget, monkeypatch, op_seconds: float, region: RegionCost | None = None):
+    # Both costs fixed (a region's at nothing unless given): calibrated ones are timings, and
+    # which plan wins must not depend on the load of the machine running the tests.
+    monkeypatch.setattr(layerplan_mod, "mode_cost", lambda *a, **k: ModeCost.flat(op_seconds))
+    monkeypatch.setattr(layerplan_mod, "checkpoint_region_cost", lambda *a, **k: region or RegionCost())
     return rk.auto(model, budget)
 
 
@@ -187,8 +191,7 @@ def test_priced_regions_pick_one_checkpoint_over_several_layers(model_and_inputs
     none = measure_step(fresh(model), (idx, tgt), loss_fn=lambda loss: loss, count_flops=False).activation_bytes
     rematted = fresh(model)
     spy = _Spy(rematted, monkeypatch)
-    monkeypatch.setattr(layerplan_mod, "checkpoint_region_cost", lambda *a, **k: RegionCost(frame_seconds=1.0))
-    _auto_with_mode_cost(rematted, 0.7, monkeypatch, 1e-3)
+    _auto_with_mode_cost(rematted, 0.7, monkeypatch, 1e-3, RegionCost(frame_seconds=1.0))
     generators: list[object] = []
     real = replay_mod._checkpoint_generator
 
@@ -223,9 +226,9 @@ def test_region_cost_is_nothing_when_calibration_is_off(monkeypatch) -> None:
     monkeypatch.setenv("REMAT_KIT_CALIBRATE", "1")
     cost = layerplan_mod.checkpoint_region_cost("cpu", repeats=2)
     layerplan_mod.checkpoint_region_cost.cache_clear()
-    # checkpoint's frame does work the same chain without it never does (saving its inputs and
-    # RNG state, installing the saved-tensor hooks, starting the recompute).
-    assert cost.frame_seconds > 0.0 and cost.op_seconds >= 0.0
+    # Measured, so no sign beyond what the calibration clamps (a loaded machine has timed the
+    # frame at 0 with repeats=2: a timing assertion, which tests never make).
+    assert cost.frame_seconds >= 0.0 and cost.op_seconds >= 0.0
     region = Region("b", "b", (Step("aten::tanh", "run", (), (), False, False, None, ()),) * 3)
     assert cost.of(region) == pytest.approx(cost.frame_seconds + 3 * cost.op_seconds)
 
@@ -237,10 +240,9 @@ def test_compiled_plan_keeps_regions_to_one_layer(model_and_inputs, monkeypatch)
     from benchmarks.compile_bench import graph_breaks
 
     model, (idx, tgt) = model_and_inputs
-    monkeypatch.setattr(layerplan_mod, "checkpoint_region_cost", lambda *a, **k: RegionCost(frame_seconds=1.0))
     torch._dynamo.reset()
     want = grads(torch.compile(fresh(model), backend="eager"), idx, tgt)
-    rematted = _auto_with_mode_cost(fresh(model), 0.7, monkeypatch, 1e-3)
+    rematted = _auto_with_mode_cost(fresh(model), 0.7, monkeypatch, 1e-3, RegionCost(frame_seconds=1.0))
     step = torch.compile(rematted, backend="eager")
     got = grads(step, idx, tgt)  # plans under compile
     (compiled,) = state_of(rematted).plans.values()
@@ -255,8 +257,7 @@ def test_eager_plan_with_a_grouped_region_gets_a_compiled_sibling(model_and_inpu
     from benchmarks.compile_bench import graph_breaks
 
     model, (idx, tgt) = model_and_inputs
-    monkeypatch.setattr(layerplan_mod, "checkpoint_region_cost", lambda *a, **k: RegionCost(frame_seconds=1.0))
-    rematted = _auto_with_mode_cost(fresh(model), 0.7, monkeypatch, 1e-3)
+    rematted = _auto_with_mode_cost(fresh(model), 0.7, monkeypatch, 1e-3, RegionCost(frame_seconds=1.0))
     grads(rematted, idx, tgt)  # plans eagerly: one region over several layers
     (eager,) = state_of(rematted).plans.values()
     assert any(r.members for r in eager.regions.values())

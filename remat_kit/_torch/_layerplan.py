@@ -2,7 +2,8 @@
 
 A layer the plan keeps whole runs as written; one it recomputes whole is plain non-reentrant
 checkpoint. Only a layer planned op by op runs under the replay modes (_modes.py), and there
-every op of its forward and of its replay goes through Python (`mode_op_seconds`). On a large
+every op of its forward and of its replay goes through Python (`_modecost.mode_cost`, timed on
+the modes themselves). On a large
 layer that is noise beside the ops; on a small one it is most of the step (issue 12: the sweep's
 tiny models stepped at 2-2.9x of no remat under `auto`, slower than checkpointing every layer).
 The solver prices recompute only, so the choice between its plan and the best plan of whole
@@ -19,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from remat_kit._core.budget import Budget
 from remat_kit._core.graph import CostGraph, DeviceSpec
@@ -27,15 +27,15 @@ from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import simulate
 from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph
+from remat_kit._torch._modecost import ModeCost, calibration_off, mode_cost
 from remat_kit._torch._modes import Region
 from remat_kit._torch._replay import decisions_for_torch, regions
 from remat_kit._torch._trace import Profile
 
 
-def region_modes_seconds(region: Region, op_seconds: float) -> float:
-    """Time the replay modes add to one call of `region`: its forward ops and the ops its replay
-    dispatches (up to the last one not skipped: checkpoint stops the recompute there)."""
-    return (len(region.steps) + region.last_replayed + 1) * op_seconds
+def region_modes_seconds(region: Region, modes: ModeCost) -> float:
+    """Time the replay modes add to one call of `region` (`ModeCost.of`)."""
+    return modes.of(region)
 
 
 def plain_extra(region: Region, device: DeviceSpec) -> tuple[int, float]:
@@ -44,12 +44,12 @@ def plain_extra(region: Region, device: DeviceSpec) -> tuple[int, float]:
     return sum(s.flops for s in steps), sum(device.op_seconds(s.flops, s.bytes_moved) for s in steps)
 
 
-def plain_when_faster(device: DeviceSpec, op_seconds: float) -> Callable[[Region], bool]:
+def plain_when_faster(device: DeviceSpec, modes: ModeCost) -> Callable[[Region], bool]:
     """For `regions(plain=...)`: a region that keeps nothing inside runs as plain checkpoint when
     the ops it runs beyond the plan cost less than the modes would (a GPT layer's output
     projections are outside what its backward needs: plain checkpoint recomputes them, the modes
     skip them)."""
-    return lambda region: plain_extra(region, device)[1] <= region_modes_seconds(region, op_seconds)
+    return lambda region: plain_extra(region, device)[1] <= region_modes_seconds(region, modes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +64,12 @@ class RegionCost:
 
 
 def predicted_seconds(
-    plan: Plan, regions: dict[str, Region], device: DeviceSpec, op_seconds: float, cost: RegionCost = RegionCost()
+    plan: Plan, regions: dict[str, Region], device: DeviceSpec, modes: ModeCost, cost: RegionCost = RegionCost()
 ) -> float:
     """A plan's predicted extra step time as run: its recompute, what plain regions run beyond
     it, the modes' cost in the others, and each region's own cost."""
     extra = sum(
-        (plain_extra(r, device)[1] if r.plain else region_modes_seconds(r, op_seconds)) + cost.of(r)
+        (plain_extra(r, device)[1] if r.plain else region_modes_seconds(r, modes)) + cost.of(r)
         for r in regions.values()
     )
     return plan.predicted_recompute_seconds + extra
@@ -176,67 +176,6 @@ def fastest_whole_layer_plan(
     return best
 
 
-class _Passthrough(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.num_ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.num_ops += 1
-        return func(*args, **(kwargs or {}))
-
-
-@functools.cache
-def mode_op_seconds(device_type: str = "cpu", repeats: int = 7) -> float:
-    """What one op pays for running under a TorchDispatchMode, per op: a small layer's ops (norm,
-    linear, GELU, attention-like softmax, dropout, views; autograd recording) on tiny tensors,
-    timed with and without a pass-through mode (medians of `repeats`). A selective region pays it
-    for every op of its forward and of its replay; a plain checkpoint never does.
-
-    0 when calibration is off (``REMAT_KIT_CALIBRATE=0``: plans then price recompute alone)."""
-    import statistics
-    import time
-
-    import torch.nn.functional as F
-
-    if _calibration_off(device_type):
-        return 0.0
-    device = torch.device(device_type) if device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
-    # Constant inputs: calibration draws no random numbers of its own (its dropout draws are
-    # undone by the caller's fork_rng).
-    x = torch.linspace(-1, 1, 64, device=device).reshape(2, 4, 8).requires_grad_()
-    w = torch.linspace(-1, 1, 64, device=device).reshape(8, 8).requires_grad_()
-
-    def layer() -> float:
-        start = time.perf_counter()
-        for _ in range(10):
-            h = F.linear(F.layer_norm(x, (8,)), w).view(2, 4, 2, 4).transpose(1, 2).reshape(2, 4, 8)
-            h = F.dropout(F.gelu((h @ h.transpose(1, 2)).softmax(-1) @ h), 0.1)
-        return time.perf_counter() - start
-
-    def timed(mode: Any) -> float:
-        times = []
-        for _ in range(repeats + 1):  # the first one warms up
-            if mode is None:
-                times.append(layer())
-            else:
-                with mode:
-                    times.append(layer())
-        return statistics.median(times[1:])
-
-    counter = _Passthrough()
-    with_mode = timed(counter)
-    without = timed(None)
-    return max(0.0, (with_mode - without) / max(1, counter.num_ops // (repeats + 1)))
-
-
-def _calibration_off(device_type: str) -> bool:
-    import os
-
-    off = os.environ.get("REMAT_KIT_CALIBRATE", "1").strip().lower() in ("0", "false", "no", "off")
-    return off or device_type == "meta"  # meta: a model planned from shapes only, no device to time
-
-
 @functools.cache
 def checkpoint_region_cost(device_type: str = "cpu", repeats: int = 7, num_ops: int = 9) -> RegionCost:
     """What one plain non-reentrant checkpoint region costs beyond the forward it recomputes,
@@ -251,7 +190,7 @@ def checkpoint_region_cost(device_type: str = "cpu", repeats: int = 7, num_ops: 
 
     from torch.utils.checkpoint import checkpoint
 
-    if _calibration_off(device_type):
+    if calibration_off(device_type):
         return RegionCost()
     device = torch.device(device_type) if device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
     x = torch.linspace(-1, 1, 8, device=device).requires_grad_()
@@ -292,20 +231,18 @@ def by_time(
     fits `limit` where that is predicted faster once the replay modes' per-op cost and each
     checkpoint region's own cost are counted. Regions span at most `span` layers (1 under
     torch.compile, where a region over several layers runs eagerly: a graph break)."""
-    # A layer a whole-layer plan keeps runs as written, outside any region, so with a profile
-    # written out from a few layers nothing would check that it runs the profiled ops (a region
-    # is checked on its first call: `_run._checked_once`). The solver's plan is kept there.
-    if prof.replicated_from:
-        return plan
+    # With a profile written out from a few layers, each layer's first call is checked against
+    # it whatever the plan (`_run._checked_once`, `_replay.kept_layer_checks`): no reason to
+    # keep the solver's plan there.
     device, device_type = default_device(module), device_of(module).type
-    op_seconds = mode_op_seconds(device_type)
+    modes = mode_cost(device_type)
     cost = checkpoint_region_cost(device_type)
-    if op_seconds == 0.0 and cost == RegionCost():  # running a plan priced at nothing: the solver's is fastest
+    if modes == ModeCost() and cost == RegionCost():  # running a plan priced at nothing: the solver's is fastest
         return plan
-    choose = plain_when_faster(device, op_seconds)
+    choose = plain_when_faster(device, modes)
 
     def price(p: Plan) -> float:
-        return predicted_seconds(p, regions(tg, p, prof, choose), device, op_seconds, cost)
+        return predicted_seconds(p, regions(tg, p, prof, choose), device, modes, cost)
 
     selective = price(plan)
     if selective <= cheapest_layer_seconds(tg, device) + cost.frame_seconds:  # no whole-layer plan is faster
@@ -333,4 +270,4 @@ def fast_regions(module: torch.nn.Module, tg: TorchGraph, plan: Plan, prof: Prof
     With a profile written out from a few layers (`prof.replicated_from`) a plain region still
     runs under the replay's check on its first call (`_run._checked_once`).
     """
-    return regions(tg, plan, prof, plain_when_faster(device, mode_op_seconds(device_of(module).type)))
+    return regions(tg, plan, prof, plain_when_faster(device, mode_cost(device_of(module).type)))

@@ -22,134 +22,34 @@ recomputed RNG op draws exactly the numbers it drew the first time (same masks, 
 Every op of a region under these modes pays a trip through Python (issue 12: on small models
 that trip, not the recompute, was the step time). So a region only runs here when its plan is
 selective (`Region.needs_modes`); the per-op path is a lookup in a table made once per region
-(`_Table`): the op is matched by identity with the OpOverload seen at that index before, and an
-op with nothing to keep or restore is called straight away.
+(`_optable._Table`): the op is matched by identity with the OpOverload seen at that index
+before, and an op with nothing to keep or restore is called straight away, through no wrapper
+(`_dynamo_skipper`). What the modes still cost is calibrated on them (_modecost.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from remat_kit._torch._optable import (
+    CACHE,
+    RUN,
+    SKIP,
+    OpSequenceError,
+    Region,
+    Step,
+    _extent_bytes,
+    _is_tensor_leaf,
+)
 from remat_kit._torch._trace import ignored
 
-RUN, CACHE, SKIP = "run", "cache", "skip"
-
-
-class OpSequenceError(RuntimeError):
-    """The forward dispatched different ops than the profile the plan was made from."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    func: str
-    action: str
-    cache: tuple[int, ...]  # tensor-leaf indices kept in the forward
-    offload: tuple[int, ...]  # of those, the ones moved to host memory
-    restore_rng: bool
-    inplace: bool
-    out_spec: Any
-    out_leaves: tuple[Any, ...]
-    alias_of: int | None = None  # SKIP op allocating a storage whose final in-place version is kept
-    written: bool = False  # a later in-place op writes its output: its placeholder is not shared
-    explicit_generator: bool = False  # an RNG op given a torch.Generator (checkpoint restores default ones only)
-    flops: int = 0  # of the op (its outputs' values), to price running it where the modes would skip it
-    bytes_moved: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Region:
-    name: str  # block name
-    module: str  # module path whose forward is checkpointed ("" = the root); the first of `members`
-    steps: tuple[Step, ...]
-    members: tuple[str, ...] = ()  # consecutive layers checkpointed as one region (a plan segment)
-    plain: bool = False  # run as plain non-reentrant checkpoint, no dispatch mode (see needs_modes)
-
-    @functools.cached_property
-    def needs_modes(self) -> bool:
-        """Whether the plan keeps anything inside the region (or draws from an explicit generator).
-
-        If not, every op the backward needs is recomputed from the region's inputs: plain
-        non-reentrant checkpoint can run it, whose `preserve_rng_state` replays the default
-        generators' draws, with no dispatch mode at all. It also runs the ops the modes would skip
-        (`skipped_but_run`), up to the last one whose output the backward saves; those die as
-        they do in the forward, so its peak is the modes' peak (tests/test_torch_fastpath.py).
-        """
-        return any(s.cache or s.alias_of is not None or s.explicit_generator for s in self.steps)
-
-    @functools.cached_property
-    def skipped_but_run(self) -> tuple[Step, ...]:
-        """Steps the modes skip that a plain checkpoint's recompute runs: every SKIP before the last
-        step the replay runs or hands back (checkpoint's early stop ends the recompute there)."""
-        return tuple(s for s in self.steps[: self.last_replayed + 1] if s.action == SKIP)
-
-    @functools.cached_property
-    def last_replayed(self) -> int:
-        """Index of the last step whose output the replay computes or hands back (views, which
-        own no value, left out): the recompute's early stop comes after it."""
-        return max(
-            (
-                k
-                for k, s in enumerate(self.steps)
-                if s.action == CACHE or (s.action == RUN and (s.flops or s.bytes_moved))
-            ),
-            default=-1,
-        )
-
-    @functools.cached_property
-    def table(self) -> _Table:
-        return _Table(self.steps)
-
-
-_TO_COPY = torch.ops.aten._to_copy.default
-
-
-class _Table:
-    """Per-op facts of a region, computed once and shared by every call of it."""
-
-    def __init__(self, steps: tuple[Step, ...]):
-        self.steps = steps
-        self.names = [s.func for s in steps]
-        # OpOverload seen at each index (filled on first match): later calls compare by identity,
-        # not by formatting the op's name.
-        self.funcs: list[Any] = [None] * len(steps)
-        self.plain_forward = [not (s.cache or s.restore_rng or s.explicit_generator) for s in steps]
-        self.plain_replay = [s.action == RUN and not s.explicit_generator for s in steps]
-        self.single = [
-            len(s.out_leaves) == 1 and s.out_spec.is_leaf() and _is_tensor_leaf(s.out_leaves[0]) for s in steps
-        ]
-        self.scratch_bytes: dict[torch.device, int] = {}
-        for s in steps:
-            if s.action == RUN or s.written or s.inplace:  # in-place ones return their target
-                continue
-            for leaf in s.out_leaves:
-                if _is_tensor_leaf(leaf):
-                    _, shp, strd, dt, dev = leaf
-                    self.scratch_bytes[dev] = max(self.scratch_bytes.get(dev, 0), _extent_bytes(shp, strd, dt))
-
-    def match(self, k: int, func: Any) -> bool:
-        """Whether `func` is the op planned at index `k` (by identity once seen)."""
-        if k >= len(self.funcs):
-            return False
-        if self.funcs[k] is func:
-            return True
-        if self.names[k] != str(func):
-            return False
-        # An autocast cast of a parameter is the same OpOverload as a planned cast but not an op
-        # of the plan (see _trace.ignored): such ops are matched by name, after that check.
-        if func is not _TO_COPY:
-            self.funcs[k] = func
-        return True
-
-
-def _is_tensor_leaf(leaf: Any) -> bool:
-    return isinstance(leaf, tuple) and bool(leaf) and leaf[0] == "t"
+__all__ = ["CACHE", "RUN", "SKIP", "OpSequenceError", "Region", "Step"]
 
 
 def _rng_device(step: Step) -> torch.device:
@@ -182,12 +82,6 @@ def _mutated_arg(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
 def _whole_storage(t: torch.Tensor) -> torch.Tensor:
     """The bytes of `t`'s whole storage, as a flat uint8 tensor (no copy)."""
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-
-
-def _extent_bytes(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> int:
-    if any(n == 0 for n in shape):
-        return 0
-    return dtype.itemsize * (1 + sum((n - 1) * s for n, s in zip(shape, stride)))
 
 
 class _State:
@@ -272,6 +166,25 @@ def _with_generator_states(
             g.set_state(st)
 
 
+def _dynamo_skipper() -> Callable[[Any], None] | None:
+    """How to tell dynamo to leave a code object's frames, and all they call, untraced (None
+    where this torch cannot). TorchDispatchMode otherwise wraps `__torch_dispatch__` in
+    `torch._disable_dynamo`, which costs every op two wrapper frames and four frame-hook swaps;
+    a mark on the code costs nothing while dynamo is not running (the modes only ever run
+    eagerly: under torch.compile a region is a checkpoint policy, _compiled.py)."""
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+
+        skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
+    except (ImportError, AttributeError):
+        return None
+    return lambda code: set_code_exec_strategy(code, skip)
+
+
+_SKIP_CODE = _dynamo_skipper()
+
+
 def _index(mode: Any, func: Any, args: tuple) -> int | None:
     """The op index `func` takes in `mode`'s region (advancing it), or None: run it as is."""
     k, table = mode.k, mode.table
@@ -286,12 +199,27 @@ class _ForwardMode(TorchDispatchMode):
     def __init__(self, state: _State):
         super().__init__()
         self.state, self.table, self.k = state, state.table, 0
+        self.n, self.funcs, self.calls = len(self.table.funcs), self.table.funcs, self.table.forward_call
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return _SKIP_CODE is None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        k = _index(self, func, args)
-        if k is None:
-            return func(*args, **kwargs)
+        # The per-op path: the op seen at this index before, with nothing to keep.
+        k = self.k
+        if k < self.n and self.funcs[k] is func:
+            self.k = k + 1
+            call = self.calls[k]
+            if call is not None:
+                return call(*args, **kwargs) if kwargs else call(*args)
+        else:
+            k = _index(self, func, args)
+            if k is None:
+                return func(*args, **(kwargs or {}))
+        return self._planned(k, func, args, kwargs or {})
+
+    def _planned(self, k: int, func: Any, args: tuple, kwargs: dict) -> Any:
         if self.table.plain_forward[k] and self.table.funcs[k] is func:
             return func(*args, **kwargs)
         step = self.state.step(k, func, "the forward")
@@ -332,17 +260,31 @@ class _ReplayMode(TorchDispatchMode):
     def __init__(self, state: _State):
         super().__init__()
         self.state, self.table, self.k = state, state.table, 0
+        self.n, self.funcs, self.calls = len(self.table.funcs), self.table.funcs, self.table.replay_call
 
     def __enter__(self):
         self.k = 0
         self.state.begin_replay()
         return super().__enter__()
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return _SKIP_CODE is None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        k = _index(self, func, args)
-        if k is None:
-            return func(*args, **kwargs)
+        k = self.k  # the per-op path, as in _ForwardMode
+        if k < self.n and self.funcs[k] is func:
+            self.k = k + 1
+            call = self.calls[k]
+            if call is not None:
+                return call(*args, **kwargs) if kwargs else call(*args)
+        else:
+            k = _index(self, func, args)
+            if k is None:
+                return func(*args, **(kwargs or {}))
+        return self._planned(k, func, args, kwargs or {})
+
+    def _planned(self, k: int, func: Any, args: tuple, kwargs: dict) -> Any:
         if self.table.plain_replay[k] and self.table.funcs[k] is func:
             return func(*args, **kwargs)
         step = self.state.step(k, func, "the recompute")
@@ -388,3 +330,8 @@ class _ReplayMode(TorchDispatchMode):
             else:
                 leaves.append(leaf)
         return leaves[0] if self.table.single[k] else tree_unflatten(leaves, step.out_spec)
+
+
+if _SKIP_CODE is not None:
+    _SKIP_CODE(_ForwardMode.__torch_dispatch__.__code__)
+    _SKIP_CODE(_ReplayMode.__torch_dispatch__.__code__)

@@ -41,7 +41,9 @@ __all__ = [
     "_State",
     "constraints_for_torch",
     "decisions_for_torch",
+    "kept_layer_checks",
     "regions",
+    "run_checked",
     "run_region",
 ]
 _SAVE, _OFFLOAD = int(DecisionCode.SAVE), int(DecisionCode.OFFLOAD)
@@ -95,6 +97,37 @@ def regions(
                 region = dataclasses.replace(region, plain=True)
             out[seg.module] = region
     return out
+
+
+def kept_layer_checks(tg: TorchGraph, profile: Profile, planned: dict[str, Region]) -> dict[str, Region]:
+    """The layers of a plan made from a profile written out from a few layers
+    (`Profile.replicated_from`) that no region covers, each as an op table to check its first call
+    against (`run_checked`): every op runs as written, nothing is kept or skipped.
+
+    Such a plan holds for a layer only if the layer runs the profiled ops; for a kept layer a
+    different sequence means different activation memory than planned (its gradients are its
+    own either way), so it is refused, as a region's is, and the step re-planned."""
+    if not profile.replicated_from:
+        return {}
+    covered = {p for key, r in planned.items() for p in (r.members or (key,))}
+    out: dict[str, Region] = {}
+    for seg in tg.segments:
+        if seg.module is None or seg.module == "" or seg.module in covered or seg.module in out:
+            continue
+        steps = tuple(
+            Step(op.func, RUN, (), (), False, op.inplace, op.out_spec, op.out_leaves)
+            for op in profile.ops[seg.start : seg.stop]
+        )
+        out[seg.module] = Region(seg.name, seg.module, steps)
+    return out
+
+
+@torch._dynamo.disable
+def run_checked(region: Region, fn: Any, args: tuple, kwargs: dict) -> Any:
+    """`fn(*args, **kwargs)` under the forward mode of `region`, which raises `OpSequenceError` if
+    it dispatches other ops than the region's (and does nothing else with them)."""
+    with _ForwardMode(_State(region)):
+        return fn(*args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

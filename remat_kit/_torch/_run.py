@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from remat_kit._torch._modes import Region
 from remat_kit._torch._plan import Entry, compile_plan, signature
-from remat_kit._torch._replay import OpSequenceError, SegmentRun, run_region
+from remat_kit._torch._replay import OpSequenceError, SegmentRun, kept_layer_checks, run_checked, run_region
 from remat_kit._torch._trace import user_tools_paused
 
 
@@ -36,6 +36,9 @@ class _State:
     segment: SegmentRun | None = None  # the multi-layer checkpoint region the forward is inside
     per_call: bool = False  # an instance of a decorated layer class: see _solve_one_region
     checked: set[tuple[int, str]] = dataclasses.field(default_factory=set)  # see _checked_once
+    # id(entry) -> kept layers not checked yet against a written-out profile (kept_layer_checks)
+    unchecked: dict[int, dict[str, Region]] = dataclasses.field(default_factory=dict)
+    accelerators: dict[tuple, tuple[torch.device, ...]] = dataclasses.field(default_factory=dict)  # _accelerators
 
 
 def _needs_remat(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -69,6 +72,13 @@ class _BlockForward:
             return state.segment.layer(self.original, args, kwargs)
         region = compiled.regions.get(self.path) if compiled is not None else None
         if region is None:
+            if compiled is not None and not torch.compiler.is_compiling():
+                checks = state.unchecked.get(id(compiled))
+                if checks and self.path in checks:  # a kept layer's first call (see _checked_once)
+                    check = checks.pop(self.path)
+                    if not checks:
+                        del state.unchecked[id(compiled)]
+                    return run_checked(check, self.original, args, kwargs)
             return self.original(*args, **kwargs)
         region = _checked_once(state, compiled, self.path, region)
         if region.members:
@@ -86,7 +96,10 @@ def _checked_once(state: _State, entry: Entry, path: str, region: Region) -> Reg
     then re-plans from the whole forward); plain checkpoint checks nothing. So a region that runs
     as plain checkpoint runs once under the modes, which recompute exactly what plain checkpoint
     would need (plain is chosen only for regions that keep nothing inside), and plainly after.
-    Under torch.compile the region is a selective-checkpoint policy whatever `plain` says.
+    A layer the plan keeps whole runs its first call under the forward mode alone, which checks
+    its ops (`kept_layer_checks`). Under torch.compile the region is a selective-checkpoint policy
+    whatever `plain` says, and nothing is checked: a kept or plainly recomputed layer computes
+    its own gradients whatever it runs; only its memory could differ from the plan's.
     """
     if not region.plain or not entry.profile.replicated_from or torch.compiler.is_compiling():
         return region
@@ -98,7 +111,10 @@ def _checked_once(state: _State, entry: Entry, path: str, region: Region) -> Reg
 
 
 def install_blocks(module: torch.nn.Module, state: _State, compiled: Entry) -> None:
-    for path in {p for key, region in compiled.regions.items() for p in (region.members or (key,))}:
+    checks = kept_layer_checks(compiled.tg, compiled.profile, compiled.regions)
+    if checks:
+        state.unchecked[id(compiled)] = checks
+    for path in {p for key, region in compiled.regions.items() for p in (region.members or (key,))} | set(checks):
         if path == "" or path in state.wrapped_blocks:
             continue
         block = module.get_submodule(path)
@@ -181,7 +197,7 @@ class _RootForward:
         # means torch.compile is tracing the caller.
         compiling = torch._C._dynamo.eval_frame.get_eval_frame_callback() not in (None, False)
         compiled, key = _plan_for(module, state, original, args, kwargs, compiling=compiling)
-        rng = _rng_states(module)
+        rng = _rng_states(_accelerators(module, state, key))
         # A profile written out from four layers can miss a layer that differs only deep in the
         # stack, and a fake-tensor profile can take another path than real tensors (e.g. an SDPA
         # backend chosen from real strides). The replay refuses a different op sequence before
@@ -192,6 +208,7 @@ class _RootForward:
                 return self._run(compiled, args, kwargs)
             except OpSequenceError:
                 state.plans.pop(key, None)
+                state.unchecked.pop(id(compiled), None)
                 prof = compiled.profile
                 if not prof.fake:
                     raise
@@ -232,10 +249,21 @@ class _RootForward:
             state.active = None
 
 
+def _accelerators(module: torch.nn.Module, state: _State, key: tuple) -> tuple[torch.device, ...]:
+    """The devices besides the CPU whose generators a step may draw from (the parameters'), found
+    once per plan key: walking a module's parameters costs a small model's step several percent
+    (reports/torch/tiny_peers.md), and the key holds the inputs' devices."""
+    found = state.accelerators.get(key)
+    if found is None:
+        found = tuple({p.device for p in module.parameters() if p.device.type not in ("cpu", "meta")})
+        state.accelerators[key] = found
+    return found
+
+
 @torch._dynamo.disable  # called from the eager root wrapper: never a frame of its own to compile
-def _rng_states(module: torch.nn.Module) -> list[tuple[Any, torch.Tensor]]:
+def _rng_states(devices: tuple[torch.device, ...]) -> list[tuple[Any, torch.Tensor]]:
     states: list[tuple[Any, torch.Tensor]] = [("cpu", torch.get_rng_state())]
-    for device in {p.device for p in module.parameters() if p.device.type not in ("cpu", "meta")}:
+    for device in devices:
         states.append((device, torch.get_device_module(device.type).get_rng_state(device)))
     return states
 

@@ -1,0 +1,212 @@
+"""Eager plans priced by what running them costs (issue 12 item 2), checked by structure, never by time.
+
+* The replay modes' cost is calibrated on the modes themselves (`_modecost.mode_cost`), per op by
+  what the plan does with it, not on a pass-through dispatch mode.
+* A plan made from a profile written out from a few layers may be a plan of whole layers: every
+  layer's first call is checked against the profile (a kept layer under the forward mode alone),
+  so `by_time` no longer keeps the solver's selective plan there. The tiny MLP of the sweep
+  (8 layers) stepped at 2.1x of no remat under that selective plan (reports/torch/tiny_peers.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._pytree import tree_flatten
+from torch_helpers import fresh, grads, max_rel_err
+
+import remat_kit as rk
+import remat_kit._torch._layerplan as layerplan_mod
+import remat_kit._torch._modecost as modecost_mod
+import remat_kit._torch._run as run_mod
+from benchmarks.models.torch_zoo import build
+from remat_kit._torch._api import state_of
+from remat_kit._torch._measure import measure_step
+from remat_kit._torch._modecost import ModeCost
+from remat_kit._torch._modes import CACHE, RUN, SKIP, OpSequenceError, Region, Step, _ForwardMode, _ReplayMode
+
+
+def _count_dispatches(monkeypatch) -> dict[str, int]:
+    seen = {"forward": 0, "replay": 0, "handed back": 0}
+    for cls, key in ((_ForwardMode, "forward"), (_ReplayMode, "replay")):
+        real = cls.__torch_dispatch__
+
+        def counted(self, func, types, args=(), kwargs=None, _real=real, _key=key):
+            seen[_key] += 1
+            return _real(self, func, types, args, kwargs)
+
+        monkeypatch.setattr(cls, "__torch_dispatch__", counted)
+    real_back = _ReplayMode._hand_back
+
+    def hand_back(self, k, step, *rest):
+        seen["handed back"] += 1
+        return real_back(self, k, step, *rest)
+
+    monkeypatch.setattr(_ReplayMode, "_hand_back", hand_back)
+    return seen
+
+
+def test_planning_calibrates_the_per_op_cost_on_the_real_modes(monkeypatch) -> None:
+    # Before, `by_time` priced a selective region's modes by a pass-through TorchDispatchMode:
+    # neither replay mode ran while planning, and what they do per op beyond passing it on
+    # (keeping outputs, handing them back, laying placeholders) was priced at nothing.
+    modecost_mod.mode_cost.cache_clear()
+    monkeypatch.setenv("REMAT_KIT_CALIBRATE", "1")
+    seen = _count_dispatches(monkeypatch)
+    during: dict[str, int] = {}
+    real_by_time = layerplan_mod.by_time
+
+    def by_time(*args, **kwargs):
+        before = dict(seen)
+        out = real_by_time(*args, **kwargs)
+        during.update({k: seen[k] - before[k] for k in seen})
+        return out
+
+    monkeypatch.setattr("remat_kit._torch._plan.by_time", by_time)
+    model, batch = build("gpt", "tiny")
+    try:
+        rk.auto(model, 0.7)(*batch).backward()
+    finally:
+        modecost_mod.mode_cost.cache_clear()
+    assert during["forward"] > 0 and during["replay"] > 0 and during["handed back"] > 0, during
+
+
+def test_calibration_is_nothing_when_off(monkeypatch) -> None:
+    modecost_mod.mode_cost.cache_clear()
+    monkeypatch.setenv("REMAT_KIT_CALIBRATE", "0")
+    try:
+        assert modecost_mod.mode_cost("cpu") == ModeCost()
+        assert modecost_mod.mode_cost("meta") == ModeCost()
+    finally:
+        modecost_mod.mode_cost.cache_clear()
+
+
+def _step(action: str, flops: int = 0, cache: tuple[int, ...] = ()) -> Step:
+    spec = tree_flatten(torch.empty(2))[1]
+    leaf = ("t", (2,), (1,), torch.float32, torch.device("cpu"))
+    return Step("aten.tanh.default", action, cache, (), False, False, spec, (leaf,), flops=flops)
+
+
+def test_a_region_is_priced_per_op_by_what_the_plan_does() -> None:
+    # Each term a power of ten apart, so the sum names every term it counted.
+    cost = ModeCost(frame=1, forward=10, keep=100, run=1_000, cached=10_000, skipped=100_000)
+    steps = (_step(RUN, flops=8), _step(CACHE, cache=(0,)), _step(SKIP), _step(RUN, flops=8), _step(SKIP))
+    region = Region("l", "l", steps)
+    assert region.last_replayed == 3  # the trailing SKIP is past checkpoint's early stop
+    forward = 4 * 10 + 100  # one op kept
+    replay = 1_000 + 10_000 + 100_000 + 1_000
+    assert cost.of(region) == 1 + forward + replay
+    assert layerplan_mod.region_modes_seconds(region, cost) == cost.of(region)
+    flat = ModeCost.flat(3.0)  # one number an op: the count the pass-through pricing made
+    assert flat.of(region) == 3.0 * (len(steps) + region.last_replayed + 1)
+
+
+def _first_and_second_step_modes(model: nn.Module, batch: tuple, monkeypatch) -> tuple[dict, dict]:
+    """Per layer index, whether a dispatch mode was active at each of its calls, on two steps."""
+    calls: list[tuple[int, bool]] = []
+    for k, block in enumerate(model.blocks):
+        inner = block.forward
+
+        def spied(*args, _k=k, _inner=inner, **kwargs):
+            calls.append((_k, _get_current_dispatch_mode() is not None))
+            return _inner(*args, **kwargs)
+
+        block.forward = spied
+    out = []
+    for _ in range(2):
+        calls.clear()
+        model(*batch).backward()
+        out.append({k: [m for j, m in calls if j == k] for k in range(len(model.blocks))})
+    return out[0], out[1]
+
+
+def test_an_eight_layer_mlp_from_a_written_out_profile_gets_whole_layers(monkeypatch) -> None:
+    # The sweep's tiny MLP has MIN_LAYERS layers, so it is planned from four profiled ones. With
+    # the modes priced high a selective plan loses to whole layers; before, `by_time` kept the
+    # solver's selective plan for every written-out profile (nothing checked a kept layer).
+    monkeypatch.setattr(layerplan_mod, "mode_cost", lambda *a, **k: ModeCost.flat(1e-3))
+    model, batch = build("mlp", "tiny")
+    torch.manual_seed(1)
+    want = grads(fresh(model), *batch)
+    none = measure_step(fresh(model), batch, loss_fn=lambda x: x, count_flops=False).activation_bytes
+    rematted = rk.auto(fresh(model), 0.7)
+    first, second = _first_and_second_step_modes(rematted, batch, monkeypatch)
+    (entry,) = state_of(rematted).plans.values()
+    assert entry.profile.replicated_from > 0
+    assert entry.plan.solver == "whole layers"
+    assert entry.regions and not any(r.needs_modes for r in entry.regions.values())
+    recomputed = {p for key, r in entry.regions.items() for p in (r.members or (key,))}
+    kept = [k for k in range(len(rematted.blocks)) if f"blocks.{k}" not in recomputed]
+    assert kept and len(kept) < len(rematted.blocks)
+    # First step: every layer runs under a mode once (a kept one under the forward's check, a
+    # recomputed one under the replay modes); after that none does.
+    for k in range(len(rematted.blocks)):
+        assert first[k][0] is True, (k, first[k])
+        assert not any(second[k]), (k, second[k])
+        assert len(second[k]) == (1 if k in kept else 2)
+    assert max_rel_err(grads(rematted, *batch), want) == 0.0
+    measured = measure_step(rematted, batch, loss_fn=lambda x: x, count_flops=False).activation_bytes
+    assert measured <= 0.7 * none
+
+
+class _Layer(nn.Module):
+    def __init__(self, d: int, index: int, extra_at: int):
+        super().__init__()
+        # Every layer holds the same `extra_at`; only the layer index differs (allowed by the
+        # written-out profile, which reads no attribute that differs otherwise).
+        self.fc, self.layer_idx, self.extra_at = nn.Linear(d, d), index, extra_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.fc(x))
+        if self.layer_idx == self.extra_at:
+            y = torch.sigmoid(y)  # an op the profiled layers do not run
+        return x + y
+
+
+class _Stack(nn.Module):
+    def __init__(self, n: int = 12, d: int = 16, extra_at: int = -1):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Layer(d, i, extra_at) for i in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.blocks:
+            x = layer(x)
+        return x.square().mean()
+
+
+def test_a_kept_layer_that_differs_from_the_written_out_profile_is_caught(monkeypatch) -> None:
+    # Layers 0, 1, 2 and the last are profiled; a kept layer in between that runs one more op
+    # holds other activations than planned. Its first call, under the forward mode's check,
+    # refuses it; the step is planned again from the whole forward and stays exact.
+    monkeypatch.setattr(layerplan_mod, "mode_cost", lambda *a, **k: ModeCost.flat(1e-3))
+    x = torch.randn(4, 16)
+    probe = rk.auto(_Stack().train(), 0.7)
+    probe(x).backward()
+    (entry,) = state_of(probe).plans.values()
+    assert entry.profile.replicated_from > 0 and entry.plan.solver == "whole layers"
+    recomputed = {p for key, r in entry.regions.items() for p in (r.members or (key,))}
+    kept = [k for k in range(3, 11) if f"blocks.{k}" not in recomputed]
+    assert kept
+    torch.manual_seed(0)
+    model = _Stack(extra_at=kept[-1]).train()
+    want = grads(fresh(model), x)
+    refused: list[str] = []
+    real = run_mod.run_checked
+
+    def run_checked(region, *args):
+        try:
+            return real(region, *args)
+        except OpSequenceError:
+            refused.append(region.module)
+            raise
+
+    monkeypatch.setattr(run_mod, "run_checked", run_checked)
+    rematted = rk.auto(fresh(model), 0.7)
+    with pytest.warns(UserWarning, match="differs from its profile"):
+        got = grads(rematted, x)
+    assert refused == [f"blocks.{kept[-1]}"]
+    assert max_rel_err(got, want) <= 1e-6
+    (entry,) = state_of(rematted).plans.values()
+    assert entry.profile.replicated_from == 0
