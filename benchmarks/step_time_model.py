@@ -11,13 +11,14 @@ Three measurements per step, each round stepping no remat and every budget once,
 
 * **recompute** (direct): the thread CPU time spent inside checkpoint's recomputations during
   backward, timed around torch's own recompute frame (`torch.utils.checkpoint._recomputation_hook`,
-  entered once per region recompute; wrapped here, the library is not asked). This is what the
-  cost model predicts, measured by an instrument that knows nothing of it.
+  entered once per region recompute; wrapped here, the library is not asked): the recompute as
+  the step pays for it, measured by an instrument that knows nothing of the cost model.
 * **extra CPU**: the step's thread CPU time minus that round's no-remat step (paired).
 * **extra wall**: the same in wall-clock time (noisy on a shared machine).
 
-`--breakdown` profiles one more step per budget with torch.profiler and lists the aten ops run
-inside the recompute frames by self CPU time (where a misprice comes from).
+Then a few more steps per budget split the recompute: the ops it runs, each timed by a dispatch
+mode entered before (so beneath) the region's own (`OpTimer`: what the cost model prices), and the
+rest of the frame (Python, autograd, checkpoint's hooks, the replay modes).
 Target (issue 12): predicted within 20% of measured at 0.3 / 0.5 / 0.7.
 Figures go to reports/step_time_model.{md,json}.
 """
@@ -35,12 +36,27 @@ from collections.abc import Iterator
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat_kit as rk
 from benchmarks._report import write
 from benchmarks.models.torch_gpt import GPT
 
-RECOMPUTE_LABEL = "remat_kit.bench.recompute"
+
+class OpTimer(TorchDispatchMode):
+    """Thread CPU time of the ops that reach it, by op. Entered inside a recompute frame before the
+    region's own modes, it sits under them: it sees the ops the recompute runs (what the cost
+    model prices), not the ones a replay hands back from its cache or skips."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.thread_time()
+        out = func(*args, **(kwargs or {}))
+        self.seconds[str(func.overloadpacket)] += time.thread_time() - start
+        return out
 
 
 class RecomputeClock:
@@ -54,26 +70,28 @@ class RecomputeClock:
     def __init__(self) -> None:
         self.seconds = 0.0
         self.num_recomputes = 0
+        self.ops: OpTimer | None = None  # set: time the ops each recompute runs (`OpTimer`)
 
     @contextlib.contextmanager
-    def installed(self, label: bool = False) -> Iterator[RecomputeClock]:
+    def installed(self) -> Iterator[RecomputeClock]:
         original = torch_checkpoint._recomputation_hook
         clock = self
 
         class Timed(original):  # type: ignore[misc, valid-type]
             def __enter__(self):
-                self._rk_range = torch.profiler.record_function(RECOMPUTE_LABEL) if label else None
-                if self._rk_range is not None:
-                    self._rk_range.__enter__()
                 self._rk_start = time.thread_time()
-                return super().__enter__()
+                out = super().__enter__()
+                self._rk_ops = clock.ops
+                if self._rk_ops is not None:
+                    self._rk_ops.__enter__()
+                return out
 
             def __exit__(self, *exc):
+                if self._rk_ops is not None:
+                    self._rk_ops.__exit__(*exc)
                 out = super().__exit__(*exc)
                 clock.seconds += time.thread_time() - self._rk_start
                 clock.num_recomputes += 1
-                if self._rk_range is not None:
-                    self._rk_range.__exit__(*exc)
                 return out
 
         torch_checkpoint._recomputation_hook = Timed
@@ -92,24 +110,22 @@ def step(model: torch.nn.Module, inputs: tuple, clock: RecomputeClock) -> dict[s
     return {"wall": time.perf_counter() - start, "cpu": time.thread_time() - cpu, "recompute": clock.seconds}
 
 
-def breakdown(model: torch.nn.Module, inputs: tuple, clock: RecomputeClock, top: int = 12) -> list[tuple[str, float]]:
-    """(aten op, self CPU ms) of the ops run inside the recompute frames of one profiled step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(model, inputs, clock)
-    total: collections.Counter[str] = collections.Counter()
-
-    def walk(event, inside: bool) -> None:
-        for child in event.cpu_children:
-            if inside and child.name.startswith("aten::"):
-                total[child.name] += child.self_cpu_time_total / 1e3
-            walk(child, inside or child.name == RECOMPUTE_LABEL)
-
-    for event in prof.events():
-        if event.cpu_parent is None:
-            walk(event, event.name == RECOMPUTE_LABEL)
-    return total.most_common(top)
+def split(model: torch.nn.Module, inputs: tuple, clock: RecomputeClock, steps: int) -> dict:
+    """The recompute split, over `steps` more steps: the ops it runs (`OpTimer`, thread CPU time;
+    the part the cost model prices) and the rest of the frame (Python, autograd, the region's
+    modes and hooks). Medians per step; the ops by time, summed over the steps."""
+    ops_total, frame_total, by_op = [], [], collections.Counter()
+    for _ in range(steps):
+        clock.ops = OpTimer()
+        frame_total.append(step(model, inputs, clock)["recompute"])
+        ops_total.append(sum(clock.ops.seconds.values()))
+        by_op.update(clock.ops.seconds)
+    clock.ops = None
+    return {
+        "ops_run_cpu_s": statistics.median(ops_total),
+        "frame_cpu_s": statistics.median(frame_total),
+        "top_ops_ms": [(op.removeprefix("aten."), 1e3 * t / steps) for op, t in by_op.most_common(10)],
+    }
 
 
 def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[dict]], dict]:
@@ -123,7 +139,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[dict]]
         models[f"auto {b}"] = rk.auto(copy.deepcopy(base), b)
     clock = RecomputeClock()
     samples: dict[str, list[dict]] = {k: [] for k in models}
-    with clock.installed(label=args.breakdown):
+    with clock.installed():
         for m in models.values():  # plan (first call) and warm up
             step(m, inputs, clock)
             step(m, inputs, clock)
@@ -133,11 +149,9 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[dict]]
             names = names[r % len(names) :] + names[: r % len(names)]
             for name in names:
                 samples[name].append(step(models[name], inputs, clock))
-        ops = (
-            {f"auto {b}": breakdown(models[f"auto {b}"], inputs, clock) for b in args.budgets} if args.breakdown else {}
-        )
-    rows = [_row(b, models[f"auto {b}"], samples[f"auto {b}"], samples["none"]) for b in args.budgets]
-    return rows, samples, ops
+        splits = {b: split(models[f"auto {b}"], inputs, clock, args.split_steps) for b in args.budgets}
+    rows = [_row(b, models[f"auto {b}"], samples[f"auto {b}"], samples["none"]) | splits[b] for b in args.budgets]
+    return rows, samples
 
 
 def _row(budget: float, model: torch.nn.Module, mine: list[dict], none: list[dict]) -> dict:
@@ -181,17 +195,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--breakdown", action="store_true", help="profile the aten ops inside the recompute")
+    parser.add_argument("--split-steps", type=int, default=3, help="steps timing the ops inside the recompute")
     parser.add_argument("--name", default="step_time_model", help="report file name under reports/")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds={args.rounds}: run at least one round")
+    if args.rounds < 1 or args.split_steps < 1:
+        parser.error(f"--rounds={args.rounds} --split-steps={args.split_steps}: run at least one of each")
     # Calibrate in this process, under the load the steps then run under (the disk cache would
     # hold whatever the first run on this machine saw).
     os.environ.setdefault("REMAT_KIT_CALIBRATE", "fresh")
-    rows, samples, ops = measure(args)
+    rows, samples = measure(args)
     none_cpu = statistics.median(s["cpu"] for s in samples["none"])
-    _report(args, rows, none_cpu, ops)
+    _report(args, rows, none_cpu)
 
 
 def _ms(x: float | None) -> str:
@@ -202,7 +216,7 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def _report(args: argparse.Namespace, rows: list[dict], none_cpu: float, ops: dict) -> None:
+def _report(args: argparse.Namespace, rows: list[dict], none_cpu: float) -> None:
     lines = [
         "# Predicted recompute time beside measured recompute and extra step time (eager torch)",
         "",
@@ -211,32 +225,35 @@ def _report(args: argparse.Namespace, rows: list[dict], none_cpu: float, ops: di
         f"No remat: median step {none_cpu * 1e3:.0f} ms thread CPU (this machine's only). `auto` priced recompute with",
         "constants calibrated in the same process (`REMAT_KIT_CALIBRATE=fresh`).",
         "",
-        "`recompute`: thread CPU time inside checkpoint's recompute frames (direct; median, [quartiles]).",
-        "`extra CPU` / `extra wall`: median over rounds of (step - that round's no-remat step), [quartiles].",
+        "- `predicted`: the plan's `predicted_recompute_seconds`.",
+        "- `recompute`: thread CPU time inside checkpoint's recompute frames, per step (direct; median [quartiles]).",
+        "- `ops run`: of that, the ops the recompute runs, timed one by one under the region's modes (median of",
+        f"  {args.split_steps} more steps); the rest of the frame is Python, autograd, hooks and the replay modes.",
+        "- `extra CPU` / `extra wall`: median over rounds of (step - that round's no-remat step) [quartiles].",
         "",
-        "| budget | activation fraction | recompute GFLOP | recomputed ops | predicted ms | recompute ms | "
-        "predicted / recompute | extra CPU ms | predicted / extra CPU | extra wall ms | CPU step / none |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| budget | activation fraction | recompute GFLOP | recomputed ops | predicted ms | ops run ms | "
+        "predicted / ops run | recompute ms | predicted / recompute | extra CPU ms | predicted / extra CPU | "
+        "extra wall ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         frac = "-" if r["activation_fraction"] is None else f"{r['activation_fraction']:.3f}"
         rq, cq, wq = r["measured_recompute_cpu_iqr_s"], r["extra_cpu_iqr_s"], r["extra_wall_iqr_s"]
+        ops_run = r["ops_run_cpu_s"]
         lines.append(
             f"| {r['budget']} | {frac} | {r['recompute_gflop']:.3f} | {r['recomputed_ops']} | "
-            f"{_ms(r['predicted_recompute_s'])} | {_ms(r['measured_recompute_cpu_s'])} [{_ms(rq[0])}, {_ms(rq[1])}] | "
+            f"{_ms(r['predicted_recompute_s'])} | {_ms(ops_run)} | "
+            f"{_ratio(r['predicted_recompute_s'] / ops_run if ops_run > 0 else None)} | "
+            f"{_ms(r['measured_recompute_cpu_s'])} [{_ms(rq[0])}, {_ms(rq[1])}] | "
             f"{_ratio(r['predicted_over_recompute'])} | {_ms(r['extra_cpu_s'])} [{_ms(cq[0])}, {_ms(cq[1])}] | "
-            f"{_ratio(r['predicted_over_extra_cpu'])} | {_ms(r['extra_wall_s'])} [{_ms(wq[0])}, {_ms(wq[1])}] | "
-            f"{r['cpu_ratio_to_none']:.3f} |"
+            f"{_ratio(r['predicted_over_extra_cpu'])} | {_ms(r['extra_wall_s'])} [{_ms(wq[0])}, {_ms(wq[1])}] |"
         )
-    for name, top in ops.items():
-        lines += ["", f"Aten ops inside the recompute, {name} (self CPU ms, one profiled step): "]
-        lines.append(", ".join(f"{op.removeprefix('aten::')} {ms:.1f}" for op, ms in top))
-    lines += [
-        "",
-        f"Load average when written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
-    ]
+    lines += ["", "Ops the recompute runs, thread CPU ms per step:", ""]
+    for r in rows:
+        lines.append(f"- {r['budget']}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in r["top_ops_ms"]))
+    lines += ["", f"Load average when written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."]
     print("\n".join(lines))
-    path = write(args.name, {"rows": rows, "none_cpu_s": none_cpu, "recompute_ops_ms": ops}, "\n".join(lines))
+    path = write(args.name, {"rows": rows, "none_cpu_s": none_cpu}, "\n".join(lines))
     print(f"wrote {path}")
 
 

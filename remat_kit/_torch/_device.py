@@ -40,17 +40,28 @@ def default_device(module: torch.nn.Module | None = None) -> DeviceSpec:
     return calibrated_spec(kind, lambda: measure(dev))
 
 
+def _clock(dev: torch.device) -> Callable[[], float]:
+    """The clock to time `dev`'s ops by. On a CPU running torch on one thread, that thread's CPU
+    time: every op runs on it, so it is the op's time, and other processes on a shared machine do
+    not stretch it (wall-clock minima there moved the calibrated rates by 30% between runs). With
+    several intra-op threads the work spreads over threads this one does not see: wall clock."""
+    if dev.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
+
+
 def _least_seconds(fn: Callable[[], object], dev: torch.device, repeats: int = REPEATS) -> float:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
+    clock = _clock(dev)
     for _ in range(2):  # warm-up: allocator, lazy initialisation
         fn()
     sync(dev)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync(dev)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     # The least of a few: load from other processes only ever slows a run down, and the constants
     # are cached on disk, so they should describe the device, not the moment.
     return min(times)
