@@ -2,15 +2,20 @@
 the compiler allows.
 
 The cost model's fraction of no remat is not the compiled one: XLA fuses cheap elementwise work
-into the backward and never stores some residuals the model counts, and adds buffers of its own.
-Measured on the bench's scanned GPT (`reports/jax/first_call.md`), the compiled fraction runs
-above the model's by 0.03-0.10, differently per plan. So `fit` is a search over model targets
-(the fraction of no remat the model is asked to plan for), each step one plan compiled:
+into the backward and never stores some residuals the model counts, and adds buffers of its own
+(workspace, gradients) that the model's peak does not describe. So `fit` is a search over
+figures (below), each step one plan compiled:
 
-* the first target maps `AIM` under the budget through a line through no remat's point,
-  compiled fraction ≈ 1 - slope·(1 - model fraction); no remat's compile gives the first slope
-  (the model's no-remat bytes over the compiled ones: what the model thinks it can free against
-  what XLA holds);
+* the search works in the predicted compiled fraction of a plan, its *figure*. Where no remat's
+  residual bytes are known (`_verify.step_figures` reads them off its trace), the figure is the
+  plan's kept bytes (the model's, which are the residuals JAX keeps under the plan:
+  `_rules.backward_reads`) plus what XLA holds besides residuals in no remat's compile (its temp
+  minus its residuals), over no remat's temp: measured on the bench's scanned GPT, XLA holds
+  the same bytes besides residuals whatever the plan (`reports/jax/first_call.md`), so the first
+  target aims `AIM` under the budget with slope 1. Elsewhere (one layer, a sharded step) the
+  figure is the model's fraction of no remat, and no remat's compile gives the first slope (the
+  model's no-remat bytes over the compiled ones). A figure is turned into a plan by asking the
+  model for the activation fraction that plan's figure sits at (`Search.plan_at`, a solve or two);
 * each measured plan replaces the slope with the one through its own point and narrows the
   bracket (the largest target that fit, the smallest that missed); once a fit and a miss bracket
   the budget, the next target is on the chord between them, so a plan the line mispredicts is
@@ -35,7 +40,8 @@ import math
 from collections.abc import Callable
 
 from remat_kit._core import presets
-from remat_kit._core.plan import Plan
+from remat_kit._core.plan import Decision, Plan
+from remat_kit._core.simulate import simulate
 from remat_kit._jax._graph import Traced
 from remat_kit._jax._plan import Model, scan_groups
 
@@ -43,6 +49,7 @@ MAX_ROUNDS = 3  # plan compiles per budget, past no remat's
 AIM = 0.02  # of no remat: where under the budget the line aims
 TOLERANCE = 0.05  # of no remat: a fitting plan this close under the budget is kept
 MIN_BRACKET = 0.01  # model targets closer than this between fit and miss: stop asking
+MAX_SOLVES = 3  # solves turning one figure into a plan (`Search.plan_at`)
 
 
 @dataclasses.dataclass
@@ -55,14 +62,18 @@ class Search:
     none_bytes: int
     goal_bytes: int
     slope: float = 1.0
+    none_residual_bytes: int | None = None  # what JAX's VJP keeps in no remat (see the module doc)
     tried: dict = dataclasses.field(default_factory=dict)  # (decisions, segments) -> measured bytes
-    fit_at: tuple[float, float] | None = None  # (model, measured fraction) of the fit with the largest target
+    fit_at: tuple[float, float] | None = None  # (figure, measured fraction) of the fit with the largest figure
     miss_at: tuple[float, float] | None = None  # ... of the miss with the smallest
+    shift: float | None = None  # the last plan's model fraction minus its figure (`plan_at`)
+    budget_fraction: float = 1.0  # the budget as a fraction of the model's no remat: `plan_at` asks no more
 
     def measured(self, p: Plan) -> int:
         k = (p.decisions, p.segments)
         if k not in self.tried:
-            self.tried[k] = self.measure(p)
+            # A plan that recomputes nothing runs as no remat does (`_run`): its figure is known.
+            self.tried[k] = self.none_bytes if _keeps_all(p) else self.measure(p)
         return self.tried[k]
 
     def aim(self) -> float:
@@ -70,12 +81,24 @@ class Search:
         return (self.goal_bytes - AIM * self.none_bytes) / max(self.none_bytes, 1)
 
     def target(self) -> float:
-        """The model fraction the calibrated line maps to the aim."""
+        """The figure the calibrated line maps to the aim."""
         return 1.0 - (1.0 - self.aim()) / max(self.slope, 1e-6)
+
+    def figure(self, plan: Plan | None) -> float:
+        """The plan's predicted compiled fraction of no remat before calibration (module doc);
+        None: keep-all under the plan's checkpoints."""
+        if self.none_residual_bytes is None:
+            return 1.0 if plan is None else self.model_fraction(plan)
+        if plan is not None and _keeps_all(plan):
+            return 1.0  # runs as no remat does, no checkpoint to change its residuals
+        traced = self.model.traced
+        graph = traced.graph.regroup(plan.segments) if plan is not None and plan.segments else traced.graph
+        kept = sum(simulate(graph, plan).kept_bytes_by_block)
+        return (kept + self.none_bytes - self.none_residual_bytes) / max(self.none_bytes, 1)
 
     def record(self, plan: Plan, measured: int) -> None:
         """Recalibrate the line through the plan's point and narrow the bracket with it."""
-        f_model, f_measured = self.model_fraction(plan), measured / max(self.none_bytes, 1)
+        f_model, f_measured = self.figure(plan), measured / max(self.none_bytes, 1)
         if measured <= self.goal_bytes:
             if self.fit_at is None or f_model > self.fit_at[0]:
                 self.fit_at = (f_model, f_measured)
@@ -85,10 +108,37 @@ class Search:
             self.slope = (1.0 - f_measured) / (1.0 - f_model)
 
     def plan_at(self, target: float) -> Plan:
+        """The plan whose figure is at most `target`, as near it as a few solves find: the model
+        is asked at `target` plus the last plan's shift (its model fraction minus its figure; at
+        first keep-all's), until the shift settles."""
+        if self.none_residual_bytes is None:
+            return self._model_plan(target)
+        if self.shift is None:
+            self.shift = 1.0 - self.figure(None)
+        best, last = None, None
+        for _ in range(MAX_SOLVES):
+            # Never above the budget in the model's own terms: a plan the model itself puts over
+            # the budget would report a prediction over it, whatever XLA makes of it.
+            plan = self._model_plan(min(target + self.shift, self.budget_fraction))
+            figure = self.figure(plan)
+            settled = last is not None and (plan.decisions, plan.segments) == (last.decisions, last.segments)
+            self.shift, last = plan.activation_fraction - figure, plan
+            if figure <= target and (best is None or figure > best[0]):
+                best = (figure, plan)
+            if settled:
+                break
+        return last if best is None else best[1]
+
+    def _model_plan(self, target: float) -> Plan:
         """The model's plan at `target`, or its least-memory plan where the target is below its floor."""
-        if self.model.floor().admits(target, 0):
+        target = min(target, 1.0)  # a figure's shift may carry it past keep-all
+        if target > 0 and self.model.floor().admits(target, 0):
             return self.model.plan(target)
         return self.model.least_memory()
+
+
+def _keeps_all(plan: Plan) -> bool:
+    return not plan.segments and all(d is Decision.SAVE for _, d in plan.decisions)
 
 
 def fit(search: Search, start: Plan | None) -> Plan | None:
@@ -124,8 +174,8 @@ def _next_plan(search: Search) -> Plan | None:
 
 
 def _next_target(search: Search) -> float | None:
-    """The next model target: on the calibrated line until a fit and a miss bracket it, then on the
-    chord between them (the compiled fraction is neither linear nor monotone in the model's, so the
+    """The next figure: on the calibrated line until a fit and a miss bracket it, then on the
+    chord between them (the compiled fraction is neither linear nor monotone in the figure, so the
     bracket, not the line, has the last word). None once the bracket is too narrow to split."""
     fit_at, miss_at = search.fit_at, search.miss_at
     lo = fit_at[0] if fit_at else 0.0

@@ -96,17 +96,29 @@ def store_plan(key: str | None, verdict: Plan | InfeasibleBudgetError) -> None:
         _write(key, {"plan": verdict.to_json()})
 
 
-def load_figures(key: str | None) -> tuple[int, int] | None:
-    """No remat's compiled temp bytes and the constant bytes beside them (`_verify.none_figures`)."""
+def load_figures(key: str | None) -> tuple[int, int, int | None] | None:
+    """No remat's compiled temp bytes, the constant bytes beside them and its residual bytes
+    (`_verify.none_figures`; None where not read)."""
     data = _read(key)
     try:
-        return None if data is None else (int(data["none_temp_bytes"]), int(data["constant_bytes"]))
+        if data is None:
+            return None
+        kept = data.get("none_residual_bytes")
+        return int(data["none_temp_bytes"]), int(data["constant_bytes"]), None if kept is None else int(kept)
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def store_figures(key: str | None, figures: tuple[int, int]) -> None:
-    _write(key, {"none_temp_bytes": int(figures[0]), "constant_bytes": int(figures[1])})
+def store_figures(key: str | None, figures: tuple[int, int, int | None]) -> None:
+    kept = figures[2]
+    _write(
+        key,
+        {
+            "none_temp_bytes": int(figures[0]),
+            "constant_bytes": int(figures[1]),
+            "none_residual_bytes": None if kept is None else int(kept),
+        },
+    )
 
 
 def _read(key: str | None) -> dict | None:

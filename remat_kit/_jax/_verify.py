@@ -64,12 +64,20 @@ def compile_for_memory(lowered: Any) -> Any:
 
 
 def vjp_step(
-    traced: Traced, decisions: dict, *, segments: Sequence[Sequence[str]] = (), unroll: bool = False
+    traced: Traced,
+    decisions: dict,
+    *,
+    segments: Sequence[Sequence[str]] = (),
+    unroll: bool = False,
+    residual_bytes: list[int] | None = None,
 ) -> Callable:
     """One forward+backward of the traced function under `decisions` (ones as output cotangents),
     differentiated, as a training step is, with respect to the parameters alone where it has
     any: an input's cotangent is one more buffer the user's `jax.grad(loss)` never makes (one
-    batch-sized temp buffer more or less, 2.5% of no remat on a data-parallel MLP)."""
+    batch-sized temp buffer more or less, 2.5% of no remat on a data-parallel MLP).
+
+    `residual_bytes`: the bytes of the residuals JAX's VJP keeps (its arguments aside) are
+    appended to it when the step is traced; `_fit` calibrates the cost model's kept bytes by them."""
     wrt = [
         i
         for i, n in enumerate(traced.fn.invars)
@@ -93,6 +101,9 @@ def vjp_step(
                 return fwd(*full)
 
             out, vjp, aux = jax.vjp(of_params, *[vals[i] for i in wrt], has_aux=True)
+        if residual_bytes is not None:
+            held = [x for x in jax.tree_util.tree_leaves(vjp) if hasattr(x, "shape") and hasattr(x, "dtype")]
+            residual_bytes.append(sum(nbytes(x) for x in held if not any(x is v for v in vals)))
         cts = [jnp.ones_like(o) if is_float(o) else np.zeros(o.shape, jax.dtypes.float0) for o in out]
         return vjp(cts), aux
 
@@ -128,17 +139,21 @@ def temp_bytes(traced: Traced, decisions: dict, specs: Sequence[Any], *, segment
 
 def step_figures(
     traced: Traced, specs: Sequence[Any], *, sharded: bool, meanwhile: Callable[[], Any] | None
-) -> tuple[int, int]:
-    """No remat's compiled temp, and the bytes one device holds beside it: for a sharded step the
-    parameters, their gradients and the inputs as the SPMD partitioner lays them out (a gradient's
-    layout is the partitioner's choice: FSDP parameters' gradients may come out whole, not as their
-    parameter's), else the graph's constant bytes.
+) -> tuple[int, int, int | None]:
+    """No remat's compiled temp, the bytes one device holds beside it, and its residual bytes.
+
+    Beside it: for a sharded step the parameters, their gradients and the inputs as the SPMD
+    partitioner lays them out (a gradient's layout is the partitioner's choice: FSDP parameters'
+    gradients may come out whole, not as their parameter's), else the graph's constant bytes.
+    Residuals: what JAX's VJP keeps, read while the step is traced for its lowering (no compile
+    of its own); None for a sharded step, whose traced shapes are global, not one device's.
 
     The compile runs on a second thread while `meanwhile()` (the solve's budget-independent work)
     runs on this one: XLA releases the GIL while it compiles, so on two cores the two overlap, and
     on one they cost what they cost in turn. Lowering stays on this thread, under the caller's
     tracing contexts (mesh, device) that a new thread would not see."""
-    lowered = jax.jit(vjp_step(traced, {})).lower(*specs)
+    residuals: list[int] = []
+    lowered = jax.jit(vjp_step(traced, {}, residual_bytes=residuals)).lower(*specs)
     if meanwhile is None or usable_cpus() < 2:  # one core: nothing to overlap, the solve warms itself
         compiled = compile_for_memory(lowered)
     else:
@@ -148,14 +163,14 @@ def step_figures(
             compiled = pending.result()
     temp = int(compiled.memory_analysis().temp_size_in_bytes)
     if not sharded:
-        return temp, traced.graph.constant_bytes
+        return temp, traced.graph.constant_bytes, residuals[0] if residuals else None
     graph = traced.graph
     params = [i for i in range(len(specs)) if graph.values[graph.index(f"arg{i}")].role is Role.PARAM]
     held = sum(nbytes(s) // divisor(s.sharding, s.shape) for s in specs)
     for i, out in zip(params, jax.tree_util.tree_leaves(compiled.output_shardings)):
         if is_float(specs[i]):
             held += nbytes(specs[i]) // divisor(out, specs[i].shape)
-    return temp, held
+    return temp, held, None
 
 
 def usable_cpus() -> int:
@@ -199,13 +214,25 @@ def verified(
         return plan  # not a residual-stream layer (or a per-call byte budget): the model alone decides
     measure, model_fraction = found
     sharded = not layer and any(s is not None for s in (shardings or ()))
-    none, constant_bytes = none_figures(traced, specs, measure, layer=layer, sharded=sharded, meanwhile=warm)
+    none, constant_bytes, none_residuals = none_figures(
+        traced, specs, measure, layer=layer, sharded=sharded, meanwhile=warm
+    )
     goal = parsed.value * none if parsed.kind == "fraction" else parsed.value - constant_bytes
-    # The model's no-remat bytes over the compiled ones: the calibration's first slope (`_fit`).
+    # Without no remat's residuals, the model's no-remat bytes over the compiled ones: the
+    # calibration's first slope (`_fit`).
     baseline = baseline_activation_bytes(traced.graph)
-    slope = baseline / none if not layer and none and baseline else 1.0
+    slope = baseline / none if none_residuals is None and not layer and none and baseline else 1.0
     search = Search(
-        measure=measure, model_fraction=model_fraction, model=model, none_bytes=none, goal_bytes=goal, slope=slope
+        measure=measure,
+        model_fraction=model_fraction,
+        model=model,
+        none_bytes=none,
+        goal_bytes=goal,
+        slope=slope,
+        none_residual_bytes=none_residuals,
+        budget_fraction=parsed.limit_activation_bytes(baseline, traced.graph.constant_bytes) / baseline
+        if baseline
+        else 1.0,
     )
     fitting = fit(search, plan)
     floors: list[int] = []  # measured least-memory plans: a budget at their smallest finds one again
@@ -273,7 +300,7 @@ def none_figures(
     figures = _plancache.load_figures(disk_key)
     if figures is None:
         if layer:
-            figures = (measure(Plan.from_decisions(traced.graph, {})), traced.graph.constant_bytes)
+            figures = (measure(Plan.from_decisions(traced.graph, {})), traced.graph.constant_bytes, None)
         else:
             figures = step_figures(traced, specs, sharded=sharded, meanwhile=meanwhile)
         _plancache.store_figures(disk_key, figures)
