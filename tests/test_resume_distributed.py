@@ -39,28 +39,34 @@ def test_jax_arrays_go_to_orbax_as_they_are_and_carry_a_fingerprint():
     assert fingerprints([w.T])[0] != base and fingerprints([w.reshape(4, 3)])[0] == base  # C order
 
 
-@pytest.mark.parametrize(
-    "dtype", ["float32", "bfloat16", "float16", "int8", "bool", "uint32", "complex64", "float64", "int64"]
-)
-def test_the_host_fingerprint_of_any_split_into_shards_adds_up_to_the_device_reduction(dtype, monkeypatch):
+def test_the_host_fingerprint_of_any_split_into_shards_adds_up_to_the_device_reduction(monkeypatch):
     jax = pytest.importorskip("jax")
     from remat_kit.resume import _fingerprint
 
     monkeypatch.setattr(_fingerprint, "_BLOCK", 7)  # blocks of rows and of columns, as on large shards
     rng = np.random.default_rng(0)
-    with jax.enable_x64(np.dtype(jax.numpy.dtype(dtype)).itemsize == 8):
-        for shape in [(), (0, 3), (7,), (6, 10), (4, 6, 5)]:
-            values = np.asarray(rng.normal(size=shape) * 100).astype(jax.numpy.dtype(dtype))
-            want = int(_fingerprint._on_device(jax.numpy.asarray(values)))
-            # Boxes as shards are: split every dim in two at a random point (a 2x..x2 grid).
-            cuts = [sorted({0, int(rng.integers(0, n + 1)), n}) for n in shape]
-            got = 0
-            for box in np.ndindex(*[len(c) - 1 for c in cuts]):
-                index = tuple(slice(c[b], c[b + 1]) for c, b in zip(cuts, box))
-                start = tuple(c[b] for c, b in zip(cuts, box))
-                got += _fingerprint._box_sum(*_fingerprint._host_bits(values[index], start, shape))
-            assert got % 2**32 == want, (shape, cuts)
-            assert _fingerprint.fingerprints([jax.numpy.asarray(values)]) == [want]
+    dtypes = ["float32", "bfloat16", "float16", "int8", "bool", "uint32", "complex64", "float64", "int64"]
+    for dtype in dtypes:
+        with jax.enable_x64(np.dtype(jax.numpy.dtype(dtype)).itemsize == 8):
+            values = np.asarray(rng.normal(size=(4, 6, 5)) * 100).astype(jax.numpy.dtype(dtype))
+            # The device reduction once per dtype (one compile each): NumPy reads the same bits.
+            assert _fingerprint.fingerprints([jax.numpy.asarray(values)]) == [
+                int(_fingerprint._on_device(jax.numpy.asarray(values)))
+            ], dtype
+    shapes = [(), (0, 3), (7,), (6, 10), (4, 6, 5), (3, 4), (5, 2, 3)]
+    for shape, dtype in zip(shapes, ["float32", "int8", "float32", "float16", "float32", "float64", "complex64"]):
+        values = (rng.normal(size=shape) * 100).astype(dtype)
+        bits = _fingerprint._host_bits(values, (0,) * len(shape), shape)[0]  # checked against XLA above
+        flat = bits.reshape(-1).astype(np.uint64)
+        want = int((flat * (2 * np.arange(flat.size, dtype=np.uint64) + 1)).sum() % 2**32)
+        # Boxes as shards are: split every dim in two at a random point (a 2x..x2 grid).
+        cuts = [sorted({0, int(rng.integers(0, n + 1)), n}) for n in shape]
+        got = 0
+        for box in np.ndindex(*[len(c) - 1 for c in cuts]):
+            index = tuple(slice(c[b], c[b + 1]) for c, b in zip(cuts, box))
+            start = tuple(c[b] for c, b in zip(cuts, box))
+            got += _fingerprint._box_sum(*_fingerprint._host_bits(values[index], start, shape))
+        assert got % 2**32 == want, (shape, cuts)
 
 
 def test_a_save_of_cpu_arrays_runs_no_device_reduction_for_the_fingerprint(tmp_path, monkeypatch):
@@ -92,16 +98,6 @@ def test_a_jax_array_whose_fingerprint_differs_after_restore_is_corrupt_and_skip
     with resume.Resumable(tmp_path) as ckpt, pytest.warns(resume.CorruptCheckpointWarning, match="fingerprint"):
         step, state = ckpt.restore_latest()
     assert step == 0 and float(state["w"][0, 0]) == 0.0
-
-
-@pytest.mark.slow
-def test_one_process_four_devices_saves_sharded_and_restores_onto_another_mesh(tmp_path):
-    for phase in ("save", "torn"):
-        out = run_ok(
-            [[str(HELPERS / "jax_multiprocess.py"), str(tmp_path), "0", "1", "0", phase]],
-            {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-        )
-        assert f"process 0: {phase} ok" in out[0]
 
 
 @pytest.mark.slow
