@@ -17,7 +17,7 @@ import remat_kit as rk
 from remat_kit._core import calibration
 from remat_kit._core.costs import Costs
 
-SLOW_RNG = rk.DeviceSpec(peak_flops=1e11, memory_bandwidth=1e10, kind_bandwidth=(("rng", 1e8),))
+SLOW_RNG = rk.DeviceSpec(peak_flops=1e11, memory_bandwidth=1e10, op_bandwidth=(("rng", 1e8),))
 COPY_RATE = rk.DeviceSpec(peak_flops=1e11, memory_bandwidth=1e10)
 
 
@@ -65,17 +65,17 @@ def test_a_slow_rng_rate_moves_the_recompute_off_the_mask(solver):
     assert row.recompute_seconds == pytest.approx(2000 / 1e8)
 
 
-def test_kind_bandwidth_is_validated_and_normalised():
-    spec = rk.DeviceSpec(kind_bandwidth=[["rng", 1e9], ["attention", 5e9]])  # as JSON hands it back
-    assert spec.kind_bandwidth == (("attention", 5e9), ("rng", 1e9))
-    assert hash(spec) == hash(rk.DeviceSpec(kind_bandwidth=(("rng", 1e9), ("attention", 5e9))))
-    with pytest.raises(ValueError, match="kind_bandwidth has \\('dropout', 1000000000.0\\)"):
-        rk.DeviceSpec(kind_bandwidth=(("dropout", 1e9),))
-    with pytest.raises(ValueError, match="kind_bandwidth has \\('rng', 0\\)"):
-        rk.DeviceSpec(kind_bandwidth=(("rng", 0),))
-    with pytest.raises(ValueError, match="kind_ops\\['rng'\\] seconds=0"):
+def test_op_bandwidth_is_validated_and_normalised():
+    spec = rk.DeviceSpec(op_bandwidth=[["rng", 1e9], ["attention", 5e9]])  # as JSON hands it back
+    assert spec.op_bandwidth == (("attention", 5e9), ("rng", 1e9))
+    assert hash(spec) == hash(rk.DeviceSpec(op_bandwidth=(("rng", 1e9), ("attention", 5e9))))
+    with pytest.raises(ValueError, match="op_bandwidth has \\('dropout', 1000000000.0\\)"):
+        rk.DeviceSpec(op_bandwidth=(("dropout", 1e9),))  # neither a kind nor a namespaced op name
+    with pytest.raises(ValueError, match="op_bandwidth has \\('rng', 0\\)"):
+        rk.DeviceSpec(op_bandwidth=(("rng", 0),))
+    with pytest.raises(ValueError, match="op_timings\\['rng'\\] seconds=0"):
         rk.DeviceSpec.calibrated(
-            "d", matmul_flops=1e9, matmul_seconds=1e-3, copy_bytes=1e6, copy_seconds=1e-4, kind_ops=[("rng", 1e6, 0)]
+            "d", matmul_flops=1e9, matmul_seconds=1e-3, copy_bytes=1e6, copy_seconds=1e-4, op_timings=[("rng", 1e6, 0)]
         )
 
 
@@ -87,9 +87,9 @@ def test_calibrated_kind_rates_take_the_overhead_out():
         copy_bytes=1e6,
         copy_seconds=2e-4,
         op_overhead_seconds=1e-4,
-        kind_ops=[("rng", 1e6, 1.1e-3)],
+        op_timings=[("rng", 1e6, 1.1e-3)],
     )
-    assert dict(spec.kind_bandwidth)["rng"] == pytest.approx(1e6 / 1e-3)
+    assert dict(spec.op_bandwidth)["rng"] == pytest.approx(1e6 / 1e-3)
     mask = rk.value("m", 10, kind="rng", bytes_moved=10**6)
     assert spec.value_seconds(mask) == pytest.approx(1.1e-3)  # the op as measured
 
@@ -98,9 +98,9 @@ def test_kind_rates_survive_the_disk_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(calibration.ENV_CACHE_DIR, str(tmp_path))
     monkeypatch.delenv(calibration.ENV_CALIBRATE, raising=False)
     monkeypatch.setattr(calibration, "_IN_PROCESS", {})
-    measured = calibration.Measurement(2e9, 1e-2, 1e8, 1e-2, 1e-6, kind_ops=(("rng", 1e8, 0.5), ("norm", 1e8, 1e-2)))
+    measured = calibration.Measurement(2e9, 1e-2, 1e8, 1e-2, 1e-6, op_timings=(("rng", 1e8, 0.5), ("norm", 1e8, 1e-2)))
     spec = calibration.calibrated_spec("k", lambda: measured)
-    assert dict(spec.kind_bandwidth)["rng"] == pytest.approx(2e8, rel=0.08)  # quantized to a 10^(1/16) step
+    assert dict(spec.op_bandwidth)["rng"] == pytest.approx(2e8, rel=0.08)  # quantized to a 10^(1/16) step
     monkeypatch.setattr(calibration, "_IN_PROCESS", {})
     again = calibration.calibrated_spec("k", lambda: pytest.fail("measured again instead of read from disk"))
     assert again == spec
@@ -113,8 +113,8 @@ def test_a_cache_from_before_kind_rates_is_not_read(tmp_path, monkeypatch):
     monkeypatch.delenv(calibration.ENV_CALIBRATE, raising=False)
     monkeypatch.setattr(calibration, "_IN_PROCESS", {})
     (tmp_path / "device-k.json").write_text(json.dumps(dataclasses.asdict(rk.DeviceSpec(name="old"))))
-    measured = calibration.Measurement(2e9, 1e-2, 1e8, 1e-2, 0.0, kind_ops=(("rng", 1e8, 0.5),))
-    assert calibration.calibrated_spec("k", lambda: measured).kind_bandwidth
+    measured = calibration.Measurement(2e9, 1e-2, 1e8, 1e-2, 0.0, op_timings=(("rng", 1e8, 0.5),))
+    assert calibration.calibrated_spec("k", lambda: measured).op_bandwidth
 
 
 def test_torch_measures_every_kind_without_touching_the_default_generator():
@@ -122,15 +122,16 @@ def test_torch_measures_every_kind_without_touching_the_default_generator():
     from remat_kit._torch import _device
 
     state = torch.random.get_rng_state()
-    ops = _device.kind_ops(torch.device("cpu"))
+    ops = _device.op_timings(torch.device("cpu"))
     assert torch.equal(state, torch.random.get_rng_state())
-    assert {kind for kind, _, _ in ops} == {"rng", "attention", "norm"}
+    assert {op for op, _, _ in ops} == {"rng", "attention", "norm", "aten.gelu", "aten.silu", "aten.tanh"}
     assert all(num_bytes > 0 and seconds > 0 for _, num_bytes, seconds in ops)
-    rk.DeviceSpec.calibrated("d", matmul_flops=1, matmul_seconds=1, copy_bytes=1, copy_seconds=1, kind_ops=ops)
+    rk.DeviceSpec.calibrated("d", matmul_flops=1, matmul_seconds=1, copy_bytes=1, copy_seconds=1, op_timings=ops)
 
 
-def test_torch_trace_marks_dropout_draws_as_rng():
-    """The per-kind rate reaches dropout only if the trace labels its random draws RNG."""
+def test_torch_trace_marks_dropout_draws_as_rng_and_names_ops():
+    """The rates reach dropout only if the trace labels its random draws RNG, and GELU only if it
+    records the op's name."""
     torch = pytest.importorskip("torch")
     from remat_kit._torch._api import _profile
     from remat_kit._torch._graph import build_graph, segment
@@ -141,7 +142,7 @@ def test_torch_trace_marks_dropout_draws_as_rng():
             self.lin = torch.nn.Linear(8, 8)
 
         def forward(self, x):
-            return torch.nn.functional.dropout(self.lin(x).softmax(-1), 0.1, training=True)
+            return torch.nn.functional.dropout(torch.nn.functional.gelu(self.lin(x)).softmax(-1), 0.1, training=True)
 
     model = torch.nn.Sequential(Block(), Block())
     x = torch.randn(2, 8, requires_grad=True)
@@ -151,3 +152,18 @@ def test_torch_trace_marks_dropout_draws_as_rng():
     rng = [name for name, kind in kinds.items() if kind is rk.OpKind.RNG]
     assert rng and all("bernoulli" in n or "dropout" in n for n in rng), kinds
     assert any(kind is rk.OpKind.ATTENTION for name, kind in kinds.items() if "softmax" in name), kinds
+    gelu = [v for v in graph if v.is_activation and v.op == "aten.gelu"]
+    assert len(gelu) == 2 and all(v.name.endswith(("aten.gelu.0",)) for v in gelu)
+    spec = rk.DeviceSpec(memory_bandwidth=1e10, op_bandwidth=(("aten.gelu", 1e8),))
+    assert spec.value_seconds(gelu[0]) == pytest.approx(gelu[0].bytes_moved / 1e8)
+
+
+def test_an_ops_own_rate_wins_over_its_kinds():
+    spec = rk.DeviceSpec(memory_bandwidth=1e10, op_bandwidth=(("aten.gelu", 1e8), ("elementwise", 1e9)))
+    gelu = rk.value("g", 100, kind="elementwise", bytes_moved=10**6, op="aten.gelu")
+    add = rk.value("a", 100, kind="elementwise", bytes_moved=10**6, op="aten.add")
+    unnamed = rk.value("u", 100, kind="matmul", bytes_moved=10**6)
+    assert gelu.op == "aten.gelu" and unnamed.op is None
+    assert spec.value_seconds(gelu) == pytest.approx(1e-2)
+    assert spec.value_seconds(add) == pytest.approx(1e-3)
+    assert spec.value_seconds(unnamed) == pytest.approx(1e-4)

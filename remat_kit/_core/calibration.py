@@ -25,7 +25,7 @@ import pathlib
 import re
 from collections.abc import Callable, Mapping
 
-from remat_kit._core.graph import DeviceSpec
+from remat_kit._core.device import DeviceSpec
 
 ENV_CALIBRATE = "REMAT_KIT_CALIBRATE"
 ENV_CACHE_DIR = "REMAT_KIT_CACHE_DIR"
@@ -46,8 +46,8 @@ class Measurement:
     copy_seconds: float
     op_overhead_seconds: float  # one tiny op, end to end: dispatch / launch
     # (op kind, bytes read and written, seconds) of one representative op per kind that a copy's
-    # rate misprices (random draws, softmax): see DeviceSpec.kind_bandwidth
-    kind_ops: tuple[tuple[str, float, float], ...] = ()
+    # rate misprices (random draws, softmax): see DeviceSpec.op_bandwidth
+    op_timings: tuple[tuple[str, float, float], ...] = ()
 
     def spec(self, name: str) -> DeviceSpec:
         return quantize(
@@ -58,7 +58,7 @@ class Measurement:
                 copy_bytes=self.copy_bytes,
                 copy_seconds=self.copy_seconds,
                 op_overhead_seconds=max(self.op_overhead_seconds, 0.0),
-                kind_ops=self.kind_ops,
+                op_timings=self.op_timings,
             )
         )
 
@@ -76,7 +76,7 @@ def quantize(spec: DeviceSpec) -> DeviceSpec:
         memory_bandwidth=step(spec.memory_bandwidth),
         host_bandwidth=step(spec.host_bandwidth),
         op_overhead_seconds=step(spec.op_overhead_seconds),
-        kind_bandwidth=tuple((kind, step(rate)) for kind, rate in spec.kind_bandwidth),
+        op_bandwidth=tuple((kind, step(rate)) for kind, rate in spec.op_bandwidth),
     )
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-import functools
 import hashlib
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+# DeviceSpec lived here before device.py: importers of it from graph keep working.
+from remat_kit._core.device import DeviceSpec as DeviceSpec
 
 
 class OpKind(str, enum.Enum):
@@ -34,129 +35,6 @@ class Role(str, enum.Enum):
     ACTIVATION = "activation"  # produced by the forward pass; the only thing a plan decides about
     INPUT = "input"  # batch data: held for the whole step, no gradient buffer
     PARAM = "param"  # parameters: held for the whole step, gradient counted as a constant
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceSpec:
-    """Time constants: recomputing an op costs
-    ``max(flops / peak_flops, bytes_moved / bandwidth) + op_overhead_seconds``
-    (a roofline plus the launch / dispatch cost every op pays, whatever its size), where
-    `bandwidth` is the op kind's measured rate in `kind_bandwidth`, else `memory_bandwidth`.
-
-    Per-kind rates exist because some ops are neither matmuls nor copies: on a CPU a dropout
-    mask's random draws (`bernoulli_`) run tens of times slower per byte than a copy, and a
-    masked softmax several times slower, so a copy-rate roofline prices the recompute of a
-    dropout-heavy layer at a fraction of what it takes (reports/step_time_model.md).
-
-    Calibrate per device with `DeviceSpec.calibrated` from a measured matmul, copy, tiny-op
-    dispatch and per-kind ops; `auto` does that on the device it runs on (the adapters measure,
-    the core prices). `host_bandwidth` prices offload (device to host and back).
-    """
-
-    name: str = "generic-cpu"
-    peak_flops: float = 1.0e11  # FLOP/s
-    memory_bandwidth: float = 2.0e10  # bytes/s
-    host_bandwidth: float = 1.0e10  # bytes/s, one direction
-    op_overhead_seconds: float = 0.0  # per recomputed op: kernel launch, framework dispatch
-    # ((OpKind value, bytes/s), ...): kinds whose measured rate differs from a copy's
-    kind_bandwidth: tuple[tuple[str, float], ...] = ()
-
-    def __post_init__(self) -> None:
-        self._check_kind_bandwidth()
-        for field in ("peak_flops", "memory_bandwidth", "host_bandwidth"):
-            value = getattr(self, field)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(
-                    f"DeviceSpec.{field}={value!r} must be a positive finite number "
-                    f"(FLOP/s or bytes/s); pass the measured rate of your device."
-                )
-        overhead = self.op_overhead_seconds
-        if not (isinstance(overhead, (int, float)) and math.isfinite(overhead) and overhead >= 0):
-            raise ValueError(
-                f"DeviceSpec.op_overhead_seconds={overhead!r} must be a finite number >= 0 "
-                f"(seconds each recomputed op costs besides its roofline time)."
-            )
-
-    def _check_kind_bandwidth(self) -> None:
-        # Normalised to a tuple of pairs: a JSON cache hands back lists.
-        pairs = tuple((str(k), v) for k, v in dict(self.kind_bandwidth).items())
-        known = {k.value for k in OpKind}
-        for kind, rate in pairs:
-            if kind not in known or not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
-                raise ValueError(
-                    f"DeviceSpec.kind_bandwidth has ({kind!r}, {rate!r}): each entry is (op kind, bytes/s) with "
-                    f"a kind in {sorted(known)} and a positive finite rate."
-                )
-        object.__setattr__(self, "kind_bandwidth", tuple(sorted(pairs)))
-
-    @classmethod
-    def preset(cls, name: str) -> DeviceSpec:
-        """Datasheet-level constants for common devices; calibrate for real numbers."""
-        presets = {
-            "generic-cpu": cls(),
-            "h100": cls("h100", peak_flops=9.89e14, memory_bandwidth=3.35e12, host_bandwidth=5.0e10),
-            "h200": cls("h200", peak_flops=9.89e14, memory_bandwidth=4.8e12, host_bandwidth=5.0e10),
-            "a100": cls("a100", peak_flops=3.12e14, memory_bandwidth=2.0e12, host_bandwidth=2.5e10),
-        }
-        if name not in presets:
-            raise ValueError(
-                f"DeviceSpec.preset(name={name!r}): unknown device; known: {sorted(presets)}. "
-                f"For another device use DeviceSpec.calibrated(...) with measured rates."
-            )
-        return presets[name]
-
-    @classmethod
-    def calibrated(
-        cls,
-        name: str,
-        *,
-        matmul_flops: float,
-        matmul_seconds: float,
-        copy_bytes: float,
-        copy_seconds: float,
-        host_bandwidth: float | None = None,
-        op_overhead_seconds: float = 0.0,
-        kind_ops: Iterable[tuple[str, float, float]] = (),
-    ) -> DeviceSpec:
-        """Build constants from a measured matmul (FLOPs, seconds), copy (bytes moved, seconds),
-        the time one tiny op takes end to end (`op_overhead_seconds`: launch and dispatch) and,
-        per op kind, one representative op: `kind_ops` of (kind, bytes it reads and writes, seconds)."""
-        kind_ops = tuple(kind_ops)
-        timed = [("matmul_seconds", matmul_seconds), ("copy_seconds", copy_seconds)]
-        for label, value in (*timed, *((f"kind_ops[{k!r}] seconds", t) for k, _, t in kind_ops)):
-            if not value > 0:
-                raise ValueError(f"DeviceSpec.calibrated({label}={value!r}): must be > 0 seconds.")
-
-        def rate(amount: float, seconds: float) -> float:
-            # The measured op paid the overhead too; what is left is its rate.
-            return amount / max(seconds - op_overhead_seconds, seconds / 2)
-
-        bandwidth = rate(copy_bytes, copy_seconds)
-        return cls(
-            name,
-            peak_flops=rate(matmul_flops, matmul_seconds),
-            memory_bandwidth=bandwidth,
-            host_bandwidth=host_bandwidth if host_bandwidth is not None else bandwidth / 4,
-            op_overhead_seconds=op_overhead_seconds,
-            kind_bandwidth=tuple((kind, rate(num_bytes, seconds)) for kind, num_bytes, seconds in kind_ops),
-        )
-
-    def seconds(self, flops: float, bytes_moved: float) -> float:
-        """Roofline time of an op (no per-op overhead)."""
-        return max(flops / self.peak_flops, bytes_moved / self.memory_bandwidth)
-
-    def op_seconds(self, flops: float, bytes_moved: float) -> float:
-        """Time to recompute one op of unknown kind: its roofline time plus the per-op overhead."""
-        return self.seconds(flops, bytes_moved) + self.op_overhead_seconds
-
-    def value_seconds(self, value: Value) -> float:
-        """Time to recompute `value`'s op: the roofline at its kind's rate, plus the per-op overhead."""
-        bandwidth = self._rates.get(value.kind.value, self.memory_bandwidth)
-        return max(value.flops / self.peak_flops, value.bytes_moved / bandwidth) + self.op_overhead_seconds
-
-    @functools.cached_property
-    def _rates(self) -> dict[str, float]:
-        return dict(self.kind_bandwidth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +75,14 @@ class Value:
     @property
     def is_activation(self) -> bool:
         return self.role is Role.ACTIVATION
+
+    @property
+    def op(self) -> str | None:
+        """The op that produced it, by name, where the adapter recorded one (``meta["op"]``)."""
+        for key, item in self.meta:
+            if key == "op":
+                return item
+        return None
 
 
 class CostGraph:

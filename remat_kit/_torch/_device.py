@@ -10,8 +10,9 @@ costs time that FLOPs do not show (issue 12); these constants are what prices it
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -19,6 +20,8 @@ from remat_kit._core.calibration import Measurement, calibrated_spec
 from remat_kit._core.graph import DeviceSpec
 
 REPEATS = 5
+WARMUP = 8
+COLD_BYTES = 128 * 2**20  # more than the last-level cache of the CPUs we know (32-96 MB)
 TINY_OPS = 200  # ops per timed chain of tiny ops
 
 
@@ -53,7 +56,10 @@ def _clock(dev: torch.device) -> Callable[[], float]:
 def _least_seconds(fn: Callable[[], object], dev: torch.device, repeats: int = REPEATS) -> float:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
     clock = _clock(dev)
-    for _ in range(2):  # warm-up: allocator, lazy initialisation
+    # Warm-up: lazy initialisation, and the allocator's steady state (glibc serves the first
+    # few multi-MB outputs from fresh pages, five to ten times slower: first-touch faults a
+    # training process that has run a step no longer pays).
+    for _ in range(WARMUP):
         fn()
     sync(dev)
     times = []
@@ -79,8 +85,9 @@ def measure(dev: torch.device) -> Measurement:
         a = torch.randn(n, n, device=dev, dtype=dtype)
         b = torch.randn(n, n, device=dev, dtype=dtype)
         matmul_seconds = _least_seconds(lambda: a @ b, dev)
-        x = torch.randn((64 if gpu else 4) * 2**20, device=dev)
-        copy_seconds = _least_seconds(lambda: x * 2.0, dev)
+        x = torch.randn((64 if gpu else 1) * 2**20, device=dev)
+        xs = _cold_copies(x)
+        copy_seconds = _least_seconds(lambda: next(xs) * 2.0, dev)
     tiny = torch.randn(8, device=dev, requires_grad=True)  # recompute runs with autograd recording
 
     def chain():
@@ -96,19 +103,30 @@ def measure(dev: torch.device) -> Measurement:
         copy_bytes=2.0 * x.numel() * x.element_size(),
         copy_seconds=copy_seconds,
         op_overhead_seconds=op_seconds,
-        kind_ops=kind_ops(dev),
+        op_timings=op_timings(dev),
     )
 
 
-def kind_ops(dev: torch.device) -> tuple[tuple[str, float, float], ...]:
-    """(op kind, bytes read and written as the trace counts them, least seconds) of one op per
-    kind whose time a copy's rate does not describe (reports/step_time_model.md):
+def _cold_copies(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Copies of `x`, in turn, enough that together they overflow a CPU's last-level cache: each
+    timed op reads memory it has not touched lately. A recompute reads what the forward saved long
+    before, from memory, not cache (a GELU timed on one cache-resident tensor ran at half the time
+    it took inside the recompute). On a GPU, `x` alone is larger than its L2."""
+    count = 1 if x.device.type == "cuda" else max(2, COLD_BYTES // (x.numel() * x.element_size()))
+    return itertools.cycle([x.clone() for _ in range(count)])
+
+
+def op_timings(dev: torch.device) -> tuple[tuple[str, float, float], ...]:
+    """(op kind or name, bytes read and written as the trace counts them, least seconds) of the
+    ops whose time a copy's rate does not describe (reports/step_time_model.md):
 
     * rng: `bernoulli_` in place, what dropout runs (a mask's random draws are per-element work:
       on a CPU tens of times a copy's time per byte);
     * attention: the masked softmax torch's own attention runs (`_safe_softmax`, the math path of
       `scaled_dot_product_attention`; `softmax` where a release lacks it);
-    * norm: `layer_norm` over the last dimension.
+    * norm: `layer_norm` over the last dimension;
+    * the activations transformers use, by name (`aten.gelu`, `aten.silu`, `aten.tanh`: GPT-2's
+      GELU approximation), whose transcendental functions cost more per element than a copy.
 
     Random draws use a generator of their own: calibration leaves the default one untouched."""
     gpu = dev.type == "cuda"
@@ -116,16 +134,19 @@ def kind_ops(dev: torch.device) -> tuple[tuple[str, float, float], ...]:
     gen = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
         x = torch.linspace(-4, 4, rows * width, device=dev).reshape(rows, width)
-        mask = torch.empty_like(x)
+        xs = _cold_copies(x)
         weight, bias = torch.ones(width, device=dev), torch.zeros(width, device=dev)
         softmax = getattr(torch.ops.aten, "_safe_softmax", None)
-        attention = (lambda: softmax(x, -1)) if softmax is not None else (lambda: x.softmax(-1))
+        attention = (lambda: softmax(next(xs), -1)) if softmax is not None else (lambda: next(xs).softmax(-1))
         timed = {
-            "rng": _least_seconds(lambda: mask.bernoulli_(0.9, generator=gen), dev),
+            "rng": _least_seconds(lambda: next(xs).bernoulli_(0.9, generator=gen), dev),
             "attention": _least_seconds(attention, dev),
-            "norm": _least_seconds(lambda: torch.nn.functional.layer_norm(x, (width,), weight, bias), dev),
+            "norm": _least_seconds(lambda: torch.nn.functional.layer_norm(next(xs), (width,), weight, bias), dev),
+            "aten.gelu": _least_seconds(lambda: torch.nn.functional.gelu(next(xs)), dev),
+            "aten.silu": _least_seconds(lambda: torch.nn.functional.silu(next(xs)), dev),
+            "aten.tanh": _least_seconds(lambda: torch.tanh(next(xs)), dev),
         }
     # Every one of these reads one tensor of x's size and writes one (the norm's statistics and
     # parameters are a row's worth, left out).
     num_bytes = 2.0 * x.numel() * x.element_size()
-    return tuple((kind, num_bytes, seconds) for kind, seconds in timed.items())
+    return tuple((op, num_bytes, seconds) for op, seconds in timed.items())

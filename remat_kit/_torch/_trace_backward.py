@@ -228,6 +228,7 @@ def _frozen(values: list[dict[str, Any]], facts: _BackwardFacts) -> list[Value]:
                 bytes_moved=v["bytes_moved"],
                 module=v["module"],
                 role=v["role"],
+                **({"op": v["op"]} if "op" in v else {}),
                 # Autograd marks outputs after dispatch returns: read the flag now, after the forward.
                 requires_grad=bool(v["tensor"].requires_grad or v["name"] in facts.differentiable)
                 if v["role"] is Role.ACTIVATION

@@ -253,6 +253,7 @@ class Recorder(TorchDispatchMode):
                 bytes_moved=op.in_bytes + sum(t.numel() * t.element_size() for t in out_tensors),
                 module=op.module,
                 stack=tuple(self.stack),
+                op=op.packet,  # priced at its own measured rate where the device has one (DeviceSpec.op_bandwidth)
             )
         )
 
