@@ -10,6 +10,7 @@ hand-written sections after it stay.
 `--baseline TREE` also measures the layer as it is in TREE (an older checkout: `git archive`),
 as "remat_kit@baseline", interleaved with the others in every repeat: before/after figures
 from one run. `--cells` picks cells (jax1, jax2, torch1); `--out NAME` writes reports/NAME.*.
+`--values random` fills the JAX states with normal noise instead of one constant per leaf.
 `--reduce-pass` adds "reduce" to the JAX cells: one jitted reduction over the state and nothing
 else, the least a check of every saved array on its devices costs (shown in both time columns;
 the layer's fingerprint was that pass until it read CPU arrays with NumPy; on accelerators it is).
@@ -66,10 +67,15 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
     sharding = NamedSharding(mesh, P("d"))
     rows = mib * 2**20 // 4 // NUM_LEAVES // 1024
     rows -= rows % len(jax.devices())
+
+    def values(idx: tuple, i: int) -> np.ndarray:
+        if os.environ.get("RESUME_BENCH_VALUES") == "random":  # incompressible, as trained weights are
+            first, last, _ = idx[0].indices(rows)
+            return np.random.default_rng([i, first]).standard_normal((last - first, 1024), np.float32)
+        return np.full((rows, 1024), i, np.float32)[idx]
+
     state = {
-        f"w{i}": jax.make_array_from_callback(
-            (rows, 1024), sharding, lambda idx, i=i: np.full((rows, 1024), i, np.float32)[idx]
-        )
+        f"w{i}": jax.make_array_from_callback((rows, 1024), sharding, lambda idx, i=i: values(idx, i))
         for i in range(NUM_LEAVES)
     }
     jax.block_until_ready(state)
@@ -190,7 +196,7 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT) -> dict:
+def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT, values: str = "constant") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         devices = 4 // processes if framework == "jax" else 1
         env = {
@@ -198,6 +204,7 @@ def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT
             "PYTHONPATH": f"{tree}{os.pathsep}{ROOT}",  # the layer from `tree`, this worker
             "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "RESUME_BENCH_VALUES": values,
         }
         worker = [sys.executable, str(Path(__file__).resolve()), "--worker"]
         base = [*worker, framework, impl.split("@")[0], f"{tmp}/ckpt", str(mib)]
@@ -235,12 +242,25 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="a tree whose remat_kit is measured too, as 'before'")
     parser.add_argument("--out", default="resume", help="reports/OUT.json and reports/OUT.md")
     parser.add_argument(
+        "--values",
+        choices=["constant", "random"],
+        default="constant",
+        help="JAX cells: each leaf one constant (Orbax's zstd compresses it almost for free) or normal noise",
+    )
+    parser.add_argument(
         "--reduce-pass", action="store_true", help="JAX cells: also time one jitted pass over the state"
     )
     args = parser.parse_args()
     if args.baseline is not None and not (args.baseline / "remat_kit" / "resume").is_dir():
         raise SystemExit(f"--baseline {args.baseline}: no remat_kit/resume/ in it; pass an older checkout")
     cells = [CELLS[CELL_NAMES[name]] for name in sorted(set(args.cells), key=CELL_NAMES.get)]
+    default = args.values == "constant" and not args.reduce_pass and len(cells) == len(CELLS) and not args.baseline
+    if args.out == "resume" and not default:
+        # Its table would replace reports/resume.md (and resume.json) with a partial comparison.
+        raise SystemExit(
+            "--out resume is the default run's report (all cells, constant values, no --baseline or "
+            "--reduce-pass); pass --out NAME for this run, e.g. --out resume_overhead"
+        )
     raw: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
         for framework, processes, impls in cells:
@@ -250,16 +270,16 @@ def main() -> None:
             for impl in impls + extra:  # interleaved
                 key = f"{framework} x{processes} {impl}"
                 tree = args.baseline if impl.endswith("@baseline") else ROOT
-                raw.setdefault(key, []).append(_cell(framework, impl, args.mib, processes, tree))
+                raw.setdefault(key, []).append(_cell(framework, impl, args.mib, processes, tree, args.values))
                 print(key, raw[key][-1], flush=True)
     medians = {key: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for key, runs in raw.items()}
     command = " ".join(["python -m benchmarks.resume_bench", *sys.argv[1:]])
-    if args.baseline is None and args.out == "resume" and not args.reduce_pass and len(cells) == len(CELLS):
+    if args.out == "resume":
         command = f"python -m benchmarks.resume_bench --mib {args.mib} --repeats {args.repeats}"
     (ROOT / "reports" / f"{args.out}.json").write_text(
         json.dumps({"command": command, "medians": medians, "raw": raw}, indent=1)
     )
-    if args.out == "resume" and args.baseline is None and not args.reduce_pass and len(cells) == len(CELLS):
+    if args.out == "resume":
         splice_generated(ROOT / "reports" / "resume.md", _summary(command, medians, args.mib))
     else:
         _write_comparison(args.out, command, medians, cells, args.mib)
