@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from benchmarks import resume_bench
 from benchmarks.resume_bench import GENERATED_BEGIN, GENERATED_END, splice_generated
 
 
@@ -19,3 +22,14 @@ def test_a_default_bench_run_keeps_the_hand_written_sections_of_the_report(tmp_p
     fresh.write_text(prose)
     splice_generated(fresh, "# table\n")
     assert fresh.read_text() == f"{GENERATED_BEGIN}\n# table\n{GENERATED_END}\n\n{prose}"
+
+
+def test_a_partial_run_is_refused_the_default_report_before_it_measures_anything(monkeypatch):
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before refusing")
+
+    monkeypatch.setattr(resume_bench, "_cell", measured)
+    for argv in (["--cells", "jax2"], ["--values", "random"], ["--reduce-pass"]):
+        monkeypatch.setattr("sys.argv", ["resume_bench", *argv])
+        with pytest.raises(SystemExit, match="pass --out NAME"):  # it replaced resume.md and resume.json
+            resume_bench.main()
