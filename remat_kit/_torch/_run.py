@@ -251,8 +251,8 @@ class _RootForward:
 
 def _accelerators(module: torch.nn.Module, state: _State, key: tuple) -> tuple[torch.device, ...]:
     """The devices besides the CPU whose generators a step may draw from (the parameters'), found
-    once per plan key: walking a module's parameters costs a small model's step several percent
-    (reports/torch/tiny_peers.md), and the key holds the inputs' devices."""
+    once per plan key (the key holds the inputs' devices): walking a module's parameters on every
+    step is a visible share of a small model's step (reports/torch/tiny_peers.md)."""
     found = state.accelerators.get(key)
     if found is None:
         found = tuple({p.device for p in module.parameters() if p.device.type not in ("cpu", "meta")})
