@@ -29,7 +29,9 @@ import argparse
 import collections
 import contextlib
 import copy
+import json
 import os
+import pathlib
 import statistics
 import time
 from collections.abc import Iterator
@@ -197,15 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--split-steps", type=int, default=3, help="steps timing the ops inside the recompute")
     parser.add_argument("--name", default="step_time_model", help="report file name under reports/")
+    parser.add_argument("--before", type=pathlib.Path, help="an earlier run's JSON, tabled beside this one")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.split_steps < 1:
         parser.error(f"--rounds={args.rounds} --split-steps={args.split_steps}: run at least one of each")
     # Calibrate in this process, under the load the steps then run under (the disk cache would
     # hold whatever the first run on this machine saw).
     os.environ.setdefault("REMAT_KIT_CALIBRATE", "fresh")
+    before = json.loads(args.before.read_text()) if args.before else None
     rows, samples = measure(args)
     none_cpu = statistics.median(s["cpu"] for s in samples["none"])
-    _report(args, rows, none_cpu)
+    _report(args, rows, none_cpu, before)
 
 
 def _ms(x: float | None) -> str:
@@ -216,21 +220,8 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def _report(args: argparse.Namespace, rows: list[dict], none_cpu: float) -> None:
+def _table(rows: list[dict]) -> list[str]:
     lines = [
-        "# Predicted recompute time beside measured recompute and extra step time (eager torch)",
-        "",
-        f"GPT {args.layers} layers, d {args.d}, seq {args.seq}, vocab {args.vocab}, dropout 0.1, torch "
-        f"{torch.__version__} on CPU, {args.threads} thread(s); {args.rounds} interleaved rounds in one process.",
-        f"No remat: median step {none_cpu * 1e3:.0f} ms thread CPU (this machine's only). `auto` priced recompute with",
-        "constants calibrated in the same process (`REMAT_KIT_CALIBRATE=fresh`).",
-        "",
-        "- `predicted`: the plan's `predicted_recompute_seconds`.",
-        "- `recompute`: thread CPU time inside checkpoint's recompute frames, per step (direct; median [quartiles]).",
-        "- `ops run`: of that, the ops the recompute runs, timed one by one under the region's modes (median of",
-        f"  {args.split_steps} more steps); the rest of the frame is Python, autograd, hooks and the replay modes.",
-        "- `extra CPU` / `extra wall`: median over rounds of (step - that round's no-remat step) [quartiles].",
-        "",
         "| budget | activation fraction | recompute GFLOP | recomputed ops | predicted ms | ops run ms | "
         "predicted / ops run | recompute ms | predicted / recompute | extra CPU ms | predicted / extra CPU | "
         "extra wall ms |",
@@ -251,6 +242,29 @@ def _report(args: argparse.Namespace, rows: list[dict], none_cpu: float) -> None
     lines += ["", "Ops the recompute runs, thread CPU ms per step:", ""]
     for r in rows:
         lines.append(f"- {r['budget']}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in r["top_ops_ms"]))
+    return lines
+
+
+def _report(args: argparse.Namespace, rows: list[dict], none_cpu: float, before: dict | None) -> None:
+    lines = [
+        "# Predicted recompute time beside measured recompute and extra step time (eager torch)",
+        "",
+        f"GPT {args.layers} layers, d {args.d}, seq {args.seq}, vocab {args.vocab}, dropout 0.1, torch "
+        f"{torch.__version__} on CPU, {args.threads} thread(s); {args.rounds} interleaved rounds in one process.",
+        f"No remat: median step {none_cpu * 1e3:.0f} ms thread CPU (this machine's only). `auto` priced recompute with",
+        "constants calibrated in the same process (`REMAT_KIT_CALIBRATE=fresh`).",
+        "",
+        "- `predicted`: the plan's `predicted_recompute_seconds`.",
+        "- `recompute`: thread CPU time inside checkpoint's recompute frames, per step (direct; median [quartiles]).",
+        "- `ops run`: of that, the ops the recompute runs, timed one by one under the region's modes (median of",
+        f"  {args.split_steps} more steps); the rest of the frame is Python, autograd, hooks and the replay modes.",
+        "- `extra CPU` / `extra wall`: median over rounds of (step - that round's no-remat step) [quartiles].",
+        "",
+    ]
+    lines += _table(rows)
+    if before is not None:
+        lines += ["", f"Before: `{before['command']}` on {before['machine']['date']}, same measurements:", ""]
+        lines += _table(before["rows"])
     lines += ["", f"Load average when written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."]
     print("\n".join(lines))
     path = write(args.name, {"rows": rows, "none_cpu_s": none_cpu}, "\n".join(lines))
