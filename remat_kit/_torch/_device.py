@@ -139,12 +139,13 @@ def op_timings(dev: torch.device) -> tuple[tuple[str, float, float], ...]:
         softmax = getattr(torch.ops.aten, "_safe_softmax", None)
         attention = (lambda: softmax(next(xs), -1)) if softmax is not None else (lambda: next(xs).softmax(-1))
         timed = {
-            "rng": _least_seconds(lambda: next(xs).bernoulli_(0.9, generator=gen), dev),
             "attention": _least_seconds(attention, dev),
             "norm": _least_seconds(lambda: torch.nn.functional.layer_norm(next(xs), (width,), weight, bias), dev),
             "aten.gelu": _least_seconds(lambda: torch.nn.functional.gelu(next(xs)), dev),
             "aten.silu": _least_seconds(lambda: torch.nn.functional.silu(next(xs)), dev),
             "aten.tanh": _least_seconds(lambda: torch.tanh(next(xs)), dev),
+            # Last: drawing in place overwrites the copies with zeros and ones.
+            "rng": _least_seconds(lambda: next(xs).bernoulli_(0.9, generator=gen), dev),
         }
     # Every one of these reads one tensor of x's size and writes one (the norm's statistics and
     # parameters are a row's worth, left out).
