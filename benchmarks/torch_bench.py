@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import remat_kit
+from benchmarks.models.hf_shapes import gpt2_xl_config, llama_7b_config
 from benchmarks.models.torch_gpt import GPT, Block
 from remat_kit.measure import format_bytes, rel_err, torch_plan, torch_profile, torch_step
 
@@ -290,22 +291,10 @@ def _planning_models(layers: int, d: int, heads: int, seq: int, vocab: int) -> l
     except ImportError:
         return found
     with torch.device("meta"):
-        xl = transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(n_layer=48, n_embd=1600, n_head=25, n_positions=1024, use_cache=False)
-        ).train()
+        xl = transformers.GPT2LMHeadModel(gpt2_xl_config()).train()
         ids = torch.zeros(1, 1024, dtype=torch.long)
         found.append(("HF GPT-2 XL shapes (48 layers, d 1600, seq 1024)", xl, (), dict(input_ids=ids, labels=ids)))
-        llama = transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(
-                hidden_size=4096,
-                intermediate_size=11008,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=32,
-                vocab_size=32000,
-                use_cache=False,
-            )
-        ).train()
+        llama = transformers.LlamaForCausalLM(llama_7b_config()).train()
         ids = torch.zeros(1, 4096, dtype=torch.long)
         found.append(("HF Llama-7B shapes (32 layers, d 4096, seq 4096)", llama, (), dict(input_ids=ids, labels=ids)))
     return found

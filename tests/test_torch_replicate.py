@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import remat_kit
+from benchmarks.models.hf_shapes import llama_7b_config
 from remat_kit._torch._graph import candidate_layers
 from remat_kit._torch._plan import compile_plan
 from remat_kit._torch._replicate import MIN_LAYERS, profile_replicated
@@ -149,15 +150,7 @@ def test_a_difference_deep_in_the_stack_is_caught_by_the_replay_and_replanned():
 def test_a_7b_shaped_llama_stack_is_planned_from_shapes():
     # Llama-7B shapes (d 4096, 32 layers, 32 heads, MLP 11008) at seq 4096 on the meta device:
     # nothing is allocated; four layers are profiled and the plan covers all 32.
-    cfg = transformers.LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        use_cache=False,
-    )
+    cfg = llama_7b_config()
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg).train()
     ids = torch.zeros(1, 4096, dtype=torch.long, device="meta")
