@@ -1,20 +1,28 @@
-"""Compiled remat strategies side by side: step time, saved bytes, graph breaks.
+"""Compiled remat strategies side by side: step time, saved bytes, peak memory, graph breaks.
 
     python -m benchmarks.compile_bench                      # writes reports/torch/compile.md
     python -m benchmarks.compile_bench --layers 2 --d 64    # smaller
 
 Every strategy is `torch.compile`d (Inductor by default) in one process and timed interleaved
-with compiled no remat (medians of `--steps` steps, ratios to compiled none). The memory column
-is measured independently of remat_kit's cost model: the bytes of the distinct storages the
-compiled forward saves for its backward (`torch.autograd.graph.saved_tensors_hooks` around the
-forward; parameters and inputs left out), as a fraction of what compiled none saves.
+with compiled no remat: each round runs one step of every strategy, in an order that rotates by
+round, and a step's time is the process CPU time it took (`time.process_time`: on a machine
+shared with other jobs, time another job holds the cores does not count); ratios are medians
+over rounds, to compiled none. Memory is measured independently of remat_kit's cost model, two
+ways: the bytes of the distinct storages the compiled forward saves for its backward
+(`torch.autograd.graph.saved_tensors_hooks` around the forward; parameters and inputs left out),
+and the step's peak memory, the rise of the process's resident set over one step (`VmHWM` reset
+through `/proc/self/clear_refs`; glibc told to mmap every block of 16 KiB or more so a freed
+block leaves the resident set; parameters, inputs and `.grad` tensors allocated before the step).
+The peak is what a budget bounds; saved bytes leave out what the backward allocates.
 
 Strategies: compiled none; per-layer `checkpoint` (non-reentrant); torchtitan-style SAC op list
 (save mm / addmm / SDPA, recompute the rest); torch's own `activation_memory_budget` (the
 partitioner's knapsack, with its gradient error against compiled none: pytorch#190758); and
-`remat_kit.auto` at 0.3 / 0.5 / 0.7, as planned layers compile today (selective-checkpoint
-policies, `after`) and as they ran before (each planned layer a graph break running the eager
-replay, `before`: `REMAT_KIT_COMPILE_EAGER=1`, in a subprocess).
+`remat_kit.auto` at `--budgets` and at per-layer checkpoint's eager activation fraction (the
+smallest budget that compares the two at equal eager memory), as planned layers compile today
+(selective-checkpoint policies, `after`) and, with `--before`, as they ran before issue 12 (each
+planned layer a graph break running the eager replay: `REMAT_KIT_COMPILE_EAGER=1`, in a
+subprocess).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import remat_kit
+from benchmarks._compile_report import section, write_section
 from benchmarks.models.torch_gpt import GPT
 
 BUDGETS = (0.3, 0.5, 0.7)
@@ -64,6 +73,40 @@ def saved_bytes(step: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -
         loss = step()
     del loss
     return sum(seen.values())
+
+
+_LIBC: Any = None
+
+
+def exact_rss() -> None:
+    """From here on glibc unmaps every freed block of 16 KiB or more (its default threshold grows
+    to 32 MiB and keeps freed blocks resident), so the resident set follows the live allocations
+    and its high-water mark is a step's peak."""
+    global _LIBC
+    import ctypes
+
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.mallopt(-3, 16 * 1024)  # M_MMAP_THRESHOLD (setting it also stops glibc raising it)
+    _LIBC.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(field))
+
+
+def peak_rss_bytes(step: Callable[[], Any]) -> int:
+    """How far the process's resident set rises above where it stood while `step()` runs (Linux:
+    the high-water mark is reset through /proc/self/clear_refs; the kernel batches its RSS counts
+    per thread, so the figure is good to tens of pages)."""
+    if _LIBC is None:
+        exact_rss()
+    _LIBC.malloc_trim(0)  # free heap pages, resident since steps run under glibc's defaults, given back
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS:")
+    step()
+    return _status_bytes("VmHWM:") - before
 
 
 def graph_breaks(fn: Callable[[], Any]) -> int:
@@ -127,108 +170,116 @@ def build(args: argparse.Namespace) -> tuple[GPT, torch.Tensor, torch.Tensor]:
     return model, idx, torch.roll(idx, -1, 1)
 
 
-def strategies(args: argparse.Namespace, eager_regions: bool) -> dict[str, tuple[Callable[[GPT], GPT], Any]]:
-    out: dict[str, tuple[Callable[[GPT], GPT], Any]] = {
-        "none": (lambda m: m, None),
-    }
+def eager_activation_bytes(model: torch.nn.Module, idx: torch.Tensor, tgt: torch.Tensor) -> int:
+    """The eager step's peak activation bytes as remat_kit's budget counts them."""
+    return remat_kit.measure.torch_step(
+        model, (idx, tgt), loss_fn=lambda loss: loss, count_flops=False
+    ).activation_bytes
+
+
+def strategies(args: argparse.Namespace, eager_regions: bool, at_checkpoint: float | None) -> dict[str, tuple]:
+    """name -> (apply to a GPT, torch's activation_memory_budget or None)."""
+    out: dict[str, tuple[Callable[[GPT], GPT], Any]] = {"none": (lambda m: m, None)}
     if not eager_regions:
         out["per-layer checkpoint"] = (per_layer_checkpoint, None)
         out["SAC op list (save mm/SDPA)"] = (sac_op_list, None)
         out["compile memory budget 0.5"] = (lambda m: m, 0.5)
-    for b in BUDGETS:
-        out[f"auto({b})"] = (functools.partial(remat_kit.auto, budget=b), None)
+    budgets = sorted(set(args.budgets) | ({at_checkpoint} if at_checkpoint else set()))
+    for b in budgets:
+        label = f"auto({b})" + (" = per-layer checkpoint's eager fraction" if b == at_checkpoint else "")
+        out[label] = (functools.partial(remat_kit.auto, budget=b), None)
     return out
+
+
+def _compile(model: GPT, budget: Any, args: argparse.Namespace, idx: torch.Tensor, tgt: torch.Tensor) -> tuple:
+    """(the step of compiled `model`, its cell: graph breaks, saved bytes, gradients)."""
+    # A fresh dynamo per strategy, so its graph breaks are counted from a first trace (auto models
+    # share _RootForward._run's code: a later one's breaks went uncounted). The other strategies
+    # recompile in the untimed warm-up round.
+    torch._dynamo.reset()
+    with memory_budget(budget) if budget is not None else contextlib.nullcontext():
+        compiled = torch.compile(model, backend=args.backend)
+
+        def step(set_to_none: bool = True) -> torch.Tensor:
+            model.zero_grad(set_to_none=set_to_none)
+            loss = compiled(idx, tgt)
+            loss.backward()
+            return loss
+
+        torch.manual_seed(1)
+        breaks = graph_breaks(step)
+        torch.manual_seed(2)
+        step()
+        grads = [p.grad.clone() for p in model.parameters()]
+        torch.manual_seed(3)
+        saved = saved_bytes(lambda: compiled(idx, tgt), list(model.parameters()) + [idx, tgt])
+    return step, {"breaks": breaks, "saved_bytes": saved, "grads": grads, "budget": budget}
+
+
+def _rounds(steps: dict[str, tuple], rounds: int, measure_one: Callable[[Callable], float]) -> dict[str, list[float]]:
+    """`measure_one(step)` for every strategy in each of `rounds` rounds (after one untimed round),
+    the order rotated by one each round so no strategy always follows the same one."""
+    names = list(steps)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for k in range(rounds + 1):
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            step, budget = steps[name]
+            with memory_budget(budget) if budget is not None else contextlib.nullcontext():
+                value = measure_one(step)
+            if k:
+                out[name].append(value)
+    return out
+
+
+def _cpu_seconds(step: Callable[[], Any]) -> float:
+    t0 = time.process_time()
+    step()
+    return time.process_time() - t0
+
+
+def _peak(step: Callable[..., Any]) -> float:
+    step()  # gradients allocated: the rise is the step's, not the first .grad tensors'
+    return float(peak_rss_bytes(functools.partial(step, set_to_none=False)))
 
 
 def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str, Any]]:
     # One cache entry per strategy on the code objects they share (_RootForward._run).
     torch._dynamo.config.recompile_limit = 64
     base, idx, tgt = build(args)
+    none_eager = eager_activation_bytes(copy.deepcopy(base), idx, tgt)
+    checkpoint_eager = eager_activation_bytes(per_layer_checkpoint(copy.deepcopy(base)), idx, tgt)
+    # Rounded up: the smallest budget at per-layer checkpoint's eager memory that names it.
+    at_checkpoint = None if eager_regions else -(-checkpoint_eager * 10_000 // none_eager) / 10_000
     cells: dict[str, dict[str, Any]] = {}
-    steps: dict[str, Callable[[], torch.Tensor]] = {}
-    for name, (apply, budget) in strategies(args, eager_regions).items():
+    steps: dict[str, tuple] = {}
+    for name, (apply, budget) in strategies(args, eager_regions, at_checkpoint).items():
         try:
             model = apply(_own_code(copy.deepcopy(base), len(cells)))
             plan_step(model, idx, tgt)
         except remat_kit.InfeasibleBudgetError as e:
             cells[name] = {"infeasible": str(e).split(" for ")[0]}
             continue
-        # A fresh dynamo per strategy, so its graph breaks are counted from a first trace (auto
-        # models share _RootForward._run's code: a later one's breaks went uncounted). The other
-        # strategies recompile in the untimed warm-up round below.
-        torch._dynamo.reset()
-        ctx = memory_budget(budget) if budget is not None else contextlib.nullcontext()
-        with ctx:
-            compiled = torch.compile(model, backend=args.backend)
-
-            def step(model=model, compiled=compiled) -> torch.Tensor:
-                model.zero_grad(set_to_none=True)
-                loss = compiled(idx, tgt)
-                loss.backward()
-                return loss
-
-            torch.manual_seed(1)
-            breaks = graph_breaks(step)
-            torch.manual_seed(2)
-            step()
-            grads = [p.grad.clone() for p in model.parameters()]
-            torch.manual_seed(3)
-            saved = saved_bytes(lambda: compiled(idx, tgt), list(model.parameters()) + [idx, tgt])
-        cells[name] = {"breaks": breaks, "saved_bytes": saved, "grads": grads, "budget": budget}
+        eager = eager_activation_bytes(model, idx, tgt) if budget is None else none_eager
+        step, cells[name] = _compile(model, budget, args, idx, tgt)
+        cells[name]["eager_ratio"] = eager / none_eager
+        cells[name]["auto_budget"] = getattr(apply, "keywords", {}).get("budget")
         steps[name] = (step, budget)
     ref = cells["none"]["grads"]
     for cell in cells.values():
-        if "infeasible" in cell:
-            continue
-        pairs = zip(cell.pop("grads"), ref)
-        cell["grad_err"] = max(float((a - b).abs().max() / (b.abs().max() + 1e-30)) for a, b in pairs)
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    for k in range(args.steps + 1):  # the first round warms up
-        for name, (step, budget) in steps.items():  # interleaved: one round of every strategy per step
-            with memory_budget(budget) if budget is not None else contextlib.nullcontext():
-                t0 = time.perf_counter()
-                step()
-                if k:
-                    times[name].append(time.perf_counter() - t0)
-    none_t = statistics.median(times["none"])
-    for name, ts in times.items():
-        cells[name]["median_s"] = statistics.median(ts)
-        cells[name]["time_ratio"] = statistics.median(ts) / none_t
-        cells[name]["saved_ratio"] = cells[name]["saved_bytes"] / cells["none"]["saved_bytes"]
+        if "infeasible" not in cell:
+            cell["grad_err"] = remat_kit.measure.rel_err(cell.pop("grads"), ref)
+    times = _rounds(steps, args.steps, _cpu_seconds)
+    peaks = _rounds(steps, 5, _peak)
+    none_t, none_peak = statistics.median(times["none"]), statistics.median(peaks["none"])
+    for name in steps:
+        c = cells[name]
+        c.update(cpu_s=statistics.median(times[name]), peak_bytes=int(statistics.median(peaks[name])))
+        c["time_ratio"] = c["cpu_s"] / none_t
+        c["saved_ratio"] = c["saved_bytes"] / cells["none"]["saved_bytes"]
+        c["peak_ratio"] = c["peak_bytes"] / none_peak if none_peak else float("nan")
+        if c["auto_budget"] is not None:
+            c["budget_bytes"] = int(c["auto_budget"] * none_eager)
     return cells
-
-
-def _table(cells: dict[str, dict[str, Any]]) -> list[str]:
-    lines = [
-        "| strategy | graph breaks | saved bytes | saved / compiled none | step time / compiled none | "
-        "max grad error vs compiled none |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, c in cells.items():
-        if "infeasible" in c:
-            lines.append(f"| {name} | {c['infeasible']} (InfeasibleBudgetError) | | | | |")
-            continue
-        lines.append(
-            f"| {name} | {c['breaks']} | {c['saved_bytes']:,} | {c['saved_ratio']:.3f} | "
-            f"{c['time_ratio']:.2f} | {c['grad_err']:.1e} |"
-        )
-    return lines
-
-
-NOTES = [
-    "Reading the tables:",
-    "",
-    "- Before, saved bytes count only what the compiled graphs save: saved_tensors_hooks do not see inside the "
-    "eager checkpoint regions, so the before figures are lower bounds, the same at every budget.",
-    "- Before, the planned layers draw dropout from the eager generator while compiled none's dropout is "
-    "Inductor's: the gradients are those of other masks (the grad-error column), not a wrong recompute. After, "
-    "compiled auto draws what compiled none draws (errors at float rounding).",
-    "- `compile memory budget` (torch._functorch.config.activation_memory_budget) recomputes dropout with fresh "
-    "random numbers: its gradient error is pytorch#190758.",
-    "- Step-time ratios come from a shared 2-core CPU under load from other jobs; ratios below 1 for a remat "
-    "strategy are noise of that size.",
-    "",
-]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,53 +290,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20, help="timed rounds")
+    p.add_argument("--budgets", type=lambda t: [float(x) for x in t.split(",")], default=list(BUDGETS))
     p.add_argument("--backend", default="inductor")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--before", action="store_true", help="also run auto as before issue 12, in a subprocess")
     p.add_argument("--out", default="reports/torch/compile.md")
     p.add_argument("--json", action="store_true", help="print this process's cells as JSON (the `before` run)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    eager_regions = os.environ.get("REMAT_KIT_COMPILE_EAGER") == "1"
-    cells = measure(args, eager_regions)
+    cells = measure(args, os.environ.get("REMAT_KIT_COMPILE_EAGER") == "1")
     if args.json:
         print("JSON" + json.dumps(cells))
         return
-    env = dict(os.environ, REMAT_KIT_COMPILE_EAGER="1")
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compile_bench", *(argv or sys.argv[1:]), "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    before = json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("JSON"))[4:])
-    cmd = "python -m benchmarks.compile_bench " + " ".join(argv or sys.argv[1:])
-    lines = [
-        "# torch.compile: remat strategies compiled",
-        "",
-        f"Command: `{cmd}` (GPT {args.layers} layers, d {args.d}, seq {args.seq}, batch {args.batch}, dropout 0.1, "
-        f"backend {args.backend}, {args.threads} threads, CPU, torch {torch.__version__}).",
-        "",
-        "Step time: medians of the steps, every strategy interleaved with compiled none in one process; saved bytes: "
-        "distinct storages the compiled forward saves for backward (saved_tensors_hooks; parameters and inputs left "
-        "out). The budget of `auto` bounds the eager step's activation peak (its plan is made from the eager "
-        "profile); the saved/compiled-none column is the compiled figure.",
-        "",
-        "## After: planned layers compiled as selective-checkpoint policies",
-        "",
-        *_table(cells),
-        "",
-        "## Before: each planned layer a graph break running the eager replay (`REMAT_KIT_COMPILE_EAGER=1`, "
-        "own process)",
-        "",
-        *_table(before),
-        "",
-        *NOTES,
-    ]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
+    before = None
+    if args.before:
+        flags = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--before"]
+        run = subprocess.run(
+            [sys.executable, "-m", "benchmarks.compile_bench", *flags, "--json"],
+            env=dict(os.environ, REMAT_KIT_COMPILE_EAGER="1"),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        before = json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("JSON"))[4:])
+    cmd = "python -m benchmarks.compile_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = section(args, cmd, cells, before)
+    write_section(args.out, f"{args.layers}x{args.d}x{args.seq}x{args.batch}", lines)
     print("\n".join(lines))
 
 

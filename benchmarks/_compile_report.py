@@ -1,0 +1,111 @@
+"""The tables benchmarks/compile_bench.py writes into reports/torch/compile.md, one section per
+model shape: every strategy's cells, compiled `auto` against compiled per-layer checkpoint, and
+the notes to read them by."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+
+
+def _table(cells: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "| strategy | graph breaks | eager activation / eager none | saved bytes | saved / compiled none | "
+        "compiled peak | peak / compiled none | budget (bytes) | step CPU time / compiled none | "
+        "max grad error vs compiled none |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in cells.items():
+        if "infeasible" in c:
+            lines.append(f"| {name} | {c['infeasible']} (InfeasibleBudgetError) | | | | | | | | |")
+            continue
+        budget = f"{c['budget_bytes']:,}" if "budget_bytes" in c else ""
+        eager = "" if c["budget"] is not None else f"{c['eager_ratio']:.3f}"
+        lines.append(
+            f"| {name} | {c['breaks']} | {eager} | {c['saved_bytes']:,} | {c['saved_ratio']:.3f} | "
+            f"{c['peak_bytes']:,} | {c['peak_ratio']:.3f} | {budget} | {c['time_ratio']:.2f} | {c['grad_err']:.1e} |"
+        )
+    return lines
+
+
+def against_checkpoint(cells: dict[str, dict[str, Any]]) -> list[str]:
+    """Each compiled `auto` against compiled per-layer checkpoint, by each memory measure."""
+    ref = cells.get("per-layer checkpoint")
+    if ref is None:
+        return []
+    lines = [
+        "| auto | saved <= checkpoint's | peak <= checkpoint's | step CPU time / checkpoint's |",
+        "|---|---|---|---|",
+    ]
+    for name, c in cells.items():
+        if c.get("auto_budget") is None or "infeasible" in c:
+            continue
+        lines.append(
+            f"| {name} | {'yes' if c['saved_bytes'] <= ref['saved_bytes'] else 'no'} | "
+            f"{'yes' if c['peak_bytes'] <= ref['peak_bytes'] else 'no'} | {c['cpu_s'] / ref['cpu_s']:.2f} |"
+        )
+    return lines
+
+
+NOTES = [
+    "- The budget of `auto` bounds the eager step's activation peak (its plan is made from the eager profile); "
+    "`budget (bytes)` is that budget times eager none's activation peak, beside the compiled peak.",
+    "- The compiled peak holds what the backward allocates besides activations (each parameter's new gradient "
+    "before it is added into `.grad`), the same for every strategy; its ratios to compiled none are therefore "
+    "closer to 1 than those of activations alone.",
+    "- `compile memory budget` (torch._functorch.config.activation_memory_budget) recomputes dropout with fresh "
+    "random numbers: its gradient error is pytorch#190758.",
+    "- Step CPU time is process CPU time (both threads), medians over interleaved rounds on a shared 2-core CPU; "
+    "a remat strategy below 1 is not free recompute: a smaller working set costs fewer page faults here.",
+]
+BEFORE_NOTE = (
+    "Before issue 12, saved bytes counted only what the compiled graphs saved (saved_tensors_hooks do not see "
+    "inside the eager checkpoint regions), and the planned layers drew dropout from the eager generator while "
+    "compiled none's dropout is Inductor's: the gradients are those of other masks (the grad-error column)."
+)
+
+
+def section(args: argparse.Namespace, cmd: str, cells: dict, before: dict | None) -> list[str]:
+    lines = [
+        f"## GPT {args.layers} layers, d {args.d}, seq {args.seq}, batch {args.batch}",
+        "",
+        f"Command: `{cmd}` (dropout 0.1, backend {args.backend}, {args.threads} threads, {args.steps} rounds, CPU, "
+        f"torch {torch.__version__}).",
+        "",
+        *_table(cells),
+        "",
+        "Compiled `auto` against compiled per-layer checkpoint (step CPU time from the same rounds):",
+        "",
+        *against_checkpoint(cells),
+        "",
+        *NOTES,
+    ]
+    if before is not None:
+        lines += [
+            "",
+            "Before: each planned layer a graph break running the eager replay (`REMAT_KIT_COMPILE_EAGER=1`,"
+            " own process).",
+            "",
+            *_table(before),
+            "",
+            BEFORE_NOTE,
+        ]
+    return lines
+
+
+def write_section(path: str, key: str, lines: list[str]) -> None:
+    """Put `lines` into `path` between the markers of `key`, replacing that section if it is there
+    and keeping the rest of the file (other shapes, the text written around them)."""
+    start, end = f"<!-- compile_bench {key} -->", f"<!-- end compile_bench {key} -->"
+    text = open(path).read() if os.path.exists(path) else "# torch.compile: remat strategies compiled\n\n"
+    block = "\n".join([start, *lines, end])
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
