@@ -38,6 +38,24 @@ def test_output_reading_rules_read_their_operand_under_a_name_policy(f):
     assert backward_reads(_eqn(f, (8,)), (True,)) == ((0,), (), True)
 
 
+def test_reads_do_not_depend_on_the_remat_implementation():
+    """`JAX_REMAT3` wraps a checkpoint's saved values in its own call primitive; the reads come
+    from a plain VJP's residuals, so they are the same under it (a probe that looked for the
+    policy's tags read tanh's output and a matmul's output alone there)."""
+    from remat_kit._jax import _rules
+
+    before = jax.config.jax_remat3
+    try:
+        for flag in (False, True):
+            jax.config.update("jax_remat3", flag)
+            _rules._READS_CACHE.clear()
+            assert backward_reads(_eqn(jnp.tanh, (8,)), (True,)) == ((0,), (), True)
+            assert backward_reads(_eqn(jnp.matmul, (8, 8), (8, 8)), (True, True)) == ((0, 1), (), True)
+    finally:
+        jax.config.update("jax_remat3", before)
+        _rules._READS_CACHE.clear()
+
+
 def test_product_reads_both_operands():
     assert backward_reads(_eqn(lambda a, b: a * b, (8,), (8,)), (True, True)) == ((0, 1), (), True)
 

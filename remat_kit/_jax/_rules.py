@@ -142,15 +142,16 @@ def backward_reads(eqn: Any, diff: tuple[bool, ...]) -> tuple[tuple[int, ...], t
     the op runs in a planned program: inside `jax.checkpoint` with `save_only_these_names`, its
     operands and outputs tagged by `checkpoint_name` (`_run.py`).
 
-    Asked of JAX: trace `jax.vjp` of the single equation so wrapped and read which tagged values
-    it saves. That is not what a plain `jax.vjp` keeps: a rule that reads its own output (tanh,
-    exp, logistic, rsqrt: ``1 - y**2``) reads the primitive's raw output, which no name tags, so
-    under the policy JAX recomputes the op from its operand in the backward and saves the operand.
+    Asked of JAX: trace a plain `jax.vjp` of the single equation and take the operands its
+    residuals are computed from. A rule that reads its own output (tanh, exp, logistic, rsqrt:
+    ``1 - y**2``) reads the primitive's raw output, which no name tags, so under the policy JAX
+    recomputes the op from its operands in the backward and saves those (checked with
+    `print_saved_residuals` on jax 0.10 and 0.12); an op's own output is never what it reads.
     Charged to the output, the model counted a saved tanh as serving its backward and a saved
     operand as free; the compiled step kept both (measured on the bench's GELU, one more
-    (seq, 4d) buffer per layer than the model, `reports/jax/first_call.md`).
-    A residual traced to no tag (a derived one built from constants is skipped) is charged to
-    the output of the same shape, else to the first same-shaped operand.
+    (seq, 4d) buffer per layer than the model, `reports/jax/first_call.md`). The probe itself
+    has no checkpoint, so it reads the same under `JAX_REMAT3`, whose checkpoint hides tags
+    behind its own call primitive.
     Returns (input positions, output positions, exact) where `exact` is False for the fallback
     (the op cannot be differentiated in reverse mode: all operands and outputs).
     """
@@ -170,8 +171,6 @@ _READS_CACHE: dict[Any, tuple[tuple[int, ...], tuple[int, ...], bool]] = {}
 
 
 def _reads(eqn: Any, diff: tuple[bool, ...]):
-    from jax.ad_checkpoint import checkpoint_name
-
     from remat_kit._jax._trace import Op, bind
 
     n_in, n_out = len(eqn.invars), len(eqn.outvars)
@@ -179,63 +178,37 @@ def _reads(eqn: Any, diff: tuple[bool, ...]):
     if not any(diff) or not any(is_float(v.aval) for v in eqn.outvars):
         return (), (), True
     op = Op(eqn=eqn, ins=(), outs=(), scope="")
-    tags = [f"in{i}" for i in range(n_in)] + [f"out{j}" for j in range(n_out)]
-    policy = jax.checkpoint_policies.save_only_these_names(*tags)
 
     def probe(*ins):
         def f(*d):
             it = iter(d)
-            full = [checkpoint_name(next(it) if diff[i] else ins[i], tags[i]) for i in range(n_in)]
-            return [checkpoint_name(o, tags[n_in + j]) for j, o in enumerate(bind(op, full))]
+            full = [next(it) if diff[i] else ins[i] for i in range(n_in)]
+            return bind(op, full)
 
-        return jax.vjp(jax.checkpoint(f, policy=policy), *[ins[i] for i in range(n_in) if diff[i]])
+        out, vjp = jax.vjp(f, *[ins[i] for i in range(n_in) if diff[i]])
+        return out, vjp
 
     specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
     try:
         closed = jax.make_jaxpr(probe)(*specs)
     except Exception:  # no reverse-mode rule (while loops, some custom calls): assume it keeps everything
         return everything
-    return _tagged_residuals(eqn, closed.jaxpr, n_out, tags)
+    return _operands_behind(closed.jaxpr, n_out), (), True
 
 
-def _tagged_residuals(eqn: Any, jaxpr: Any, n_out: int, tags: list[str]):
-    """(input positions, output positions, True) of the residuals of `_reads`'s probe: each is
-    an operand itself, or a tagged value (read back through the policy's `reduce_precision`)."""
+def _operands_behind(jaxpr: Any, n_out: int) -> tuple[int, ...]:
+    """The operands (input positions) the residuals of `_reads`'s probe are computed from: under a
+    name policy each residual that is not an operand (the raw output, a derived value) is recomputed
+    from them in the backward (see `backward_reads`). A residual built from constants alone costs
+    no memory and reads nothing."""
     literal = jax.extend.core.Literal
-    outs, res = jaxpr.outvars[:n_out], jaxpr.outvars[n_out:]
-    in_pos = {v: i for i, v in enumerate(jaxpr.invars)}
-    out_pos = {v: j for j, v in enumerate(outs) if not isinstance(v, literal)}
-    producer = {v: e for e in jaxpr.eqns for v in e.outvars}
-    dynamic = set(jaxpr.invars)  # a derived residual built from constants alone costs no memory
+    behind: dict[Any, frozenset[int]] = {v: frozenset((i,)) for i, v in enumerate(jaxpr.invars)}
     for e in jaxpr.eqns:
-        if any(not isinstance(a, literal) and a in dynamic for a in e.invars):
-            dynamic.update(e.outvars)
-    reads_in: set[int] = set()
-    reads_out: set[int] = set()
-    for r in res:
-        if isinstance(r, literal) or not hasattr(r.aval, "shape") or r.aval.shape == () or r not in dynamic:
+        deps = frozenset().union(*(behind.get(a, frozenset()) for a in e.invars if not isinstance(a, literal)))
+        behind.update((v, deps) for v in e.outvars)
+    reads: set[int] = set()
+    for r in jaxpr.outvars[n_out:]:
+        if isinstance(r, literal) or not hasattr(r.aval, "shape") or r.aval.shape == ():
             continue
-        e = producer.get(r)
-        while e is not None and e.primitive.name == "reduce_precision":
-            r = e.invars[0]
-            e = producer.get(r)
-        tag = e.params.get("name") if e is not None and e.primitive.name == "name" else None
-        if tag in tags:
-            k = tags.index(tag)
-            if k < len(eqn.invars):
-                reads_in.add(k)
-            else:
-                reads_out.add(k - len(eqn.invars))
-        elif r in in_pos:
-            reads_in.add(in_pos[r])
-        elif r in out_pos:
-            reads_out.add(out_pos[r])
-        else:
-            shape = r.aval.shape
-            j = next((j for j, v in enumerate(eqn.outvars) if v.aval.shape == shape), None)
-            if j is not None:
-                reads_out.add(j)
-            else:
-                i = next((i for i, v in enumerate(eqn.invars) if getattr(v.aval, "shape", None) == shape), None)
-                reads_out.add(0) if i is None else reads_in.add(i)
-    return tuple(sorted(reads_in)), tuple(sorted(reads_out)), True
+        reads |= behind.get(r, frozenset())
+    return tuple(sorted(reads))

@@ -52,7 +52,7 @@ from remat_kit._jax._trace import Lit
 
 __all__ = ["can_verify", "verified"]
 
-_NONE_CACHE: dict = {}  # (layer, graph fingerprint, input specs) -> (no-remat temp bytes, constant bytes)
+_NONE_CACHE: dict = {}  # (layer, graph fingerprint, input specs) -> `none_figures`
 # Cheap code generation for measuring compiles on CPU (see the module doc); elsewhere the default.
 MEMORY_OPTIONS = {"xla_backend_optimization_level": 0}
 
