@@ -15,13 +15,14 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils._pytree import tree_flatten
-from torch_helpers import fresh, grads, max_rel_err
+from torch_helpers import TinyGPT, fresh, grads, max_rel_err, tokens
 
 import remat_kit as rk
 import remat_kit._torch._layerplan as layerplan_mod
 import remat_kit._torch._modecost as modecost_mod
 import remat_kit._torch._run as run_mod
 from benchmarks.models.torch_zoo import build
+from remat_kit._core.graph import DeviceSpec
 from remat_kit._torch._api import state_of
 from remat_kit._torch._measure import measure_step
 from remat_kit._torch._modecost import ModeCost
@@ -210,3 +211,69 @@ def test_a_kept_layer_that_differs_from_the_written_out_profile_is_caught(monkey
     assert max_rel_err(got, want) <= 1e-6
     (entry,) = state_of(rematted).plans.values()
     assert entry.profile.replicated_from == 0
+
+
+def _step(func: str, action: str, *, rng: bool = False, flops: int = 0, num_bytes: int = 0) -> Step:
+    return Step(func, action, (), (), rng, False, None, (), flops=flops, bytes_moved=num_bytes)
+
+
+def test_ops_a_plain_region_runs_beyond_the_plan_are_priced_by_name_and_kind() -> None:
+    # Before, `plain_extra` priced every op a plain checkpoint runs beyond the plan at a copy's
+    # rate (a `Step` carried no kind): a dropout mask's draws at a fraction of their time.
+    steps = (
+        _step("aten.bernoulli_.float", SKIP, rng=True, num_bytes=10**6),
+        _step("aten.gelu.default", SKIP, num_bytes=10**6),
+        _step("aten.add.Tensor", SKIP, num_bytes=10**6),
+        _step("aten.mm.default", RUN, flops=10**3, num_bytes=10),
+    )
+    device = DeviceSpec(memory_bandwidth=1e10, op_bandwidth=(("rng", 1e8), ("aten.gelu", 1e9)))
+    flops, seconds = layerplan_mod.plain_extra(Region("b", "b", steps), device)
+    assert flops == 0
+    assert seconds == pytest.approx(1e6 / 1e8 + 1e6 / 1e9 + 1e6 / 1e10)
+
+
+def test_the_replay_part_of_the_modes_cost_is_what_the_recompute_pays() -> None:
+    cost = ModeCost(frame=1.0, forward=10.0, keep=20.0, run=100.0, cached=200.0, skipped=300.0)
+    steps = (_step("aten.mm.default", RUN, flops=1), _step("aten.gelu.default", SKIP), _step("aten.gelu.default", SKIP))
+    region = Region("b", "b", steps)  # the replay stops after the first op (the last it computes)
+    assert cost.replay_of(region) == pytest.approx(0.5 + 100.0)
+    assert cost.of(region) == pytest.approx(1.0 + 3 * 10.0 + 100.0)
+
+
+def test_predicted_recompute_counts_each_region_and_the_modes_as_run(monkeypatch) -> None:
+    # Before, `as_run` added only what plain regions run beyond the plan: checkpoint's own cost per
+    # region (its frame, hooks, RNG state) and the replay mode's per-op cost were used to choose a
+    # plan but left out of the `predicted_recompute_seconds` that explain / plan_of report.
+    torch.manual_seed(0)
+    model = TinyGPT(layers=4, d=32, heads=4, vocab=32, p=0.1).train()
+    idx, tgt = tokens(batch=2, seq=32)
+    region_cost = layerplan_mod.RegionCost(frame_seconds=1.0, op_seconds=1e-3)
+    monkeypatch.setattr(layerplan_mod, "mode_cost", lambda *a, **k: ModeCost.flat(1e-3))
+    monkeypatch.setattr(layerplan_mod, "checkpoint_region_cost", lambda *a, **k: region_cost)
+    rematted = rk.auto(fresh(model), 0.5)
+    grads(rematted, idx, tgt)
+    (compiled,) = state_of(rematted).plans.values()
+    assert compiled.regions
+    floor = sum(
+        region_cost.of(r) + (0.0 if r.plain else ModeCost.flat(1e-3).replay_of(r)) for r in compiled.regions.values()
+    )
+    assert compiled.plan.predicted_recompute_seconds >= floor >= len(compiled.regions)
+
+
+def test_region_cost_is_calibrated_on_a_transformer_block_and_keeps_the_random_stream(monkeypatch) -> None:
+    # A chain of tiny tanh calls had no module calls, attention, dropout RNG state or layer-sized
+    # op count: it priced a GPT layer's region at a fraction of its recompute's cost beyond the ops.
+    calls = []
+    real = layerplan_mod._Block.forward
+    monkeypatch.setattr(layerplan_mod._Block, "forward", lambda self, x: calls.append(1) or real(self, x))
+    monkeypatch.setenv("REMAT_KIT_CALIBRATE", "1")
+    layerplan_mod.checkpoint_region_cost.cache_clear()
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    try:
+        cost = layerplan_mod.checkpoint_region_cost("cpu", repeats=1, inner=1)
+    finally:
+        layerplan_mod.checkpoint_region_cost.cache_clear()
+    assert torch.equal(torch.rand(4), want)
+    assert calls and cost.frame_seconds >= 0.0 and cost.op_seconds >= 0.0

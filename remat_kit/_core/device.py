@@ -134,11 +134,16 @@ class DeviceSpec:
     def value_seconds(self, value: Value) -> float:
         """Time to recompute `value`'s op: the roofline at its op's (else its kind's) rate, plus the
         per-op overhead."""
+        return self.named_op_seconds(value.op, value.kind.value, value.flops, value.bytes_moved)
+
+    def named_op_seconds(self, op: str | None, kind: str | None, flops: float, bytes_moved: float) -> float:
+        """Time to recompute one op known by name (``aten.gelu``) and kind (an `OpKind` value):
+        the roofline at the op's (else its kind's, else a copy's) rate, plus the per-op overhead."""
         rates = self._rates
-        bandwidth = rates.get(value.op) if value.op is not None else None
+        bandwidth = rates.get(op) if op is not None else None
         if bandwidth is None:
-            bandwidth = rates.get(value.kind.value, self.memory_bandwidth)
-        return max(value.flops / self.peak_flops, value.bytes_moved / bandwidth) + self.op_overhead_seconds
+            bandwidth = rates.get(kind, self.memory_bandwidth) if kind is not None else self.memory_bandwidth
+        return max(flops / self.peak_flops, bytes_moved / bandwidth) + self.op_overhead_seconds
 
     @functools.cached_property
     def _rates(self) -> dict[str, float]:

@@ -27,10 +27,11 @@ from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import simulate
 from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph
-from remat_kit._torch._modecost import ModeCost, calibration_off, mode_cost
-from remat_kit._torch._modes import Region
+from remat_kit._torch._modecost import ModeCost, _Recorder, calibration_off, mode_cost
+from remat_kit._torch._modes import Region, Step
 from remat_kit._torch._replay import decisions_for_torch, regions
 from remat_kit._torch._trace import Profile
+from remat_kit._torch._trace_ops import op_kind
 
 
 def region_modes_seconds(region: Region, modes: ModeCost) -> float:
@@ -38,10 +39,19 @@ def region_modes_seconds(region: Region, modes: ModeCost) -> float:
     return modes.of(region)
 
 
+def step_seconds(step: Step, device: DeviceSpec) -> float:
+    """Time to run `step`'s op, at its op's or its kind's measured rate (as the graph's values are
+    priced: a skipped dropout mask is random draws, not a copy)."""
+    name = step.func.replace("::", ".")
+    packet = name.rsplit(".", 1)[0] if name.count(".") >= 2 else name  # "aten.gelu.default" -> "aten.gelu"
+    kind = op_kind(name, step.restore_rng or step.explicit_generator).value
+    return device.named_op_seconds(packet, kind, step.flops, step.bytes_moved)
+
+
 def plain_extra(region: Region, device: DeviceSpec) -> tuple[int, float]:
     """(FLOPs, seconds) a plain checkpoint of `region` recomputes beyond what the plan needs."""
     steps = region.skipped_but_run
-    return sum(s.flops for s in steps), sum(device.op_seconds(s.flops, s.bytes_moved) for s in steps)
+    return sum(s.flops for s in steps), sum(step_seconds(s, device) for s in steps)
 
 
 def plain_when_faster(device: DeviceSpec, modes: ModeCost) -> Callable[[Region], bool]:
@@ -75,14 +85,21 @@ def predicted_seconds(
     return plan.predicted_recompute_seconds + extra
 
 
-def as_run(plan: Plan, regions: dict[str, Region], device: DeviceSpec) -> Plan:
-    """`plan` with its recompute FLOPs and time counting what its plain regions run beyond it (so
-    the FLOPs it reports are those FlopCounterMode counts)."""
+def as_run(plan: Plan, regions: dict[str, Region], device: DeviceSpec, device_type: str = "cpu") -> Plan:
+    """`plan` with its recompute FLOPs and time counting what its regions run beyond it: the ops a
+    plain region runs past the plan (so the FLOPs it reports are those FlopCounterMode counts),
+    each region's own cost (checkpoint's frame and hooks, `checkpoint_region_cost`) and, in a
+    selective region, the replay mode's (`ModeCost.replay_of`). The time it reports is then the
+    recompute the step pays, not only its ops' (reports/step_time_model.md)."""
+    modes, cost = mode_cost(device_type), checkpoint_region_cost(device_type, op_overhead=device.op_overhead_seconds)
     flops = seconds = 0.0
     for region in regions.values():
+        seconds += cost.of(region)
         if region.plain:
             f, t = plain_extra(region, device)
             flops, seconds = flops + f, seconds + t
+        else:
+            seconds += modes.replay_of(region)
     return dataclasses.replace(
         plan,
         predicted_recompute_flops=plan.predicted_recompute_flops + int(flops),
@@ -176,13 +193,38 @@ def fastest_whole_layer_plan(
     return best
 
 
+class _Block(torch.nn.Module):
+    """A pre-norm transformer block (attention with dropout, a GELU MLP), run at tiny widths by
+    `checkpoint_region_cost`: the Python, module calls, autograd and checkpoint hooks of a real
+    layer, whose ops then cost next to nothing. (A chain of tiny `tanh` calls priced a GPT layer's
+    region at well under what its recompute spent outside its ops: reports/step_time_model.md.)"""
+
+    def __init__(self, d: int, heads: int, device: torch.device) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d, device=device), torch.nn.LayerNorm(d, device=device)
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d, device=device), torch.nn.Linear(d, d, device=device)
+        self.fc, self.out = torch.nn.Linear(d, 4 * d, device=device), torch.nn.Linear(4 * d, d, device=device)
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (h.view(b, t, self.heads, -1).transpose(1, 2) for h in self.qkv(self.ln1(x)).split(d, -1))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.out(torch.nn.functional.gelu(self.fc(self.ln2(x)))))
+
+
 @functools.cache
-def checkpoint_region_cost(device_type: str = "cpu", repeats: int = 7, num_ops: int = 9) -> RegionCost:
-    """What one plain non-reentrant checkpoint region costs beyond the forward it recomputes,
-    measured once on tiny tensors: a chain of 1 and of `num_ops` ops, each trained with and without
-    checkpoint and run forward once more (the recompute), least of `repeats`. The difference
-    between the two chains' extra time is the per-op part (checkpoint's pack and unpack hooks of
-    each saved tensor), the rest is the region's frame. On a small model a region's frame is a
+def checkpoint_region_cost(
+    device_type: str = "cpu", repeats: int = 7, op_overhead: float = 0.0, inner: int = 5
+) -> RegionCost:
+    """What one plain non-reentrant checkpoint region costs beyond its ops as the device prices
+    them (`op_overhead` each: `DeviceSpec.op_overhead_seconds`), measured once on a region of one
+    and of two tiny transformer blocks (`_Block`): each trained with and without checkpoint, least
+    of `repeats`. A region's extra time is its recompute (ops, Python, autograd recording, RNG
+    state) and checkpoint's pack / unpack hooks; the difference between the two regions per op
+    is the per-op part, the rest the region's frame. On a small model a region's frame is a
     layer's worth of time (issue 12: sqrt(n)'s few regions stepped faster than `auto`'s many).
 
     Nothing when calibration is off (``REMAT_KIT_CALIBRATE=0``)."""
@@ -193,36 +235,34 @@ def checkpoint_region_cost(device_type: str = "cpu", repeats: int = 7, num_ops: 
     if calibration_off(device_type):
         return RegionCost()
     device = torch.device(device_type) if device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
-    x = torch.linspace(-1, 1, 8, device=device).requires_grad_()
     clock = time.perf_counter if device.type == "cuda" else time.thread_time  # as _modecost.mode_cost
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    x = torch.linspace(-1, 1, 4 * 16, device=device).reshape(1, 4, 16).requires_grad_()
 
-    def chain(h: torch.Tensor, n: int) -> torch.Tensor:
-        for _ in range(n):
-            h = h.tanh()
-        return h
-
-    def timed(n: int, how: str) -> float:
+    def timed(fn: Callable[[], torch.Tensor]) -> float:
         times = []
         for _ in range(repeats + 1):  # the first one warms up
             start = clock()
-            for _ in range(10):
-                if how == "forward":
-                    chain(x, n)
-                elif how == "plain":
-                    chain(x, n).sum().backward()
-                else:
-                    checkpoint(chain, x, n, use_reentrant=False).sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append((clock() - start) / 10)
+            for _ in range(inner):
+                fn().sum().backward()
+            sync()
+            times.append((clock() - start) / inner)
         return min(times[1:])  # the least disturbed by other processes (a 2-core box is loaded)
 
-    def extra(n: int) -> float:
-        return timed(n, "checkpoint") - timed(n, "plain") - timed(n, "forward")
+    def extra(n: int) -> tuple[float, int]:
+        run = blocks[:n]
+        recorder = _Recorder()
+        with recorder:
+            run(x)
+        return timed(lambda: checkpoint(run, x, use_reentrant=False)) - timed(lambda: run(x)), len(recorder.ops)
 
-    one, many = extra(1), extra(num_ops)
-    per_op = max(0.0, (many - one) / (num_ops - 1))
-    return RegionCost(frame_seconds=max(0.0, one - per_op), op_seconds=per_op)
+    # The blocks' initialisation and dropout masks draw random numbers: the caller's random stream
+    # is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        blocks = torch.nn.Sequential(*(_Block(16, 2, device) for _ in range(2)))
+        (one, n1), (two, n2) = extra(1), extra(2)
+    per_op = max(0.0, (two - one) / max(1, n2 - n1) - op_overhead)
+    return RegionCost(frame_seconds=max(0.0, one - n1 * (op_overhead + per_op)), op_seconds=per_op)
 
 
 def by_time(
@@ -237,7 +277,7 @@ def by_time(
     # keep the solver's plan there.
     device, device_type = default_device(module), device_of(module).type
     modes = mode_cost(device_type)
-    cost = checkpoint_region_cost(device_type)
+    cost = checkpoint_region_cost(device_type, op_overhead=device.op_overhead_seconds)
     if modes == ModeCost() and cost == RegionCost():  # running a plan priced at nothing: the solver's is fastest
         return plan
     choose = plain_when_faster(device, modes)

@@ -48,11 +48,17 @@ class ModeCost:
     def of(self, region: Region) -> float:
         """The modes' time for one call of `region`: every forward op, and the replay's ops up to
         the last one it computes or hands back (checkpoint stops the recompute there)."""
-        total = self.frame
-        for k, s in enumerate(region.steps):
-            total += self.keep if (s.cache or s.restore_rng or s.explicit_generator) else self.forward
-            if k <= region.last_replayed:
-                total += self.run if s.action == RUN else self.cached if s.action == CACHE else self.skipped
+        forward = sum(
+            self.keep if (s.cache or s.restore_rng or s.explicit_generator) else self.forward for s in region.steps
+        )
+        return self.frame / 2 + forward + self.replay_of(region)
+
+    def replay_of(self, region: Region) -> float:
+        """The part of `of` spent in the recompute: `_ReplayMode`'s entry and exit and its ops up to
+        the recompute's early stop."""
+        total = self.frame / 2
+        for s in region.steps[: region.last_replayed + 1]:
+            total += self.run if s.action == RUN else self.cached if s.action == CACHE else self.skipped
         return total
 
 

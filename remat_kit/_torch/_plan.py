@@ -30,7 +30,7 @@ from remat_kit._core.solve import (
     smallest_activation_bytes,
     solve,
 )
-from remat_kit._torch._device import default_device
+from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
 from remat_kit._torch._layerplan import as_run, by_time, fast_regions
 from remat_kit._torch._replay import Region, constraints_for_torch
@@ -373,4 +373,4 @@ def compile_plan(
     plan = solve_torch(module, tg, prof, budget, offload=offload, solver=solver, per_call=per_call, segments=segments)
     device = default_device(module)
     regs = fast_regions(module, tg, plan, prof, device)
-    return Entry(as_run(plan, regs, device), tg, prof, regs, signature(module, args, kwargs))
+    return Entry(as_run(plan, regs, device, device_of(module).type), tg, prof, regs, signature(module, args, kwargs))
