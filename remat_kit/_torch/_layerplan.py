@@ -220,12 +220,16 @@ def checkpoint_region_cost(
     device_type: str = "cpu", repeats: int = 7, op_overhead: float = 0.0, inner: int = 5
 ) -> RegionCost:
     """What one plain non-reentrant checkpoint region costs beyond its ops as the device prices
-    them (`op_overhead` each: `DeviceSpec.op_overhead_seconds`), measured once on a region of one
-    and of two tiny transformer blocks (`_Block`): each trained with and without checkpoint, least
-    of `repeats`. A region's extra time is its recompute (ops, Python, autograd recording, RNG
-    state) and checkpoint's pack / unpack hooks; the difference between the two regions per op
-    is the per-op part, the rest the region's frame. On a small model a region's frame is a
-    layer's worth of time (issue 12: sqrt(n)'s few regions stepped faster than `auto`'s many).
+    them (`op_overhead` each: `DeviceSpec.op_overhead_seconds`), least of `repeats` of a region
+    trained with checkpoint minus without.
+
+    The frame is timed on a region of one op (checkpoint's own work: its RNG state, the recompute's
+    start and early stop); the per-op part on regions of one and of two tiny transformer blocks
+    (`_Block`: module calls, attention, dropout, what a layer's recompute runs besides its ops),
+    net of that frame. (Both parts fitted from the two blocks alone moved by 10x between runs on
+    a loaded machine, although their sum for a layer did not; a plan choosing one region over two
+    layers or two regions weighs the frame alone.) On a small model a region's frame is a layer's
+    worth of time (issue 12: sqrt(n)'s few regions stepped faster than `auto`'s many).
 
     Nothing when calibration is off (``REMAT_KIT_CALIBRATE=0``)."""
     import time
@@ -239,30 +243,33 @@ def checkpoint_region_cost(
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     x = torch.linspace(-1, 1, 4 * 16, device=device).reshape(1, 4, 16).requires_grad_()
 
-    def timed(fn: Callable[[], torch.Tensor]) -> float:
-        times = []
+    def extra(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """Least time of a training step of `fn` with checkpoint minus without, timed in turn."""
+        with_ckpt, without = [], []
         for _ in range(repeats + 1):  # the first one warms up
-            start = clock()
-            for _ in range(inner):
-                fn().sum().backward()
-            sync()
-            times.append((clock() - start) / inner)
-        return min(times[1:])  # the least disturbed by other processes (a 2-core box is loaded)
+            for out, call in ((with_ckpt, lambda: checkpoint(fn, x, use_reentrant=False)), (without, lambda: fn(x))):
+                start = clock()
+                for _ in range(inner):
+                    call().sum().backward()
+                sync()
+                out.append((clock() - start) / inner)
+        return min(with_ckpt[1:]) - min(without[1:])  # the least disturbed by other processes
 
-    def extra(n: int) -> tuple[float, int]:
-        run = blocks[:n]
+    def num_ops(fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
         recorder = _Recorder()
         with recorder:
-            run(x)
-        return timed(lambda: checkpoint(run, x, use_reentrant=False)) - timed(lambda: run(x)), len(recorder.ops)
+            fn(x)
+        return len(recorder.ops)
 
     # The blocks' initialisation and dropout masks draw random numbers: the caller's random stream
     # is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         blocks = torch.nn.Sequential(*(_Block(16, 2, device) for _ in range(2)))
-        (one, n1), (two, n2) = extra(1), extra(2)
-    per_op = max(0.0, (two - one) / max(1, n2 - n1) - op_overhead)
-    return RegionCost(frame_seconds=max(0.0, one - n1 * (op_overhead + per_op)), op_seconds=per_op)
+        frame = max(0.0, extra(torch.tanh) - op_overhead)
+        one, two = blocks[:1], blocks
+        spent = extra(one) + extra(two) - 2 * frame
+        per_op = max(0.0, spent / (num_ops(one) + num_ops(two)) - op_overhead)
+    return RegionCost(frame_seconds=frame, op_seconds=per_op)
 
 
 def by_time(
