@@ -277,3 +277,17 @@ def test_region_cost_is_calibrated_on_a_transformer_block_and_keeps_the_random_s
         layerplan_mod.checkpoint_region_cost.cache_clear()
     assert torch.equal(torch.rand(4), want)
     assert calls and cost.frame_seconds >= 0.0 and cost.op_seconds >= 0.0
+
+
+def test_views_a_recompute_runs_pay_their_dispatch() -> None:
+    # Views own no value of the graph, so the roofline prices them at nothing; the recompute
+    # dispatches each all the same (with autograd), up to its early stop.
+    steps = (
+        _step("aten.view.default", RUN),
+        _step("aten.t.default", RUN),
+        _step("aten.mm.default", RUN, flops=10**3, num_bytes=10),
+        _step("aten.view.default", RUN),  # past the last op the replay computes: never run
+        _step("aten.gelu.default", SKIP, num_bytes=10),
+    )
+    device = DeviceSpec(op_overhead_seconds=1e-3)
+    assert layerplan_mod.unvalued_seconds(Region("b", "b", steps), device) == pytest.approx(2e-3)

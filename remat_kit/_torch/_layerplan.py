@@ -28,7 +28,7 @@ from remat_kit._core.simulate import simulate
 from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph
 from remat_kit._torch._modecost import ModeCost, _Recorder, calibration_off, mode_cost
-from remat_kit._torch._modes import Region, Step
+from remat_kit._torch._modes import RUN, Region, Step
 from remat_kit._torch._replay import decisions_for_torch, regions
 from remat_kit._torch._trace import Profile
 from remat_kit._torch._trace_ops import op_kind
@@ -73,13 +73,22 @@ class RegionCost:
         return self.frame_seconds + self.op_seconds * len(region.steps)
 
 
+def unvalued_seconds(region: Region, device: DeviceSpec) -> float:
+    """The dispatch cost of the ops a recompute runs that own no value of the graph (views:
+    priced at nothing as values, dispatched with autograd all the same)."""
+    steps = region.steps[: region.last_replayed + 1]
+    return device.op_overhead_seconds * sum(s.action == RUN and not (s.flops or s.bytes_moved) for s in steps)
+
+
 def predicted_seconds(
     plan: Plan, regions: dict[str, Region], device: DeviceSpec, modes: ModeCost, cost: RegionCost = RegionCost()
 ) -> float:
     """A plan's predicted extra step time as run: its recompute, what plain regions run beyond
     it, the modes' cost in the others, and each region's own cost."""
     extra = sum(
-        (plain_extra(r, device)[1] if r.plain else region_modes_seconds(r, modes)) + cost.of(r)
+        (plain_extra(r, device)[1] if r.plain else region_modes_seconds(r, modes))
+        + cost.of(r)
+        + unvalued_seconds(r, device)
         for r in regions.values()
     )
     return plan.predicted_recompute_seconds + extra
@@ -88,13 +97,13 @@ def predicted_seconds(
 def as_run(plan: Plan, regions: dict[str, Region], device: DeviceSpec, device_type: str = "cpu") -> Plan:
     """`plan` with its recompute FLOPs and time counting what its regions run beyond it: the ops a
     plain region runs past the plan (so the FLOPs it reports are those FlopCounterMode counts),
-    each region's own cost (checkpoint's frame and hooks, `checkpoint_region_cost`) and, in a
-    selective region, the replay mode's (`ModeCost.replay_of`). The time it reports is then the
+    each region's own cost (checkpoint's frame and hooks, `checkpoint_region_cost`), the ops it
+    runs that own no value (`unvalued_seconds`) and, in a selective region, the replay mode's (`ModeCost.replay_of`). The time it reports is then the
     recompute the step pays, not only its ops' (reports/step_time_model.md)."""
     modes, cost = mode_cost(device_type), checkpoint_region_cost(device_type, op_overhead=device.op_overhead_seconds)
     flops = seconds = 0.0
     for region in regions.values():
-        seconds += cost.of(region)
+        seconds += cost.of(region) + unvalued_seconds(region, device)
         if region.plain:
             f, t = plain_extra(region, device)
             flops, seconds = flops + f, seconds + t
