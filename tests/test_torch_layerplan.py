@@ -213,7 +213,7 @@ def test_a_kept_layer_that_differs_from_the_written_out_profile_is_caught(monkey
     assert entry.profile.replicated_from == 0
 
 
-def _step(func: str, action: str, *, rng: bool = False, flops: int = 0, num_bytes: int = 0) -> Step:
+def _named_step(func: str, action: str, *, rng: bool = False, flops: int = 0, num_bytes: int = 0) -> Step:
     return Step(func, action, (), (), rng, False, None, (), flops=flops, bytes_moved=num_bytes)
 
 
@@ -221,10 +221,10 @@ def test_ops_a_plain_region_runs_beyond_the_plan_are_priced_by_name_and_kind() -
     # Before, `plain_extra` priced every op a plain checkpoint runs beyond the plan at a copy's
     # rate (a `Step` carried no kind): a dropout mask's draws at a fraction of their time.
     steps = (
-        _step("aten.bernoulli_.float", SKIP, rng=True, num_bytes=10**6),
-        _step("aten.gelu.default", SKIP, num_bytes=10**6),
-        _step("aten.add.Tensor", SKIP, num_bytes=10**6),
-        _step("aten.mm.default", RUN, flops=10**3, num_bytes=10),
+        _named_step("aten.bernoulli_.float", SKIP, rng=True, num_bytes=10**6),
+        _named_step("aten.gelu.default", SKIP, num_bytes=10**6),
+        _named_step("aten.add.Tensor", SKIP, num_bytes=10**6),
+        _named_step("aten.mm.default", RUN, flops=10**3, num_bytes=10),
     )
     device = DeviceSpec(memory_bandwidth=1e10, op_bandwidth=(("rng", 1e8), ("aten.gelu", 1e9)))
     flops, seconds = layerplan_mod.plain_extra(Region("b", "b", steps), device)
@@ -234,7 +234,11 @@ def test_ops_a_plain_region_runs_beyond_the_plan_are_priced_by_name_and_kind() -
 
 def test_the_replay_part_of_the_modes_cost_is_what_the_recompute_pays() -> None:
     cost = ModeCost(frame=1.0, forward=10.0, keep=20.0, run=100.0, cached=200.0, skipped=300.0)
-    steps = (_step("aten.mm.default", RUN, flops=1), _step("aten.gelu.default", SKIP), _step("aten.gelu.default", SKIP))
+    steps = (
+        _named_step("aten.mm.default", RUN, flops=1),
+        _named_step("aten.gelu.default", SKIP),
+        _named_step("aten.gelu.default", SKIP),
+    )
     region = Region("b", "b", steps)  # the replay stops after the first op (the last it computes)
     assert cost.replay_of(region) == pytest.approx(0.5 + 100.0)
     assert cost.of(region) == pytest.approx(1.0 + 3 * 10.0 + 100.0)
@@ -283,11 +287,11 @@ def test_views_a_recompute_runs_pay_their_dispatch() -> None:
     # Views own no value of the graph, so the roofline prices them at nothing; the recompute
     # dispatches each all the same (with autograd), up to its early stop.
     steps = (
-        _step("aten.view.default", RUN),
-        _step("aten.t.default", RUN),
-        _step("aten.mm.default", RUN, flops=10**3, num_bytes=10),
-        _step("aten.view.default", RUN),  # past the last op the replay computes: never run
-        _step("aten.gelu.default", SKIP, num_bytes=10),
+        _named_step("aten.view.default", RUN),
+        _named_step("aten.t.default", RUN),
+        _named_step("aten.mm.default", RUN, flops=10**3, num_bytes=10),
+        _named_step("aten.view.default", RUN),  # past the last op the replay computes: never run
+        _named_step("aten.gelu.default", SKIP, num_bytes=10),
     )
     device = DeviceSpec(op_overhead_seconds=1e-3)
     assert layerplan_mod.unvalued_seconds(Region("b", "b", steps), device) == pytest.approx(2e-3)
