@@ -29,7 +29,7 @@ from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph
 from remat_kit._torch._modecost import ModeCost, _Recorder, calibration_off, mode_cost
 from remat_kit._torch._modes import RUN, Region, Step
-from remat_kit._torch._replay import decisions_for_torch, regions
+from remat_kit._torch._replay import decisions_for_torch, regions, run_region
 from remat_kit._torch._trace import Profile
 from remat_kit._torch._trace_ops import op_kind
 
@@ -230,10 +230,10 @@ def checkpoint_region_cost(
 ) -> RegionCost:
     """What one plain non-reentrant checkpoint region costs beyond its ops as the device prices
     them (`op_overhead` each: `DeviceSpec.op_overhead_seconds`), least of `repeats` of a region
-    trained with checkpoint minus without.
+    trained through the plan's own region runner (`_replay.run_region`: checkpoint with its RNG
+    state, the runner's Python and dynamo guard) minus without.
 
-    The frame is timed on a region of one op (checkpoint's own work: its RNG state, the recompute's
-    start and early stop); the per-op part on regions of one and of two tiny transformer blocks
+    The frame is timed on a region of one op (the recompute's start and early stop, the runner); the per-op part on regions of one and of two tiny transformer blocks
     (`_Block`: module calls, attention, dropout, what a layer's recompute runs besides its ops),
     net of that frame. (Both parts fitted from the two blocks alone moved by 10x between runs on
     a loaded machine, although their sum for a layer did not; a plan choosing one region over two
@@ -243,20 +243,19 @@ def checkpoint_region_cost(
     Nothing when calibration is off (``REMAT_KIT_CALIBRATE=0``)."""
     import time
 
-    from torch.utils.checkpoint import checkpoint
-
     if calibration_off(device_type):
         return RegionCost()
     device = torch.device(device_type) if device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
     clock = time.perf_counter if device.type == "cuda" else time.thread_time  # as _modecost.mode_cost
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     x = torch.linspace(-1, 1, 4 * 16, device=device).reshape(1, 4, 16).requires_grad_()
+    plain = Region("calibration", "calibration", (), plain=True)  # run as a plan's plain region is
 
     def extra(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
         """Least time of a training step of `fn` with checkpoint minus without, timed in turn."""
         with_ckpt, without = [], []
         for _ in range(repeats + 1):  # the first one warms up
-            for out, call in ((with_ckpt, lambda: checkpoint(fn, x, use_reentrant=False)), (without, lambda: fn(x))):
+            for out, call in ((with_ckpt, lambda: run_region(plain, fn, (x,), {})), (without, lambda: fn(x))):
                 start = clock()
                 for _ in range(inner):
                     call().sum().backward()
