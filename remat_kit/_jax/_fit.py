@@ -10,9 +10,10 @@ figures (below), each step one plan compiled:
   residual bytes are known (`_verify.step_figures` reads them off its trace), the figure is the
   plan's kept bytes (the model's, which are the residuals JAX keeps under the plan:
   `_rules.backward_reads`) plus what XLA holds besides residuals in no remat's compile (its temp
-  minus its residuals), over no remat's temp: measured on the bench's scanned GPT, XLA holds
-  the same bytes besides residuals whatever the plan (`reports/jax/first_call.md`), so the first
-  target aims `AIM` under the budget with slope 1. Elsewhere (one layer, a sharded step) the
+  minus its residuals), plus what the plan's recompute holds while a layer's backward runs (the
+  recomputed values XLA stores rather than fuses: `recompute_transient`), over no remat's temp:
+  measured on the bench's scanned GPT, XLA holds the same bytes besides these whatever the plan
+  (`reports/jax/first_call.md`), so the first target aims `AIM` under the budget with slope 1. Elsewhere (one layer, a sharded step) the
   figure is the model's fraction of no remat, and no remat's compile gives the first slope (the
   model's no-remat bytes over the compiled ones). A figure is turned into a plan by asking the
   model for the activation fraction that plan's figure sits at (`Search.plan_at`, a solve or two);
@@ -41,9 +42,11 @@ from collections.abc import Callable
 
 from remat_kit._core import presets
 from remat_kit._core.plan import Decision, Plan
-from remat_kit._core.simulate import simulate
+from remat_kit._core.graph import CostGraph
+from remat_kit._core.simulate import decision_codes, needed_and_recomputed, simulate
 from remat_kit._jax._graph import Traced
 from remat_kit._jax._plan import Model, scan_groups
+from remat_kit._jax._rules import materialised, op_of
 
 MAX_ROUNDS = 3  # plan compiles per budget, past no remat's
 AIM = 0.02  # of no remat: where under the budget the line aims
@@ -94,7 +97,8 @@ class Search:
         traced = self.model.traced
         graph = traced.graph.regroup(plan.segments) if plan is not None and plan.segments else traced.graph
         kept = sum(simulate(graph, plan).kept_bytes_by_block)
-        return (kept + self.none_bytes - self.none_residual_bytes) / max(self.none_bytes, 1)
+        held = kept + recompute_transient(graph, plan) + self.none_bytes - self.none_residual_bytes
+        return held / max(self.none_bytes, 1)
 
     def record(self, plan: Plan, measured: int) -> None:
         """Recalibrate the line through the plan's point and narrow the bracket with it."""
@@ -135,6 +139,25 @@ class Search:
         if target > 0 and self.model.floor().admits(target, 0):
             return self.model.plan(target)
         return self.model.least_memory()
+
+
+def recompute_transient(graph: CostGraph, plan: Plan) -> int:
+    """The bytes a plan's recompute holds beside the residuals while a layer's backward runs: the
+    largest block's recomputed values that XLA writes to buffers of their own (`_rules.materialised`:
+    a matmul's output, a softmax's exp). The core's simulator counts every recomputed value live at
+    the recompute, which overstates XLA, whose fusions store none of the cheap elementwise ones; no
+    remat recomputes nothing, so what its compile holds beside the residuals has none of these."""
+    _, recomputed = needed_and_recomputed(graph, decision_codes(graph, plan))
+    readers: dict[int, list[str]] = {}
+    for k, v in enumerate(graph.values):
+        if recomputed[k]:
+            for d in v.deps:
+                readers.setdefault(graph.index(d), []).append(op_of(v.name))
+    by_block: dict[int, int] = {}
+    for k, v in enumerate(graph.values):
+        if recomputed[k] and materialised(op_of(v.name), readers.get(k, ())):
+            by_block[v.block] = by_block.get(v.block, 0) + v.num_bytes
+    return max(by_block.values(), default=0)
 
 
 def _keeps_all(plan: Plan) -> bool:

@@ -5,6 +5,7 @@ op's backward reads (its residuals), the last asked of JAX itself rather than a 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -52,6 +53,11 @@ _REDUCE = {
     "reduce_and",
     "reduce_or",
 }
+# Ops whose output XLA writes to a buffer of its own rather than fusing it into its consumers:
+# matmul-like ops; and an expensive elementwise op read by a reduction and by another op (a
+# softmax's exp: XLA duplicates cheap producers into each consuming fusion, not expensive ones).
+_UNFUSED = {"dot_general", "conv_general_dilated", "ragged_dot", "sort"}
+_EXPENSIVE = {"exp", "exp2", "expm1", "log", "log1p", "tanh", "logistic", "erf", "pow", "atan2", "sin", "cos"}
 _SUBJAXPRS = ("call_jaxpr", "fun_jaxpr", "jaxpr", "branches", "cond_jaxpr", "body_jaxpr")
 
 
@@ -212,3 +218,18 @@ def _operands_behind(jaxpr: Any, n_out: int) -> tuple[int, ...]:
             continue
         reads |= behind.get(r, frozenset())
     return tuple(sorted(reads))
+
+
+
+def op_of(value_name: str) -> str:
+    """The primitive that produced the cost graph's value `value_name` (named `<scope>/<prim>:<k>`,
+    `#j` for its j-th output: `_trace.op_names`)."""
+    return value_name.rsplit("/", 1)[-1].split("#", 1)[0].rsplit(":", 1)[0]
+
+
+def materialised(op: str, consumer_ops: Iterable[str]) -> bool:
+    """Whether XLA writes `op`'s output to a buffer of its own when these ops read it (`_UNFUSED`)."""
+    if op in _UNFUSED:
+        return True
+    consumers = set(consumer_ops)
+    return op in _EXPENSIVE and bool(consumers & _REDUCE) and bool(consumers - _REDUCE)
