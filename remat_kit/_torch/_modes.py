@@ -195,11 +195,14 @@ def _index(mode: Any, func: Any, args: tuple) -> int | None:
     return k
 
 
-class _ForwardMode(TorchDispatchMode):
-    def __init__(self, state: _State):
+class _TableMode(TorchDispatchMode):
+    """A region's op-indexed mode: ops the plan only passes on run through the table's per-op
+    callables (`calls`, the forward's or the replay's); the rest go to the subclass's `_planned`."""
+
+    def __init__(self, state: _State, calls: list):
         super().__init__()
         self.state, self.table, self.k = state, state.table, 0
-        self.n, self.funcs, self.calls = len(self.table.funcs), self.table.funcs, self.table.forward_call
+        self.n, self.funcs, self.calls = len(self.table.funcs), self.table.funcs, calls
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -218,6 +221,14 @@ class _ForwardMode(TorchDispatchMode):
             if k is None:
                 return func(*args, **(kwargs or {}))
         return self._planned(k, func, args, kwargs or {})
+
+    def _planned(self, k: int, func: Any, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError
+
+
+class _ForwardMode(_TableMode):
+    def __init__(self, state: _State):
+        super().__init__(state, state.table.forward_call)
 
     def _planned(self, k: int, func: Any, args: tuple, kwargs: dict) -> Any:
         if self.table.plain_forward[k] and self.table.funcs[k] is func:
@@ -256,33 +267,14 @@ class _ForwardMode(TorchDispatchMode):
         return result
 
 
-class _ReplayMode(TorchDispatchMode):
+class _ReplayMode(_TableMode):
     def __init__(self, state: _State):
-        super().__init__()
-        self.state, self.table, self.k = state, state.table, 0
-        self.n, self.funcs, self.calls = len(self.table.funcs), self.table.funcs, self.table.replay_call
+        super().__init__(state, state.table.replay_call)
 
     def __enter__(self):
         self.k = 0
         self.state.begin_replay()
         return super().__enter__()
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return _SKIP_CODE is None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        k = self.k  # the per-op path, as in _ForwardMode
-        if k < self.n and self.funcs[k] is func:
-            self.k = k + 1
-            call = self.calls[k]
-            if call is not None:
-                return call(*args, **kwargs) if kwargs else call(*args)
-        else:
-            k = _index(self, func, args)
-            if k is None:
-                return func(*args, **(kwargs or {}))
-        return self._planned(k, func, args, kwargs or {})
 
     def _planned(self, k: int, func: Any, args: tuple, kwargs: dict) -> Any:
         if self.table.plain_replay[k] and self.table.funcs[k] is func:
@@ -333,5 +325,4 @@ class _ReplayMode(TorchDispatchMode):
 
 
 if _SKIP_CODE is not None:
-    _SKIP_CODE(_ForwardMode.__torch_dispatch__.__code__)
-    _SKIP_CODE(_ReplayMode.__torch_dispatch__.__code__)
+    _SKIP_CODE(_TableMode.__torch_dispatch__.__code__)
