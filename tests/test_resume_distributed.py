@@ -44,6 +44,7 @@ def test_the_host_fingerprint_of_any_split_into_shards_adds_up_to_the_device_red
     from remat_kit.resume import _fingerprint
 
     monkeypatch.setattr(_fingerprint, "_BLOCK", 7)  # blocks of rows and of columns, as on large shards
+    monkeypatch.setattr(_fingerprint, "_ROW", 2)  # long rows cut into sub-rows, as on large shards
     rng = np.random.default_rng(0)
     dtypes = ["float32", "bfloat16", "float16", "int8", "bool", "uint32", "complex64", "float64", "int64"]
     for dtype in dtypes:
@@ -67,6 +68,27 @@ def test_the_host_fingerprint_of_any_split_into_shards_adds_up_to_the_device_red
             start = tuple(c[b] for c, b in zip(cuts, box))
             got += _fingerprint._box_sum(*_fingerprint._host_bits(values[index], start, shape))
         assert got % 2**32 == want, (shape, cuts)
+
+
+def test_the_restore_fingerprint_split_into_row_pieces_on_threads_matches_the_save_one(monkeypatch):
+    # At restore the host fingerprint is cut into row pieces summed by a thread pool (each piece
+    # waits for its own shard); the pieces must add up to the save-time value of every array.
+    jax = pytest.importorskip("jax")
+    from remat_kit.resume import _fingerprint
+
+    monkeypatch.setattr(_fingerprint, "_BLOCK", 7)
+    monkeypatch.setattr(_fingerprint, "_PIECE_BYTES", 24)  # a few rows per piece, many pieces
+    monkeypatch.setattr(_fingerprint, "_ROW", 5)
+    rng = np.random.default_rng(1)
+    shapes = [(), (0, 3), (7,), (13, 10), (5, 6, 5), (9, 4)]
+    arrays = [
+        jax.numpy.asarray((rng.normal(size=shape) * 100).astype(dtype))
+        for shape, dtype in zip(shapes, ["float32", "int8", "float32", "float16", "float32", "complex64"])
+    ]
+    saved = [_fingerprint.part(pending) for pending in _fingerprint.start(arrays)]
+    assert len(_fingerprint._pieces(arrays[3])) > 1
+    assert _fingerprint.fingerprints(arrays) == saved
+    assert _fingerprint.fingerprints(arrays[::-1]) == saved[::-1]
 
 
 def test_a_save_of_cpu_arrays_runs_no_device_reduction_for_the_fingerprint(tmp_path, monkeypatch):

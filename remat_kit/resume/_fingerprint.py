@@ -16,7 +16,10 @@ Where it is computed:
 
 * arrays on CPU devices: with NumPy over the shards' own buffers (`np.asarray(shard.data)` is
   a view there, as it is for Orbax's own write), in cache-sized blocks. At save this runs on
-  the host item's writer thread, alongside Orbax's write (NumPy releases the GIL);
+  the host item's writer thread, alongside Orbax's write (NumPy releases the GIL). At restore
+  (`fingerprints`) nothing else runs beside it, so it is split into row pieces summed by a few
+  threads; each piece waits for its own shard, so the first arrays are summed while Orbax's
+  last transfers onto their devices are still in flight;
 * arrays on accelerators: one jitted reduction on their devices (at memory bandwidth, and a
   host computation would need a device-to-host copy of its own).
 
@@ -25,7 +28,9 @@ Both give the same value, so a checkpoint saved on one platform is checked on th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -33,9 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 _UINT_OF_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
-# Elements per NumPy block: the block's product with its weights stays in L2 cache.
-_BLOCK = 1 << 18
+# Elements per NumPy block: few Python steps per array; einsum writes no block-sized product.
+_BLOCK = 1 << 20
+# Elements per sub-row a long contiguous row is cut into (see _box_sum).
+_ROW = 1024
 _MOD = 2**32
+# Bytes per restore-time piece: enough pieces to keep every thread busy while shards arrive,
+# few enough that the per-piece Python overhead stays negligible.
+_PIECE_BYTES = 8 << 20
 
 
 def _bits_u32(x: jax.Array) -> jax.Array:
@@ -94,26 +104,30 @@ def _box_sum(bits: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -
     strides = [int(np.prod(shape[d + 1 :], dtype=np.int64)) for d in range(len(shape))]
     num_rows = int(np.prod(bits.shape[:last], dtype=np.int64))
     length = bits.size // num_rows
-    table = bits.reshape(num_rows, length)
+    # Long rows are cut into sub-rows of _ROW elements (sub-row q of row r starts q * _ROW
+    # further on): the einsum below runs faster over many short rows than over one long one.
+    split = length // _ROW if length > _ROW and length % _ROW == 0 else 1
+    table = bits.reshape(num_rows * split, length // split)
+    length = table.shape[1]
     cols = min(length, _BLOCK)
     rows = max(1, _BLOCK // length)
-    weights = np.arange(1, 2 * cols, 2, dtype=np.uint32)  # 2 j + 1
-    scratch = np.empty(rows * cols, np.uint32)
+    # Row k of `weights`: 2 j + 1, then 1: one einsum pass gives each row's weighted and plain
+    # sums (unsigned, so wrapping mod 2**32), without writing the products out.
+    weights = np.stack([np.arange(1, 2 * cols, 2, dtype=np.uint32), np.ones(cols, np.uint32)])
     offset = start[last] * strides[last]
     total = 0
-    for r0 in range(0, num_rows, rows):
-        r1 = min(num_rows, r0 + rows)
-        index = np.unravel_index(np.arange(r0, r1), bits.shape[:last]) if last else ()
-        base = np.full(r1 - r0, offset, np.uint64)
+    for r0 in range(0, table.shape[0], rows):
+        r1 = min(table.shape[0], r0 + rows)
+        fine = np.arange(r0, r1)
+        index = np.unravel_index(fine // split, bits.shape[:last]) if last else ()
+        base = np.full(r1 - r0, offset, np.uint64) + (fine % split).astype(np.uint64) * np.uint64(length)
         for d, i in enumerate(index):
             base += (i.astype(np.uint64) + np.uint64(start[d])) * np.uint64(strides[d])
         base = (base % np.uint64(_MOD)).astype(np.uint32)
         for c0 in range(0, length, cols):
             block = table[r0:r1, c0 : c0 + cols]
-            product = scratch[: block.size].reshape(block.shape)
-            np.multiply(block, weights[: block.shape[1]], out=product)
-            weighted = product.sum(axis=1, dtype=np.uint32)
-            plain = block.sum(axis=1, dtype=np.uint32)
+            sums = np.einsum("rc,kc->rk", block, weights[:, : block.shape[1]])
+            weighted, plain = sums[:, 0], sums[:, 1]
             # weight of element (r, c0 + j) = 2 j + 1 + 2 (base_r + c0)
             shift = (base + np.uint32(c0 % _MOD)) * np.uint32(2)
             total += int((weighted + shift * plain).sum(dtype=np.uint32))
@@ -154,13 +168,55 @@ def part(pending: Any) -> int:
     return int(np.asarray(pending.addressable_data(0))) if jax.process_index() == 0 else 0
 
 
+def _pieces(x: jax.Array) -> list[tuple[Any, int, int, tuple[int, ...]]]:
+    """(shard data, first row, end row, start) pieces of the shards this process holds (replica 0
+    of each), split along the first dim; the data is read only when a piece is summed."""
+    pieces = []
+    for shard in x.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        start = tuple(s.indices(n)[0] for s, n in zip(shard.index, x.shape))
+        shape = shard.data.shape
+        rows = shape[0] if shape else 1
+        row_bytes = max(1, shard.data.nbytes // max(rows, 1))
+        step = max(1, _PIECE_BYTES // row_bytes)
+        pieces.extend((shard.data, r0, min(rows, r0 + step), start) for r0 in range(0, max(rows, 1), step))
+    return pieces
+
+
+def _piece_sum(data: Any, r0: int, r1: int, start: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    values = np.asarray(data)  # waits for this shard's transfer only
+    if values.ndim:
+        values, start = values[r0:r1], (start[0] + r0,) + start[1:]
+    return _box_sum(*_host_bits(values, start, shape))
+
+
+def _host_parts(arrays: Sequence[jax.Array]) -> list[int]:
+    jobs = [(i, piece) for i, x in enumerate(arrays) for piece in _pieces(x)]
+    workers = min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if workers <= 1:
+        sums = [_piece_sum(*piece, tuple(arrays[i].shape)) for i, piece in jobs]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="remat_kit-fingerprint") as pool:
+            sums = list(pool.map(lambda job: _piece_sum(*job[1], tuple(arrays[job[0]].shape)), jobs))
+    parts = [0] * len(arrays)
+    for (i, _), value in zip(jobs, sums):
+        parts[i] = (parts[i] + value) % _MOD
+    return parts
+
+
 def fingerprints(
     arrays: Sequence[jax.Array], gather: Callable[[list[int]], list[list[int]]] | None = None
 ) -> list[int]:
     """One uint32 fingerprint per array. When the arrays span processes, every process calls
     this with the same arrays and `gather` exchanges the processes' parts (each process's list,
     in process order)."""
-    parts = [part(pending) for pending in start(arrays)]
+    on_host = [i for i, x in enumerate(arrays) if _on_host(x)]
+    # Device reductions first: dispatched asynchronously, they run while the host sums.
+    pending = {i: _on_device(x) for i, x in enumerate(arrays) if i not in set(on_host)}
+    parts = dict(zip(on_host, _host_parts([arrays[i] for i in on_host])))
+    parts.update((i, part(value)) for i, value in pending.items())
+    parts = [parts[i] for i in range(len(arrays))]
     if gather is None:
         return parts
     return [sum(column) % _MOD for column in zip(*gather(parts))]

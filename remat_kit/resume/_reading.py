@@ -149,24 +149,25 @@ def read_step(
     """Reads one committed step directory; raises CorruptCheckpointError naming what is wrong
     (on every process, when any process found it)."""
     processes = processes or detect()
-    meta = _agree(processes, step, lambda: _read_meta(step_dir, step))
+    # Each agreement is a round trip between the processes: stages that read small files are
+    # run as one, and the checks whose inputs every process already shares need none.
+    meta, local_specs, (jax_targets, dtensor_targets) = _agree(
+        processes, step, lambda: _prepare(step_dir, step, template, processes)
+    )
     if meta.get("format") == _inspect.FORMAT_V1:
         return _agree(processes, step, lambda: _read_v1(step_dir, step, meta, template))
-    local_specs = _agree(processes, step, lambda: _local_specs(step_dir, meta, processes))
-    jax_targets, dtensor_targets = _agree(
-        processes, step, lambda: _decode.plan(meta["spec"], template, local_specs=local_specs, step=step)
-    )
 
-    def orbax_read() -> dict[str, Any]:
+    def orbax_read() -> tuple[dict[str, Any], dict[str, int]]:
+        saved = _saved_fingerprints(step_dir, meta)
         try:
-            return _restore_jax(step_dir, meta, jax_targets)
+            return _restore_jax(step_dir, meta, jax_targets), saved
         except Exception as error:  # tensorstore/Orbax errors on truncated or missing data
             raise CorruptCheckpointError(step, f"Orbax could not read the arrays ({_first_line(error)})") from error
 
-    jax_arrays = _agree(processes, step, orbax_read)
-    saved = _agree(processes, step, lambda: _saved_fingerprints(step_dir, meta))
-    got = _restored_fingerprints(jax_arrays, processes)
-    _agree(processes, step, lambda: _check_fingerprints(meta, got, saved))
+    jax_arrays, saved = _agree(processes, step, orbax_read)
+    # Every process holds the same gathered fingerprints and the same saved ones, so each
+    # reaches the same verdict without another agreement.
+    _check_fingerprints(meta, _restored_fingerprints(jax_arrays, processes), saved)
 
     def dcp_read() -> dict[str, Any]:
         try:
@@ -176,7 +177,8 @@ def read_step(
                 step, f"torch.distributed.checkpoint could not read the DTensors ({_first_line(error)})"
             ) from error
 
-    dtensors = _agree(processes, step, dcp_read)
+    # Whether there are DTensors comes from the step's own metadata, the same on every process.
+    dtensors = _agree(processes, step, dcp_read) if meta.get("dtensors") or dtensor_targets else {}
     host_dir = step_dir / _host_item.HOST_ITEM
 
     def host(key: str, dtype: np.dtype, shape: list, local: bool, out: np.ndarray | None = None) -> np.ndarray:
@@ -184,6 +186,17 @@ def read_step(
         return _host_item.read_array(directory, key, dtype, shape, out)
 
     return _agree(processes, step, lambda: _decode_step(meta, template, host, jax_arrays, dtensors, local_specs))
+
+
+def _prepare(
+    step_dir: Path, step: int, template: Any, processes: Processes
+) -> tuple[dict[str, Any], list[Any] | None, tuple[dict[str, Any], dict[str, Any]]]:
+    """The step's metadata, this process's PerProcess specs and the JAX / DTensor targets."""
+    meta = _read_meta(step_dir, step)
+    if meta.get("format") == _inspect.FORMAT_V1:
+        return meta, None, ({}, {})
+    local_specs = _local_specs(step_dir, meta, processes)
+    return meta, local_specs, _decode.plan(meta["spec"], template, local_specs=local_specs, step=step)
 
 
 def _decode_step(
