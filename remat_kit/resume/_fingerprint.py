@@ -15,7 +15,7 @@ after restore in the template's sharding, a checkpoint resharded onto another me
 Where it is computed:
 
 * arrays on CPU devices: with NumPy over the shards' own buffers (`np.asarray(shard.data)` is
-  a view there, as it is for Orbax's own write), in cache-sized blocks. At save this runs on
+  a view there, as it is for Orbax's own write), in blocks of one einsum each. At save this runs on
   the host item's writer thread, alongside Orbax's write (NumPy releases the GIL). At restore
   (`fingerprints`) nothing else runs beside it, so it is split into row pieces summed by a few
   threads; each piece waits for its own shard, so the first arrays are summed while Orbax's
@@ -193,7 +193,8 @@ def _piece_sum(data: Any, r0: int, r1: int, start: tuple[int, ...], shape: tuple
 
 def _host_parts(arrays: Sequence[jax.Array]) -> list[int]:
     jobs = [(i, piece) for i, x in enumerate(arrays) for piece in _pieces(x)]
-    workers = min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(jobs), cpus)
     if workers <= 1:
         sums = [_piece_sum(*piece, tuple(arrays[i].shape)) for i, piece in jobs]
     else:
@@ -213,7 +214,7 @@ def fingerprints(
     in process order)."""
     on_host = [i for i, x in enumerate(arrays) if _on_host(x)]
     # Device reductions first: dispatched asynchronously, they run while the host sums.
-    pending = {i: _on_device(x) for i, x in enumerate(arrays) if i not in set(on_host)}
+    pending = {i: _on_device(x) for i, x in enumerate(arrays) if not _on_host(x)}
     parts = dict(zip(on_host, _host_parts([arrays[i] for i in on_host])))
     parts.update((i, part(value)) for i, value in pending.items())
     parts = [parts[i] for i in range(len(arrays))]
