@@ -11,9 +11,12 @@ over rounds, to compiled none. Memory is measured independently of remat_kit's c
 ways: the bytes of the distinct storages the compiled forward saves for its backward
 (`torch.autograd.graph.saved_tensors_hooks` around the forward; parameters and inputs left out),
 and the step's peak memory, the rise of the process's resident set over one step (`VmHWM` reset
-through `/proc/self/clear_refs`; glibc told to mmap every block of 16 KiB or more so a freed
-block leaves the resident set; parameters, inputs and `.grad` tensors allocated before the step).
-The peak is what a budget bounds; saved bytes leave out what the backward allocates.
+through `/proc/self/clear_refs`; glibc told, before any step, to mmap every block of 16 KiB or
+more so a freed block leaves the resident set; parameters and inputs allocated before the step,
+gradients set to None before it as `zero_grad(set_to_none=True)` leaves them in a training loop).
+That peak holds the parameter gradients the backward has made by then; the peak less all of them
+(distinct storages) is reported beside it, so the activation peak lies between the two. Each is
+measured the same way for the eager step of the same model, which is what the budget bounds.
 
 Strategies: compiled none; per-layer `checkpoint` (non-reentrant); torchtitan-style SAC op list
 (save mm / addmm / SDPA, recompute the rest); torch's own `activation_memory_budget` (the
@@ -206,6 +209,12 @@ def _compile(model: GPT, budget: Any, args: argparse.Namespace, idx: torch.Tenso
             loss.backward()
             return loss
 
+        def eager_step() -> None:
+            model.zero_grad(set_to_none=True)
+            model(idx, tgt).backward()
+
+        step.model, step.eager = model, eager_step  # type: ignore[attr-defined]
+
         torch.manual_seed(1)
         breaks = graph_breaks(step)
         torch.manual_seed(2)
@@ -237,14 +246,30 @@ def _cpu_seconds(step: Callable[[], Any]) -> float:
     return time.process_time() - t0
 
 
+def grad_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters' gradients one step leaves (distinct storages: tied weights once)."""
+    seen = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters() if p.requires_grad}
+    return sum(seen.values())
+
+
 def _peak(step: Callable[..., Any]) -> float:
-    step()  # gradients allocated: the rise is the step's, not the first .grad tensors'
-    return float(peak_rss_bytes(functools.partial(step, set_to_none=False)))
+    """The compiled step's rise, gradients set to None before it (and before the reading it rises from)."""
+    step()  # warm: the first call after another strategy's may still allocate caches
+    step.model.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
+    return float(peak_rss_bytes(step))
+
+
+def _eager_peak(step: Callable[..., Any]) -> float:
+    """The same model's eager step by the same measure (where the budget is planned and held)."""
+    step.eager()  # type: ignore[attr-defined]
+    step.model.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
+    return float(peak_rss_bytes(step.eager))  # type: ignore[attr-defined]
 
 
 def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str, Any]]:
     # One cache entry per strategy on the code objects they share (_RootForward._run).
     torch._dynamo.config.recompile_limit = 64
+    exact_rss()  # before any step: no heap grown under glibc's defaults stays resident
     base, idx, tgt = build(args)
     none_eager = eager_activation_bytes(copy.deepcopy(base), idx, tgt)
     checkpoint_eager = eager_activation_bytes(per_layer_checkpoint(copy.deepcopy(base)), idx, tgt)
@@ -270,13 +295,20 @@ def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str
             cell["grad_err"] = remat_kit.measure.rel_err(cell.pop("grads"), ref)
     times = _rounds(steps, args.steps, _cpu_seconds)
     peaks = _rounds(steps, 5, _peak)
-    none_t, none_peak = statistics.median(times["none"]), statistics.median(peaks["none"])
+    eager_peaks = _rounds({n: (s, b) for n, (s, b) in steps.items() if b is None}, 5, _eager_peak)
+    grads = grad_bytes(base)
+    none_t = statistics.median(times["none"])
+    none_act = statistics.median(peaks["none"]) - grads
     for name in steps:
         c = cells[name]
         c.update(cpu_s=statistics.median(times[name]), peak_bytes=int(statistics.median(peaks[name])))
+        c["grad_bytes"] = grads
+        c["peak_less_grads"] = c["peak_bytes"] - grads
+        if name in eager_peaks:
+            c["eager_peak_bytes"] = int(statistics.median(eager_peaks[name]))
         c["time_ratio"] = c["cpu_s"] / none_t
         c["saved_ratio"] = c["saved_bytes"] / cells["none"]["saved_bytes"]
-        c["peak_ratio"] = c["peak_bytes"] / none_peak if none_peak else float("nan")
+        c["peak_ratio"] = c["peak_less_grads"] / none_act if none_act > 0 else float("nan")
         if c["auto_budget"] is not None:
             c["budget_bytes"] = int(c["auto_budget"] * none_eager)
     return cells

@@ -293,3 +293,43 @@ def test_report_sections_replace_their_own_shape_only(tmp_path):
     text = out.read_text()
     assert "small, again" in text and "large" in text and "written by hand" in text and "small, first" not in text
     assert text.index("small, again") < text.index("large")
+
+
+def test_peak_sets_gradients_to_none_and_counts_them_once():
+    """compile_bench's peak: gradients set to None before the measured step (as
+    `zero_grad(set_to_none=True)` leaves them), so the peak less the parameters' gradient bytes is the
+    step's activations; tied weights' gradient counted once."""
+    from benchmarks.compile_bench import _peak, grad_bytes
+
+    model = torch.nn.Linear(1024, 2048, bias=False)  # an 8 MiB gradient, a few KiB of activations
+    x = torch.ones(2, 1024)
+    entered_with_grads = []
+
+    def step(set_to_none: bool = True):
+        entered_with_grads.append(any(p.grad is not None for p in model.parameters()))
+        model.zero_grad(set_to_none=set_to_none)
+        model(x).square().sum().backward()
+
+    step.model = model
+    peak = _peak(step)
+    assert entered_with_grads[-1] is False
+    assert grad_bytes(model) == 8 * 2**20
+    assert -2**18 <= peak - grad_bytes(model) < 2**20, peak
+
+    tied = torch.nn.Module()
+    tied.a = torch.nn.Linear(4, 4, bias=False)
+    tied.b = torch.nn.Linear(4, 4, bias=False)
+    tied.b.weight = tied.a.weight
+    assert grad_bytes(tied) == 4 * 4 * 4
+
+
+def test_budget_verdict_by_the_peak_bounds():
+    from benchmarks._compile_report import against_budget
+
+    def cell(lower, upper):
+        return {"auto_budget": 0.5, "budget_bytes": 100, "peak_less_grads": lower, "peak_bytes": upper, "grad_bytes": 0}
+
+    lines = against_budget({"held": cell(50, 90), "open": cell(90, 150), "over": cell(120, 150)})
+    assert "held" in lines[2] and "held (even with gradients)" in lines[2]
+    assert "not decided" in lines[3]
+    assert "over the budget" in lines[4]
