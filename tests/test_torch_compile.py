@@ -314,7 +314,7 @@ def test_peak_sets_gradients_to_none_and_counts_them_once():
     peak = _peak(step)
     assert entered_with_grads[-1] is False
     assert grad_bytes(model) == 8 * 2**20
-    assert -2**18 <= peak - grad_bytes(model) < 2**20, peak
+    assert -(2**18) <= peak - grad_bytes(model) < 2**20, peak
 
     tied = torch.nn.Module()
     tied.a = torch.nn.Linear(4, 4, bias=False)

@@ -41,8 +41,8 @@ import math
 from collections.abc import Callable
 
 from remat_kit._core import presets
-from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.graph import CostGraph
+from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import decision_codes, needed_and_recomputed, simulate
 from remat_kit._jax._graph import Traced
 from remat_kit._jax._plan import Model, scan_groups

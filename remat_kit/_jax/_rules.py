@@ -220,7 +220,6 @@ def _operands_behind(jaxpr: Any, n_out: int) -> tuple[int, ...]:
     return tuple(sorted(reads))
 
 
-
 def op_of(value_name: str) -> str:
     """The primitive that produced the cost graph's value `value_name` (named `<scope>/<prim>:<k>`,
     `#j` for its j-th output: `_trace.op_names`)."""
