@@ -212,43 +212,39 @@ def test_a_rank_lost_mid_save_makes_the_other_exit_with_collective_error_within_
     assert [(i.step, i.status) for i in resume.list_steps(tmp_path)] == [(0, "complete")]
 
 
-@pytest.mark.slow
-def test_a_jax_process_lost_at_the_seal_makes_the_other_raise_collective_error_and_exit(tmp_path):
+def _jax_process_lost(tmp_path: Path, mode: str, stage: str) -> str:
+    """Two JAX processes through resume_helpers/jax_rank_lost.py, process 1 `mode` ("dies" or
+    "hangs") at `stage` with collective_timeout=5 s: process 0's CollectiveError line."""
     pytest.importorskip("jax")
-    port = str(free_port())
     script = str(HELPERS / "jax_rank_lost.py")
+    port = str(free_port())
     procs = start(
-        [[script, str(tmp_path), str(i), port, "dies", "5", "seal"] for i in range(2)],
+        [[script, str(tmp_path), str(i), port, mode, "5", stage] for i in range(2)],
         {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
     )
-    # Before collective_timeout the layer's agreements were device collectives with no timeout.
     code, out = finish(procs[:1], timeout_s=90)[0]
     procs[1].kill()
     procs[1].communicate()
     assert code != 0, out[-3000:]
     line = next((x for x in out.splitlines() if x.startswith("process 0: CollectiveError after")), None)
     assert line is not None, out[-3000:]
-    assert "process 0 of 2" in line and "'seal of step 1'" in line and "collective_timeout=5 s" in line, line
+    assert "collective_timeout=5 s" in line, line
+    return line
+
+
+@pytest.mark.slow
+def test_a_jax_process_lost_at_the_seal_makes_the_other_raise_collective_error_and_exit(tmp_path):
+    # Before collective_timeout the layer's agreements were device collectives with no timeout.
+    line = _jax_process_lost(tmp_path, "dies", "seal")
+    assert "process 0 of 2" in line and "'seal of step 1'" in line, line
 
 
 @pytest.mark.slow
 def test_a_jax_process_hung_in_orbax_write_makes_the_other_raise_collective_error_within_the_timeout(tmp_path):
-    pytest.importorskip("jax")
-    port = str(free_port())
-    script = str(HELPERS / "jax_rank_lost.py")
-    procs = start(
-        [[script, str(tmp_path), str(i), port, "hangs", "5", "write"] for i in range(2)],
-        {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-    )
     # Before, Orbax's commit barrier waited AsyncOptions' default 20 min for the hung process
     # (alive, so JAX's heartbeat never declared it lost): here until finish() failed the test.
-    code, out = finish(procs[:1], timeout_s=90)[0]
-    procs[1].kill()
-    procs[1].communicate()
-    assert code != 0, out[-3000:]
-    line = next((x for x in out.splitlines() if x.startswith("process 0: CollectiveError after")), None)
-    assert line is not None, out[-3000:]
-    assert "'commit of step(s) [1]'" in line and "collective_timeout=5 s" in line, line
+    line = _jax_process_lost(tmp_path, "hangs", "write")
+    assert "'commit of step(s) [1]'" in line, line
     assert [i.step for i in resume.list_steps(tmp_path) if i.status != "incomplete"] == [0]
 
 
