@@ -265,7 +265,7 @@ def test_align_dropout_and_views():
 
 def test_peak_rss_bytes_sees_a_step_allocation():
     """compile_bench's compiled peak: the rise of the resident set over a step (to within the
-    kernel's batched RSS counters, tens of pages), even after steps ran under glibc's defaults
+    kernel's batched RSS counters, up to hundreds of pages), even after steps ran under glibc's defaults
     (freed heap blocks stay resident there)."""
     from benchmarks.compile_bench import peak_rss_bytes
 
@@ -278,7 +278,8 @@ def test_peak_rss_bytes_sees_a_step_allocation():
         del x
 
     rises = [peak_rss_bytes(step) for _ in range(3)]
-    assert all(nbytes - 2**18 <= r < nbytes + 2**20 for r in rises), rises
+    # Within 1 MiB: the kernel's RSS counters are batched per CPU (a CI run read 8 MiB - 392 KiB).
+    assert all(nbytes - 2**20 <= r < nbytes + 2**20 for r in rises), rises
     assert peak_rss_bytes(lambda: None) < 2**20
 
 
