@@ -27,7 +27,7 @@ from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import simulate
 from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph
-from remat_kit._torch._modecost import ModeCost, _Recorder, calibration_off, mode_cost
+from remat_kit._torch._modecost import ModeCost, _Recorder, calibration_clock, calibration_off, mode_cost
 from remat_kit._torch._modes import RUN, Region, Step
 from remat_kit._torch._replay import decisions_for_torch, regions, run_region
 from remat_kit._torch._trace import Profile
@@ -241,13 +241,10 @@ def checkpoint_region_cost(
     worth of time (issue 12: sqrt(n)'s few regions stepped faster than `auto`'s many).
 
     Nothing when calibration is off (``REMAT_KIT_CALIBRATE=0``)."""
-    import time
 
     if calibration_off(device_type):
         return RegionCost()
-    device = torch.device(device_type) if device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
-    clock = time.perf_counter if device.type == "cuda" else time.thread_time  # as _modecost.mode_cost
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    device, clock, sync = calibration_clock(device_type)
     x = torch.linspace(-1, 1, 4 * 16, device=device).reshape(1, 4, 16).requires_grad_()
     plain = Region("calibration", "calibration", (), plain=True)  # run as a plan's plain region is
 

@@ -114,6 +114,15 @@ def _median_seconds(
     return statistics.median(times[1:])
 
 
+def calibration_clock(device_type: str) -> tuple[torch.device, Callable[[], float], Callable[[], None]]:
+    """The device, clock and sync that the modes' and regions' calibrations time by. On the CPU
+    their work is this thread's (ops on tiny tensors run on it): its CPU time, which other
+    processes on a loaded machine do not inflate as they do wall time."""
+    device = torch.device(device_type) if device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return device, (time.perf_counter if device.type == "cuda" else time.thread_time), sync
+
+
 @functools.cache
 def mode_cost(device_type: str = "cpu", repeats: int = 7, inner: int = 20) -> ModeCost:
     """`ModeCost` timed on this device: `_layer` on tiny tensors run without a mode, then under
@@ -122,11 +131,7 @@ def mode_cost(device_type: str = "cpu", repeats: int = 7, inner: int = 20) -> Mo
     (``REMAT_KIT_CALIBRATE=0``: plans then price recompute alone)."""
     if calibration_off(device_type):
         return ModeCost()
-    device = torch.device(device_type) if device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    # On the CPU the modes' work is this thread's (ops on tiny tensors run on it): its CPU time,
-    # which other processes on a loaded machine do not inflate as they do wall time.
-    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    device, clock, sync = calibration_clock(device_type)
     # Constant inputs: calibration draws no random numbers (the step's dropout masks stay its own).
     x = torch.linspace(-1, 1, 32, device=device).reshape(4, 8).requires_grad_()
     w = torch.linspace(-1, 1, 64, device=device).reshape(8, 8).requires_grad_()
