@@ -7,6 +7,7 @@ timeout, so a hang fails the test instead of stalling CI.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -120,6 +121,59 @@ def test_a_jax_array_whose_fingerprint_differs_after_restore_is_corrupt_and_skip
     with resume.Resumable(tmp_path) as ckpt, pytest.warns(resume.CorruptCheckpointWarning, match="fingerprint"):
         step, state = ckpt.restore_latest()
     assert step == 0 and float(state["w"][0, 0]) == 0.0
+
+
+def test_a_bit_flipped_in_orbax_data_restores_silently_in_orbax_and_is_caught_by_the_fingerprint(tmp_path):
+    # Why the restore-time fingerprint stays: tensorstore checksums OCDBT's own nodes (and zarr3
+    # shard indexes), not the chunks' bytes, so Orbax alone returns the changed values.
+    jax = pytest.importorskip("jax")
+    import orbax.checkpoint as ocp
+
+    values = {step: np.random.default_rng(step).normal(size=(64, 64)).astype(np.float32) for step in range(2)}
+    with resume.Resumable(tmp_path) as ckpt:
+        for step in range(2):
+            ckpt.save(step, {"w": jax.numpy.asarray(values[step])})
+    arrays = tmp_path / "1" / "arrays"
+    data = max((p for p in arrays.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    flipped = bytearray(data.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x10
+    data.write_bytes(bytes(flipped))  # same size: the layer's manifest passes
+    like = jax.ShapeDtypeStruct((64, 64), np.float32, sharding=jax.numpy.zeros(1).sharding)
+    with ocp.StandardCheckpointer() as plain:
+        silently = np.asarray(plain.restore(arrays, {"j0": like})["j0"])
+    assert silently.shape == (64, 64) and not np.array_equal(silently, values[1])
+    with resume.Resumable(tmp_path) as ckpt, pytest.warns(resume.CorruptCheckpointWarning, match="fingerprint"):
+        step, state = ckpt.restore_latest()
+    assert step == 0 and np.array_equal(np.asarray(state["w"]), values[0])
+
+
+def test_a_multi_process_jax_restore_takes_three_agreements_and_no_orbax_barrier(tmp_path, monkeypatch):
+    # Each agreement is a round trip through JAX's coordinator: the restored arrays' fingerprint
+    # parts travel with the agreement on Orbax's read (before: an exchange of their own), and the
+    # arrays are read by Orbax's handler, whose Checkpointer would add a device barrier the
+    # agreement makes redundant. A 1-process "jax" job with the exchange recorded stands in.
+    jax = pytest.importorskip("jax")
+    from orbax.checkpoint._src.multihost import multihost
+
+    from remat_kit.resume._processes import Processes
+    from remat_kit.resume._reading import read_step
+
+    with resume.Resumable(tmp_path) as ckpt:
+        ckpt.save(1, {"w": jax.numpy.arange(12.0).reshape(3, 4), "n": np.ones(2)})
+    exchanged, barriers = [], []
+    monkeypatch.setattr(Processes, "_gather", lambda self, key, value: exchanged.append(value) or [value])
+    monkeypatch.setattr(multihost, "sync_global_processes", lambda *a, **k: barriers.append(a))
+    processes = Processes("jax", 0, 1)
+    exchanged_names = []
+    gather = Processes.gather
+    monkeypatch.setattr(
+        Processes, "gather", lambda self, value, what="": exchanged_names.append(what) or gather(self, value, what)
+    )
+    state = read_step(tmp_path / "1", 1, processes=processes)
+    assert float(state["w"][2, 3]) == 11.0 and state["n"].tolist() == [1.0, 1.0]
+    assert exchanged_names == ["restore of step 1"] * 3 and barriers == []
+    # The agreement on the read carries this process's fingerprint part, the one saved.
+    assert exchanged[1][1] == [int(json.loads((tmp_path / "1" / "host" / "fingerprints.json").read_text())["j0"])]
 
 
 @pytest.mark.slow

@@ -206,18 +206,34 @@ def _host_parts(arrays: Sequence[jax.Array]) -> list[int]:
     return parts
 
 
+def all_on_host(arrays: Sequence[jax.Array]) -> bool:
+    """Whether `local_parts` of these arrays runs no device computation (hence no collective:
+    a process may compute its parts before it knows whether the others' reads succeeded)."""
+    return all(_on_host(x) for x in arrays)
+
+
+def local_parts(arrays: Sequence[jax.Array]) -> list[int]:
+    """This process's part of each array's fingerprint (see `combine`). A collective when some
+    array is on an accelerator and spans processes: then every process calls it with the same
+    arrays."""
+    on_host = [i for i, x in enumerate(arrays) if _on_host(x)]
+    # Device reductions first: dispatched asynchronously, they run while the host sums.
+    pending = {i: _on_device(x) for i, x in enumerate(arrays) if not _on_host(x)}
+    parts = dict(zip(on_host, _host_parts([arrays[i] for i in on_host])))
+    parts.update((i, part(value)) for i, value in pending.items())
+    return [parts[i] for i in range(len(arrays))]
+
+
+def combine(parts: Sequence[Sequence[int]]) -> list[int]:
+    """The fingerprints from every process's `local_parts` (one list per process)."""
+    return [sum(column) % _MOD for column in zip(*parts)]
+
+
 def fingerprints(
     arrays: Sequence[jax.Array], gather: Callable[[list[int]], list[list[int]]] | None = None
 ) -> list[int]:
     """One uint32 fingerprint per array. When the arrays span processes, every process calls
     this with the same arrays and `gather` exchanges the processes' parts (each process's list,
     in process order)."""
-    on_host = [i for i, x in enumerate(arrays) if _on_host(x)]
-    # Device reductions first: dispatched asynchronously, they run while the host sums.
-    pending = {i: _on_device(x) for i, x in enumerate(arrays) if not _on_host(x)}
-    parts = dict(zip(on_host, _host_parts([arrays[i] for i in on_host])))
-    parts.update((i, part(value)) for i, value in pending.items())
-    parts = [parts[i] for i in range(len(arrays))]
-    if gather is None:
-        return parts
-    return [sum(column) % _MOD for column in zip(*gather(parts))]
+    parts = local_parts(arrays)
+    return parts if gather is None else combine(gather(parts))

@@ -28,25 +28,30 @@ _ERRORS = {
 }
 
 
-def _agree(processes: Processes, step: int, stage: Callable[[], Any]) -> Any:
-    """Runs `stage` here; if it failed on any process, raises that error on every process."""
-    failure = None
+def _agree(processes: Processes, step: int, stage: Callable[[], Any], share: Callable[[Any], Any] | None = None) -> Any:
+    """Runs `stage` here; if it failed on any process, raises that error on every process.
+
+    With `share`, the same round trip also exchanges `share(result)` (JSON-able, computed here
+    after the stage): returns `(result, [every process's value, in process order])`."""
+    failure = payload = None
     try:
         result = stage()
+        if share is not None:
+            payload = share(result)
     except (CorruptCheckpointError, TemplateMismatchError, ResumeError) as error:
         if processes.kind == "single":
             raise
         result = None
         kind = type(error).__name__ if type(error).__name__ in _ERRORS else "ResumeError"
         failure = [kind, error.reason if isinstance(error, CorruptCheckpointError) else str(error)]
-    failures = processes.gather(failure, f"restore of step {step}")
-    for index, failed in enumerate(failures):
+    exchanged = processes.gather([failure, payload], f"restore of step {step}")
+    for index, (failed, _) in enumerate(exchanged):
         if failed is not None:
             kind, message = failed
             if kind == "CorruptCheckpointError":
                 raise CorruptCheckpointError(step, f"on process {index}: {message}")
             raise _ERRORS[kind](message if index == processes.index else f"on process {index}: {message}")
-    return result
+    return result if share is None else (result, [value for _, value in exchanged])
 
 
 def _default_sharding() -> Any:
@@ -74,8 +79,13 @@ def _restore_jax(step_dir: Path, meta: dict[str, Any], targets: dict[str, Any]) 
         abstract[key] = jax.ShapeDtypeStruct(tuple(node["shape"]), dtype, sharding=sharding or _default_sharding())
     if not abstract:
         return {}
-    with ocp.StandardCheckpointer() as checkpointer:
-        return dict(checkpointer.restore(step_dir / _inspect.ARRAYS_ITEM, abstract))
+    # Orbax's handler, not a Checkpointer: a Checkpointer's restore ends in a barrier over every
+    # process (a device collective), and the layer's agreement right after the read is one.
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return dict(handler.restore(step_dir / _inspect.ARRAYS_ITEM, args=ocp.args.StandardRestore(abstract)))
+    finally:
+        handler.close()
 
 
 def _saved_fingerprints(step_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
@@ -93,12 +103,30 @@ def _saved_fingerprints(step_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
     return total
 
 
-def _restored_fingerprints(arrays: dict[str, Any], processes: Processes) -> dict[str, int]:
-    """The fingerprints of the restored arrays; a collective in a multi-process JAX job (every
-    process adds the shards it holds)."""
-    from remat_kit.resume._fingerprint import fingerprints
+def _local_parts(arrays: dict[str, Any]) -> list[int] | None:
+    """This process's parts of the restored arrays' fingerprints, or None when computing them
+    is a device computation (a collective: it waits until every process's read succeeded)."""
+    if not arrays:
+        return []
+    from remat_kit.resume._fingerprint import all_on_host, local_parts
 
     keys = sorted(arrays)
+    return local_parts([arrays[k] for k in keys]) if all_on_host([arrays[k] for k in keys]) else None
+
+
+def _restored_fingerprints(
+    arrays: dict[str, Any], processes: Processes, parts: list[list[int] | None]
+) -> dict[str, int]:
+    """The fingerprints of the restored arrays from every process's `_local_parts`; those not
+    computed yet are computed here, a collective in a multi-process JAX job (every process adds
+    the shards it holds)."""
+    keys = sorted(arrays)
+    if not keys:
+        return {}
+    from remat_kit.resume._fingerprint import combine, fingerprints
+
+    if all(value is not None for value in parts):
+        return dict(zip(keys, combine(parts)))
     gather = None
     if processes.kind == "jax":
         gather = lambda parts: processes.gather(parts, "the restored arrays' fingerprints")  # noqa: E731
@@ -164,10 +192,14 @@ def read_step(
         except Exception as error:  # tensorstore/Orbax errors on truncated or missing data
             raise CorruptCheckpointError(step, f"Orbax could not read the arrays ({_first_line(error)})") from error
 
-    jax_arrays, saved = _agree(processes, step, orbax_read)
+    # The agreement on the read also carries each process's part of the restored arrays'
+    # fingerprints (summed from CPU shards, no collective), so they cost no round trip of their own.
+    (jax_arrays, saved), parts = _agree(processes, step, orbax_read, share=lambda read: _local_parts(read[0]))
+    if processes.kind == "torch":  # each rank restores its own JAX world: its own parts only
+        parts = [parts[processes.index]]
     # Every process holds the same gathered fingerprints and the same saved ones, so each
     # reaches the same verdict without another agreement.
-    _check_fingerprints(meta, _restored_fingerprints(jax_arrays, processes), saved)
+    _check_fingerprints(meta, _restored_fingerprints(jax_arrays, processes, parts), saved)
 
     def dcp_read() -> dict[str, Any]:
         try:
