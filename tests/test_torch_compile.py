@@ -334,3 +334,25 @@ def test_budget_verdict_by_the_peak_bounds():
     assert "held" in lines[2] and "held (even with gradients)" in lines[2]
     assert "not decided" in lines[3]
     assert "over the budget" in lines[4]
+
+
+@pytest.mark.parametrize("budget", [0.5, "selective"])
+def test_compiled_regions_partition_without_cse(monkeypatch, budget):
+    """AOTAutograd's CSE merged the same constant built in every layer into the first region's
+    node, which the partitioner then saved; Inductor fused each layer's backward with the previous
+    layer's recompute through it, and a compiled auto(0.2721) held 11.5 MB against a 10.5 MB
+    budget (9.7 MB without CSE: reports/torch/compile.md). A compile that traces a region
+    partitions without CSE and sets it back afterwards."""
+    import torch._functorch.config as functorch_config
+    import torch._functorch.partitioners as partitioners
+
+    calls = []
+    real = partitioners.fx_graph_cse
+    monkeypatch.setattr(partitioners, "fx_graph_cse", lambda graph: calls.append(1) or real(graph))
+    model, args, kwargs = _gpt()
+    _run(model, args, kwargs, budget, "aot_eager")
+    assert calls == []
+    assert functorch_config.cse is True
+    plain, args, kwargs = _gpt()  # a compile without regions keeps torch's default
+    _run(plain, args, kwargs, None, "aot_eager")
+    assert calls

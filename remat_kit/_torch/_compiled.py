@@ -269,6 +269,32 @@ class _Entered:
                 self.after()
 
 
+_CSE_BEFORE: list[bool] = []  # functorch's `cse` setting before a compile tracing a region turned it off
+
+
+def _restore_cse(_args: Any = None) -> None:
+    if _CSE_BEFORE:
+        torch._functorch.config.cse = _CSE_BEFORE.pop()
+        _CSE_BEFORE.clear()
+
+
+def _no_cse_this_compile() -> None:
+    """AOTAutograd's partitioner runs without its common-subexpression pass in a compile that
+    traces a checkpoint region. The pass merges equal ops of different regions (the same mask or
+    zeros built in every layer) into the first region's node, which `cleanup_recompute_tags` then
+    saves because later regions read it; Inductor fuses each layer's backward with the previous
+    layer's recompute through that shared input, so two layers' recomputed activations are live at
+    once and the compiled step holds more than the plan (tests/test_torch_compile.py). The setting
+    is read when the joint graph is partitioned, after the regions are traced in the same compile,
+    and is put back when the compile ends. Gradients are unchanged: the pass only deduplicates."""
+    if _CSE_BEFORE:
+        return
+    _CSE_BEFORE.append(bool(torch._functorch.config.cse))
+    torch._functorch.config.cse = False
+    if _restore_cse not in torch._dynamo.callback_handler.end_callbacks:
+        torch._dynamo.callback_handler.register_end_callback(_restore_cse)
+
+
 def _contexts(region: Any) -> Any:
     kind = _trace_kind()
     if kind == "eager":
@@ -278,6 +304,7 @@ def _contexts(region: Any) -> Any:
 
         state, rng = _State(region), _RngStates()
         return _Entered(rng.stash, _ForwardMode(state)), _Entered(rng.replay, _ReplayMode(state))
+    _no_cse_this_compile()
     policy = policy_for(region)
     policy.begin_trace()
     if kind == "record" and policy.first is None:
@@ -289,6 +316,7 @@ def _plain_contexts() -> Any:
     """A plain region's contexts: none when compiled; run on real tensors (backend="eager"), the
     generator states its forward started from, set again for its recompute (see _RngStates)."""
     if _trace_kind() != "eager":  # torch.compile takes dispatch modes only: SAC recomputing every op
+        _no_cse_this_compile()
         return create_selective_checkpoint_contexts(lambda *args, **kwargs: RECOMPUTE)
     rng = _RngStates()
     return _Entered(rng.stash, contextlib.nullcontext()), _Entered(rng.replay, contextlib.nullcontext())
