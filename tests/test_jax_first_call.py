@@ -269,3 +269,43 @@ def test_one_cpu_compiles_in_turn(cache, monkeypatch):
     loss, params, x = _model()
     _first_call(loss, BUDGET, params, x)
     assert seen and all(seen)
+
+
+def test_scan_plans_build_no_programs_for_menus_the_scan_never_reads(monkeypatch):
+    """A scan runs every layer with its first layer's option, so the other layers' block menus
+    are never read. On the bench's GPT the first layer's signature differs from the inner
+    layers' (it reads values from before the scan), and the inner signature's op-level programs
+    were most of the solve's CPU on the first call (reports/jax/first_call.md). They are not
+    built now, and every plan is the one the full menus give."""
+    from benchmarks.jax_bench import Config, init, make_loss
+    from remat_kit._core import menus as core_menus
+    from remat_kit._core.graph import DeviceSpec
+    from remat_kit._jax import _plan, _scanplan
+    from remat_kit._jax._api import planner_of
+
+    cfg = Config(layers=4, seq=32, d=32, heads=2, vocab=64)
+    params = init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq), 0, cfg.vocab)
+    planner, f = planner_of(rk.auto(make_loss(cfg), budget=1.0))
+    traced = planner.prepare(f, (params, tokens, jax.random.key(2)), {})[0].traced
+    inner = set(next(iter(traced.scans.values())).blocks[1:])
+    real = core_menus.block_program
+    built: list[int] = []
+    monkeypatch.setattr(core_menus, "block_program", lambda g, blk, *a, **k: built.append(blk) or real(g, blk, *a, **k))
+
+    def plans() -> list:
+        model = _plan.Model(traced, solver=None, offload=False, device=DeviceSpec())
+        found = [model.plan(b) for b in (0.3, 0.5, 0.7)] + [model.least_memory(scan_group=g) for g in (1, 2)]
+        return [(p.decisions, p.segments, p.activation_fraction) for p in found]
+
+    planned = plans()
+    assert not inner & set(built)
+    built.clear()
+
+    def every_menu(graph, costs, offload, scans):
+        return core_menus.block_menus(graph, costs, offload)
+
+    monkeypatch.setattr(_scanplan, "scan_menus", every_menu)
+    monkeypatch.setattr(_plan, "scan_menus", every_menu)
+    assert plans() == planned
+    assert inner & set(built)  # the case arises on this model: the full menus build those programs

@@ -75,18 +75,27 @@ def block_program(
 
 
 def block_menus(
-    graph: CostGraph, costs: Costs, offload: bool, constraints: PlanConstraints | None = None
+    graph: CostGraph,
+    costs: Costs,
+    offload: bool,
+    constraints: PlanConstraints | None = None,
+    read: frozenset[int] | None = None,
 ) -> list[list[chain_dp.BlockOption]]:
     """Per-block option menus, every option honouring `constraints`; blocks with the same
-    signature share one (shifted) menu."""
+    signature share one (shifted) menu. `read`: the blocks whose menus the caller reads (None:
+    all); a signature no such block has gets no op-level programs (a JAX scan reads its first
+    layer's menu alone), the others' menus are the same as without it."""
     constraints = constraints or NO_CONSTRAINTS
-    key = ("menus", offload, tuple(costs.recompute)) + ((constraints,) if constraints else ())
+    key = ("menus", offload, tuple(costs.recompute), read) + ((constraints,) if constraints else ())
     if key in graph._cache:
         return graph._cache[key]
     menus: list[list[chain_dp.BlockOption]] = []
     by_signature: dict[tuple, tuple[int, list[chain_dp.BlockOption]]] = {}
     sigs = signatures(graph, constraints)
     exact = op_level_blocks(graph, sigs)
+    if read is not None:
+        wanted = {sigs[b] for b in read}
+        exact = {b for b in exact if sigs[b] in wanted}
     for blk, sig in enumerate(sigs):
         if sig in by_signature:
             rep, menu = by_signature[sig]

@@ -46,7 +46,7 @@ from remat_kit._core.solve import (
 )
 from remat_kit._jax._device import default_device
 from remat_kit._jax._graph import Traced
-from remat_kit._jax._scanplan import plan_from_codes, scan_groups, scan_options, trials, uniform_scans
+from remat_kit._jax._scanplan import plan_from_codes, scan_groups, scan_menus, scan_options, trials, uniform_scans
 
 __all__ = ["Floor", "Model", "choose", "floor", "scan_groups"]  # scan_groups: the verifier's and tests' too
 
@@ -128,7 +128,7 @@ def floor(
     baseline = baseline_activation_bytes(graph)
     if scans:
         costs = Costs(graph, device)
-        menus = block_menus(graph, costs, offload)
+        menus = scan_menus(graph, costs, offload, scans)
         per_scan = [scan_options(traced, s, costs, menus, offload, scan_group, None) for s in scans]
         return Floor(min(chain_dp.min_peak(t) for t in trials(graph, menus, per_scan)), baseline)
     if _whole_step(traced, kind, per_call):

@@ -50,7 +50,7 @@ def uniform_scans(
     chain DP over the blocks outside the scans, within the budget's limit."""
     graph = traced.graph
     costs = Costs(graph, device)
-    menus = block_menus(graph, costs, offload)
+    menus = scan_menus(graph, costs, offload, scans)
     baseline = baseline_activation_bytes(graph)
     limit = parsed.limit_activation_bytes(baseline, graph.constant_bytes)
     refine_at = limit if len(scans) == 1 else None
@@ -79,6 +79,14 @@ def uniform_scans(
             remedies=[] if offload else ["pass offload=True"],
         )
     return _scan_plan(traced, parsed, best[1], best[2])
+
+
+def scan_menus(graph, costs: Costs, offload: bool, scans) -> list:
+    """The core's block menus as the scans' plans read them: a scan fixes every layer to its first
+    layer's option, so the other layers' menus are never read and get no op-level programs (on the
+    bench's GPT those were most of the solve's work, for a signature the scan never uses)."""
+    inner = {b for s in scans for b in s.blocks[1:]}
+    return block_menus(graph, costs, offload, read=frozenset(range(graph.num_blocks)) - inner)
 
 
 def scan_options(
