@@ -178,23 +178,33 @@ def test_a_multi_process_jax_restore_takes_three_agreements_and_no_orbax_barrier
 
 @pytest.mark.slow
 def test_two_jax_processes_save_one_sharded_checkpoint_and_agree_on_restore_and_corruption(tmp_path):
-    for phase in ("save", "torn"):
-        port = str(free_port())
-        outs = run_ok(
-            [[str(HELPERS / "jax_multiprocess.py"), str(tmp_path), str(i), "2", port, phase] for i in range(2)],
-            {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-        )
-        for i, out in enumerate(outs):
-            assert f"process {i}: {phase} ok" in out, out[-3000:]
-    assert [i.status for i in resume.list_steps(tmp_path)] == ["complete", "complete"]
+    # One launch for both checks (process start-up is most of their time): the torn one runs on
+    # steps these processes saved but never read.
+    port = str(free_port())
+    outs = run_ok(
+        [[str(HELPERS / "jax_multiprocess.py"), str(tmp_path), str(i), "2", port] for i in range(2)],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+    for i, out in enumerate(outs):
+        assert f"process {i}: save ok" in out and f"process {i}: torn ok" in out, out[-3000:]
+    assert [i.status for i in resume.list_steps(tmp_path / "torn")] == ["complete", "complete"]
+
+
+@pytest.fixture(scope="module")
+def torch_two_ranks(tmp_path_factory) -> tuple[Path, list[str]]:
+    """One launch of 2 gloo ranks for the DDP / FSDP2 and the async checks (torch_distributed.py's
+    save phase runs torch_async.py's check after its own): (directory, each rank's output)."""
+    pytest.importorskip("torch")
+    directory = tmp_path_factory.mktemp("torch_two_ranks")
+    outs = run_ok(
+        [[str(HELPERS / "torch_distributed.py"), str(directory), "2", "save", str(rank)] for rank in range(2)], {}
+    )
+    return directory, outs
 
 
 @pytest.mark.slow
-def test_ddp_and_fsdp2_on_two_gloo_ranks_save_together_and_restore_on_two_and_on_one(tmp_path):
-    pytest.importorskip("torch")
-    outs = run_ok(
-        [[str(HELPERS / "torch_distributed.py"), str(tmp_path), "2", "save", str(rank)] for rank in range(2)], {}
-    )
+def test_ddp_and_fsdp2_on_two_gloo_ranks_save_together_and_restore_on_two_and_on_one(torch_two_ranks):
+    tmp_path, outs = torch_two_ranks
     for rank, out in enumerate(outs):
         assert f"rank {rank}/2: save ok" in out, out[-3000:]
     # FSDP2 shards written by both ranks through torch.distributed.checkpoint, inside the step.
@@ -303,9 +313,7 @@ def test_a_jax_process_hung_in_orbax_write_makes_the_other_raise_collective_erro
 
 
 @pytest.mark.slow
-def test_torch_async_save_returns_before_the_commit_and_keeps_the_values_of_the_call(tmp_path):
-    pytest.importorskip("torch")
-    port = str(free_port())
-    outs = run_ok([[str(HELPERS / "torch_async.py"), str(tmp_path), str(rank), port] for rank in range(2)])
+def test_torch_async_save_returns_before_the_commit_and_keeps_the_values_of_the_call(torch_two_ranks):
+    _, outs = torch_two_ranks  # torch_async.py's check, run by the ranks of the DDP / FSDP2 launch
     for rank, out in enumerate(outs):
         assert f"rank {rank}: async ok" in out, out[-3000:]

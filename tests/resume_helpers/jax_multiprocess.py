@@ -1,12 +1,14 @@
-"""Multi-process JAX resume check: `python jax_multiprocess.py DIR PROCESS_ID NUM_PROCESSES PORT PHASE`
-(XLA_FLAGS=--xla_force_host_platform_device_count=2 each; NUM_PROCESSES=1 with 4 devices works too);
-PHASE "save" first, then "torn" in fresh processes (a process that read a step has it cached).
+"""Multi-process JAX resume check: `python jax_multiprocess.py DIR PROCESS_ID NUM_PROCESSES PORT`
+(XLA_FLAGS=--xla_force_host_platform_device_count=2 each; NUM_PROCESSES=1 with 4 devices works too).
 
 Every process: save a state sharded over the 4-device global mesh (plus a PerProcess iterator
-and a PRNG key) at steps 1 and 2, restore it into another mesh layout (resharding), check
-values, shardings and the per-process part; a template whose sharding cannot hold a leaf is
-named in the error on every process; a torn shard file of step 2 written by the last process
-makes every process fall back to step 1 together. Prints "ok" per process.
+and a PRNG key) at steps 1, 2 and 3 in DIR/saved, restore it into another mesh layout
+(resharding), check values, shardings and the per-process part; a template whose sharding
+cannot hold a leaf is named in the error on every process. Then, in the same processes, the
+same steps saved in DIR/torn and never read there (a process that read a step may hold its
+Orbax nodes in tensorstore's cache): a torn shard file of step 2 and a torn PerProcess file of
+step 3 written by the last process make every process fall back to step 1 together. Prints
+"save ok" then "torn ok" per process.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-directory, process_id, num_processes, port = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-phase = sys.argv[5]
+root, process_id, num_processes, port = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 if num_processes > 1:
     jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes, process_id=process_id)
 
@@ -98,7 +99,7 @@ def fingerprint_check() -> None:
         assert _fingerprint.fingerprints([x], gather) == [want], spec
 
 
-def save_phase() -> None:
+def save_phase(directory: Path) -> None:
     fingerprint_check()
     with resume.Resumable(directory, keep=3) as ckpt:
         for step in (1, 2, 3):
@@ -120,7 +121,10 @@ def save_phase() -> None:
             raise SystemExit("a template sharding that cannot split 6 columns 4 ways was accepted")
 
 
-def torn_phase() -> None:
+def torn_phase(directory: Path) -> None:
+    with resume.Resumable(directory, keep=3) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, state_at(step))
     # Step 3: only the last process's own file (its PerProcess part) is cut short, so only that
     # process sees the damage; every process must still fall back together. Step 2: the array
     # data files lose their tail (a kill mid-write on a filesystem without atomic rename).
@@ -135,7 +139,7 @@ def torn_phase() -> None:
     if num_processes > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("corrupted")
+        multihost_utils.sync_global_devices(f"corrupted {directory}")
     with resume.Resumable(directory, keep=3) as ckpt, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got_step, restored = ckpt.restore_latest(template())
@@ -149,5 +153,7 @@ def torn_phase() -> None:
         assert ckpt.restore_latest(template())[0] == 2
 
 
-save_phase() if phase == "save" else torn_phase()
-print(f"process {process_id}: {phase} ok", flush=True)
+save_phase(root / "saved")
+print(f"process {process_id}: save ok", flush=True)
+torn_phase(root / "torn")
+print(f"process {process_id}: torn ok", flush=True)

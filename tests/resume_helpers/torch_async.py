@@ -1,4 +1,6 @@
-"""Asynchronous saves under torch.distributed: `python torch_async.py DIR RANK PORT`, 2 gloo ranks.
+"""Asynchronous saves under torch.distributed, 2 gloo ranks: `check_async(DIR, RANK)` in ranks
+that already joined a process group (torch_distributed.py's save phase calls it, so the check
+shares that launch), or `python torch_async.py DIR RANK PORT` on its own.
 
 Rank 0's host writer is slowed down, so a save that returns before its commit is seen: the step
 is not on disk yet when `save` returns (a synchronous save commits first). The model is then
@@ -18,9 +20,7 @@ from remat_kit import resume
 from remat_kit.resume import _host_item
 
 
-def main() -> None:
-    directory, rank, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    dist.init_process_group("gloo", init_method=f"tcp://localhost:{port}", rank=rank, world_size=2)
+def check_async(directory: str, rank: int) -> None:
     write_files = _host_item.HostHandler._write_files
 
     def slow(path, args):
@@ -28,6 +28,14 @@ def main() -> None:
         write_files(path, args)
 
     _host_item.HostHandler._write_files = staticmethod(slow)
+    try:
+        _check_async(directory, rank)
+    finally:
+        _host_item.HostHandler._write_files = staticmethod(write_files)
+    print(f"rank {rank}: async ok", flush=True)
+
+
+def _check_async(directory: str, rank: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     data = resume.ShuffledIterator(16, batch_size=4, seed=rank)
@@ -50,7 +58,12 @@ def main() -> None:
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, saved[key]), key
     assert list(next(other)) == list(expected_batch)
-    print(f"rank {rank}: async ok", flush=True)
+
+
+def main() -> None:
+    directory, rank, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://localhost:{port}", rank=rank, world_size=2)
+    check_async(directory, rank)
     dist.barrier()
     dist.destroy_process_group()
 

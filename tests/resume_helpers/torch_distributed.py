@@ -6,7 +6,9 @@ own PerProcess data iterator) and FSDP2 (`fully_shard`: DTensor parameters and A
 `get_state_dict`, written sharded by both ranks through torch.distributed.checkpoint); both
 ranks restore and compare with what was saved. PHASE "restore" (WORLD 1 or 2): a fresh job
 restores both checkpoints (FSDP2 resharded by DCP onto WORLD ranks) and compares.
-The expected full tensors are written by rank 0 to DIR/expected.pt during "save".
+The expected full tensors are written by rank 0 to DIR/expected.pt during "save". The save
+phase then runs torch_async.py's check of asynchronous saves in DIR/async (one launch for both:
+process start-up is most of their time).
 """
 
 from __future__ import annotations
@@ -105,6 +107,10 @@ def save_phase(directory: Path, rank: int, world: int) -> None:
         torch.save(expected, directory / "expected.pt")
     check_fsdp(directory, expected)
     set_state_dict(sharded, sharded_opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    if world == 2:
+        from torch_async import check_async  # this script's folder is on sys.path
+
+        check_async(str(directory / "async"), rank)
 
 
 def check_fsdp(directory: Path, expected: dict) -> None:
