@@ -17,8 +17,10 @@ the layer's fingerprint was that pass until it read CPU arrays with NumPy; on ac
 
 One fresh process per (implementation, repeat), implementations interleaved within each
 repeat, medians over repeats. Each process builds the state, then times a save (waited until
-committed) and a restore into a template, and reads its peak RSS (VmHWM) against the RSS just
-before the save: the extra host memory the checkpoint path used. On CPU a JAX array already
+committed) and a restore into a template, in wall time and in CPU time (user + system, every
+thread: getrusage; summed over a job's processes, it moves less than wall time when other jobs
+share the cores), and reads its peak RSS (VmHWM) against the RSS just before the save: the
+extra host memory the checkpoint path used. On CPU a JAX array already
 lives in host memory, so "no full extra host copy" means extra RSS well under the state size.
 
 Cells: JAX single process (remat_kit vs `ocp.CheckpointManager` with `StandardSave`), JAX 2
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -49,6 +52,12 @@ def _rss(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(field)
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process so far, every thread (Orbax's and tensorstore's too), user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _reset_peak() -> None:
@@ -86,12 +95,14 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
         reduce = jax.jit(lambda x: jnp.sum(jax.lax.bitcast_convert_type(x, jnp.uint32), dtype=jnp.uint32))
         for leaf in state.values():
             jax.block_until_ready(reduce(leaf))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_s()
         jax.block_until_ready([reduce(leaf) for leaf in state.values()])
-        pass_s = time.perf_counter() - start
+        pass_s, pass_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
         return {
             "save_s": pass_s,
             "restore_s": pass_s,
+            "save_cpu_s": pass_cpu_s,
+            "restore_cpu_s": pass_cpu_s,
             "extra_rss_bytes": 0,
             "state_bytes": 4 * rows * 1024 * NUM_LEAVES,
         }
@@ -120,17 +131,19 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
     jax.block_until_ready(restore(0))
     before = _rss("VmRSS")
     _reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     save(1)
-    save_s = time.perf_counter() - start
-    start = time.perf_counter()
+    save_s, save_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
+    start, cpu = time.perf_counter(), _cpu_s()
     restored = restore(1)
     jax.block_until_ready(restored)
-    restore_s = time.perf_counter() - start
+    restore_s, restore_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
     saver.close()
     return {
         "save_s": save_s,
         "restore_s": restore_s,
+        "save_cpu_s": save_cpu_s,
+        "restore_cpu_s": restore_cpu_s,
         "extra_rss_bytes": _rss("VmHWM") - before,
         "state_bytes": sum(v.nbytes for v in state.values()),
     }
@@ -166,15 +179,17 @@ def _torch_cell(impl: str, directory: Path, mib: int) -> dict:
     restore(0)
     before = _rss("VmRSS")
     _reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     save(1)
-    save_s = time.perf_counter() - start
-    start = time.perf_counter()
+    save_s, save_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
+    start, cpu = time.perf_counter(), _cpu_s()
     restore(1)
-    restore_s = time.perf_counter() - start
+    restore_s, restore_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
     return {
         "save_s": save_s,
         "restore_s": restore_s,
+        "save_cpu_s": save_cpu_s,
+        "restore_cpu_s": restore_cpu_s,
         "extra_rss_bytes": _rss("VmHWM") - before,
         "state_bytes": sum(v.nbytes for v in state.values()),
     }
@@ -218,10 +233,12 @@ def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT
     results = [json.loads(line[7:]) for out in outs for line in out.splitlines() if line.startswith("RESULT ")]
     if len(results) != processes:
         raise RuntimeError(f"{framework}/{impl} x{processes} failed:\n{outs[0][-2000:]}")
-    # The job's time is the slowest process's; its extra memory is the sum over processes.
+    # The job's time is the slowest process's; its CPU time and extra memory are sums over processes.
     return {
         "save_s": max(r["save_s"] for r in results),
         "restore_s": max(r["restore_s"] for r in results),
+        "save_cpu_s": sum(r["save_cpu_s"] for r in results),
+        "restore_cpu_s": sum(r["restore_cpu_s"] for r in results),
         "extra_rss_bytes": sum(r["extra_rss_bytes"] for r in results),
         "state_bytes": results[0]["state_bytes"],
     }
@@ -292,17 +309,24 @@ def _write_comparison(out: str, command: str, medians: dict, cells: list, mib: i
         f"Command: `{command}` (CPU only; medians over repeats, one fresh process per run, all",
         "implementations interleaved in every repeat; ratios are to the plain library's median).",
         "",
-        "| cell | implementation | save (s) | save / plain | restore (s) | restore / plain | extra RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "CPU columns: user + system seconds of the save or restore, every thread, summed over the job's",
+        "processes; on a machine shared with other jobs they move less with the load than wall time.",
+        "",
+        "| cell | implementation | save (s) | save / plain | restore (s) | restore / plain | save CPU (s) "
+        "| save CPU / plain | restore CPU (s) | restore CPU / plain | extra RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for framework, processes, (plain, *_) in cells:
         base = medians[f"{framework} x{processes} {plain}"]
         for key, row in medians.items():
             if key.startswith(f"{framework} x{processes} "):
+                times = " | ".join(
+                    f"{row[m]:.3f} | {row[m] / base[m]:.2f}"
+                    for m in ("save_s", "restore_s", "save_cpu_s", "restore_cpu_s")
+                )
                 lines.append(
-                    f"| {framework}, {processes} process(es) | {key.split(' ', 2)[2]} | {row['save_s']:.3f} | "
-                    f"{row['save_s'] / base['save_s']:.2f} | {row['restore_s']:.3f} | "
-                    f"{row['restore_s'] / base['restore_s']:.2f} | {row['extra_rss_bytes'] / 2**20:.0f} |"
+                    f"| {framework}, {processes} process(es) | {key.split(' ', 2)[2]} | {times} | "
+                    f"{row['extra_rss_bytes'] / 2**20:.0f} |"
                 )
     (ROOT / "reports" / f"{out}.md").write_text("\n".join(lines) + "\n")
 
