@@ -23,6 +23,7 @@ REPEATS = 5
 WARMUP = 8
 COLD_BYTES = 128 * 2**20  # more than the last-level cache of the CPUs we know (32-96 MB)
 TINY_OPS = 200  # ops per timed chain of tiny ops
+MEASURED = "cold-out"  # the version of what `measure` times (part of the cache key)
 
 
 def device_of(module: torch.nn.Module | None) -> torch.device:
@@ -40,7 +41,8 @@ def default_device(module: torch.nn.Module | None = None) -> DeviceSpec:
         kind = f"torch-{torch.__version__}-cuda-{torch.cuda.get_device_name(dev)}"
     else:
         kind = f"torch-{torch.__version__}-{dev.type}-threads{torch.get_num_threads()}"
-    return calibrated_spec(kind, lambda: measure(dev))
+    # MEASURED names what `measure` times: a cache written by an earlier microbenchmark is not read back.
+    return calibrated_spec(f"{kind}-{MEASURED}", lambda: measure(dev))
 
 
 def _clock(dev: torch.device) -> Callable[[], float]:
@@ -53,7 +55,11 @@ def _clock(dev: torch.device) -> Callable[[], float]:
     return time.perf_counter
 
 
-def _least_seconds(fn: Callable[[], object], dev: torch.device, repeats: int = REPEATS) -> float:
+def _least_seconds(
+    fn: Callable[[], object], dev: torch.device, repeats: int = REPEATS, before: Callable[[], object] | None = None
+) -> float:
+    """Least time of `repeats` calls of `fn` after warm-up; `before` runs ahead of each timed
+    call, untimed (`_evictor`)."""
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
     clock = _clock(dev)
     # Warm-up: lazy initialisation, and the allocator's steady state (glibc serves the first
@@ -64,6 +70,9 @@ def _least_seconds(fn: Callable[[], object], dev: torch.device, repeats: int = R
     sync(dev)
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
+            sync(dev)
         start = clock()
         fn()
         sync(dev)
@@ -86,8 +95,8 @@ def measure(dev: torch.device) -> Measurement:
         b = torch.randn(n, n, device=dev, dtype=dtype)
         matmul_seconds = _least_seconds(lambda: a @ b, dev)
         x = torch.randn((64 if gpu else 1) * 2**20, device=dev)
-        xs = _cold_copies(x)
-        copy_seconds = _least_seconds(lambda: next(xs) * 2.0, dev)
+        xs, evict = _cold_copies(x), _evictor(dev)
+        copy_seconds = _least_seconds(lambda: next(xs) * 2.0, dev, before=evict)
     tiny = torch.randn(8, device=dev, requires_grad=True)  # recompute runs with autograd recording
 
     def chain():
@@ -116,6 +125,19 @@ def _cold_copies(x: torch.Tensor) -> Iterator[torch.Tensor]:
     return itertools.cycle([x.clone() for _ in range(count)])
 
 
+def _evictor(dev: torch.device) -> Callable[[], object] | None:
+    """On a CPU, what to run before each timed memory-bound op: a write over more than the
+    last-level cache, so that the op's output lands in memory the cache no longer holds, as in a
+    recompute (each output a fresh allocation, other ops' megabytes in between). Timed back to
+    back, the output reuses the buffer just freed, still in cache: a copy then ran at 1.5x and a
+    GELU at 1.25x its speed after such a write (reports/step_time_model.md), and the recompute
+    ran at the slower one. None on a GPU (outputs go to HBM through a far smaller L2)."""
+    if dev.type != "cpu":
+        return None
+    scratch = torch.empty(COLD_BYTES // 2, dtype=torch.uint8, device=dev)
+    return lambda: scratch.fill_(1)
+
+
 def op_timings(dev: torch.device) -> tuple[tuple[str, float, float], ...]:
     """(op kind or name, bytes read and written as the trace counts them, least seconds) of the
     ops whose time a copy's rate does not describe (reports/step_time_model.md):
@@ -134,19 +156,20 @@ def op_timings(dev: torch.device) -> tuple[tuple[str, float, float], ...]:
     gen = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
         x = torch.linspace(-4, 4, rows * width, device=dev).reshape(rows, width)
-        xs = _cold_copies(x)
+        xs, evict = _cold_copies(x), _evictor(dev)
         weight, bias = torch.ones(width, device=dev), torch.zeros(width, device=dev)
         softmax = getattr(torch.ops.aten, "_safe_softmax", None)
         attention = (lambda: softmax(next(xs), -1)) if softmax is not None else (lambda: next(xs).softmax(-1))
-        timed = {
-            "attention": _least_seconds(attention, dev),
-            "norm": _least_seconds(lambda: torch.nn.functional.layer_norm(next(xs), (width,), weight, bias), dev),
-            "aten.gelu": _least_seconds(lambda: torch.nn.functional.gelu(next(xs)), dev),
-            "aten.silu": _least_seconds(lambda: torch.nn.functional.silu(next(xs)), dev),
-            "aten.tanh": _least_seconds(lambda: torch.tanh(next(xs)), dev),
+        ops = {
+            "attention": attention,
+            "norm": lambda: torch.nn.functional.layer_norm(next(xs), (width,), weight, bias),
+            "aten.gelu": lambda: torch.nn.functional.gelu(next(xs)),
+            "aten.silu": lambda: torch.nn.functional.silu(next(xs)),
+            "aten.tanh": lambda: torch.tanh(next(xs)),
             # Last: drawing in place overwrites the copies with zeros and ones.
-            "rng": _least_seconds(lambda: next(xs).bernoulli_(0.9, generator=gen), dev),
+            "rng": lambda: next(xs).bernoulli_(0.9, generator=gen),
         }
+        timed = {op: _least_seconds(fn, dev, before=evict) for op, fn in ops.items()}
     # Every one of these reads one tensor of x's size and writes one (the norm's statistics and
     # parameters are a row's worth, left out).
     num_bytes = 2.0 * x.numel() * x.element_size()

@@ -27,11 +27,21 @@ from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import simulate
 from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph
-from remat_kit._torch._modecost import ModeCost, _Recorder, calibration_clock, calibration_off, mode_cost
+from remat_kit._torch._modecost import (
+    ColdDispatch,
+    ModeCost,
+    _Recorder,
+    calibration_clock,
+    calibration_off,
+    cold_dispatch,
+    mode_cost,
+)
 from remat_kit._torch._modes import RUN, Region, Step
 from remat_kit._torch._replay import decisions_for_torch, regions, run_region
 from remat_kit._torch._trace import Profile
 from remat_kit._torch._trace_ops import op_kind
+
+WARM = ColdDispatch()  # fixed costs at their calibrated, cache-warm price
 
 
 def region_modes_seconds(region: Region, modes: ModeCost) -> float:
@@ -54,12 +64,14 @@ def plain_extra(region: Region, device: DeviceSpec) -> tuple[int, float]:
     return sum(s.flops for s in steps), sum(step_seconds(s, device) for s in steps)
 
 
-def plain_when_faster(device: DeviceSpec, modes: ModeCost) -> Callable[[Region], bool]:
+def plain_when_faster(device: DeviceSpec, modes: ModeCost, cold: ColdDispatch = WARM) -> Callable[[Region], bool]:
     """For `regions(plain=...)`: a region that keeps nothing inside runs as plain checkpoint when
     the ops it runs beyond the plan cost less than the modes would (a GPT layer's output
     projections are outside what its backward needs: plain checkpoint recomputes them, the modes
-    skip them)."""
-    return lambda region: plain_extra(region, device)[1] <= region_modes_seconds(region, modes)
+    skip them); the modes' cost at the region's cache-cold factor (`fixed_seconds`)."""
+    return lambda region: (
+        plain_extra(region, device)[1] <= region_modes_seconds(region, modes) * cold.factor(region_bytes(region))
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +92,36 @@ def unvalued_seconds(region: Region, device: DeviceSpec) -> float:
     return device.op_overhead_seconds * sum(s.action == RUN and not (s.flops or s.bytes_moved) for s in steps)
 
 
+def region_bytes(region: Region) -> float:
+    """Mean bytes moved by the region's ops that move any: what runs between two of its ops'
+    fixed costs (`ColdDispatch`)."""
+    moved = [s.bytes_moved for s in region.steps if s.bytes_moved]
+    return sum(moved) / len(moved) if moved else 0.0
+
+
+def fixed_seconds(
+    region: Region, device: DeviceSpec, modes_seconds: float, cost: RegionCost, cold: ColdDispatch
+) -> float:
+    """A region's fixed costs besides its ops' kernels (`modes_seconds` of the modes, checkpoint's
+    own `cost`, the views it dispatches), each paid between ops that move `region_bytes` on
+    average: at `cold`'s factor for that many bytes."""
+    fixed = modes_seconds + cost.of(region) + unvalued_seconds(region, device)
+    return fixed * cold.factor(region_bytes(region))
+
+
 def predicted_seconds(
-    plan: Plan, regions: dict[str, Region], device: DeviceSpec, modes: ModeCost, cost: RegionCost = RegionCost()
+    plan: Plan,
+    regions: dict[str, Region],
+    device: DeviceSpec,
+    modes: ModeCost,
+    cost: RegionCost = RegionCost(),
+    cold: ColdDispatch = WARM,
 ) -> float:
     """A plan's predicted extra step time as run: its recompute, what plain regions run beyond
     it, the modes' cost in the others, and each region's own cost."""
     extra = sum(
-        (plain_extra(r, device)[1] if r.plain else region_modes_seconds(r, modes))
-        + cost.of(r)
-        + unvalued_seconds(r, device)
+        (plain_extra(r, device)[1] if r.plain else 0.0)
+        + fixed_seconds(r, device, 0.0 if r.plain else region_modes_seconds(r, modes), cost, cold)
         for r in regions.values()
     )
     return plan.predicted_recompute_seconds + extra
@@ -98,17 +131,18 @@ def as_run(plan: Plan, regions: dict[str, Region], device: DeviceSpec, device_ty
     """`plan` with its recompute FLOPs and time counting what its regions run beyond it: the ops a
     plain region runs past the plan (so the FLOPs it reports are those FlopCounterMode counts),
     each region's own cost (checkpoint's frame and hooks, `checkpoint_region_cost`), the ops it
-    runs that own no value (`unvalued_seconds`) and, in a selective region, the replay mode's (`ModeCost.replay_of`). The time it reports is then the
-    recompute the step pays, not only its ops' (reports/step_time_model.md)."""
+    runs that own no value (`unvalued_seconds`) and, in a selective region, the replay mode's
+    (`ModeCost.replay_of`), those fixed costs at the cache-cold factor of the region's op sizes
+    (`fixed_seconds`). The time it reports is then the recompute the step pays, not only its
+    ops' (reports/step_time_model.md)."""
     modes, cost = mode_cost(device_type), checkpoint_region_cost(device_type, op_overhead=device.op_overhead_seconds)
+    cold = cold_dispatch(device_type)
     flops = seconds = 0.0
     for region in regions.values():
-        seconds += cost.of(region) + unvalued_seconds(region, device)
+        seconds += fixed_seconds(region, device, 0.0 if region.plain else modes.replay_of(region), cost, cold)
         if region.plain:
             f, t = plain_extra(region, device)
             flops, seconds = flops + f, seconds + t
-        else:
-            seconds += modes.replay_of(region)
     return dataclasses.replace(
         plan,
         predicted_recompute_flops=plan.predicted_recompute_flops + int(flops),
@@ -290,12 +324,13 @@ def by_time(
     device, device_type = default_device(module), device_of(module).type
     modes = mode_cost(device_type)
     cost = checkpoint_region_cost(device_type, op_overhead=device.op_overhead_seconds)
+    cold = cold_dispatch(device_type)
     if modes == ModeCost() and cost == RegionCost():  # running a plan priced at nothing: the solver's is fastest
         return plan
-    choose = plain_when_faster(device, modes)
+    choose = plain_when_faster(device, modes, cold)
 
     def price(p: Plan) -> float:
-        return predicted_seconds(p, regions(tg, p, prof, choose), device, modes, cost)
+        return predicted_seconds(p, regions(tg, p, prof, choose), device, modes, cost, cold)
 
     selective = price(plan)
     if selective <= cheapest_layer_seconds(tg, device) + cost.frame_seconds:  # no whole-layer plan is faster
@@ -323,4 +358,5 @@ def fast_regions(module: torch.nn.Module, tg: TorchGraph, plan: Plan, prof: Prof
     With a profile written out from a few layers (`prof.replicated_from`) a plain region still
     runs under the replay's check on its first call (`_run._checked_once`).
     """
-    return regions(tg, plan, prof, plain_when_faster(device, mode_cost(device_of(module).type)))
+    device_type = device_of(module).type
+    return regions(tg, plan, prof, plain_when_faster(device, mode_cost(device_type), cold_dispatch(device_type)))

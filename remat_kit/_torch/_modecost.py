@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import statistics
 import time
@@ -188,3 +189,68 @@ def mode_cost(device_type: str = "cpu", repeats: int = 7, inner: int = 20) -> Mo
         cached=per_op(replay(kept), 0.0),
         skipped=per_op(replay(skipped), 0.0),
     )
+
+
+COLD_BYTES = (2**20, 2**22, 2**24)  # the writes `cold_dispatch` times a tiny op after
+
+
+@dataclasses.dataclass(frozen=True)
+class ColdDispatch:
+    """How much an op's fixed cost (dispatch, autograd, the modes' Python, checkpoint's hooks)
+    grows when it runs right after an op that moved many bytes: that op evicted the interpreter's
+    and the dispatcher's code and data from the caches. The modes' and regions' per-op costs are
+    timed on tiny tensors, where all of it stays cached; in a layer whose ops move megabytes each
+    the same path ran at well over its calibrated cost (reports/step_time_model.md).
+
+    `points`: (bytes written just before, the tiny op's time over its time with nothing written)."""
+
+    points: tuple[tuple[int, float], ...] = ()
+
+    def factor(self, num_bytes: float) -> float:
+        """The factor after an op moving `num_bytes`: interpolated in log(bytes) between the
+        measured points, from 1 at no bytes up to the first point, held beyond the last (a
+        larger write is not what a layer's ops do between two others)."""
+        if not self.points or num_bytes <= 0:
+            return 1.0
+        (b0, f0), *rest = self.points
+        if num_bytes <= b0:
+            return 1.0 + (f0 - 1.0) * num_bytes / b0
+        for b1, f1 in rest:
+            if num_bytes <= b1:
+                w = math.log(num_bytes / b0) / math.log(b1 / b0)
+                return f0 + (f1 - f0) * w
+            b0, f0 = b1, f1
+        return f0
+
+
+@functools.cache
+def cold_dispatch(device_type: str = "cpu", repeats: int = 301) -> ColdDispatch:
+    """`ColdDispatch` measured on this device: the median time of one tiny op with autograd
+    recording (what every op of a recompute pays besides its kernel) right after an untimed write
+    of each of `COLD_BYTES`, over its median time with nothing written between calls. Only a CPU
+    runs the dispatch on the core the kernels evict; on a GPU the host's caches stay the host's:
+    factor 1 there, and when calibration is off (``REMAT_KIT_CALIBRATE=0``)."""
+    if calibration_off(device_type) or device_type != "cpu":
+        return ColdDispatch()
+    _, clock, _ = calibration_clock(device_type)
+    tiny = torch.linspace(-1, 1, 8).requires_grad_()
+    scratch = torch.empty(max(COLD_BYTES), dtype=torch.uint8)
+    empty = []
+    for _ in range(repeats):
+        start = clock()
+        empty.append(clock() - start)
+    timer = statistics.median(empty)  # the clock's own cost, inside each interval below
+
+    def per_op(num_bytes: int) -> float:
+        times = []
+        for _ in range(repeats):
+            if num_bytes:
+                scratch[:num_bytes].fill_(1)
+            start = clock()
+            tiny.mul(1.0)
+            times.append(clock() - start)
+        return max(statistics.median(times) - timer, 1e-9)
+
+    per_op(0)  # warm-up
+    warm = per_op(0)
+    return ColdDispatch(tuple((b, max(1.0, per_op(b) / warm)) for b in COLD_BYTES))

@@ -250,7 +250,9 @@ class Recorder(TorchDispatchMode):
                 # outputs is recomputed, and its outputs share one fate (the solver's same_fate constraint).
                 kind=op_kind(op.name, op.is_rng),
                 flops=op.flops if first else 0,
-                bytes_moved=op.in_bytes + sum(t.numel() * t.element_size() for t in out_tensors),
+                # The inputs' bytes go to the first output too, each output's own bytes to it: the
+                # op's outputs together move what the op moves (a layer norm was priced 3 times).
+                bytes_moved=(op.in_bytes if first else 0) + leaf.numel() * leaf.element_size(),
                 module=op.module,
                 stack=tuple(self.stack),
                 op=op.packet,  # priced at its own measured rate where the device has one (DeviceSpec.op_bandwidth)
