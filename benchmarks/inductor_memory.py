@@ -1,0 +1,140 @@
+"""The activation peak of a compiled step on CPU, read from the code Inductor generated for it.
+
+A `TorchDispatchMode` cannot see inside a compiled graph, and the process's resident set mixes the
+step with everything else the process holds (compile_bench reports it beside this figure). The
+generated `call` of each compiled graph says exactly what it allocates and when it lets go:
+`bufN = empty_strided_cpu(shape, stride, dtype)` allocates, `bufM = bufN; del bufN  # reuse` and
+`reinterpret_tensor(bufN, ...)` alias a storage, `del x` drops a name, and `assert_size_stride`
+gives the size of each tensor the graph takes in (the activations the forward saved, for a
+backward). So the live bytes after each line, less parameters and inputs (`primals_*`), incoming
+gradients (`tangents_*`) and the parameter gradients the graph returns, are the graph's activation
+memory over time, as the budget counts it (DESIGN.md), independent of remat_kit's cost model: the
+analogue of XLA's `memory_analysis()` on the JAX side.
+
+A line that makes a tensor this reading cannot size (a fallback kernel returning a fresh tensor)
+raises `UnreadableCode` rather than leave it out: an undercount would pass a budget it breaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2}
+_ITEMSIZE |= {"int8": 1, "uint8": 1, "bool": 1}
+_SKIP = ("primals_", "tangents_")
+
+_ALLOC = re.compile(r"\s+(\w+) = empty_strided_cpu\(\((.*?)\), \((.*?)\), torch\.(\w+)\)")
+_INPUT = re.compile(r"\s+assert_size_stride\((\w+), \((.*?)\), \((.*?)\)")
+_ALIAS = re.compile(r"\s+(\w+) = (?:reinterpret_tensor\()?(\w+)\s*[,;)]")
+_ASSIGN = re.compile(r"\s+(\w+) = ")
+_DEL = re.compile(r"\bdel (\w+)")
+_RETURN = re.compile(r"\s+return \((.*)\)")
+
+
+class UnreadableCode(ValueError):
+    """Generated code making a tensor whose size this reading cannot tell."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphPeak:
+    peak_bytes: int  # activation bytes live at the graph's peak (parameters and their gradients left out)
+    line: str  # the generated line after which that peak is reached
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace("(", "").replace(")", "").split(",") if x.strip()]
+
+
+def _nbytes(shape: list[int], stride: list[int], itemsize: int) -> int:
+    if any(s == 0 for s in shape):
+        return 0
+    return (1 + sum((s - 1) * st for s, st in zip(shape, stride, strict=True))) * itemsize
+
+
+class _Live:
+    """Storages alive under the names the generated code gives them."""
+
+    def __init__(self) -> None:
+        self.storage: dict[str, int] = {}
+        self.size: dict[int, int] = {}
+        self.names: dict[int, set[str]] = {}
+        self.bytes = 0
+
+    def new(self, name: str, nbytes: int) -> None:
+        key = len(self.size)
+        self.storage[name], self.size[key], self.names[key] = key, nbytes, {name}
+        self.bytes += nbytes
+
+    def alias(self, name: str, of: str) -> None:
+        key = self.storage[of]
+        self.storage[name] = key
+        self.names[key].add(name)
+
+    def drop(self, name: str) -> None:
+        key = self.storage.pop(name, None)
+        if key is not None:
+            self.names[key].discard(name)
+            if not self.names[key]:
+                self.bytes -= self.size[key]
+
+    def held(self, names: set[str]) -> int:
+        return sum(self.size[k] for k in {self.storage[n] for n in names if n in self.storage})
+
+
+def call_peak(lines: list[str]) -> GraphPeak:
+    """The activation peak of one generated `call(args)` body (`lines`, from `def call` to its
+    `return`)."""
+    returned = set()
+    for ln in lines:
+        if m := _RETURN.match(ln):
+            returned = set(re.findall(r"\b(buf\d+)\b", m.group(1)))
+    live, peak, at = _Live(), 0, ""
+    for ln in lines:
+        if m := _INPUT.match(ln):
+            name = m.group(1)
+            if not name.startswith(_SKIP) and name not in live.storage:
+                # A graph input's dtype is not on this line; only a float activation is sized (an
+                # integer input is a token id or an RNG seed, too small to matter, and counted as 0).
+                live.new(name, _nbytes(_ints(m.group(2)), _ints(m.group(3)), 4) if "seed" not in name else 0)
+        elif m := _ALLOC.match(ln):
+            live.new(m.group(1), _nbytes(_ints(m.group(2)), _ints(m.group(3)), _ITEMSIZE[m.group(4)]))
+        elif (m := _ALIAS.match(ln)) and m.group(2) in live.storage:
+            live.alias(m.group(1), m.group(2))
+        elif (m := _ASSIGN.match(ln)) and not ln.strip().startswith(("return", "args")) and "rand_strided" not in ln:
+            raise UnreadableCode(f"cannot size the tensor this generated line makes: {ln.strip()!r}")
+        for name in _DEL.findall(ln):
+            live.drop(name)
+        now = live.bytes - live.held(returned)  # parameter gradients made so far are not activation
+        if now > peak:
+            peak, at = now, ln.strip()
+    return GraphPeak(peak, at)
+
+
+def module_peaks(source: str) -> list[GraphPeak]:
+    """The peak of every `call` in one generated module's source."""
+    lines = source.splitlines()
+    out = []
+    for i, ln in enumerate(lines):
+        if ln.strip().startswith("def call(self, args)") or ln.strip().startswith("def call(args)"):
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("return ("))
+            out.append(call_peak(lines[i : end + 1]))
+    return out
+
+
+def loaded_sources() -> list[str]:
+    """The source of every module Inductor has loaded in this process, oldest first (clear the
+    list with `torch._inductor.codecache.PyCodeCache.cache_clear()` before the compile to read)."""
+    from torch._inductor.codecache import PyCodeCache
+
+    out = []
+    for mod in PyCodeCache.modules:
+        with open(mod.__file__) as f:
+            out.append(f.read())
+    return out
+
+
+def step_peak(sources: list[str]) -> int:
+    """A compiled step's activation peak: the largest of its graphs' (the forward's saved tensors
+    are among the backward's inputs, so the backward's reading includes them)."""
+    return max((p.peak_bytes for s in sources for p in module_peaks(s)), default=0)
