@@ -227,7 +227,8 @@ class ColdDispatch:
 def cold_dispatch(device_type: str = "cpu", repeats: int = 301) -> ColdDispatch:
     """`ColdDispatch` measured on this device: the median time of one tiny op with autograd
     recording (what every op of a recompute pays besides its kernel) right after an untimed write
-    of each of `COLD_BYTES`, over its median time with nothing written between calls. Only a CPU
+    of each of `COLD_BYTES`, over its median time right after the same op; the sizes in turn in
+    every round (timed in blocks, the factors moved by a third between runs on a loaded machine). Only a CPU
     runs the dispatch on the core the kernels evict; on a GPU the host's caches stay the host's:
     factor 1 there, and when calibration is off (``REMAT_KIT_CALIBRATE=0``)."""
     if calibration_off(device_type) or device_type != "cpu":
@@ -241,16 +242,22 @@ def cold_dispatch(device_type: str = "cpu", repeats: int = 301) -> ColdDispatch:
         empty.append(clock() - start)
     timer = statistics.median(empty)  # the clock's own cost, inside each interval below
 
-    def per_op(num_bytes: int) -> float:
-        times = []
-        for _ in range(repeats):
-            if num_bytes:
-                scratch[:num_bytes].fill_(1)
+    # Each size timed in turn within every repeat: load from other processes shifts them alike.
+    sizes = (0, *COLD_BYTES)
+    times: dict[int, list[float]] = {b: [] for b in sizes}
+    for _ in range(repeats + 1):  # the first round warms up
+        for b in sizes:
+            if b:
+                scratch[:b].fill_(1)
+            else:  # warm: right after the same op a few times (the last round's writes evicted it too)
+                for _ in range(3):
+                    tiny.mul(1.0)
             start = clock()
             tiny.mul(1.0)
-            times.append(clock() - start)
-        return max(statistics.median(times) - timer, 1e-9)
+            times[b].append(clock() - start)
 
-    per_op(0)  # warm-up
+    def per_op(num_bytes: int) -> float:
+        return max(statistics.median(times[num_bytes][1:]) - timer, 1e-9)
+
     warm = per_op(0)
     return ColdDispatch(tuple((b, max(1.0, per_op(b) / warm)) for b in COLD_BYTES))
