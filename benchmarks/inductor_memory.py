@@ -11,8 +11,11 @@ gradients (`tangents_*`) and the parameter gradients the graph returns, are the 
 memory over time, as the budget counts it (DESIGN.md), independent of remat_kit's cost model: the
 analogue of XLA's `memory_analysis()` on the JAX side.
 
-A line that makes a tensor this reading cannot size (a fallback kernel returning a fresh tensor)
-raises `UnreadableCode` rather than leave it out: an undercount would pass a budget it breaks.
+A fallback kernel (`bufN = torch.ops.aten.cumsum.default(...)`, SDPA on CPU) returns fresh tensors
+whose sizes the code asserts on the names it unpacks them into (`bufM = bufN[0]`,
+`assert_size_stride(bufM, shape, stride, ...)`); their dtype is the one the call names, float32
+otherwise (this reading is for float32 CPU steps). A tensor made and never sized raises
+`UnreadableCode` rather than leave it out: an undercount would pass a budget it breaks.
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ _SKIP = ("primals_", "tangents_")
 
 _ALLOC = re.compile(r"\s+(\w+) = empty_strided_cpu\(\((.*?)\), \((.*?)\), torch\.(\w+)\)")
 _INPUT = re.compile(r"\s+assert_size_stride\((\w+), \((.*?)\), \((.*?)\)")
-_ALIAS = re.compile(r"\s+(\w+) = (?:reinterpret_tensor\()?(\w+)\s*[,;)]")
+_ALIAS = re.compile(r"\s+(\w+) = (?:reinterpret_tensor\()?(\w+)\s*(?:[,;)]|$)")
 _ASSIGN = re.compile(r"\s+(\w+) = ")
+_ITEM = re.compile(r"\s+(\w+) = (\w+)(\[\d+\])+\s*$")
+_CALL = re.compile(r"\s+(\w+) = (?:torch\.ops|extern_kernels)\.[\w.]+\(")
+_DTYPE = re.compile(r"dtype=torch\.(\w+)")
+_RAND = re.compile(r"\s+(\w+) = rand_strided\(\((.*?)\), \((.*?)\),.*dtype=torch\.(\w+)")
+_SYMBOL = re.compile(r"\s+\w+ = (\w+\.(size|stride)\(\)|\w+_(size|stride)\[\d+\])\s*$")  # a dynamic size bound
 _DEL = re.compile(r"\bdel (\w+)")
 _RETURN = re.compile(r"\s+return \((.*)\)")
 
@@ -40,6 +48,12 @@ class UnreadableCode(ValueError):
 class GraphPeak:
     peak_bytes: int  # activation bytes live at the graph's peak (parameters and their gradients left out)
     line: str  # the generated line after which that peak is reached
+
+
+def _itemsize(dtype: str) -> int:
+    if dtype not in _ITEMSIZE:
+        raise UnreadableCode(f"no item size known for torch.{dtype}")
+    return _ITEMSIZE[dtype]
 
 
 def _ints(text: str) -> list[int]:
@@ -60,11 +74,23 @@ class _Live:
         self.size: dict[int, int] = {}
         self.names: dict[int, set[str]] = {}
         self.bytes = 0
+        self.tuples: dict[int, bool] = {}  # storage -> it is a fallback kernel's result unpacked by index
+        self.unsized: dict[int, int] = {}  # storage -> itemsize, for a fallback kernel's output
 
-    def new(self, name: str, nbytes: int) -> None:
+    def new(self, name: str, nbytes: int, unsized_itemsize: int = 0) -> None:
         key = len(self.size)
         self.storage[name], self.size[key], self.names[key] = key, nbytes, {name}
         self.bytes += nbytes
+        if unsized_itemsize:
+            self.unsized[key] = unsized_itemsize
+
+    def size_at(self, name: str, shape: list[int], stride: list[int]) -> None:
+        """The asserted size of a fallback kernel's output `name`."""
+        key = self.storage[name]
+        itemsize = self.unsized.pop(key, 0)
+        if itemsize:
+            self.size[key] = _nbytes(shape, stride, itemsize)
+            self.bytes += self.size[key]
 
     def alias(self, name: str, of: str) -> None:
         key = self.storage[of]
@@ -76,33 +102,53 @@ class _Live:
         if key is not None:
             self.names[key].discard(name)
             if not self.names[key]:
+                if key in self.unsized and not self.tuples.get(key):
+                    raise UnreadableCode(f"`{name}`, made by a fallback kernel, is dropped before its size is asserted")
                 self.bytes -= self.size[key]
 
     def held(self, names: set[str]) -> int:
         return sum(self.size[k] for k in {self.storage[n] for n in names if n in self.storage})
 
 
-def call_peak(lines: list[str]) -> GraphPeak:
+def _read_line(ln: str, live: _Live, inputs: dict[str, tuple[str, str, str]]) -> None:
+    """What one generated line does to the live storages (before its `del`s)."""
+    if m := _INPUT.match(ln):
+        name = m.group(1)
+        if name in live.storage:
+            live.size_at(name, _ints(m.group(2)), _ints(m.group(3)))
+        elif not name.startswith(_SKIP):
+            # The harness's example input where there is one: its shape is concrete where the
+            # assert's is symbolic.
+            shape, stride, dtype = inputs.get(name, (m.group(2), m.group(3), "float32"))
+            live.new(name, _nbytes(_ints(shape), _ints(stride), _itemsize(dtype)))
+    elif m := _ALLOC.match(ln):
+        live.new(m.group(1), _nbytes(_ints(m.group(2)), _ints(m.group(3)), _itemsize(m.group(4))))
+    elif m := _CALL.match(ln):
+        if "out=" not in ln:  # a fallback kernel's fresh result, sized where the code asserts it
+            dtype = _DTYPE.search(ln)
+            live.new(m.group(1), 0, _itemsize(dtype.group(1)) if dtype else 4)
+    elif (m := _ITEM.match(ln)) and m.group(2) in live.storage:
+        parent = live.storage[m.group(2)]
+        live.tuples[parent] = True
+        live.new(m.group(1), 0, live.unsized.get(parent, 4))
+    elif (m := _ALIAS.match(ln)) and m.group(2) in live.storage:
+        live.alias(m.group(1), m.group(2))
+    elif (m := _ASSIGN.match(ln)) and not ln.strip().startswith(("return", "args")) and not _SYMBOL.match(ln):
+        raise UnreadableCode(f"cannot size the tensor this generated line makes: {ln.strip()!r}")
+
+
+def call_peak(lines: list[str], inputs: dict[str, tuple[str, str, str]] | None = None) -> GraphPeak:
     """The activation peak of one generated `call(args)` body (`lines`, from `def call` to its
-    `return`)."""
-    returned = set()
+    `return`); `inputs`: the graph inputs' (shape, stride, dtype) as the module's harness makes
+    them (where not given: the asserted shape, float32)."""
+    inputs = inputs or {}
+    returned: set[str] = set()
     for ln in lines:
         if m := _RETURN.match(ln):
             returned = set(re.findall(r"\b(buf\d+)\b", m.group(1)))
     live, peak, at = _Live(), 0, ""
     for ln in lines:
-        if m := _INPUT.match(ln):
-            name = m.group(1)
-            if not name.startswith(_SKIP) and name not in live.storage:
-                # A graph input's dtype is not on this line; only a float activation is sized (an
-                # integer input is a token id or an RNG seed, too small to matter, and counted as 0).
-                live.new(name, _nbytes(_ints(m.group(2)), _ints(m.group(3)), 4) if "seed" not in name else 0)
-        elif m := _ALLOC.match(ln):
-            live.new(m.group(1), _nbytes(_ints(m.group(2)), _ints(m.group(3)), _ITEMSIZE[m.group(4)]))
-        elif (m := _ALIAS.match(ln)) and m.group(2) in live.storage:
-            live.alias(m.group(1), m.group(2))
-        elif (m := _ASSIGN.match(ln)) and not ln.strip().startswith(("return", "args")) and "rand_strided" not in ln:
-            raise UnreadableCode(f"cannot size the tensor this generated line makes: {ln.strip()!r}")
+        _read_line(ln, live, inputs)
         for name in _DEL.findall(ln):
             live.drop(name)
         now = live.bytes - live.held(returned)  # parameter gradients made so far are not activation
@@ -114,11 +160,13 @@ def call_peak(lines: list[str]) -> GraphPeak:
 def module_peaks(source: str) -> list[GraphPeak]:
     """The peak of every `call` in one generated module's source."""
     lines = source.splitlines()
+    # The module's own benchmark harness makes every graph input with its dtype.
+    inputs = {m.group(1): (m.group(2), m.group(3), m.group(4)) for ln in lines if (m := _RAND.match(ln))}
     out = []
     for i, ln in enumerate(lines):
         if ln.strip().startswith("def call(self, args)") or ln.strip().startswith("def call(args)"):
             end = next(j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("return ("))
-            out.append(call_peak(lines[i : end + 1]))
+            out.append(call_peak(lines[i : end + 1], inputs))
     return out
 
 
