@@ -154,6 +154,9 @@ def call_peak(lines: list[str], inputs: dict[str, tuple[str, str, str]] | None =
         now = live.bytes - live.held(returned)  # parameter gradients made so far are not activation
         if now > peak:
             peak, at = now, ln.strip()
+    unsized = [n for k in live.unsized if not live.tuples.get(k) for n in live.names[k]]
+    if unsized:
+        raise UnreadableCode(f"{unsized}, made by a fallback kernel, never have their size asserted")
     return GraphPeak(peak, at)
 
 
