@@ -3,7 +3,9 @@
 A short microbenchmark (a matmul, an elementwise op over a large tensor, a chain of tiny ops with
 autograd recording, and one op per kind a copy's rate misprices: dropout's random draws, the
 masked softmax of torch's attention, a layer norm) gives the roofline rates, the per-kind rates
-and the per-op dispatch cost every recomputed op pays in eager mode; `remat_kit._core.calibration` caches the result in the process and on disk
+and the per-op dispatch cost every recomputed op pays in eager mode; the memory-bound ones are timed
+after a write over the last-level cache (`_evictor`), as a recompute runs them.
+`remat_kit._core.calibration` caches the result in the process and on disk
 (``REMAT_KIT_CALIBRATE=0`` turns measuring off). Eager CPU recompute of norms, GELU and dropout
 costs time that FLOPs do not show (issue 12); these constants are what prices it.
 """
