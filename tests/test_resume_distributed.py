@@ -175,6 +175,19 @@ def test_a_multi_process_jax_restore_takes_three_agreements_and_no_orbax_barrier
     # The agreement on the read carries this process's fingerprint part, the one saved.
     assert exchanged[1][1] == [int(json.loads((tmp_path / "1" / "host" / "fingerprints.json").read_text())["j0"])]
 
+    # Arrays on accelerators (stood in for by CPU arrays taken for device ones): their fingerprint
+    # is a device collective, so it is exchanged after the agreement, never inside the stage.
+    from remat_kit.resume import _fingerprint
+
+    monkeypatch.setattr(_fingerprint, "_on_host", lambda x: False)
+    exchanged_names.clear()
+    assert float(read_step(tmp_path / "1", 1, processes=processes)["w"][2, 3]) == 11.0
+    assert exchanged_names == ["restore of step 1"] * 2 + ["the restored arrays' fingerprints", "restore of step 1"]
+    path = tmp_path / "1" / "host" / "fingerprints.json"
+    path.write_text(json.dumps({k: (v + 1) % 2**32 for k, v in json.loads(path.read_text()).items()}))
+    with pytest.raises(resume.CorruptCheckpointError, match="fingerprint"):
+        read_step(tmp_path / "1", 1, processes=processes)
+
 
 @pytest.mark.slow
 def test_two_jax_processes_save_one_sharded_checkpoint_and_agree_on_restore_and_corruption(tmp_path):
