@@ -7,7 +7,8 @@ replay an op that runs, one handed back from the cache and one skipped (a placeh
 differently, on top of the modes' own entry and exit per region call. A pass-through
 TorchDispatchMode times none of that (issue 12: the tiny MLP's selective plan was priced at the
 pass-through's cost per op), so each term is timed here on the real modes, with a region made
-from a small layer's own op sequence, once per device type per process.
+from a small layer's own op sequence, once per device type per process. Between the large ops of
+a real layer the same per-op path runs with colder caches: `cold_dispatch` measures by how much.
 """
 
 from __future__ import annotations
@@ -228,9 +229,9 @@ def cold_dispatch(device_type: str = "cpu", repeats: int = 301) -> ColdDispatch:
     """`ColdDispatch` measured on this device: the median time of one tiny op with autograd
     recording (what every op of a recompute pays besides its kernel) right after an untimed write
     of each of `COLD_BYTES`, over its median time right after the same op; the sizes in turn in
-    every round (timed in blocks, the factors moved by a third between runs on a loaded machine). Only a CPU
-    runs the dispatch on the core the kernels evict; on a GPU the host's caches stay the host's:
-    factor 1 there, and when calibration is off (``REMAT_KIT_CALIBRATE=0``)."""
+    every round (timed in blocks, the factors moved by a third between runs on a loaded machine).
+    Only a CPU runs the dispatch on the core the kernels evict; on a GPU the host's caches stay
+    the host's: factor 1 there, and when calibration is off (``REMAT_KIT_CALIBRATE=0``)."""
     if calibration_off(device_type) or device_type != "cpu":
         return ColdDispatch()
     _, clock, _ = calibration_clock(device_type)
@@ -249,7 +250,7 @@ def cold_dispatch(device_type: str = "cpu", repeats: int = 301) -> ColdDispatch:
         for b in sizes:
             if b:
                 scratch[:b].fill_(1)
-            else:  # warm: right after the same op a few times (the last round's writes evicted it too)
+            else:  # warm: right after the same op a few times (the last round's writes evicted it)
                 for _ in range(3):
                     tiny.mul(1.0)
             start = clock()
