@@ -27,9 +27,10 @@ warning naming the layer (the call being traced recomputes every op of the regio
 budget, exact). A region over several layers (a plan segment, below per-layer checkpointing)
 is entered and left in separate layer calls and stays on the eager path (_replay.SegmentRun).
 
-The budget still bounds what the eager step would hold (the plan is made from the eager
-profile); under compile the saved bytes are measured against compiled no remat in
-reports/torch/compile.md.
+The plan is made from the eager profile. The frames holding planned regions compile under
+`region_settings`, which keep each region's recompute to itself, so the compiled step holds what
+the plan holds; its activation peak is read from Inductor's generated code in
+tests/test_torch_compile.py and reports/torch/compile.md (benchmarks/inductor_memory.py).
 """
 
 from __future__ import annotations
@@ -269,30 +270,36 @@ class _Entered:
                 self.after()
 
 
-_CSE_BEFORE: list[bool] = []  # functorch's `cse` setting before a compile tracing a region turned it off
+@contextlib.contextmanager
+def region_settings() -> Any:
+    """The settings a compile of frames holding planned regions runs under, put back on exit.
 
+    Each region's recompute is kept to itself. AOTAutograd's common-subexpression pass merged
+    equal ops of different regions (the same mask or zeros built in every layer) into the first
+    region's node, which `cleanup_recompute_tags` then saves because later regions read it. And
+    Inductor fuses kernels that only share a read (horizontal fusion): two layers' recomputes that
+    read one tensor (that merged constant, or the rotary cos/sin HF's Llama computes once for all
+    layers) ran as one kernel, so both layers' recomputed activations were live at once. Either way
+    the compiled step held more than the plan (tests/test_torch_compile.py). So these compiles
+    partition without CSE and fuse only kernels where one reads what the other writes; the backward
+    is lowered in the same compile (not at the first backward, when these settings are gone).
+    Gradients are unchanged: none of them changes what is computed."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
-def _restore_cse(_args: Any = None) -> None:
-    if _CSE_BEFORE:
-        torch._functorch.config.cse = _CSE_BEFORE.pop()
-        _CSE_BEFORE.clear()
-
-
-def _no_cse_this_compile() -> None:
-    """AOTAutograd's partitioner runs without its common-subexpression pass in a compile that
-    traces a checkpoint region. The pass merges equal ops of different regions (the same mask or
-    zeros built in every layer) into the first region's node, which `cleanup_recompute_tags` then
-    saves because later regions read it; Inductor fuses each layer's backward with the previous
-    layer's recompute through that shared input, so two layers' recomputed activations are live at
-    once and the compiled step holds more than the plan (tests/test_torch_compile.py). The setting
-    is read when the joint graph is partitioned, after the regions are traced in the same compile,
-    and is put back when the compile ends. Gradients are unchanged: the pass only deduplicates."""
-    if _CSE_BEFORE:
-        return
-    _CSE_BEFORE.append(bool(torch._functorch.config.cse))
-    torch._functorch.config.cse = False
-    if _restore_cse not in torch._dynamo.callback_handler.end_callbacks:
-        torch._dynamo.callback_handler.register_end_callback(_restore_cse)
+    settings = (
+        (functorch_config, "cse", False),
+        (functorch_config, "force_non_lazy_backward_lowering", True),
+        (inductor_config, "score_fusion_memory_threshold", 2**62),
+    )
+    before = [(config, name, getattr(config, name)) for config, name, _ in settings]
+    for config, name, value in settings:
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for config, name, value in before:
+            setattr(config, name, value)
 
 
 def _contexts(region: Any) -> Any:
@@ -304,7 +311,6 @@ def _contexts(region: Any) -> Any:
 
         state, rng = _State(region), _RngStates()
         return _Entered(rng.stash, _ForwardMode(state)), _Entered(rng.replay, _ReplayMode(state))
-    _no_cse_this_compile()
     policy = policy_for(region)
     policy.begin_trace()
     if kind == "record" and policy.first is None:
@@ -316,7 +322,6 @@ def _plain_contexts() -> Any:
     """A plain region's contexts: none when compiled; run on real tensors (backend="eager"), the
     generator states its forward started from, set again for its recompute (see _RngStates)."""
     if _trace_kind() != "eager":  # torch.compile takes dispatch modes only: SAC recomputing every op
-        _no_cse_this_compile()
         return create_selective_checkpoint_contexts(lambda *args, **kwargs: RECOMPUTE)
     rng = _RngStates()
     return _Entered(rng.stash, contextlib.nullcontext()), _Entered(rng.replay, contextlib.nullcontext())

@@ -9,6 +9,7 @@ the original forward runs untouched. The JAX counterpart is `_jax/_run.py`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
+from remat_kit._torch._compiled import region_settings
 from remat_kit._torch._modes import Region
 from remat_kit._torch._plan import Entry, compile_plan, signature
 from remat_kit._torch._replay import OpSequenceError, SegmentRun, kept_layer_checks, run_checked, run_region
@@ -205,7 +207,8 @@ class _RootForward:
         # again, from the same RNG state so that dropout draws what it would have drawn.
         while True:
             try:
-                return self._run(compiled, args, kwargs)
+                with region_settings() if compiling else contextlib.nullcontext():
+                    return self._run(compiled, args, kwargs)
             except OpSequenceError:
                 state.plans.pop(key, None)
                 state.unchecked.pop(id(compiled), None)
