@@ -267,12 +267,17 @@ def checkpoint_region_cost(
     trained through the plan's own region runner (`_replay.run_region`: checkpoint with its RNG
     state, the runner's Python and dynamo guard) minus without.
 
-    The frame is timed on a region of one op (the recompute's start and early stop, the runner); the per-op part on regions of one and of two tiny transformer blocks
-    (`_Block`: module calls, attention, dropout, what a layer's recompute runs besides its ops),
-    net of that frame. (Both parts fitted from the two blocks alone moved by 10x between runs on
-    a loaded machine, although their sum for a layer did not; a plan choosing one region over two
-    layers or two regions weighs the frame alone.) On a small model a region's frame is a layer's
-    worth of time (issue 12: sqrt(n)'s few regions stepped faster than `auto`'s many).
+    The frame is timed on a region of one op (the recompute's start and early stop, the runner),
+    each call right after a training step of a tiny transformer block, as a plan's regions run:
+    between two calls of a region's frame a step runs a layer's forward or backward, which evicts
+    checkpoint's Python and the dispatcher's state from the caches. Timed back to back it read
+    a fraction of what it costs in a step, and a plan of one region per layer was chosen over one
+    region over two layers that steps faster (reports/torch/tiny_peers.md). The per-op part on
+    regions of one and of two tiny transformer blocks (`_Block`: module calls, attention, dropout,
+    what a layer's recompute runs besides its ops), net of the frame timed as they were (back to
+    back). (Both parts fitted from the two blocks alone moved by 10x between runs on a loaded
+    machine, although their sum for a layer did not.) On a small model a region's frame is a
+    layer's worth of time (issue 12: sqrt(n)'s few regions stepped faster than `auto`'s many).
 
     Nothing when calibration is off (``REMAT_KIT_CALIBRATE=0``)."""
 
@@ -282,16 +287,22 @@ def checkpoint_region_cost(
     x = torch.linspace(-1, 1, 4 * 16, device=device).reshape(1, 4, 16).requires_grad_()
     plain = Region("calibration", "calibration", (), plain=True)  # run as a plan's plain region is
 
-    def extra(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
-        """Least time of a training step of `fn` with checkpoint minus without, timed in turn."""
+    def extra(fn: Callable[[torch.Tensor], torch.Tensor], between: Callable[[], Any] | None = None) -> float:
+        """Least time of a training step of `fn` with checkpoint minus without, timed in turn;
+        `between`, untimed, before each step."""
         with_ckpt, without = [], []
         for _ in range(repeats + 1):  # the first one warms up
             for out, call in ((with_ckpt, lambda: run_region(plain, fn, (x,), {})), (without, lambda: fn(x))):
-                start = clock()
+                spent = 0.0
                 for _ in range(inner):
+                    if between is not None:
+                        between()
+                        sync()
+                    start = clock()
                     call().sum().backward()
-                sync()
-                out.append((clock() - start) / inner)
+                    sync()
+                    spent += clock() - start
+                out.append(spent / inner)
         return min(with_ckpt[1:]) - min(without[1:])  # the least disturbed by other processes
 
     def num_ops(fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
@@ -304,9 +315,11 @@ def checkpoint_region_cost(
     # is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         blocks = torch.nn.Sequential(*(_Block(16, 2, device) for _ in range(2)))
-        frame = max(0.0, extra(torch.tanh) - op_overhead)
+        layer_input = torch.linspace(-1, 1, 4 * 4 * 16, device=device).reshape(4, 4, 16).requires_grad_()
+        frame = max(0.0, extra(torch.tanh, lambda: blocks[0](layer_input).sum().backward()) - op_overhead)
+        warm_frame = max(0.0, extra(torch.tanh) - op_overhead)
         one, two = blocks[:1], blocks
-        spent = extra(one) + extra(two) - 2 * frame
+        spent = extra(one) + extra(two) - 2 * warm_frame
         per_op = max(0.0, spent / (num_ops(one) + num_ops(two)) - op_overhead)
     return RegionCost(frame_seconds=frame, op_seconds=per_op)
 
