@@ -1,6 +1,7 @@
 """remat_kit.resume against plain Orbax and torch.distributed.checkpoint on the same state.
 
-    python -m benchmarks.resume_bench --mib 256 --repeats 3     # reports/resume.json, resume.md's tables
+    python -m benchmarks.resume_bench --repeats 3     # 1 GiB, random values: resume.json, resume.md's tables
+    python -m benchmarks.resume_bench --repeats 3 --values constant --out resume_constant  # its side line
     python -m benchmarks.resume_bench --cells jax2 --baseline /tmp/old_tree --out resume_overhead
 
 A default run rewrites only the generated part of reports/resume.md (between its
@@ -9,8 +10,8 @@ hand-written sections after it stay.
 
 `--baseline TREE` also measures the layer as it is in TREE (an older checkout: `git archive`),
 as "remat_kit@baseline", interleaved with the others in every repeat: before/after figures
-from one run. `--cells` picks cells (jax1, jax2, torch1); `--out NAME` writes reports/NAME.*.
-`--values random` fills the JAX states with normal noise instead of one constant per leaf.
+from one run. `--cells` picks cells (jax1, jax2, torch1, torch2); `--out NAME` writes reports/NAME.*.
+`--values constant` fills every leaf with one constant instead of normal noise.
 `--reduce-pass` adds "reduce" to the JAX cells: one jitted reduction over the state and nothing
 else, the least a check of every saved array on its devices costs (shown in both time columns;
 the layer's fingerprint was that pass until it read CPU arrays with NumPy; on accelerators it is).
@@ -26,7 +27,10 @@ lives in host memory, so "no full extra host copy" means extra RSS well under th
 Cells: JAX single process (remat_kit vs `ocp.CheckpointManager` with `StandardSave`), JAX 2
 processes x 2 CPU devices with the state sharded over the 4-device mesh (same two), torch
 single process (remat_kit with `async_save=False` vs `torch.distributed.checkpoint.save/load`
-of the state dict, both synchronous).
+of the state dict, both synchronous), torch 2 processes on gloo with FSDP2 (`fully_shard` per
+layer; the DTensor state dict from `get_model_state_dict` saved by every rank and restored
+through `set_model_state_dict`, by the layer or by plain `dcp.save` / `dcp.load`). Every cell
+checks after the timed part that the restored state equals the saved one.
 """
 
 from __future__ import annotations
@@ -149,11 +153,50 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
     }
 
 
+def _timed(save, restore) -> dict:
+    """Warm-up save and restore of step 0, then step 1 timed (wall, CPU) with the peak RSS reset."""
+    save(0)  # warm-up: first-call set-up is not what a training run pays per save
+    restore(0)
+    before = _rss("VmRSS")
+    _reset_peak()
+    _barrier()
+    start, cpu = time.perf_counter(), _cpu_s()
+    save(1)
+    save_s, save_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
+    _barrier()
+    start, cpu = time.perf_counter(), _cpu_s()
+    restore(1)
+    restore_s, restore_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
+    return {
+        "save_s": save_s,
+        "restore_s": restore_s,
+        "save_cpu_s": save_cpu_s,
+        "restore_cpu_s": restore_cpu_s,
+        "extra_rss_bytes": _rss("VmHWM") - before,
+    }
+
+
+def _barrier() -> None:
+    # Both ranks start each timed phase together, so a rank's time is not the other's start-up.
+    dist = sys.modules.get("torch.distributed")  # never imported by a JAX worker for this
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _torch_values(numel: int, i: int, generator):  # -> torch.Tensor (torch imported lazily)
+    import torch
+
+    if os.environ.get("RESUME_BENCH_VALUES") == "random":
+        return torch.randn(numel, generator=generator)
+    return torch.full((numel,), float(i))
+
+
 def _torch_cell(impl: str, directory: Path, mib: int) -> dict:
     import torch
 
     numel = mib * 2**20 // 4 // NUM_LEAVES
-    state = {f"w{i}": torch.full((numel,), float(i)) for i in range(NUM_LEAVES)}
+    generator = torch.Generator().manual_seed(0)
+    state = {f"w{i}": _torch_values(numel, i, generator) for i in range(NUM_LEAVES)}
     template = {k: torch.empty_like(v) for k, v in state.items()}
     if impl == "remat_kit":
         from remat_kit import resume
@@ -175,33 +218,92 @@ def _torch_cell(impl: str, directory: Path, mib: int) -> dict:
         def restore(step):
             dcp.load(template, checkpoint_id=str(directory / str(step)))
 
-    save(0)  # warm-up, as for JAX
-    restore(0)
-    before = _rss("VmRSS")
-    _reset_peak()
-    start, cpu = time.perf_counter(), _cpu_s()
-    save(1)
-    save_s, save_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
-    start, cpu = time.perf_counter(), _cpu_s()
-    restore(1)
-    restore_s, restore_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
-    return {
-        "save_s": save_s,
-        "restore_s": restore_s,
-        "save_cpu_s": save_cpu_s,
-        "restore_cpu_s": restore_cpu_s,
-        "extra_rss_bytes": _rss("VmHWM") - before,
-        "state_bytes": sum(v.nbytes for v in state.values()),
-    }
+    result = _timed(save, restore)
+    _check_equal(template, state)
+    return {**result, "state_bytes": sum(v.nbytes for v in state.values())}
+
+
+def _check_equal(got: dict, want: dict) -> None:
+    """The restored state is the saved one (outside the timed part): a fast wrong restore is no figure."""
+    import torch
+
+    for key, value in want.items():
+        a, b = got[key], value
+        if hasattr(b, "full_tensor"):  # DTensor: this rank's shard
+            a, b = a.to_local(), b.to_local()
+        if not torch.equal(a, b):
+            raise RuntimeError(f"restored {key} differs from the saved one")
+
+
+def _fsdp_model(numel: int):
+    """NUM_LEAVES bias-free linear layers of `numel` weights each, every layer `fully_shard`ed over the ranks."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(1024, numel // 1024, bias=False) for _ in range(NUM_LEAVES)))
+    with torch.no_grad():
+        for i, layer in enumerate(model):
+            layer.weight.copy_(_torch_values(numel, i, generator).view_as(layer.weight))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _torch_fsdp_cell(impl: str, directory: Path, mib: int) -> dict:
+    """FSDP2 on gloo: the model's sharded state dict (DTensors, from get_model_state_dict) saved by every
+    rank and restored through set_model_state_dict, by the layer or by plain dcp.save / dcp.load."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    numel = mib * 2**20 // 4 // NUM_LEAVES
+    model = _fsdp_model(numel)
+    saved = {k: v.detach().clone() for k, v in get_model_state_dict(model).items()}  # DTensors, this rank's shard
+    if impl == "remat_kit":
+        from remat_kit import resume
+
+        saver = resume.Resumable(directory, async_save=False)
+
+        def save(step):
+            saver.save(step, {"model": get_model_state_dict(model)})
+
+        def restore(step):
+            restored = saver.restore(step, {"model": get_model_state_dict(model)})
+            set_model_state_dict(model, restored["model"])
+    else:
+
+        def save(step):
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(directory / str(step)))
+
+        def restore(step):
+            template = {"model": get_model_state_dict(model)}
+            dcp.load(template, checkpoint_id=str(directory / str(step)))
+            set_model_state_dict(model, template["model"])
+
+    result = _timed(save, restore)
+    _check_equal(get_model_state_dict(model), saved)
+    return {**result, "state_bytes": 4 * numel * NUM_LEAVES}  # the whole model, not this rank's shard
 
 
 def _worker(argv: list[str]) -> None:
     framework, impl, directory, mib = argv[0], argv[1], Path(argv[2]), int(argv[3])
-    if len(argv) > 4:  # multi-process JAX: process id, count, port
+    distributed = len(argv) > 4  # process id, count, port
+    if distributed and framework == "jax":
         import jax
 
         jax.distributed.initialize(f"localhost:{argv[6]}", num_processes=int(argv[5]), process_id=int(argv[4]))
-    result = (_jax_cell if framework == "jax" else _torch_cell)(impl, directory, mib)
+    if distributed and framework == "torch":
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://localhost:{argv[6]}", rank=int(argv[4]), world_size=int(argv[5])
+        )
+    cell = {"jax": _jax_cell, "torch": _torch_fsdp_cell if distributed else _torch_cell}[framework]
+    result = cell(impl, directory, mib)
+    if distributed and framework == "torch":
+        dist.barrier()  # both ranks past their last collective before either tears gloo down
+        dist.destroy_process_group()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -211,7 +313,7 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT, values: str = "constant") -> dict:
+def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT, values: str = "random") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         devices = 4 // processes if framework == "jax" else 1
         env = {
@@ -244,8 +346,13 @@ def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT
     }
 
 
-CELLS = [("jax", 1, ["orbax", "remat_kit"]), ("jax", 2, ["orbax", "remat_kit"]), ("torch", 1, ["dcp", "remat_kit"])]
-CELL_NAMES = {"jax1": 0, "jax2": 1, "torch1": 2}
+CELLS = [
+    ("jax", 1, ["orbax", "remat_kit"]),
+    ("jax", 2, ["orbax", "remat_kit"]),
+    ("torch", 1, ["dcp", "remat_kit"]),
+    ("torch", 2, ["dcp", "remat_kit"]),  # FSDP2, sharded DTensor state
+]
+CELL_NAMES = {"jax1": 0, "jax2": 1, "torch1": 2, "torch2": 3}
 
 
 def main() -> None:
@@ -253,7 +360,7 @@ def main() -> None:
         _worker(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cells", nargs="+", choices=sorted(CELL_NAMES), default=sorted(CELL_NAMES))
     parser.add_argument("--baseline", type=Path, help="a tree whose remat_kit is measured too, as 'before'")
@@ -261,22 +368,26 @@ def main() -> None:
     parser.add_argument(
         "--values",
         choices=["constant", "random"],
-        default="constant",
-        help="JAX cells: each leaf one constant (Orbax's zstd compresses it almost for free) or normal noise",
+        default="random",
+        help="normal noise (incompressible, as trained weights are) or one constant per leaf (Orbax's zstd "
+        "compresses it almost for free, so fixed per-save costs dominate)",
     )
     parser.add_argument(
         "--reduce-pass", action="store_true", help="JAX cells: also time one jitted pass over the state"
     )
     args = parser.parse_args()
+    # Imported here, not at the top: a worker runs with a --baseline tree's `benchmarks` first on its path.
+    from benchmarks._resume_report import splice_generated, summary, write_comparison
+
     if args.baseline is not None and not (args.baseline / "remat_kit" / "resume").is_dir():
         raise SystemExit(f"--baseline {args.baseline}: no remat_kit/resume/ in it; pass an older checkout")
     cells = [CELLS[CELL_NAMES[name]] for name in sorted(set(args.cells), key=CELL_NAMES.get)]
-    default = args.values == "constant" and not args.reduce_pass and len(cells) == len(CELLS) and not args.baseline
+    default = args.values == "random" and not args.reduce_pass and len(cells) == len(CELLS) and not args.baseline
     if args.out == "resume" and not default:
         # Its table would replace reports/resume.md (and resume.json) with a partial comparison.
         raise SystemExit(
-            "--out resume is the default run's report (all cells, constant values, no --baseline or "
-            "--reduce-pass); pass --out NAME for this run, e.g. --out resume_overhead"
+            "--out resume is the default run's report (all cells, random values, no --baseline or "
+            "--reduce-pass); pass --out NAME for this run, e.g. --out resume_constant"
         )
     raw: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
@@ -297,102 +408,9 @@ def main() -> None:
         json.dumps({"command": command, "medians": medians, "raw": raw}, indent=1)
     )
     if args.out == "resume":
-        splice_generated(ROOT / "reports" / "resume.md", _summary(command, medians, args.mib))
+        splice_generated(ROOT / "reports" / "resume.md", summary(command, medians, args.mib, CELLS))
     else:
-        _write_comparison(args.out, command, medians, cells, args.mib)
-
-
-def _write_comparison(out: str, command: str, medians: dict, cells: list, mib: int) -> None:
-    lines = [
-        f"# remat_kit.resume against the plain library, {mib} MiB state",
-        "",
-        f"Command: `{command}` (CPU only; medians over repeats, one fresh process per run, all",
-        "implementations interleaved in every repeat; ratios are to the plain library's median).",
-        "",
-        "CPU columns: user + system seconds of the save or restore, every thread, summed over the job's",
-        "processes; on a machine shared with other jobs they move less with the load than wall time.",
-        "",
-        "| cell | implementation | save (s) | save / plain | restore (s) | restore / plain | save CPU (s) "
-        "| save CPU / plain | restore CPU (s) | restore CPU / plain | extra RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for framework, processes, (plain, *_) in cells:
-        base = medians[f"{framework} x{processes} {plain}"]
-        for key, row in medians.items():
-            if key.startswith(f"{framework} x{processes} "):
-                times = " | ".join(
-                    f"{row[m]:.3f} | {row[m] / base[m]:.2f}"
-                    for m in ("save_s", "restore_s", "save_cpu_s", "restore_cpu_s")
-                )
-                lines.append(
-                    f"| {framework}, {processes} process(es) | {key.split(' ', 2)[2]} | {times} | "
-                    f"{row['extra_rss_bytes'] / 2**20:.0f} |"
-                )
-    (ROOT / "reports" / f"{out}.md").write_text("\n".join(lines) + "\n")
-
-
-GENERATED_BEGIN = "<!-- generated by benchmarks/resume_bench.py: begin -->"
-GENERATED_END = "<!-- generated by benchmarks/resume_bench.py: end -->"
-
-
-def splice_generated(path: Path, generated: str) -> None:
-    """Writes `generated` between the two GENERATED markers of `path`, keeping everything else
-    (the hand-written sections); without markers it goes first and the old text follows."""
-    text = path.read_text() if path.exists() else ""
-    block = f"{GENERATED_BEGIN}\n{generated}{GENERATED_END}\n"
-    begin, end = text.find(GENERATED_BEGIN), text.find(GENERATED_END)
-    if 0 <= begin < end:
-        text = text[:begin] + block + text[end + len(GENERATED_END) :].removeprefix("\n")
-    else:
-        text = block + ("\n" + text if text else "")
-    path.write_text(text)
-
-
-def _summary(command: str, medians: dict, mib: int) -> str:
-    lines = [
-        f"# remat_kit.resume vs plain Orbax / torch.distributed.checkpoint ({mib} MiB state)",
-        "",
-        f"Command: `{command}` (CPU only, 2 shared cores; medians over repeats, one fresh process per",
-        "run, implementations interleaved). Times are ratios to the plain library measured in the same",
-        "repeats; extra RSS is the peak host memory above the RSS before the save, summed over processes.",
-        "",
-        "| cell | save / plain | restore / plain | extra RSS (MiB) | plain extra RSS (MiB) | state (MiB) |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for framework, processes, (plain, ours) in CELLS:
-        a, b = medians[f"{framework} x{processes} {plain}"], medians[f"{framework} x{processes} {ours}"]
-        lines.append(
-            f"| {framework}, {processes} process(es), vs {plain} | {b['save_s'] / a['save_s']:.2f} | "
-            f"{b['restore_s'] / a['restore_s']:.2f} | {b['extra_rss_bytes'] / 2**20:.0f} | "
-            f"{a['extra_rss_bytes'] / 2**20:.0f} | {a['state_bytes'] / 2**20:.0f} |"
-        )
-    lines += ["", "Raw medians (seconds, bytes) are in `reports/resume.json`."]
-    faults = ROOT / "reports" / "resume_faults.json"
-    if faults.exists():  # written by benchmarks/resume_faults.py
-        data = json.loads(faults.read_text())
-        lines += [
-            "",
-            "## kill -9 of one rank during saves",
-            "",
-            f"Command: `{data['command']}` (2 ranks, a save after every step, one rank SIGKILLed at a "
-            "random moment, then the other; resumed from a fresh job to the end).",
-            "",
-            "| framework | trials | torn save seen after the kill | resumed without error | "
-            "final parameters bit-identical to an uninterrupted run |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for framework, row in data["summary"].items():
-            lines.append(
-                f"| {framework} | {row['trials']} | {row['torn_seen']} | {row['resumed_cleanly']} | "
-                f"{row['bit_identical']} |"
-            )
-        lines += [
-            "",
-            "A torn save is an Orbax temporary step directory or staged rank files: listed as "
-            "`incomplete`, never restored, removed with a warning by the next `Resumable`. The other "
-            "trials were killed between two saves or after a commit.",
-        ]
-    return "\n".join(lines) + "\n"
+        write_comparison(ROOT / "reports" / f"{args.out}.md", command, medians, cells, args.mib)
 
 
 if __name__ == "__main__":
