@@ -4,11 +4,12 @@ A `TorchDispatchMode` cannot see inside a compiled graph, and the process's resi
 step with everything else the process holds (compile_bench reports it beside this figure). The
 generated `call` of each compiled graph says exactly what it allocates and when it lets go:
 `bufN = empty_strided_cpu(shape, stride, dtype)` allocates, `bufM = bufN; del bufN  # reuse` and
-`reinterpret_tensor(bufN, ...)` alias a storage, `del x` drops a name, and `assert_size_stride`
-gives the size of each tensor the graph takes in (the activations the forward saved, for a
-backward). So the live bytes after each line, less parameters and inputs (`primals_*`), incoming
-gradients (`tangents_*`) and the parameter gradients the graph returns, are the graph's activation
-memory over time, as the budget counts it (DESIGN.md), independent of remat_kit's cost model: the
+`reinterpret_tensor(bufN, ...)` alias a storage, `del x` drops a name, and every tensor the graph
+takes in (`a, b, c = args`: for a backward, the activations the forward saved) is live from the
+start until deleted, sized by the module's own benchmark harness (`rand_strided(shape, stride,
+dtype)`). So the live bytes after each line, less parameters and inputs (`primals_*`), incoming
+gradients (`tangents_*`) and the parameter gradients a backward returns, are the graph's
+activation memory over time, as the budget counts it (DESIGN.md), independent of remat_kit's cost model: the
 analogue of XLA's `memory_analysis()` on the JAX side.
 
 A fallback kernel (`bufN = torch.ops.aten.cumsum.default(...)`, SDPA on CPU) returns fresh tensors
@@ -37,6 +38,7 @@ _DTYPE = re.compile(r"dtype=torch\.(\w+)")
 _RAND = re.compile(r"\s+(\w+) = rand_strided\(\((.*?)\), \((.*?)\),.*dtype=torch\.(\w+)")
 _SYMBOL = re.compile(r"\s+\w+ = (\w+\.(size|stride)\(\)|\w+_(size|stride)\[\d+\])\s*$")  # a dynamic size bound
 _DEL = re.compile(r"\bdel (\w+)")
+_UNPACK = re.compile(r"\s+([\w, ]+?),?\s*=\s*args\s*$")
 _RETURN = re.compile(r"\s+return \((.*)\)")
 
 
@@ -140,13 +142,27 @@ def _read_line(ln: str, live: _Live, inputs: dict[str, tuple[str, str, str]]) ->
 def call_peak(lines: list[str], inputs: dict[str, tuple[str, str, str]] | None = None) -> GraphPeak:
     """The activation peak of one generated `call(args)` body (`lines`, from `def call` to its
     `return`); `inputs`: the graph inputs' (shape, stride, dtype) as the module's harness makes
-    them (where not given: the asserted shape, float32)."""
-    inputs = inputs or {}
+    them (where not given: the shape the body asserts, float32). Every input is live from the
+    start (the code asserts an input's size only where it first reads it) until it is deleted."""
+    inputs = dict(inputs or {})
+    names: list[str] = []
     returned: set[str] = set()
     for ln in lines:
-        if m := _RETURN.match(ln):
+        if (m := _UNPACK.match(ln)) and not names:
+            names = [n.strip() for n in m.group(1).split(",") if n.strip()]
+        elif (m := _INPUT.match(ln)) and m.group(1) not in inputs:
+            inputs[m.group(1)] = (m.group(2), m.group(3), "float32")
+        elif m := _RETURN.match(ln):
             returned = set(re.findall(r"\b(buf\d+)\b", m.group(1)))
+    if not any(n.startswith("tangents_") for n in names):
+        returned = set()  # a forward: what it returns is the activations it saves, and its output
     live, peak, at = _Live(), 0, ""
+    for name in names:
+        if not name.startswith(_SKIP):
+            if name not in inputs:
+                raise UnreadableCode(f"the size of graph input `{name}` is neither asserted nor in the harness")
+            shape, stride, dtype = inputs[name]
+            live.new(name, _nbytes(_ints(shape), _ints(stride), _itemsize(dtype)))
     for ln in lines:
         _read_line(ln, live, inputs)
         for name in _DEL.findall(ln):
