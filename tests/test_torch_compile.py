@@ -384,7 +384,7 @@ def test_inductor_code_peak_reads_allocations_aliases_and_gradients():
     # saved (128) + buf0 (128) live together; buf2 is a returned gradient; buf3 too.
     assert inductor_memory.call_peak(body).peak_bytes == 256
     with pytest.raises(inductor_memory.UnreadableCode, match="fallback"):
-        inductor_memory.call_peak([*body[:5], "        buf9 = torch.ops.aten.fallback.default(saved)", body[-1]])
+        inductor_memory.call_peak([*body[:6], "        buf9 = torch.ops.aten.fallback.default(saved)", body[-1]])
 
 
 def _llama_at_seq64():
