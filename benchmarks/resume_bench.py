@@ -99,9 +99,7 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
         reduce = jax.jit(lambda x: jnp.sum(jax.lax.bitcast_convert_type(x, jnp.uint32), dtype=jnp.uint32))
         for leaf in state.values():
             jax.block_until_ready(reduce(leaf))
-        start, cpu = time.perf_counter(), _cpu_s()
-        jax.block_until_ready([reduce(leaf) for leaf in state.values()])
-        pass_s, pass_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
+        pass_s, pass_cpu_s = _clock(lambda: jax.block_until_ready([reduce(leaf) for leaf in state.values()]))
         return {
             "save_s": pass_s,
             "restore_s": pass_s,
@@ -131,26 +129,16 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
         def restore(step):
             return saver.restore(step, args=ocp.args.StandardRestore(abstract))
 
-    save(0)  # warm-up: first-call tracing and compiling are not what a training run pays per save
-    jax.block_until_ready(restore(0))
-    before = _rss("VmRSS")
-    _reset_peak()
-    start, cpu = time.perf_counter(), _cpu_s()
-    save(1)
-    save_s, save_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
-    start, cpu = time.perf_counter(), _cpu_s()
-    restored = restore(1)
-    jax.block_until_ready(restored)
-    restore_s, restore_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
+    cell = _timed(save, lambda step: jax.block_until_ready(restore(step)))
     saver.close()
-    return {
-        "save_s": save_s,
-        "restore_s": restore_s,
-        "save_cpu_s": save_cpu_s,
-        "restore_cpu_s": restore_cpu_s,
-        "extra_rss_bytes": _rss("VmHWM") - before,
-        "state_bytes": sum(v.nbytes for v in state.values()),
-    }
+    return {**cell, "state_bytes": sum(v.nbytes for v in state.values())}
+
+
+def _clock(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) that `fn()` took."""
+    start, cpu = time.perf_counter(), _cpu_s()
+    fn()
+    return time.perf_counter() - start, _cpu_s() - cpu
 
 
 def _timed(save, restore) -> dict:
@@ -160,13 +148,9 @@ def _timed(save, restore) -> dict:
     before = _rss("VmRSS")
     _reset_peak()
     _barrier()
-    start, cpu = time.perf_counter(), _cpu_s()
-    save(1)
-    save_s, save_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
+    save_s, save_cpu_s = _clock(lambda: save(1))
     _barrier()
-    start, cpu = time.perf_counter(), _cpu_s()
-    restore(1)
-    restore_s, restore_cpu_s = time.perf_counter() - start, _cpu_s() - cpu
+    restore_s, restore_cpu_s = _clock(lambda: restore(1))
     return {
         "save_s": save_s,
         "restore_s": restore_s,
