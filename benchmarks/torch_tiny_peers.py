@@ -5,8 +5,9 @@ case where `auto`'s plan must count what running a plan costs, not only what it 
 For each model (`benchmarks.models.torch_zoo`, size tiny) and strategy: activation memory of one
 step (the live-storage tracker, `remat_kit.measure.torch_step`) as a fraction of no remat, the
 gradients' largest relative difference from no remat, and the step's process CPU time as a ratio
-to no remat's: every strategy steps in turn, round-robin (`--steps` rounds after `--warmup`),
-ratio of medians, on one thread so that the ratio is not the scheduler's.
+to no remat's: every strategy steps in turn, round-robin in an order rotated by one each round
+(`--steps` rounds after `--warmup`), ratio of medians, on one thread so that the ratio is not the
+scheduler's.
 
     python -m benchmarks.torch_tiny_peers
 
@@ -77,8 +78,12 @@ def measure(name: str, budget: float, steps: int, warmup: int) -> list[dict]:
         for step, _, _ in runs.values():
             step()
     times: dict[str, list[float]] = {s: [] for s in runs}
-    for _ in range(steps):
-        for s, (step, _, _) in runs.items():
+    names = list(runs)
+    for k in range(steps):
+        # The order rotates by one each round, so no strategy always follows the same one (the
+        # one before leaves the caches in its state: a fixed order moved ratios by up to 0.05).
+        for s in names[k % len(names) :] + names[: k % len(names)]:
+            step = runs[s][0]
             t0 = time.process_time()
             step()
             times[s].append(time.process_time() - t0)
