@@ -76,7 +76,7 @@ class _Live:
         self.size: dict[int, int] = {}
         self.names: dict[int, set[str]] = {}
         self.bytes = 0
-        self.tuples: dict[int, bool] = {}  # storage -> it is a fallback kernel's result unpacked by index
+        self.tuples: set[int] = set()  # storages of fallback kernels' results unpacked by index
         self.unsized: dict[int, int] = {}  # storage -> itemsize, for a fallback kernel's output
 
     def new(self, name: str, nbytes: int, unsized_itemsize: int = 0) -> None:
@@ -104,7 +104,7 @@ class _Live:
         if key is not None:
             self.names[key].discard(name)
             if not self.names[key]:
-                if key in self.unsized and not self.tuples.get(key):
+                if key in self.unsized and key not in self.tuples:
                     raise UnreadableCode(f"`{name}`, made by a fallback kernel, is dropped before its size is asserted")
                 self.bytes -= self.size[key]
 
@@ -131,7 +131,7 @@ def _read_line(ln: str, live: _Live, inputs: dict[str, tuple[str, str, str]]) ->
             live.new(m.group(1), 0, _itemsize(dtype.group(1)) if dtype else 4)
     elif (m := _ITEM.match(ln)) and m.group(2) in live.storage:
         parent = live.storage[m.group(2)]
-        live.tuples[parent] = True
+        live.tuples.add(parent)
         live.new(m.group(1), 0, live.unsized.get(parent, 4))
     elif (m := _ALIAS.match(ln)) and m.group(2) in live.storage:
         live.alias(m.group(1), m.group(2))
@@ -170,7 +170,7 @@ def call_peak(lines: list[str], inputs: dict[str, tuple[str, str, str]] | None =
         now = live.bytes - live.held(returned)  # parameter gradients made so far are not activation
         if now > peak:
             peak, at = now, ln.strip()
-    unsized = [n for k in live.unsized if not live.tuples.get(k) for n in live.names[k]]
+    unsized = [n for k in live.unsized if k not in live.tuples for n in live.names[k]]
     if unsized:
         raise UnreadableCode(f"{unsized}, made by a fallback kernel, never have their size asserted")
     return GraphPeak(peak, at)
