@@ -287,11 +287,19 @@ def region_settings() -> Any:
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    with (
-        functorch_config.patch(cse=False, force_non_lazy_backward_lowering=True),
-        inductor_config.patch(score_fusion_memory_threshold=2**62),
-    ):
+    settings = (
+        (functorch_config, "cse", False),
+        (functorch_config, "force_non_lazy_backward_lowering", True),
+        (inductor_config, "score_fusion_memory_threshold", 2**62),
+    )
+    before = [(config, name, getattr(config, name)) for config, name, _ in settings]
+    for config, name, value in settings:
+        setattr(config, name, value)
+    try:
         yield
+    finally:
+        for config, name, value in before:
+            setattr(config, name, value)
 
 
 def _contexts(region: Any) -> Any:
