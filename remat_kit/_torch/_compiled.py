@@ -292,6 +292,8 @@ def region_settings() -> Any:
         (functorch_config, "force_non_lazy_backward_lowering", True),
         (inductor_config, "score_fusion_memory_threshold", 2**62),
     )
+    # Set and put back by hand, not through the configs' `patch`: this wraps every compiled call of
+    # a planned model, compiling or not, and `patch` costs several times as much per call.
     before = [(config, name, getattr(config, name)) for config, name, _ in settings]
     for config, name, value in settings:
         setattr(config, name, value)
