@@ -2,12 +2,12 @@
 from Inductor's generated code (benchmarks/inductor_memory.py), beside the budget in bytes.
 
     python -m benchmarks.compile_budget                          # writes reports/torch/compile_budget.md
-    python -m benchmarks.compile_budget --models hf_llama --budgets 0.3
+    python -m benchmarks.compile_budget --models hf-llama --budgets 0.3
 
 The budget is a fraction of the eager no-remat step's activation peak (remat_kit's live-storage
 tracker, DESIGN.md); `auto` plans from the eager profile, and the compiled step must hold it.
-Models: the benchmark GPT at two shapes and Hugging Face's GPT-2 and Llama at test size, with
-dropout, built from configs (no download). Each cell is a fresh `torch._dynamo.reset()` and
+Models: the benchmark GPT at three shapes, and HF Llama and x-transformers as
+benchmarks/models/outside_torch.py builds them for conformance (test size, dropout on, no download). Each cell is a fresh `torch._dynamo.reset()` and
 Inductor compile (1 thread); memory only, no timing.
 """
 
@@ -24,6 +24,7 @@ import torch
 
 import remat_kit
 from benchmarks import inductor_memory
+from benchmarks.models import outside_torch
 from benchmarks.models.torch_gpt import GPT
 
 Case = tuple[torch.nn.Module, tuple, dict, Callable[[Any], torch.Tensor]]
@@ -36,38 +37,19 @@ def _gpt(layers: int, d: int, seq: int, vocab: int, batch: int) -> Case:
     return model, (idx, torch.roll(idx, -1, 1)), {}, lambda out: out
 
 
-def _hf(name: str) -> Case:
-    import transformers as tf
-
-    tf.logging.set_verbosity_error()
+def _outside(name: str) -> Case:
+    """A model written elsewhere, as benchmarks/models/outside_torch.py builds it for conformance."""
+    case = outside_torch.cases()[name]
     torch.manual_seed(0)
-    shape = dict(vocab_size=64)
-    if name == "gpt2":
-        config = tf.GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1, **shape)
-        model = tf.GPT2LMHeadModel(config)
-    else:
-        config = tf.LlamaConfig(
-            num_hidden_layers=4,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            attention_dropout=0.1,
-            **shape,
-        )
-        model = tf.LlamaForCausalLM(config)
-    model.loss_type = "ForCausalLM"
-    idx = torch.randint(0, 64, (2, 64))
-    return model, (), {"input_ids": idx, "labels": idx}, lambda out: out.loss
+    return case.build(), (), case.kwargs(), case.loss
 
 
 MODELS: dict[str, Callable[[], Case]] = {
     "gpt 4x128 seq 128 batch 4": lambda: _gpt(4, 128, 128, 1024, 4),
     "gpt 4x64 seq 128 batch 2": lambda: _gpt(4, 64, 128, 256, 2),
     "gpt 6x128 seq 256 batch 2": lambda: _gpt(6, 128, 256, 256, 2),
-    "hf_gpt2": lambda: _hf("gpt2"),
-    "hf_llama": lambda: _hf("llama"),
+    "hf-llama": lambda: _outside("hf-llama"),
+    "x-transformers": lambda: _outside("x-transformers"),
 }
 
 
