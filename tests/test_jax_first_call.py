@@ -198,7 +198,7 @@ def test_cache_off_writes_nothing(cache, monkeypatch):
 
 
 def test_key_names_what_the_verdict_depends_on(cache):
-    """Budget, shapes and options change the key; the same program traced again does not."""
+    """Budget, shapes, options and `jax_remat3` change the key; the same program traced again does not."""
     from remat_kit._jax._api import planner_of
 
     loss, params, x = _model()
@@ -213,6 +213,13 @@ def test_key_names_what_the_verdict_depends_on(cache):
     assert key(x, budget="0.6") != base
     assert key(x[: BATCH // 2], budget="0.5") != base
     assert key(x, budget="0.5", offload=True) != base
+    before = jax.config.jax_remat3  # another checkpoint implementation compiles other memory
+    try:
+        jax.config.update("jax_remat3", not before)
+        assert key(x, budget="0.5") != base
+    finally:
+        jax.config.update("jax_remat3", before)
+    assert key(x, budget="0.5") == base
 
 
 def test_no_remat_compiles_beside_the_solve(cache, monkeypatch):

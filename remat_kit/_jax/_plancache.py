@@ -3,10 +3,10 @@ nothing beyond the user's own step.
 
 Verification compiles the step (see `_verify.py`), which on a large model costs as much as the
 training step's own compile; its verdict depends only on the program, its per-device shapes and
-shardings, the budget and options, jax / jaxlib, the device kind and remat_kit's own code. Those
-are the key (a SHA-256 over their text); the value is the verified plan (`Plan.to_json`) or the
-`InfeasibleBudgetError` the budget got, and, keyed without the budget, no remat's compiled figures,
-so a second budget on the same program skips that compile too.
+shardings, the budget and options, jax / jaxlib and its `jax_remat3` setting, the device kind and
+remat_kit's own code. Those are the key (a SHA-256 over their text); the value is the verified plan
+(`Plan.to_json`) or the `InfeasibleBudgetError` the budget got, and, keyed without the budget, no
+remat's compiled figures, so a second budget on the same program skips that compile too.
 
 Where: `plans/` under remat_kit's cache directory (`$REMAT_KIT_CACHE_DIR`, else
 `$XDG_CACHE_HOME/remat_kit`, else `~/.cache/remat_kit`; the device calibration lives there too).
@@ -59,6 +59,7 @@ def program_key(traced: Any, specs: Sequence[Any], **options: Any) -> str | None
     for part in (
         f"schema {SCHEMA}",
         _environment(),
+        transform_flags(),
         traced.graph.fingerprint(),
         _ops_text(traced.fn),
         repr(sorted(options.items())),
@@ -148,6 +149,13 @@ def _write(key: str | None, payload: dict) -> None:
             os.unlink(tmp)  # type: ignore[possibly-undefined]
         except (OSError, NameError):
             pass
+
+
+def transform_flags() -> str:
+    """jax's settings that change what a checkpoint compiles to, read at each call (a process may
+    switch them): `jax_remat3` saves values through another path, whose compiled memory differs
+    (`_run.saved_values_are_pinned`), so a verdict under one says nothing about the other."""
+    return f"jax_remat3={bool(getattr(jax.config, 'jax_remat3', False))}"
 
 
 @functools.lru_cache(maxsize=1)

@@ -49,13 +49,30 @@ def policy_for(saved: Sequence[str], offloaded: Sequence[str]) -> Any:
     return jax.checkpoint_policies.save_only_these_names(*saved)
 
 
+def saved_values_are_pinned() -> bool:
+    """Whether a saved value goes through an `optimization_barrier` before its tag (`_tagger`).
+
+    Why: under `jax_remat3` (`JAX_REMAT3=1`) a value a policy saves is passed on, forward and as
+    the residual, as ``reduce_precision(x)`` (jax-ml/jax#22244; a no-op on its own dtype). XLA:CPU
+    duplicates a unary elementwise op into every consumer freely, so a saved residual-stream
+    ``x = h + f(h)`` is fused into each of its readers and never stored: the step keeps the
+    summands instead, one more buffer per saved value, or every layer's branch output through a
+    chain of them (measured: a 16-layer residual MLP's least-memory plan 0.24 of no remat
+    without it, 0.33 under it; tests/test_jax_segments.py). The barrier stores `x` as one
+    buffer, which is what the plan saves and the cost model counts. Without `jax_remat3`
+    nothing is inserted: what compiles there is unchanged."""
+    return bool(getattr(jax.config, "jax_remat3", False))
+
+
 def _tagger(names_by_out: dict[tuple[int, int], str], decisions: dict[str, Decision]):
+    pin = saved_values_are_pinned()
+
     def after(k: int, outs: list[Any]) -> list[Any]:
         tagged = []
         for j, x in enumerate(outs):
             name = names_by_out.get((k, j))
             if name is not None and decisions.get(name, Decision.SAVE) is not Decision.RECOMPUTE:
-                x = checkpoint_name(x, name)
+                x = checkpoint_name(jax.lax.optimization_barrier(x) if pin else x, name)
             tagged.append(x)
         return tagged
 

@@ -52,7 +52,7 @@ from remat_kit._jax._trace import Lit
 
 __all__ = ["can_verify", "verified"]
 
-_NONE_CACHE: dict = {}  # (layer, graph fingerprint, input specs) -> `none_figures`
+_NONE_CACHE: dict = {}  # (layer, graph fingerprint, input specs, jax flags) -> `none_figures`
 # Cheap code generation for measuring compiles on CPU (see the module doc); elsewhere the default.
 MEMORY_OPTIONS = {"xla_backend_optimization_level": 0}
 
@@ -293,7 +293,12 @@ def none_figures(
 ) -> tuple[int, int]:
     """No remat's measure and the constant bytes beside it: compiled once per program, kept for
     the process and in the on-disk cache (several budgets, or a second run, compile it once)."""
-    key = (layer, traced.graph.fingerprint(), tuple((s.shape, str(s.dtype), s.sharding) for s in specs))
+    key = (
+        layer,
+        traced.graph.fingerprint(),
+        tuple((s.shape, str(s.dtype), s.sharding) for s in specs),
+        _plancache.transform_flags(),  # the traced function's own checkpoints compile differently
+    )
     if key in _NONE_CACHE:
         return _NONE_CACHE[key]
     disk_key = _plancache.program_key(traced, specs, what="none", layer=layer)
