@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
                     predicted_activation_bytes=plan.predicted_activation_bytes,
                     predicted_recompute_flops=plan.predicted_recompute_flops,
                     predicted_recompute_seconds=plan.predicted_recompute_seconds,
+                    predicted_extra_step_seconds=plan.predicted_extra_step_seconds,
                     first_step_seconds=plan_seconds,
                 ),
             )
@@ -456,6 +457,7 @@ def write(result: dict, out: str) -> None:
         ("extra_flops", "gflop"),
         ("predicted_recompute_flops", "gflop"),
         ("predicted_recompute_seconds", "ms"),
+        ("predicted_extra_step_seconds", "ms"),
         ("grad_rel_err", "err"),
         ("time_ratio", "frac"),
         ("cpu_ratio", "frac"),
@@ -473,7 +475,9 @@ def write(result: dict, out: str) -> None:
         f"time_ratio / cpu_ratio: median wall / process-CPU time of {result['config']['repeats']} steps, "
         "each step taken right after a step of no remat in the same process, over those no-remat steps' "
         "median (`interleaved_ratios`); CPU time is the steadier figure on a shared machine. "
-        "predicted_recompute_seconds: the plan's predicted recompute time on the calibrated device. "
+        "predicted_recompute_seconds: the plan's predicted recompute time on the calibrated device; "
+        "predicted_extra_step_seconds: that and the replay modes' forward, the step time over no remat the "
+        "plan is predicted to add (reports/step_time_model.md). "
         "plan_solver `whole layers`: auto chose layers kept or recomputed whole (plain checkpoint, no "
         "dispatch mode) over the solver's selective plan, predicted faster once the replay modes' per-op "
         "cost is counted (remat_kit/_torch/_layerplan.py).",

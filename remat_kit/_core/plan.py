@@ -56,6 +56,9 @@ class Plan:
     baseline_activation_bytes: int = 0
     predicted_recompute_flops: int = 0
     predicted_recompute_seconds: float = 0.0
+    # The step time over no remat, where an adapter predicts more than the recompute (eager torch:
+    # the replay modes' forward too); 0.0 where nothing predicts it.
+    predicted_extra_step_seconds: float = 0.0
     num_recomputed_ops: int = 0
     budget: str = ""
     solver: str = ""

@@ -118,35 +118,54 @@ def predicted_seconds(
     cold: ColdDispatch = WARM,
 ) -> float:
     """A plan's predicted extra step time as run: its recompute, what plain regions run beyond
-    it, the modes' cost in the others, and each region's own cost."""
-    extra = sum(
-        (plain_extra(r, device)[1] if r.plain else 0.0)
-        + fixed_seconds(r, device, 0.0 if r.plain else region_modes_seconds(r, modes), cost, cold)
-        for r in regions.values()
+    it, the modes' cost in the others (forward and replay), and each region's own cost. A layer
+    kept whole adds nothing: it runs as written, unwrapped (`_run.install_blocks` wraps only the
+    layers of a region). What `by_time` chooses by and `as_run` reports."""
+    return plan.predicted_recompute_seconds + sum(
+        sum(_split(r, device, modes, cost, cold)[1:]) for r in regions.values()
     )
-    return plan.predicted_recompute_seconds + extra
+
+
+def _split(
+    region: Region, device: DeviceSpec, modes: ModeCost, cost: RegionCost, cold: ColdDispatch
+) -> tuple[float, float, float]:
+    """(FLOPs a plain region runs beyond the plan, the region's time in the recompute frame
+    beyond the plan's recompute, its time in the forward) as priced by `predicted_seconds`: the
+    replay mode in the first, the forward mode in the second, both at the region's cold factor
+    (`fixed_seconds`). Checkpoint's own cost (`RegionCost`: its frame, and the pack and unpack
+    hooks of the forward and the backward, timed as a whole step) is counted in the first."""
+    if region.plain:
+        flops, seconds = plain_extra(region, device)
+        return flops, seconds + fixed_seconds(region, device, 0.0, cost, cold), 0.0
+    recompute = fixed_seconds(region, device, modes.replay_of(region), cost, cold)
+    return 0.0, recompute, modes.forward_of(region) * cold.factor(region_bytes(region))
 
 
 def as_run(plan: Plan, regions: dict[str, Region], device: DeviceSpec, device_type: str = "cpu") -> Plan:
-    """`plan` with its recompute FLOPs and time counting what its regions run beyond it: the ops a
-    plain region runs past the plan (so the FLOPs it reports are those FlopCounterMode counts),
-    each region's own cost (checkpoint's frame and hooks, `checkpoint_region_cost`), the ops it
-    runs that own no value (`unvalued_seconds`) and, in a selective region, the replay mode's
-    (`ModeCost.replay_of`), those fixed costs at the cache-cold factor of the region's op sizes
-    (`fixed_seconds`). The time it reports is then the recompute the step pays, not only its
-    ops' (reports/step_time_model.md)."""
+    """`plan` with its predictions counting what its regions run beyond it.
+
+    `predicted_recompute_flops` / `predicted_recompute_seconds`: the ops a plain region runs past
+    the plan (so the FLOPs it reports are those FlopCounterMode counts), each region's own cost
+    (checkpoint's frame and hooks, `checkpoint_region_cost`), the ops it runs that own no value
+    (`unvalued_seconds`) and, in a selective region, the replay mode's (`ModeCost.replay_of`), those
+    fixed costs at the cache-cold factor of the region's op sizes (`fixed_seconds`): the recompute
+    the step pays, not only its ops' (reports/step_time_model.md).
+
+    `predicted_extra_step_seconds`: all of that and what the selective regions' forward pays under
+    `_ForwardMode` (`ModeCost.forward_of`, at the same factor): the step time the plan is predicted
+    to add over no remat, the figure `by_time` chose it by (`predicted_seconds`)."""
     modes, cost = mode_cost(device_type), checkpoint_region_cost(device_type, op_overhead=device.op_overhead_seconds)
     cold = cold_dispatch(device_type)
-    flops = seconds = 0.0
+    flops = recompute = forward = 0.0
     for region in regions.values():
-        seconds += fixed_seconds(region, device, 0.0 if region.plain else modes.replay_of(region), cost, cold)
-        if region.plain:
-            f, t = plain_extra(region, device)
-            flops, seconds = flops + f, seconds + t
+        f, r, fw = _split(region, device, modes, cost, cold)
+        flops, recompute, forward = flops + f, recompute + r, forward + fw
+    seconds = plan.predicted_recompute_seconds + recompute
     return dataclasses.replace(
         plan,
         predicted_recompute_flops=plan.predicted_recompute_flops + int(flops),
-        predicted_recompute_seconds=plan.predicted_recompute_seconds + seconds,
+        predicted_recompute_seconds=seconds,
+        predicted_extra_step_seconds=seconds + forward,
     )
 
 

@@ -55,6 +55,11 @@ class ModeCost:
         )
         return self.frame / 2 + forward + self.replay_of(region)
 
+    def forward_of(self, region: Region) -> float:
+        """The part of `of` spent in the forward: `_ForwardMode`'s entry and exit and every op of
+        the region passed on or kept (what a selective region costs a step besides its recompute)."""
+        return self.of(region) - self.replay_of(region)
+
     def replay_of(self, region: Region) -> float:
         """The part of `of` spent in the recompute: `_ReplayMode`'s entry and exit and its ops up to
         the recompute's early stop."""
