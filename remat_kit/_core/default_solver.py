@@ -36,7 +36,7 @@ WHOLE_GRAPH_SECONDS = 1.0
 # with no repeated layer are ~170,000 (the program's variables are ~0.2x this; milp.MAX_VARIABLES).
 UNREPEATED_WORK = 200_000
 # Building the program also reads every value once per block (the gradient buffers alive in each
-# block's backward, milp._static_grads): blocks x values of 4.3 M (600 distinct blocks of 12) took
+# block's backward, milp_rows._static_grads): blocks x values of 4.3 M (600 distinct blocks of 12) took
 # seconds; the chains of distinct blocks in reports/planning_speed.md are ~0.27 M.
 UNREPEATED_SCAN = 1_000_000
 # The chain DP's answer is refined around its options unless a lower bound on the optimum

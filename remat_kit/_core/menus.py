@@ -15,7 +15,7 @@ from remat_kit._core import chain_dp, frontier, ladder
 from remat_kit._core.constraints import NO_CONSTRAINTS, PlanConstraints
 from remat_kit._core.costs import Costs
 from remat_kit._core.graph import CostGraph
-from remat_kit._core.milp import MilpResult, solve_milp
+from remat_kit._core.milp import MilpResult, Program
 from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE
 
 MILP_MENU_WORK = 1_000  # (free values)² of the unrepeated blocks given op-level menus (op_level_blocks): ~0.3 s
@@ -55,18 +55,23 @@ def block_program(
     sub_rec = [costs.recompute[back[j]] if j in back else 0 for j in range(len(sub))]
     sub_off = [costs.offload[back[j]] if j in back else 0 for j in range(len(sub))]
 
+    built: dict[tuple[bool, bool], Program] = {}  # by (local limit given, cap given): their rows exist
+
     def solve(cap: int | None, local_limit: int | None = None, kept_price: float = 0.0) -> dict[int, int] | None:
-        res = solve_milp(
-            sub,
-            limit=local_limit,
-            rec_cost=sub_rec,
-            off_cost=sub_off if offload else None,
-            blocks=[blk - offset],
-            kept_cap=cap,
-            kept_price=kept_price,
-            backward_bytes=win.earlier_seed_bytes,
-            constraints=constraints,
-        )
+        # Built once per pattern: a search over caps or prices changes only bounds and costs.
+        pattern = (local_limit is not None, cap is not None)
+        if pattern not in built:
+            built[pattern] = Program(
+                sub,
+                rec_cost=sub_rec,
+                off_cost=sub_off if offload else None,
+                blocks=[blk - offset],
+                backward_bytes=win.earlier_seed_bytes,
+                constraints=constraints,
+                limited=pattern[0],
+                capped=pattern[1],
+            )
+        res = built[pattern].solve(local_limit, cap, kept_price)
         if res is None:
             return None
         return {back[j]: c for j, c in enumerate(codes_from_milp(sub, res, constraints)) if back.get(j) in free}
