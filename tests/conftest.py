@@ -4,7 +4,7 @@ Framework test files are collected only when their framework is installed, so th
 the top like any other module (no `pytest.importorskip` ahead of their imports); pytest's header
 says what was left out. `import remat_kit` itself works without either framework, which
 tests/test_import.py checks. Helper modules next to the tests (`jax_helpers`, `torch_helpers`,
-`hf_tiny`, `flax_lm1b`) import by name: pytest puts this directory on sys.path (default `prepend`
+`hf_tiny`) import by name: pytest puts this directory on sys.path (default `prepend`
 import mode); shared fixtures are here (`sweep_run`).
 """
 

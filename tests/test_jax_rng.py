@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax_lm1b import Config, MlpBlock, TransformerLM
 from jax_helpers import rel_err
 
 import remat_kit._jax as rj
+from benchmarks.models.flax_lm1b import Config, MlpBlock, TransformerLM
 from remat_kit._core.plan import Decision
 from remat_kit._core.solve import InfeasibleBudgetError
 

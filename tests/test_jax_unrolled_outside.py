@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax_lm1b import FLAX_LAYER_INITS, Config, TransformerLM
 from jax_helpers import rel_err
 
 import remat_kit as rk
 import remat_kit._jax as rj
+from benchmarks.models.flax_lm1b import FLAX_LAYER_INITS, Config, TransformerLM
 from remat_kit._jax._api import planner_of
 
 

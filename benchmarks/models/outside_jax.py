@@ -1,4 +1,5 @@
-"""JAX models written outside this project (penzai, equinox, haiku), built small with random weights.
+"""JAX models written outside this project (Flax's lm1b example, penzai, equinox, haiku), built small with
+random weights.
 
 Each case gives `loss(params, batch)`: the library's own model called the way its authors document
 it, its trainable parameters as the first argument (what `remat_kit.auto` plans as parameters) and
@@ -209,8 +210,57 @@ def _haiku_resnet() -> JaxModel:
     return JaxModel(loss, params, dict(images=images, state=state), has_aux=True)
 
 
+def _flax_lm1b(scan: bool) -> Callable[[], JaxModel]:
+    def build() -> JaxModel:
+        from benchmarks.models.flax_lm1b import Config, TransformerLM
+
+        config = Config(
+            vocab_size=VOCAB,
+            emb_dim=HIDDEN,
+            num_heads=HEADS,
+            num_layers=LAYERS,
+            qkv_dim=HIDDEN,
+            mlp_dim=FFN,
+            max_len=SEQ,
+            dropout_rate=DROPOUT,
+            attention_dropout_rate=DROPOUT,
+            scan=scan,
+        )
+        model = TransformerLM(config)
+        tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 1, VOCAB)  # 0 is lm1b's padding
+        params = model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, tokens)
+
+        def loss(params: Any, batch: dict) -> jax.Array:
+            logits = model.apply(params, batch["tokens"], rngs={"dropout": batch["key"]})
+            return _next_token_loss(logits, batch["tokens"])
+
+        return JaxModel(
+            loss,
+            params,
+            dict(tokens=tokens, key=jax.random.PRNGKey(2)),
+            reseeded=dict(tokens=tokens, key=jax.random.PRNGKey(3)),
+        )
+
+    return build
+
+
 def cases() -> dict[str, JaxCase]:
     c = [
+        JaxCase(
+            "flax-lm1b",
+            "flax examples/lm1b TransformerLM (linen)",
+            "decoder, padding + causal mask, layers in a loop",
+            _flax_lm1b(False),
+            dropout=True,
+        ),
+        JaxCase(
+            "flax-lm1b-scan",
+            "flax examples/lm1b TransformerLM, layers under nn.scan",
+            "decoder, nn.scan with split dropout rngs",
+            _flax_lm1b(True),
+            dropout=True,
+            scanned=True,
+        ),
         JaxCase(
             "penzai-gemma2",
             "penzai llamalike_common (Gemma 2 config)",

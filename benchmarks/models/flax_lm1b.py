@@ -1,5 +1,6 @@
-"""Flax's lm1b decoder, small: the outside JAX model of tests/test_jax_rng.py (layers under
-`nn.scan`) and tests/test_jax_unrolled_outside.py (layers in a Python loop).
+"""Flax's lm1b decoder, small: an outside JAX model of the conformance suite (outside_jax.py) and of
+tests/test_jax_rng.py (layers under `nn.scan`) and tests/test_jax_unrolled_outside.py (layers in a
+Python loop).
 
 A faithful copy of google/flax `examples/lm1b/models.py` (commit 18f8f311): `TransformerLM` ->
 decoder (`shift_right`, embedding, `AddPositionEmbs` with the fixed sinusoidal table, dropout,
