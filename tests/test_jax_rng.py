@@ -1,7 +1,7 @@
 """Issue 11 case 3: Flax's lm1b decoder block stacked with `nn.scan` (dropout in attention, after
 attention and twice in the MLP; `split_rngs={"params": True, "dropout": True}`) under `auto`.
 
-The model is tests/flax_lm1b.py (a small, faithful copy of google/flax examples/lm1b/models.py)
+The model is benchmarks/models/flax_lm1b.py (a small, faithful copy of google/flax examples/lm1b/models.py)
 with its layer loop as `nn.scan` instead of a Python loop.
 
 What was seen: at budgets 0.3 / 0.7 one column of the last layer's MLP input kernel gradient

@@ -1,7 +1,7 @@
 """Outside JAX models without a scan: Flax's own lm1b `TransformerLM` (issue 11, case 2) and a
 long program with no repeated layer (deliverable 3).
 
-The lm1b model is tests/flax_lm1b.py (a faithful small copy of google/flax
+The lm1b model is benchmarks/models/flax_lm1b.py (a faithful small copy of google/flax
 `examples/lm1b/models.py`, its layers in a Python loop) with Flax's layer initializers.
 Before the fix, the float `decoder_mask` (made from tokens, read by every layer) hid the cuts
 between layers: the whole model was one block, `auto` built one op-level program over it and
