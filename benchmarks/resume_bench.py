@@ -20,7 +20,8 @@ One fresh process per (implementation, repeat), implementations interleaved with
 repeat, medians over repeats. Each process builds the state, then times a save (waited until
 committed) and a restore into a template, in wall time and in CPU time (user + system, every
 thread: getrusage; summed over a job's processes, it moves less than wall time when other jobs
-share the cores), and reads its peak RSS (VmHWM) against the RSS just before the save: the
+share the cores; its system part, mostly page faults, is also kept apart in the JSON as
+`*_sys_s`), and reads its peak RSS (VmHWM) against the RSS just before the save: the
 extra host memory the checkpoint path used. On CPU a JAX array already
 lives in host memory, so "no full extra host copy" means extra RSS well under the state size.
 
@@ -30,7 +31,8 @@ single process (remat_kit with `async_save=False` vs `torch.distributed.checkpoi
 of the state dict, both synchronous), torch 2 processes on gloo with FSDP2 (`fully_shard` per
 layer; the DTensor state dict from `get_model_state_dict` saved by every rank and restored
 through `set_model_state_dict`, by the layer or by plain `dcp.save` / `dcp.load`). Every cell
-checks after the timed part that the restored state equals the saved one.
+checks after the timed part that the restored state equals the saved one. The torch cells
+live in benchmarks/resume_bench_torch.py.
 """
 
 from __future__ import annotations
@@ -58,10 +60,10 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
-def _cpu_s() -> float:
-    """CPU seconds of this process so far, every thread (Orbax's and tensorstore's too), user + system."""
+def _cpu_s() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far, every thread (Orbax's and tensorstore's too)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
 
 
 def _reset_peak() -> None:
@@ -99,12 +101,16 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
         reduce = jax.jit(lambda x: jnp.sum(jax.lax.bitcast_convert_type(x, jnp.uint32), dtype=jnp.uint32))
         for leaf in state.values():
             jax.block_until_ready(reduce(leaf))
-        pass_s, pass_cpu_s = _clock(lambda: jax.block_until_ready([reduce(leaf) for leaf in state.values()]))
+        pass_s, pass_cpu_s, pass_sys_s = _clock(
+            lambda: jax.block_until_ready([reduce(leaf) for leaf in state.values()])
+        )
         return {
             "save_s": pass_s,
             "restore_s": pass_s,
             "save_cpu_s": pass_cpu_s,
             "restore_cpu_s": pass_cpu_s,
+            "save_sys_s": pass_sys_s,
+            "restore_sys_s": pass_sys_s,
             "extra_rss_bytes": 0,
             "state_bytes": 4 * rows * 1024 * NUM_LEAVES,
         }
@@ -134,11 +140,12 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
     return {**cell, "state_bytes": sum(v.nbytes for v in state.values())}
 
 
-def _clock(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) that `fn()` took."""
-    start, cpu = time.perf_counter(), _cpu_s()
+def _clock(fn) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process, the system part of them) that `fn()` took."""
+    start, (user, system) = time.perf_counter(), _cpu_s()
     fn()
-    return time.perf_counter() - start, _cpu_s() - cpu
+    user_end, system_end = _cpu_s()
+    return time.perf_counter() - start, user_end - user + system_end - system, system_end - system
 
 
 def _timed(save, restore) -> dict:
@@ -148,14 +155,18 @@ def _timed(save, restore) -> dict:
     before = _rss("VmRSS")
     _reset_peak()
     _barrier()
-    save_s, save_cpu_s = _clock(lambda: save(1))
+    save_s, save_cpu_s, save_sys_s = _clock(lambda: save(1))
     _barrier()
-    restore_s, restore_cpu_s = _clock(lambda: restore(1))
+    restore_s, restore_cpu_s, restore_sys_s = _clock(lambda: restore(1))
+    # The system part apart: mostly page faults on fresh allocations, whose count varies with the
+    # allocator's state from process to process, for the plain libraries as for the layer.
     return {
         "save_s": save_s,
         "restore_s": restore_s,
         "save_cpu_s": save_cpu_s,
         "restore_cpu_s": restore_cpu_s,
+        "save_sys_s": save_sys_s,
+        "restore_sys_s": restore_sys_s,
         "extra_rss_bytes": _rss("VmHWM") - before,
     }
 
@@ -165,109 +176,6 @@ def _barrier() -> None:
     dist = sys.modules.get("torch.distributed")  # never imported by a JAX worker for this
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _torch_values(numel: int, i: int, generator):  # -> torch.Tensor (torch imported lazily)
-    import torch
-
-    if os.environ.get("RESUME_BENCH_VALUES") == "random":
-        return torch.randn(numel, generator=generator)
-    return torch.full((numel,), float(i))
-
-
-def _torch_cell(impl: str, directory: Path, mib: int) -> dict:
-    import torch
-
-    numel = mib * 2**20 // 4 // NUM_LEAVES
-    generator = torch.Generator().manual_seed(0)
-    state = {f"w{i}": _torch_values(numel, i, generator) for i in range(NUM_LEAVES)}
-    template = {k: torch.empty_like(v) for k, v in state.items()}
-    if impl == "remat_kit":
-        from remat_kit import resume
-
-        # Synchronous like dcp.save: an async save copies torch tensors first (in-place updates).
-        saver = resume.Resumable(directory, async_save=False)
-
-        def save(step):
-            saver.save(step, state)
-
-        def restore(step):
-            saver.restore(step, template)
-    else:
-        import torch.distributed.checkpoint as dcp
-
-        def save(step):
-            dcp.save(state, checkpoint_id=str(directory / str(step)))
-
-        def restore(step):
-            dcp.load(template, checkpoint_id=str(directory / str(step)))
-
-    result = _timed(save, restore)
-    _check_equal(template, state)
-    return {**result, "state_bytes": sum(v.nbytes for v in state.values())}
-
-
-def _check_equal(got: dict, want: dict) -> None:
-    """The restored state is the saved one (outside the timed part): a fast wrong restore is no figure."""
-    import torch
-
-    for key, value in want.items():
-        a, b = got[key], value
-        if hasattr(b, "full_tensor"):  # DTensor: this rank's shard
-            a, b = a.to_local(), b.to_local()
-        if not torch.equal(a, b):
-            raise RuntimeError(f"restored {key} differs from the saved one")
-
-
-def _fsdp_model(numel: int):
-    """NUM_LEAVES bias-free linear layers of `numel` weights each, every layer `fully_shard`ed over the ranks."""
-    import torch
-    from torch.distributed.fsdp import fully_shard
-
-    generator = torch.Generator().manual_seed(0)
-    model = torch.nn.Sequential(*(torch.nn.Linear(1024, numel // 1024, bias=False) for _ in range(NUM_LEAVES)))
-    with torch.no_grad():
-        for i, layer in enumerate(model):
-            layer.weight.copy_(_torch_values(numel, i, generator).view_as(layer.weight))
-    for layer in model:
-        fully_shard(layer)
-    fully_shard(model)
-    return model
-
-
-def _torch_fsdp_cell(impl: str, directory: Path, mib: int) -> dict:
-    """FSDP2 on gloo: the model's sharded state dict (DTensors, from get_model_state_dict) saved by every
-    rank and restored through set_model_state_dict, by the layer or by plain dcp.save / dcp.load."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    numel = mib * 2**20 // 4 // NUM_LEAVES
-    model = _fsdp_model(numel)
-    saved = {k: v.detach().clone() for k, v in get_model_state_dict(model).items()}  # DTensors, this rank's shard
-    if impl == "remat_kit":
-        from remat_kit import resume
-
-        saver = resume.Resumable(directory, async_save=False)
-
-        def save(step):
-            saver.save(step, {"model": get_model_state_dict(model)})
-
-        def restore(step):
-            restored = saver.restore(step, {"model": get_model_state_dict(model)})
-            set_model_state_dict(model, restored["model"])
-    else:
-
-        def save(step):
-            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(directory / str(step)))
-
-        def restore(step):
-            template = {"model": get_model_state_dict(model)}
-            dcp.load(template, checkpoint_id=str(directory / str(step)))
-            set_model_state_dict(model, template["model"])
-
-    result = _timed(save, restore)
-    _check_equal(get_model_state_dict(model), saved)
-    return {**result, "state_bytes": 4 * numel * NUM_LEAVES}  # the whole model, not this rank's shard
 
 
 def _worker(argv: list[str]) -> None:
@@ -283,8 +191,14 @@ def _worker(argv: list[str]) -> None:
         dist.init_process_group(
             "gloo", init_method=f"tcp://localhost:{argv[6]}", rank=int(argv[4]), world_size=int(argv[5])
         )
-    cell = {"jax": _jax_cell, "torch": _torch_fsdp_cell if distributed else _torch_cell}[framework]
-    result = cell(impl, directory, mib)
+    if framework == "jax":
+        result = _jax_cell(impl, directory, mib)
+    else:
+        # A top-level import: a worker runs as a script, so this file's own folder comes first on
+        # its path, before a --baseline tree's `benchmarks` (which may predate the module).
+        from resume_bench_torch import torch_cell, torch_fsdp_cell
+
+        result = (torch_fsdp_cell if distributed else torch_cell)(impl, directory, mib, _timed)
     if distributed and framework == "torch":
         dist.barrier()  # both ranks past their last collective before either tears gloo down
         dist.destroy_process_group()
@@ -325,6 +239,8 @@ def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT
         "restore_s": max(r["restore_s"] for r in results),
         "save_cpu_s": sum(r["save_cpu_s"] for r in results),
         "restore_cpu_s": sum(r["restore_cpu_s"] for r in results),
+        "save_sys_s": sum(r["save_sys_s"] for r in results),
+        "restore_sys_s": sum(r["restore_sys_s"] for r in results),
         "extra_rss_bytes": sum(r["extra_rss_bytes"] for r in results),
         "state_bytes": results[0]["state_bytes"],
     }

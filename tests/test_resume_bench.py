@@ -61,10 +61,12 @@ def test_a_bench_cell_refuses_a_restore_that_differs_from_the_save():
     # A fast restore of the wrong bytes is no figure: every cell compares after its timed part.
     import torch
 
+    from benchmarks.resume_bench_torch import check_equal
+
     saved = {"w0": torch.arange(4.0)}
-    resume_bench._check_equal({"w0": torch.arange(4.0)}, saved)
+    check_equal({"w0": torch.arange(4.0)}, saved)
     with pytest.raises(RuntimeError, match="restored w0 differs"):
-        resume_bench._check_equal({"w0": torch.zeros(4)}, saved)
+        check_equal({"w0": torch.zeros(4)}, saved)
 
 
 @pytest.mark.slow

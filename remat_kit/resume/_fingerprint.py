@@ -15,11 +15,12 @@ after restore in the template's sharding, a checkpoint resharded onto another me
 Where it is computed:
 
 * arrays on CPU devices: with NumPy over the shards' own buffers (`np.asarray(shard.data)` is
-  a view there, as it is for Orbax's own write), in blocks of one einsum each. At save this runs on
-  the host item's writer thread, alongside Orbax's write (NumPy releases the GIL). At restore
-  (`fingerprints`) nothing else runs beside it, so it is split into row pieces summed by a few
-  threads; each piece waits for its own shard, so the first arrays are summed while Orbax's
-  last transfers onto their devices are still in flight;
+  a view there, as it is for Orbax's own write), in blocks, each read as its row sums and its
+  column sums (no multiply per element). At save this runs on the host item's writer thread,
+  alongside Orbax's write (NumPy releases the GIL). At restore (`fingerprints`) nothing else
+  runs beside it, so it is split into row pieces summed by a few threads; each piece waits for
+  its own shard, so the first arrays are summed while Orbax's last transfers onto their devices
+  are still in flight;
 * arrays on accelerators: one jitted reduction on their devices (at memory bandwidth, and a
   host computation would need a device-to-host copy of its own).
 
@@ -38,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 _UINT_OF_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
-# Elements per NumPy block: few Python steps per array; einsum writes no block-sized product.
+# Elements per NumPy block: few Python steps per array, and the block's second read (its column
+# sums after its row sums) comes from cache.
 _BLOCK = 1 << 20
 # Elements per sub-row a long contiguous row is cut into (see _box_sum).
 _ROW = 1024
@@ -105,15 +107,13 @@ def _box_sum(bits: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -
     num_rows = int(np.prod(bits.shape[:last], dtype=np.int64))
     length = bits.size // num_rows
     # Long rows are cut into sub-rows of _ROW elements (sub-row q of row r starts q * _ROW
-    # further on): the einsum below runs faster over many short rows than over one long one.
+    # further on), so that a block's column sums are a short vector, not a copy of the row.
     split = length // _ROW if length > _ROW and length % _ROW == 0 else 1
     table = bits.reshape(num_rows * split, length // split)
     length = table.shape[1]
     cols = min(length, _BLOCK)
     rows = max(1, _BLOCK // length)
-    # Row k of `weights`: 2 j + 1, then 1: one einsum pass gives each row's weighted and plain
-    # sums (unsigned, so wrapping mod 2**32), without writing the products out.
-    weights = np.stack([np.arange(1, 2 * cols, 2, dtype=np.uint32), np.ones(cols, np.uint32)])
+    odd = np.arange(1, 2 * cols, 2, dtype=np.uint32)  # 2 j + 1
     offset = start[last] * strides[last]
     total = 0
     for r0 in range(0, table.shape[0], rows):
@@ -126,11 +126,13 @@ def _box_sum(bits: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -
         base = (base % np.uint64(_MOD)).astype(np.uint32)
         for c0 in range(0, length, cols):
             block = table[r0:r1, c0 : c0 + cols]
-            sums = np.einsum("rc,kc->rk", block, weights[:, : block.shape[1]])
-            weighted, plain = sums[:, 0], sums[:, 1]
-            # weight of element (r, c0 + j) = 2 j + 1 + 2 (base_r + c0)
+            # weight of element (r, c0 + j) = (2 base_r + 2 c0) + (2 j + 1): the first part is the
+            # same along a row, the second down a column, so the block's row sums and column sums
+            # (two plain reductions, the second from cache) replace a multiply per element.
+            row = block.sum(axis=1, dtype=np.uint32)
+            col = block.sum(axis=0, dtype=np.uint32)
             shift = (base + np.uint32(c0 % _MOD)) * np.uint32(2)
-            total += int((weighted + shift * plain).sum(dtype=np.uint32))
+            total += int((shift * row).sum(dtype=np.uint32)) + int((odd[: col.size] * col).sum(dtype=np.uint32))
     return total % _MOD
 
 
