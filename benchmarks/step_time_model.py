@@ -285,7 +285,7 @@ def _table(rows: list[dict]) -> list[str]:
 
 def _report(args: argparse.Namespace, rows: list[dict], none_cpu: float, before: dict | None) -> None:
     lines = [
-        "# Predicted recompute time beside measured recompute and extra step time (eager torch)",
+        "# Predicted extra step time and recompute time beside the measured ones (eager torch)",
         "",
         f"GPT {args.layers} layers, d {args.d}, seq {args.seq}, vocab {args.vocab}, dropout 0.1, torch "
         f"{torch.__version__} on CPU, {args.threads} thread(s); {args.rounds} interleaved rounds in one process.",
