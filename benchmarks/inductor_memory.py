@@ -50,6 +50,9 @@ class UnreadableCode(ValueError):
 class GraphPeak:
     peak_bytes: int  # activation bytes live at the graph's peak (parameters and their gradients left out)
     line: str  # the generated line after which that peak is reached
+    # The storages live at the peak, largest first: (their names in the code, bytes). For asking
+    # which tensors make a peak (a saved input, a workspace, a buffer reused at a larger size).
+    live: tuple[tuple[str, int], ...] = ()
 
 
 def _itemsize(dtype: str) -> int:
@@ -111,13 +114,20 @@ class _Live:
     def held(self, names: set[str]) -> int:
         return sum(self.size[k] for k in {self.storage[n] for n in names if n in self.storage})
 
+    def snapshot(self, leave_out: set[str]) -> tuple[tuple[str, int], ...]:
+        """The live storages not held by a name in `leave_out`, largest first."""
+        out_keys = {self.storage[n] for n in leave_out if n in self.storage}
+        keys = {k for k in self.storage.values() if k not in out_keys}
+        return tuple(sorted(((",".join(sorted(self.names[k])), self.size[k]) for k in keys), key=lambda t: -t[1]))
+
 
 def _read_line(ln: str, live: _Live, inputs: dict[str, tuple[str, str, str]]) -> None:
     """What one generated line does to the live storages (before its `del`s)."""
     if m := _INPUT.match(ln):
         name = m.group(1)
         if name in live.storage:
-            live.size_at(name, _ints(m.group(2)), _ints(m.group(3)))
+            if live.storage[name] in live.unsized:  # else sized already (its assert may be symbolic)
+                live.size_at(name, _ints(m.group(2)), _ints(m.group(3)))
         elif not name.startswith(_SKIP):
             # The harness's example input where there is one: its shape is concrete where the
             # assert's is symbolic.
@@ -156,7 +166,7 @@ def call_peak(lines: list[str], inputs: dict[str, tuple[str, str, str]] | None =
             returned = set(re.findall(r"\b(buf\d+)\b", m.group(1)))
     if not any(n.startswith("tangents_") for n in names):
         returned = set()  # a forward: what it returns is the activations it saves, and its output
-    live, peak, at = _Live(), 0, ""
+    live, peak, at, at_peak = _Live(), 0, "", ()
     for name in names:
         if not name.startswith(_SKIP):
             if name not in inputs:
@@ -169,11 +179,11 @@ def call_peak(lines: list[str], inputs: dict[str, tuple[str, str, str]] | None =
             live.drop(name)
         now = live.bytes - live.held(returned)  # parameter gradients made so far are not activation
         if now > peak:
-            peak, at = now, ln.strip()
+            peak, at, at_peak = now, ln.strip(), live.snapshot(returned)
     unsized = [n for k in live.unsized if k not in live.tuples for n in live.names[k]]
     if unsized:
         raise UnreadableCode(f"{unsized}, made by a fallback kernel, never have their size asserted")
-    return GraphPeak(peak, at)
+    return GraphPeak(peak, at, at_peak)
 
 
 def module_peaks(source: str) -> list[GraphPeak]:

@@ -357,78 +357,7 @@ def test_compiled_regions_partition_without_cse(monkeypatch, budget):
     assert functorch_config.cse is True  # set back for other compiles
     assert functorch_config.force_non_lazy_backward_lowering is False
     assert inductor_config.score_fusion_memory_threshold == 10
+    assert inductor_config.allow_buffer_reuse is True
     plain, args, kwargs = _gpt()  # a compile without regions keeps torch's default
     _run(plain, args, kwargs, None, "aot_eager")
     assert calls
-
-
-def test_inductor_code_peak_reads_allocations_aliases_and_gradients():
-    """benchmarks/inductor_memory.py: saved inputs count from the start (though asserted where first
-    read) until deleted, a reuse is no new storage,
-    returned parameter gradients are left out, and a tensor it cannot size is an error."""
-    from benchmarks import inductor_memory
-
-    body = """    def call(self, args):
-        primals_1, saved, tangents_1 = args
-        args.clear()
-        assert_size_stride(primals_1, (8, 8), (8, 1), 'input')
-        buf0 = empty_strided_cpu((4, 8), (8, 1), torch.float32)
-        assert_size_stride(saved, (4, 8), (8, 1), 'input')
-        buf1 = reinterpret_tensor(buf0, (32, ), (1, ), 0); del buf0  # reuse
-        buf2 = empty_strided_cpu((8, 8), (8, 1), torch.float32)
-        del saved
-        buf3 = empty_strided_cpu((2, 8), (8, 1), torch.float64)
-        del buf1
-        return (buf2, buf3, )
-""".splitlines()
-    # saved (128) + buf0 (128) live together; buf2 is a returned gradient; buf3 too.
-    assert inductor_memory.call_peak(body).peak_bytes == 256
-    with pytest.raises(inductor_memory.UnreadableCode, match="fallback"):
-        inductor_memory.call_peak([*body[:6], "        buf9 = torch.ops.aten.fallback.default(saved)", body[-1]])
-
-
-def _llama_at_seq64():
-    model, _, kwargs = _hf("llama")
-    return model, (), kwargs
-
-
-def _gpt_4x64():
-    torch.manual_seed(0)
-    model = GPT(layers=4, d=64, heads=4, vocab=256, seq=128)
-    idx = torch.randint(0, 256, (2, 128))
-    return model, (idx, torch.roll(idx, -1, 1)), {}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "make",
-    [
-        # Before compiles partitioned without CSE: 6,055,024 bytes against a 3,603,765-byte budget.
-        _gpt_4x64,
-        # Before they fused only producer-consumer kernels: 982,560 bytes against 883,053 (two
-        # layers' recomputes fused through the rotary cos/sin both read).
-        _llama_at_seq64,
-    ],
-    ids=["gpt", "hf_llama"],
-)
-def test_compiled_step_holds_the_budget(make):
-    """Compiled `auto(0.3)` under Inductor: the step's activation peak, read from the code Inductor
-    generated (independent of the cost model), within the budget the eager plan was made for."""
-    import torch._inductor.config as inductor_config
-    from torch._inductor.codecache import PyCodeCache
-
-    from benchmarks import inductor_memory
-
-    budget = 0.3
-    model, args, kwargs = make()
-    model.train()
-    none = remat_kit.measure.torch_step(copy.deepcopy(model), args, kwargs, count_flops=False)
-    remat_kit.auto(model, budget)
-    _loss(model(*args, **kwargs)).backward()  # plans eagerly
-    model.zero_grad(set_to_none=True)
-    torch._dynamo.reset()
-    PyCodeCache.cache_clear()
-    with inductor_config.patch(compile_threads=1):  # no worker pool to start
-        _loss(torch.compile(model)(*args, **kwargs)).backward()
-    peak = inductor_memory.step_peak(inductor_memory.loaded_sources())
-    assert 0 < peak <= budget * none.activation_bytes, (peak, budget * none.activation_bytes)

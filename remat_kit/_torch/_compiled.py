@@ -28,9 +28,10 @@ budget, exact). A region over several layers (a plan segment, below per-layer ch
 is entered and left in separate layer calls and stays on the eager path (_replay.SegmentRun).
 
 The plan is made from the eager profile. The frames holding planned regions compile under
-`region_settings`, which keep each region's recompute to itself, so the compiled step holds what
-the plan holds; its activation peak is read from Inductor's generated code in
-tests/test_torch_compile.py and reports/torch/compile.md (benchmarks/inductor_memory.py).
+`region_settings`, which keep each region's recompute to itself and free each buffer at its last
+read, so the compiled step holds what the plan holds; its activation peak is read from Inductor's
+generated code in tests/test_torch_compile_budget.py and reports/torch/compile_budget.md
+(benchmarks/inductor_memory.py).
 """
 
 from __future__ import annotations
@@ -279,11 +280,15 @@ def region_settings() -> Any:
     region's node, which `cleanup_recompute_tags` then saves because later regions read it. And
     Inductor fuses kernels that only share a read (horizontal fusion): two layers' recomputes that
     read one tensor (that merged constant, or the rotary cos/sin HF's Llama computes once for all
-    layers) ran as one kernel, so both layers' recomputed activations were live at once. Either way
-    the compiled step held more than the plan (tests/test_torch_compile.py). So these compiles
-    partition without CSE and fuse only kernels where one reads what the other writes; the backward
-    is lowered in the same compile (not at the first backward, when these settings are gone).
-    Gradients are unchanged: none of them changes what is computed."""
+    layers) ran as one kernel, so both layers' recomputed activations were live at once. And
+    Inductor's buffer reuse keeps a buffer past its last read until a later allocation of the same
+    size takes it over, where the plan (as eager autograd) frees it: a layer's recomputed qkv
+    projection stayed alive across that layer's backward peak. Each way the compiled step held more
+    than the plan (tests/test_torch_compile.py, tests/test_torch_compile_budget.py). So these
+    compiles partition without CSE, fuse only kernels where one reads what the other writes, and
+    free each buffer after its last read (a kernel writing in place into an input it reads last
+    still does); the backward is lowered in the same compile (not at the first backward, when
+    these settings are gone). Gradients are unchanged: none of them changes what is computed."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
@@ -291,6 +296,7 @@ def region_settings() -> Any:
         (functorch_config, "cse", False),
         (functorch_config, "force_non_lazy_backward_lowering", True),
         (inductor_config, "score_fusion_memory_threshold", 2**62),
+        (inductor_config, "allow_buffer_reuse", False),
     )
     # Set and put back by hand, not through the configs' `patch`: this wraps every compiled call of
     # a planned model, compiling or not, and `patch` costs several times as much per call.
