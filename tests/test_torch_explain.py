@@ -16,6 +16,7 @@ def test_explain_prints_blocks_ops_and_measured(capsys):
     ex = rt.explain(model, idx, tgt, measure=True, loss_fn=lambda loss: loss)
     out = capsys.readouterr().out
     assert "activation memory, predicted" in out and "activation memory, measured" in out
+    assert ex.plan.predicted_extra_step_seconds > 0 and "extra step time, predicted" in out
     assert ex.budget_meaning.startswith("the whole step") and "budget 0.6 bounds the whole step" in out
     assert [r["block"] for r in ex.block_rows] == ["pre", "h.0", "h.1", "h.2", "h.3", "post"]
     assert ex.block_rows[0]["plan"].startswith("pinned")

@@ -228,6 +228,11 @@ def _summary(ex: Explanation) -> list[str]:
         f"recompute: {plan.predicted_recompute_flops / 1e9:.4f} GFLOP in {plan.num_recomputed_ops} ops, "
         f"predicted {plan.predicted_recompute_seconds * 1e3:.3f} ms on this device",
     ]
+    if plan.predicted_extra_step_seconds:  # the replay modes' forward too, where the plan prices it
+        summary.append(
+            f"extra step time, predicted: {plan.predicted_extra_step_seconds * 1e3:.3f} ms "
+            "(recompute, checkpoint regions and the selective regions' forward)"
+        )
     if ex.measured_none is not None and ex.measured_plan is not None:
         n, p = ex.measured_none, ex.measured_plan
         summary.append(
