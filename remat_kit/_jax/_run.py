@@ -57,10 +57,9 @@ def saved_values_are_pinned() -> bool:
     duplicates a unary elementwise op into every consumer freely, so a saved residual-stream
     ``x = h + f(h)`` is fused into each of its readers and never stored: the step keeps the
     summands instead, one more buffer per saved value, or every layer's branch output through a
-    chain of them (measured: a 16-layer residual MLP's least-memory plan 0.24 of no remat
-    without it, 0.33 under it; tests/test_jax_segments.py). The barrier stores `x` as one
-    buffer, which is what the plan saves and the cost model counts. Without `jax_remat3`
-    nothing is inserted: what compiles there is unchanged."""
+    chain of them (reports/jax/first_call.md, "JAX_REMAT3"; tests/test_jax_segments.py). The
+    barrier stores `x` as one buffer, which is what the plan saves and the cost model counts.
+    Without `jax_remat3` nothing is inserted: what compiles there is unchanged."""
     return bool(getattr(jax.config, "jax_remat3", False))
 
 
