@@ -3,6 +3,7 @@ from Inductor's generated code (benchmarks/inductor_memory.py), beside the budge
 
     python -m benchmarks.compile_budget                          # writes reports/torch/compile_budget.md
     python -m benchmarks.compile_budget --models hf-llama --budgets 0.3
+    python -m benchmarks.compile_budget --models "gpt 4x128 seq 128 batch 4" --budgets 0.2721 --live --out /tmp/x.md
 
 The budget is a fraction of the eager no-remat step's activation peak (remat_kit's live-storage
 tracker, DESIGN.md); `auto` plans from the eager profile, and the compiled step must hold it.
@@ -71,15 +72,33 @@ def cell(make: Callable[[], Case], budget: float) -> dict[str, Any]:
     PyCodeCache.cache_clear()
     with inductor_config.patch(compile_threads=1):
         loss(torch.compile(model)(*args, **kwargs)).backward()
-    compiled = inductor_memory.step_peak(inductor_memory.loaded_sources())
+    # The step's peak is its largest graph's (the backward's inputs include what the forward saved).
+    top = max((p for s in inductor_memory.loaded_sources() for p in inductor_memory.module_peaks(s)), key=_bytes)
     budget_bytes = budget * none.activation_bytes
     return {
         "budget": budget,
         "budget_bytes": int(budget_bytes),
         "eager": eager.activation_bytes,
-        "compiled": compiled,
-        "ratio": compiled / budget_bytes,
+        "compiled": top.peak_bytes,
+        "ratio": top.peak_bytes / budget_bytes,
+        "peak_line": top.line,
+        "live": top.live,
     }
+
+
+def _bytes(peak: inductor_memory.GraphPeak) -> int:
+    return peak.peak_bytes
+
+
+def live_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """What is live at each compiled peak: the generated line it follows and its storages."""
+    out = []
+    for name, cells in results.items():
+        for c in cells:
+            if "live" in c:
+                out.append(f"{name} at {c['budget']}: {c['compiled']:,} bytes after `{c['peak_line']}`")
+                out += [f"    {names}: {nbytes:,}" for names, nbytes in c["live"]]
+    return out
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -105,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", type=lambda t: t.split(","), default=list(MODELS))
     p.add_argument("--budgets", type=lambda t: [float(x) for x in t.split(",")], default=[0.2721, 0.3, 0.5, 0.7])
     p.add_argument("--out", default="reports/torch/compile_budget.md")
+    p.add_argument("--live", action="store_true", help="print the storages live at each compiled peak")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     results = {name: [cell(MODELS[name], b) for b in args.budgets] for name in args.models}
@@ -121,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
-    print("\n".join(lines))
+    print("\n".join(lines + (live_lines(results) if args.live else [])))
 
 
 if __name__ == "__main__":
