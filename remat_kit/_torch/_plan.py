@@ -17,7 +17,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from remat_kit._core.budget import Budget, format_bytes, parse_budget
-from remat_kit._core.graph import CostGraph
+from remat_kit._core.graph import CostGraph, OpKind
 from remat_kit._core.percall import cheapest_within
 from remat_kit._core.plan import Decision, DecisionCode, Plan
 from remat_kit._core.simulate import simulate
@@ -110,10 +110,17 @@ def _floor(tg: TorchGraph) -> Plan:
 
 
 def _infeasible(
-    module: torch.nn.Module, budget: object, tg: TorchGraph, offload: bool, least: int, grouped: bool
+    module: torch.nn.Module,
+    budget: object,
+    tg: TorchGraph,
+    offload: bool,
+    least: int,
+    grouped: bool,
+    ungrouped_for_compile: bool = False,
 ) -> ValueError:
     """The error for a budget below `least` activation bytes, the least this planner reaches
-    (with layers checkpointed together where that is smaller: `grouped`)."""
+    (with layers checkpointed together where that is smaller: `grouped`; without, because the
+    model runs under torch.compile, where grouping would reach less: `ungrouped_for_compile`)."""
     held = autocast_cast_bytes(tg.graph)  # in both figures, as in solve_torch's limit
     baseline = tg.baseline_bytes + held
     least += held
@@ -146,7 +153,19 @@ def _infeasible(
         f"{' (consecutive layers checkpointed together where that is smaller)' if grouped else ''}, "
         f"of which {format_bytes(pinned)} are saved outside the repeated layers (embeddings, head, loss) and "
         f"cannot be recomputed{casts if held else ''}",
-        remedies=[*([] if offload else ["pass offload=True"]), "use a smaller batch"],
+        remedies=[
+            *([] if offload else ["pass offload=True"]),
+            "use a smaller batch",
+            *(
+                [
+                    "run it eagerly, where consecutive layers that draw random numbers can share one checkpoint "
+                    "region and reach less (under torch.compile such a region runs eagerly and would draw other "
+                    "dropout masks than the compiled model)"
+                ]
+                if ungrouped_for_compile
+                else []
+            ),
+        ],
     )
 
 
@@ -157,11 +176,15 @@ def autocast_cast_bytes(graph: CostGraph) -> int:
     return sum(v.num_bytes for v in graph.values if v.name.startswith(AUTOCAST_TAG))
 
 
-def _segment_spans(module: torch.nn.Module, tg: TorchGraph, solver: str | None) -> tuple[int, frozenset[str]]:
+def _segment_spans(
+    module: torch.nn.Module, tg: TorchGraph, solver: str | None, compiling: bool = False
+) -> tuple[int, frozenset[str]]:
     """(max layers per checkpoint region, blocks that join none) for the chain DP.
 
     Consecutive layers can share one checkpoint region (their boundaries recomputed) when nothing
-    runs between them: no root code and no module hooks (FSDP's unshard) between layers.
+    runs between them: no root code and no module hooks (FSDP's unshard) between layers. Under
+    torch.compile (`compiling`) such a region runs eagerly, a graph break: layers that draw random
+    numbers join none there, since eager dropout would draw other masks than compiled no remat.
     """
     layers = [s for s in tg.segments if s.module is not None]
     if (
@@ -172,7 +195,11 @@ def _segment_spans(module: torch.nn.Module, tg: TorchGraph, solver: str | None) 
     ):
         return 1, frozenset()
     names = [s.name for s in tg.segments[: len(tg.graph.block_names)]]
-    return segment_cap(len(layers)), frozenset(s.name for s in tg.segments if s.module is None and s.name in names)
+    alone = {s.name for s in tg.segments if s.module is None and s.name in names}
+    if compiling:
+        graph = tg.graph
+        alone |= {graph.block_names[v.block] for v in graph.values if v.kind is OpKind.RNG}
+    return segment_cap(len(layers)), frozenset(alone)
 
 
 # Measured against the simulator on 7 models x 7 budgets (tests/test_torch_memory_gap.py), the
@@ -211,14 +238,23 @@ def solve_torch(
     if one_region and per_call:
         return _solve_one_region(module, tg, parsed, budget, offload, constraints)
     limit, held, measure = _activation_limit(tg, parsed)
-    core, floor = _configure(module, tg, solver, offload, constraints, limit, one_region)
+    core, floor = _configure(module, tg, solver, offload, constraints, limit, one_region, segments)
     # Aim under the budget by the margin, but never under the least reachable.
     aim = wish = min(limit, max(limit - int(SAFETY_MARGIN * measure), floor))
     plan = core.at(aim, parsed)
     if plan is None and aim < limit:  # the margin is a wish, the budget is the contract
         plan = core.at(limit, parsed)
     if plan is None:
-        raise _infeasible(module, budget, tg, offload, core.smallest(), grouped=core.span > 1 or one_region)
+        ungrouped = not segments and _segment_spans(module, tg, solver) != _segment_spans(module, tg, solver, True)
+        raise _infeasible(
+            module,
+            budget,
+            tg,
+            offload,
+            core.smallest(),
+            grouped=core.span > 1 or one_region,
+            ungrouped_for_compile=ungrouped,
+        )
     span_by_time = _segment_spans(module, tg, None)[0] if segments else 1
     plan = by_time(module, tg, prof, plan, wish, parsed, span_by_time)
     # Its predictions then speak of what is measured: the casts in both figures; no remat's
@@ -283,15 +319,17 @@ def _configure(
     constraints: PlanConstraints,
     limit: int,
     one_region: bool,
+    segments: bool = True,
 ) -> tuple[_CoreSolve, int]:
-    """The solver for this graph and `limit`, and the least activation bytes to aim at."""
+    """The solver for this graph and `limit`, and the least activation bytes to aim at.
+    `segments` False: planned under torch.compile (see `_segment_spans`)."""
     floor = _floor(tg).predicted_activation_bytes
     span, fixed_blocks = 1, frozenset[str]()
     if limit < floor:
         # Below what one checkpoint per layer reaches only regions over several layers can fit.
         # (Above it they are left out: their options cost seconds to measure on deep stacks and
         # rarely beat per-layer plans there.)
-        span, fixed_blocks = _segment_spans(module, tg, solver)
+        span, fixed_blocks = _segment_spans(module, tg, solver, compiling=not segments)
     core = _CoreSolve(tg, solver, offload, span, fixed_blocks, constraints, default_device(module))
     if span > 1 or one_region:
         # One region's recompute runs at the start of its own backward: the floor is the least peak

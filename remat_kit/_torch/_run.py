@@ -125,8 +125,8 @@ def install_blocks(module: torch.nn.Module, state: _State, compiled: Entry) -> N
         state.wrapped_blocks[path] = (block, previous)
 
 
-def _grouped_whole_layers(compiled: Entry) -> bool:
-    return compiled.plan.solver == "whole layers" and any(r.members for r in compiled.regions.values())
+def _grouped_layers(compiled: Entry) -> bool:
+    return any(r.members for r in compiled.regions.values())
 
 
 @torch._dynamo.disable  # planning is Python bookkeeping and a solver: never traced by torch.compile
@@ -141,9 +141,9 @@ def _plan_for(
 ) -> tuple[Entry, tuple]:
     key = signature(module, args, kwargs)
     compiled = state.plans.get(key)
-    if compiling and compiled is not None and _grouped_whole_layers(compiled):
+    if compiling and compiled is not None and _grouped_layers(compiled):
         # Under torch.compile a region over several layers runs eagerly (a graph break): an eager
-        # plan that chose one over regions of one layer each gets a compiled sibling without.
+        # plan with one gets a compiled sibling without (or the budget is refused there).
         key = (*key, "torch.compile")
         compiled = state.plans.get(key)
     if compiled is None:
