@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     table = run(args)
-    cmd = "python -m benchmarks.compile_reuse " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = " ".join(["python -m benchmarks.compile_reuse", *(argv if argv is not None else sys.argv[1:])])
     lines = [
         "# Compiled `auto` with and without Inductor's buffer reuse",
         "",
