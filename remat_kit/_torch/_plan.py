@@ -17,25 +17,25 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from remat_kit._core.budget import Budget, format_bytes, parse_budget
-from remat_kit._core.graph import CostGraph, OpKind
+from remat_kit._core.graph import CostGraph
 from remat_kit._core.percall import cheapest_within
-from remat_kit._core.plan import Decision, DecisionCode, Plan
+from remat_kit._core.plan import DecisionCode, Plan
 from remat_kit._core.simulate import simulate
 from remat_kit._core.solve import (
     Costs,
     InfeasibleBudgetError,
     PlanConstraints,
     block_menus,
-    segment_cap,
     smallest_activation_bytes,
     solve,
 )
 from remat_kit._torch._device import default_device, device_of
 from remat_kit._torch._graph import TorchGraph, build_graph, candidate_layers, segment
 from remat_kit._torch._layerplan import as_run, by_time, fast_regions
+from remat_kit._torch._limits import autocast_cast_bytes, floor_plan, infeasible_error, segment_spans, uses_fsdp
 from remat_kit._torch._replay import Region, constraints_for_torch
 from remat_kit._torch._replicate import profile_replicated
-from remat_kit._torch._trace import AUTOCAST_TAG, Profile, profile
+from remat_kit._torch._trace import Profile, profile
 
 
 @dataclasses.dataclass
@@ -72,12 +72,12 @@ def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = Non
     of a long identical stack when it can, see _replicate.py), "fake" (every op) or "real" (real
     tensors)."""
     layers = candidate_layers(module)
-    if mode == "real" or _uses_fsdp(module):
+    if mode == "real" or uses_fsdp(module):
         # FSDP2's unshard/reshard hooks keep state across calls; a fake run leaves fake
         # unsharded parameters behind. Profile with real tensors (one forward's memory, once),
         # and no backward there (it would reduce-scatter gradients).
         return profile(
-            module, args, kwargs, fake=False, call=call, layers=layers, measure_backward=not _uses_fsdp(module)
+            module, args, kwargs, fake=False, call=call, layers=layers, measure_backward=not uses_fsdp(module)
         )
     if mode == "replicate":
         found = profile_replicated(module, args, kwargs, call=call, real_prologue=True)
@@ -92,114 +92,6 @@ def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = Non
             stacklevel=3,
         )
         return profile(module, args, kwargs, fake=False, call=call, layers=layers)
-
-
-def _uses_fsdp(module: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return any(isinstance(m, FSDPModule) for m in module.modules())
-
-
-def _floor(tg: TorchGraph) -> Plan:
-    """Every checkpointable value recomputed; pinned values kept. Feasible by construction."""
-    g = tg.graph
-    names = [g.values[i].name for i in g.free_values if g.values[i].name not in tg.pinned]
-    return Plan.from_decisions(g, dict.fromkeys(names, Decision.RECOMPUTE), solver="full")
-
-
-def _infeasible(
-    module: torch.nn.Module,
-    budget: object,
-    tg: TorchGraph,
-    offload: bool,
-    least: int,
-    grouped: bool,
-    ungrouped_for_compile: bool = False,
-) -> ValueError:
-    """The error for a budget below `least` activation bytes, the least this planner reaches
-    (with layers checkpointed together where that is smaller: `grouped`; without, because the
-    model runs under torch.compile, where grouping would reach less: `ungrouped_for_compile`)."""
-    held = autocast_cast_bytes(tg.graph)  # in both figures, as in solve_torch's limit
-    baseline = tg.baseline_bytes + held
-    least += held
-    fraction = least / baseline if baseline else 1.0
-    pinned = sum(tg.graph[n].num_bytes for n in tg.pinned if tg.graph.is_residual[tg.graph.index(n)])
-    figures = dict(
-        smallest_activation_bytes=least, baseline_activation_bytes=baseline, constant_bytes=tg.graph.constant_bytes
-    )
-    where = f" for {type(module).__name__} at this input"
-    if len(tg.segments) == 1 and tg.segments[0].module is not None:
-        return InfeasibleBudgetError.below(
-            budget,
-            **figures,
-            where=where,
-            why=f"{format_bytes(least)} of activations ({fraction:.1%} of no remat). remat_kit found no layers to "
-            "checkpoint apart (no ModuleList / Sequential of layers, no submodules called once each in order), so "
-            "the whole forward is one region, and its recompute runs at the start of its own backward, next to "
-            "what that backward needs",
-            remedies=[
-                "hold the layers in an nn.ModuleList (or decorate the layer class: then the budget bounds "
-                "what each call keeps)"
-            ],
-        )
-    casts = f", and {format_bytes(held)} are autocast casts of the parameters (alive until the forward ends)"
-    return InfeasibleBudgetError.below(
-        budget,
-        **figures,
-        where=where,
-        why=f"{format_bytes(least)} of activations ({fraction:.1%} of no remat) with every layer recomputed"
-        f"{' (consecutive layers checkpointed together where that is smaller)' if grouped else ''}, "
-        f"of which {format_bytes(pinned)} are saved outside the repeated layers (embeddings, head, loss) and "
-        f"cannot be recomputed{casts if held else ''}",
-        remedies=[
-            *([] if offload else ["pass offload=True"]),
-            "use a smaller batch",
-            *(
-                [
-                    "run it eagerly, where consecutive layers that draw random numbers can share one checkpoint "
-                    "region and reach less (under torch.compile such a region runs eagerly and would draw other "
-                    "dropout masks than the compiled model)"
-                ]
-                if ungrouped_for_compile
-                else []
-            ),
-        ],
-    )
-
-
-def autocast_cast_bytes(graph: CostGraph) -> int:
-    """Bytes of autocast's casts of parameters in a profile made under autocast. The plan treats
-    them as constants (the autocast cache decides when they are cast, not the plan), but they are
-    memory of the step: every one is alive when the forward ends, with or without remat."""
-    return sum(v.num_bytes for v in graph.values if v.name.startswith(AUTOCAST_TAG))
-
-
-def _segment_spans(
-    module: torch.nn.Module, tg: TorchGraph, solver: str | None, compiling: bool = False
-) -> tuple[int, frozenset[str]]:
-    """(max layers per checkpoint region, blocks that join none) for the chain DP.
-
-    Consecutive layers can share one checkpoint region (their boundaries recomputed) when nothing
-    runs between them: no root code and no module hooks (FSDP's unshard) between layers. Under
-    torch.compile (`compiling`) such a region runs eagerly, a graph break: layers that draw random
-    numbers join none there, since eager dropout would draw other masks than compiled no remat.
-    """
-    layers = [s for s in tg.segments if s.module is not None]
-    if (
-        solver not in (None, "dp")
-        or len(layers) < 3
-        or _uses_fsdp(module)
-        or any(s.module is None and s.name.startswith("between") for s in tg.segments)
-    ):
-        return 1, frozenset()
-    names = [s.name for s in tg.segments[: len(tg.graph.block_names)]]
-    alone = {s.name for s in tg.segments if s.module is None and s.name in names}
-    if compiling:
-        graph = tg.graph
-        alone |= {graph.block_names[v.block] for v in graph.values if v.kind is OpKind.RNG}
-    return segment_cap(len(layers)), frozenset(alone)
 
 
 # Measured against the simulator on 7 models x 7 budgets (tests/test_torch_memory_gap.py), the
@@ -245,8 +137,8 @@ def solve_torch(
     if plan is None and aim < limit:  # the margin is a wish, the budget is the contract
         plan = core.at(limit, parsed)
     if plan is None:
-        ungrouped = not segments and _segment_spans(module, tg, solver) != _segment_spans(module, tg, solver, True)
-        raise _infeasible(
+        ungrouped = not segments and segment_spans(module, tg, solver) != segment_spans(module, tg, solver, True)
+        raise infeasible_error(
             module,
             budget,
             tg,
@@ -255,7 +147,7 @@ def solve_torch(
             grouped=core.span > 1 or one_region,
             ungrouped_for_compile=ungrouped,
         )
-    span_by_time = _segment_spans(module, tg, None)[0] if segments else 1
+    span_by_time = segment_spans(module, tg, None)[0] if segments else 1
     plan = by_time(module, tg, prof, plan, wish, parsed, span_by_time)
     # Its predictions then speak of what is measured: the casts in both figures; no remat's
     # figure is the one the budget was taken of (see TorchGraph.baseline_bytes).
@@ -322,14 +214,14 @@ def _configure(
     segments: bool = True,
 ) -> tuple[_CoreSolve, int]:
     """The solver for this graph and `limit`, and the least activation bytes to aim at.
-    `segments` False: planned under torch.compile (see `_segment_spans`)."""
-    floor = _floor(tg).predicted_activation_bytes
+    `segments` False: planned under torch.compile (see `segment_spans`)."""
+    floor = floor_plan(tg).predicted_activation_bytes
     span, fixed_blocks = 1, frozenset[str]()
     if limit < floor:
         # Below what one checkpoint per layer reaches only regions over several layers can fit.
         # (Above it they are left out: their options cost seconds to measure on deep stacks and
         # rarely beat per-layer plans there.)
-        span, fixed_blocks = _segment_spans(module, tg, solver, compiling=not segments)
+        span, fixed_blocks = segment_spans(module, tg, solver, compiling=not segments)
     core = _CoreSolve(tg, solver, offload, span, fixed_blocks, constraints, default_device(module))
     if span > 1 or one_region:
         # One region's recompute runs at the start of its own backward: the floor is the least peak
