@@ -76,3 +76,8 @@ def test_the_two_process_fsdp2_cell_saves_and_restores_through_both_implementati
         result = resume_bench._cell("torch", impl, 1, 2)
         assert result["state_bytes"] == 2**20  # the whole model, counted once
         assert min(result[m] for m in ("save_s", "restore_s", "save_cpu_s", "restore_cpu_s")) > 0
+        # the system part of the CPU time is kept apart (reports/resume.md reads it), summed like the whole
+        assert (
+            0 <= result["save_sys_s"] <= result["save_cpu_s"]
+            and 0 <= result["restore_sys_s"] <= result["restore_cpu_s"]
+        )
