@@ -54,7 +54,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 import remat_kit
 from benchmarks import inductor_memory
 from benchmarks._compile_report import section, write_section
-from benchmarks.models.torch_gpt import GPT
+from benchmarks.models.torch_gpt import GPT, add_shape_args
 
 BUDGETS = (0.3, 0.5, 0.7)
 _SAVE_OPS = {
@@ -334,12 +334,7 @@ def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
+    add_shape_args(p, layers=4, d=256, heads=4, seq=256, vocab=2048, batch=4)
     p.add_argument("--steps", type=int, default=20, help="timed rounds")
     p.add_argument("--budgets", type=lambda t: [float(x) for x in t.split(",")], default=list(BUDGETS))
     p.add_argument("--backend", default="inductor")

@@ -34,7 +34,7 @@ from torch._inductor.compile_fx import compile_fx
 
 import remat_kit
 from benchmarks import inductor_memory
-from benchmarks.models.torch_gpt import GPT
+from benchmarks.models.torch_gpt import GPT, add_shape_args
 
 
 def inductor_with_buffer_reuse(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -93,12 +93,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
+    add_shape_args(p, layers=4, d=256, heads=4, seq=256, vocab=2048, batch=4)
     p.add_argument("--steps", type=int, default=15, help="timed rounds")
     p.add_argument("--budgets", type=lambda t: [float(x) for x in t.split(",")], default=[0.3, 0.5])
     p.add_argument("--threads", type=int, default=1)

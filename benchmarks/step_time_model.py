@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat_kit as rk
 from benchmarks._report import write
-from benchmarks.models.torch_gpt import GPT
+from benchmarks.models.torch_gpt import GPT, add_shape_args
 
 
 class OpTimer(TorchDispatchMode):
@@ -208,11 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--d", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=8192)
+    add_shape_args(parser, layers=6, d=512, heads=8, seq=512, vocab=8192)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--split-steps", type=int, default=3, help="steps timing the ops inside the recompute")
     parser.add_argument("--name", default="step_time_model", help="report file name under reports/")

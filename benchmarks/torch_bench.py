@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 import remat_kit
 from benchmarks.models.hf_shapes import gpt2_xl_config, llama_7b_config
-from benchmarks.models.torch_gpt import GPT, Block
+from benchmarks.models.torch_gpt import GPT, Block, add_shape_args
 from remat_kit.measure import format_bytes, rel_err, torch_plan, torch_profile, torch_step
 
 
@@ -337,11 +337,7 @@ def planning_time(layers: int, d: int, heads: int, seq: int, vocab: int, repeats
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--d", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=8192)
+    add_shape_args(ap, layers=6, d=512, heads=8, seq=512, vocab=8192)
     ap.add_argument("--repeats", type=int, default=7, help="timed steps per strategy, each after a step of none")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: all cores)")
     ap.add_argument("--skip-planning", action="store_true", help="leave out the planning-time table")

@@ -18,6 +18,8 @@ the JAX zoo model.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -76,3 +78,14 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         return F.cross_entropy(self.lm_head(self.ln_f(x)).flatten(0, 1), targets.flatten())
+
+
+def add_shape_args(
+    parser: Any, *, layers: int, d: int, heads: int, seq: int, vocab: int, batch: int | None = None
+) -> None:
+    """The GPT's shape as command-line options (`--layers --d --heads --seq --vocab`, and `--batch`
+    where the benchmark takes one), with the benchmark's defaults."""
+    for flag, default in (("--layers", layers), ("--d", d), ("--heads", heads), ("--seq", seq), ("--vocab", vocab)):
+        parser.add_argument(flag, type=int, default=default)
+    if batch is not None:
+        parser.add_argument("--batch", type=int, default=batch)
