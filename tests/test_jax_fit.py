@@ -104,3 +104,40 @@ def test_solves_sharing_a_graph_plan_as_fresh_ones():
     fresh = [choose(_traced(_scanned), b, solver=None, offload=False).as_dict() for b in budgets]
     assert in_a_row == fresh
     assert len({tuple(sorted(d.items())) for d in fresh}) > 1  # the budgets asked for different plans
+
+
+def test_infeasible_error_names_the_least_plan_measured(monkeypatch):
+    """Where XLA compiles the plans that recompute more to more (here, a stand-in measure), the
+    search's first plans measure less than the least-memory ones measured last. The error names
+    the least of every plan measured, not of the least-memory ones alone (fails before: it named
+    the floors' least, above a plan the same search had measured), and a budget there is met."""
+    import remat_kit as rk
+    from remat_kit._core.plan import Decision
+    from remat_kit._jax import _verify
+
+    params = jax.random.normal(jax.random.key(0), (LAYERS, 2, D, D)) * 0.1
+    x = jnp.ones((8, D))
+    real = _verify.temp_bytes
+    none = real(_traced(_unrolled), {}, _verify.specs_of([params, x]))
+    seen: dict = {}
+
+    def inverted(traced, decisions, specs, *, segments=()):
+        recomputed = sum(d is Decision.RECOMPUTE for d in decisions.values()) / max(len(decisions), 1)
+        seen[(tuple(sorted(decisions.items())), tuple(map(tuple, segments)))] = measured = int(
+            none * (0.5 + 0.5 * recomputed + 0.1 * len(segments))
+        )
+        return measured
+
+    monkeypatch.setattr(_verify, "temp_bytes", inverted)
+    _verify._NONE_CACHE.clear()
+    try:
+        with pytest.raises(InfeasibleBudgetError) as e:
+            jax.grad(rk.auto(_unrolled, 0.45))(params, x)
+        assert len(set(seen.values())) > 1
+        assert e.value.smallest_activation_bytes == min(seen.values())
+        wrapped = rk.auto(_unrolled, e.value.smallest_fraction)
+        jax.grad(wrapped)(params, x)
+        (plan,) = rk.plan_of(wrapped)
+        assert inverted(None, plan.as_dict(), None, segments=plan.segments) <= e.value.smallest_fraction * none
+    finally:
+        _verify._NONE_CACHE.clear()

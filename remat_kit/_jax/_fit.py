@@ -22,13 +22,26 @@ figures (below), each step one plan compiled:
   the budget, the next target is on the chord between them, so a plan the line mispredicts is
   not asked for twice;
 * a target below the model's floor (`_plan.Model.floor`, asked, not caught) is answered with
-  the model's least-memory plan.
+  the model's least-memory plan;
+* a miss well below a miss already measured, and far over what the calibrated line promised
+  for it (`WALL` each), is a *wall*: the plan is not of the line's kind (on Flax's lm1b with its
+  layers in a loop, the model's plans with segments compile to more than those without at a
+  higher figure: `tests/test_jax_unrolled_outside.py`), so the compiled fraction is not monotone
+  in the figure. The wall bounds the bracket from below, the next target splits the bracket (the
+  line led into the wall), and each wall buys one more round (at most `MAX_WALLS`): without it
+  the search went on down to the model's floor, measured more walls and refused a budget that a
+  plan between the wall and the first miss fits.
 
-Termination (`_next_target`), whichever comes first: a plan compiles within `TOLERANCE` under
-the budget; `MAX_ROUNDS` plans have been compiled; the bracket is narrower than `MIN_BRACKET`;
-the next target is not positive (a byte budget below the constant bytes alone); or the model
-answers the next target with a plan already measured (it has nothing new to offer). The answer
-is the cheapest measured plan that fit, or None.
+Termination of the rounds (`_next_target`), whichever comes first: a plan compiles within
+`TOLERANCE` under the budget; `MAX_ROUNDS` (plus walls) plans have been compiled; the bracket is
+narrower than `MIN_BRACKET`; the next target is not positive (a byte budget below the constant
+bytes alone); or the model answers the next target with a plan already measured (it has nothing
+new to offer). The answer is the cheapest measured plan that fit; where none did but one missed
+by at most `REACH`, `_refine` asks for figures beside the least-measured plan (`REFINE_ROUNDS`
+compiles at most); else None.
+
+Every plan measured is remembered for the process with its bytes (`known`, shared by every
+budget's search of the same program): `_verify` falls back on the cheapest that fits the goal.
 
 Below the model's floor, the floor plan and coarser layouts are measured (`floor_plans`), since
 XLA often compiles those below the model's figure.
@@ -53,6 +66,10 @@ AIM = 0.02  # of no remat: where under the budget the line aims
 TOLERANCE = 0.05  # of no remat: a fitting plan this close under the budget is kept
 MIN_BRACKET = 0.01  # model targets closer than this between fit and miss: stop asking
 MAX_SOLVES = 3  # solves turning one figure into a plan (`Search.plan_at`)
+WALL = 0.05  # of no remat: a miss this far over the line's promise and under a miss's figure is a wall
+MAX_WALLS = 1  # rounds added by walls
+REACH = 0.1  # of no remat: a search whose least-measured plan misses the goal by at most this is refined
+REFINE_ROUNDS = 2  # plan compiles `_refine` adds at most
 
 
 @dataclasses.dataclass
@@ -71,13 +88,26 @@ class Search:
     miss_at: tuple[float, float] | None = None  # ... of the miss with the smallest
     shift: float | None = None  # the last plan's model fraction minus its figure (`plan_at`)
     budget_fraction: float = 1.0  # the budget as a fraction of the model's no remat: `plan_at` asks no more
+    walls: list = dataclasses.field(default_factory=list)  # figures of the walls met (module doc)
+    last_wall: bool = False  # the last plan recorded was a wall
+    known: dict = dataclasses.field(default_factory=dict)  # (decisions, segments) -> (plan, bytes), any budget
+    points: list = dataclasses.field(default_factory=list)  # (figure, measured fraction) of each plan recorded
 
     def measured(self, p: Plan) -> int:
         k = (p.decisions, p.segments)
         if k not in self.tried:
             # A plan that recomputes nothing runs as no remat does (`_run`): its figure is known.
             self.tried[k] = self.none_bytes if _keeps_all(p) else self.measure(p)
+            self.known[k] = (p, self.tried[k])
         return self.tried[k]
+
+    def known_fit(self) -> Plan | None:
+        """The cheapest plan measured within the goal by any search of this program, and within
+        the budget in the model's own terms (`plan_at`)."""
+        fits = [
+            p for p, b in self.known.values() if b <= self.goal_bytes and p.activation_fraction <= self.budget_fraction
+        ]
+        return min(fits, key=lambda p: p.predicted_recompute_seconds, default=None)
 
     def aim(self) -> float:
         """The compiled fraction of no remat the search aims at: `AIM` under the goal."""
@@ -103,6 +133,17 @@ class Search:
     def record(self, plan: Plan, measured: int) -> None:
         """Recalibrate the line through the plan's point and narrow the bracket with it."""
         f_model, f_measured = self.figure(plan), measured / max(self.none_bytes, 1)
+        self.points.append((f_model, f_measured))
+        promised = 1.0 - self.slope * (1.0 - f_model)
+        self.last_wall = (
+            measured > self.goal_bytes
+            and self.miss_at is not None
+            and f_model <= self.miss_at[0] - WALL  # a wall just under the miss leaves nothing between
+            and f_measured > promised + WALL
+        )
+        if self.last_wall:  # the line holds above it, not through it: keep its slope
+            self.walls.append(f_model)
+            return
         if measured <= self.goal_bytes:
             if self.fit_at is None or f_model > self.fit_at[0]:
                 self.fit_at = (f_model, f_measured)
@@ -173,7 +214,9 @@ def fit(search: Search, start: Plan | None) -> Plan | None:
     first = search.target()
     current: Plan | None = search.plan_at(first) if first > 0 else start or search.model.least_memory()
     fitting: Plan | None = None
-    for _ in range(MAX_ROUNDS):
+    rounds = 0
+    while rounds < MAX_ROUNDS + min(len(search.walls), MAX_WALLS):
+        rounds += 1
         measured = search.measured(current)
         search.record(current, measured)
         if measured <= search.goal_bytes:
@@ -184,7 +227,39 @@ def fit(search: Search, start: Plan | None) -> Plan | None:
         current = _next_plan(search)
         if current is None:
             break
-    return fitting
+    return fitting or _refine(search)
+
+
+def _refine(search: Search) -> Plan | None:
+    """Where the rounds found no fit but a plan measured within `REACH` of the goal: ask for a
+    figure beside the least-measured plan (`REFINE_ROUNDS` compiles at most), in the interval
+    below it first (the line's way), else the one above it, each only if at least `WALL` wide;
+    there, the calibrated line's target kept within the interval's middle third. The compiled
+    fraction is not monotone in the figure: on Flax's lm1b with its layers in a loop, under the
+    model's device defaults, the line went from a miss straight to a plan with segments measured
+    just over the budget, and the plans without segments between the two, which fit, were never
+    asked for. The interval below the lowest figure is the floors' (`floor_plans`)."""
+    for _ in range(REFINE_ROUNDS):
+        best_figure, best = min(search.points, key=lambda p: p[1], default=(1.0, 1.0))
+        if best * search.none_bytes - search.goal_bytes > REACH * search.none_bytes:
+            return None
+        below = max((f for f, _ in search.points if f < best_figure), default=None)
+        above = min((f for f, _ in search.points if f > best_figure), default=1.0)
+        if below is not None and best_figure - below >= WALL:
+            lo, hi = below, best_figure
+        elif above - best_figure >= WALL:
+            lo, hi = best_figure, above
+        else:
+            return None
+        # The calibrated line's target, kept within the middle third (safeguarded secant).
+        plan = search.plan_at(min(max(search.target(), lo + (hi - lo) / 3), hi - (hi - lo) / 3))
+        if (plan.decisions, plan.segments) in search.tried:
+            return None
+        measured = search.measured(plan)
+        search.record(plan, measured)
+        if measured <= search.goal_bytes:
+            return plan
+    return None
 
 
 def _next_plan(search: Search) -> Plan | None:
@@ -199,13 +274,17 @@ def _next_plan(search: Search) -> Plan | None:
 def _next_target(search: Search) -> float | None:
     """The next figure: on the calibrated line until a fit and a miss bracket it, then on the
     chord between them (the compiled fraction is neither linear nor monotone in the figure, so the
-    bracket, not the line, has the last word). None once the bracket is too narrow to split."""
+    bracket, not the line, has the last word; a wall bounds it from below). None once the bracket
+    is too narrow to split."""
     fit_at, miss_at = search.fit_at, search.miss_at
-    lo = fit_at[0] if fit_at else 0.0
     hi = miss_at[0] if miss_at else 1.0
+    lo = max([fit_at[0]] if fit_at else [], default=0.0)
+    lo = max([lo] + [w for w in search.walls if w < hi])
     if hi - lo < MIN_BRACKET:
         return None
-    if fit_at and miss_at and miss_at[1] > fit_at[1]:
+    if search.last_wall:  # the line led into the wall: split what lies between it and the miss above
+        return (lo + hi) / 2
+    if fit_at and miss_at and fit_at[0] == lo and miss_at[1] > fit_at[1]:
         target = lo + (search.aim() - fit_at[1]) / (miss_at[1] - fit_at[1]) * (hi - lo)
     else:
         target = search.target()

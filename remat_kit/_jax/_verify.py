@@ -11,10 +11,13 @@ with the arguments' shardings, so one device's temp). `_fit.py` calibrates the m
 those compiles and asks it for the plan that lands just under the budget (a few rounds at most).
 If none of those fits, it measures the model's least-memory plans: the floor, on an unrolled
 chain coarser segmentations, on scanned layers the floor for each number of layers per loop step,
-and keeps the cheapest that fits. If still none fits, `InfeasibleBudgetError` names the smallest
-of those measured, in the user's unit: never a step over the budget. A budget below the model's
-floor is not refused on the model's word alone (the tiny zoo MLP: the model's floor is 0.205 of
-no remat, groups of layers compile to 0.127).
+and keeps the cheapest that fits. If still none fits, a plan an earlier search of the same program
+measured within this budget is the answer (each measured plan is remembered for the process),
+else `InfeasibleBudgetError` names the smallest figure of every plan measured, in the user's
+unit: never a step over the budget, and never a floor above a plan measured (a budget at the
+named floor finds that plan again). A budget below the model's floor is not refused on the
+model's word alone (the tiny zoo MLP: the model's floor is 0.205 of no remat, groups of layers
+compile to 0.127).
 
 The measuring compiles run on CPU with LLVM's optimisation off (`MEMORY_OPTIONS`): buffer
 assignment, hence `temp_size_in_bytes`, is settled by XLA's HLO passes before code generation,
@@ -52,7 +55,10 @@ from remat_kit._jax._trace import Lit
 
 __all__ = ["can_verify", "verified"]
 
-_NONE_CACHE: dict = {}  # (layer, graph fingerprint, input specs, jax flags) -> `none_figures`
+# (layer, graph fingerprint, input specs, jax flags) -> `none_figures`; and ("measured", that key)
+# -> {(decisions, segments): (plan, measured bytes)} of every budget's search, in the same dict
+# so that they live and are cleared together (a figure is only good beside its no remat's).
+_NONE_CACHE: dict = {}
 # Cheap code generation for measuring compiles on CPU (see the module doc); elsewhere the default.
 MEMORY_OPTIONS = {"xla_backend_optimization_level": 0}
 
@@ -217,6 +223,7 @@ def verified(
     none, constant_bytes, none_residuals = none_figures(
         traced, specs, measure, layer=layer, sharded=sharded, meanwhile=warm
     )
+    known = _NONE_CACHE.setdefault(("measured", *_program_key(traced, specs, layer)), {})
     goal = parsed.value * none if parsed.kind == "fraction" else parsed.value - constant_bytes
     # Without no remat's residuals, the model's no-remat bytes over the compiled ones: the
     # calibration's first slope (`_fit`).
@@ -233,32 +240,34 @@ def verified(
         budget_fraction=parsed.limit_activation_bytes(baseline, traced.graph.constant_bytes) / baseline
         if baseline
         else 1.0,
+        known=known,
     )
     fitting = fit(search, plan)
-    floors: list[int] = []  # measured least-memory plans: a budget at their smallest finds one again
     if fitting is None and not layer:
-        fitting, floors = _fitting_floor(traced, search)
+        fitting = _fitting_floor(traced, search)
+    if fitting is None:
+        fitting = search.known_fit()
     if fitting is not None:
         return dataclasses.replace(fitting, budget=str(parsed))
     # No remat itself is a plan that fits its own figure: where every plan measures more (XLA's
     # own workspace dominates, as the max-pool gradient's index buffers do in haiku's small
-    # ResNet), the smallest feasible budget is no remat's, never a number above 1.
-    smallest = min(min(floors or search.tried.values()), none)
+    # ResNet), the smallest feasible budget is no remat's, never a number above 1. The least of
+    # every plan measured (the search's, the floors', other budgets'): a budget there finds it again.
+    smallest = min(min(search.tried.values()), min(b for _, b in known.values()), none)
     raise _infeasible(budget, smallest, none, constant_bytes, len(search.tried), below_floor)
 
 
-def _fitting_floor(traced: Traced, search: Search) -> tuple[Plan | None, list[int]]:
+def _fitting_floor(traced: Traced, search: Search) -> Plan | None:
     """The cheapest of the model's least-memory plans (`_fit.floor_plans`) that compiles within
-    the goal, or None; and every one's measured bytes."""
-    fitting, floors = None, []
+    the goal, or None."""
+    fitting = None
     for candidate in floor_plans(traced, search.model):
         measured = search.measured(candidate)
-        floors.append(measured)
         if measured <= search.goal_bytes and (
             fitting is None or candidate.predicted_recompute_seconds < fitting.predicted_recompute_seconds
         ):
             fitting = candidate
-    return fitting, floors
+    return fitting
 
 
 def _measures(traced: Traced, specs: Sequence[Any], kind: str, layer: bool):
@@ -293,12 +302,7 @@ def none_figures(
 ) -> tuple[int, int]:
     """No remat's measure and the constant bytes beside it: compiled once per program, kept for
     the process and in the on-disk cache (several budgets, or a second run, compile it once)."""
-    key = (
-        layer,
-        traced.graph.fingerprint(),
-        tuple((s.shape, str(s.dtype), s.sharding) for s in specs),
-        _plancache.transform_flags(),  # the traced function's own checkpoints compile differently
-    )
+    key = _program_key(traced, specs, layer)
     if key in _NONE_CACHE:
         return _NONE_CACHE[key]
     disk_key = _plancache.program_key(traced, specs, what="none", layer=layer)
@@ -311,6 +315,15 @@ def none_figures(
         _plancache.store_figures(disk_key, figures)
     _NONE_CACHE[key] = figures
     return figures
+
+
+def _program_key(traced: Traced, specs: Sequence[Any], layer: bool) -> tuple:
+    return (
+        layer,
+        traced.graph.fingerprint(),
+        tuple((s.shape, str(s.dtype), s.sharding) for s in specs),
+        _plancache.transform_flags(),  # the traced function's own checkpoints compile differently
+    )
 
 
 def _infeasible(
