@@ -292,8 +292,9 @@ def _next_target(search: Search) -> float | None:
 
 
 def floor_plans(traced: Traced, model: Model) -> list[Plan]:
-    """The model's least-memory plan, then the coarser ones XLA may compile smaller; measured
-    when no plan the search tried fits."""
+    """The model's least-memory plan, then the coarser ones XLA may compile smaller (and on an
+    unrolled chain the least-memory plan without segments); measured when no plan the search
+    tried fits."""
     out = [model.least_memory()]
     if not traced.scans and traced.graph.num_blocks >= 3:  # unrolled chains: `choose` plans segments
         out += _coarser(traced, model)
@@ -316,11 +317,13 @@ def _coarser(traced: Traced, model: Model) -> list[Plan]:
     """Coarser segmentations, least memory first in the model: the DP's floor with segments up
     to the whole chain (it keeps the fewest boundaries the model knows of), then uniform
     √n-style segments around √n (what XLA compiles most faithfully: one full-recompute region
-    per segment). At most four compiles."""
+    per segment). Last, the floor with no segments at all: XLA may schedule an unrolled chain's
+    segments worse than the per-layer plans the model puts above them (Flax's lm1b with its
+    layers in a loop: `tests/test_jax_unrolled_outside.py`). At most five compiles."""
     n = traced.graph.num_blocks
     out = [model.least_memory(max_segment_blocks=n)]
     root = max(1, round(math.sqrt(n)))
     for k in dict.fromkeys((root, root - 1, root + 1)):
         if 2 <= k < n:
             out.append(presets.sqrt_n(traced.graph, k))
-    return out
+    return [*out, model.least_memory(max_segment_blocks=1)]
