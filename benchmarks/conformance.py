@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import os
 import re
 import sys
 import time
@@ -314,7 +316,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", nargs="+", default=names, choices=names)
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     ap.add_argument("--out", default="reports")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="rerun --models only: the other models' rows are kept from the report's JSON, with its command",
+    )
     args = ap.parse_args(argv)
+    if args.update and not os.path.exists(os.path.join(args.out, "conformance.json")):
+        ap.error(f"--update keeps rows from an earlier run's conformance.json, and --out {args.out!r} has none")
     import jax
     import torch
     import transformers
@@ -325,8 +334,16 @@ def main(argv: list[str] | None = None) -> dict:
         rows += run_case(name, args.budgets)
         bad = sum(bool(r["violations"]) for r in rows if r["model"] == name)
         print(f"{name:22s} {time.perf_counter() - t0:6.1f}s  {bad} failing cells", flush=True)
+    command = "python -m benchmarks.conformance " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.update:  # the models not rerun keep their rows, in the suite's order
+        with open(os.path.join(args.out, "conformance.json")) as f:
+            earlier = json.load(f)
+        fresh = {r["model"] for r in rows}
+        kept = [r for r in earlier["rows"] if r["model"] not in fresh]
+        rows = sorted(kept + rows, key=lambda r: names.index(r["model"]) if r["model"] in names else len(names))
+        command = f"{earlier['command'].strip()}; then {command}"
     result = dict(
-        command="python -m benchmarks.conformance " + " ".join(argv if argv is not None else sys.argv[1:]),
+        command=command,
         versions=dict(torch=torch.__version__, jax=jax.__version__, transformers=transformers.__version__),
         slack=SLACK,
         grad_tol=GRAD_TOL,
