@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.update and not os.path.exists(os.path.join(args.out, "conformance.json")):
         ap.error(f"--update keeps rows from an earlier run's conformance.json, and --out {args.out!r} has none")
+    # Planning time is a first run's: plans verified in an earlier run are not read from disk.
+    os.environ.setdefault("REMAT_KIT_PLAN_CACHE", "0")
     import jax
     import torch
     import transformers
