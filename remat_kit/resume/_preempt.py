@@ -96,7 +96,12 @@ class PreemptionHandler:
         if processes is not None and processes.kind != "single":
             signals = processes.gather(self.received, f"preemption check after step {step}")
             first = next((s for s in signals if s is not None), None)
-            if first is not None and self.received is None:
+            if first is None:
+                # Decided on what was gathered, never on a signal that arrived here since: the other
+                # processes did not see it and go on to the next step (a save here alone would wait
+                # for them forever). Every process sees it after the next step.
+                return
+            if self.received is None:
                 self.received, self.received_at = first, time.monotonic()
                 print(
                     f"[remat_kit.resume] another process received {signal.Signals(first).name}: saving "
@@ -104,7 +109,7 @@ class PreemptionHandler:
                     file=sys.stderr,
                     flush=True,
                 )
-        if not self.requested:
+        elif not self.requested:
             return
         checkpointer.save(step, state, metrics=metrics, metadata=metadata, force=True)
         checkpointer.close()
