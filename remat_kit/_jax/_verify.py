@@ -253,7 +253,8 @@ def verified(
     # own workspace dominates, as the max-pool gradient's index buffers do in haiku's small
     # ResNet), the smallest feasible budget is no remat's, never a number above 1. The least of
     # every plan measured (the search's, the floors', other budgets'): a budget there finds it again.
-    smallest = min(min(search.tried.values()), min(b for _, b in known.values()), none)
+    smallest = min((b for _, b in known.values()), default=none)  # `known` holds this search's plans too
+    smallest = min(smallest, none)
     raise _infeasible(budget, smallest, none, constant_bytes, len(search.tried), below_floor)
 
 
