@@ -334,7 +334,8 @@ class Resumable:
         self.processes.barrier(f"delete of step {step}")
 
     def close(self) -> None:
-        """Waits for a pending save (raising its error) and releases Orbax's threads."""
+        """Waits for a pending save (raising its error), releases Orbax's threads and, under
+        torch.distributed, destroys the layer's own gloo group."""
         if self._closed:
             return
         try:
@@ -342,8 +343,11 @@ class Resumable:
         finally:
             self._closed = True
             self._atexit.detach()
-            if self._manager is not None:
-                self._manager.close()
+            try:
+                if self._manager is not None:
+                    self._manager.close()
+            finally:
+                self.processes.close()
 
     def __enter__(self) -> Resumable:
         return self

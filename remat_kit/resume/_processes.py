@@ -110,6 +110,15 @@ class Processes:
         """Process 0's JSON-able `value`, on every process."""
         return self.gather(value, what)[0]
 
+    def close(self) -> None:
+        """Destroys the layer's own gloo group (torch.distributed), while Python is alive: a gloo
+        group left to interpreter exit can abort the process there (SIGABRT instead of its exit
+        code, pytorch#190489)."""
+        dist = _torch_world() if self.group is not None else None
+        group, self.group = self.group, None
+        if dist is not None:  # the default group still stands, so ours does too
+            dist.destroy_process_group(group)
+
     def fail(self, what: str, error: BaseException, waited_s: float | None = None) -> CollectiveError:
         """Marks the job broken by `error` met at `what` (every later collective fails at once)
         and returns the CollectiveError to raise."""

@@ -87,7 +87,15 @@ def save_phase(directory: Path, rank: int, world: int) -> None:
     train(ddp, optimizer, iterator, data, 3)
     with resume.Resumable(directory / "ddp") as ckpt:
         assert ckpt.processes.kind == "torch"
+        group = ckpt.processes.group
         ckpt.save(3, {"model": model, "optimizer": optimizer, "data": resume.PerProcess(iterator)})
+    # close() destroyed the layer's gloo group: left to interpreter exit, its workers' last works
+    # could abort the process there (about 1 exit in 15, SIGABRT instead of the exit code).
+    try:
+        dist.get_process_group_ranks(group)
+        raise AssertionError("the layer's gloo group outlived Resumable.close()")
+    except KeyError:
+        pass
     fresh, fresh_opt = model_and_optimizer(1)
     fresh_it = resume.ShuffledIterator(32, batch_size=4, seed=rank)
     with resume.Resumable(directory / "ddp") as ckpt:
