@@ -60,6 +60,8 @@ def violations(row: dict) -> list[str]:
             )
         if "error" in floor:
             out.append(f"at the named floor {floor['retry_budget']}: exception: {floor['error']}")
+        if floor.get("buffers_differ"):
+            out.append(f"at the named floor {floor['retry_budget']}: buffers differ: {floor['buffers_differ']}")
         elif floor.get("fraction") is not None and floor["fraction"] > floor["retry_budget"] + SLACK:
             out.append(f"at the named floor {floor['retry_budget']}: measured {floor['fraction']:.4f} of none")
         return out
@@ -72,6 +74,8 @@ def violations(row: dict) -> list[str]:
         out.append(f"gradients differ from no remat: max relative error {row['grad_rel_err']:.3e}")
     if not row["names_unchanged"]:
         out.append(f"names changed: {row['names_diff']}")
+    if row.get("buffers_differ"):
+        out.append(f"buffers differ from no remat's after one step: {row['buffers_differ']}")
     return out
 
 
@@ -127,6 +131,20 @@ def _torch_step(model: Any, case: Any, kwargs: dict, seed: int = 1) -> list:
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
+def _buffers_after_step(model: Any, case: Any, kwargs: dict) -> dict[str, Any]:
+    """The model's buffers (BatchNorm's running statistics...) after one training step of it."""
+    _torch_step(model, case, kwargs)
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+def _buffers_differ(expected: dict[str, Any], model: Any) -> str:
+    """The buffers of `model` not equal to `expected` (no remat's after the same step), or ""."""
+    import torch
+
+    got = dict(model.named_buffers())
+    return ", ".join(n for n, b in expected.items() if n not in got or not torch.equal(got[n], b))[:300]
+
+
 def _torch_measure(model: Any, case: Any, kwargs: dict) -> Any:
     import torch
 
@@ -151,6 +169,7 @@ def torch_cells(case: Any, budgets: list[float]) -> list[dict]:
     reference = _torch_step(model, case, kwargs)
     dropout_live = rel_err(_torch_step(model, case, kwargs, seed=2), reference) > 1e-3
     none = _torch_measure(model, case, kwargs)
+    buffers = _buffers_after_step(copy.deepcopy(model), case, kwargs)  # what one step leaves
     floors: dict[float, dict] = {}  # retry budget -> its check: budgets below one floor share it
     rows = []
     for budget in budgets:
@@ -163,11 +182,12 @@ def torch_cells(case: Any, budgets: list[float]) -> list[dict]:
             except rk.InfeasibleBudgetError as e:
                 retry = _floor_budget(e)
                 if retry not in floors:
-                    floors[retry] = _torch_floor(model, case, kwargs, e, none.activation_bytes)
+                    floors[retry] = _torch_floor(model, case, kwargs, e, none.activation_bytes, buffers)
                 row["infeasible"] = {**floors[retry], "smallest_fraction": e.smallest_fraction, "message": str(e)[:300]}
                 rows.append(row)
                 continue
             t1 = time.perf_counter()
+            buffers_differ = _buffers_differ(buffers, rematted)  # planning and recompute move none
             again = _torch_step(rematted, case, kwargs)
             t2 = time.perf_counter()
             measured = _torch_measure(rematted, case, kwargs)
@@ -182,6 +202,7 @@ def torch_cells(case: Any, budgets: list[float]) -> list[dict]:
                 grad_rel_err=max(rel_err(first, reference), rel_err(again, reference)),
                 names_unchanged=after == names,
                 names_diff=_diff(names, after),
+                buffers_differ=buffers_differ,
                 planning_s=max(0.0, (t1 - t0) - (t2 - t1)),
                 structure=_structure(plan),
             )
@@ -191,7 +212,7 @@ def torch_cells(case: Any, budgets: list[float]) -> list[dict]:
     return rows
 
 
-def _torch_floor(model: Any, case: Any, kwargs: dict, e: Any, none_bytes: int) -> dict:
+def _torch_floor(model: Any, case: Any, kwargs: dict, e: Any, none_bytes: int, buffers: dict) -> dict:
     """Pass the budget the error names back to auto: it must be met."""
     import remat_kit as rk
 
@@ -201,6 +222,7 @@ def _torch_floor(model: Any, case: Any, kwargs: dict, e: Any, none_bytes: int) -
     try:
         rematted = rk.auto(copy.deepcopy(model), out["retry_budget"])
         _torch_step(rematted, case, kwargs)
+        out["buffers_differ"] = _buffers_differ(buffers, rematted)
         out["fraction"] = _torch_measure(rematted, case, kwargs).activation_bytes / none_bytes
     except Exception as err:
         out["error"] = _error(err)

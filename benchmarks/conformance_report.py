@@ -37,7 +37,8 @@ def write(result: dict, out: str) -> None:
         "it. A cell conforms when gradients equal no remat's (same RNG; relative error <= "
         f"{result['grad_tol']:g} per tensor), measured activation memory <= budget + {result['slack']:.0%} of "
         "no remat, or an InfeasibleBudgetError names a floor above the budget that is met when passed back, "
-        "and parameter/state names are unchanged. Measured: live-storage tracker (torch), compiled "
+        "parameter/state names are unchanged, and (torch) every buffer after one step equals no remat's "
+        "(BatchNorm's running statistics). Measured: live-storage tracker (torch), compiled "
         "temp_size_in_bytes (JAX), as a fraction of no remat. Predicted: the plan's own fraction. Planning "
         "time: wall clock on a shared 2-core machine.",
         "",

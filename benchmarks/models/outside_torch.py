@@ -85,6 +85,11 @@ def _vit_kwargs() -> dict[str, Any]:
     return dict(pixel_values=torch.randn(BATCH, 3, 16, 16, generator=g), labels=torch.tensor([1, 3]))
 
 
+def _image_kwargs() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    return dict(pixel_values=torch.randn(BATCH, 3, 32, 32, generator=g), labels=torch.tensor([1, 3]))
+
+
 def _bart_kwargs() -> dict[str, Any]:
     ids = _tokens()
     return dict(input_ids=ids, decoder_input_ids=_tokens(2), labels=_tokens(2))
@@ -211,6 +216,23 @@ def cases() -> dict[str, TorchCase]:
             _vit_kwargs,
             _hf_loss,
             True,
+        ),
+        TorchCase(
+            "hf-resnet",
+            "transformers ResNetForImageClassification",
+            "convolutional, BatchNorm (running statistics move in training), Flatten head",
+            _hf(
+                "ResNetForImageClassification",
+                "ResNetConfig",
+                embedding_size=8,
+                hidden_sizes=[16, 32, 64, 64],
+                depths=[2, 2, 2, 2],
+                layer_type="basic",
+                num_labels=4,
+            ),
+            _image_kwargs,
+            _hf_loss,
+            False,
         ),
         TorchCase(
             "hf-mixtral",

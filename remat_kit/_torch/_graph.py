@@ -190,6 +190,7 @@ def _nested(a: str, b: str) -> bool:
 
 
 HELD = "held-by-caller"  # the value standing for the code that holds what regions return
+EMPTY = "no-activation-in:"  # the value standing for a layer that makes none (see _mark_empty_segments)
 
 
 def _held_by_callers(profile: Profile, segments: list[Segment], values: list[Value]) -> list[Value]:
@@ -236,6 +237,39 @@ def _held_by_callers(profile: Profile, segments: list[Segment], values: list[Val
     ]
 
 
+def _mark_empty_segments(values: list[Value], segments: list[Segment]) -> list[Value]:
+    """`values` with a zero-byte activation in each segment that made none, placed in forward order.
+
+    A layer whose ops make only views or nothing at all (HF ResNet's classifier `Flatten`) is a
+    segment without values; the planner's blocks each need one. The placeholder has no readers,
+    so it is an output: always kept, never recomputed, nothing to plan, and the layer stays as is.
+    """
+    made = {v.block for v in values if v.is_activation}
+    missing = [k for k in range(len(segments)) if k not in made]
+    if not missing:
+        return values
+    out: list[Value] = []
+    pending = iter(missing)
+    k = next(pending, None)
+    for v in [*values, None]:
+        while k is not None and (v is None or (v.is_activation and v.block > k)):
+            out.append(
+                Value(
+                    name=f"{EMPTY}{segments[k].name}",
+                    num_bytes=0,
+                    role=Role.ACTIVATION,
+                    kind=OpKind.OTHER,
+                    flops=0,
+                    block=k,
+                    requires_grad=False,
+                )
+            )
+            k = next(pending, None)
+        if v is not None:
+            out.append(v)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class TorchGraph:
     graph: CostGraph  # the truth: real FLOPs
@@ -260,6 +294,7 @@ def build_graph(profile: Profile, segments: list[Segment]) -> TorchGraph:
                 pinned.add(v.name)
         values.append(v)
     last = max((v.block for v in values if v.is_activation), default=-1)
+    values = _mark_empty_segments(values, segments[: last + 1])
     names = [s.name for s in segments[: last + 1]]
     # No remat's peak as the budget's measure: what callers hold counts only until its last op,
     # a lower bound of the step's (so a plan's upper bound under budget x it holds as measured).

@@ -9,10 +9,12 @@ _modes.py run, which keep and recompute exactly what the plan says.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import inspect
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from remat_kit._core.constraints import PlanConstraints
 from remat_kit._core.graph import CostGraph
 from remat_kit._core.plan import Decision, DecisionCode, Plan
 from remat_kit._core.simulate import decision_codes, needed_and_recomputed
+from remat_kit._torch import _buffers
 from remat_kit._torch._compiled import run_compiled
 from remat_kit._torch._graph import Segment, TorchGraph
 from remat_kit._torch._modes import CACHE, RUN, SKIP, OpSequenceError, Region, Step, _ForwardMode, _ReplayMode, _State
@@ -202,26 +205,43 @@ def _hand_back_where_allocated(steps: list[Step], ops: Sequence[Any], start: int
 
 # Dynamo cannot trace these dispatch modes. Under torch.compile the plan becomes torch's selective
 # checkpoint policy (_compiled.py); only a region it cannot express runs here, as a graph break.
-def run_region(region: Region, fn: Any, args: tuple, kwargs: dict) -> Any:
-    """`fn(*args, **kwargs)` as a non-reentrant checkpoint that keeps and recomputes per `region`."""
+def run_region(region: Region, fn: Any, args: tuple, kwargs: dict, buffers: Sequence[torch.Tensor] = ()) -> Any:
+    """`fn(*args, **kwargs)` as a non-reentrant checkpoint that keeps and recomputes per `region`;
+    the recompute leaves `buffers` (the region's modules') as the forward left them."""
     if torch.compiler.is_compiling():  # the plan as a policy dynamo traces (issue 12, _compiled.py)
-        return run_compiled(region, fn, args, kwargs, eager=_run_region_eager)
-    return _run_region_eager(region, fn, args, kwargs)
+        return run_compiled(region, fn, args, kwargs, eager=functools.partial(_run_region_eager, buffers=buffers))
+    return _run_region_eager(region, fn, args, kwargs, buffers)
 
 
 @torch._dynamo.disable
-def _run_region_eager(region: Region, fn: Any, args: tuple, kwargs: dict) -> Any:
+def _run_region_eager(region: Region, fn: Any, args: tuple, kwargs: dict, buffers: Sequence[torch.Tensor] = ()) -> Any:
     return torch.utils.checkpoint.checkpoint(
-        fn, *args, use_reentrant=False, context_fn=_contexts(region), preserve_rng_state=True, **kwargs
+        fn, *args, use_reentrant=False, context_fn=_contexts(region, buffers), preserve_rng_state=True, **kwargs
     )
 
 
-def _contexts(region: Region) -> Any:
-    """checkpoint's `context_fn` for `region`: none for a region that keeps nothing inside."""
+def _contexts(region: Region, buffers: Sequence[torch.Tensor] = ()) -> Any:
+    """checkpoint's `context_fn` for `region`: none for a region that keeps nothing inside and
+    writes no buffer; a recompute puts back what it wrote (BatchNorm's running statistics)."""
     if region.plain:
-        return noop_context_fn
-    state = _State(region)
-    return lambda: (_ForwardMode(state), _ReplayMode(state))
+        inner = noop_context_fn
+    else:
+        state = _State(region)
+        inner = lambda: (_ForwardMode(state), _ReplayMode(state))  # noqa: E731
+    if not buffers:
+        return inner
+
+    def with_buffers() -> tuple[Any, Any]:
+        forward, recompute = inner()
+        return forward, _recompute_keeping(recompute, buffers)
+
+    return with_buffers
+
+
+@contextlib.contextmanager
+def _recompute_keeping(recompute: Any, buffers: Sequence[torch.Tensor]) -> Iterator[None]:
+    with _buffers.kept(buffers), recompute:
+        yield
 
 
 _checkpoint_generator = torch.utils.checkpoint._checkpoint_without_reentrant_generator
@@ -239,8 +259,8 @@ class SegmentRun:
     embeddings: made before the segment) are reused.
     """
 
-    def __init__(self, region: Region):
-        self.region = region
+    def __init__(self, region: Region, buffers: Sequence[torch.Tensor] = ()):
+        self.region, self.buffers = region, buffers
         self.forwards: list[Any] = []
         self.calls: list[tuple[Any, list[Any], dict[int, tuple[int, int]]]] = []
         self._outputs: list[list[weakref.ref | None]] = []
@@ -260,7 +280,9 @@ class SegmentRun:
     @torch._dynamo.disable
     def start(self, fn: Any, args: tuple, kwargs: dict) -> Any:
         # fn, preserve_rng_state, context_fn, determinism_check, debug[, early_stop], *args
-        head = [self._recompute, True, _contexts(self.region), "default", False] + ([True] if _HAS_EARLY_STOP else [])
+        head = [self._recompute, True, _contexts(self.region, self.buffers), "default", False] + (
+            [True] if _HAS_EARLY_STOP else []
+        )
         self._gen = _checkpoint_generator(*head, *args, **kwargs)
         next(self._gen)
         return self._run(fn, args, kwargs)

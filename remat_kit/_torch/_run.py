@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
+from remat_kit._torch import _buffers
 from remat_kit._torch._compiled import region_settings
 from remat_kit._torch._modes import Region
 from remat_kit._torch._plan import Entry, compile_plan, signature
@@ -41,6 +42,7 @@ class _State:
     # id(entry) -> kept layers not checked yet against a written-out profile (kept_layer_checks)
     unchecked: dict[int, dict[str, Region]] = dataclasses.field(default_factory=dict)
     accelerators: dict[tuple, tuple[torch.device, ...]] = dataclasses.field(default_factory=dict)  # _accelerators
+    ran: set[int] = dataclasses.field(default_factory=set)  # id(entry) of plans that ran a whole forward
 
 
 def _needs_remat(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -84,9 +86,10 @@ class _BlockForward:
             return self.original(*args, **kwargs)
         region = _checked_once(state, compiled, self.path, region)
         if region.members:
-            state.segment = SegmentRun(region)
+            buffers = [b for p in region.members for b in state.wrapped_blocks[p][0].buffers()]
+            state.segment = SegmentRun(region, buffers)
             return state.segment.start(self.original, args, kwargs)
-        return run_region(region, self.original, args, kwargs)
+        return run_region(region, self.original, args, kwargs, list(state.wrapped_blocks[self.path][0].buffers()))
 
 
 def _checked_once(state: _State, entry: Entry, path: str, region: Region) -> Region:
@@ -161,6 +164,7 @@ def _plan_for(
                 user_tools_paused(),
                 torch.profiler.record_function("remat_kit.plan"),
                 torch.random.fork_rng(devices=cuda),
+                _buffers.kept(module.buffers()),
             ):
                 compiled = compile_plan(
                     module,
@@ -200,6 +204,8 @@ class _RootForward:
         compiling = torch._C._dynamo.eval_frame.get_eval_frame_callback() not in (None, False)
         compiled, key = _plan_for(module, state, original, args, kwargs, compiling=compiling)
         rng = _rng_states(_accelerators(module, state, key))
+        # Only a fake profile's plan can be refused mid-forward (below), only on its first run.
+        kept = _buffers.copies(module.buffers()) if compiled.profile.fake and id(compiled) not in state.ran else None
         # A profile written out from four layers can miss a layer that differs only deep in the
         # stack, and a fake-tensor profile can take another path than real tensors (e.g. an SDPA
         # backend chosen from real strides). The replay refuses a different op sequence before
@@ -208,7 +214,9 @@ class _RootForward:
         while True:
             try:
                 with region_settings() if compiling else contextlib.nullcontext():
-                    return self._run(compiled, args, kwargs)
+                    out = self._run(compiled, args, kwargs)
+                state.ran.add(id(compiled))
+                return out
             except OpSequenceError:
                 state.plans.pop(key, None)
                 state.unchecked.pop(id(compiled), None)
@@ -226,6 +234,7 @@ class _RootForward:
             )
             compiled, key = _plan_for(module, state, original, args, kwargs, mode=mode, compiling=compiling)
             _restore_rng(rng)
+            _buffers.restore(kept or [])  # the refused run's BatchNorm updates are undone too
 
     def _run(self, compiled: Entry, args: tuple, kwargs: dict) -> Any:
         state, original = self.state, self.original
@@ -235,7 +244,9 @@ class _RootForward:
         try:
             root = compiled.regions.get("")
             if root is not None:
-                out = run_region(_checked_once(state, compiled, "", root), original, args, kwargs)
+                out = run_region(
+                    _checked_once(state, compiled, "", root), original, args, kwargs, list(self.module.buffers())
+                )
             else:
                 out = original(*args, **kwargs)
             if state.segment is not None and state.segment.open:

@@ -1,0 +1,54 @@
+"""Buffers a training forward writes (BatchNorm's running statistics, `num_batches_tracked`) move
+once per step under `auto`, as without remat: planning's forwards and the backward's recomputes
+put back what they wrote. Found on Hugging Face's ResNet, which also has a layer that makes no
+activation (its classifier's `Flatten`): planning crashed on it ("CostGraph(block_names=...) has
+1 names for 0 blocks")."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import remat_kit as rk  # noqa: E402
+
+
+def _resnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[1, 2, 2, 1], layer_type="basic", num_labels=10
+    )
+    return transformers.ResNetForImageClassification(config).train()
+
+
+def _inputs() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return dict(pixel_values=torch.randn(4, 3, 64, 64, generator=g), labels=torch.randint(0, 10, (4,), generator=g))
+
+
+def _steps(model: torch.nn.Module, n: int) -> tuple[list, dict]:
+    for _ in range(n):
+        model.zero_grad(set_to_none=True)
+        model(**_inputs()).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return grads, {name: b.clone() for name, b in model.named_buffers()}
+
+
+def test_batchnorm_statistics_move_once_per_step_and_a_layer_without_activations_is_planned():
+    model = _resnet()
+    want_grads, want_buffers = _steps(copy.deepcopy(model), 2)
+    with pytest.raises(rk.InfeasibleBudgetError) as info:  # the stem is outside the repeated layers
+        _steps(rk.auto(copy.deepcopy(model), budget=0.3), 1)
+    floor = math.ceil(info.value.smallest_fraction * 1000) / 1000
+    rematted = rk.auto(copy.deepcopy(model), budget=floor)
+    grads, buffers = _steps(rematted, 2)  # the first step plans, both recompute
+    plan = rk.plan_of(rematted)[-1]
+    assert plan.num_recomputed_ops > 0, plan  # the backward recomputes BatchNorm layers
+    assert buffers.keys() == want_buffers.keys()
+    moved = [n for n, b in buffers.items() if not torch.equal(b, want_buffers[n])]
+    assert not moved, moved  # before: every num_batches_tracked at 3, running statistics off by up to 0.5
+    assert all(torch.equal(g, w) for g, w in zip(grads, want_grads))
