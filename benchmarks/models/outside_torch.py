@@ -235,6 +235,22 @@ def cases() -> dict[str, TorchCase]:
             False,
         ),
         TorchCase(
+            "hf-mobilenet-v2",
+            "transformers MobileNetV2ForImageClassification",
+            "convolutional, depthwise, BatchNorm, in-place dropout on a view",
+            _hf(
+                "MobileNetV2ForImageClassification",
+                "MobileNetV2Config",
+                image_size=32,
+                depth_multiplier=0.35,
+                num_labels=4,
+                classifier_dropout_prob=DROPOUT,
+            ),
+            _image_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
             "hf-mixtral",
             "transformers MixtralForCausalLM",
             "mixture of experts",

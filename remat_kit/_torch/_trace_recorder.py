@@ -122,7 +122,12 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if ignored(func, args):
             return self._run_ignored(func, args, kwargs)
-        self.capture_nodes()
+        if not func.is_view:
+            # A view op can arrive from inside autograd holding a tensor's lock: an in-place op
+            # on a view (MobileNetV2's Dropout(inplace=True) on its flattened features) rebuilds
+            # the view's grad_fn by replaying the view, and reading that tensor's grad_fn here
+            # would wait on the lock forever. Views change no grad_fn: the next op captures them.
+            self.capture_nodes()
         for g in (*args, *kwargs.values()):
             if isinstance(g, torch.Generator) and id(g) not in self.generators:
                 self.generators[id(g)] = (g, g.get_state())

@@ -1,8 +1,10 @@
-"""Buffers a training forward writes (BatchNorm's running statistics, `num_batches_tracked`) move
-once per step under `auto`, as without remat: planning's forwards and the backward's recomputes
-put back what they wrote. Found on Hugging Face's ResNet, which also has a layer that makes no
-activation (its classifier's `Flatten`): planning crashed on it ("CostGraph(block_names=...) has
-1 names for 0 blocks")."""
+"""Hugging Face's convolutional networks under `auto`: what they brought up.
+
+Buffers a training forward writes (BatchNorm's running statistics, `num_batches_tracked`) move
+once per step, as without remat: planning's forwards and the backward's recomputes put back what
+they wrote. ResNet also has a layer that makes no activation (its classifier's `Flatten`):
+planning crashed on it ("CostGraph(block_names=...) has 1 names for 0 blocks"). MobileNetV2's
+in-place dropout on a view deadlocked the profile."""
 
 from __future__ import annotations
 
@@ -52,3 +54,30 @@ def test_batchnorm_statistics_move_once_per_step_and_a_layer_without_activations
     moved = [n for n, b in buffers.items() if not torch.equal(b, want_buffers[n])]
     assert not moved, moved  # before: every num_batches_tracked at 3, running statistics off by up to 0.5
     assert all(torch.equal(g, w) for g, w in zip(grads, want_grads))
+
+
+def test_an_in_place_dropout_on_a_view_plans_without_a_deadlock():
+    # MobileNetV2's classifier: Dropout(inplace=True) on the flattened pooled features. Autograd
+    # rebuilt the view's grad_fn by replaying the view op through the profile's dispatch mode
+    # while holding the tensor's lock, and the mode read that tensor's grad_fn: the first call
+    # waited forever (the test's timeout ends it).
+    torch.manual_seed(0)
+    config = transformers.MobileNetV2Config(
+        image_size=32, depth_multiplier=0.35, num_labels=4, classifier_dropout_prob=0.1
+    )
+    model = transformers.MobileNetV2ForImageClassification(config).train()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g), labels=torch.tensor([1, 3]))
+
+    def step(m: torch.nn.Module) -> tuple[list, dict]:
+        torch.manual_seed(1)
+        m.zero_grad(set_to_none=True)
+        m(**inputs).loss.backward()
+        return [p.grad.clone() for p in m.parameters()], {n: b.clone() for n, b in m.named_buffers()}
+
+    want_grads, want_buffers = step(copy.deepcopy(model))
+    rematted = rk.auto(copy.deepcopy(model), budget=0.5)
+    grads, buffers = step(rematted)
+    assert rk.plan_of(rematted)[-1].num_recomputed_ops > 0
+    assert all(torch.equal(g, w) for g, w in zip(grads, want_grads))
+    assert all(torch.equal(buffers[n], b) for n, b in want_buffers.items())
