@@ -60,10 +60,10 @@ def violations(row: dict) -> list[str]:
             )
         if "error" in floor:
             out.append(f"at the named floor {floor['retry_budget']}: exception: {floor['error']}")
-        if floor.get("buffers_differ"):
-            out.append(f"at the named floor {floor['retry_budget']}: buffers differ: {floor['buffers_differ']}")
         elif floor.get("fraction") is not None and floor["fraction"] > floor["retry_budget"] + SLACK:
             out.append(f"at the named floor {floor['retry_budget']}: measured {floor['fraction']:.4f} of none")
+        if floor.get("buffers_differ"):
+            out.append(f"at the named floor {floor['retry_budget']}: buffers differ: {floor['buffers_differ']}")
         return out
     if row["fraction"] > row["budget"] + SLACK:
         out.append(

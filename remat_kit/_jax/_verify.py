@@ -253,8 +253,7 @@ def verified(
     # own workspace dominates, as the max-pool gradient's index buffers do in haiku's small
     # ResNet), the smallest feasible budget is no remat's, never a number above 1. The least of
     # every plan measured (the search's, the floors', other budgets'): a budget there finds it again.
-    smallest = min((b for _, b in known.values()), default=none)  # `known` holds this search's plans too
-    smallest = min(smallest, none)
+    smallest = min([b for _, b in known.values()] + [none])  # `known` holds this search's plans too
     raise _infeasible(budget, smallest, none, constant_bytes, len(search.tried), below_floor)
 
 

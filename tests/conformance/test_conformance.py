@@ -3,7 +3,8 @@
 Every cell of `python -m benchmarks.conformance` (which writes reports/conformance.md) is a test
 here: gradients equal to no remat with dropout on, measured activation memory within budget + 1%
 of no remat or an InfeasibleBudgetError whose floor is met when passed back, names unchanged,
-(torch) buffers after one step equal to no remat's, no other exception. A model whose cells fail is reported failing, never skipped.
+(torch) buffers after one step equal to no remat's, no other exception. A model whose cells fail
+is reported failing, never skipped.
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ def test_violations_flags_each_breach() -> None:
     assert "gradients differ" in violations(_cell(grad_rel_err=float("nan")))[0]
     assert "names changed" in violations(_cell(names_unchanged=False))[0]
     assert "buffers differ" in violations(_cell(buffers_differ="bn.running_mean"))[0]
+    # At a named floor both breaches are reported: differing buffers do not hide an over-budget step.
+    floor = dict(smallest_fraction=0.6, retry_budget=0.6, fraction=0.7, buffers_differ="bn.running_mean")
+    found = violations(dict(budget=0.5, infeasible=floor))
+    assert len(found) == 2 and "measured 0.7000" in found[0] and "buffers differ" in found[1]
     assert "exception" in violations(dict(budget=0.5, error="ValueError: boom"))[0]
 
 
