@@ -66,20 +66,21 @@ def _compiled_peak(make, budget: float) -> tuple[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "make",
+    ("make", "budget"),
     [
         # Before compiles partitioned without CSE: 6,055,024 bytes against a 3,603,765-byte budget.
-        _gpt(4, 64, 128, 256, 2),
-        # Before they fused only producer-consumer kernels: 982,560 bytes against 883,053 (two
-        # layers' recomputes fused through the rotary cos/sin both read).
-        _llama_at_seq64,
+        (_gpt(4, 64, 128, 256, 2), 0.3),
+        # Before they fused only producer-consumer kernels: 982,560 bytes against 883,053 at 0.3 (two
+        # layers' recomputes fused through the rotary cos/sin both read). 0.3 is below its floor
+        # since the floor includes the planning margin (0.304): the budget nearest above it.
+        (_llama_at_seq64, 0.31),
     ],
     ids=["gpt", "hf_llama"],
 )
-def test_compiled_selective_plan_holds_the_budget(make, monkeypatch):
-    """Compiled `auto(0.3)` with selective plans (the replay modes priced at nothing)."""
+def test_compiled_selective_plan_holds_the_budget(make, budget, monkeypatch):
+    """Compiled `auto` near the floor with selective plans (the replay modes priced at nothing)."""
     _free_modes(monkeypatch)
-    peak, budget_bytes = _compiled_peak(make, 0.3)
+    peak, budget_bytes = _compiled_peak(make, budget)
     assert 0 < peak <= budget_bytes, (peak, budget_bytes)
 
 
@@ -89,7 +90,7 @@ def test_compiled_step_frees_buffers_at_their_last_use():
     same size takes it over. A layer's recomputed qkv projection stayed alive across that layer's
     backward peak: compiled `auto(0.3)` held 2,415,720 bytes against a 2,185,269-byte budget (the
     eager plan: 2,165,256). Frames holding planned layers compile without that reuse."""
-    peak, budget_bytes = _compiled_peak(_gpt(4, 128, 64, 512, 2), 0.3)
+    peak, budget_bytes = _compiled_peak(_gpt(4, 128, 64, 512, 2), 0.32)  # its floor: 0.319 with the margin
     assert 0 < peak <= budget_bytes, (peak, budget_bytes)
 
 

@@ -27,6 +27,11 @@ def _step(compiled, model, case, kwargs):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+# Below what one checkpoint per layer reaches (with the planning margin), above what grouped
+# layers reach eagerly (0.522 with the margin; the bug was found at 0.5, then its floor 0.499).
+BUDGET = 0.53
+
+
 @pytest.mark.slow
 def test_compiled_plan_keeps_dropout_layers_to_regions_of_their_own():
     pytest.importorskip("x_transformers")
@@ -40,13 +45,13 @@ def test_compiled_plan_keeps_dropout_layers_to_regions_of_their_own():
     torch.manual_seed(1)
     reference = _step(compiled_none, plain, case, kwargs)
 
-    rematted = remat_kit.auto(copy.deepcopy(model), 0.5)
+    rematted = remat_kit.auto(copy.deepcopy(model), BUDGET)
     torch._dynamo.reset()
     with pytest.raises(remat_kit.InfeasibleBudgetError, match="run it eagerly") as refused:
         _step(torch.compile(rematted, backend="aot_eager"), rematted, case, kwargs)
-    assert refused.value.smallest_fraction > 0.5  # eager reaches 0.5 by grouping layers
+    assert refused.value.smallest_fraction > BUDGET  # eager reaches it by grouping layers
     # Planned eagerly first (layers grouped), then compiled: the same refusal, not the eager plan.
-    eager_first = remat_kit.auto(copy.deepcopy(model), 0.5)
+    eager_first = remat_kit.auto(copy.deepcopy(model), BUDGET)
     _step(eager_first, eager_first, case, kwargs)
     assert remat_kit.plan_of(eager_first)[-1].segments
     torch._dynamo.reset()

@@ -105,7 +105,7 @@ def test_recomputed_layers_of_a_solver_plan_are_plain(model_and_inputs, monkeypa
     # Near its floor the solver recomputes some layers whole (and keeps parts of the last): those
     # regions need no mode, and the step stays exact and within budget with them run as plain
     # checkpoint.
-    budget = 0.32
+    budget = 0.33  # its floor: 0.327 with the planning margin
     model, (idx, tgt) = model_and_inputs
     want = grads(fresh(model), idx, tgt)
     none = measure_step(fresh(model), (idx, tgt), loss_fn=lambda loss: loss, count_flops=False).activation_bytes

@@ -54,9 +54,9 @@ class _Chain(nn.Module):
         return F.cross_entropy(self.head(x), y)
 
 
-def _setup():
+def _setup(n: int = 24):
     torch.manual_seed(0)
-    model = _Chain().train()
+    model = _Chain(n).train()
     inputs = (torch.randn(256, 64), torch.randint(0, 4, (256,)))
     reference = grads(model, *inputs)
     torch.manual_seed(1)
@@ -67,6 +67,13 @@ def _setup():
 @pytest.fixture(scope="module")
 def chain():
     return _setup()
+
+
+@pytest.fixture(scope="module")
+def long_chain():
+    # Long enough that a forward stopped inside its last region still fits the budget
+    # (a shorter chain has a higher floor: its regions cannot be as long).
+    return _setup(40)
 
 
 def test_below_the_per_layer_floor_layers_share_regions_with_exact_gradients(chain):
@@ -86,15 +93,17 @@ def test_below_the_per_layer_floor_layers_share_regions_with_exact_gradients(cha
     assert measured.flops - none.flops == plan.predicted_recompute_flops
 
 
-def test_a_forward_that_leaves_a_region_early_is_refused_and_replanned(chain):
-    model, inputs, _, _ = chain
+def test_a_forward_that_leaves_a_region_early_is_refused_and_replanned(long_chain):
+    model, inputs, _, _ = long_chain
     rematted = remat_kit.auto(copy.deepcopy(model), budget=0.3)
     grads(rematted, *inputs)  # plans with multi-layer regions
     (compiled,) = state_of(rematted).plans.values()
-    first, *rest = [r.members for r in compiled.regions.values() if r.members][-1]
-    # Stop inside the last multi-layer region: the shorter forward is re-planned as a whole model,
-    # and the budget must still be feasible for it (one layer alone cannot reach 0.3 of its step).
-    stop = int(first.rsplit(".", 1)[1]) + 1
+    *ran, last = [r.members for r in compiled.regions.values() if r.members][-1]
+    # Stop before the last layer of the last multi-layer region, so the region is left early: the
+    # shorter forward is re-planned as a whole model, and the budget must still be feasible for it
+    # (the longer it is, the lower its floor; one layer alone cannot reach 0.3 of its step).
+    assert ran
+    stop = int(last.rsplit(".", 1)[1])
     short = copy.deepcopy(model)
     short.stop_after = stop
     rematted.stop_after = stop

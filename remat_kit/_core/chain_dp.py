@@ -142,7 +142,7 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
         for u in graph.block_members[b]:
             hi = max([hi, *(vals[c].block for c in (*graph.consumers[u], *graph.bwd_readers[u]))])
     inside = [i for b in range(lo, hi + 1) for i in graph.block_members[b]]
-    referenced = {graph.index(d) for i in inside for d in (*vals[i].deps, *vals[i].bwd_reads)}
+    referenced = {graph.index(d) for i in inside for d in (*vals[i].deps, *vals[i].bwd_reads, *vals[i].holds)}
     chosen = sorted(set(inside) | referenced)
     keep: list[Value] = []
     index_map: dict[int, int] = {}
@@ -150,7 +150,7 @@ def window(graph: CostGraph, block: int, last: int | None = None) -> Window:
     for i in chosen:
         v = vals[i]
         if v.is_activation and v.block < lo:
-            v = _replace(v, role=Role.INPUT, deps=(), bwd_reads=(), block=0)
+            v = _replace(v, role=Role.INPUT, deps=(), bwd_reads=(), holds=(), block=0)
         elif v.is_activation:
             # Gradients flow as in the whole graph: what gets none there gets none here, and what
             # gets one from beyond the window gets it from a zero-byte sink in a block of its own.
@@ -389,6 +389,7 @@ def block_signature(graph: CostGraph, block: int) -> tuple:
                 graph.is_residual[i],
                 tuple(rel(d) for d in v.deps),
                 tuple(rel(d) for d in v.bwd_reads),
+                tuple(rel(d) for d in v.holds),
                 tuple(sorted({vals[c].block - block for c in (*graph.consumers[i], *graph.bwd_readers[i])})),
             )
         )

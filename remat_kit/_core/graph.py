@@ -55,6 +55,9 @@ class Value:
       requires_grad: whether a gradient buffer flows back through it.
       bwd_workspace_bytes: bytes its op's backward holds for a moment besides the gradients it
         returns (temporaries of the backward formula: a pad, a zeros buffer to scatter into).
+      holds: names of earlier values kept alive until this one is made, though its op does not
+        read them: a module call's inputs, which the caller holds until the call returns (torch).
+        They live that long in the forward and in a recompute; no dependency, no gradient.
       meta: free-form adapter data (op index, primitive name, dtype...); not part of the identity.
     """
 
@@ -71,6 +74,7 @@ class Value:
     requires_grad: bool = True
     meta: tuple[tuple[str, Any], ...] = ()
     bwd_workspace_bytes: int = 0
+    holds: tuple[str, ...] = ()
 
     @property
     def is_activation(self) -> bool:
@@ -144,11 +148,11 @@ class CostGraph:
         for i, v in enumerate(self.values):
             if v.num_bytes < 0 or v.flops < 0 or v.bytes_moved < 0:
                 raise ValueError(f"CostGraph: value {v.name!r} has a negative size or cost: {v!r}.")
-            for d in (*v.deps, *v.bwd_reads):
+            for d in (*v.deps, *v.bwd_reads, *v.holds):
                 j = self._index.get(d)
                 if j is None:
                     raise ValueError(f"CostGraph: value {v.name!r} refers to unknown value {d!r}.")
-                if j > i or (j == i and d in v.deps):
+                if j > i or (j == i and d in (*v.deps, *v.holds)):
                     raise ValueError(
                         f"CostGraph: value {v.name!r} depends on {d!r}, which comes later; "
                         "values must be in forward (topological) order."
@@ -194,7 +198,12 @@ class CostGraph:
         )
         # Forced values are always kept: boundaries (a layer's carry) and outputs.
         self.is_forced = tuple(b or o for b, o in zip(self.is_boundary, self.is_output))
-        self.last_fwd_use = tuple(max((i, *consumers[i])) for i in range(n))
+        holders: list[list[int]] = [[] for _ in range(n)]
+        for i, v in enumerate(vals):
+            for d in v.holds:
+                holders[self._index[d]].append(i)
+        self.holders = tuple(tuple(h) for h in holders)
+        self.last_fwd_use = tuple(max((i, *consumers[i], *holders[i])) for i in range(n))
         members: list[list[int]] = [[] for _ in range(self.num_blocks)]
         for i in self.activations:
             members[vals[i].block].append(i)
@@ -238,7 +247,8 @@ class CostGraph:
         """Hash of names, sizes and structure (not the block grouping, which a plan carries)."""
         h = hashlib.sha256()
         for v in self.values:
-            h.update(f"{v.name}|{v.num_bytes}|{v.role.value}|{','.join(v.deps)}\n".encode())
+            held = f"|{','.join(v.holds)}" if v.holds else ""  # graphs without holds keep their fingerprints
+            h.update(f"{v.name}|{v.num_bytes}|{v.role.value}|{','.join(v.deps)}{held}\n".encode())
         return h.hexdigest()[:16]
 
     def __repr__(self) -> str:

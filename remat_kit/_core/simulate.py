@@ -101,6 +101,8 @@ class _Static:
     needed0: list[bool]  # residuals and forced values: needed whatever the plan
     later_block: list[int]  # forced values: the earliest later block that reads them (own block if none)
     workspace: list[int]  # bytes a value's backward holds for a moment besides gradients
+    holds: list[tuple[int, ...]]  # values a value's making keeps alive (Value.holds)
+    any_holds: bool
 
 
 def _static(graph: CostGraph) -> _Static:
@@ -123,6 +125,8 @@ def _static(graph: CostGraph) -> _Static:
                 for i in range(len(vals))
             ],
             workspace=[v.bwd_workspace_bytes for v in vals],
+            holds=[tuple(graph.index(d) for d in v.holds) for v in vals],
+            any_holds=any(v.holds for v in vals),
         )
     return graph._cache[key]
 
@@ -288,6 +292,8 @@ def _backward_timeline(
             continue
         for j in st.deps[t] if what == "recompute" else st.bwd_reads[t]:
             last_use[j] = m  # moments are increasing, so the last write wins
+    if st.any_holds:
+        _held_in_recompute(graph, st, moments, last_use)
     shared = shared_with_own_block(graph) if hold_shared else None
     for i in graph.activations:
         if graph.is_forced[i]:
@@ -301,6 +307,20 @@ def _backward_timeline(
         if kept[i] or offloaded[i] or recomputed[i]:
             frees_at[max(last_use[i], 0)].append(i)
     return moments, frees_at
+
+
+def _held_in_recompute(graph: CostGraph, st: _Static, moments: list, last_use: list[int]) -> None:
+    """A recompute runs the block's code again, so a module call's inputs stay alive until the
+    call's last op has run again, or, where that op is not recomputed, the last op recomputed
+    before it (the recompute stops once it has what the backward needs)."""
+    at: dict[int, int] = {t: m for m, (what, t, _b) in enumerate(moments) if what == "recompute"}
+    for b in range(graph.num_blocks):
+        latest = -1
+        for t in graph.block_members[b]:
+            latest = at.get(t, latest)
+            if latest >= 0:
+                for j in st.holds[t]:
+                    last_use[j] = max(last_use[j], latest)
 
 
 def _backward(

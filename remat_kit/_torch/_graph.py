@@ -237,6 +237,20 @@ def _held_by_callers(profile: Profile, segments: list[Segment], values: list[Val
     ]
 
 
+def _holds_within_blocks(values: list[Value]) -> list[Value]:
+    """`values` with each one's holds (the inputs of a module call it ends) kept only where the
+    input is an activation of its own block: a layer's input from the block before is kept for
+    the layer's recompute and backward anyway, and the planner measures a block apart from the
+    values of other blocks."""
+    block_of = {v.name: v.block for v in values if v.is_activation}
+    out = []
+    for v in values:
+        if v.holds:
+            v = dataclasses.replace(v, holds=tuple(h for h in v.holds if block_of.get(h) == v.block))
+        out.append(v)
+    return out
+
+
 def _mark_empty_segments(values: list[Value], segments: list[Segment]) -> list[Value]:
     """`values` with a zero-byte activation in each segment that made none, placed in forward order.
 
@@ -293,6 +307,7 @@ def build_graph(profile: Profile, segments: list[Segment]) -> TorchGraph:
             if segments[k].module is None:
                 pinned.add(v.name)
         values.append(v)
+    values = _holds_within_blocks(values)
     last = max((v.block for v in values if v.is_activation), default=-1)
     values = _mark_empty_segments(values, segments[: last + 1])
     names = [s.name for s in segments[: last + 1]]

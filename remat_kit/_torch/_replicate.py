@@ -196,6 +196,7 @@ def _render(
                     name=ren(v.name),
                     deps=tuple(ren(d) for d in v.deps),
                     bwd_reads=tuple(ren(r) for r in v.bwd_reads),
+                    holds=tuple(ren(h) for h in v.holds),
                     module=path(v.module),
                 )
             )

@@ -217,6 +217,7 @@ def _frozen(values: list[dict[str, Any]], facts: _BackwardFacts) -> list[Value]:
         own_pos = position[v["name"]]
         bwd = tuple(r for r in facts.reads.get(v["name"], ()) if position[r] <= own_pos)
         extra = (d for d in facts.extra_deps.get(v["name"], ()) if position[d] < own_pos)
+        holds = tuple(h for h in v.get("holds", ()) if position.get(h, own_pos) < own_pos)
         out.append(
             value(
                 v["name"],
@@ -237,6 +238,8 @@ def _frozen(values: list[dict[str, Any]], facts: _BackwardFacts) -> list[Value]:
         )
         if v["name"] in facts.spent:
             out[-1] = dataclasses.replace(out[-1], bwd_workspace_bytes=facts.spent[v["name"]])
+        if holds:
+            out[-1] = dataclasses.replace(out[-1], holds=holds)
     return out
 
 

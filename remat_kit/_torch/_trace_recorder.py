@@ -271,19 +271,29 @@ def module_hooks(root: torch.nn.Module, rec: Recorder, calls: dict[str, int], la
     `rec.returned` and `rec.regions` (the candidate layers whose `forward` is running) while the
     forward runs."""
     handles = []
+    entered: list[tuple[int, tuple[str, ...]]] = []  # per open call: values made before it, its inputs
     for path, mod in root.named_modules():
 
-        def pre(_m, _a, path=path):
+        def pre(_m, args, kwargs, path=path):
             rec.stack.append(path)
             calls[path] = calls.get(path, 0) + 1
+            names = (rec.owner.get(storage_key(t)) for t in reachable_tensors((args, kwargs)))
+            entered.append((len(rec.values), tuple(dict.fromkeys(n for n in names if n in rec.value_op))))
 
         def post(_m, _a, _o, path=path):
             if rec.stack and rec.stack[-1] == path:
                 rec.stack.pop()
             names = (rec.owner.get(storage_key(t)) for t in reachable_tensors(_o))
             rec.returned[path] = tuple(dict.fromkeys(n for n in names if n in rec.value_op))
+            if entered:
+                made_before, inputs = entered.pop()
+                if inputs and len(rec.values) > made_before:
+                    # The caller holds the call's inputs until it returns: the last value the call
+                    # made is where they can go (Value.holds).
+                    last = rec.values[-1]
+                    last["holds"] = tuple(dict.fromkeys((*last.get("holds", ()), *inputs)))
 
-        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, always_call=True))
     wrapped = _regions_marked(root, rec, layers, on_layer)
     try:

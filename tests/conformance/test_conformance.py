@@ -26,14 +26,7 @@ def _rows(name: str) -> dict[float, dict]:
 # Cells that break the contract today, each failing its check here (strict: fixed, it fails the
 # run until removed from this list). Listed so that CI lands the fixes around them; each is in
 # reports/conformance.md as FAIL.
-KNOWN_BREACHES = {
-    ("hf-mobilenet-v2", 0.3): (
-        "the floor InfeasibleBudgetError names (0.405) measures 0.443 (predicted 708056 bytes, measured "
-        "766328, at layer 0's recompute). Live there: expand_1x1's ReLU6 output (98 KB), whose only reader "
-        "(conv_3x3's padding) had run; most likely held by the caller's frame until conv_3x3 returns, "
-        "which the memory model frees at its last read"
-    ),
-}
+KNOWN_BREACHES: dict[tuple[str, float], str] = {}
 
 
 def _cells() -> list:
