@@ -17,7 +17,9 @@ else, the least a check of every saved array on its devices costs (shown in both
 the layer's fingerprint was that pass until it read CPU arrays with NumPy; on accelerators it is).
 
 One fresh process per (implementation, repeat), implementations interleaved within each
-repeat, medians over repeats. Each process builds the state, then times a save (waited until
+repeat (in turn first, after an `os.sync()`: a save is mostly the kernel's work, and a run that
+always followed another ran while the other's gigabyte was still being written back), medians
+over repeats. Each process builds the state, then times a save (waited until
 committed) and a restore into a template, in wall time and in CPU time (user + system, every
 thread: getrusage; summed over a job's processes, it moves less than wall time when other jobs
 share the cores; its system part, mostly page faults, is also kept apart in the JSON as
@@ -290,12 +292,16 @@ def main() -> None:
             "--reduce-pass); pass --out NAME for this run, e.g. --out resume_constant"
         )
     raw: dict[str, list[dict]] = {}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for framework, processes, impls in cells:
             extra = (["remat_kit@baseline"] if args.baseline else []) + (
                 ["reduce"] if args.reduce_pass and framework == "jax" else []
             )
-            for impl in impls + extra:  # interleaved
+            order = impls + extra
+            # Interleaved, in turn first: the one that ran second always ran while the kernel
+            # still wrote back the first one's gigabyte (a save's time is mostly system time).
+            for impl in order if repeat % 2 == 0 else order[::-1]:
+                os.sync()  # and none starts with another's dirty pages to write back
                 key = f"{framework} x{processes} {impl}"
                 tree = args.baseline if impl.endswith("@baseline") else ROOT
                 raw.setdefault(key, []).append(_cell(framework, impl, args.mib, processes, tree, args.values))

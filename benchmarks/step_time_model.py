@@ -44,6 +44,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import remat_kit as rk
 from benchmarks._report import write
 from benchmarks.models.torch_gpt import GPT, add_shape_args
+from remat_kit._torch import _layerplan
+from remat_kit._torch._api import state_of
+from remat_kit._torch._device import default_device
+from remat_kit._torch._modecost import cold_dispatch, mode_cost
 
 
 class OpTimer(TorchDispatchMode):
@@ -164,6 +168,24 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[dict]]
     return rows, samples
 
 
+def predicted_parts(model: torch.nn.Module) -> dict[str, float]:
+    """The plan's predicted extra step time split as the measurement splits it: the ops its
+    recomputes run, the recompute frames' fixed costs (checkpoint's frame and hooks, the replay
+    mode, views; `_layerplan.fixed_seconds`) and the selective regions' forward mode. The parts
+    are the cost model's own terms (`_layerplan.region_costs`), at the constants this process calibrated."""
+    device = default_device(model)
+    modes, cold = mode_cost("cpu"), cold_dispatch("cpu")
+    cost = _layerplan.checkpoint_region_cost("cpu", op_overhead=device.op_overhead_seconds)
+    fixed = forward = recompute = 0.0
+    for entry in state_of(model).plans.values():
+        recompute += entry.plan.predicted_recompute_seconds
+        for region in entry.regions.values():
+            replay = 0.0 if region.plain else modes.replay_of(region)
+            fixed += _layerplan.fixed_seconds(region, device, replay, cost, cold)
+            forward += _layerplan.region_costs(region, device, modes, cost, cold)[2]
+    return {"predicted_ops_s": recompute - fixed, "predicted_frame_s": fixed, "predicted_forward_s": forward}
+
+
 def _row(budget: float, model: torch.nn.Module, mine: list[dict], none: list[dict]) -> dict:
     plans = rk.plan_of(model) or []
     predicted = sum(p.predicted_recompute_seconds for p in plans)
@@ -201,7 +223,7 @@ def _row(budget: float, model: torch.nn.Module, mine: list[dict], none: list[dic
         "extra_wall_s": extra_wall,
         "extra_wall_iqr_s": [wall_lo, wall_hi],
         "cpu_ratio_to_none": statistics.median(s["cpu"] for s in mine) / statistics.median(s["cpu"] for s in none),
-    }
+    } | predicted_parts(model)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,6 +270,28 @@ def _step_table(rows: list[dict]) -> list[str]:
             f"{_ms(r['extra_cpu_s'])} [{_ms(cq[0])}, {_ms(cq[1])}] | {_ratio(r.get('predicted_step_over_extra_cpu'))} | "
             f"{_ms(r['predicted_recompute_s'])} | {_ms(r['measured_recompute_cpu_s'])} | "
             f"{_ms(r.get('extra_forward_cpu_s'))} | {_ms(r.get('extra_backward_rest_cpu_s'))} |"
+        )
+    return lines
+
+
+def _parts_table(rows: list[dict]) -> list[str]:
+    """Each part of the prediction beside the part measured (medians; the measured frame is the
+    recompute less the ops it runs, both from the split steps)."""
+    lines = [
+        "| budget | ops: predicted ms | ops run ms | recompute frame: predicted ms | measured ms | "
+        "forward: predicted ms | extra forward ms | sum predicted ms | sum measured ms | extra CPU ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "predicted_ops_s" not in r:
+            continue
+        frame = r["frame_cpu_s"] - r["ops_run_cpu_s"]
+        predicted = r["predicted_ops_s"] + r["predicted_frame_s"] + r["predicted_forward_s"]
+        measured = r["ops_run_cpu_s"] + frame + r["extra_forward_cpu_s"]
+        lines.append(
+            f"| {r['budget']} | {_ms(r['predicted_ops_s'])} | {_ms(r['ops_run_cpu_s'])} | "
+            f"{_ms(r['predicted_frame_s'])} | {_ms(frame)} | {_ms(r['predicted_forward_s'])} | "
+            f"{_ms(r['extra_forward_cpu_s'])} | {_ms(predicted)} | {_ms(measured)} | {_ms(r['extra_cpu_s'])} |"
         )
     return lines
 
@@ -299,9 +343,15 @@ def _report(args: argparse.Namespace, rows: list[dict], none_cpu: float, before:
         "- `ops run`: of that, the ops the recompute runs, timed one by one under the region's modes (median of",
         f"  {args.split_steps} more steps); the rest of the frame is Python, autograd, hooks and the replay modes.",
         "- `extra CPU` / `extra wall`: median over rounds of (step - that round's no-remat step) [quartiles].",
+        "- parts: `ops` the recompute's ops (predicted: the plan's recompute less its regions' fixed costs),",
+        "  `recompute frame` the rest of the recompute (predicted: checkpoint's frame and hooks, the replay mode,",
+        "  views, at the cold factor; measured: recompute less ops run, in the same split steps, so it carries",
+        "  the op timer's own cost), `forward` the selective regions' forward mode (measured: extra forward;",
+        "  checkpoint's pack hooks run in the forward but are priced in the frame: compare the sums).",
         "",
     ]
-    lines += _step_table(rows) + ["", "The recompute alone:", ""] + _table(rows)
+    lines += _step_table(rows) + ["", "The prediction's parts beside the measured ones:", ""] + _parts_table(rows)
+    lines += ["", "The recompute alone:", ""] + _table(rows)
     if before is not None:
         lines += ["", f"Before: `{before['command']}` on {before['machine']['date']}, same measurements:", ""]
         lines += _step_table(before["rows"]) + [""] + _table(before["rows"])

@@ -122,11 +122,11 @@ def predicted_seconds(
     kept whole adds nothing: it runs as written, unwrapped (`_run.install_blocks` wraps only the
     layers of a region). What `by_time` chooses by and `as_run` reports."""
     return plan.predicted_recompute_seconds + sum(
-        sum(_split(r, device, modes, cost, cold)[1:]) for r in regions.values()
+        sum(region_costs(r, device, modes, cost, cold)[1:]) for r in regions.values()
     )
 
 
-def _split(
+def region_costs(
     region: Region, device: DeviceSpec, modes: ModeCost, cost: RegionCost, cold: ColdDispatch
 ) -> tuple[float, float, float]:
     """(FLOPs a plain region runs beyond the plan, the region's time in the recompute frame
@@ -158,7 +158,7 @@ def as_run(plan: Plan, regions: dict[str, Region], device: DeviceSpec, device_ty
     cold = cold_dispatch(device_type)
     flops = recompute = forward = 0.0
     for region in regions.values():
-        f, r, fw = _split(region, device, modes, cost, cold)
+        f, r, fw = region_costs(region, device, modes, cost, cold)
         flops, recompute, forward = flops + f, recompute + r, forward + fw
     seconds = plan.predicted_recompute_seconds + recompute
     return dataclasses.replace(
