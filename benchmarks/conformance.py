@@ -6,7 +6,7 @@ equinox and haiku models; small configs, random weights, dropout on where the mo
 every budget, one training step with `auto` is checked against no remat in the same process:
 
 - gradients equal to no remat's, same RNG (dropout masks replayed), relative error <= 1e-5 per tensor;
-- measured activation memory <= budget + 1% of no remat, or an `InfeasibleBudgetError` whose
+- measured activation memory <= budget + 0.1% of no remat, or an `InfeasibleBudgetError` whose
   smallest feasible budget is above the one asked for and, when passed back, is met as measured;
 - parameter and state names (torch: named_parameters, state_dict; JAX: the gradient and aux
   trees) unchanged; no other exception.
@@ -42,7 +42,9 @@ from typing import Any
 from benchmarks import conformance_report
 
 BUDGETS = (0.3, 0.5, 0.7)
-SLACK = 0.01  # measured may exceed budget x none by this fraction of none (the contract's +1%)
+# Measured may exceed budget x none by this fraction of none: the loss scalar and its seed, no
+# more (the contract has no slack; at 1% HF ConvNeXt's 0.702 at budget 0.7 passed unseen).
+SLACK = 0.001
 GRAD_TOL = 1e-5  # per tensor: max |auto - none| / max |none|, fp32
 
 

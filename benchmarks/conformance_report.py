@@ -35,7 +35,7 @@ def write(result: dict, out: str) -> None:
         "",
         "Each model is the outside library's own class, small config, random weights, dropout on where it has "
         "it. A cell conforms when gradients equal no remat's (same RNG; relative error <= "
-        f"{result['grad_tol']:g} per tensor), measured activation memory <= budget + {result['slack']:.0%} of "
+        f"{result['grad_tol']:g} per tensor), measured activation memory <= budget + {result['slack']:.1%} of "
         "no remat, or an InfeasibleBudgetError names a floor above the budget that is met when passed back, "
         "parameter/state names are unchanged, and (torch) every buffer after one step equals no remat's "
         "(BatchNorm's running statistics). Measured: live-storage tracker (torch), compiled "

@@ -4,7 +4,9 @@ Buffers a training forward writes (BatchNorm's running statistics, `num_batches_
 once per step, as without remat: planning's forwards and the backward's recomputes put back what
 they wrote. ResNet also has a layer that makes no activation (its classifier's `Flatten`):
 planning crashed on it ("CostGraph(block_names=...) has 1 names for 0 blocks"). MobileNetV2's
-in-place dropout on a view deadlocked the profile."""
+in-place dropout on a view deadlocked the profile. ConvNeXt's convolutions return their weight
+gradients channels-last, which the step copies into the weights' layout: the memory model missed
+that copy's moment, and a plan at 0.7 measured 0.702 of no remat (predicted 0.651)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import remat_kit as rk  # noqa: E402
+from remat_kit._torch._measure import measure_step  # noqa: E402
 
 
 def _resnet() -> torch.nn.Module:
@@ -81,3 +84,27 @@ def test_an_in_place_dropout_on_a_view_plans_without_a_deadlock():
     assert rk.plan_of(rematted)[-1].num_recomputed_ops > 0
     assert all(torch.equal(g, w) for g, w in zip(grads, want_grads))
     assert all(torch.equal(buffers[n], b) for n, b in want_buffers.items())
+
+
+def test_a_parameter_gradient_copied_into_its_layout_is_in_the_memory_model():
+    # ConvNeXt permutes to channels-last for its LayerNorm and back, so each convolution reads a
+    # channels-last input and returns a channels-last weight gradient; AccumulateGrad copies it
+    # into the contiguous weight's layout, holding both for that moment.
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], num_labels=2)
+    model = transformers.ConvNextForImageClassification(config).train()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g), labels=torch.tensor([0, 1]))
+
+    def loss(out):
+        return out.loss
+
+    none = measure_step(model, (), inputs, loss, count_flops=False).activation_bytes
+    for budget in (1.0, 0.7):
+        rematted = rk.auto(copy.deepcopy(model), budget=budget)
+        rematted(**inputs).loss.backward()
+        plan = rk.plan_of(rematted)[-1]
+        measured = measure_step(rematted, (), inputs, loss, count_flops=False).activation_bytes
+        # before: at 1.0 predicted 129,256 bytes, measured 154,848; at 0.7 measured 0.702 of no remat
+        assert measured <= budget * none, (budget, measured, none)
+        assert abs(measured - plan.predicted_activation_bytes) <= 0.01 * none, (budget, measured, plan)

@@ -251,6 +251,22 @@ def cases() -> dict[str, TorchCase]:
             True,
         ),
         TorchCase(
+            "hf-convnext",
+            "transformers ConvNextForImageClassification",
+            "convolutional, channels-last LayerNorm (weight gradients copied into their layout), layer scale, drop path",
+            _hf(
+                "ConvNextForImageClassification",
+                "ConvNextConfig",
+                hidden_sizes=[8, 16, 32, 64],
+                depths=[1, 1, 2, 1],
+                drop_path_rate=DROPOUT,
+                num_labels=4,
+            ),
+            _image_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
             "hf-mixtral",
             "transformers MixtralForCausalLM",
             "mixture of experts",

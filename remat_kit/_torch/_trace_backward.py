@@ -54,13 +54,42 @@ class _BackwardMeter(TorchDispatchMode):
     def enter_node(self, node_id: int) -> None:
         self.node, self.start, self.peak = node_id, self.live, self.live
 
-    def leave_node(self, node_id: int) -> None:
+    def leave_node(self, node_id: int, copied: int = 0) -> None:
+        """`copied`: bytes of parameter gradients the step will copy into `.grad` after the node
+        (`copied_parameter_grads`): held for that moment on top of what the node leaves."""
         if self.node == node_id:
             # Above both ends: the gradients it made are counted by the simulator as buffers.
-            extra = self.peak - max(self.start, self.live)
+            extra = max(self.peak - max(self.start, self.live), copied)
             if extra > 0:
                 self.workspace[node_id] = max(self.workspace.get(node_id, 0), extra)
         self.node = None
+
+
+def _obeys_layout_contract(grad: torch.Tensor, param: torch.Tensor) -> bool:
+    """torch's own test (torch/csrc/autograd/utils/grad_layout_contract.h) of whether
+    AccumulateGrad may keep `grad` as `param.grad` or must copy it into `param`'s layout."""
+    if grad.is_sparse or param.is_sparse or grad.is_mkldnn:
+        return True
+    try:
+        from torch._prims_common import is_non_overlapping_and_dense
+    except ImportError:  # pragma: no cover - torch without _prims_common: contiguous as the test
+        return grad.is_contiguous() or not param.is_contiguous()
+    if is_non_overlapping_and_dense(param):
+        return all(n == 1 or gs == ps for n, gs, ps in zip(grad.shape, grad.stride(), param.stride()))
+    return grad.is_contiguous()
+
+
+def copied_parameter_grads(node: Any, grads: tuple) -> int:
+    """Bytes of the gradients `node` returns for parameters in a layout other than theirs: the
+    step's AccumulateGrad copies each into the parameter's layout (`clone_obey_contract`), so the
+    one the node made is held until that copy is done. HF ConvNeXt's convolutions read a
+    channels-last permute, and their weight gradients come back channels-last."""
+    total = 0
+    for (fn, _nr), grad in zip(node.next_functions, grads):
+        param = getattr(fn, "variable", None)
+        if param is not None and isinstance(grad, torch.Tensor) and not _obeys_layout_contract(grad, param):
+            total += grad.untyped_storage().nbytes()
+    return total
 
 
 def backward_workspace(rec: Recorder, out: Any, root: torch.nn.Module) -> dict[int, int]:
@@ -82,7 +111,11 @@ def backward_workspace(rec: Recorder, out: Any, root: torch.nn.Module) -> dict[i
     handles = []
     for node_id, node in rec.nodes.items():
         handles.append(node.register_prehook(lambda _g, node_id=node_id: meter.enter_node(node_id)))
-        handles.append(node.register_hook(lambda _gi, _go, node_id=node_id: meter.leave_node(node_id)))
+        handles.append(
+            node.register_hook(
+                lambda gi, _go, node=node, node_id=node_id: meter.leave_node(node_id, copied_parameter_grads(node, gi))
+            )
+        )
     try:
         with meter:
             seeds = [torch.ones_like(t) for t in outputs]
