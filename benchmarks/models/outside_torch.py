@@ -90,6 +90,11 @@ def _image_kwargs() -> dict[str, Any]:
     return dict(pixel_values=torch.randn(BATCH, 3, 32, 32, generator=g), labels=torch.tensor([1, 3]))
 
 
+def _whisper_kwargs() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    return dict(input_features=torch.randn(BATCH, 8, 32, generator=g), labels=_tokens()[:, :8])
+
+
 def _bart_kwargs() -> dict[str, Any]:
     ids = _tokens()
     return dict(input_ids=ids, decoder_input_ids=_tokens(2), labels=_tokens(2))
@@ -263,6 +268,45 @@ def cases() -> dict[str, TorchCase]:
                 num_labels=4,
             ),
             _image_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-phi",
+            "transformers PhiForCausalLM",
+            "decoder, attention and MLP in parallel on one LayerNorm, partial rotary",
+            _hf("PhiForCausalLM", "PhiConfig", **_DECODER, resid_pdrop=DROPOUT, embd_pdrop=DROPOUT),
+            _lm_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-whisper",
+            "transformers WhisperForConditionalGeneration",
+            "audio encoder-decoder, convolutional front end",
+            _hf(
+                "WhisperForConditionalGeneration",
+                "WhisperConfig",
+                vocab_size=VOCAB,
+                num_mel_bins=8,
+                d_model=HIDDEN,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=HEADS,
+                decoder_attention_heads=HEADS,
+                encoder_ffn_dim=FFN,
+                decoder_ffn_dim=FFN,
+                max_source_positions=16,
+                max_target_positions=SEQ,
+                dropout=DROPOUT,
+                attention_dropout=DROPOUT,
+                activation_dropout=DROPOUT,
+                pad_token_id=0,
+                decoder_start_token_id=1,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+            _whisper_kwargs,
             _hf_loss,
             True,
         ),
