@@ -44,10 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import remat_kit as rk
 from benchmarks._report import write
 from benchmarks.models.torch_gpt import GPT, add_shape_args
-from remat_kit._torch import _layerplan
-from remat_kit._torch._api import state_of
-from remat_kit._torch._device import default_device
-from remat_kit._torch._modecost import cold_dispatch, mode_cost
+from remat_kit.measure import torch_predicted_parts
 
 
 class OpTimer(TorchDispatchMode):
@@ -170,20 +167,14 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[dict]]
 
 def predicted_parts(model: torch.nn.Module) -> dict[str, float]:
     """The plan's predicted extra step time split as the measurement splits it: the ops its
-    recomputes run, the recompute frames' fixed costs (checkpoint's frame and hooks, the replay
-    mode, views; `_layerplan.fixed_seconds`) and the selective regions' forward mode. The parts
-    are the cost model's own terms (`_layerplan.region_costs`), at the constants this process calibrated."""
-    device = default_device(model)
-    modes, cold = mode_cost("cpu"), cold_dispatch("cpu")
-    cost = _layerplan.checkpoint_region_cost("cpu", op_overhead=device.op_overhead_seconds)
-    fixed = forward = recompute = 0.0
-    for entry in state_of(model).plans.values():
-        recompute += entry.plan.predicted_recompute_seconds
-        for region in entry.regions.values():
-            replay = 0.0 if region.plain else modes.replay_of(region)
-            fixed += _layerplan.fixed_seconds(region, device, replay, cost, cold)
-            forward += _layerplan.region_costs(region, device, modes, cost, cold)[2]
-    return {"predicted_ops_s": recompute - fixed, "predicted_frame_s": fixed, "predicted_forward_s": forward}
+    recomputes run, the recompute frames' fixed costs and the selective regions' forward mode
+    (`remat_kit.measure.torch_predicted_parts`: the cost model's own terms)."""
+    parts = torch_predicted_parts(model)
+    return {
+        "predicted_ops_s": parts.ops_seconds,
+        "predicted_frame_s": parts.frame_seconds,
+        "predicted_forward_s": parts.forward_seconds,
+    }
 
 
 def _row(budget: float, model: torch.nn.Module, mine: list[dict], none: list[dict]) -> dict:

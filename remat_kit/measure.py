@@ -10,7 +10,9 @@ framework's adapter on first use: `import remat_kit.measure` works without jax o
   `torch.cuda.max_memory_allocated` over the step. `hf_kv_cache_configs` finds the Hugging Face
   configs `auto` runs with the KV cache off. `torch_plan` plans a module on one input as `auto`'s
   first call does, without running a step, and `torch_profile` only profiles it (a benchmark
-  times the two to split planning time).
+  times the two to split planning time). `torch_predicted_parts` splits an `auto` module's
+  predicted extra step time into its recomputed ops, the recomputes' fixed costs and the forward
+  mode, as a benchmark can split the measured one.
 - JAX: `jax_flops` reads XLA's cost analysis; `jax_auto_flops_unrolled` counts the FLOPs of the
   plan `auto` made with its scans unrolled (XLA counts a scan body once). `jax_trace` traces a
   function as `auto` does and gives its cost graph, the cost model's plan at a budget (no
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from remat_kit._jax import TracedStep
-    from remat_kit._torch import Planning, StepMeasurement
+    from remat_kit._torch import Planning, PredictedParts, StepMeasurement
 
 __all__ = [
     "format_bytes",
@@ -43,6 +45,7 @@ __all__ = [
     "jax_trace",
     "rel_err",
     "torch_plan",
+    "torch_predicted_parts",
     "torch_profile",
     "torch_step",
 ]
@@ -151,6 +154,17 @@ def torch_plan(
     from remat_kit import _torch
 
     return _torch.plan_inputs(model, args, kwargs, budget, profile=profile)
+
+
+def torch_predicted_parts(model: Any) -> PredictedParts:
+    """The terms of the predicted extra step time of the plans an `auto` module has made:
+    `ops_seconds` (what its recomputes run), `frame_seconds` (the recomputes' fixed costs:
+    checkpoint's frame and hooks, the replay mode, views) and `forward_seconds` (the selective
+    regions' forward mode). They add up to `sum(p.predicted_extra_step_seconds for p in
+    remat_kit.plan_of(model))`."""
+    from remat_kit import _torch
+
+    return _torch.predicted_parts(model)
 
 
 def torch_profile(model: Any, args: tuple = (), kwargs: dict | None = None, *, profile: str = "replicate") -> int:

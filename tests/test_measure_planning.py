@@ -62,3 +62,32 @@ def test_torch_plan_plans_from_inputs_as_auto_does():
     assert torch_profile(model, (x,), profile="fake") == planned.num_ops > 0
     with pytest.raises(ValueError, match="profile='every op'"):
         torch_plan(model, (x,), budget=0.5, profile="every op")
+
+
+def test_torch_predicted_parts_add_up_to_the_predicted_extra_step():
+    torch = pytest.importorskip("torch")
+    from remat_kit.measure import torch_predicted_parts
+
+    torch.manual_seed(0)
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)) for _ in range(6)
+            )
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + layer(x)
+            return x.pow(2).mean()
+
+    model = rk.auto(Stack(), budget=0.4)
+    model(torch.randn(32, 16)).backward()
+    plans = rk.plan_of(model)
+    parts = torch_predicted_parts(model)
+    assert plans[-1].num_recomputed_ops > 0
+    assert min(parts.ops_seconds, parts.frame_seconds, parts.forward_seconds) >= 0
+    assert parts.ops_seconds > 0  # (the fixed costs are 0 here: conftest turns calibration off)
+    total = parts.ops_seconds + parts.frame_seconds + parts.forward_seconds
+    assert total == pytest.approx(sum(p.predicted_extra_step_seconds for p in plans), rel=1e-9)

@@ -16,13 +16,16 @@ from remat_kit._torch._api import plan_of as plan_of
 from remat_kit._torch._api import unwrap as unwrap
 from remat_kit._torch._explain import explain as explain
 from remat_kit._torch._measure import Planning as Planning
+from remat_kit._torch._measure import PredictedParts as PredictedParts
 from remat_kit._torch._measure import StepMeasurement as StepMeasurement
 from remat_kit._torch._measure import measure_step as measure_step
 from remat_kit._torch._measure import plan_inputs as plan_inputs
+from remat_kit._torch._measure import predicted_parts as predicted_parts
 from remat_kit._torch._measure import profile_ops as profile_ops
 
 __all__ = [
     "Planning",
+    "PredictedParts",
     "StepMeasurement",
     "auto",
     "explain",
@@ -30,6 +33,7 @@ __all__ = [
     "measure_step",
     "plan_inputs",
     "plan_of",
+    "predicted_parts",
     "profile_ops",
     "unwrap",
 ]

@@ -205,3 +205,33 @@ def _profile_mode(profile: str) -> str:
     if profile not in ("replicate", "fake", "real"):
         raise ValueError(f"profile={profile!r} must be 'replicate', 'fake' or 'real'.")
     return profile
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictedParts:
+    """A rematted module's predicted extra step time, split as a measurement can split it."""
+
+    ops_seconds: float  # the ops its recomputes run
+    frame_seconds: float  # the recomputes' fixed costs: checkpoint's frame and hooks, replay mode, views
+    forward_seconds: float  # the selective regions' forward mode
+
+
+def predicted_parts(model: torch.nn.Module) -> PredictedParts:
+    """The terms of `plan.predicted_extra_step_seconds` of every plan `model` (an `auto` module)
+    has made (`_layerplan.region_costs`, at the constants this process calibrated)."""
+    from remat_kit._torch._api import state_of
+    from remat_kit._torch._device import default_device, device_of
+    from remat_kit._torch._layerplan import checkpoint_region_cost, fixed_seconds, region_costs
+    from remat_kit._torch._modecost import cold_dispatch, mode_cost
+
+    device = default_device(model)
+    kind = device_of(model).type
+    modes, cold = mode_cost(kind), cold_dispatch(kind)
+    cost = checkpoint_region_cost(kind, op_overhead=device.op_overhead_seconds)
+    recompute = frame = forward = 0.0
+    for entry in state_of(model).plans.values():
+        recompute += entry.plan.predicted_recompute_seconds
+        for region in entry.regions.values():
+            frame += fixed_seconds(region, device, 0.0 if region.plain else modes.replay_of(region), cost, cold)
+            forward += region_costs(region, device, modes, cost, cold)[2]
+    return PredictedParts(recompute - frame, frame, forward)
