@@ -27,16 +27,7 @@ def _rows(name: str) -> dict[float, dict]:
 # run until removed from this list). Listed so that CI lands the fixes around them. The tests plan
 # with calibration off (conftest), reports/conformance.md with it on, so a cell can fail here and
 # conform there; docs/where-it-loses.md has each.
-KNOWN_BREACHES: dict[tuple[str, float], str] = {
-    ("hf-t5", 0.7): (
-        "measured 0.7028 of no remat: the plan is predicted to the byte, but the memory model puts no "
-        "remat itself 3.4% high (1,512,448 against 1,463,304 bytes), so the budget's byte limit is loose"
-    ),
-    ("hf-whisper", 0.3): (
-        "the floor named (0.3739, from the fake-tensor profile) is refused when passed back at 0.374: the "
-        "real forward runs other ops (the decoder's attention), and the real profile's floor is 0.3740"
-    ),
-}
+KNOWN_BREACHES: dict[tuple[str, float], str] = {}
 
 
 def _cells() -> list:
