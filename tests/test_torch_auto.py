@@ -9,6 +9,7 @@ import torch
 from torch_helpers import Block, TinyGPT, fresh, grads, max_rel_err, tokens
 
 import remat_kit._torch as rt
+from remat_kit import InfeasibleBudgetError
 from remat_kit._core.simulate import simulate
 from remat_kit._torch._api import state_of
 from remat_kit._torch._measure import measure_step
@@ -160,15 +161,25 @@ def test_deepcopy_of_a_rematted_model_runs_on_the_copy(gpt):
 
 def test_inputs_that_need_no_grad_and_frozen_parameters(gpt):
     model, inputs, _, _ = gpt
-    m = rt.auto(fresh(model), 0.99)  # with only the last layer training there is little to give back
+    m = rt.auto(fresh(model), 0.99)
     for p in m.parameters():
         p.requires_grad_(False)
     out = m(*inputs)  # nothing needs a gradient: no planning at all
     assert not out.requires_grad and not state_of(m).plans
     for p in m.h[-1].parameters():  # only the last layer trains
         p.requires_grad_(True)
+    # Only the last layer's activations are kept for a backward: remat has less to give back than
+    # its planning margin, so the floor named is no remat itself (not above it).
+    with pytest.raises(InfeasibleBudgetError) as refused:
+        m(*inputs).backward()
+    assert refused.value.smallest_fraction == 1.0
+    m = rt.auto(fresh(model), 1.0)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for p in m.h[-2].parameters():  # a layer before the last trains: the last one's input needs a gradient
+        p.requires_grad_(True)
     m(*inputs).backward()
-    assert all(p.grad is not None for p in m.h[-1].parameters())
+    assert all(p.grad is not None for p in m.h[-2].parameters())
 
 
 class Branchy(torch.nn.Module):

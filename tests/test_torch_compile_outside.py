@@ -27,9 +27,9 @@ def _step(compiled, model, case, kwargs):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-# Below what one checkpoint per layer reaches (with the planning margin), above what grouped
-# layers reach eagerly (0.522 with the margin; the bug was found at 0.5, then its floor 0.499).
-BUDGET = 0.53
+# Below what one checkpoint per layer reaches (0.590 with the planning margin), above what grouped
+# layers reach eagerly (0.536; the bug was found at 0.5, then its floor 0.499).
+BUDGET = 0.56
 
 
 @pytest.mark.slow

@@ -146,7 +146,7 @@ def solve_torch(
             budget,
             tg,
             offload,
-            core.smallest() + margin,
+            min(core.smallest() + margin, tg.baseline_bytes),  # no remat (1.0) is always feasible
             grouped=core.span > 1 or one_region,
             ungrouped_for_compile=ungrouped,
         )
