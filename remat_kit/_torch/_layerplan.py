@@ -128,17 +128,27 @@ def predicted_seconds(
 
 def region_costs(
     region: Region, device: DeviceSpec, modes: ModeCost, cost: RegionCost, cold: ColdDispatch
-) -> tuple[float, float, float]:
-    """(FLOPs a plain region runs beyond the plan, the region's time in the recompute frame
-    beyond the plan's recompute, its time in the forward) as priced by `predicted_seconds`: the
-    replay mode in the first, the forward mode in the second, both at the region's cold factor
+) -> tuple[float, float, float, float]:
+    """(FLOPs a plain region runs beyond the plan, the seconds of those ops, the region's fixed
+    costs in the recompute frame, its time in the forward) as priced by `predicted_seconds`: the
+    replay mode in the third, the forward mode in the fourth, both at the region's cold factor
     (`fixed_seconds`). Checkpoint's own cost (`RegionCost`: its frame, and the pack and unpack
-    hooks of the forward and the backward, timed as a whole step) is counted in the first."""
+    hooks of the forward and the backward, timed as a whole step) is counted in the third."""
     if region.plain:
         flops, seconds = plain_extra(region, device)
-        return flops, seconds + fixed_seconds(region, device, 0.0, cost, cold), 0.0
+        return flops, seconds, fixed_seconds(region, device, 0.0, cost, cold), 0.0
     recompute = fixed_seconds(region, device, modes.replay_of(region), cost, cold)
-    return 0.0, recompute, modes.forward_of(region) * cold.factor(region_bytes(region))
+    return 0.0, 0.0, recompute, modes.forward_of(region) * cold.factor(region_bytes(region))
+
+
+def run_costs(regions: dict[str, Region], device: DeviceSpec, device_type: str) -> tuple[float, float, float, float]:
+    """`region_costs` summed over `regions`, at the constants calibrated for `device_type`."""
+    modes, cost = mode_cost(device_type), checkpoint_region_cost(device_type, op_overhead=device.op_overhead_seconds)
+    cold = cold_dispatch(device_type)
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for region in regions.values():
+        sums = [a + b for a, b in zip(sums, region_costs(region, device, modes, cost, cold))]
+    return sums[0], sums[1], sums[2], sums[3]
 
 
 def as_run(plan: Plan, regions: dict[str, Region], device: DeviceSpec, device_type: str = "cpu") -> Plan:
@@ -154,13 +164,8 @@ def as_run(plan: Plan, regions: dict[str, Region], device: DeviceSpec, device_ty
     `predicted_extra_step_seconds`: all of that and what the selective regions' forward pays under
     `_ForwardMode` (`ModeCost.forward_of`, at the same factor): the step time the plan is predicted
     to add over no remat, the figure `by_time` chose it by (`predicted_seconds`)."""
-    modes, cost = mode_cost(device_type), checkpoint_region_cost(device_type, op_overhead=device.op_overhead_seconds)
-    cold = cold_dispatch(device_type)
-    flops = recompute = forward = 0.0
-    for region in regions.values():
-        f, r, fw = region_costs(region, device, modes, cost, cold)
-        flops, recompute, forward = flops + f, recompute + r, forward + fw
-    seconds = plan.predicted_recompute_seconds + recompute
+    flops, extra, fixed, forward = run_costs(regions, device, device_type)
+    seconds = plan.predicted_recompute_seconds + extra + fixed
     return dataclasses.replace(
         plan,
         predicted_recompute_flops=plan.predicted_recompute_flops + int(flops),

@@ -218,20 +218,14 @@ class PredictedParts:
 
 def predicted_parts(model: torch.nn.Module) -> PredictedParts:
     """The terms of `plan.predicted_extra_step_seconds` of every plan `model` (an `auto` module)
-    has made (`_layerplan.region_costs`, at the constants this process calibrated)."""
+    has made (`_layerplan.run_costs`, at the constants this process calibrated)."""
     from remat_kit._torch._api import state_of
     from remat_kit._torch._device import default_device, device_of
-    from remat_kit._torch._layerplan import checkpoint_region_cost, fixed_seconds, region_costs
-    from remat_kit._torch._modecost import cold_dispatch, mode_cost
+    from remat_kit._torch._layerplan import run_costs
 
-    device = default_device(model)
-    kind = device_of(model).type
-    modes, cold = mode_cost(kind), cold_dispatch(kind)
-    cost = checkpoint_region_cost(kind, op_overhead=device.op_overhead_seconds)
+    device, kind = default_device(model), device_of(model).type
     recompute = frame = forward = 0.0
     for entry in state_of(model).plans.values():
-        recompute += entry.plan.predicted_recompute_seconds
-        for region in entry.regions.values():
-            frame += fixed_seconds(region, device, 0.0 if region.plain else modes.replay_of(region), cost, cold)
-            forward += region_costs(region, device, modes, cost, cold)[2]
+        _flops, _extra, fixed, fw = run_costs(entry.regions, device, kind)
+        recompute, frame, forward = recompute + entry.plan.predicted_recompute_seconds, frame + fixed, forward + fw
     return PredictedParts(recompute - frame, frame, forward)

@@ -136,8 +136,8 @@ def solve_torch(
     # and the floor an InfeasibleBudgetError names is the least reachable plus the margin (passed
     # back, it plans that least plan with the margin to spare). Before, the floor had none: on
     # HF MobileNetV2 the named floor measured 0.443 of no remat at 0.405 (reports/conformance.md).
-    core, _ = _configure(module, tg, solver, offload, constraints, limit - margin, one_region, segments)
-    aim = wish = limit - margin
+    aim = limit - margin
+    core = _configure(module, tg, solver, offload, constraints, aim, segments)
     plan = core.at(aim, parsed)
     if plan is None:
         ungrouped = not segments and segment_spans(module, tg, solver) != segment_spans(module, tg, solver, True)
@@ -151,7 +151,7 @@ def solve_torch(
             ungrouped_for_compile=ungrouped,
         )
     span_by_time = segment_spans(module, tg, None)[0] if segments else 1
-    plan = by_time(module, tg, prof, plan, wish, parsed, span_by_time)
+    plan = by_time(module, tg, prof, plan, aim, parsed, span_by_time)
     # Its predictions then speak of what is measured: the casts in both figures; no remat's
     # figure is the one the budget was taken of (see TorchGraph.baseline_bytes).
     return dataclasses.replace(
@@ -214,24 +214,17 @@ def _configure(
     offload: bool,
     constraints: PlanConstraints,
     limit: int,
-    one_region: bool,
     segments: bool = True,
-) -> tuple[_CoreSolve, int]:
-    """The solver for this graph and `limit`, and the least activation bytes to aim at.
-    `segments` False: planned under torch.compile (see `segment_spans`)."""
-    floor = floor_plan(tg).predicted_activation_bytes
+) -> _CoreSolve:
+    """The solver for this graph and `limit`. `segments` False: planned under torch.compile
+    (see `segment_spans`)."""
     span, fixed_blocks = 1, frozenset[str]()
-    if limit < floor:
+    if limit < floor_plan(tg).predicted_activation_bytes:
         # Below what one checkpoint per layer reaches only regions over several layers can fit.
         # (Above it they are left out: their options cost seconds to measure on deep stacks and
         # rarely beat per-layer plans there.)
         span, fixed_blocks = segment_spans(module, tg, solver, compiling=not segments)
-    core = _CoreSolve(tg, solver, offload, span, fixed_blocks, constraints, default_device(module))
-    if span > 1 or one_region:
-        # One region's recompute runs at the start of its own backward: the floor is the least peak
-        # of any plan, not that of recomputing everything (about no remat's own peak).
-        floor = min(floor, core.smallest())
-    return core, floor
+    return _CoreSolve(tg, solver, offload, span, fixed_blocks, constraints, default_device(module))
 
 
 def _activation_limit(tg: TorchGraph, parsed: Budget) -> tuple[int, int, int]:
