@@ -151,26 +151,36 @@ def _clock(fn) -> tuple[float, float, float]:
 
 
 def _timed(save, restore) -> dict:
-    """Warm-up save and restore of step 0, then step 1 timed (wall, CPU) with the peak RSS reset."""
+    """Warm-up save and restore of step 0, then `RESUME_BENCH_SAVES` (default 1) steps timed (wall,
+    CPU), each save after an untimed `os.sync()`, with the peak RSS reset before the first: the
+    medians over those steps (a training loop saves many times per process: every timed step after
+    the first is one of those), and the first timed step's own figures as `first_*`."""
     save(0)  # warm-up: first-call set-up is not what a training run pays per save
     restore(0)
     before = _rss("VmRSS")
     _reset_peak()
-    _barrier()
-    save_s, save_cpu_s, save_sys_s = _clock(lambda: save(1))
-    _barrier()
-    restore_s, restore_cpu_s, restore_sys_s = _clock(lambda: restore(1))
-    # The system part apart: mostly page faults on fresh allocations, whose count varies with the
-    # allocator's state from process to process, for the plain libraries as for the layer.
-    return {
-        "save_s": save_s,
-        "restore_s": restore_s,
-        "save_cpu_s": save_cpu_s,
-        "restore_cpu_s": restore_cpu_s,
-        "save_sys_s": save_sys_s,
-        "restore_sys_s": restore_sys_s,
-        "extra_rss_bytes": _rss("VmHWM") - before,
-    }
+    steps = []
+    for step in range(1, 1 + int(os.environ.get("RESUME_BENCH_SAVES", "1"))):
+        os.sync()  # the previous step's gigabyte written back before this save is timed
+        _barrier()
+        save_s, save_cpu_s, save_sys_s = _clock(lambda: save(step))
+        _barrier()
+        restore_s, restore_cpu_s, restore_sys_s = _clock(lambda: restore(step))
+        # The system part apart: mostly page faults on fresh allocations, whose count varies with the
+        # allocator's state from process to process, for the plain libraries as for the layer.
+        steps.append(
+            {
+                "save_s": save_s,
+                "restore_s": restore_s,
+                "save_cpu_s": save_cpu_s,
+                "restore_cpu_s": restore_cpu_s,
+                "save_sys_s": save_sys_s,
+                "restore_sys_s": restore_sys_s,
+            }
+        )
+    medians = {key: statistics.median(s[key] for s in steps) for key in steps[0]}
+    first = {f"first_{key}": value for key, value in steps[0].items()}
+    return {**medians, **first, "extra_rss_bytes": _rss("VmHWM") - before}
 
 
 def _barrier() -> None:
@@ -213,7 +223,9 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT, values: str = "random") -> dict:
+def _cell(
+    framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT, values: str = "random", saves: int = 1
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         devices = 4 // processes if framework == "jax" else 1
         env = {
@@ -222,6 +234,7 @@ def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT
             "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "RESUME_BENCH_VALUES": values,
+            "RESUME_BENCH_SAVES": str(saves),
         }
         worker = [sys.executable, str(Path(__file__).resolve()), "--worker"]
         base = [*worker, framework, impl.split("@")[0], f"{tmp}/ckpt", str(mib)]
@@ -236,15 +249,14 @@ def _cell(framework: str, impl: str, mib: int, processes: int, tree: Path = ROOT
     if len(results) != processes:
         raise RuntimeError(f"{framework}/{impl} x{processes} failed:\n{outs[0][-2000:]}")
     # The job's time is the slowest process's; its CPU time and extra memory are sums over processes.
+    summed = ("cpu", "sys", "rss")
     return {
-        "save_s": max(r["save_s"] for r in results),
-        "restore_s": max(r["restore_s"] for r in results),
-        "save_cpu_s": sum(r["save_cpu_s"] for r in results),
-        "restore_cpu_s": sum(r["restore_cpu_s"] for r in results),
-        "save_sys_s": sum(r["save_sys_s"] for r in results),
-        "restore_sys_s": sum(r["restore_sys_s"] for r in results),
-        "extra_rss_bytes": sum(r["extra_rss_bytes"] for r in results),
-        "state_bytes": results[0]["state_bytes"],
+        key: results[0][key]
+        if key == "state_bytes"
+        else sum(r[key] for r in results)
+        if any(part in key for part in summed)
+        else max(r[key] for r in results)
+        for key in results[0]
     }
 
 
@@ -264,6 +276,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--saves", type=int, default=1, help="timed saves and restores per process (their median; `first_*`: the first)"
+    )
     parser.add_argument("--cells", nargs="+", choices=sorted(CELL_NAMES), default=sorted(CELL_NAMES))
     parser.add_argument("--baseline", type=Path, help="a tree whose remat_kit is measured too, as 'before'")
     parser.add_argument("--out", default="resume", help="reports/OUT.json and reports/OUT.md")
@@ -304,12 +319,16 @@ def main() -> None:
                 os.sync()  # and none starts with another's dirty pages to write back
                 key = f"{framework} x{processes} {impl}"
                 tree = args.baseline if impl.endswith("@baseline") else ROOT
-                raw.setdefault(key, []).append(_cell(framework, impl, args.mib, processes, tree, args.values))
+                raw.setdefault(key, []).append(
+                    _cell(framework, impl, args.mib, processes, tree, args.values, args.saves)
+                )
                 print(key, raw[key][-1], flush=True)
     medians = {key: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for key, runs in raw.items()}
     command = " ".join(["python -m benchmarks.resume_bench", *sys.argv[1:]])
     if args.out == "resume":
-        command = f"python -m benchmarks.resume_bench --mib {args.mib} --repeats {args.repeats}"
+        command = f"python -m benchmarks.resume_bench --mib {args.mib} --repeats {args.repeats}" + (
+            f" --saves {args.saves}" if args.saves != 1 else ""
+        )
     (ROOT / "reports" / f"{args.out}.json").write_text(
         json.dumps({"command": command, "medians": medians, "raw": raw}, indent=1)
     )
