@@ -14,6 +14,11 @@
   refused with the same error. The solver's least plan kept dropout masks half made (empty_like,
   bernoulli_, before div_ rewrites them in place), which the replay cannot keep and recomputes, so
   the plan the replay runs was over the floor the error named. `_ViT` is that model, small.
+* Hugging Face Llama with its own `gradient_checkpointing_enable()` on, then `auto`: the floor the
+  InfeasibleBudgetError named (0.966 of the model's step) measured 0.974 there. Each HF layer
+  discards its activations and recomputes them itself, which the profile cannot see; a model
+  that calls torch.utils.checkpoint (or save_on_cpu) inside its forward is the same. Both are
+  now refused with an error that says what to turn off.
 """
 
 from __future__ import annotations
@@ -278,3 +283,70 @@ def test_replay_scratch_is_not_sized_by_in_place_ops() -> None:
     state.begin_replay()
     placeholder = state.placeholder((4, 4), (4, 1), torch.float32, torch.device("cpu"), shared=True)
     assert placeholder.untyped_storage().nbytes() == 4 * 4 * 4
+
+
+def _tiny_hf_llama():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=64
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).train()
+
+
+@pytest.mark.parametrize("when", ["before auto", "after auto"])
+def test_hugging_face_gradient_checkpointing_is_refused_by_name(when: str) -> None:
+    model = _tiny_hf_llama()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    if when == "before auto":
+        model.gradient_checkpointing_enable()
+        with pytest.raises(ValueError, match=r"gradient_checkpointing_disable\(\)") as caught:
+            remat_kit.auto(model, 0.8)
+    else:  # a Trainer turns it on after the user decorated the model: refused at planning
+        with pytest.warns(UserWarning, match="use_cache"):
+            remat_kit.auto(model, 0.8)
+        model.gradient_checkpointing_enable()
+        with pytest.raises(ValueError, match=r"gradient_checkpointing_disable\(\)") as caught:
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert "`model.layers.0`" in str(caught.value)
+    model.gradient_checkpointing_disable()  # what the error says to do: then it plans and runs
+    if when == "before auto":
+        with pytest.warns(UserWarning, match="use_cache"):
+            remat_kit.auto(model, 0.8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert remat_kit.plan_of(model)
+
+
+class _CheckpointsItsOwnLayer(nn.Module):
+    def __init__(self, hooks: str) -> None:
+        super().__init__()
+        self.hooks = hooks
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            if i == 1 and self.hooks == "checkpoint":
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            elif i == 1 and self.hooks == "save_on_cpu":
+                with torch.autograd.graph.save_on_cpu():
+                    x = layer(x)
+            else:
+                x = layer(x)
+        return x.square().mean()
+
+
+@pytest.mark.parametrize("hooks", ["checkpoint", "save_on_cpu"])
+def test_a_forward_that_installs_saved_tensor_hooks_is_refused(hooks: str) -> None:
+    model = remat_kit.auto(_CheckpointsItsOwnLayer(hooks), 0.5)
+    with pytest.raises(ValueError, match=r"saved-tensor hooks it installed itself") as caught:
+        model(torch.randn(BATCH, D)).backward()
+    assert "`layers.1" in str(caught.value)
+
+
+def test_saved_tensor_hooks_around_the_whole_step_are_the_callers() -> None:
+    # The user's own context around the step (not inside the model) is not the model's doing.
+    model = remat_kit.auto(_CheckpointsItsOwnLayer("none"), 0.9)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        model(torch.randn(BATCH, D)).backward()
+    assert remat_kit.plan_of(model)

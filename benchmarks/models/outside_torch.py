@@ -137,6 +137,15 @@ def _jamba() -> torch.nn.Module:
     )
 
 
+def _classify_kwargs() -> dict[str, Any]:
+    return dict(input_ids=_tokens(), labels=torch.tensor([0, 1]))
+
+
+def _audio_kwargs() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    return dict(input_values=torch.randn(BATCH, 1600, generator=g), labels=torch.tensor([0, 1]))
+
+
 def _ids_only() -> dict[str, Any]:
     return dict()
 
@@ -370,6 +379,102 @@ def cases() -> dict[str, TorchCase]:
                 dropout_rate=DROPOUT,
             ),
             _bart_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-opt",
+            "transformers OPTForCausalLM",
+            "decoder, learned positions with offset",
+            _hf(
+                "OPTForCausalLM",
+                "OPTConfig",
+                num_hidden_layers=LAYERS,
+                hidden_size=HIDDEN,
+                num_attention_heads=HEADS,
+                ffn_dim=FFN,
+                vocab_size=VOCAB,
+                word_embed_proj_dim=HIDDEN,
+                dropout=DROPOUT,
+                attention_dropout=DROPOUT,
+                max_position_embeddings=64,
+            ),
+            _lm_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-bloom",
+            "transformers BloomForCausalLM",
+            "decoder, ALiBi, fused QKV",
+            _hf(
+                "BloomForCausalLM",
+                "BloomConfig",
+                n_layer=LAYERS,
+                hidden_size=HIDDEN,
+                n_head=HEADS,
+                vocab_size=VOCAB,
+                hidden_dropout=DROPOUT,
+                attention_dropout=DROPOUT,
+            ),
+            _lm_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-deberta-v2",
+            "transformers DebertaV2ForSequenceClassification",
+            "encoder, disentangled relative-position attention",
+            _hf("DebertaV2ForSequenceClassification", "DebertaV2Config", vocab_size=VOCAB, **_BERT_LIKE),
+            _classify_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-wav2vec2",
+            "transformers Wav2Vec2ForSequenceClassification",
+            "audio, conv feature encoder then transformer",
+            _hf(
+                "Wav2Vec2ForSequenceClassification",
+                "Wav2Vec2Config",
+                num_hidden_layers=LAYERS,
+                hidden_size=HIDDEN,
+                num_attention_heads=HEADS,
+                intermediate_size=FFN,
+                conv_dim=(16, 16),
+                conv_stride=(5, 2),
+                conv_kernel=(10, 3),
+                num_conv_pos_embeddings=16,
+                num_conv_pos_embedding_groups=4,
+                hidden_dropout=DROPOUT,
+                attention_dropout=DROPOUT,
+                activation_dropout=DROPOUT,
+                feat_proj_dropout=DROPOUT,
+                mask_time_prob=0.0,
+            ),
+            _audio_kwargs,
+            _hf_loss,
+            True,
+        ),
+        TorchCase(
+            "hf-swin",
+            "transformers SwinForImageClassification",
+            "vision, shifted windows, stages, drop path",
+            _hf(
+                "SwinForImageClassification",
+                "SwinConfig",
+                image_size=32,
+                patch_size=4,
+                embed_dim=16,
+                depths=[2, 2],
+                num_heads=[2, 4],
+                window_size=4,
+                hidden_dropout_prob=DROPOUT,
+                attention_probs_dropout_prob=DROPOUT,
+                drop_path_rate=0.1,
+                num_labels=4,
+            ),
+            _image_kwargs,
             _hf_loss,
             True,
         ),

@@ -17,7 +17,8 @@ import torch
 from remat_kit._core.budget import parse_budget
 from remat_kit._core.plan import Plan
 from remat_kit._torch._limits import autocast_cast_bytes as autocast_cast_bytes
-from remat_kit._torch._plan import _profile as _profile  # (benchmarks/torch_bench.py profiles through it)
+from remat_kit._torch._plan import _profile as _profile
+from remat_kit._torch._plan import refuse_hf_checkpointing  # (benchmarks/torch_bench.py profiles through it)
 from remat_kit._torch._run import _RootForward, _State
 
 _STATE = "_remat_kit_state"
@@ -34,6 +35,7 @@ def auto(target: Any, budget: object, *, offload: bool = False, solver: str | No
             f"remat_kit.auto(target={target!r:.80}): expected a torch.nn.Module instance or subclass, got "
             f"{type(target).__name__}."
         )
+    refuse_hf_checkpointing(target)  # checked again when planning: it may be turned on after this
     if hasattr(target, _STATE):
         unwrap(target)  # re-applying replaces the old budget
     original = target.__dict__.get("forward")

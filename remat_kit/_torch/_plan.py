@@ -35,7 +35,7 @@ from remat_kit._torch._layerplan import as_run, by_time, fast_regions
 from remat_kit._torch._limits import autocast_cast_bytes, floor_plan, infeasible_error, segment_spans, uses_fsdp
 from remat_kit._torch._replay import Region, constraints_for_torch
 from remat_kit._torch._replicate import profile_replicated
-from remat_kit._torch._trace import Profile, profile
+from remat_kit._torch._trace import OwnCheckpointingError, Profile, profile
 
 
 @dataclasses.dataclass
@@ -66,11 +66,32 @@ def signature(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
     return tuple(sig)
 
 
+def refuse_hf_checkpointing(module: torch.nn.Module) -> None:
+    """Raise when Hugging Face's own gradient checkpointing is on in `module` (its layers'
+    `gradient_checkpointing` flag): each such layer discards its activations and recomputes them
+    itself, reentrant or not, so remat_kit could not price a plan of it (a floor named on such a
+    Llama measured 0.974 of the model's step against 0.966 named)."""
+    flagged = [
+        n or type(module).__name__
+        for n, m in module.named_modules()
+        if getattr(m, "gradient_checkpointing", None) is True
+    ]
+    if flagged:
+        shown = ", ".join(f"`{n}`" for n in flagged[:3]) + (f" and {len(flagged) - 3} more" if len(flagged) > 3 else "")
+        raise OwnCheckpointingError(
+            f"remat_kit.auto: {type(module).__name__} has Hugging Face gradient checkpointing on "
+            f"(gradient_checkpointing=True in {shown}): its layers already discard and recompute their "
+            "activations, and remat_kit plans that itself. Call model.gradient_checkpointing_disable() before "
+            "training (with the Trainer: TrainingArguments(gradient_checkpointing=False)), or leave remat_kit.auto out."
+        )
+
+
 def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = None, mode: str = "replicate") -> Profile:
     """Profile under FakeTensorMode, the code before the layers on real tensors where it can (so
     masks and checks on values take the real step's path); `mode` "replicate" (from four layers
     of a long identical stack when it can, see _replicate.py), "fake" (every op) or "real" (real
     tensors)."""
+    refuse_hf_checkpointing(module)
     layers = candidate_layers(module)
     if mode == "real" or uses_fsdp(module):
         # FSDP2's unshard/reshard hooks keep state across calls; a fake run leaves fake
@@ -85,6 +106,8 @@ def _profile(module: torch.nn.Module, args: tuple, kwargs: dict, call: Any = Non
             return found
     try:
         return profile(module, args, kwargs, fake=True, call=call, layers=layers, real_prologue=True)
+    except OwnCheckpointingError:
+        raise  # the model, not the fake run: a real one would stop there too
     except Exception as e:  # an op without a fake kernel: profile with real tensors instead
         warnings.warn(
             f"remat_kit: profiling {type(module).__name__} under FakeTensorMode failed ({type(e).__name__}: "

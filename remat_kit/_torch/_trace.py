@@ -142,6 +142,7 @@ def _profile_once(
                     late.close()
                 for g, st in rec.generators.values():
                     g.set_state(st)
+            refuse_own_saved_tensor_hooks(root, rec)
             values = _values_of_run(rec, root, out, measure_backward)
             del out
     # Autocast caches parameter casts per region; the ones made here are fake tensors.
@@ -156,6 +157,25 @@ def _profile_once(
         fake=fake and (late is None or late.switched),  # never switched: it all ran for real
         real_prologue=late is not None and late.switched,
     )
+
+
+class OwnCheckpointingError(ValueError):
+    """The model checkpoints or offloads activations itself (see `refuse_own_saved_tensor_hooks`)."""
+
+
+def refuse_own_saved_tensor_hooks(root: torch.nn.Module, rec: Recorder) -> None:
+    """Raise when the forward changed what autograd saves by itself: a checkpoint or offload inside
+    the model discards or moves activations the plan would count as kept, so no plan of it is
+    priced right (Hugging Face's own `gradient_checkpointing_enable()` is caught earlier, by name)."""
+    if rec.hooked_modules:
+        where = ", ".join(f"`{m}`" if m else "the root's own code" for m in list(rec.hooked_modules)[:3])
+        raise OwnCheckpointingError(
+            f"remat_kit.auto: {type(root).__name__}'s forward ran ops of {where} under saved-tensor hooks it "
+            "installed itself (torch.utils.checkpoint, torch.autograd.graph.save_on_cpu or saved_tensors_hooks "
+            "inside the model). They change what the step keeps for backward, and remat_kit plans exactly that: "
+            "remove the checkpoint or offload calls from the model (or its option that turns them on), or leave "
+            "remat_kit.auto out."
+        )
 
 
 def _inputs_registered(rec: Recorder, args: tuple, kwargs: dict, fake_mode: Any | None) -> tuple[tuple, dict]:

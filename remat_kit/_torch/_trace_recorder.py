@@ -49,6 +49,11 @@ class _OpFacts:
     in_bytes: int
 
 
+def saved_tensor_hooks() -> Any:
+    """The innermost saved-tensor hooks in force (`torch.autograd.graph.saved_tensors_hooks`), or None."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(True)
+
+
 class Recorder(TorchDispatchMode):
     """Records ops; the module stack comes from forward hooks installed by `module_hooks`."""
 
@@ -75,6 +80,10 @@ class Recorder(TorchDispatchMode):
         # Explicit generators (torch.bernoulli(p, generator=g)) as they were before their first draw:
         # ops that run for real (a real prologue) must not move them; fork_rng covers the default ones.
         self.generators: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
+        # Saved-tensor hooks the forward installs itself (torch.utils.checkpoint, save_on_cpu):
+        # those around the profile are the caller's; modules whose ops ran under others are noted.
+        self.outer_hooks = saved_tensor_hooks()
+        self.hooked_modules: dict[str, None] = {}
 
     # -- external tensors: parameters, buffers, inputs -----------------------------------
     def register(self, t: torch.Tensor, name: str, role: Role) -> None:
@@ -131,6 +140,8 @@ class Recorder(TorchDispatchMode):
         for g in (*args, *kwargs.values()):
             if isinstance(g, torch.Generator) and id(g) not in self.generators:
                 self.generators[id(g)] = (g, g.get_state())
+        if torch.is_grad_enabled() and saved_tensor_hooks() != self.outer_hooks:
+            self.hooked_modules[self.stack[-1] if self.stack else ""] = None
         flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         in_values = [self._value_of(t) for t in flat_in]
         io = {storage_key(t): v for t, v in zip(flat_in, in_values)}
