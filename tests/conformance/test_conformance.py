@@ -31,10 +31,18 @@ KNOWN_BREACHES: dict[tuple[str, float], str] = {}
 
 
 def _cells() -> list:
+    # One xdist group per model: its cells share one run of the model (`_rows`), on one worker.
     return [
-        pytest.param(name, budget, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BREACHES[(name, budget)])])
-        if (name, budget) in KNOWN_BREACHES
-        else (name, budget)
+        pytest.param(
+            name,
+            budget,
+            marks=[pytest.mark.xdist_group(name)]
+            + (
+                [pytest.mark.xfail(strict=True, reason=KNOWN_BREACHES[(name, budget)])]
+                if (name, budget) in KNOWN_BREACHES
+                else []
+            ),
+        )
         for name in CASES
         for budget in BUDGETS
     ]
@@ -48,7 +56,9 @@ def test_auto_keeps_the_contract(name: str, budget: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n, (_, case) in CASES.items() if case.dropout])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.xdist_group(n)) for n, (_, case) in CASES.items() if case.dropout]
+)
 def test_dropout_is_live(name: str) -> None:
     # Equal gradients prove the masks were replayed only if another seed gives other gradients.
     assert _rows(name)[BUDGETS[0]]["dropout_live"], f"{name}: dropout has no effect on the gradients"
