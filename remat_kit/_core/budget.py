@@ -41,7 +41,9 @@ class Budget:
     def limit_activation_bytes(self, baseline_activation_bytes: int, constant_bytes: int) -> int:
         """The activation-memory limit in bytes this budget sets on a graph."""
         if self.kind == "fraction":
-            return math.floor(self.value * baseline_activation_bytes)
+            # Rounded before the floor: a named floor X / baseline passed back times the baseline
+            # read X - 1e-13 in floats and floored a byte short of X (its plan then refused).
+            return math.floor(round(self.value * baseline_activation_bytes, 6))
         return int(self.value) - constant_bytes
 
     def __str__(self) -> str:
