@@ -17,8 +17,8 @@ import torch
 from remat_kit._core.budget import parse_budget
 from remat_kit._core.plan import Plan
 from remat_kit._torch._limits import autocast_cast_bytes as autocast_cast_bytes
-from remat_kit._torch._plan import _profile as _profile
-from remat_kit._torch._plan import refuse_hf_checkpointing  # (benchmarks/torch_bench.py profiles through it)
+from remat_kit._torch._plan import _profile as _profile  # (benchmarks/torch_bench.py profiles through it)
+from remat_kit._torch._plan import refuse_hf_checkpointing
 from remat_kit._torch._run import _RootForward, _State
 
 _STATE = "_remat_kit_state"
