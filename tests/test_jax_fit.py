@@ -141,3 +141,33 @@ def test_infeasible_error_names_the_least_plan_measured(monkeypatch):
         assert inverted(None, plan.as_dict(), None, segments=plan.segments) <= e.value.smallest_fraction * none
     finally:
         _verify._NONE_CACHE.clear()
+
+
+def test_a_plan_measured_for_one_budget_is_not_compiled_again_for_another(monkeypatch):
+    """Every budget's search of one program shares what was measured (`known`): a second budget
+    whose search meets a plan the first compiled reads its bytes instead of compiling it again
+    (the conformance suite's budgets below equinox's floor measured the same floor plans twice)."""
+    import remat_kit as rk
+    from remat_kit._jax import _verify
+
+    params = jax.random.normal(jax.random.key(0), (LAYERS, 2, D, D)) * 0.1
+    x = jnp.ones((8, D))
+    real = _verify.temp_bytes
+    compiled: list = []
+
+    def counting(traced, decisions, specs, *, segments=()):
+        compiled.append((tuple(sorted(decisions.items())), tuple(map(tuple, segments))))
+        return real(traced, decisions, specs, segments=segments)
+
+    monkeypatch.setattr(_verify, "temp_bytes", counting)
+    _verify._NONE_CACHE.clear()
+    try:
+        for budget in (0.05, 0.06, 0.5, 0.45):  # two below the floor, two above it
+            try:
+                jax.grad(rk.auto(_unrolled, budget))(params, x)
+            except InfeasibleBudgetError:
+                pass
+        assert len(compiled) > 2
+        assert len(compiled) == len(set(compiled)), "a plan was compiled twice for one program"
+    finally:
+        _verify._NONE_CACHE.clear()

@@ -511,3 +511,50 @@ def test_thinned_dp_states_still_give_plans_that_fit(seed):
         if found is not None:
             codes = _path_codes(graph, menus, found[0])
             assert _run(graph, codes, False)[0] == found[3] <= limit
+
+
+def test_whole_graph_program_is_built_once_and_dropped_where_it_loses_to_the_dp(monkeypatch):
+    """The default solver builds the whole-graph program once per graph and costs (a budget
+    search solves one graph at many limits), and a program stopped by its time limit and beaten
+    by the DP is not solved again on that graph: on equinox's transformer each 1 s incumbent cost
+    1.4-6x the DP's plan. The answers are the DP's, as they were."""
+    from remat_kit._core import default_solver, milp
+
+    graph = rk.transformer_graph(num_layers=4, seq_len=256, batch=1, hidden=128, num_heads=4)
+    assert default_solver._whole_graph_affordable(graph, default_solver.NO_CONSTRAINTS)
+    costs = Costs(graph, rk.DeviceSpec())
+    base = baseline_activation_bytes(graph)
+    built, solved = [], []
+    real_init, real_solve = milp.Program.__init__, milp.Program.solve
+    whole = set()  # the whole-graph programs (the DP's menus build per-block ones)
+
+    def init(self, *a, **k):
+        if k.get("blocks") is None:
+            built.append(1)
+            whole.add(id(self))
+        real_init(self, *a, **k)
+
+    def solve(self, *a, **k):
+        if id(self) in whole:
+            solved.append(1)
+        return real_solve(self, *a, **k)
+
+    monkeypatch.setattr(milp.Program, "__init__", init)
+    monkeypatch.setattr(milp.Program, "solve", solve)
+    # A time limit HiGHS cannot prove anything within: its incumbent (if any) loses to the DP.
+    monkeypatch.setattr(default_solver, "WHOLE_GRAPH_SECONDS", 1e-6)
+    spans = (1, frozenset())
+    first = default_solver.solve_default(graph, int(0.5 * base), costs, False, spans)
+    assert (len(built), len(solved)) == (1, 1)
+    second = default_solver.solve_default(graph, int(0.4 * base), costs, False, spans)
+    assert (len(built), len(solved)) == (1, 1), "the losing program was solved again"
+    for limit, got in ((int(0.5 * base), first), (int(0.4 * base), second)):
+        dp = default_solver.solve_dp(graph, limit, costs, False, spans)
+        assert costs.of(got[0]) == costs.of(dp[0])
+    # Where the program proves its optimum in time it is kept, and built once.
+    fresh = rk.transformer_graph(num_layers=4, seq_len=256, batch=1, hidden=128, num_heads=4)
+    monkeypatch.setattr(default_solver, "WHOLE_GRAPH_SECONDS", 60.0)
+    built.clear(), solved.clear()
+    for frac in (0.5, 0.4, 0.6):
+        default_solver.solve_default(fresh, int(frac * base), Costs(fresh, rk.DeviceSpec()), False, spans)
+    assert (len(built), len(solved)) == (1, 3)

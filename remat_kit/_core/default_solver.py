@@ -23,7 +23,7 @@ from remat_kit._core.menus import (
     segment_options,
     signatures,
 )
-from remat_kit._core.milp import solve_milp
+from remat_kit._core.milp import Program
 from remat_kit._core.simulate import _SAVE, _run
 
 # The default solver's whole-graph program: up to this much work (sum over blocks of (free
@@ -64,19 +64,15 @@ def solve_default(
 
     The program's optimum is the optimum over every per-block plan, so with one block per
     segment a proven optimum makes the DP redundant; segments reach plans the program does not
-    model, and a program stopped by its time limit holds an incumbent only, so then both run.
+    model, and a program stopped by its time limit holds an incumbent only, so then both run;
+    one stopped by its time limit and beaten by the DP is not tried again on that graph.
     """
-    whole = None
-    if _whole_graph_affordable(graph, constraints):
-        res = solve_milp(
-            graph,
-            limit=limit,
-            rec_cost=costs.recompute,
-            off_cost=costs.offload if offload else None,
-            time_limit=WHOLE_GRAPH_SECONDS,
-            warn=False,
-            constraints=constraints,
-        )
+    whole, timed_out = None, False
+    key = _costs_key(costs, offload, constraints)
+    if _whole_graph_affordable(graph, constraints) and ("whole_program_lost", key) not in graph._cache:
+        program = _whole_program(graph, key, costs, constraints)
+        res = program.solve(limit, time_limit=WHOLE_GRAPH_SECONDS, warn=False)
+        timed_out = res is None or not res.optimal
         # The program leaves out what the simulator adds on some traced graphs (backward
         # workspaces, values read across several blocks); its answer counts only where the
         # simulator confirms it fits.
@@ -85,11 +81,31 @@ def solve_default(
             if res.optimal and spans[0] == 1:
                 return whole, None
     found = solve_dp(graph, limit, costs, offload, spans, constraints)
-    if whole is None:
-        return found
-    if found is None or costs.of(whole) <= costs.of(found[0]):
+    if whole is not None and (found is None or costs.of(whole) <= costs.of(found[0])):
         return whole, None
+    if timed_out and found is not None:
+        # Stopped by its time limit and beaten by the DP: on this graph the program is too big to
+        # pay for itself, and later solves (a budget search solves the same graph many times) skip
+        # it. Measured on equinox's transformer (work ~59,000): each 1 s incumbent cost 1.4-6x
+        # the DP's plan, which took 0.02 s.
+        graph._cache["whole_program_lost", key] = True
     return found
+
+
+def _costs_key(costs: Costs, offload: bool, constraints: PlanConstraints) -> tuple:
+    return (tuple(costs.recompute), tuple(costs.offload) if offload else None, constraints)
+
+
+def _whole_program(graph: CostGraph, key: tuple, costs: Costs, constraints: PlanConstraints) -> Program:
+    """The whole-graph program under these costs (`key`: `_costs_key`), built once per graph: a
+    search over budgets (`_jax._fit`, the sweep) solves it at several limits, which change only
+    row bounds."""
+    if ("whole_program", key) not in graph._cache:
+        off_cost = costs.offload if key[1] is not None else None
+        graph._cache["whole_program", key] = Program(
+            graph, rec_cost=costs.recompute, off_cost=off_cost, constraints=constraints
+        )
+    return graph._cache["whole_program", key]
 
 
 def _whole_graph_affordable(graph: CostGraph, constraints: PlanConstraints) -> bool:

@@ -96,8 +96,14 @@ class Search:
     def measured(self, p: Plan) -> int:
         k = (p.decisions, p.segments)
         if k not in self.tried:
-            # A plan that recomputes nothing runs as no remat does (`_run`): its figure is known.
-            self.tried[k] = self.none_bytes if _keeps_all(p) else self.measure(p)
+            # A plan that recomputes nothing runs as no remat does (`_run`): its figure is known;
+            # one another budget's search of this program measured is not compiled again.
+            if _keeps_all(p):
+                self.tried[k] = self.none_bytes
+            elif k in self.known:
+                self.tried[k] = self.known[k][1]
+            else:
+                self.tried[k] = self.measure(p)
             self.known[k] = (p, self.tried[k])
         return self.tried[k]
 
