@@ -51,6 +51,7 @@ def lm1b(config: Config, mlp: Any = MlpBlock):
 
 
 @pytest.mark.slow  # over 10 s in CI's --durations
+@pytest.mark.newest_jax  # slow, yet run on the newest jax too (.ci/run): RNG routes are what a jax release changes
 def test_lm1b_nn_scan_dropout_gradients():
     """The issue's call: `auto(loss)` at 0.3 and 0.7 with a raw `PRNGKey` as lm1b's train step
     passes it (typed keys and the other key routes: tests/test_jax_rng_property.py)."""
