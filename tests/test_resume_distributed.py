@@ -26,18 +26,47 @@ from launch import finish, free_port, run_ok, start  # noqa: E402
 
 def test_jax_arrays_go_to_orbax_as_they_are_and_carry_a_fingerprint():
     jax = pytest.importorskip("jax")
-    from remat_kit.resume._fingerprint import fingerprints, part
+    import crc32c
+
+    from remat_kit.resume._fingerprint import CRC32C, SUM, fingerprints, part
     from remat_kit.resume._writing import encode
 
     w = jax.numpy.arange(12.0).reshape(3, 4)
     encoded = encode({"w": w, "key": jax.random.key(1), "n": np.ones(2)})
     assert encoded.jax_arrays["j0"] is w  # no host copy: the array object itself goes to Orbax
     assert list(encoded.arrays) == ["a0"]  # only the numpy array was copied to host
-    base = fingerprints([w])[0]
+    # On CPU devices the fingerprint is the CRC-32C of the array's C-order bytes.
+    assert encoded.fingerprint_kind == CRC32C
+    base = fingerprints([w], kind=CRC32C)[0]
+    assert base == crc32c.crc32c(np.asarray(w).tobytes())
     assert part(encoded.fingerprints["j0"]) == base  # begun at save, read by the writer thread
-    for index in np.ndindex(3, 4):  # any single changed element changes the fingerprint
-        assert fingerprints([w.at[index].add(1.0)])[0] != base
-    assert fingerprints([w.T])[0] != base and fingerprints([w.reshape(4, 3)])[0] == base  # C order
+    for kind in (CRC32C, SUM):
+        base = fingerprints([w], kind=kind)[0]
+        for index in np.ndindex(3, 4):  # any single changed element changes the fingerprint
+            assert fingerprints([w.at[index].add(1.0)], kind=kind)[0] != base, kind
+        assert fingerprints([w.T], kind=kind)[0] != base, kind  # C order
+        assert fingerprints([w.reshape(4, 3)], kind=kind)[0] == base, kind
+
+
+def test_the_crc32c_of_any_split_into_shards_is_the_crc32c_of_the_whole_array():
+    import crc32c
+
+    from remat_kit.resume import _crc32c
+
+    rng = np.random.default_rng(2)
+    shapes = [(), (0, 3), (7,), (6, 10), (4, 6, 5), (3, 4), (5, 2, 3), (3, 4), (2, 3, 2, 5)]
+    dtypes = ["float32", "int8", "float32", "float16", "float32", "float64", "complex64", "bool", "int64"]
+    for shape, dtype in zip(shapes, dtypes):
+        values = (rng.normal(size=shape) * 100).astype(dtype)
+        want = crc32c.crc32c(values.tobytes())
+        for _ in range(4):  # boxes as shards are: every dim split in two at a random point
+            cuts = [sorted({0, int(rng.integers(0, n + 1)), n}) for n in shape]
+            got = _crc32c.of_zeros(values.nbytes)  # process 0's constant
+            for box in np.ndindex(*[len(c) - 1 for c in cuts]):
+                index = tuple(slice(c[b], c[b + 1]) for c, b in zip(cuts, box))
+                start = tuple(c[b] for c, b in zip(cuts, box))
+                got ^= _crc32c.box_part(*_crc32c.as_bytes(values[index], start, shape))
+            assert got == want, (shape, dtype, cuts)
 
 
 def test_the_host_fingerprint_of_any_split_into_shards_adds_up_to_the_device_reduction(monkeypatch):
@@ -71,9 +100,10 @@ def test_the_host_fingerprint_of_any_split_into_shards_adds_up_to_the_device_red
         assert got % 2**32 == want, (shape, cuts)
 
 
-def test_the_restore_fingerprint_split_into_row_pieces_on_threads_matches_the_save_one(monkeypatch):
-    # At restore the host fingerprint is cut into row pieces summed by a thread pool (each piece
-    # waits for its own shard); the pieces must add up to the save-time value of every array.
+@pytest.mark.parametrize("kind", ["crc32c", "sum"])
+def test_the_restore_fingerprint_split_into_row_pieces_on_threads_matches_the_save_one(monkeypatch, kind):
+    # At restore the host fingerprint is cut into row pieces computed by a thread pool (each
+    # piece waits for its own shard); the pieces must combine into the save-time value.
     jax = pytest.importorskip("jax")
     from remat_kit.resume import _fingerprint
 
@@ -86,10 +116,14 @@ def test_the_restore_fingerprint_split_into_row_pieces_on_threads_matches_the_sa
         jax.numpy.asarray((rng.normal(size=shape) * 100).astype(dtype))
         for shape, dtype in zip(shapes, ["float32", "int8", "float32", "float16", "float32", "complex64"])
     ]
-    saved = [_fingerprint.part(pending) for pending in _fingerprint.start(arrays)]
+    saved = [_fingerprint.part(pending) for pending in _fingerprint.start(arrays, kind)]
     assert len(_fingerprint._pieces(arrays[3])) > 1
-    assert _fingerprint.fingerprints(arrays) == saved
-    assert _fingerprint.fingerprints(arrays[::-1]) == saved[::-1]
+    assert _fingerprint.fingerprints(arrays, kind=kind) == saved
+    assert _fingerprint.fingerprints(arrays[::-1], kind=kind) == saved[::-1]
+    if kind == "crc32c":
+        import crc32c
+
+        assert saved == [crc32c.crc32c(np.asarray(x).tobytes()) for x in arrays]
 
 
 def test_a_save_of_cpu_arrays_runs_no_device_reduction_for_the_fingerprint(tmp_path, monkeypatch):
@@ -121,6 +155,35 @@ def test_a_jax_array_whose_fingerprint_differs_after_restore_is_corrupt_and_skip
     with resume.Resumable(tmp_path) as ckpt, pytest.warns(resume.CorruptCheckpointWarning, match="fingerprint"):
         step, state = ckpt.restore_latest()
     assert step == 0 and float(state["w"][0, 0]) == 0.0
+
+
+def test_a_step_saved_with_the_position_weighted_sum_and_no_kind_still_restores_and_is_checked(tmp_path, monkeypatch):
+    # Steps saved before the CRC-32C name no fingerprint kind in their metadata: they are SUM.
+    jax = pytest.importorskip("jax")
+    import json
+
+    from remat_kit.resume import _fingerprint, _inspect
+
+    monkeypatch.setattr(_fingerprint, "kind_for", lambda arrays: _fingerprint.SUM)
+    with resume.Resumable(tmp_path) as ckpt:
+        for step in range(2):
+            ckpt.save(step, {"w": jax.numpy.full((4, 4), step + 0.5, np.float32)})
+    monkeypatch.undo()
+    for step in range(2):
+        meta_path = tmp_path / str(step) / _inspect.META_ITEM / "metadata"
+        meta = json.loads(meta_path.read_text())
+        assert meta.pop("fingerprint") == _fingerprint.SUM
+        meta_path.write_text(json.dumps(meta))
+        _inspect.seal(tmp_path / str(step))  # as an older layer sealed it
+    with resume.Resumable(tmp_path) as ckpt:
+        assert float(ckpt.restore(1)["w"][0, 0]) == 1.5
+    path = tmp_path / "1" / "host" / "fingerprints.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({k: (v + 1) % 2**32 for k, v in saved.items()}))
+    _inspect.seal(tmp_path / "1")
+    with resume.Resumable(tmp_path) as ckpt, pytest.warns(resume.CorruptCheckpointWarning, match="fingerprint"):
+        step, state = ckpt.restore_latest()
+    assert step == 0 and float(state["w"][0, 0]) == 0.5
 
 
 def test_a_bit_flipped_in_orbax_data_restores_silently_in_orbax_and_is_caught_by_the_fingerprint(tmp_path):
@@ -175,18 +238,28 @@ def test_a_multi_process_jax_restore_takes_three_agreements_and_no_orbax_barrier
     # The agreement on the read carries this process's fingerprint part, the one saved.
     assert exchanged[1][1] == [int(json.loads((tmp_path / "1" / "host" / "fingerprints.json").read_text())["j0"])]
 
-    # Arrays on accelerators (stood in for by CPU arrays taken for device ones): their fingerprint
-    # is a device collective, so it is exchanged after the agreement, never inside the stage.
+    # Arrays on accelerators (stood in for by CPU arrays taken for device ones): a CRC-32C step's
+    # check still reads their shards on the host, no collective; a SUM step's (what a save from
+    # accelerators writes) is a device collective, so it is exchanged after the agreement, never
+    # inside the stage.
     from remat_kit.resume import _fingerprint
 
     monkeypatch.setattr(_fingerprint, "_on_host", lambda x: False)
     exchanged_names.clear()
     assert float(read_step(tmp_path / "1", 1, processes=processes)["w"][2, 3]) == 11.0
-    assert exchanged_names == ["restore of step 1"] * 2 + ["the restored arrays' fingerprints", "restore of step 1"]
-    path = tmp_path / "1" / "host" / "fingerprints.json"
-    path.write_text(json.dumps({k: (v + 1) % 2**32 for k, v in json.loads(path.read_text()).items()}))
-    with pytest.raises(resume.CorruptCheckpointError, match="fingerprint"):
-        read_step(tmp_path / "1", 1, processes=processes)
+    assert exchanged_names == ["restore of step 1"] * 3
+    with monkeypatch.context() as patch:
+        patch.setattr(_fingerprint, "kind_for", lambda arrays: _fingerprint.SUM)
+        with resume.Resumable(tmp_path) as ckpt:
+            ckpt.save(2, {"w": jax.numpy.arange(12.0).reshape(3, 4), "n": np.ones(2)})
+    exchanged_names.clear()
+    assert float(read_step(tmp_path / "2", 2, processes=processes)["w"][2, 3]) == 11.0
+    assert exchanged_names == ["restore of step 2"] * 2 + ["the restored arrays' fingerprints", "restore of step 2"]
+    for step in (1, 2):
+        path = tmp_path / str(step) / "host" / "fingerprints.json"
+        path.write_text(json.dumps({k: (v + 1) % 2**32 for k, v in json.loads(path.read_text()).items()}))
+        with pytest.raises(resume.CorruptCheckpointError, match="fingerprint"):
+            read_step(tmp_path / str(step), step, processes=processes)
 
 
 @pytest.mark.slow

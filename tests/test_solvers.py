@@ -558,3 +558,21 @@ def test_whole_graph_program_is_built_once_and_dropped_where_it_loses_to_the_dp(
     for frac in (0.5, 0.4, 0.6):
         default_solver.solve_default(fresh, int(frac * base), Costs(fresh, rk.DeviceSpec()), False, spans)
     assert (len(built), len(solved)) == (1, 3)
+
+
+def test_a_whole_graph_program_proven_infeasible_where_segments_fit_is_not_dropped():
+    """Only a program stopped by its time limit is dropped after losing to the DP: one proven
+    infeasible at a limit the DP's segments reach may still be the optimum at another limit."""
+    from remat_kit._core import default_solver
+    from remat_kit._core.solve import smallest_activation_bytes
+
+    graph = random_chain(13)  # its segments reach under every per-block plan
+    per_block, segments = smallest_activation_bytes(graph), smallest_activation_bytes(graph, max_segment_blocks=4)
+    assert segments < per_block
+    costs = Costs(graph, rk.DeviceSpec())
+    key = default_solver._costs_key(costs, False, default_solver.NO_CONSTRAINTS)
+    found = default_solver.solve_default(graph, segments, costs, False, (4, frozenset()))
+    assert found is not None and found[1], "the DP's segments fit"
+    program = default_solver._whole_program(graph, key, costs, False, default_solver.NO_CONSTRAINTS)
+    assert program.solve(segments, warn=False) is None and not program.stopped  # proven infeasible
+    assert ("whole_program_lost", key) not in graph._cache

@@ -70,9 +70,11 @@ def solve_default(
     whole, timed_out = None, False
     key = _costs_key(costs, offload, constraints)
     if _whole_graph_affordable(graph, constraints) and ("whole_program_lost", key) not in graph._cache:
-        program = _whole_program(graph, key, costs, constraints)
+        program = _whole_program(graph, key, costs, offload, constraints)
         res = program.solve(limit, time_limit=WHOLE_GRAPH_SECONDS, warn=False)
-        timed_out = res is None or not res.optimal
+        # Proven infeasible at this limit is no loss: segments may reach it, the program may
+        # still win at another limit.
+        timed_out = program.stopped
         # The program leaves out what the simulator adds on some traced graphs (backward
         # workspaces, values read across several blocks); its answer counts only where the
         # simulator confirms it fits.
@@ -96,12 +98,12 @@ def _costs_key(costs: Costs, offload: bool, constraints: PlanConstraints) -> tup
     return (tuple(costs.recompute), tuple(costs.offload) if offload else None, constraints)
 
 
-def _whole_program(graph: CostGraph, key: tuple, costs: Costs, constraints: PlanConstraints) -> Program:
+def _whole_program(graph: CostGraph, key: tuple, costs: Costs, offload: bool, constraints: PlanConstraints) -> Program:
     """The whole-graph program under these costs (`key`: `_costs_key`), built once per graph: a
     search over budgets (`_jax._fit`, the sweep) solves it at several limits, which change only
     row bounds."""
     if ("whole_program", key) not in graph._cache:
-        off_cost = costs.offload if key[1] is not None else None
+        off_cost = costs.offload if offload else None
         graph._cache["whole_program", key] = Program(
             graph, rec_cost=costs.recompute, off_cost=off_cost, constraints=constraints
         )

@@ -128,6 +128,7 @@ class Program:
         self.builder, self.free, self.capped = b, free, capped
         self.cost = np.concatenate([cost, np.zeros(b.num_vars - len(cost))])
         self.matrix, self.lo, self.hi = _matrix(b)
+        self.stopped = False  # whether the last solve ended unproven (its time limit, or HiGHS failed)
 
     def solve(
         self,
@@ -156,6 +157,8 @@ class Program:
                 for j, c in expr.items():
                     cost[j] += kept_price * c
         res = _highs(b, cost, self.matrix, self.lo, hi, time_limit)
+        # scipy's milp status: 0 optimal, 1 stopped by the time limit, 2 proven infeasible.
+        self.stopped = res.status not in (0, 2)
         if res.x is None:
             return None
         if res.status != 0 and warn:  # stopped by the time limit with an incumbent: feasible, maybe not optimal

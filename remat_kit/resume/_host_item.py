@@ -5,7 +5,7 @@
     host/process_<i>/a<k>.npy
     host/dcp/                     torch.distributed.checkpoint files of the DTensors (all ranks)
     host/fingerprints.json        JAX array key -> process 0's part of its fingerprint
-    host/fingerprints_<i>.json    process i's part (multi-process JAX; the parts add up)
+    host/fingerprints_<i>.json    process i's part (multi-process JAX; the parts combine)
 
 An Orbax handler, so the files are written inside Orbax's temporary step directory and become
 visible only with Orbax's commit. Files that other ranks wrote before the commit (the DTensor

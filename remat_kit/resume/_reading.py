@@ -88,34 +88,43 @@ def _restore_jax(step_dir: Path, meta: dict[str, Any], targets: dict[str, Any]) 
         handler.close()
 
 
+def _fingerprint_kind(meta: dict[str, Any]) -> str:
+    from remat_kit.resume._fingerprint import SUM
+
+    return meta.get("fingerprint") or SUM  # steps saved before CRC32C carry no kind
+
+
 def _saved_fingerprints(step_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
-    """The JAX arrays' fingerprints: the sum of the parts each saving process stored."""
+    """The JAX arrays' fingerprints: the parts each saving process stored, combined."""
     if not meta.get("num_jax_arrays"):
         return {}
-    total: dict[str, int] = {}
+    from remat_kit.resume._fingerprint import combine
+
     try:
+        parts = []
         for index in range(meta.get("fingerprint_parts", 1)):
             path = step_dir / _host_item.HOST_ITEM / _host_item.fingerprints_file(index)
-            for key, value in json.loads(path.read_text()).items():
-                total[key] = (total.get(key, 0) + int(value)) % 2**32
+            parts.append({key: int(value) for key, value in json.loads(path.read_text()).items()})
+        keys = sorted(set().union(*parts))
+        total = combine([[values.get(key, 0) for key in keys] for values in parts], _fingerprint_kind(meta))
     except (OSError, ValueError, TypeError, AttributeError) as error:
         raise CorruptCheckpointError(meta["step"], f"the JAX arrays' fingerprints are unreadable ({error})") from error
-    return total
+    return dict(zip(keys, total))
 
 
-def _local_parts(arrays: dict[str, Any]) -> list[int] | None:
+def _local_parts(arrays: dict[str, Any], kind: str) -> list[int] | None:
     """This process's parts of the restored arrays' fingerprints, or None when computing them
     is a device computation (a collective: it waits until every process's read succeeded)."""
     if not arrays:
         return []
     from remat_kit.resume._fingerprint import all_on_host, local_parts
 
-    keys = sorted(arrays)
-    return local_parts([arrays[k] for k in keys]) if all_on_host([arrays[k] for k in keys]) else None
+    values = [arrays[k] for k in sorted(arrays)]
+    return local_parts(values, kind) if all_on_host(values, kind) else None
 
 
 def _restored_fingerprints(
-    arrays: dict[str, Any], processes: Processes, parts: list[list[int] | None]
+    arrays: dict[str, Any], processes: Processes, parts: list[list[int] | None], kind: str
 ) -> dict[str, int]:
     """The fingerprints of the restored arrays from every process's `_local_parts`; those not
     computed yet are computed here, a collective in a multi-process JAX job (every process adds
@@ -126,11 +135,11 @@ def _restored_fingerprints(
     from remat_kit.resume._fingerprint import combine, fingerprints
 
     if all(value is not None for value in parts):
-        return dict(zip(keys, combine(parts)))
+        return dict(zip(keys, combine(parts, kind)))
     gather = None
     if processes.kind == "jax":
         gather = lambda parts: processes.gather(parts, "the restored arrays' fingerprints")  # noqa: E731
-    return dict(zip(keys, fingerprints([arrays[k] for k in keys], gather)))
+    return dict(zip(keys, fingerprints([arrays[k] for k in keys], gather, kind)))
 
 
 def _check_fingerprints(meta: dict[str, Any], got: dict[str, int], saved: dict[str, int]) -> None:
@@ -194,12 +203,13 @@ def read_step(
 
     # The agreement on the read also carries each process's part of the restored arrays'
     # fingerprints (summed from CPU shards, no collective), so they cost no round trip of their own.
-    (jax_arrays, saved), parts = _agree(processes, step, orbax_read, share=lambda read: _local_parts(read[0]))
+    kind = _fingerprint_kind(meta)
+    (jax_arrays, saved), parts = _agree(processes, step, orbax_read, share=lambda read: _local_parts(read[0], kind))
     if processes.kind == "torch":  # each rank restores its own JAX world: its own parts only
         parts = [parts[processes.index]]
     # Every process holds the same gathered fingerprints and the same saved ones, so each
     # reaches the same verdict without another agreement.
-    _check_fingerprints(meta, _restored_fingerprints(jax_arrays, processes, parts), saved)
+    _check_fingerprints(meta, _restored_fingerprints(jax_arrays, processes, parts, kind), saved)
 
     def dcp_read() -> dict[str, Any]:
         try:

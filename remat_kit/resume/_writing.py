@@ -35,6 +35,7 @@ class Encoded:
     dtensors: dict[str, Any]
     local: tuple[list[Any], dict[str, Any]] | None  # (PerProcess specs, their host arrays)
     fingerprints: dict[str, Any]  # JAX array key -> its fingerprint begun (_fingerprint.start)
+    fingerprint_kind: str | None  # _fingerprint.CRC32C or SUM; None without JAX arrays
 
 
 def encode(state: Any, *, copy_host: bool = True) -> Encoded:
@@ -44,12 +45,15 @@ def encode(state: Any, *, copy_host: bool = True) -> Encoded:
     alongside Orbax's write."""
     encoder = _codec.encode(state, copy_host=copy_host)
     fingerprints: dict[str, Any] = {}
+    kind = None
     if encoder.jax_arrays:
-        from remat_kit.resume._fingerprint import start
+        from remat_kit.resume._fingerprint import kind_for, start
 
-        fingerprints = dict(zip(encoder.jax_arrays, start(list(encoder.jax_arrays.values()))))
+        arrays = list(encoder.jax_arrays.values())
+        kind = kind_for(arrays)
+        fingerprints = dict(zip(encoder.jax_arrays, start(arrays, kind)))
     local = (encoder.local_specs, encoder.local.arrays) if encoder.local is not None else None
-    return Encoded(encoder.spec, encoder.arrays, encoder.jax_arrays, encoder.dtensors, local, fingerprints)
+    return Encoded(encoder.spec, encoder.arrays, encoder.jax_arrays, encoder.dtensors, local, fingerprints, kind)
 
 
 def staging_dir(directory: Path, step: int) -> Path:
@@ -99,8 +103,9 @@ def save_args(
         "processes": processes.kind,
         "per_process": encoded.local is not None,
         "dtensors": bool(encoded.dtensors),
-        # Processes whose host item stores a part of the JAX fingerprints (they add up).
+        # Processes whose host item stores a part of the JAX fingerprints (they combine).
         "fingerprint_parts": processes.count if processes.kind == "jax" else 1,
+        "fingerprint": encoded.fingerprint_kind,
     }
     staged = None
     if processes.kind == "torch" or encoded.dtensors:

@@ -87,7 +87,10 @@ def check(step: int, restored: dict) -> None:
 
 
 def fingerprint_check() -> None:
-    """Each process adds up the shards it holds; the parts exchanged equal the device reduction."""
+    """Each process combines the shards it holds; the parts exchanged equal the device reduction
+    (SUM) and the CRC-32C of the whole array's bytes (CRC32C), in every sharding."""
+    import crc32c
+
     from remat_kit.resume import _fingerprint, _processes
 
     processes = _processes.detect()
@@ -97,6 +100,8 @@ def fingerprint_check() -> None:
         x = global_array(w, NamedSharding(rows if "data" in spec else grid, spec))
         want = int(np.asarray(_fingerprint._on_device(x).addressable_data(0)))
         assert _fingerprint.fingerprints([x], gather) == [want], spec
+        crc = crc32c.crc32c(np.ascontiguousarray(w).tobytes())
+        assert _fingerprint.fingerprints([x], gather, _fingerprint.CRC32C) == [crc], spec
 
 
 def save_phase(directory: Path) -> None:
