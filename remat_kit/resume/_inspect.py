@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -245,3 +246,42 @@ def empty_trash(directory: Path) -> None:
     if trash.is_dir():
         for entry in trash.iterdir():
             shutil.rmtree(entry, ignore_errors=True)
+
+
+class TrashEmptier:
+    """Empties DIR/.trash on a background thread, as Orbax's `enable_background_delete` does:
+    unlinking a deleted step's files (0.3 s per GiB measured on this machine's ext4) would
+    otherwise sit inside the `save` that applied retention, with every other rank waiting at the
+    next barrier. A step is unreachable once renamed into the trash, so nothing waits for its
+    files to go; one left behind by a process exit is removed by the next `Resumable`."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._lock = threading.Lock()
+        self._running = False
+        self._again = False
+        self._thread: threading.Thread | None = None
+
+    def empty(self) -> None:
+        with self._lock:
+            if self._running:  # the running pass looks again before it ends
+                self._again = True
+                return
+            self._running = True
+            self._thread = threading.Thread(target=self._run, name="remat_kit-trash", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            empty_trash(self._directory)
+            with self._lock:
+                if not self._again:
+                    self._running = False
+                    return
+                self._again = False
+
+    def join(self) -> None:
+        """Waits until the trash is empty (at close)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()

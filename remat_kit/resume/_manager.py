@@ -95,6 +95,7 @@ class Resumable:
             _inspect.empty_trash(self.directory)
             _writing.clear_staging(self.directory)
         self.processes.barrier("Resumable() start")
+        self._trash = _inspect.TrashEmptier(self.directory)
         self._policy = preservation_policy(self.directory, self.keep, self.keep_best)
         self._manager = self._new_manager() if self.processes.runs_orbax else None
         self._unsealed: list[int] = []
@@ -243,7 +244,7 @@ class Resumable:
                 raise lost from error
             raise AsyncSaveError(f"saving step(s) {failed} to {self.directory} failed: {error!r}") from error
         if self.processes.is_primary:
-            _inspect.empty_trash(self.directory)
+            self._trash.empty()
         while self._unsealed:
             step = self._unsealed.pop(0)
             step_dir = self.directory / str(step)
@@ -273,7 +274,7 @@ class Resumable:
             if not keep:
                 self._manager.delete(step)
         if self.processes.is_primary:
-            _inspect.empty_trash(self.directory)
+            self._trash.empty()
 
     def _verify(self, step: int) -> None:
         try:
@@ -346,6 +347,7 @@ class Resumable:
             try:
                 if self._manager is not None:
                     self._manager.close()
+                self._trash.join()
             finally:
                 self.processes.close()
 
