@@ -35,7 +35,6 @@ other; a CRC32C step restored onto accelerators reads their shards to host for i
 from __future__ import annotations
 
 import functools
-import operator
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +56,15 @@ _MOD = 2**32
 # Bytes per restore-time piece: enough pieces to keep every thread busy while shards arrive,
 # few enough that the per-piece Python overhead stays negligible.
 _PIECE_BYTES = 8 << 20
+
+# The kinds, as the step's metadata names them.
+SUM = "sum"
+CRC32C = "crc32c"
+
+
+def _add(kind: str, a: int, b: int) -> int:
+    """Two parts of a fingerprint combined: SUM's add up mod 2**32, CRC32C's xor."""
+    return a ^ b if kind == CRC32C else (a + b) % _MOD
 
 
 def _bits_u32(x: jax.Array) -> jax.Array:
@@ -149,20 +157,19 @@ def _on_host(x: jax.Array) -> bool:
     return all(device.platform == "cpu" for device in x.sharding.device_set)
 
 
-def _host_boxes(x: jax.Array) -> list[tuple[np.ndarray, tuple, tuple]]:
-    """Views of the shards this process holds (replica 0 of each, so each element counts once)."""
+def _host_boxes(x: jax.Array, kind: str) -> list[tuple[np.ndarray, tuple, tuple]]:
+    """Views of the shards this process holds (replica 0 of each, so each element counts once),
+    as the kind reads them: bits (SUM) or bytes (CRC32C)."""
+    as_box = _crc32c.as_bytes if kind == CRC32C else _host_bits
     boxes = []
     for shard in x.addressable_shards:
         if shard.replica_id == 0:
             start = tuple(s.indices(n)[0] for s, n in zip(shard.index, x.shape))
-            boxes.append(_host_bits(np.asarray(shard.data), start, tuple(x.shape)))
+            boxes.append(as_box(np.asarray(shard.data), start, tuple(x.shape)))
     return boxes
 
 
 # -- the API: start at save, read the part later ------------------------------------------------
-
-SUM = "sum"
-CRC32C = "crc32c"
 
 
 def kind_for(arrays: Sequence[jax.Array]) -> str:
@@ -190,24 +197,14 @@ def _crc_constant(x: jax.Array) -> int:
     return _crc32c.of_zeros(x.nbytes) if jax.process_index() == 0 else 0
 
 
-def _crc_boxes(x: jax.Array) -> list[tuple[np.ndarray, tuple, tuple]]:
-    """Byte views of the shards this process holds (replica 0 of each)."""
-    boxes = []
-    for shard in x.addressable_shards:
-        if shard.replica_id == 0:
-            start = tuple(s.indices(n)[0] for s, n in zip(shard.index, x.shape))
-            boxes.append(_crc32c.as_bytes(np.asarray(shard.data), start, tuple(x.shape)))
-    return boxes
-
-
 def start(arrays: Sequence[jax.Array], kind: str = SUM) -> list[Any]:
     """Begins each array's fingerprint and returns at once. Host arrays: views of their shards
     (held until the part is read; Orbax holds the same views while it writes); SUM of device
     arrays: the jitted reduction, dispatched asynchronously (a collective when they span
     processes, so every process calls this with the same arrays). Read each with `part`."""
     if kind == CRC32C:
-        return [(_crc_boxes(x), _crc_constant(x)) for x in arrays]
-    return [_host_boxes(x) if _on_host(x) else _on_device(x) for x in arrays]
+        return [(_host_boxes(x, kind), _crc_constant(x)) for x in arrays]
+    return [_host_boxes(x, kind) if _on_host(x) else _on_device(x) for x in arrays]
 
 
 def part(pending: Any) -> int:
@@ -262,14 +259,9 @@ def _host_parts(arrays: Sequence[jax.Array], kind: str) -> list[int]:
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="remat_kit-fingerprint") as pool:
             values = list(pool.map(run, jobs))
-    if kind == CRC32C:
-        parts = [_crc_constant(x) for x in arrays]
-        for (i, _), value in zip(jobs, values):
-            parts[i] ^= value
-        return parts
-    parts = [0] * len(arrays)
+    parts = [_crc_constant(x) for x in arrays] if kind == CRC32C else [0] * len(arrays)
     for (i, _), value in zip(jobs, values):
-        parts[i] = (parts[i] + value) % _MOD
+        parts[i] = _add(kind, parts[i], value)
     return parts
 
 
@@ -297,9 +289,7 @@ def local_parts(arrays: Sequence[jax.Array], kind: str = SUM) -> list[int]:
 def combine(parts: Sequence[Sequence[int]], kind: str = SUM) -> list[int]:
     """The fingerprints from every process's `local_parts` (one list per process): SUM's parts
     add up mod 2**32, CRC32C's xor."""
-    if kind == CRC32C:
-        return [functools.reduce(operator.xor, column, 0) for column in zip(*parts)]
-    return [sum(column) % _MOD for column in zip(*parts)]
+    return [functools.reduce(functools.partial(_add, kind), column, 0) for column in zip(*parts)]
 
 
 def fingerprints(
