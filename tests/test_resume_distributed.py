@@ -29,10 +29,11 @@ def test_jax_arrays_go_to_orbax_as_they_are_and_carry_a_fingerprint():
     import crc32c
 
     from remat_kit.resume._fingerprint import CRC32C, SUM, fingerprints, part
+    from remat_kit.resume._processes import detect
     from remat_kit.resume._writing import encode
 
     w = jax.numpy.arange(12.0).reshape(3, 4)
-    encoded = encode({"w": w, "key": jax.random.key(1), "n": np.ones(2)})
+    encoded = encode({"w": w, "key": jax.random.key(1), "n": np.ones(2)}, detect())
     assert encoded.jax_arrays["j0"] is w  # no host copy: the array object itself goes to Orbax
     assert list(encoded.arrays) == ["a0"]  # only the numpy array was copied to host
     # On CPU devices the fingerprint is the CRC-32C of the array's C-order bytes.
@@ -67,6 +68,11 @@ def test_the_crc32c_of_any_split_into_shards_is_the_crc32c_of_the_whole_array():
                 start = tuple(c[b] for c, b in zip(cuts, box))
                 got ^= _crc32c.box_part(*_crc32c.as_bytes(values[index], start, shape))
             assert got == want, (shape, dtype, cuts)
+    # One value (a contiguous box) is shifted in Python ints, many in NumPy: the same arithmetic.
+    values = rng.integers(0, 2**32, 64, dtype=np.uint64).astype(np.uint32)
+    nbytes = rng.integers(0, 2**40, 64, dtype=np.uint64)
+    many = _crc32c.shift(values, nbytes)
+    assert [_crc32c._shift_one(int(v), int(n)) for v, n in zip(values, nbytes)] == many.tolist()
 
 
 def test_the_host_fingerprint_of_any_split_into_shards_adds_up_to_the_device_reduction(monkeypatch):
@@ -164,7 +170,7 @@ def test_a_step_saved_with_the_position_weighted_sum_and_no_kind_still_restores_
 
     from remat_kit.resume import _fingerprint, _inspect
 
-    monkeypatch.setattr(_fingerprint, "kind_for", lambda arrays: _fingerprint.SUM)
+    monkeypatch.setattr(_fingerprint, "kind_for", lambda arrays, everywhere: _fingerprint.SUM)
     with resume.Resumable(tmp_path) as ckpt:
         for step in range(2):
             ckpt.save(step, {"w": jax.numpy.full((4, 4), step + 0.5, np.float32)})
@@ -249,7 +255,7 @@ def test_a_multi_process_jax_restore_takes_three_agreements_and_no_orbax_barrier
     assert float(read_step(tmp_path / "1", 1, processes=processes)["w"][2, 3]) == 11.0
     assert exchanged_names == ["restore of step 1"] * 3
     with monkeypatch.context() as patch:
-        patch.setattr(_fingerprint, "kind_for", lambda arrays: _fingerprint.SUM)
+        patch.setattr(_fingerprint, "kind_for", lambda arrays, everywhere: _fingerprint.SUM)
         with resume.Resumable(tmp_path) as ckpt:
             ckpt.save(2, {"w": jax.numpy.arange(12.0).reshape(3, 4), "n": np.ones(2)})
     exchanged_names.clear()
@@ -272,7 +278,8 @@ def test_two_jax_processes_save_one_sharded_checkpoint_and_agree_on_restore_and_
         {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
     )
     for i, out in enumerate(outs):
-        assert f"process {i}: save ok" in out and f"process {i}: torn ok" in out, out[-3000:]
+        for phase in ("save", "mixed", "torn"):
+            assert f"process {i}: {phase} ok" in out, out[-3000:]
     assert [i.status for i in resume.list_steps(tmp_path / "torn")] == ["complete", "complete"]
 
 

@@ -172,24 +172,28 @@ def _host_boxes(x: jax.Array, kind: str) -> list[tuple[np.ndarray, tuple, tuple]
 # -- the API: start at save, read the part later ------------------------------------------------
 
 
-def kind_for(arrays: Sequence[jax.Array]) -> str:
-    """CRC32C where every array lives on CPU devices and the `crc32c` package is installed (a
-    dependency of the `jax` extra), else SUM."""
+def crc32c_installed() -> bool:
+    """Whether this process can compute CRC-32Cs (the `crc32c` package, in the `jax` extra)."""
     try:
         import crc32c  # noqa: F401
     except ImportError:
-        return SUM
-    return CRC32C if all(_on_host(x) for x in arrays) else SUM
+        return False
+    return True
+
+
+def kind_for(arrays: Sequence[jax.Array], crc32c_everywhere: bool) -> str:
+    """CRC32C where every array lives on CPU devices and every process of the job has the
+    `crc32c` package (`crc32c_everywhere`: agreed across processes, since each writes its own
+    part of every fingerprint and the parts combine only within one kind), else SUM."""
+    return CRC32C if crc32c_everywhere and all(_on_host(x) for x in arrays) else SUM
 
 
 def _require_crc32c() -> None:
-    try:
-        import crc32c  # noqa: F401
-    except ImportError as error:
+    if not crc32c_installed():
         raise ImportError(
             "this checkpoint's JAX arrays carry a CRC-32C, and checking it needs the crc32c package: "
             "pip install crc32c (it comes with remat_kit[jax])"
-        ) from error
+        )
 
 
 def _crc_constant(x: jax.Array) -> int:

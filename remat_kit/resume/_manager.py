@@ -196,7 +196,7 @@ class Resumable:
         # other torch ranks write their files before `save` returns): torch optimizers update
         # tensors in place. A synchronous save writes them before returning, so it shares them.
         sync = not self.async_save or self.verify
-        encoded = _writing.encode(state, copy_host=not sync and self.processes.runs_orbax)
+        encoded = _writing.encode(state, self.processes, copy_host=not sync and self.processes.runs_orbax)
         self._finish_pending()
         meta = _checks.step_meta(step, metrics, metadata, self.keep_best, _inspect.FORMAT)
         args = _writing.save_args(self.directory, step, encoded, meta, self.processes)

@@ -38,19 +38,20 @@ class Encoded:
     fingerprint_kind: str | None  # _fingerprint.CRC32C or SUM; None without JAX arrays
 
 
-def encode(state: Any, *, copy_host: bool = True) -> Encoded:
+def encode(state: Any, processes: Processes, *, copy_host: bool = True) -> Encoded:
     """Walks the state: host copies of host arrays, JAX arrays and DTensors kept as they are.
     The JAX fingerprints are begun here (views of CPU shards, or a device reduction dispatched:
     a collective in a multi-process JAX job) and computed by the host item's writer thread,
-    alongside Orbax's write."""
+    alongside Orbax's write. Their kind is agreed by every process (`processes`)."""
     encoder = _codec.encode(state, copy_host=copy_host)
     fingerprints: dict[str, Any] = {}
     kind = None
     if encoder.jax_arrays:
-        from remat_kit.resume._fingerprint import kind_for, start
+        from remat_kit.resume._fingerprint import crc32c_installed, kind_for, start
 
         arrays = list(encoder.jax_arrays.values())
-        kind = kind_for(arrays)
+        everywhere = processes.all_true(crc32c_installed(), "whether every process has the crc32c package")
+        kind = kind_for(arrays, everywhere)
         fingerprints = dict(zip(encoder.jax_arrays, start(arrays, kind)))
     local = (encoder.local_specs, encoder.local.arrays) if encoder.local is not None else None
     return Encoded(encoder.spec, encoder.arrays, encoder.jax_arrays, encoder.dtensors, local, fingerprints, kind)

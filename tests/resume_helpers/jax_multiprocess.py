@@ -158,7 +158,31 @@ def torn_phase(directory: Path) -> None:
         assert ckpt.restore_latest(template())[0] == 2
 
 
+def mixed_phase(directory: Path) -> None:
+    """The last process lacks the crc32c package: every process must write the same kind of
+    fingerprint part (they combine only within one kind), so the step is checked as a SUM."""
+    import json
+
+    from remat_kit.resume import _fingerprint, _inspect
+
+    if process_id == num_processes - 1:
+        _fingerprint.crc32c_installed = lambda: False
+    with resume.Resumable(directory) as ckpt:
+        ckpt.save(1, state_at(1))
+        ckpt.wait()
+        meta = json.loads((directory / "1" / _inspect.META_ITEM / "metadata").read_text())
+        assert meta["fingerprint"] == _fingerprint.SUM, meta["fingerprint"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # a fingerprint mismatch warns and falls back
+            got_step, restored = ckpt.restore_latest(template())
+        corrupt = [str(w.message) for w in caught if issubclass(w.category, resume.CorruptCheckpointWarning)]
+        assert got_step == 1 and not corrupt, (got_step, corrupt)
+        check(1, restored)
+
+
 save_phase(root / "saved")
 print(f"process {process_id}: save ok", flush=True)
+mixed_phase(root / "mixed")
+print(f"process {process_id}: mixed ok", flush=True)
 torn_phase(root / "torn")
 print(f"process {process_id}: torn ok", flush=True)
