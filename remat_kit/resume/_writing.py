@@ -22,7 +22,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from remat_kit.resume import _codec, _host_item, _inspect
-from remat_kit.resume._processes import Processes
+from remat_kit.resume._processes import Processes, detect
 
 log = logging.getLogger("remat_kit.resume")
 
@@ -38,11 +38,11 @@ class Encoded:
     fingerprint_kind: str | None  # _fingerprint.CRC32C or SUM; None without JAX arrays
 
 
-def encode(state: Any, processes: Processes, *, copy_host: bool = True) -> Encoded:
+def encode(state: Any, processes: Processes | None = None, *, copy_host: bool = True) -> Encoded:
     """Walks the state: host copies of host arrays, JAX arrays and DTensors kept as they are.
     The JAX fingerprints are begun here (views of CPU shards, or a device reduction dispatched:
     a collective in a multi-process JAX job) and computed by the host item's writer thread,
-    alongside Orbax's write. Their kind is agreed by every process (`processes`)."""
+    alongside Orbax's write. Their kind is agreed by every process (`processes`, default: detected)."""
     encoder = _codec.encode(state, copy_host=copy_host)
     fingerprints: dict[str, Any] = {}
     kind = None
@@ -50,6 +50,7 @@ def encode(state: Any, processes: Processes, *, copy_host: bool = True) -> Encod
         from remat_kit.resume._fingerprint import crc32c_installed, kind_for, start
 
         arrays = list(encoder.jax_arrays.values())
+        processes = processes or detect()
         everywhere = processes.all_true(crc32c_installed(), "whether every process has the crc32c package")
         kind = kind_for(arrays, everywhere)
         fingerprints = dict(zip(encoder.jax_arrays, start(arrays, kind)))
