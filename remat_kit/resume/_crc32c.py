@@ -70,7 +70,8 @@ def _table_lists(k: int) -> tuple[list[int], ...]:
 
 def _shift_one(value: int, nbytes: int) -> int:
     """`shift` of one value, in Python ints: NumPy's per-call cost is most of `shift`'s time on
-    one value (about 0.3 ms against 10 us here), and a contiguous box, a row-split shard, is one."""
+    one value (about 0.3 ms against 10 us here), and a contiguous box, a row-split shard, is one
+    (`box_part`'s one row)."""
     k = 0
     while nbytes:
         if nbytes & 1:
@@ -86,6 +87,8 @@ def shift(values: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
     by nbytes[i] zero bytes, from the raw CRC of the run."""
     values = np.array(values, np.uint32)
     nbytes = np.array(nbytes, np.uint64)
+    if values.size == 1:
+        return np.array([_shift_one(int(values[0]), int(nbytes[0]))], np.uint32)
     k = 0
     while nbytes.size and (nbytes >> np.uint64(k)).any():
         chosen = (nbytes >> np.uint64(k) & np.uint64(1)).astype(bool)
@@ -132,7 +135,5 @@ def box_part(box: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) ->
             offsets += (index[d] + start[d]).astype(np.uint64) * np.uint64(strides[d])
     after = np.uint64(math.prod(shape) - rows.shape[1]) - offsets
     # crc32c(row, ~0) starts from a zero register; its final xor undone gives the raw CRC.
-    if rows.shape[0] == 1:
-        return _shift_one(crc32c.crc32c(rows[0], _ONES) ^ _ONES, int(after[0]))
     raw = np.fromiter((crc32c.crc32c(row, _ONES) for row in rows), np.uint32, rows.shape[0]) ^ np.uint32(_ONES)
     return int(np.bitwise_xor.reduce(shift(raw, after)))
