@@ -23,8 +23,9 @@ over repeats. Each process builds the state, then times a save (waited until
 committed) and a restore into a template, in wall time and in CPU time (user + system, every
 thread: getrusage; summed over a job's processes, it moves less than wall time when other jobs
 share the cores; its system part, mostly page faults, is also kept apart in the JSON as
-`*_sys_s`), and reads its peak RSS (VmHWM) against the RSS just before the save: the
-extra host memory the checkpoint path used. On CPU a JAX array already
+`*_sys_s`, and the minor page faults themselves, a count the load does not move, as `*_minflt`),
+and reads its peak RSS (VmHWM) against the RSS just before the save: the extra host memory the
+checkpoint path used. On CPU a JAX array already
 lives in host memory, so "no full extra host copy" means extra RSS well under the state size.
 
 Cells: JAX single process (remat_kit vs `ocp.CheckpointManager` with `StandardSave`), JAX 2
@@ -62,10 +63,11 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
-def _cpu_s() -> tuple[float, float]:
-    """(user, system) CPU seconds of this process so far, every thread (Orbax's and tensorstore's too)."""
+def _cpu_s() -> tuple[float, float, int]:
+    """(user, system) CPU seconds of this process so far, every thread (Orbax's and tensorstore's too),
+    and its minor page faults (a count, which the machine's load does not move)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime, usage.ru_stime
+    return usage.ru_utime, usage.ru_stime, usage.ru_minflt
 
 
 def _reset_peak() -> None:
@@ -103,7 +105,7 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
         reduce = jax.jit(lambda x: jnp.sum(jax.lax.bitcast_convert_type(x, jnp.uint32), dtype=jnp.uint32))
         for leaf in state.values():
             jax.block_until_ready(reduce(leaf))
-        pass_s, pass_cpu_s, pass_sys_s = _clock(
+        pass_s, pass_cpu_s, pass_sys_s, _ = _clock(
             lambda: jax.block_until_ready([reduce(leaf) for leaf in state.values()])
         )
         return {
@@ -142,12 +144,13 @@ def _jax_cell(impl: str, directory: Path, mib: int) -> dict:
     return {**cell, "state_bytes": sum(v.nbytes for v in state.values())}
 
 
-def _clock(fn) -> tuple[float, float, float]:
-    """(wall seconds, CPU seconds of this process, the system part of them) that `fn()` took."""
-    start, (user, system) = time.perf_counter(), _cpu_s()
+def _clock(fn) -> tuple[float, float, float, int]:
+    """(wall seconds, CPU seconds of this process, the system part of them, minor page faults) that
+    `fn()` took."""
+    start, (user, system, faults) = time.perf_counter(), _cpu_s()
     fn()
-    user_end, system_end = _cpu_s()
-    return time.perf_counter() - start, user_end - user + system_end - system, system_end - system
+    user_end, system_end, faults_end = _cpu_s()
+    return time.perf_counter() - start, user_end - user + system_end - system, system_end - system, faults_end - faults
 
 
 def _timed(save, restore) -> dict:
@@ -163,9 +166,9 @@ def _timed(save, restore) -> dict:
     for step in range(1, 1 + int(os.environ.get("RESUME_BENCH_SAVES", "1"))):
         os.sync()  # the previous step's gigabyte written back before this save is timed
         _barrier()
-        save_s, save_cpu_s, save_sys_s = _clock(lambda: save(step))
+        save_s, save_cpu_s, save_sys_s, save_faults = _clock(lambda: save(step))
         _barrier()
-        restore_s, restore_cpu_s, restore_sys_s = _clock(lambda: restore(step))
+        restore_s, restore_cpu_s, restore_sys_s, restore_faults = _clock(lambda: restore(step))
         # The system part apart: mostly page faults on fresh allocations, whose count varies with the
         # allocator's state from process to process, for the plain libraries as for the layer.
         steps.append(
@@ -176,6 +179,8 @@ def _timed(save, restore) -> dict:
                 "restore_cpu_s": restore_cpu_s,
                 "save_sys_s": save_sys_s,
                 "restore_sys_s": restore_sys_s,
+                "save_minflt": save_faults,
+                "restore_minflt": restore_faults,
             }
         )
     medians = {key: statistics.median(s[key] for s in steps) for key in steps[0]}
@@ -249,7 +254,7 @@ def _cell(
     if len(results) != processes:
         raise RuntimeError(f"{framework}/{impl} x{processes} failed:\n{outs[0][-2000:]}")
     # The job's time is the slowest process's; its CPU time and extra memory are sums over processes.
-    summed = ("cpu", "sys", "rss")
+    summed = ("cpu", "sys", "rss", "minflt")
     return {
         key: results[0][key]
         if key == "state_bytes"
