@@ -228,3 +228,29 @@ def test_unrolled_scan_follows_the_plan():
         return jnp.mean(h**2)
 
     assert assert_contract(loss, params, x, 0.5) == "fits"
+
+
+@pytest.mark.slow  # haiku, which the newest-jax stage does not install
+def test_the_budget_an_error_names_is_met_without_a_new_search():
+    """Passed back in the same process, the smallest feasible budget an InfeasibleBudgetError
+    names is met by the plan that measured it (`_fit.fit` starts from the plans other budgets
+    measured), so the call compiles only the user's step. On haiku's MLP (conformance suite,
+    budget 0.3 refused naming 0.613) it searched again: three more measuring compiles, and a
+    minute of them on equinox's transformer."""
+    from test_jax_first_call import COMPILES
+
+    from benchmarks.models.outside_jax import cases
+
+    model = cases()["haiku-mlp"].build()
+
+    def compiles_of_first_call(budget: float) -> tuple[int, int]:
+        with COMPILES as seen:
+            compiled = jax.jit(jax.grad(rk.auto(model.loss, budget))).lower(model.params, model.batch).compile()
+        return seen.count, temp(compiled)
+
+    with pytest.raises(rk.InfeasibleBudgetError) as refused:
+        compiles_of_first_call(0.3)
+    floor = math.ceil(refused.value.smallest_fraction * 1000) / 1000
+    count, planned = compiles_of_first_call(floor)
+    assert count == 1
+    assert planned <= floor * temp(jax.jit(jax.grad(model.loss)).lower(model.params, model.batch).compile())

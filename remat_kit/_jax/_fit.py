@@ -41,7 +41,9 @@ by at most `REACH`, `_refine` asks for figures beside the least-measured plan (`
 compiles at most); else None.
 
 Every plan measured is remembered for the process with its bytes (`known`, shared by every
-budget's search of the same program): `_verify` falls back on the cheapest that fits the goal.
+budget's search of the same program): a search starts from the cheapest that lands within its
+`TOLERANCE` band, where one does (no compile: the budget an `InfeasibleBudgetError` names, passed
+back, is met by the plan that measured it), and `_verify` falls back on the cheapest that fits the goal.
 
 Below the model's floor, the floor plan and coarser layouts are measured (`floor_plans`), since
 XLA often compiles those below the model's figure.
@@ -107,11 +109,13 @@ class Search:
             self.known[k] = (p, self.tried[k])
         return self.tried[k]
 
-    def known_fit(self) -> Plan | None:
-        """The cheapest plan measured within the goal by any search of this program, and within
-        the budget in the model's own terms (`plan_at`)."""
+    def known_fit(self, at_least: float = 0) -> Plan | None:
+        """The cheapest plan measured within the goal (and at `at_least` bytes or more) by any
+        search of this program, and within the budget in the model's own terms (`plan_at`)."""
         fits = [
-            p for p, b in self.known.values() if b <= self.goal_bytes and p.activation_fraction <= self.budget_fraction
+            p
+            for p, b in self.known.values()
+            if at_least <= b <= self.goal_bytes and p.activation_fraction <= self.budget_fraction
         ]
         return min(fits, key=lambda p: p.predicted_recompute_seconds, default=None)
 
@@ -217,6 +221,11 @@ def fit(search: Search, start: Plan | None) -> Plan | None:
     `start` (the model's plan at a byte budget or a layer's) is asked first where the line has no
     positive target; without it, the model's least-memory plan."""
     low_bytes = search.goal_bytes - TOLERANCE * search.none_bytes
+    # A plan another budget's search measured within this one's band is the answer the rounds
+    # would stop at: no compile (a budget passed back from an `InfeasibleBudgetError` lands here).
+    known = search.known_fit(at_least=low_bytes)
+    if known is not None:
+        return known
     first = search.target()
     current: Plan | None = search.plan_at(first) if first > 0 else start or search.model.least_memory()
     fitting: Plan | None = None
