@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_helpers import COMPILES
 
 import remat_kit as rk
 from remat_kit._jax import _plancache, _verify
 
 NUM_LAYERS, WIDTH, BATCH = 8, 64, 512
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # A budget every jax this project supports compiles under on `_model`. Not 0.5: from jax 0.11
 # XLA:CPU compiles no remat to 2.64 MB where 0.10 took 3.69 MB, while the plans keep their bytes,
 # so the least-memory plan remat_kit makes (two layers per loop step) measures 0.509 of no remat
@@ -45,29 +45,6 @@ def _model():
         return jnp.mean(h**2)
 
     return loss, params, x
-
-
-class Compiles:
-    """Backend compiles seen through jax.monitoring while the context is open."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.on = False
-        jax.monitoring.register_event_duration_secs_listener(self._seen)
-
-    def _seen(self, event: str, duration: float, **_) -> None:
-        if self.on and event == COMPILE_EVENT:
-            self.count += 1
-
-    def __enter__(self):
-        self.count, self.on = 0, True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.on = False
-
-
-COMPILES = Compiles()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import lax
-from jax_helpers import rel_err
+from jax_helpers import COMPILES, rel_err
 
 import remat_kit as rk
 import remat_kit._jax as rj
@@ -237,8 +237,6 @@ def test_the_budget_an_error_names_is_met_without_a_new_search():
     measured), so the call compiles only the user's step. On haiku's MLP (conformance suite,
     budget 0.3 refused naming 0.613) it searched again: three more measuring compiles, and a
     minute of them on equinox's transformer."""
-    from test_jax_first_call import COMPILES
-
     from benchmarks.models.outside_jax import cases
 
     model = cases()["haiku-mlp"].build()
