@@ -45,8 +45,8 @@ budget's search of the same program): a search starts from the cheapest that lan
 `TOLERANCE` band, where one does (no compile: the budget an `InfeasibleBudgetError` names, passed
 back, is met by the plan that measured it), and `_verify` falls back on the cheapest that fits the goal.
 
-Below the model's floor, the floor plan and coarser layouts are measured (`floor_plans`), since
-XLA often compiles those below the model's figure.
+Below the model's floor, the floor plan, coarser layouts and (unrolled) every layer recomputed whole
+are measured (`floor_plans`), since XLA often compiles those below the model's figure.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from remat_kit._core import presets
 from remat_kit._core.graph import CostGraph
 from remat_kit._core.plan import Decision, Plan
 from remat_kit._core.simulate import decision_codes, needed_and_recomputed, simulate
+from remat_kit._jax._device import default_device
 from remat_kit._jax._graph import Traced
 from remat_kit._jax._plan import Model, scan_groups
 from remat_kit._jax._rules import materialised, op_of
@@ -309,13 +310,32 @@ def _next_target(search: Search) -> float | None:
 def floor_plans(traced: Traced, model: Model) -> list[Plan]:
     """The model's least-memory plan, then the coarser ones XLA may compile smaller (and on an
     unrolled chain the least-memory plan without segments); measured when no plan the search
-    tried fits."""
+    tried fits.
+
+    On an unrolled chain also every layer recomputed whole (`presets.full`: each block one
+    checkpoint keeping only its inputs, what `jax.checkpoint` on every layer does). The model's
+    least-memory plans depend on its recompute prices: where several plans reach its floor it
+    keeps the cheapest, and which values that leaves stored moves with the device constants,
+    while XLA fuses a wholly recomputed layer into its backward and stores none of its values.
+    Measured on Flax's lm1b with its layers in a loop under this CI VM's calibrated constants:
+    every model plan and coarser layout compiled to 0.704 of no remat or more, every layer
+    recomputed to 0.573 (`tests/test_jax_unrolled_outside.py`). So a refusal never names a
+    budget above what checkpointing every layer measures."""
     out = [model.least_memory()]
     if not traced.scans and traced.graph.num_blocks >= 3:  # unrolled chains: `choose` plans segments
         out += _coarser(traced, model)
     elif any(scan_groups(len(info.blocks)) for info in traced.scans.values()):
         out += _regrouped(traced, model)
+    if not traced.scans and traced.graph.num_blocks >= 2:
+        out.append(_priced(presets.full(traced.graph), traced, model))
     return out
+
+
+def _priced(plan: Plan, traced: Traced, model: Model) -> Plan:
+    """A preset's plan with its recompute priced on the model's device, as the model's own plans
+    are (`_fitting_floor` keeps the cheapest that fits)."""
+    graph = traced.graph.regroup(plan.segments) if plan.segments else traced.graph
+    return plan.with_predictions(simulate(graph, plan, device=model.device or default_device()))
 
 
 def _regrouped(traced: Traced, model: Model) -> list[Plan]:
@@ -340,5 +360,5 @@ def _coarser(traced: Traced, model: Model) -> list[Plan]:
     root = max(1, round(math.sqrt(n)))
     for k in dict.fromkeys((root, root - 1, root + 1)):
         if 2 <= k < n:
-            out.append(presets.sqrt_n(traced.graph, k))
+            out.append(_priced(presets.sqrt_n(traced.graph, k), traced, model))
     return [*out, model.least_memory(max_segment_blocks=1)]
