@@ -296,15 +296,21 @@ def _nnx_class(cls: type, planner: Planner) -> type:
     call = original.__call__
 
     def __call__(self, *args, **kwargs):
-        graphdef, state = nnx.split(self)
+        # nnx objects passed to the call (the `nnx.Rngs` a dropout draws from, a shared module)
+        # are written by it as the module is: their state goes through the planned call with the
+        # module's and comes back, so an RNG stream advances as it does without remat.
+        nodes, (args, kwargs) = _take_nodes((args, kwargs))
+        graphdef, state = nnx.split((self, *nodes))
 
         def pure(state, *args, **kwargs):
-            module = nnx.merge(graphdef, state)
+            before = _values(state)  # nnx.merge may hand the module these very variables
+            module, *given = nnx.merge(graphdef, state)
+            args, kwargs = _put_nodes((args, kwargs), given)
             out = call(module, *args, **kwargs)
-            return out, nnx.state(module)
+            return out, _written(before, nnx.state((module, *given)))
 
         out, new_state = planner.call(pure, (state, *args), kwargs)
-        nnx.update(self, new_state)
+        nnx.update((self, *nodes), new_state)
         return out
 
     sub = type(
@@ -314,6 +320,62 @@ def _nnx_class(cls: type, planner: Planner) -> type:
     )
     setattr(sub, _ATTR, (planner, original))
     return sub
+
+
+@dataclasses.dataclass(frozen=True)
+class _Node:
+    """Where an nnx object stood among a call's arguments (`_take_nodes`)."""
+
+    index: int
+
+
+def _take_nodes(tree: Any) -> tuple[list, Any]:
+    """The nnx objects in `tree` (graph nodes: modules, `nnx.Rngs`), and `tree` with each replaced
+    by a `_Node` marker (static to the planner: their state travels on its own)."""
+    from flax.nnx import graph
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=graph.is_graph_node)
+    nodes = [x for x in leaves if graph.is_graph_node(x)]
+    marked, k = [], 0
+    for x in leaves:
+        if graph.is_graph_node(x):
+            x, k = _Node(k), k + 1
+        marked.append(x)
+    return nodes, jax.tree_util.tree_unflatten(treedef, marked)
+
+
+def _put_nodes(tree: Any, nodes: list) -> Any:
+    """`_take_nodes` undone: each marker replaced by its (merged) nnx object."""
+    return jax.tree_util.tree_map(lambda x: nodes[x.index] if isinstance(x, _Node) else x, tree)
+
+
+def _flat(state: Any) -> list:
+    from flax import nnx
+
+    flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
+    return list(flat.items() if isinstance(flat, dict) else flat)
+
+
+def _raw(variable: Any) -> Any:
+    return variable.get_raw_value() if hasattr(variable, "get_raw_value") else variable.value
+
+
+def _values(state: Any) -> dict:
+    """Path -> the value object each variable of nnx `state` holds now."""
+    return {path: _raw(v) for path, v in _flat(state)}
+
+
+def _written(before: dict, after: Any) -> Any:
+    """The part of nnx state `after` that a call wrote (a value other than the one it held before
+    it, `_values`), which is all the caller's objects are updated with. Writing back the rest would
+    assign variables the caller's trace may not mutate: a module merged inside `jax.grad` from
+    state passed to it beside the parameters holds nnx.MultiHeadAttention's RNG streams as
+    variables that only its own trace level may write (flax's `TraceContextError`), although the
+    call never touched them."""
+    from flax import nnx
+
+    wrote = lambda path, v: _raw(v) is not before.get(path)  # noqa: E731
+    return nnx.filter_state(after, wrote) if hasattr(nnx, "filter_state") else after.filter(wrote)
 
 
 def _linen_class(cls: type, planner: Planner) -> type:
