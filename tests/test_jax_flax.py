@@ -207,8 +207,12 @@ class _Decoder(nnx.Module):
 _TOKENS_SHAPE, _VOCAB = (2, 32), 64
 
 
-def _decoder_loss(model, key):
-    tokens = jax.random.randint(jax.random.key(1), _TOKENS_SHAPE, 1, _VOCAB)
+def _tokens():
+    return jax.random.randint(jax.random.key(1), _TOKENS_SHAPE, 1, _VOCAB)
+
+
+def _decoder_loss(model, key, tokens=None):
+    tokens = _tokens() if tokens is None else tokens  # None: drawn in the step
     logits = model(tokens, rngs=nnx.Rngs(dropout=key))  # as Flax's nnx examples pass the dropout key
     return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
@@ -219,11 +223,12 @@ def _decoder():
     return model
 
 
-def _decoder_step(model, key):
+def _decoder_step(model, key, tokens=None):
     """`jax.jit(jax.grad)` of the loss over the parameters, the rest of the model's state (its
-    attention layers' RNG streams) passed beside them: the compiled step and its arguments."""
+    attention layers' RNG streams) passed beside them: the compiled step and its arguments.
+    `tokens`: closed over (a constant of the step), else drawn in it."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    step = jax.jit(jax.grad(lambda p, r, k: _decoder_loss(nnx.merge(graphdef, p, r), k)))
+    step = jax.jit(jax.grad(lambda p, r, k: _decoder_loss(nnx.merge(graphdef, p, r), k, tokens)))
     return step.lower(params, rest, key).compile(), (params, rest, key)
 
 
@@ -241,7 +246,7 @@ def test_nnx_instance_with_rngs_passed_at_call_time():
     assert rel_err(compiled(*args), want) <= 1e-5
     assert rel_err(compiled(*args[:2], other), want) > 1e-3  # dropout is live: the key is used
 
-    tokens = jax.random.randint(jax.random.key(1), _TOKENS_SHAPE, 1, _VOCAB)
+    tokens = _tokens()
     outs = []
     for model in (_decoder(), rj.auto(_decoder(), 0.9)):
         rngs = nnx.Rngs(dropout=key)
@@ -256,16 +261,9 @@ def test_nnx_instance_with_constants_in_the_step_holds_the_budget():
     (a concrete array) and the counter of the `nnx.Rngs` made in the step are constants, and XLA
     compiled the kept plan to 0.818 of no remat at budget 0.8 (0.75 with the counter an input):
     over the budget, unflagged, until the planned function put its arguments behind a barrier."""
-    tokens = jax.random.randint(jax.random.key(1), _TOKENS_SHAPE, 1, _VOCAB)  # concrete: a constant in the step
+    tokens, key = _tokens(), jax.random.key(7)  # tokens concrete: a constant in the step
 
     def temp(model):
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def loss(p, r, k):
-            logits = nnx.merge(graphdef, p, r)(tokens, rngs=nnx.Rngs(dropout=k))
-            return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-
-        compiled = jax.jit(jax.grad(loss)).lower(params, rest, jax.random.key(7)).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
+        return _decoder_step(model, key, tokens)[0].memory_analysis().temp_size_in_bytes
 
     assert temp(rj.auto(_decoder(), 0.8)) <= 0.8 * temp(_decoder())

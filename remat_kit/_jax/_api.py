@@ -335,11 +335,11 @@ def _take_nodes(tree: Any) -> tuple[list, Any]:
     from flax.nnx import graph
 
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=graph.is_graph_node)
-    nodes = [x for x in leaves if graph.is_graph_node(x)]
-    marked, k = [], 0
+    nodes, marked = [], []
     for x in leaves:
         if graph.is_graph_node(x):
-            x, k = _Node(k), k + 1
+            nodes.append(x)
+            x = _Node(len(nodes) - 1)
         marked.append(x)
     return nodes, jax.tree_util.tree_unflatten(treedef, marked)
 
@@ -349,20 +349,16 @@ def _put_nodes(tree: Any, nodes: list) -> Any:
     return jax.tree_util.tree_map(lambda x: nodes[x.index] if isinstance(x, _Node) else x, tree)
 
 
-def _flat(state: Any) -> list:
-    from flax import nnx
-
-    flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
-    return list(flat.items() if isinstance(flat, dict) else flat)
-
-
 def _raw(variable: Any) -> Any:
     return variable.get_raw_value() if hasattr(variable, "get_raw_value") else variable.value
 
 
 def _values(state: Any) -> dict:
     """Path -> the value object each variable of nnx `state` holds now."""
-    return {path: _raw(v) for path, v in _flat(state)}
+    from flax import nnx
+
+    flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
+    return {path: _raw(v) for path, v in (flat.items() if isinstance(flat, dict) else flat)}
 
 
 def _written(before: dict, after: Any) -> Any:

@@ -135,8 +135,7 @@ class Search:
             return 1.0 if plan is None else self.model_fraction(plan)
         if plan is not None and _keeps_all(plan):
             return 1.0  # runs as no remat does, no checkpoint to change its residuals
-        traced = self.model.traced
-        graph = traced.graph.regroup(plan.segments) if plan is not None and plan.segments else traced.graph
+        graph = _plan_graph(self.model.traced, plan)
         kept = sum(simulate(graph, plan).kept_bytes_by_block)
         held = kept + recompute_transient(graph, plan) + self.none_bytes - self.none_residual_bytes
         return held / max(self.none_bytes, 1)
@@ -334,8 +333,12 @@ def floor_plans(traced: Traced, model: Model) -> list[Plan]:
 def _priced(plan: Plan, traced: Traced, model: Model) -> Plan:
     """A preset's plan with its recompute priced on the model's device, as the model's own plans
     are (`_fitting_floor` keeps the cheapest that fits)."""
-    graph = traced.graph.regroup(plan.segments) if plan.segments else traced.graph
-    return plan.with_predictions(simulate(graph, plan, device=model.device or default_device()))
+    return plan.with_predictions(simulate(_plan_graph(traced, plan), plan, device=model.device or default_device()))
+
+
+def _plan_graph(traced: Traced, plan: Plan | None) -> CostGraph:
+    """The traced graph as `plan` runs it: regrouped into its segments, where it has any."""
+    return traced.graph.regroup(plan.segments) if plan is not None and plan.segments else traced.graph
 
 
 def _regrouped(traced: Traced, model: Model) -> list[Plan]:

@@ -80,6 +80,14 @@ def is_float(aval: Any) -> bool:
         return False
 
 
+def is_integer(aval: Any) -> bool:
+    """Integers and booleans (not PRNG keys)."""
+    try:
+        return bool(jnp.issubdtype(aval.dtype, jnp.integer) or jnp.issubdtype(aval.dtype, jnp.bool_))
+    except (TypeError, AttributeError):
+        return False
+
+
 def op_kind(prim: str, scope: str) -> OpKind:
     if prim in ("dot_general", "conv_general_dilated", "ragged_dot"):
         return OpKind.MATMUL

@@ -34,7 +34,7 @@ from remat_kit._core.graph import Role
 from remat_kit._core.plan import Decision
 from remat_kit._jax._compat import scan_counts
 from remat_kit._jax._graph import Traced
-from remat_kit._jax._rules import is_float
+from remat_kit._jax._rules import is_float, is_integer
 from remat_kit._jax._trace import FlatFn, Lit, read_outs, run
 
 
@@ -127,15 +127,10 @@ def _as_inputs(args: Sequence[Any]) -> list[Any]:
     keeps (the residual count `_fit` calibrates by would change), and a key behind it is cloned by
     `random_clone`, which has no derivative rule."""
     args = list(args)
-    ints = [i for i, a in enumerate(args) if _is_integer(a)]
+    ints = [i for i, a in enumerate(args) if is_integer(a)]
     for i, a in zip(ints, jax.lax.optimization_barrier([args[i] for i in ints])):
         args[i] = a
     return args
-
-
-def _is_integer(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_))
 
 
 def _units(traced: Traced, segments: Sequence[Sequence[str]] = ()) -> list[tuple[int | None, list[int]]]:
