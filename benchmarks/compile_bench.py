@@ -287,7 +287,6 @@ def _eager_peak(step: Callable[..., Any]) -> float:
 def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str, Any]]:
     # One cache entry per strategy on the code objects they share (_RootForward._run).
     torch._dynamo.config.recompile_limit = 64
-    exact_rss()  # before any step: no heap grown under glibc's defaults stays resident
     base, idx, tgt = build(args)
     none_eager = eager_activation_bytes(copy.deepcopy(base), idx, tgt)
     checkpoint_eager = eager_activation_bytes(per_layer_checkpoint(copy.deepcopy(base)), idx, tgt)
@@ -311,7 +310,11 @@ def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str
     for cell in cells.values():
         if "infeasible" not in cell:
             cell["grad_err"] = remat_kit.measure.rel_err(cell.pop("grads"), ref)
+    # Timed under glibc's defaults, as users run: the setting the peaks below need (every freed
+    # block of 16 KiB or more unmapped) makes each large allocation a fresh mapping, page faults
+    # and all, and so charged a step by how many buffers it allocates rather than by its work.
     times = _rounds(steps, args.steps, _cpu_seconds)
+    exact_rss()  # from here on; peak_rss_bytes trims the heap grown under the defaults first
     peaks = _rounds(steps, 5, _peak)
     eager_peaks = _rounds({n: (s, b) for n, (s, b) in steps.items() if b is None}, 5, _eager_peak)
     grads = grad_bytes(base)
