@@ -108,8 +108,9 @@ NOTES = [
     "model's eager step by the same measure, beside the budget that remat_kit's live-storage tracker holds.",
     "- `compile memory budget` (torch._functorch.config.activation_memory_budget) recomputes dropout with fresh "
     "random numbers: its gradient error is pytorch#190758.",
-    "- Step CPU time is process CPU time (both threads), medians over interleaved rounds on a shared 2-core CPU; "
-    "a remat strategy below 1 is not free recompute: a smaller working set costs fewer page faults here.",
+    "- Step CPU time is process CPU time (both threads), medians over interleaved rounds, timed after the peaks "
+    "under glibc's heap thresholds as they settle in a training process (`steady_heap`); a remat strategy below 1 "
+    "is not free recompute: a smaller working set costs less memory traffic.",
 ]
 BEFORE_NOTE = (
     "Before issue 12, saved bytes counted only what the compiled graphs saved (saved_tensors_hooks do not see "

@@ -83,19 +83,37 @@ def saved_bytes(step: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -
     return sum(seen.values())
 
 
-_LIBC: Any = None
+_EXACT = False  # whether exact_rss's thresholds are the process's now
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6")
 
 
 def exact_rss() -> None:
     """From here on glibc unmaps every freed block of 16 KiB or more (its default threshold grows
     to 32 MiB and keeps freed blocks resident), so the resident set follows the live allocations
     and its high-water mark is a step's peak."""
-    global _LIBC
-    import ctypes
+    global _EXACT
+    _libc().mallopt(-3, 16 * 1024)  # M_MMAP_THRESHOLD (setting it also stops glibc raising it)
+    _libc().mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    _EXACT = True
 
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.mallopt(-3, 16 * 1024)  # M_MMAP_THRESHOLD (setting it also stops glibc raising it)
-    _LIBC.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+
+def steady_heap() -> None:
+    """From here on glibc serves blocks up to 32 MiB from its heap and keeps up to 64 MiB of freed
+    heap: where its defaults settle in a process that has freed blocks that large (the mmap
+    threshold rises to each freed mapped block's size, up to 32 MiB, the trim threshold to twice
+    it), as a training loop's has after its first steps. Steps timed under `exact_rss` pay a fresh
+    mapping and its page faults for every block of 16 KiB or more, so a step is charged by how
+    many buffers it allocates (compiled `auto`'s regions reuse none) rather than by its work."""
+    global _EXACT
+    _libc().mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+    _libc().mallopt(-1, 64 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    _EXACT = False
 
 
 def _status_bytes(field: str) -> int:
@@ -107,9 +125,9 @@ def peak_rss_bytes(step: Callable[[], Any]) -> int:
     """How far the process's resident set rises above where it stood while `step()` runs (Linux:
     the high-water mark is reset through /proc/self/clear_refs; the kernel batches its RSS counts
     per thread, so the figure is good to tens of pages)."""
-    if _LIBC is None:
+    if not _EXACT:
         exact_rss()
-    _LIBC.malloc_trim(0)  # free heap pages, resident since steps run under glibc's defaults, given back
+    _libc().malloc_trim(0)  # free heap pages, resident since steps run under glibc's defaults, given back
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_bytes("VmRSS:")
@@ -287,6 +305,7 @@ def _eager_peak(step: Callable[..., Any]) -> float:
 def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str, Any]]:
     # One cache entry per strategy on the code objects they share (_RootForward._run).
     torch._dynamo.config.recompile_limit = 64
+    exact_rss()  # before any step: no heap grown under glibc's defaults stays resident
     base, idx, tgt = build(args)
     none_eager = eager_activation_bytes(copy.deepcopy(base), idx, tgt)
     checkpoint_eager = eager_activation_bytes(per_layer_checkpoint(copy.deepcopy(base)), idx, tgt)
@@ -310,13 +329,10 @@ def measure(args: argparse.Namespace, eager_regions: bool) -> dict[str, dict[str
     for cell in cells.values():
         if "infeasible" not in cell:
             cell["grad_err"] = remat_kit.measure.rel_err(cell.pop("grads"), ref)
-    # Timed under glibc's defaults, as users run: the setting the peaks below need (every freed
-    # block of 16 KiB or more unmapped) makes each large allocation a fresh mapping, page faults
-    # and all, and so charged a step by how many buffers it allocates rather than by its work.
-    times = _rounds(steps, args.steps, _cpu_seconds)
-    exact_rss()  # from here on; peak_rss_bytes trims the heap grown under the defaults first
     peaks = _rounds(steps, 5, _peak)
     eager_peaks = _rounds({n: (s, b) for n, (s, b) in steps.items() if b is None}, 5, _eager_peak)
+    steady_heap()  # timed as a training process runs, after the peaks (which need exact_rss)
+    times = _rounds(steps, args.steps, _cpu_seconds)
     grads = grad_bytes(base)
     none_t = statistics.median(times["none"])
     none_act = statistics.median(peaks["none"]) - grads

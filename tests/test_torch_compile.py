@@ -284,6 +284,42 @@ def test_peak_rss_bytes_sees_a_step_allocation():
     assert peak_rss_bytes(lambda: None) < 2**20
 
 
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from benchmarks import compile_bench
+def faults(n=20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        torch.ones(2**20).sum()  # a 4 MiB block, allocated, touched and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+compile_bench.exact_rss(); faults(2); exact = faults()
+compile_bench.steady_heap(); faults(2); steady = faults()
+compile_bench.peak_rss_bytes(lambda: None)  # the peak's own reading puts exact_rss's thresholds back
+again = faults()
+print(exact, steady, again)
+"""
+
+
+def test_compile_bench_times_steps_without_a_fresh_mapping_per_buffer():
+    """Regression (session 15): compile_bench timed every step under `exact_rss`'s 16 KiB mmap
+    threshold, so each buffer a step allocated was a fresh mapping whose pages all faulted in,
+    and compiled `auto` (its frames reuse no buffer) paid 1.3x where it steps at checkpoint's
+    time. Steps are now timed under `steady_heap`: a freed 4 MiB block is served again from the
+    heap. Counted in page faults in a process of its own (the thresholds are process-wide)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    exact, steady, again = map(int, out.stdout.split()[-3:])
+    pages = 20 * (4 * 2**20) // 4096  # every page of every block, faulted in afresh
+    assert exact >= pages // 2 and again >= pages // 2, (exact, again)
+    assert steady < pages // 4, steady  # at most a block or two faulted in (a run read 1,024 pages)
+
+
 def test_report_sections_replace_their_own_shape_only(tmp_path):
     from benchmarks._compile_report import write_section
 
