@@ -11,8 +11,10 @@ over rounds, to compiled none. Memory is measured independently of remat_kit's c
 ways: the bytes of the distinct storages the compiled forward saves for its backward
 (`torch.autograd.graph.saved_tensors_hooks` around the forward; parameters and inputs left out),
 and the step's peak memory, the rise of the process's resident set over one step (`VmHWM` reset
-through `/proc/self/clear_refs`; glibc told, before any step, to mmap every block of 16 KiB or
-more so a freed block leaves the resident set; parameters and inputs allocated before the step,
+through `/proc/self/clear_refs`; glibc told, while the peaks are read, to mmap every block of
+16 KiB or more so a freed block leaves the resident set, and for the timed rounds after them to
+serve blocks from its heap as its defaults settle in a training process, `steady_heap`;
+parameters and inputs allocated before the step,
 gradients set to None before it as `zero_grad(set_to_none=True)` leaves them in a training loop).
 That peak holds the parameter gradients the backward has made by then; the peak less all of them
 (distinct storages) is reported beside it, so the activation peak lies between the two. Each is
