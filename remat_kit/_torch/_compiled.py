@@ -271,16 +271,6 @@ class _Entered:
                 self.after()
 
 
-def _within_one_region(same_mutation_regions: Any) -> Any:
-    """`same_mutation_regions`, and also the same checkpoint region and recompute tag."""
-
-    def same(a: Any, b: Any) -> bool:
-        keys = ("ac_graph_id", "recompute")
-        return same_mutation_regions(a, b) and all(a.meta.get(k) == b.meta.get(k) for k in keys)
-
-    return same
-
-
 @contextlib.contextmanager
 def region_settings() -> Any:
     """The settings a compile of frames holding planned regions runs under, put back on exit.
@@ -295,20 +285,15 @@ def region_settings() -> Any:
     size takes it over, where the plan (as eager autograd) frees it: a layer's recomputed qkv
     projection stayed alive across that layer's backward peak. Each way the compiled step held more
     than the plan (tests/test_torch_compile.py, tests/test_torch_compile_budget.py). So these
-    compiles merge equal ops only within one region and tag (CSE turned off whole cost HF Llama
-    a tenth of its compiled step: duplicates inside a layer ran twice), fuse only kernels where
-    one reads what the other writes, and free each buffer after its last read (a kernel writing
-    in place into an input it reads last still does); the backward is lowered in the same compile
-    (not at the first backward, when these settings are gone). Gradients are unchanged: none of
-    them changes what is computed."""
+    compiles partition without CSE, fuse only kernels where one reads what the other writes, and
+    free each buffer after its last read (a kernel writing in place into an input it reads last
+    still does); the backward is lowered in the same compile (not at the first backward, when
+    these settings are gone). Gradients are unchanged: none of them changes what is computed."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
-    import torch._inductor.pattern_matcher as pattern_matcher
 
     settings = (
-        # fx_graph_cse merges two equal ops only where this says they are in one mutation region;
-        # nothing else calls it. Saying so only within one checkpoint region and tag keeps CSE there.
-        (pattern_matcher, "same_mutation_regions", _within_one_region(pattern_matcher.same_mutation_regions)),
+        (functorch_config, "cse", False),
         (functorch_config, "force_non_lazy_backward_lowering", True),
         (inductor_config, "score_fusion_memory_threshold", 2**62),
         (inductor_config, "allow_buffer_reuse", False),
