@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import pathlib
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from torch._inductor.codecache import PyCodeCache
 import remat_kit
 from benchmarks import compile_bench, inductor_memory
 from benchmarks._compile_report import write_section
+from benchmarks._report import ROOT, command
 
 HF_GC = "HF gradient_checkpointing_enable()"
 SHAPE = dict(layers=4, hidden=256, heads=4, ffn=688, vocab=2048, batch=4, seq=256)
@@ -86,10 +86,22 @@ def _eager_activation(model: torch.nn.Module, kwargs: dict) -> int:
     return remat_kit.measure.torch_step(model, (), kwargs, lambda out: out.loss, count_flops=False).activation_bytes
 
 
+def compiled_step(model: torch.nn.Module, kwargs: dict) -> Callable[[], None]:
+    """One training step of `torch.compile(model)`, gradients set to None first; `.model` is
+    `model` (for `compile_bench._peak`)."""
+    compiled = torch.compile(model)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        compiled(**kwargs).loss.backward()
+
+    step.model = model  # type: ignore[attr-defined]
+    return step
+
+
 def measure(name: str, budgets: list[float], rounds: int) -> dict[str, dict[str, Any]]:
     torch._dynamo.config.recompile_limit = 64
     base, kwargs = build(name)
-    none_eager = _eager_activation(copy.deepcopy(base), kwargs)
     cells: dict[str, dict[str, Any]] = {}
     steps: dict[str, tuple] = {}
     for label, apply in strategies(budgets).items():
@@ -102,13 +114,7 @@ def measure(name: str, budgets: list[float], rounds: int) -> dict[str, dict[str,
             continue
         cell = cells[label] = {"eager": _eager_activation(model, kwargs)}
         torch._dynamo.reset()  # breaks counted from a first trace; the others recompile untimed
-        compiled = torch.compile(model)
-
-        def step(model: torch.nn.Module = model, compiled: Any = compiled) -> None:
-            model.zero_grad(set_to_none=True)
-            compiled(**kwargs).loss.backward()
-
-        step.model = model  # type: ignore[attr-defined]  # for compile_bench._peak
+        step = compiled_step(model, kwargs)
         PyCodeCache.cache_clear()
         torch.manual_seed(1)
         cell["breaks"] = compile_bench.graph_breaks(step)
@@ -117,7 +123,7 @@ def measure(name: str, budgets: list[float], rounds: int) -> dict[str, dict[str,
         step()
         cell["grads"] = [p.grad.clone() for p in model.parameters()]
         if label.startswith("auto("):
-            cell["budget_bytes"] = int(float(label[5:-1]) * none_eager)
+            cell["budget_bytes"] = int(float(label[5:-1]) * cells["none"]["eager"])
         steps[label] = (step, None)
     ref = cells["none"]["grads"]
     for cell in cells.values():
@@ -133,7 +139,6 @@ def measure(name: str, budgets: list[float], rounds: int) -> dict[str, dict[str,
     none_t = statistics.median(times["none"])
     for label in steps:
         cells[label]["time_ratio"] = statistics.median(times[label]) / none_t
-    cells["none"]["eager"] = none_eager
     return cells
 
 
@@ -150,17 +155,12 @@ def rss_peak_in_own_process(name: str, label: str, budgets: list[float]) -> int:
         f"model, kwargs = compile_hf.build({name!r})\n"
         f"model = compile_hf.strategies({budgets!r})[{label!r}](model)\n"
         "model(**kwargs).loss.backward()\n"
-        "compiled = torch.compile(model)\n"
-        "def step():\n"
-        "    model.zero_grad(set_to_none=True)\n"
-        "    compiled(**kwargs).loss.backward()\n"
-        "step.model = model\n"
+        "step = compile_hf.compiled_step(model, kwargs)\n"
         "step()\n"
         "print(json.dumps(statistics.median(compile_bench._peak(step) for _ in range(3))))\n"
     )
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"resident-set worker for {name} {label} failed:\n{out.stderr[-3000:]}")
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -204,8 +204,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="reports/torch/compile_hf.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from benchmarks._report import command
-
     for name in args.models:
         cells = measure(name, args.budgets, args.rounds)
         s = SHAPE
