@@ -263,9 +263,20 @@ def _walked(
 ) -> list[chain_dp.BlockOption]:
     """`frontier.walk` of block `rep` over `span` = (kept bytes above, below, most programs), the
     plans not in `known`; cached on the graph (a later budget often walks the same range)."""
-    key = ("walk", offload, tuple(costs.recompute), rep, span) + ((constraints,) if constraints else ())
+    setting = (offload, tuple(costs.recompute), rep) + ((constraints,) if constraints else ())
+    key = ("walk", span, *setting)
     if key not in graph._cache:
-        program = block_program(graph, rep, costs, offload, constraints)
+        # A walk from another level joins this one's caps at the first plan both reach (each next
+        # cap is one byte under the last plan's kept bytes), so the programs' answers are kept
+        # per cap for every walk of this block: a budget search's walks mostly repeat them.
+        answers = graph._cache.setdefault(("walk programs", *setting), {})
+        solve = block_program(graph, rep, costs, offload, constraints)
+
+        def program(cap: int | None, local_limit: int | None = None) -> dict[int, int] | None:
+            if (cap, local_limit) not in answers:
+                answers[cap, local_limit] = solve(cap, local_limit)
+            return answers[cap, local_limit]
+
         options: list[chain_dp.BlockOption] = []
 
         def add(codes: dict[int, int], label: str) -> chain_dp.BlockOption:
