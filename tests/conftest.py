@@ -59,6 +59,13 @@ def pytest_report_header(config: object) -> list[str]:
     ]
 
 
+def pytest_collection_modifyitems(config: object, items: list[pytest.Item]) -> None:
+    """Tests marked slow first, each group's order kept. xdist's `loadgroup` hands out groups in
+    collection order as workers free up, so a long group collected last (a conformance model's
+    cells: 1-3 minutes each on CI's 2-core VM) ran on one worker while the other sat idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def sweep_run() -> Iterator[Callable[..., subprocess.Popen]]:
     """Start `python -m benchmarks.sweep` on the JAX MLP cells (tests/test_compare.py,
