@@ -263,7 +263,8 @@ def _walked(
 ) -> list[chain_dp.BlockOption]:
     """`frontier.walk` of block `rep` over `span` = (kept bytes above, below, most programs), the
     plans not in `known`; cached on the graph (a later budget often walks the same range)."""
-    setting = (offload, tuple(costs.recompute), rep) + ((constraints,) if constraints else ())
+    prices = (tuple(costs.recompute), tuple(costs.offload) if offload else None)  # what the programs read
+    setting = (*prices, rep, *((constraints,) if constraints else ()))
     key = ("walk", span, *setting)
     if key not in graph._cache:
         # A walk from another level joins this one's caps at the first plan both reach (each next
