@@ -12,10 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import remat_kit as rk
-from remat_kit._core.budget import parse_budget
-from remat_kit._core.simulate import baseline_activation_bytes
 from remat_kit._core.solve import Costs
-from tests.graphs import random_chain
+from tests.graphs import limit_of, random_chain
 from tests.test_solvers import _codes_of
 
 TOLERANCE = 1.02
@@ -32,7 +30,7 @@ def _within(graph, budget, **kwargs):
     except rk.InfeasibleBudgetError:
         return None
     plan = rk.solve(graph, budget, **kwargs)
-    assert plan.predicted_activation_bytes <= _limit(budget, graph)
+    assert plan.predicted_activation_bytes <= limit_of(budget, graph)
     return _cost(graph, plan), _cost(graph, best)
 
 
@@ -74,12 +72,5 @@ def test_default_solver_fits_where_the_whole_graph_program_underestimates(seed, 
         plan = rk.solve(graph, frac)
     except rk.InfeasibleBudgetError:
         return
-    limit = _limit(frac, graph)
+    limit = limit_of(frac, graph)
     assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes <= limit
-
-
-def _limit(frac: float, graph: rk.CostGraph) -> int:
-    """The byte limit `frac` sets, as the planner takes it: the product rounded to 6 decimals,
-    then floored (budget.py: a float product a hair under a whole byte counts as that byte; a
-    plain floor here read 3605 where the planner's limit is 3606, hypothesis seed 550)."""
-    return parse_budget(frac).limit_activation_bytes(baseline_activation_bytes(graph), 0)

@@ -13,16 +13,16 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import remat_kit as rk
 from benchmarks.planning_speed import repeated_block_chain
 from remat_kit._core import chain_dp, default_solver, frontier, menus
-from remat_kit._core.budget import parse_budget
 from remat_kit._core.default_solver import whole_graph_work
 from remat_kit._core.simulate import baseline_activation_bytes
 from remat_kit._core.solve import Costs, smallest_activation_bytes
+from tests.graphs import limit_of
 from tests.test_solvers import _codes_of
 
 TOLERANCE = 1.02
@@ -94,6 +94,7 @@ def _budget(graph: rk.CostGraph, share: float) -> float:
 
 
 @settings(max_examples=40, deadline=None)
+@example(seed=550, num_blocks=11, per_block=6, share=0.2, span=1)  # the planner's limit, not a raw floor
 @given(
     seed=st.integers(0, 10_000),
     num_blocks=st.integers(8, 14),
@@ -110,7 +111,7 @@ def test_dp_is_within_2_percent_of_the_whole_graph_optimum_on_repeated_blocks(se
     with pytest.MonkeyPatch.context() as mp:
         _dp_alone(mp)
         plan = rk.solve(graph, frac, max_segment_blocks=span)
-    limit = _limit(frac, graph)
+    limit = limit_of(frac, graph)
     assert rk.simulate(graph, plan).activation_bytes == plan.predicted_activation_bytes <= limit
     assert _cost(graph, plan) <= TOLERANCE * _cost(graph, best)
 
@@ -175,7 +176,7 @@ def test_lagrangian_bound_is_below_the_optimum(seed, num_blocks, share):
     frac = _budget(graph, share)
     best = rk.solve(graph, frac, solver="milp")
     costs = Costs(graph, rk.DeviceSpec())
-    limit = _limit(frac, graph)
+    limit = limit_of(frac, graph)
     bound, _ = frontier.lower_bound(menus.block_menus(graph, costs, False), limit)
     assert bound <= _cost(graph, best) + 1e-6
 
@@ -204,10 +205,3 @@ def test_refinement_reaches_plans_the_dp_left_at_a_hull_vertex():
         _dp_alone(mp)
         plan = rk.solve(graph, frac)
     assert _cost(graph, plan) <= TOLERANCE * _cost(graph, best)
-
-
-def _limit(frac: float, graph: rk.CostGraph) -> int:
-    """The byte limit `frac` sets, as the planner takes it: the product rounded to 6 decimals,
-    then floored (budget.py: a float product a hair under a whole byte counts as that byte; a
-    plain floor here read 3605 where the planner's limit is 3606, hypothesis seed 550)."""
-    return parse_budget(frac).limit_activation_bytes(baseline_activation_bytes(graph), 0)
