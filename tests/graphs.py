@@ -6,7 +6,8 @@ import itertools
 import random
 
 from remat_kit import CostGraph, value
-from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run
+from remat_kit._core.budget import parse_budget
+from remat_kit._core.simulate import _OFFLOAD, _RECOMPUTE, _SAVE, _run, baseline_activation_bytes
 
 KINDS = ["matmul", "elementwise", "rng", "view", "attention", "norm"]
 
@@ -108,7 +109,4 @@ def limit_of(frac: float, graph: CostGraph) -> int:
     6 decimals, then floored (`_core/budget.py`: a float product a hair under a whole byte counts
     as that byte). A plain floor read 3605 where the planner's limit is 3606 (hypothesis drew
     seed 550 in tests/test_solver_quality_deep.py), a failure CI could draw at random."""
-    from remat_kit._core.budget import parse_budget
-    from remat_kit._core.simulate import baseline_activation_bytes
-
     return parse_budget(frac).limit_activation_bytes(baseline_activation_bytes(graph), 0)

@@ -15,7 +15,7 @@ from remat_kit._core.milp import solve_milp
 from remat_kit._core.plan import DecisionCode
 from remat_kit._core.simulate import _RECOMPUTE, _SAVE, _run, baseline_activation_bytes, shared_with_own_block
 from remat_kit._core.solve import Costs, codes_from_milp
-from tests.graphs import all_codes, brute_force, brute_min_peak, random_chain
+from tests.graphs import all_codes, brute_force, brute_min_peak, limit_of, random_chain
 
 FRACTIONS = (0.2, 0.35, 0.5, 0.7, 0.9, 1.0)
 seeds = st.integers(0, 10**6)
@@ -87,8 +87,7 @@ def test_memory_decomposes_over_blocks(seed, data):
 def test_solvers_never_exceed_the_budget(seed, solver, frac):
     graph = random_chain(seed)
     costs = Costs(graph, rk.DeviceSpec())
-    base = baseline_activation_bytes(graph)
-    limit = math.floor(frac * base)
+    limit = limit_of(frac, graph)  # as rk.solve takes `frac`
     best = brute_force(graph, limit, costs)
     try:
         plan = rk.solve(graph, frac, solver=solver)
