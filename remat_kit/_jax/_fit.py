@@ -35,8 +35,10 @@ figures (below), each step one plan compiled:
 Termination of the rounds (`_next_target`), whichever comes first: a plan compiles within
 `TOLERANCE` under the budget; `MAX_ROUNDS` (plus walls) plans have been compiled; the bracket is
 narrower than `MIN_BRACKET`; the next target is not positive (a byte budget below the constant
-bytes alone); or the model answers the next target with a plan already measured (it has nothing
-new to offer). The answer is the cheapest measured plan that fit; where none did but one missed
+bytes alone); the model answers the next target with a plan already measured (it has nothing
+new to offer); or, where another family is searched after this one (`Search.leave_on_far_miss`:
+layers recomputed whole on an unrolled chain, `_wholelayers`), the first plan misses the goal by
+more than `REACH`. The answer is the cheapest measured plan that fit; where none did but one missed
 by at most `REACH`, `_refine` asks for figures beside the least-measured plan (`REFINE_ROUNDS`
 compiles at most); else None.
 
@@ -95,6 +97,10 @@ class Search:
     last_wall: bool = False  # the last plan recorded was a wall
     known: dict = dataclasses.field(default_factory=dict)  # (decisions, segments) -> (plan, bytes), any budget
     points: list = dataclasses.field(default_factory=list)  # (figure, measured fraction) of each plan recorded
+    # Another family is searched where this search finds nothing (`_wholelayers`, on unrolled
+    # chains): a first plan missing the goal by more than `REACH` ends it (the model's figures do
+    # not describe this program; more of its plans cost compiles the other family answers with).
+    leave_on_far_miss: bool = False
 
     def measured(self, p: Plan) -> int:
         k = (p.decisions, p.segments)
@@ -234,6 +240,8 @@ def fit(search: Search, start: Plan | None) -> Plan | None:
         rounds += 1
         measured = search.measured(current)
         search.record(current, measured)
+        if rounds == 1 and search.leave_on_far_miss and measured > search.goal_bytes + REACH * search.none_bytes:
+            return None
         if measured <= search.goal_bytes:
             if fitting is None or current.predicted_recompute_seconds < fitting.predicted_recompute_seconds:
                 fitting = current

@@ -44,7 +44,7 @@ from remat_kit._core.graph import Role
 from remat_kit._core.plan import Plan
 from remat_kit._core.simulate import baseline_activation_bytes, simulate
 from remat_kit._core.solve import InfeasibleBudgetError
-from remat_kit._jax import _plancache
+from remat_kit._jax import _plancache, _wholelayers
 from remat_kit._jax._fit import Search, fit, floor_plans
 from remat_kit._jax._graph import Traced
 from remat_kit._jax._plan import Floor, Model
@@ -241,8 +241,13 @@ def verified(
         if baseline
         else 1.0,
         known=known,
+        leave_on_far_miss=not layer and _wholelayers.applies(traced),
     )
     fitting = fit(search, plan)
+    if fitting is None and not layer and _wholelayers.applies(traced):
+        # On an unrolled chain the model's plans may all miss where recomputing some layers
+        # whole fits, in the band where the family has a plan there (`_wholelayers`).
+        fitting = _wholelayers.fit(traced, search)
     if fitting is None and not layer:
         fitting = _fitting_floor(traced, search)
     if fitting is None:
