@@ -30,7 +30,8 @@ from typing import Any
 
 import jax
 
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+from benchmarks.jax_first_call import COMPILE_EVENT
+
 # (layers, hidden, heads, ffn, vocab, batch, seq): the conformance size, and one where the
 # activations, not XLA's own buffers, dominate no remat's temp.
 SHAPES = {"tiny": (4, 32, 4, 64, 64, 2, 32), "mid": (4, 256, 8, 1024, 1024, 2, 256)}

@@ -229,6 +229,7 @@ def verified(
     # calibration's first slope (`_fit`).
     baseline = baseline_activation_bytes(traced.graph)
     slope = baseline / none if none_residuals is None and not layer and none and baseline else 1.0
+    whole_layers = not layer and _wholelayers.applies(traced)  # searched where the model's plans miss
     search = Search(
         measure=measure,
         model_fraction=model_fraction,
@@ -241,10 +242,10 @@ def verified(
         if baseline
         else 1.0,
         known=known,
-        leave_on_far_miss=not layer and _wholelayers.applies(traced),
+        leave_on_far_miss=whole_layers,
     )
     fitting = fit(search, plan)
-    if fitting is None and not layer and _wholelayers.applies(traced):
+    if fitting is None and whole_layers:
         # On an unrolled chain the model's plans may all miss where recomputing some layers
         # whole fits, in the band where the family has a plan there (`_wholelayers`).
         fitting = _wholelayers.fit(traced, search)
